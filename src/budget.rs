@@ -1,0 +1,295 @@
+//! Retry budget: retries stay a bounded fraction of requests.
+//!
+//! ```
+//! use std::time::Duration;
+//! use llm_resilience::budget::RetryBudget;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let budget = RetryBudget::builder()
+//!     .ttl(Duration::from_secs(10))
+//!     .min_per_sec(0)
+//!     .ratio(0.2)
+//!     .build()?;
+//! for _ in 0..10 {
+//!     budget.deposit(); // one per logical request
+//! }
+//! assert!(budget.try_withdraw()); // one per retry: 10 × 0.2 = 2 retries
+//! assert!(budget.try_withdraw());
+//! assert!(!budget.try_withdraw());
+//! # Ok(()) }
+//! ```
+//!
+//! # Semantics (Finagle's `RetryBudget`, `REFERENCE.md` §4)
+//!
+//! Every logical request deposits once ([`RetryBudget::deposit`]), never once
+//! per attempt; every retry withdraws once ([`RetryBudget::try_withdraw`]). A
+//! retry is allowed while
+//!
+//! ```text
+//! deposits_in_window · ratio + min_per_sec · ttl − withdrawals_in_window ≥ 1
+//! ```
+//!
+//! over a sliding window of `ttl`, kept as ten buckets of `ttl / 10`. In
+//! steady state retries stay under `ratio` of requests plus `min_per_sec`.
+//! The arithmetic is exact: deposits and withdrawals are counted as integers
+//! and compared with the ratio once, unlike tower's `TpsBudget`, which
+//! truncates `1 / ratio` (so a ratio of 0.6 there allows 100 %).
+//!
+//! # Why budgets and not only max attempts
+//!
+//! `max_attempts` bounds one request; under an outage every request retries
+//! that many times and the upstream sees `max_attempts ×` its normal load
+//! exactly when it can least take it. A budget bounds retries across all
+//! requests, so a retry storm cannot start.
+//!
+//! # Clone
+//!
+//! Clones share one budget (it lives in an `Arc`). The counters are atomics:
+//! no lock is taken, on any path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::ConfigError;
+
+const BUCKETS: u64 = 10;
+const COUNT_MASK: u64 = u32::MAX as u64;
+
+/// A retry budget shared by every clone; see the [module docs](self).
+#[derive(Clone)]
+pub struct RetryBudget {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ratio: f64,
+    reserve: f64,
+    bucket_ms: u64,
+    start: Instant,
+    deposits: [AtomicU64; BUCKETS as usize],
+    withdrawals: [AtomicU64; BUCKETS as usize],
+}
+
+impl std::fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ratio", &self.inner.ratio)
+            .field("reserve", &self.inner.reserve)
+            .field("balance", &self.balance())
+            .finish()
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudgetBuilder::default()
+            .build()
+            .expect("the defaults are valid")
+    }
+}
+
+/// Builds a validated [`RetryBudget`]. Defaults: ttl 10 s, 10 retries per
+/// second in reserve, ratio 0.2 (Finagle's defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryBudgetBuilder {
+    ttl: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+}
+
+impl Default for RetryBudgetBuilder {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            min_per_sec: 10,
+            ratio: 0.2,
+        }
+    }
+}
+
+impl RetryBudgetBuilder {
+    /// How long a deposit counts. 1 s to 60 s.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Retries per second allowed whatever the traffic, so that a service
+    /// with little traffic can still retry.
+    pub fn min_per_sec(mut self, n: u32) -> Self {
+        self.min_per_sec = n;
+        self
+    }
+
+    /// Retries allowed per request deposited: 0.2 allows one retry per five
+    /// requests. Finite, 0 to 1000.
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = ratio;
+        self
+    }
+
+    /// Checks the values and creates the budget.
+    pub fn build(self) -> Result<RetryBudget, ConfigError> {
+        if self.ttl < Duration::from_secs(1) || self.ttl > Duration::from_secs(60) {
+            return Err(ConfigError::new("ttl", "must be between 1 s and 60 s"));
+        }
+        if !self.ratio.is_finite() || !(0.0..=1000.0).contains(&self.ratio) {
+            return Err(ConfigError::new("ratio", "must be finite, from 0 to 1000"));
+        }
+        let bucket_ms = (self.ttl.as_millis() as u64 / BUCKETS).max(1);
+        Ok(RetryBudget {
+            inner: Arc::new(Inner {
+                ratio: self.ratio,
+                reserve: f64::from(self.min_per_sec) * (bucket_ms * BUCKETS) as f64 / 1000.0,
+                bucket_ms,
+                start: Instant::now(),
+                deposits: Default::default(),
+                withdrawals: Default::default(),
+            }),
+        })
+    }
+}
+
+/// Adds one to the packed (epoch, count) cell for `epoch`, starting the cell
+/// anew when it still holds an older epoch.
+fn add(cell: &AtomicU64, epoch: u64) {
+    let tag = epoch << 32;
+    let mut cur = cell.load(Ordering::Relaxed);
+    loop {
+        let next = if cur & !COUNT_MASK == tag {
+            if cur & COUNT_MASK == COUNT_MASK {
+                return; // saturated
+            }
+            cur + 1
+        } else {
+            tag | 1
+        };
+        match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// Takes one back from the cell if it still holds `epoch`.
+fn sub(cell: &AtomicU64, epoch: u64) {
+    let tag = epoch << 32;
+    let mut cur = cell.load(Ordering::Relaxed);
+    while cur & !COUNT_MASK == tag && cur & COUNT_MASK > 0 {
+        match cell.compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+fn sum(cells: &[AtomicU64], epoch: u64) -> u64 {
+    cells
+        .iter()
+        .map(|c| c.load(Ordering::Acquire))
+        .filter(|v| (epoch.wrapping_sub(v >> 32) & COUNT_MASK) < BUCKETS)
+        .map(|v| v & COUNT_MASK)
+        .sum()
+}
+
+impl RetryBudget {
+    /// A builder with Finagle's defaults.
+    pub fn builder() -> RetryBudgetBuilder {
+        RetryBudgetBuilder::default()
+    }
+
+    fn epoch(&self) -> u64 {
+        let ms = self.inner.start.elapsed().as_millis() as u64;
+        (ms / self.inner.bucket_ms) & COUNT_MASK
+    }
+
+    /// Records one logical request. Call it once per request, not per
+    /// attempt.
+    pub fn deposit(&self) {
+        let e = self.epoch();
+        add(&self.inner.deposits[(e % BUCKETS) as usize], e);
+    }
+
+    /// Takes one retry from the budget if its balance allows it.
+    ///
+    /// Withdraws first and gives back when the balance went short, so
+    /// concurrent callers can be refused together but never over-draw.
+    pub fn try_withdraw(&self) -> bool {
+        let e = self.epoch();
+        let cell = &self.inner.withdrawals[(e % BUCKETS) as usize];
+        add(cell, e);
+        if self.balance_at(e) >= -1e-9 {
+            true
+        } else {
+            sub(cell, e);
+            false
+        }
+    }
+
+    fn balance_at(&self, epoch: u64) -> f64 {
+        let d = sum(&self.inner.deposits, epoch) as f64;
+        let w = sum(&self.inner.withdrawals, epoch) as f64;
+        d * self.inner.ratio + self.inner.reserve - w
+    }
+
+    /// Retries the budget would allow now: `deposits · ratio + reserve −
+    /// withdrawals` over the current window.
+    pub fn balance(&self) -> f64 {
+        self.balance_at(self.epoch())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn ratio_is_exact_not_truncated() {
+        // tower's TpsBudget truncates 1/0.6 to 1 and allows 100 %.
+        let b = RetryBudget::builder().min_per_sec(0).ratio(0.6).build().unwrap();
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let allowed = (0..200).filter(|_| b.try_withdraw()).count();
+        assert_eq!(allowed, 60);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_expire_after_ttl() {
+        let b = RetryBudget::builder().min_per_sec(0).ratio(1.0).build().unwrap();
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert_eq!(b.balance(), 5.0);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(b.balance(), 0.0);
+        assert!(!b.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserve_allows_min_per_sec_times_ttl() {
+        let b = RetryBudget::builder().min_per_sec(2).ratio(0.0).build().unwrap();
+        let allowed = (0..100).filter(|_| b.try_withdraw()).count();
+        assert_eq!(allowed, 20);
+    }
+
+    #[test]
+    fn bad_configuration_names_the_field() {
+        assert_eq!(RetryBudget::builder().ratio(-0.1).build().unwrap_err().field, "ratio");
+        assert_eq!(
+            RetryBudget::builder().ratio(f64::INFINITY).build().unwrap_err().field,
+            "ratio"
+        );
+        assert_eq!(
+            RetryBudget::builder().ttl(Duration::from_millis(10)).build().unwrap_err().field,
+            "ttl"
+        );
+        assert_eq!(
+            RetryBudget::builder().ttl(Duration::from_secs(61)).build().unwrap_err().field,
+            "ttl"
+        );
+    }
+}

@@ -1,0 +1,355 @@
+//! Classification: what a call's result means for retry, breaker, fallback and
+//! metrics.
+//!
+//! One [`Classify`] decides, for a `Result<&Response, &Error>`, an
+//! [`Outcome`]: success; transient (retrying may help, with an optional server
+//! wait hint); permanent (retrying cannot help and the target is unhealthy for
+//! this caller: auth, quota, missing model); or a bad request (the target is
+//! healthy, the request is not: context too long, invalid request). Each
+//! failure also carries a [`Reason`], a stable code that every layer and the
+//! metrics use.
+//!
+//! ```
+//! use llm_resilience::classify::{Classify, HttpError, LlmClassifier, Outcome, Reason};
+//! use llm_resilience::Error;
+//!
+//! let quota = HttpError::new(429).with_error_code("insufficient_quota");
+//! let err = Error::from_inner(quota);
+//! let outcome = Classify::<()>::classify(&LlmClassifier::new(), Err(&err));
+//! assert_eq!(outcome, Outcome::Permanent { reason: Reason::Quota });
+//! ```
+//!
+//! # The LLM preset
+//!
+//! [`LlmClassifier`] implements the table of `REFERENCE.md` §1 (what each
+//! status, provider error type and code means) and the server hints of §2
+//! over an [`HttpView`]: any error that exposes a status, headers and the
+//! provider's error type and code. The crate's [`HttpError`] is one; a
+//! client's own error type can be another ([`LlmClassifier::with_view`]).
+//! Transport failures (`std::io::Error`, timeouts, reqwest's connect and
+//! timeout errors with the `reqwest` feature) are recognised in the source
+//! chain. An error nobody recognises is treated as transient
+//! ([`Reason::Unknown`]): a bounded retry of an unknown failure is cheaper
+//! than giving up on a blip, and the retry budget bounds the cost.
+//!
+//! # Closures
+//!
+//! Any `Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static` is a
+//! classifier, so a one-off rule needs no type of its own.
+
+mod http;
+pub mod hint;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::Error;
+
+pub use self::http::{classify_http, classify_http_at, HttpError, HttpView, Transport};
+
+/// What a call's result means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The call worked.
+    Success,
+    /// Retrying may help.
+    Transient {
+        /// Why it failed.
+        reason: Reason,
+        /// How long the server asked to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help and the target is unhealthy for this caller.
+    Permanent {
+        /// Why it failed.
+        reason: Reason,
+    },
+    /// The request itself is wrong for this target; the target is healthy.
+    BadRequest {
+        /// What is wrong with it.
+        reason: Reason,
+    },
+}
+
+impl Outcome {
+    /// A transient outcome without a server hint.
+    pub const fn transient(reason: Reason) -> Self {
+        Outcome::Transient {
+            reason,
+            retry_after: None,
+        }
+    }
+
+    /// The reason, [`Reason::Ok`] for a success.
+    pub const fn reason(&self) -> Reason {
+        match *self {
+            Outcome::Success => Reason::Ok,
+            Outcome::Transient { reason, .. }
+            | Outcome::Permanent { reason }
+            | Outcome::BadRequest { reason } => reason,
+        }
+    }
+
+    /// Whether a circuit breaker counts this outcome as a failure of the
+    /// target: transient and permanent failures do, successes and bad
+    /// requests do not (the target answered correctly).
+    pub const fn is_target_failure(&self) -> bool {
+        matches!(self, Outcome::Transient { .. } | Outcome::Permanent { .. })
+    }
+
+    /// Whether the outcome is a success.
+    pub const fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success)
+    }
+}
+
+/// Why a call failed: a stable code shared by every layer and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// Not a failure.
+    Ok,
+    /// 429 rate limit (requests or tokens per minute).
+    RateLimited,
+    /// 529 or `overloaded_error`: the provider is overloaded for everyone.
+    Overloaded,
+    /// 503: the service is unavailable.
+    Unavailable,
+    /// 500, 502, 504 and other server errors.
+    ServerError,
+    /// A timeout: 408, an attempt timeout, a transport timeout.
+    Timeout,
+    /// The connection could not be made (connect, DNS, TLS).
+    Connect,
+    /// The connection broke (reset, closed before the response).
+    Network,
+    /// 409 conflict.
+    Conflict,
+    /// Quota or spend limit exhausted (429 `insufficient_quota`, 402, …).
+    Quota,
+    /// 401 or 403: the credential is wrong or lacks permission.
+    Auth,
+    /// 404: model or endpoint not found.
+    NotFound,
+    /// The prompt does not fit the model's context, or the body is too large.
+    ContextLength,
+    /// The content was refused by policy.
+    ContentPolicy,
+    /// Any other invalid request (400, 422).
+    InvalidRequest,
+    /// A streamed response broke off or carried an error event.
+    StreamInterrupted,
+    /// The server said `x-should-retry: false`.
+    ServerSaidNoRetry,
+    /// A circuit breaker below was open.
+    CircuitOpen,
+    /// A queue was full or timed out.
+    QueueFull,
+    /// A layer is shutting down or its worker is gone.
+    Shutdown,
+    /// Nothing recognised the error.
+    Unknown,
+}
+
+impl Reason {
+    /// The code as a lowercase `snake_case` string, for logs and metric labels.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::RateLimited => "rate_limited",
+            Reason::Overloaded => "overloaded",
+            Reason::Unavailable => "unavailable",
+            Reason::ServerError => "server_error",
+            Reason::Timeout => "timeout",
+            Reason::Connect => "connect",
+            Reason::Network => "network",
+            Reason::Conflict => "conflict",
+            Reason::Quota => "quota",
+            Reason::Auth => "auth",
+            Reason::NotFound => "not_found",
+            Reason::ContextLength => "context_length",
+            Reason::ContentPolicy => "content_policy",
+            Reason::InvalidRequest => "invalid_request",
+            Reason::StreamInterrupted => "stream_interrupted",
+            Reason::ServerSaidNoRetry => "server_said_no_retry",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::QueueFull => "queue_full",
+            Reason::Shutdown => "shutdown",
+            Reason::Unknown => "unknown",
+        }
+    }
+
+    /// Whether this is throttling (rate limit or overload), which backs off
+    /// from a larger base than other transient failures (REFERENCE.md §3).
+    pub const fn is_throttling(&self) -> bool {
+        matches!(self, Reason::RateLimited | Reason::Overloaded)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Decides what a call's result means. Shared by every layer.
+///
+/// Implemented by [`LlmClassifier`] and by every
+/// `Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static`.
+pub trait Classify<Res>: Send + Sync + 'static {
+    /// Classifies one result. Called once per attempt; keep it cheap on `Ok`.
+    fn classify(&self, result: Result<&Res, &Error>) -> Outcome;
+}
+
+impl<Res, F> Classify<Res> for F
+where
+    F: Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static,
+{
+    fn classify(&self, result: Result<&Res, &Error>) -> Outcome {
+        self(result)
+    }
+}
+
+type ViewFn = for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
+
+/// The LLM preset: `REFERENCE.md` §1 and §2 over any error that exposes an
+/// [`HttpView`].
+///
+/// Every `Ok` is a success (adapters turn non-2xx answers into errors, as the
+/// crate's client does). An error is looked at through the crate's
+/// [`Error`]: its own variants keep their meaning (a breaker's
+/// [`Error::CircuitOpen`] below a retry is permanent, so a retry never
+/// hammers an open circuit; a rate limiter's [`Error::RateLimited`] is
+/// transient with its hint), and an [`Error::Upstream`] is searched along
+/// its source chain for an [`HttpError`], for any type registered with
+/// [`with_view`](Self::with_view), and for transport errors.
+#[derive(Clone)]
+pub struct LlmClassifier {
+    views: Vec<ViewFn>,
+}
+
+impl fmt::Debug for LlmClassifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmClassifier")
+            .field("views", &self.views.len())
+            .finish()
+    }
+}
+
+impl Default for LlmClassifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn view_of<'a, T: HttpView + std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a dyn HttpView> {
+    e.downcast_ref::<T>().map(|t| t as &dyn HttpView)
+}
+
+impl LlmClassifier {
+    /// The preset, recognising [`HttpError`] and transport errors.
+    pub fn new() -> Self {
+        Self {
+            views: vec![view_of::<HttpError>],
+        }
+    }
+
+    /// Also recognise `T` (a client's own error type that implements
+    /// [`HttpView`]) anywhere in an upstream error's source chain.
+    pub fn with_view<T: HttpView + std::error::Error + 'static>(mut self) -> Self {
+        self.views.push(view_of::<T>);
+        self
+    }
+
+    /// Classifies an error (the `Err` half of [`Classify::classify`]).
+    pub fn classify_error(&self, err: &Error) -> Outcome {
+        match err {
+            Error::Upstream { source } => self.classify_chain(&**source),
+            Error::Timeout { .. } => Outcome::transient(Reason::Timeout),
+            Error::CircuitOpen { .. } => Outcome::Permanent {
+                reason: Reason::CircuitOpen,
+            },
+            Error::RateLimited { retry_after } => Outcome::Transient {
+                reason: Reason::RateLimited,
+                retry_after: Some(*retry_after),
+            },
+            Error::QueueFull { .. } | Error::QueueTimeout { .. } => Outcome::Permanent {
+                reason: Reason::QueueFull,
+            },
+            Error::DeadlineExceeded { .. } => Outcome::Permanent {
+                reason: Reason::Timeout,
+            },
+            Error::Shutdown | Error::WorkerGone { .. } => Outcome::Permanent {
+                reason: Reason::Shutdown,
+            },
+            Error::RetriesExhausted { reason, .. }
+            | Error::BudgetExhausted { reason, .. }
+            | Error::NotCloneable { reason, .. } => Outcome::transient(*reason),
+            Error::RetryAfterTooLong { retry_after, .. } => Outcome::Transient {
+                reason: Reason::RateLimited,
+                retry_after: Some(*retry_after),
+            },
+            Error::Permanent { reason, .. } => Outcome::Permanent { reason: *reason },
+            Error::BadRequest { reason, .. } => Outcome::BadRequest { reason: *reason },
+        }
+    }
+
+    fn classify_chain(&self, source: &(dyn std::error::Error + 'static)) -> Outcome {
+        let mut cur = Some(source);
+        while let Some(e) = cur {
+            for view in &self.views {
+                if let Some(v) = view(e) {
+                    return classify_http(v);
+                }
+            }
+            if let Some(ours) = e.downcast_ref::<Error>() {
+                return self.classify_error(ours);
+            }
+            if let Some(t) = transport_of(e) {
+                return t.outcome();
+            }
+            cur = e.source();
+        }
+        Outcome::transient(Reason::Unknown)
+    }
+}
+
+fn transport_of(e: &(dyn std::error::Error + 'static)) -> Option<Transport> {
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        use std::io::ErrorKind as K;
+        return Some(match io.kind() {
+            K::ConnectionRefused | K::NotFound | K::AddrNotAvailable => Transport::Connect,
+            K::TimedOut | K::WouldBlock => Transport::Timeout,
+            _ => Transport::Reset,
+        });
+    }
+    if e.is::<tokio::time::error::Elapsed>() {
+        return Some(Transport::Timeout);
+    }
+    #[cfg(feature = "reqwest")]
+    if let Some(r) = e.downcast_ref::<reqwest::Error>() {
+        if r.is_timeout() {
+            return Some(Transport::Timeout);
+        }
+        if r.is_connect() {
+            return Some(Transport::Connect);
+        }
+        if r.is_request() || r.is_body() || r.is_decode() {
+            return Some(Transport::Reset);
+        }
+    }
+    None
+}
+
+impl<Res> Classify<Res> for LlmClassifier {
+    #[inline]
+    fn classify(&self, result: Result<&Res, &Error>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) => self.classify_error(e),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Tower middleware that keeps LLM and AI-agent calls working under real
+//! traffic: queues, retries and circuit breakers, with the classification,
+//! server hints, backoff and budgets that make them right for LLM APIs.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod backoff;
+pub mod budget;
+pub mod classify;
+pub mod error;
+pub mod retry;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
+
+pub use crate::error::{BoxError, ConfigError, Error};

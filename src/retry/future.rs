@@ -1,0 +1,462 @@
+//! The retry layer's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{sleep_until, Instant, Sleep};
+use tower_service::Service;
+
+use super::layer::Config;
+use super::{CloneRequest, RetryEvent, RetryEventKind};
+use crate::backoff::BackoffIter;
+use crate::classify::{Classify, Outcome, Reason};
+use crate::error::{BoxError, Error};
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // Waiting for the owned service to be ready for the next attempt.
+        Readying,
+        // An attempt is in flight.
+        Calling { #[pin] fut: F },
+        // Waiting out a backoff or a server hint (the timer holds the wake-up).
+        Sleeping,
+        // Finished; polling again is a bug of the caller.
+        Done,
+    }
+}
+
+pin_project! {
+    /// The future of [`Retry`](super::Retry): drives attempts, sleeps and the
+    /// deadline for one logical request.
+    pub struct ResponseFuture<S, Req, C, K>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        // One timer, reused: the attempt's cut-off while calling, the
+        // wake-up while sleeping, the deadline while readying.
+        #[pin]
+        timer: Option<Sleep>,
+        core: Core<S, Req, C, K>,
+    }
+}
+
+/// The fields that are never pinned, so that the decisions can be plain
+/// `&mut self` methods.
+struct Core<S, Req, C, K> {
+    service: S,
+    request: Option<Req>,
+    config: Arc<Config<C, K>>,
+    attempts: u32,
+    deadline: Option<Instant>,
+    backoff: Option<BackoffIter>,
+    throttle: Option<BackoffIter>,
+    last_error: Option<BoxError>,
+    single_shot: bool,
+    span: tracing::Span,
+}
+
+impl<S, Req, C, K> fmt::Debug for ResponseFuture<S, Req, C, K>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempts", &self.core.attempts)
+            .field("deadline", &self.core.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to do after a failed attempt.
+enum Decision {
+    Retry(Duration),
+    Stop(Stop),
+}
+
+#[derive(Clone, Copy)]
+enum Stop {
+    Exhausted,
+    Permanent,
+    BadRequest,
+    Budget,
+    Deadline,
+    HintTooLong { hint: Duration, limit: Duration },
+    NotCloneable,
+    Accept,
+}
+
+impl<S, Req, C, K> ResponseFuture<S, Req, C, K>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: CloneRequest<Req>,
+{
+    pub(crate) fn new(service: S, ready: bool, request: Req, config: Arc<Config<C, K>>) -> Self {
+        if let Some(budget) = &config.budget {
+            budget.deposit();
+        }
+        let deadline = config.deadline.map(|d| Instant::now() + d);
+        let span = tracing::debug_span!("llm_resilience.retry");
+        let mut core = Core {
+            service,
+            request: Some(request),
+            config,
+            attempts: 0,
+            deadline,
+            backoff: None,
+            throttle: None,
+            last_error: None,
+            single_shot: false,
+            span,
+        };
+        if ready {
+            // The service was readied by `poll_ready`: send the first attempt
+            // now.
+            let (fut, timer) = core.start_attempt();
+            Self {
+                state: State::Calling { fut },
+                timer,
+                core,
+            }
+        } else {
+            Self {
+                state: State::Readying,
+                timer: deadline.map(sleep_until),
+                core,
+            }
+        }
+    }
+}
+
+impl<S, Req, C, K> Core<S, Req, C, K>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: CloneRequest<Req>,
+{
+    /// Takes the request (or a clone of it) and calls the service. Returns
+    /// the attempt's future and its cut-off timer, if any.
+    fn start_attempt(&mut self) -> (S::Future, Option<Sleep>) {
+        self.attempts += 1;
+        let config = &self.config;
+        let last_possible = self.attempts >= config.max_attempts;
+        let req = if last_possible || self.single_shot {
+            self.request.take()
+        } else {
+            let original = self.request.as_ref();
+            match original.and_then(|r| config.clone.clone_request(r)) {
+                Some(copy) => Some(copy),
+                None => {
+                    self.single_shot = true;
+                    let _e = self.span.enter();
+                    tracing::warn!(
+                        attempt = self.attempts,
+                        "request cannot be cloned; it will be sent once"
+                    );
+                    emit(config, RetryEventKind::NotCloneable, self.attempts, Reason::Ok, None);
+                    self.request.take()
+                }
+            }
+        };
+        let req = req.expect("a request is kept until its last attempt");
+        let _e = self.span.enter();
+        let _a = tracing::trace_span!("attempt", n = self.attempts).entered();
+        let fut = self.service.call(req);
+        let cutoff = match (config.attempt_timeout, self.deadline) {
+            (None, None) => None,
+            (Some(t), None) => Some(Instant::now() + t),
+            (None, Some(d)) => Some(d),
+            (Some(t), Some(d)) => Some((Instant::now() + t).min(d)),
+        };
+        (fut, cutoff.map(sleep_until))
+    }
+
+    fn backoff_delay(&mut self, reason: Reason) -> Duration {
+        let config = &self.config;
+        let slot = if reason.is_throttling() {
+            &mut self.throttle
+        } else {
+            &mut self.backoff
+        };
+        let iter = slot.get_or_insert_with(|| {
+            let n = config.sequence.fetch_add(1, Ordering::Relaxed);
+            let b = if reason.is_throttling() {
+                config.throttle_backoff
+            } else {
+                config.backoff
+            };
+            b.iter(splitmix(config.seed ^ splitmix(n)))
+        });
+        iter.next().unwrap_or(Duration::ZERO)
+    }
+
+    fn hint_delay(&mut self, hint: Duration) -> Duration {
+        let ratio = self.config.hint_jitter;
+        if ratio == 0.0 || hint.is_zero() {
+            return hint;
+        }
+        // Draw from the ordinary stream; it is created on first use.
+        if self.backoff.is_none() {
+            let n = self.config.sequence.fetch_add(1, Ordering::Relaxed);
+            self.backoff = Some(self.config.backoff.iter(splitmix(self.config.seed ^ splitmix(n))));
+        }
+        let u = self.backoff.as_mut().map_or(0.0, BackoffIter::unit);
+        hint + hint.mul_f64(ratio * u)
+    }
+
+    fn decide(&mut self, outcome: Outcome) -> Decision {
+        let (reason, hint) = match outcome {
+            Outcome::Success => return Decision::Stop(Stop::Accept),
+            Outcome::Permanent { .. } => return Decision::Stop(Stop::Permanent),
+            Outcome::BadRequest { .. } => return Decision::Stop(Stop::BadRequest),
+            Outcome::Transient {
+                reason,
+                retry_after,
+            } => (reason, retry_after),
+        };
+        if self.request.is_none() {
+            return Decision::Stop(if self.single_shot {
+                Stop::NotCloneable
+            } else {
+                Stop::Exhausted
+            });
+        }
+        if self.attempts >= self.config.max_attempts {
+            return Decision::Stop(Stop::Exhausted);
+        }
+        let delay = match hint {
+            Some(h) if h > self.config.hint_cap => {
+                return Decision::Stop(Stop::HintTooLong {
+                    hint: h,
+                    limit: self.config.hint_cap,
+                })
+            }
+            Some(h) => self.hint_delay(h),
+            None => self.backoff_delay(reason),
+        };
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if delay >= left {
+                return Decision::Stop(match hint {
+                    Some(h) => Stop::HintTooLong { hint: h, limit: left },
+                    None => Stop::Deadline,
+                });
+            }
+        }
+        if let Some(budget) = &self.config.budget {
+            if !budget.try_withdraw() {
+                return Decision::Stop(Stop::Budget);
+            }
+        }
+        Decision::Retry(delay)
+    }
+
+    fn stop_error(&self, stop: Stop, outcome: Outcome, err: Error) -> Error {
+        let attempts = self.attempts;
+        let reason = outcome.reason();
+        // A typed error from a layer below already says what happened.
+        let foreign = matches!(err, Error::Upstream { .. });
+        match stop {
+            Stop::Accept => err,
+            Stop::Permanent if foreign => Error::Permanent {
+                reason,
+                attempts,
+                source: err.into_cause(),
+            },
+            Stop::BadRequest if foreign => Error::BadRequest {
+                reason,
+                attempts,
+                source: err.into_cause(),
+            },
+            Stop::Permanent | Stop::BadRequest => err,
+            Stop::Exhausted => Error::RetriesExhausted {
+                attempts,
+                reason,
+                source: err.into_cause(),
+            },
+            Stop::Budget => Error::BudgetExhausted {
+                attempts,
+                reason,
+                source: err.into_cause(),
+            },
+            Stop::Deadline => Error::DeadlineExceeded {
+                attempts,
+                source: Some(err.into_cause()),
+            },
+            Stop::HintTooLong { hint, limit } => Error::RetryAfterTooLong {
+                retry_after: hint,
+                limit,
+                attempts,
+                source: err.into_cause(),
+            },
+            Stop::NotCloneable => Error::NotCloneable {
+                reason,
+                source: err.into_cause(),
+            },
+        }
+    }
+}
+
+fn stop_kind(stop: Stop) -> RetryEventKind {
+    match stop {
+        Stop::Exhausted => RetryEventKind::Exhausted,
+        Stop::Permanent | Stop::Accept => RetryEventKind::Permanent,
+        Stop::BadRequest => RetryEventKind::BadRequest,
+        Stop::Budget => RetryEventKind::BudgetExhausted,
+        Stop::Deadline => RetryEventKind::DeadlineExceeded,
+        Stop::HintTooLong { .. } => RetryEventKind::RetryAfterTooLong,
+        Stop::NotCloneable => RetryEventKind::NotCloneable,
+    }
+}
+
+fn emit<C, K>(
+    config: &Config<C, K>,
+    kind: RetryEventKind,
+    attempt: u32,
+    reason: Reason,
+    delay: Option<Duration>,
+) {
+    if let Some(listener) = &config.listener {
+        listener(&RetryEvent {
+            kind,
+            attempt,
+            reason,
+            delay,
+        });
+    }
+}
+
+/// SplitMix64: spreads consecutive request numbers into unrelated seeds.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl<S, Req, C, K> Future for ResponseFuture<S, Req, C, K>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: CloneRequest<Req>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let core = this.core;
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Readying => {
+                    match core.service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Error::from_inner(e)));
+                        }
+                        Poll::Pending => {
+                            // Only the deadline can be armed while readying.
+                            if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+                                ready!(timer.poll(cx));
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(Error::DeadlineExceeded {
+                                    attempts: core.attempts,
+                                    source: core.last_error.take(),
+                                }));
+                            }
+                            return Poll::Pending;
+                        }
+                    }
+                    let (fut, timer) = core.start_attempt();
+                    this.timer.set(timer);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => {
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(r) => r.map_err(Error::from_inner),
+                        Poll::Pending => {
+                            let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                                return Poll::Pending;
+                            };
+                            ready!(timer.poll(cx));
+                            if core.deadline.is_some_and(|d| Instant::now() >= d) {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(Error::DeadlineExceeded {
+                                    attempts: core.attempts,
+                                    source: core.last_error.take(),
+                                }));
+                            }
+                            Err(Error::Timeout {
+                                after: core.config.attempt_timeout.unwrap_or_default(),
+                            })
+                        }
+                    };
+                    // Drops the attempt's future (a timed-out attempt is cancelled).
+                    this.state.set(State::Done);
+                    let outcome = core.config.classifier.classify(result.as_ref());
+                    if outcome.is_success() {
+                        if core.attempts > 1 {
+                            emit(&core.config, RetryEventKind::Recovered, core.attempts, Reason::Ok, None);
+                        }
+                        return Poll::Ready(result);
+                    }
+                    let reason = outcome.reason();
+                    match core.decide(outcome) {
+                        Decision::Retry(delay) => {
+                            {
+                                let _e = core.span.enter();
+                                tracing::debug!(
+                                    attempt = core.attempts,
+                                    delay_ms = delay.as_millis() as u64,
+                                    reason = reason.as_str(),
+                                    "retrying"
+                                );
+                            }
+                            emit(&core.config, RetryEventKind::Retrying, core.attempts, reason, Some(delay));
+                            core.last_error = result.err().map(Error::into_cause);
+                            this.timer.set(Some(sleep_until(Instant::now() + delay)));
+                            this.state.set(State::Sleeping);
+                        }
+                        Decision::Stop(stop) => {
+                            let kind = stop_kind(stop);
+                            emit(&core.config, kind, core.attempts, reason, None);
+                            {
+                                let _e = core.span.enter();
+                                tracing::debug!(
+                                    attempt = core.attempts,
+                                    reason = reason.as_str(),
+                                    stop = ?kind,
+                                    "not retrying"
+                                );
+                            }
+                            return Poll::Ready(match result {
+                                Ok(response) => Ok(response),
+                                Err(err) => Err(core.stop_error(stop, outcome, err)),
+                            });
+                        }
+                    }
+                }
+                StateProj::Sleeping => {
+                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+                        ready!(timer.poll(cx));
+                    }
+                    this.timer.set(core.deadline.map(sleep_until));
+                    this.state.set(State::Readying);
+                }
+                StateProj::Done => panic!("retry ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

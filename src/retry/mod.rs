@@ -1,0 +1,257 @@
+//! Retry: only transient failures, with backoff, server hints, a deadline and
+//! a budget.
+//!
+//! ```
+//! use std::time::Duration;
+//! use llm_resilience::retry::RetryLayer;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let retry = RetryLayer::builder()
+//!     .max_attempts(3)
+//!     .attempt_timeout(Duration::from_secs(30))
+//!     .deadline(Duration::from_secs(60))
+//!     .build()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(retry)
+//!     .service(service_fn(|prompt: &'static str| async move {
+//!         Ok::<_, std::io::Error>(prompt.len())
+//!     }));
+//! assert_eq!(svc.oneshot("hello").await?, 5);
+//! # Ok(()) }
+//! ```
+//!
+//! # What is retried
+//!
+//! Each result goes through the classifier ([`LlmClassifier`] by default,
+//! any [`Classify`] or closure otherwise). Transient outcomes are retried;
+//! permanent and bad-request outcomes stop at once with
+//! [`Error::Permanent`] and [`Error::BadRequest`] (a 429
+//! `insufficient_quota` or a 400 `context_length_exceeded` makes exactly one
+//! attempt). A typed error from a layer below (a breaker's
+//! [`Error::CircuitOpen`]) is returned as it is, never wrapped.
+//!
+//! # How long it waits
+//!
+//! A server hint (`retry-after-ms`, `retry-after`, the rate-limit reset
+//! headers; see [`hint`](crate::classify::hint)) is honoured: the retry waits
+//! at least the hint, plus up to [`hint_jitter`](RetryLayerBuilder::hint_jitter)
+//! of it so that callers released together do not stampede. A hint beyond
+//! [`hint_cap`](RetryLayerBuilder::hint_cap) or beyond the deadline ends the
+//! request at once with [`Error::RetryAfterTooLong`], carrying the hint,
+//! instead of sleeping for an hour. Without a hint, the delay comes from the
+//! [`Backoff`](crate::backoff::Backoff): the throttling one for rate limits
+//! and overloads, the ordinary one otherwise.
+//!
+//! # Deadline and attempt timeout
+//!
+//! The attempt timeout bounds each attempt; the deadline bounds the whole
+//! logical request, sleeps included. A sleep that would end at or after the
+//! deadline is not started ([`Error::DeadlineExceeded`] at once, with the last
+//! error), and every attempt is cut at the deadline.
+//!
+//! # Budget
+//!
+//! With a [`RetryBudget`](crate::budget::RetryBudget) (on by default), each
+//! logical request deposits once and each retry withdraws once; a retry the
+//! budget cannot pay for ends with [`Error::BudgetExhausted`].
+//!
+//! # Readiness and cloning
+//!
+//! `poll_ready` readies the inner service; `call` moves that readied service
+//! into the response future (leaving a fresh clone behind) and calls
+//! `ready()` on it again before every retry, so a retry never calls a service
+//! that was not ready. A service whose `call` comes without `poll_ready`
+//! readies the inner service itself first. Requests are cloned through
+//! [`CloneRequest`]; a request that cannot be cloned is sent once, reported
+//! as a [`RetryEventKind::NotCloneable`] event and a `tracing` warning, and a
+//! transient failure of that one attempt ends with [`Error::NotCloneable`].
+//!
+//! # Observability
+//!
+//! A `tracing` span per logical call (`llm_resilience.retry`) and per attempt
+//! (`attempt`, with its number); a debug event per retry with the delay and
+//! the reason. An event hook ([`RetryLayerBuilder::on_event`]) sees every
+//! decision. Nothing is formatted, timestamped or allocated on a
+//! first-attempt success.
+//!
+//! [`LlmClassifier`]: crate::classify::LlmClassifier
+//! [`Classify`]: crate::classify::Classify
+//! [`Error::Permanent`]: crate::Error::Permanent
+//! [`Error::BadRequest`]: crate::Error::BadRequest
+//! [`Error::CircuitOpen`]: crate::Error::CircuitOpen
+//! [`Error::RetryAfterTooLong`]: crate::Error::RetryAfterTooLong
+//! [`Error::DeadlineExceeded`]: crate::Error::DeadlineExceeded
+//! [`Error::BudgetExhausted`]: crate::Error::BudgetExhausted
+//! [`Error::NotCloneable`]: crate::Error::NotCloneable
+
+mod future;
+mod layer;
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower_service::Service;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::{RetryLayer, RetryLayerBuilder};
+use self::layer::Config;
+use crate::classify::{Classify, LlmClassifier, Reason};
+use crate::error::{BoxError, Error};
+
+/// Clones a request for another attempt; `None` means it cannot be cloned.
+///
+/// Implemented by [`UseClone`] for every `Req: Clone` and by every
+/// `Fn(&Req) -> Option<Req> + Send + Sync + 'static`.
+pub trait CloneRequest<Req>: Send + Sync + 'static {
+    /// A copy of `req` for another attempt, or `None`.
+    fn clone_request(&self, req: &Req) -> Option<Req>;
+}
+
+/// Clones requests with [`Clone`]. Keep requests cheap to clone (an `Arc`
+/// around the body): the retry layer keeps one copy per logical request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UseClone;
+
+impl<Req: Clone> CloneRequest<Req> for UseClone {
+    #[inline]
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+impl<Req, F> CloneRequest<Req> for F
+where
+    F: Fn(&Req) -> Option<Req> + Send + Sync + 'static,
+{
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        self(req)
+    }
+}
+
+/// What the retry layer decided, for the [event hook](RetryLayerBuilder::on_event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryEvent {
+    /// What happened.
+    pub kind: RetryEventKind,
+    /// The attempt the decision follows (1 for the first call).
+    pub attempt: u32,
+    /// Why the attempt failed ([`Reason::Ok`] for a success).
+    pub reason: Reason,
+    /// The wait before the next attempt, for [`RetryEventKind::Retrying`].
+    pub delay: Option<Duration>,
+}
+
+/// The kinds of [`RetryEvent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetryEventKind {
+    /// Another attempt follows after `delay`.
+    Retrying,
+    /// An attempt after the first succeeded.
+    Recovered,
+    /// Every attempt was used.
+    Exhausted,
+    /// A permanent failure stopped the request.
+    Permanent,
+    /// A bad request stopped the request.
+    BadRequest,
+    /// The budget refused the retry.
+    BudgetExhausted,
+    /// The deadline left no room for another attempt.
+    DeadlineExceeded,
+    /// The server's hint was beyond the cap or the deadline.
+    RetryAfterTooLong,
+    /// The request could not be cloned, so it is sent only once.
+    NotCloneable,
+}
+
+/// The retry middleware; made by [`RetryLayer`].
+pub struct Retry<S, C = LlmClassifier, K = UseClone> {
+    inner: S,
+    config: Arc<Config<C, K>>,
+    ready: bool,
+}
+
+impl<S, C, K> Retry<S, C, K> {
+    pub(crate) fn from_config(inner: S, config: Arc<Config<C, K>>) -> Self {
+        Self {
+            inner,
+            config,
+            ready: false,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C, K> Clone for Retry<S, C, K> {
+    /// The clone shares the configuration and budget but not readiness: it
+    /// must be polled ready itself.
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+            ready: false,
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, K> fmt::Debug for Retry<S, C, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("max_attempts", &self.config.max_attempts)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, C, K> Service<Req> for Retry<S, C, K>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: CloneRequest<Req>,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = ResponseFuture<S, Req, C, K>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.ready {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                self.ready = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let ready = std::mem::take(&mut self.ready);
+        let fresh = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, fresh);
+        ResponseFuture::new(service, ready, req, Arc::clone(&self.config))
+    }
+}

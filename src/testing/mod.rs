@@ -1,0 +1,7 @@
+//! Test support: the tower contract suite every layer of the crate passes,
+//! and the probe service it drives layers with.
+//!
+//! Behind the `testing` feature, so that users who write their own layers,
+//! or wrap ours, can run the same checks.
+
+pub mod contract;
