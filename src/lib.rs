@@ -12,9 +12,15 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod backoff;
+pub mod breaker;
 pub mod budget;
+pub mod chaos;
 pub mod classify;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod client;
 pub mod error;
+pub mod queue;
 pub mod retry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

@@ -1,0 +1,1 @@
+//! Placeholder: replaced by the chaos work before it lands.

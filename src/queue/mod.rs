@@ -1,0 +1,1 @@
+//! Placeholder: replaced by the queue work before it lands.
