@@ -193,7 +193,10 @@ impl BackoffBuilder {
             return Err(ConfigError::new("initial", "must be above zero"));
         }
         if !b.multiplier.is_finite() || b.multiplier < 1.0 {
-            return Err(ConfigError::new("multiplier", "must be finite and at least 1"));
+            return Err(ConfigError::new(
+                "multiplier",
+                "must be finite and at least 1",
+            ));
         }
         if b.max_delay < b.initial {
             return Err(ConfigError::new("max_delay", "must be at least `initial`"));
@@ -218,7 +221,10 @@ fn uniform(rng: &mut SmallRng, lo: Duration, hi: Duration) -> Duration {
     if hi <= lo {
         return lo;
     }
-    let (lo_ns, hi_ns) = (lo.as_nanos() as u64, hi.as_nanos().min(u64::MAX as u128) as u64);
+    let (lo_ns, hi_ns) = (
+        lo.as_nanos() as u64,
+        hi.as_nanos().min(u64::MAX as u128) as u64,
+    );
     Duration::from_nanos(rng.random_range(lo_ns..hi_ns))
 }
 
@@ -262,7 +268,10 @@ mod tests {
         assert_eq!(e.field, "multiplier");
         let e = Backoff::builder().multiplier(f64::NAN).build().unwrap_err();
         assert_eq!(e.field, "multiplier");
-        let e = Backoff::builder().initial(Duration::ZERO).build().unwrap_err();
+        let e = Backoff::builder()
+            .initial(Duration::ZERO)
+            .build()
+            .unwrap_err();
         assert_eq!(e.field, "initial");
         let e = Backoff::builder()
             .initial(Duration::from_secs(2))
@@ -286,6 +295,9 @@ mod tests {
     fn huge_exponent_saturates_at_the_cap() {
         let b = Backoff::llm_defaults();
         assert_eq!(b.base_delay(u32::MAX), Duration::from_secs(8));
-        assert_eq!(b.iter(1).nth(10_000).map(|d| d <= Duration::from_secs(8)), Some(true));
+        assert_eq!(
+            b.iter(1).nth(10_000).map(|d| d <= Duration::from_secs(8)),
+            Some(true)
+        );
     }
 }

@@ -249,7 +249,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ratio_is_exact_not_truncated() {
         // tower's TpsBudget truncates 1/0.6 to 1 and allows 100 %.
-        let b = RetryBudget::builder().min_per_sec(0).ratio(0.6).build().unwrap();
+        let b = RetryBudget::builder()
+            .min_per_sec(0)
+            .ratio(0.6)
+            .build()
+            .unwrap();
         for _ in 0..100 {
             b.deposit();
         }
@@ -259,7 +263,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deposits_expire_after_ttl() {
-        let b = RetryBudget::builder().min_per_sec(0).ratio(1.0).build().unwrap();
+        let b = RetryBudget::builder()
+            .min_per_sec(0)
+            .ratio(1.0)
+            .build()
+            .unwrap();
         for _ in 0..5 {
             b.deposit();
         }
@@ -271,24 +279,47 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reserve_allows_min_per_sec_times_ttl() {
-        let b = RetryBudget::builder().min_per_sec(2).ratio(0.0).build().unwrap();
+        let b = RetryBudget::builder()
+            .min_per_sec(2)
+            .ratio(0.0)
+            .build()
+            .unwrap();
         let allowed = (0..100).filter(|_| b.try_withdraw()).count();
         assert_eq!(allowed, 20);
     }
 
     #[test]
     fn bad_configuration_names_the_field() {
-        assert_eq!(RetryBudget::builder().ratio(-0.1).build().unwrap_err().field, "ratio");
         assert_eq!(
-            RetryBudget::builder().ratio(f64::INFINITY).build().unwrap_err().field,
+            RetryBudget::builder()
+                .ratio(-0.1)
+                .build()
+                .unwrap_err()
+                .field,
             "ratio"
         );
         assert_eq!(
-            RetryBudget::builder().ttl(Duration::from_millis(10)).build().unwrap_err().field,
+            RetryBudget::builder()
+                .ratio(f64::INFINITY)
+                .build()
+                .unwrap_err()
+                .field,
+            "ratio"
+        );
+        assert_eq!(
+            RetryBudget::builder()
+                .ttl(Duration::from_millis(10))
+                .build()
+                .unwrap_err()
+                .field,
             "ttl"
         );
         assert_eq!(
-            RetryBudget::builder().ttl(Duration::from_secs(61)).build().unwrap_err().field,
+            RetryBudget::builder()
+                .ttl(Duration::from_secs(61))
+                .build()
+                .unwrap_err()
+                .field,
             "ttl"
         );
     }

@@ -1,6 +1,3 @@
-//! Tower middleware that keeps LLM and AI-agent calls working under real
-//! traffic: queues, retries and circuit breakers, with the classification,
-//! server hints, backoff and budgets that make them right for LLM APIs.
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(
@@ -9,7 +6,7 @@
     rust_2018_idioms,
     unreachable_pub
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backoff;
 pub mod breaker;

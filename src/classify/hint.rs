@@ -58,7 +58,9 @@ pub fn retry_after(v: &str, now: SystemTime) -> Option<Duration> {
 }
 
 fn until(at: SystemTime, now: SystemTime) -> Duration {
-    at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_HINT)
+    at.duration_since(now)
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_HINT)
 }
 
 /// A Go duration (`1s`, `6m0s`, `12ms`, `1h2m3.5s`, `0`), as OpenAI's
@@ -209,7 +211,10 @@ pub fn server_hint(view: &dyn HttpView, now: SystemTime) -> Option<Duration> {
         return None;
     }
     let openai = [
-        ("x-ratelimit-reset-requests", "x-ratelimit-remaining-requests"),
+        (
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-remaining-requests",
+        ),
         ("x-ratelimit-reset-tokens", "x-ratelimit-remaining-tokens"),
     ]
     .map(|(reset, remaining)| {
@@ -222,12 +227,17 @@ pub fn server_hint(view: &dyn HttpView, now: SystemTime) -> Option<Duration> {
         let reset = view
             .header(&format!("anthropic-ratelimit-{dim}-reset"))
             .and_then(|v| rfc3339(v, now));
-        (reset, exhausted(view, &format!("anthropic-ratelimit-{dim}-remaining")))
+        (
+            reset,
+            exhausted(view, &format!("anthropic-ratelimit-{dim}-remaining")),
+        )
     });
     pick_reset(openai.iter().chain(anthropic.iter()).copied())
 }
 
-fn pick_reset(resets: impl Iterator<Item = (Option<Duration>, Option<bool>)> + Clone) -> Option<Duration> {
+fn pick_reset(
+    resets: impl Iterator<Item = (Option<Duration>, Option<bool>)> + Clone,
+) -> Option<Duration> {
     let of_exhausted = resets
         .clone()
         .filter(|(_, ex)| *ex == Some(true))
@@ -248,7 +258,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(retry_after("3", now()), Some(Duration::from_secs(3)));
-        assert_eq!(retry_after(" 1.5 ", now()), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            retry_after(" 1.5 ", now()),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(retry_after("-1", now()), None);
         assert_eq!(retry_after("nan", now()), None);
         assert_eq!(retry_after("1e9", now()), None);
@@ -273,7 +286,10 @@ mod tests {
         assert_eq!(go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(go_duration("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(go_duration("12ms"), Some(Duration::from_millis(12)));
-        assert_eq!(go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
         assert_eq!(go_duration("0"), Some(Duration::ZERO));
         assert_eq!(go_duration("1.5µs"), Some(Duration::from_nanos(1500)));
         assert_eq!(go_duration("-1s"), None);
@@ -286,7 +302,10 @@ mod tests {
     #[test]
     fn rfc3339_instants() {
         // 1_780_000_000 is 2026-05-28T20:26:40Z.
-        assert_eq!(rfc3339("2026-05-28T20:26:45Z", now()), Some(Duration::from_secs(5)));
+        assert_eq!(
+            rfc3339("2026-05-28T20:26:45Z", now()),
+            Some(Duration::from_secs(5))
+        );
         assert_eq!(
             rfc3339("2026-05-28T20:26:45.250Z", now()),
             Some(Duration::from_millis(5250))

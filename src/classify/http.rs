@@ -251,20 +251,32 @@ fn is_quota(view: &dyn HttpView) -> bool {
 }
 
 fn is_context_length(view: &dyn HttpView) -> bool {
-    let words = ["context_length_exceeded", "request_too_large", "string_above_max_length"];
+    let words = [
+        "context_length_exceeded",
+        "request_too_large",
+        "string_above_max_length",
+    ];
     words
         .iter()
         .any(|w| eq(view.error_code(), w) || eq(view.error_type(), w))
         || message_has(
             view,
-            &["prompt is too long", "maximum context length", "context window"],
+            &[
+                "prompt is too long",
+                "maximum context length",
+                "context window",
+            ],
         )
 }
 
 fn is_content_policy(view: &dyn HttpView) -> bool {
-    ["content_policy_violation", "content_filter", "content_policy"]
-        .iter()
-        .any(|w| eq(view.error_code(), w) || eq(view.error_type(), w))
+    [
+        "content_policy_violation",
+        "content_filter",
+        "content_policy",
+    ]
+    .iter()
+    .any(|w| eq(view.error_code(), w) || eq(view.error_type(), w))
 }
 
 fn base_outcome(view: &dyn HttpView) -> Outcome {
@@ -312,8 +324,14 @@ mod tests {
         let bad = |r| Outcome::BadRequest { reason: r };
         let perm = |r| Outcome::Permanent { reason: r };
         let tr = Outcome::transient;
-        assert_eq!(c(&HttpError::transport(Transport::Connect)), tr(Reason::Connect));
-        assert_eq!(c(&HttpError::transport(Transport::Timeout)), tr(Reason::Timeout));
+        assert_eq!(
+            c(&HttpError::transport(Transport::Connect)),
+            tr(Reason::Connect)
+        );
+        assert_eq!(
+            c(&HttpError::transport(Transport::Timeout)),
+            tr(Reason::Timeout)
+        );
         assert_eq!(c(&HttpError::new(408)), tr(Reason::Timeout));
         assert_eq!(c(&HttpError::new(409)), tr(Reason::Conflict));
         assert_eq!(
@@ -330,7 +348,11 @@ mod tests {
             "credit_balance_exhausted",
             "enforced_spend_limit_reached",
         ] {
-            assert_eq!(c(&HttpError::new(429).with_error_code(code)), perm(Reason::Quota), "{code}");
+            assert_eq!(
+                c(&HttpError::new(429).with_error_code(code)),
+                perm(Reason::Quota),
+                "{code}"
+            );
         }
         assert_eq!(
             c(&HttpError::new(429)
@@ -409,7 +431,12 @@ mod tests {
         let e = HttpError::new(429)
             .with_error_code("insufficient_quota")
             .with_header("retry-after", "3");
-        assert_eq!(c(&e), Outcome::Permanent { reason: Reason::Quota });
+        assert_eq!(
+            c(&e),
+            Outcome::Permanent {
+                reason: Reason::Quota
+            }
+        );
     }
 
     #[test]
@@ -419,6 +446,9 @@ mod tests {
             .with_message("secret prompt text");
         assert!(!e.to_string().contains("secret"));
         assert!(!format!("{e:?}").contains("secret"));
-        assert_eq!(e.to_string(), "http status 400, code context_length_exceeded");
+        assert_eq!(
+            e.to_string(),
+            "http status 400, code context_length_exceeded"
+        );
     }
 }

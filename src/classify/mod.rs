@@ -37,8 +37,8 @@
 //! Any `Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static` is a
 //! classifier, so a one-off rule needs no type of its own.
 
-mod http;
 pub mod hint;
+mod http;
 
 use std::fmt;
 use std::time::Duration;

@@ -164,7 +164,13 @@ where
                         attempt = self.attempts,
                         "request cannot be cloned; it will be sent once"
                     );
-                    emit(config, RetryEventKind::NotCloneable, self.attempts, Reason::Ok, None);
+                    emit(
+                        config,
+                        RetryEventKind::NotCloneable,
+                        self.attempts,
+                        Reason::Ok,
+                        None,
+                    );
                     self.request.take()
                 }
             }
@@ -209,7 +215,11 @@ where
         // Draw from the ordinary stream; it is created on first use.
         if self.backoff.is_none() {
             let n = self.config.sequence.fetch_add(1, Ordering::Relaxed);
-            self.backoff = Some(self.config.backoff.iter(splitmix(self.config.seed ^ splitmix(n))));
+            self.backoff = Some(
+                self.config
+                    .backoff
+                    .iter(splitmix(self.config.seed ^ splitmix(n))),
+            );
         }
         let u = self.backoff.as_mut().map_or(0.0, BackoffIter::unit);
         hint + hint.mul_f64(ratio * u)
@@ -249,7 +259,10 @@ where
             let left = deadline.saturating_duration_since(Instant::now());
             if delay >= left {
                 return Decision::Stop(match hint {
-                    Some(h) => Stop::HintTooLong { hint: h, limit: left },
+                    Some(h) => Stop::HintTooLong {
+                        hint: h,
+                        limit: left,
+                    },
                     None => Stop::Deadline,
                 });
             }
@@ -408,7 +421,13 @@ where
                     let outcome = core.config.classifier.classify(result.as_ref());
                     if outcome.is_success() {
                         if core.attempts > 1 {
-                            emit(&core.config, RetryEventKind::Recovered, core.attempts, Reason::Ok, None);
+                            emit(
+                                &core.config,
+                                RetryEventKind::Recovered,
+                                core.attempts,
+                                Reason::Ok,
+                                None,
+                            );
                         }
                         return Poll::Ready(result);
                     }
@@ -424,7 +443,13 @@ where
                                     "retrying"
                                 );
                             }
-                            emit(&core.config, RetryEventKind::Retrying, core.attempts, reason, Some(delay));
+                            emit(
+                                &core.config,
+                                RetryEventKind::Retrying,
+                                core.attempts,
+                                reason,
+                                Some(delay),
+                            );
                             core.last_error = result.err().map(Error::into_cause);
                             this.timer.set(Some(sleep_until(Instant::now() + delay)));
                             this.state.set(State::Sleeping);

@@ -96,8 +96,8 @@ use std::time::Duration;
 use tower_service::Service;
 
 pub use self::future::ResponseFuture;
-pub use self::layer::{RetryLayer, RetryLayerBuilder};
 use self::layer::Config;
+pub use self::layer::{RetryLayer, RetryLayerBuilder};
 use crate::classify::{Classify, LlmClassifier, Reason};
 use crate::error::{BoxError, Error};
 

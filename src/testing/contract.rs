@@ -193,7 +193,11 @@ impl<Req> Future for ProbeFuture<Req> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if self.state.hold.load(Ordering::SeqCst) {
-            self.state.held_wakers.lock().unwrap().push(cx.waker().clone());
+            self.state
+                .held_wakers
+                .lock()
+                .unwrap()
+                .push(cx.waker().clone());
             if self.state.hold.load(Ordering::SeqCst) {
                 return Poll::Pending;
             }
@@ -201,7 +205,10 @@ impl<Req> Future for ProbeFuture<Req> {
         if !self.readied {
             return Poll::Ready(Err("probe called without poll_ready".into()));
         }
-        let req = self.req.take().expect("ProbeFuture polled after completion");
+        let req = self
+            .req
+            .take()
+            .expect("ProbeFuture polled after completion");
         Poll::Ready(Ok(req))
     }
 }
@@ -304,7 +311,10 @@ where
         0,
         "rule 3: a clone of a readied service called the inner service un-readied"
     );
-    let out = svc.call(3).await.expect("rule 3: the original lost its readiness");
+    let out = svc
+        .call(3)
+        .await
+        .expect("rule 3: the original lost its readiness");
     assert_eq!(out, 3);
     assert_eq!(probe.unready_calls(), 0, "rule 3: inner called un-readied");
 
@@ -315,9 +325,15 @@ where
         ready(&mut svc).await.expect("rule 4: poll_ready failed");
     }
     assert_eq!(svc.call(4).await.expect("rule 4: call failed"), 4);
-    assert_eq!(probe.calls(), 1, "rule 4: repeated poll_ready made extra calls");
+    assert_eq!(
+        probe.calls(),
+        1,
+        "rule 4: repeated poll_ready made extra calls"
+    );
     // The service is still usable afterwards.
-    ready(&mut svc).await.expect("rule 4: poll_ready after call failed");
+    ready(&mut svc)
+        .await
+        .expect("rule 4: poll_ready after call failed");
     assert_eq!(svc.call(5).await.expect("rule 4: second call failed"), 5);
 
     // 5. inner backpressure and waker registration.
@@ -326,13 +342,26 @@ where
     let svc = make().layer(probe.clone());
     let task = TestTask::new();
     let mut fut = Box::pin(tower::util::ServiceExt::oneshot(svc, 6));
-    assert!(task.poll(&mut fut).is_pending(), "rule 5: not pending while the inner service is not ready");
+    assert!(
+        task.poll(&mut fut).is_pending(),
+        "rule 5: not pending while the inner service is not ready"
+    );
     settle().await;
-    assert!(task.poll(&mut fut).is_pending(), "rule 5: not pending while the inner service is not ready");
-    assert_eq!(probe.calls(), 0, "rule 5: a request passed an inner service that was not ready");
+    assert!(
+        task.poll(&mut fut).is_pending(),
+        "rule 5: not pending while the inner service is not ready"
+    );
+    assert_eq!(
+        probe.calls(),
+        0,
+        "rule 5: a request passed an inner service that was not ready"
+    );
     probe.set_ready(true);
     settle().await;
-    assert!(task.woken(), "rule 5: the task was not woken when the inner service became ready");
+    assert!(
+        task.woken(),
+        "rule 5: the task was not woken when the inner service became ready"
+    );
     let mut out = None;
     for _ in 0..16 {
         if let Poll::Ready(r) = task.poll(&mut fut) {
@@ -353,15 +382,29 @@ where
     let task = TestTask::new();
     let mut fut = Box::pin(svc.call(7));
     for _ in 0..4 {
-        assert!(task.poll(&mut fut).is_pending(), "rule 6: a held call completed");
+        assert!(
+            task.poll(&mut fut).is_pending(),
+            "rule 6: a held call completed"
+        );
         settle().await;
     }
     drop(fut);
     settle().await;
-    assert_eq!(probe.in_flight(), 0, "rule 6: a dropped future kept the inner call alive");
+    assert_eq!(
+        probe.in_flight(),
+        0,
+        "rule 6: a dropped future kept the inner call alive"
+    );
     probe.set_hold(false);
-    ready(&mut svc).await.expect("rule 6: poll_ready after a dropped future failed");
-    assert_eq!(svc.call(8).await.expect("rule 6: call after a dropped future failed"), 8);
+    ready(&mut svc)
+        .await
+        .expect("rule 6: poll_ready after a dropped future failed");
+    assert_eq!(
+        svc.call(8)
+            .await
+            .expect("rule 6: call after a dropped future failed"),
+        8
+    );
     assert_eq!(probe.in_flight(), 0);
     assert_eq!(probe.unready_calls(), 0, "rule 6: inner called un-readied");
 }
@@ -383,7 +426,9 @@ where
     for _ in 0..3 {
         ready(&mut svc).await.expect("poll_ready failed");
     }
-    svc.call(request()).await.expect("call after repeated poll_ready failed");
+    svc.call(request())
+        .await
+        .expect("call after repeated poll_ready failed");
 
     // call without poll_ready answers (Ok or a typed error), never panics.
     let mut svc = make();
@@ -395,7 +440,9 @@ where
     let mut clone = svc.clone();
     ready(&mut clone).await.expect("clone: poll_ready failed");
     clone.call(request()).await.expect("clone: call failed");
-    svc.call(request()).await.expect("original after clone: call failed");
+    svc.call(request())
+        .await
+        .expect("original after clone: call failed");
 
     // A dropped future leaves the service working.
     let mut svc = make();
@@ -404,6 +451,10 @@ where
     let mut fut = Box::pin(svc.call(request()));
     let _ = task.poll(&mut fut);
     drop(fut);
-    ready(&mut svc).await.expect("poll_ready after a dropped future failed");
-    svc.call(request()).await.expect("call after a dropped future failed");
+    ready(&mut svc)
+        .await
+        .expect("poll_ready after a dropped future failed");
+    svc.call(request())
+        .await
+        .expect("call after a dropped future failed");
 }
