@@ -62,6 +62,7 @@ struct Core<S, Req, C, K> {
     last_error: Option<BoxError>,
     single_shot: bool,
     span: tracing::Span,
+    attempt_span: tracing::Span,
 }
 
 impl<S, Req, C, K> fmt::Debug for ResponseFuture<S, Req, C, K>
@@ -106,7 +107,11 @@ where
             budget.deposit();
         }
         let deadline = config.deadline.map(|d| Instant::now() + d);
-        let span = tracing::debug_span!("llm_resilience.retry");
+        let span = tracing::debug_span!(
+            "llm_resilience.retry",
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
         let mut core = Core {
             service,
             request: Some(request),
@@ -118,6 +123,7 @@ where
             last_error: None,
             single_shot: false,
             span,
+            attempt_span: tracing::Span::none(),
         };
         if ready {
             // The service was readied by `poll_ready`: send the first attempt
@@ -176,9 +182,16 @@ where
             }
         };
         let req = req.expect("a request is kept until its last attempt");
-        let _e = self.span.enter();
-        let _a = tracing::trace_span!("attempt", n = self.attempts).entered();
-        let fut = self.service.call(req);
+        self.attempt_span = tracing::debug_span!(
+            parent: &self.span,
+            "attempt",
+            n = self.attempts,
+            reason = tracing::field::Empty,
+        );
+        let fut = {
+            let _a = self.attempt_span.enter();
+            self.service.call(req)
+        };
         let cutoff = match (config.attempt_timeout, self.deadline) {
             (None, None) => None,
             (Some(t), None) => Some(Instant::now() + t),
@@ -397,7 +410,11 @@ where
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {
-                    let result = match fut.poll(cx) {
+                    let polled = {
+                        let _a = core.attempt_span.enter();
+                        fut.poll(cx)
+                    };
+                    let result = match polled {
                         Poll::Ready(r) => r.map_err(Error::from_inner),
                         Poll::Pending => {
                             let Some(timer) = this.timer.as_mut().as_pin_mut() else {
@@ -421,6 +438,7 @@ where
                     let outcome = core.config.classifier.classify(result.as_ref());
                     if outcome.is_success() {
                         if core.attempts > 1 {
+                            core.span.record("attempts", core.attempts);
                             emit(
                                 &core.config,
                                 RetryEventKind::Recovered,
@@ -432,6 +450,7 @@ where
                         return Poll::Ready(result);
                     }
                     let reason = outcome.reason();
+                    core.attempt_span.record("reason", reason.as_str());
                     match core.decide(outcome) {
                         Decision::Retry(delay) => {
                             {
@@ -457,6 +476,8 @@ where
                         Decision::Stop(stop) => {
                             let kind = stop_kind(stop);
                             emit(&core.config, kind, core.attempts, reason, None);
+                            core.span.record("attempts", core.attempts);
+                            core.span.record("outcome", reason.as_str());
                             {
                                 let _e = core.span.enter();
                                 tracing::debug!(
