@@ -454,7 +454,7 @@ where
                     match core.decide(outcome) {
                         Decision::Retry(delay) => {
                             {
-                                let _e = core.span.enter();
+                                let _e = core.attempt_span.enter();
                                 tracing::debug!(
                                     attempt = core.attempts,
                                     delay_ms = delay.as_millis() as u64,
@@ -479,7 +479,7 @@ where
                             core.span.record("attempts", core.attempts);
                             core.span.record("outcome", reason.as_str());
                             {
-                                let _e = core.span.enter();
+                                let _e = core.attempt_span.enter();
                                 tracing::debug!(
                                     attempt = core.attempts,
                                     reason = reason.as_str(),
