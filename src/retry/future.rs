@@ -361,6 +361,18 @@ fn emit<C, K>(
             delay,
         });
     }
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!(
+            "llm_resilience_retry_decisions_total",
+            "decision" => kind.as_str(),
+            "reason" => reason.as_str()
+        )
+        .increment(1);
+        if let Some(budget) = &config.budget {
+            metrics::gauge!("llm_resilience_retry_budget_balance").set(budget.balance());
+        }
+    }
 }
 
 /// SplitMix64: spreads consecutive request numbers into unrelated seeds.

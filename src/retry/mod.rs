@@ -72,8 +72,11 @@
 //! A `tracing` span per logical call (`llm_resilience.retry`) and per attempt
 //! (`attempt`, with its number); a debug event per retry with the delay and
 //! the reason. An event hook ([`RetryLayerBuilder::on_event`]) sees every
-//! decision. Nothing is formatted, timestamped or allocated on a
-//! first-attempt success.
+//! decision. With the `metrics` feature, every decision also increments
+//! `llm_resilience_retry_decisions_total{decision, reason}` (the names of
+//! [`RetryEventKind::as_str`] and [`Reason::as_str`]) and sets the gauge
+//! `llm_resilience_retry_budget_balance`. Nothing is formatted, timestamped,
+//! recorded or allocated on a first-attempt success.
 //!
 //! [`LlmClassifier`]: crate::classify::LlmClassifier
 //! [`Classify`]: crate::classify::Classify
@@ -167,6 +170,23 @@ pub enum RetryEventKind {
     RetryAfterTooLong,
     /// The request could not be cloned, so it is sent only once.
     NotCloneable,
+}
+
+impl RetryEventKind {
+    /// A stable `snake_case` name, for logs and metric labels.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            RetryEventKind::Retrying => "retrying",
+            RetryEventKind::Recovered => "recovered",
+            RetryEventKind::Exhausted => "exhausted",
+            RetryEventKind::Permanent => "permanent",
+            RetryEventKind::BadRequest => "bad_request",
+            RetryEventKind::BudgetExhausted => "budget_exhausted",
+            RetryEventKind::DeadlineExceeded => "deadline_exceeded",
+            RetryEventKind::RetryAfterTooLong => "retry_after_too_long",
+            RetryEventKind::NotCloneable => "not_cloneable",
+        }
+    }
 }
 
 /// The retry middleware; made by [`RetryLayer`].
