@@ -34,7 +34,11 @@ pub enum Latency {
 impl Latency {
     /// A sample, from `u` uniform in `[0, 1)`.
     pub fn sample(&self, u: f64) -> Duration {
-        let u = if u.is_finite() { u.clamp(0.0, 1.0) } else { 0.0 };
+        let u = if u.is_finite() {
+            u.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         match *self {
             Latency::Fixed(d) => d,
             Latency::Uniform { min, max } => {

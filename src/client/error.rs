@@ -65,11 +65,7 @@ pub struct ClientError {
 }
 
 impl ClientError {
-    pub(crate) fn status(
-        status: u16,
-        headers: &reqwest::header::HeaderMap,
-        body: &[u8],
-    ) -> Self {
+    pub(crate) fn status(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> Self {
         let mut http = HttpError::new(status);
         for (name, value) in headers {
             if header_matters(name.as_str()) {
@@ -252,7 +248,10 @@ impl fmt::Debug for ClientError {
         f.debug_struct("ClientError")
             .field("kind", &self.kind)
             .field("http", &self.http)
-            .field("body_excerpt_len", &self.body_excerpt.as_ref().map(String::len))
+            .field(
+                "body_excerpt_len",
+                &self.body_excerpt.as_ref().map(String::len),
+            )
             .field("partial_chunks", &self.partial.len())
             .finish()
     }

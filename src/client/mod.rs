@@ -124,7 +124,10 @@ impl fmt::Debug for OpenAiClient {
 impl OpenAiClient {
     /// A client for `base_url` (e.g. `https://api.openai.com/v1`) with an
     /// API key and the default model `gpt-4o-mini`.
-    pub fn new(base_url: impl Into<String>, api_key: impl Into<String>) -> Result<Self, ConfigError> {
+    pub fn new(
+        base_url: impl Into<String>,
+        api_key: impl Into<String>,
+    ) -> Result<Self, ConfigError> {
         Self::builder(base_url).api_key(api_key).build()
     }
 
@@ -485,9 +488,14 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_field() {
-        assert_eq!(OpenAiClient::new("ftp://x", "k").unwrap_err().field, "base_url");
         assert_eq!(
-            OpenAiClient::new("http://localhost", "bad\nkey").unwrap_err().field,
+            OpenAiClient::new("ftp://x", "k").unwrap_err().field,
+            "base_url"
+        );
+        assert_eq!(
+            OpenAiClient::new("http://localhost", "bad\nkey")
+                .unwrap_err()
+                .field,
             "api_key"
         );
         assert_eq!(
@@ -499,7 +507,11 @@ mod tests {
             "connect_timeout"
         );
         assert_eq!(
-            OpenAiClient::builder("http://localhost").model("").build().unwrap_err().field,
+            OpenAiClient::builder("http://localhost")
+                .model("")
+                .build()
+                .unwrap_err()
+                .field,
             "model"
         );
     }

@@ -149,7 +149,10 @@ impl ChatRequest {
 
     /// Puts a system message first.
     pub fn with_system(mut self, content: impl Into<String>) -> Self {
-        self.edit().body.messages.insert(0, Message::system(content));
+        self.edit()
+            .body
+            .messages
+            .insert(0, Message::system(content));
         self
     }
 
