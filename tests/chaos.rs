@@ -7,6 +7,7 @@ use std::time::Duration;
 use llm_resilience::chaos::{ChaosLayer, Fault, Latency, Window};
 use llm_resilience::classify::{Classify, LlmClassifier, Outcome, Reason};
 use llm_resilience::retry::RetryLayer;
+#[cfg(feature = "testing")]
 use llm_resilience::testing::contract;
 use llm_resilience::Error;
 use tokio::time::Instant;
@@ -338,6 +339,7 @@ async fn bad_configuration_names_the_field() {
     assert_eq!(e.field, "window");
 }
 
+#[cfg(feature = "testing")]
 #[tokio::test(start_paused = true)]
 async fn chaos_layer_keeps_the_tower_contract() {
     // Disabled, enabled without hits, delaying every call, failing every call.
@@ -358,6 +360,7 @@ async fn chaos_layer_keeps_the_tower_contract() {
     .await;
 }
 
+#[cfg(feature = "testing")]
 #[tokio::test(start_paused = true)]
 async fn an_always_failing_chaos_layer_never_calls_the_inner_service() {
     let probe = contract::Probe::new();

@@ -33,7 +33,7 @@
 //! [`latency`](ChaosLayerBuilder::latency) delays the call by a sample of a
 //! [`Latency`] distribution; [`outage`](ChaosLayerBuilder::outage) fails
 //! every call inside a window; [`timeout_rate`](ChaosLayerBuilder::timeout_rate)
-//! holds a call for a while and answers [`Error::Timeout`](crate::Error::Timeout).
+//! holds a call for a while and answers [`crate::Error::Timeout`].
 //! Every rule draws once per call, in the order the rules were added; the
 //! first failing rule that hits decides the fault, and the delays of every
 //! latency rule that hits add up.

@@ -57,6 +57,12 @@ pub enum ClientErrorKind {
 /// message are kept for the caller but never shown by `Debug` or `Display`
 /// (they can quote the prompt).
 pub struct ClientError {
+    // Boxed: errors travel through every layer's `Result`; one pointer keeps
+    // the happy path's `Result`s small.
+    inner: Box<Inner>,
+}
+
+struct Inner {
     kind: ClientErrorKind,
     http: HttpError,
     body_excerpt: Option<String>,
@@ -65,6 +71,12 @@ pub struct ClientError {
 }
 
 impl ClientError {
+    fn from_parts(inner: Inner) -> Self {
+        Self {
+            inner: Box::new(inner),
+        }
+    }
+
     pub(crate) fn status(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> Self {
         let mut http = HttpError::new(status);
         for (name, value) in headers {
@@ -86,23 +98,23 @@ impl ClientError {
                 http = http.with_message(m);
             }
         }
-        Self {
+        Self::from_parts(Inner {
             kind: ClientErrorKind::Status,
             http,
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
             transport: None,
-        }
+        })
     }
 
     pub(crate) fn transport(kind: Transport, err: Option<reqwest::Error>) -> Self {
-        Self {
+        Self::from_parts(Inner {
             kind: ClientErrorKind::Transport,
             http: HttpError::transport(kind),
             body_excerpt: None,
             partial: Vec::new(),
             transport: err,
-        }
+        })
     }
 
     pub(crate) fn from_reqwest(err: reqwest::Error) -> Self {
@@ -117,7 +129,7 @@ impl ClientError {
     }
 
     pub(crate) fn decode(body: &[u8]) -> Self {
-        Self {
+        Self::from_parts(Inner {
             kind: ClientErrorKind::Decode,
             // A 200 that is not a completion: a broken proxy or a truncated
             // body. Classified as a broken connection (transient).
@@ -125,7 +137,7 @@ impl ClientError {
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
             transport: None,
-        }
+        })
     }
 
     /// An error event inside a stream (`data: {"error":…}` or
@@ -144,71 +156,75 @@ impl ClientError {
                 http = http.with_message(m);
             }
         }
-        Self {
+        Self::from_parts(Inner {
             kind: ClientErrorKind::StreamError,
             http,
             body_excerpt: Some(excerpt(data)),
             partial: Vec::new(),
             transport: None,
-        }
+        })
     }
 
     pub(crate) fn interrupted(err: Option<reqwest::Error>) -> Self {
-        Self {
+        Self::from_parts(Inner {
             kind: ClientErrorKind::StreamInterrupted,
             http: HttpError::transport(Transport::StreamInterrupted),
             body_excerpt: None,
             partial: Vec::new(),
             transport: err,
-        }
+        })
     }
 
     pub(crate) fn with_partial(mut self, partial: Vec<ChatChunk>) -> Self {
-        self.partial = partial;
+        self.inner.partial = partial;
         self
     }
 
     /// What kind of failure this is.
     pub fn kind(&self) -> ClientErrorKind {
-        self.kind
+        self.inner.kind
     }
 
     /// The HTTP facts: status, headers that matter, provider type and code.
     pub fn http(&self) -> &HttpError {
-        &self.http
+        &self.inner.http
     }
 
     /// The HTTP status, when a response arrived.
     pub fn status_code(&self) -> Option<u16> {
-        self.http.status()
+        self.inner.http.status()
     }
 
     /// The first [`BODY_EXCERPT_LIMIT`] bytes of the error body (lossy
     /// UTF-8), when there was one. May quote the request: do not log it.
     pub fn body_excerpt(&self) -> Option<&str> {
-        self.body_excerpt.as_deref()
+        self.inner.body_excerpt.as_deref()
     }
 
     /// The chunks a stream had delivered to the caller before it failed
     /// (empty for a non-streamed call or a failure before the first chunk).
     pub fn partial(&self) -> &[ChatChunk] {
-        &self.partial
+        &self.inner.partial
     }
 
     /// The text of [`partial`](Self::partial), concatenated.
     pub fn partial_text(&self) -> String {
-        self.partial.iter().map(|c| c.delta.as_str()).collect()
+        self.inner
+            .partial
+            .iter()
+            .map(|c| c.delta.as_str())
+            .collect()
     }
 
     /// The reqwest error behind a transport failure, if any.
     pub fn reqwest_error(&self) -> Option<&reqwest::Error> {
-        self.transport.as_ref()
+        self.inner.transport.as_ref()
     }
 
     /// Whether a streamed response had already handed chunks to the caller
     /// (so retrying or falling back would duplicate output).
     pub fn is_mid_stream(&self) -> bool {
-        !self.partial.is_empty()
+        !self.inner.partial.is_empty()
     }
 }
 
@@ -224,51 +240,51 @@ pub(crate) fn decode_completion(body: &[u8]) -> Result<WireResponse, ClientError
 
 impl HttpView for ClientError {
     fn status(&self) -> Option<u16> {
-        self.http.status()
+        self.inner.http.status()
     }
     fn header(&self, name: &str) -> Option<&str> {
-        self.http.header(name)
+        self.inner.http.header(name)
     }
     fn error_type(&self) -> Option<&str> {
-        self.http.error_type()
+        self.inner.http.error_type()
     }
     fn error_code(&self) -> Option<&str> {
-        self.http.error_code()
+        self.inner.http.error_code()
     }
     fn error_message(&self) -> Option<&str> {
-        self.http.error_message()
+        self.inner.http.error_message()
     }
     fn transport(&self) -> Option<Transport> {
-        self.http.transport()
+        self.inner.http.transport()
     }
 }
 
 impl fmt::Debug for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientError")
-            .field("kind", &self.kind)
-            .field("http", &self.http)
+            .field("kind", &self.inner.kind)
+            .field("http", &self.inner.http)
             .field(
                 "body_excerpt_len",
-                &self.body_excerpt.as_ref().map(String::len),
+                &self.inner.body_excerpt.as_ref().map(String::len),
             )
-            .field("partial_chunks", &self.partial.len())
+            .field("partial_chunks", &self.inner.partial.len())
             .finish()
     }
 }
 
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.kind {
+        let what = match self.inner.kind {
             ClientErrorKind::Status => "chat completion failed",
             ClientErrorKind::Transport => "chat request failed",
             ClientErrorKind::Decode => "chat response could not be decoded",
             ClientErrorKind::StreamError => "chat stream carried an error event",
             ClientErrorKind::StreamInterrupted => "chat stream broke off",
         };
-        write!(f, "{what}: {}", self.http)?;
-        if !self.partial.is_empty() {
-            write!(f, " after {} chunks", self.partial.len())?;
+        write!(f, "{what}: {}", self.inner.http)?;
+        if !self.inner.partial.is_empty() {
+            write!(f, " after {} chunks", self.inner.partial.len())?;
         }
         Ok(())
     }
@@ -276,6 +292,6 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.http)
+        Some(&self.inner.http)
     }
 }

@@ -46,7 +46,7 @@
 //! (time to the response headers; off by default), total (10 minutes, the
 //! SDKs' request timeout; it bounds reading a stream too) and, for streams,
 //! the idle gap between chunks (60 s). A timeout is a transport failure
-//! ([`Transport::Timeout`](crate::classify::Transport::Timeout)), transient.
+//! ([`crate::classify::Transport::Timeout`]), transient.
 //!
 //! # Streaming
 //!
