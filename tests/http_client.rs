@@ -26,7 +26,7 @@ fn client(server: &MockServer) -> OpenAiClient {
         .api_key(KEY)
         .model("mock-model")
         .connect_timeout(Duration::from_secs(2))
-        .first_byte_timeout(Duration::from_millis(400))
+        .first_byte_timeout(Duration::from_secs(2))
         .total_timeout(Duration::from_secs(5))
         .stream_idle_timeout(Duration::from_secs(2))
         .build()

@@ -92,6 +92,10 @@ struct Inner {
     // The body serialized once, without `model` and `stream`; shared by
     // every clone (a retry's copy included).
     encoded: OnceLock<Bytes>,
+    // The full body of the first send, with the model and stream flag it
+    // was built for: every retry of the same request to the same client
+    // reuses it without copying.
+    full: OnceLock<(Arc<str>, bool, Bytes)>,
 }
 
 /// An OpenAI-compatible chat completion request.
@@ -132,6 +136,7 @@ impl ChatRequest {
                     user: None,
                 },
                 encoded: OnceLock::new(),
+                full: OnceLock::new(),
             }),
         }
     }
@@ -144,6 +149,7 @@ impl ChatRequest {
     fn edit(&mut self) -> &mut Inner {
         let inner = Arc::make_mut(&mut self.inner);
         inner.encoded = OnceLock::new();
+        inner.full = OnceLock::new();
         inner
     }
 
@@ -164,8 +170,11 @@ impl ChatRequest {
 
     /// Sets the model (overrides the client's default).
     pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
-        // The model is not part of the cached body: no need to re-encode.
-        Arc::make_mut(&mut self.inner).model = Some(model.into());
+        // The model is not part of the cached rest of the body: only the
+        // full body is built again.
+        let inner = Arc::make_mut(&mut self.inner);
+        inner.model = Some(model.into());
+        inner.full = OnceLock::new();
         self
     }
 
@@ -240,11 +249,25 @@ impl ChatRequest {
     }
 
     /// The JSON body to send: `{"model":…,"stream":…,` followed by the
-    /// cached rest. One copy of the cached bytes per attempt, no
-    /// serialization.
+    /// cached rest. Built once per request (and model and stream flag):
+    /// every retry shares the same bytes.
     pub(crate) fn body(&self, default_model: &str, stream: bool) -> Bytes {
-        let rest = self.encoded();
         let model = self.inner.model.as_deref().unwrap_or(default_model);
+        if let Some((m, s, full)) = self.inner.full.get() {
+            if &**m == model && *s == stream {
+                return full.clone();
+            }
+        }
+        let full = self.build_body(model, stream);
+        let _ = self
+            .inner
+            .full
+            .set((Arc::from(model), stream, full.clone()));
+        full
+    }
+
+    fn build_body(&self, model: &str, stream: bool) -> Bytes {
+        let rest = self.encoded();
         let mut out = BytesMut::with_capacity(rest.len() + model.len() + 80);
         out.put_slice(b"{\"model\":");
         // A JSON string of the model name (escapes quotes, if any).
@@ -444,6 +467,10 @@ mod tests {
         assert!(copy.inner.encoded.get().is_some());
         let b = copy.body("m", false);
         assert_eq!(a, b);
+        // Not even copied: the retry's body is the same allocation.
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        let other = copy.body("n", false);
+        assert_ne!(a, other);
         let v: serde_json::Value = serde_json::from_slice(&a).unwrap();
         assert_eq!(v["model"], "m");
         assert_eq!(v["max_tokens"], 5);

@@ -276,10 +276,10 @@ fn decide(shared: &Shared, prompt: u64, completion: u64) -> Decision {
     } else {
         let elapsed = now.saturating_duration_since(rt.started);
         let mut chosen = MockFault::Ok;
-        let windows = rt.script.windows.clone();
-        'outer: for w in windows.iter().filter(|w| w.window.contains(elapsed)) {
+        let Runtime { script, rng, .. } = &mut *rt;
+        'outer: for w in script.windows.iter().filter(|w| w.window.contains(elapsed)) {
             for (f, p) in &w.faults {
-                if rt.rng.random::<f64>() < *p {
+                if rng.random::<f64>() < *p {
                     chosen = f.clone();
                     break 'outer;
                 }
