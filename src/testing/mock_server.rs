@@ -456,7 +456,8 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     };
     let max_tokens = req["max_tokens"].as_u64().map(|n| n as usize);
     let prompt = prompt_tokens(&req);
-    let mut decision = decide(&shared, prompt, words as u64);
+    let completion_tokens = words.min(max_tokens.unwrap_or(usize::MAX).max(1)) as u64;
+    let mut decision = decide(&shared, prompt, completion_tokens);
     count(decision.served);
     if !decision.latency.is_zero() {
         tokio::time::sleep(decision.latency).await;
@@ -469,6 +470,12 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
             f => f,
         };
     }
+    let reply = Reply {
+        model: &model,
+        stream,
+        chunks,
+        gap,
+    };
     let resp = match fault {
         MockFault::Hang => {
             let mut rx = shared.shutdown.clone();
@@ -488,71 +495,88 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         }
         MockFault::Error(e) => error_response(&e),
         MockFault::Ok | MockFault::Length => {
-            let limit = max_tokens.unwrap_or(usize::MAX);
-            let truncated = matches!(fault, MockFault::Length) || limit < words;
-            let n = if matches!(fault, MockFault::Length) {
-                (words / 2).max(1).min(limit.max(1))
+            let limit = max_tokens.unwrap_or(usize::MAX).max(1);
+            let length = matches!(fault, MockFault::Length);
+            let n = if length { (words / 2).max(1) } else { words }.min(limit);
+            let finish = if length || n < words {
+                "length"
             } else {
-                words.min(limit.max(1))
+                "stop"
             };
-            let text = reply_words(n);
-            let finish = if truncated { "length" } else { "stop" };
-            let usage = json!({
-                "prompt_tokens": prompt, "completion_tokens": n,
-                "total_tokens": prompt + n as u64,
-            });
             shared.tokens.fetch_add(prompt + n as u64, Ordering::SeqCst);
-            if stream {
-                let mut parts: Vec<Part> = vec![Ok(sse(&json!({
-                    "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}],
-                })))];
-                let per = n.div_ceil(chunks.max(1));
-                let pieces: Vec<String> = text.chunks(per.max(1)).map(|c| c.concat()).collect();
-                let last = pieces.len().saturating_sub(1);
-                for (i, p) in pieces.iter().enumerate() {
-                    parts.push(Ok(chunk_event(&model, p, (i == last).then_some(finish))));
-                }
-                parts.push(Ok(sse(&json!({
-                    "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-                    "choices": [], "usage": usage,
-                }))));
-                parts.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-                stream_response(paced(parts, gap))
-            } else {
-                json_response(
-                    200,
-                    &json!({
-                        "id": "chatcmpl-mock", "object": "chat.completion", "created": 0,
-                        "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": finish}],
-                        "usage": usage,
-                    }),
-                )
-            }
+            completion(&reply, prompt, n, finish)
         }
-        MockFault::MidStreamDrop { after_chunks } => {
-            let mut parts: Vec<Part> = (0..after_chunks)
-                .map(|i| Ok(chunk_event(&model, &format!("part{i} "), None)))
-                .collect();
-            parts.push(Err(std::io::Error::new(
+        MockFault::MidStreamDrop { after_chunks } => partial_stream(
+            &reply,
+            after_chunks,
+            Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "mock mid-stream drop",
-            )));
-            stream_response(paced(parts, gap))
-        }
-        MockFault::StreamErrorEvent { after_chunks } => {
-            let mut parts: Vec<Part> = (0..after_chunks)
-                .map(|i| Ok(chunk_event(&model, &format!("part{i} "), None)))
-                .collect();
-            parts.push(Ok(Bytes::from(format!(
+            )),
+        ),
+        MockFault::StreamErrorEvent { after_chunks } => partial_stream(
+            &reply,
+            after_chunks,
+            Ok(Bytes::from(format!(
                 "event: error\ndata: {}\n\n",
                 json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-            ))));
-            stream_response(paced(parts, gap))
-        }
+            ))),
+        ),
     };
     with_limits(resp, &decision)
+}
+
+/// How a completion is sent.
+struct Reply<'a> {
+    model: &'a str,
+    stream: bool,
+    chunks: usize,
+    gap: Duration,
+}
+
+/// A completion of `n` words, streamed in `chunks` pieces or as one body.
+fn completion(r: &Reply<'_>, prompt: u64, n: usize, finish: &str) -> Response {
+    let text = reply_words(n);
+    let usage = json!({
+        "prompt_tokens": prompt, "completion_tokens": n,
+        "total_tokens": prompt + n as u64,
+    });
+    if !r.stream {
+        return json_response(
+            200,
+            &json!({
+                "id": "chatcmpl-mock", "object": "chat.completion", "created": 0,
+                "model": r.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        );
+    }
+    let mut parts: Vec<Part> = vec![Ok(sse(&json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": r.model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}],
+    })))];
+    let per = n.div_ceil(r.chunks.max(1)).max(1);
+    let pieces: Vec<String> = text.chunks(per).map(|c| c.concat()).collect();
+    let last = pieces.len().saturating_sub(1);
+    for (i, p) in pieces.iter().enumerate() {
+        parts.push(Ok(chunk_event(r.model, p, (i == last).then_some(finish))));
+    }
+    parts.push(Ok(sse(&json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": r.model,
+        "choices": [], "usage": usage,
+    }))));
+    parts.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    stream_response(paced(parts, r.gap))
+}
+
+/// `after` chunks (`part0 `, `part1 `, …), then `tail`, and no `[DONE]`.
+fn partial_stream(r: &Reply<'_>, after: usize, tail: Part) -> Response {
+    let mut parts: Vec<Part> = (0..after)
+        .map(|i| Ok(chunk_event(r.model, &format!("part{i} "), None)))
+        .collect();
+    parts.push(tail);
+    stream_response(paced(parts, r.gap))
 }
 
 fn stream_response(body: Body) -> Response {
