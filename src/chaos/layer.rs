@@ -36,6 +36,8 @@ pub(crate) enum Plan {
 pub(crate) struct Shared {
     enabled: AtomicBool,
     rules: Vec<Rule>,
+    // Whether any rule is limited in time (else the clock is never read).
+    timed: bool,
     seed: u64,
     sequence: AtomicU64,
     base: Instant,
@@ -98,7 +100,11 @@ impl Shared {
         }
         let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
         let mut draws = Draws(self.seed ^ mix(seq.wrapping_mul(GOLDEN)));
-        let elapsed = self.elapsed();
+        let elapsed = if self.timed {
+            self.elapsed()
+        } else {
+            Duration::ZERO
+        };
         let mut delay = Duration::ZERO;
         let mut delayed = false;
         let mut fail: Option<&Fault> = None;
@@ -285,6 +291,7 @@ impl ChaosLayerBuilder {
         Ok(ChaosLayer {
             shared: Arc::new(Shared {
                 enabled: AtomicBool::new(self.enabled),
+                timed: self.rules.iter().any(|r| r.window != Window::ALWAYS),
                 rules: self.rules,
                 seed: self.seed,
                 sequence: AtomicU64::new(0),

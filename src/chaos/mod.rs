@@ -53,10 +53,14 @@
 //!
 //! # Cost
 //!
-//! Disabled, a call costs one relaxed atomic load on top of the inner
-//! call: no lock, no allocation, no clock read. Enabled, one atomic
-//! increment, a clock read and a few arithmetic draws per call; only an
-//! injected delay or fault allocates (its timer).
+//! Disabled, a call costs one relaxed atomic load and a branch on top of
+//! the inner call: no lock, no allocation, no clock read. Enabled, two
+//! atomic increments and a few arithmetic draws per call, plus a clock read
+//! when a rule is limited to a time window; only an injected delay or fault
+//! allocates (its timer). Measured (release, 2-core VM, a no-op inner
+//! service polled by hand): about 12–20 ns a call disabled, most of it
+//! moving the `Result<_, Error>` out of the future (a no-op layer that is
+//! inlined away costs under 1 ns); 50–70 ns enabled without injecting.
 //!
 //! # Readiness
 //!
@@ -152,21 +156,37 @@ where
         }
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let plan = if self.shared.enabled() {
-            self.shared.plan()
+        if self.shared.enabled() {
+            return self.inject(req);
+        }
+        self.pass(req)
+    }
+}
+
+impl<S> Chaos<S> {
+    #[inline]
+    fn pass<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
+    where
+        S: Service<Req> + Clone,
+    {
+        if std::mem::take(&mut self.ready) {
+            ResponseFuture::called(self.inner.call(req))
         } else {
-            Plan::Pass
-        };
-        match plan {
-            Plan::Pass => {
-                if std::mem::take(&mut self.ready) {
-                    ResponseFuture::called(self.inner.call(req))
-                } else {
-                    let fresh = self.inner.clone();
-                    ResponseFuture::readying(std::mem::replace(&mut self.inner, fresh), req)
-                }
-            }
+            let fresh = self.inner.clone();
+            ResponseFuture::readying(std::mem::replace(&mut self.inner, fresh), req)
+        }
+    }
+
+    // Out of line, so that the disabled path stays a load and a branch.
+    #[inline(never)]
+    fn inject<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
+    where
+        S: Service<Req> + Clone,
+    {
+        match self.shared.plan() {
+            Plan::Pass => self.pass(req),
             Plan::Delay(d) => {
                 let readied = std::mem::take(&mut self.ready);
                 let fresh = self.inner.clone();
