@@ -554,8 +554,10 @@ async fn a_stream_that_drops_after_two_chunks_is_a_typed_mid_stream_error() {
         MockServer::start(FaultScript::new().then(MockFault::MidStreamDrop { after_chunks: 2 }))
             .await
             .unwrap();
-    let mut stream = client(&server)
-        .streaming()
+    // Through the retry layer: once a chunk reached the caller, nothing is
+    // retried.
+    let mut stream = RetryLayer::llm_defaults()
+        .layer(client(&server).streaming())
         .oneshot(ChatRequest::user("hi"))
         .await
         .expect("the first chunk arrived, so the call succeeds");
@@ -570,6 +572,7 @@ async fn a_stream_that_drops_after_two_chunks_is_a_typed_mid_stream_error() {
     assert_eq!(err.partial_text(), "part0 part1 ");
     assert_eq!(classify(err), tr(Reason::StreamInterrupted));
     assert_eq!(server.stats().get(Served::MidStreamDrop), 1);
+    assert_eq!(server.total(), 1, "a stream that started is never retried");
 }
 
 #[tokio::test]

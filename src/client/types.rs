@@ -314,22 +314,24 @@ pub struct Usage {
     pub total_tokens: u32,
 }
 
-/// The OpenAI-style rate-limit state a response reported
-/// (`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`); absent or
-/// malformed headers are `None`.
+/// The rate-limit state a response reported: OpenAI's
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, or, when those
+/// are absent, Anthropic's `anthropic-ratelimit-{requests,tokens}-{limit,
+/// remaining,reset}` (its RFC 3339 reset instants read against the system
+/// clock). Absent or malformed headers are `None`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateLimitHeaders {
-    /// `x-ratelimit-limit-requests`.
+    /// Requests allowed per window.
     pub limit_requests: Option<u64>,
-    /// `x-ratelimit-remaining-requests`.
+    /// Requests left in the window.
     pub remaining_requests: Option<u64>,
-    /// `x-ratelimit-reset-requests` (a Go duration).
+    /// Time until the request window resets.
     pub reset_requests: Option<Duration>,
-    /// `x-ratelimit-limit-tokens`.
+    /// Tokens allowed per window.
     pub limit_tokens: Option<u64>,
-    /// `x-ratelimit-remaining-tokens`.
+    /// Tokens left in the window.
     pub remaining_tokens: Option<u64>,
-    /// `x-ratelimit-reset-tokens` (a Go duration).
+    /// Time until the token window resets.
     pub reset_tokens: Option<Duration>,
 }
 
@@ -338,14 +340,26 @@ impl RateLimitHeaders {
     pub(crate) fn from_headers(h: &reqwest::header::HeaderMap) -> Self {
         let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
         let num = |name: &str| text(name).and_then(|v| v.trim().parse::<u64>().ok());
-        let dur = |name: &str| text(name).and_then(hint::go_duration);
-        Self {
+        let openai = Self {
             limit_requests: num("x-ratelimit-limit-requests"),
             remaining_requests: num("x-ratelimit-remaining-requests"),
-            reset_requests: dur("x-ratelimit-reset-requests"),
+            reset_requests: text("x-ratelimit-reset-requests").and_then(hint::go_duration),
             limit_tokens: num("x-ratelimit-limit-tokens"),
             remaining_tokens: num("x-ratelimit-remaining-tokens"),
-            reset_tokens: dur("x-ratelimit-reset-tokens"),
+            reset_tokens: text("x-ratelimit-reset-tokens").and_then(hint::go_duration),
+        };
+        if !openai.is_empty() {
+            return openai;
+        }
+        let now = std::time::SystemTime::now();
+        let reset = |name: &str| text(name).and_then(|v| hint::rfc3339(v, now));
+        Self {
+            limit_requests: num("anthropic-ratelimit-requests-limit"),
+            remaining_requests: num("anthropic-ratelimit-requests-remaining"),
+            reset_requests: reset("anthropic-ratelimit-requests-reset"),
+            limit_tokens: num("anthropic-ratelimit-tokens-limit"),
+            remaining_tokens: num("anthropic-ratelimit-tokens-remaining"),
+            reset_tokens: reset("anthropic-ratelimit-tokens-reset"),
         }
     }
 
@@ -492,6 +506,49 @@ mod tests {
         assert_eq!(v["max_tokens"], 9);
         let v: serde_json::Value = serde_json::from_slice(&req.body("m", false)).unwrap();
         assert!(v.get("max_tokens").is_none());
+    }
+
+    #[test]
+    fn rate_limit_headers_of_both_providers() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-ratelimit-limit-requests",
+            HeaderValue::from_static("500"),
+        );
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("12"),
+        );
+        h.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("6m0s"));
+        h.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("soon"),
+        );
+        let r = RateLimitHeaders::from_headers(&h);
+        assert_eq!(r.limit_requests, Some(500));
+        assert_eq!(r.remaining_tokens, Some(12));
+        assert_eq!(r.reset_tokens, Some(Duration::from_secs(360)));
+        assert_eq!(r.reset_requests, None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "anthropic-ratelimit-requests-limit",
+            HeaderValue::from_static("50"),
+        );
+        h.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            HeaderValue::from_static("0"),
+        );
+        h.insert(
+            "anthropic-ratelimit-tokens-reset",
+            HeaderValue::from_static("2000-01-01T00:00:00Z"),
+        );
+        let r = RateLimitHeaders::from_headers(&h);
+        assert_eq!(r.limit_requests, Some(50));
+        assert_eq!(r.remaining_tokens, Some(0));
+        // A reset in the past means now.
+        assert_eq!(r.reset_tokens, Some(Duration::ZERO));
+        assert!(RateLimitHeaders::from_headers(&HeaderMap::new()).is_empty());
     }
 
     #[test]
