@@ -291,12 +291,8 @@ mod tests {
     use super::*;
     use futures::StreamExt;
 
-    fn stream_of(parts: Vec<Result<&'static str, ()>>) -> ChatStream {
-        let body = futures::stream::iter(parts.into_iter().map(|p| match p {
-            Ok(s) => Ok(Bytes::from_static(s.as_bytes())),
-            // A reqwest error cannot be built by hand; end instead.
-            Err(()) => Ok(Bytes::new()),
-        }));
+    fn stream_of(parts: Vec<String>) -> ChatStream {
+        let body = futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p))));
         ChatStream::new(Box::pin(body), None, RateLimitHeaders::default(), None)
     }
 
@@ -310,17 +306,31 @@ mod tests {
         let b = chunk("lo");
         let all = format!("{a}{b}data: [DONE]\n\n");
         let (x, y) = all.split_at(10);
-        let s = stream_of(vec![
-            Ok(Box::leak(x.to_string().into_boxed_str())),
-            Ok(Box::leak(y.to_string().into_boxed_str())),
-        ]);
+        let s = stream_of(vec![x.to_owned(), y.to_owned()]);
         assert_eq!(s.collect_text().await.unwrap(), "Hello");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_gap_ends_the_stream_with_the_partial_output() {
+        let body = futures::stream::iter(vec![Ok(Bytes::from(chunk("a")))])
+            .chain(futures::stream::pending());
+        let mut s = ChatStream::new(
+            Box::pin(body),
+            Some(Duration::from_secs(5)),
+            RateLimitHeaders::default(),
+            None,
+        );
+        assert_eq!(s.next().await.unwrap().unwrap().delta, "a");
+        let started = Instant::now();
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(err.kind(), super::super::ClientErrorKind::StreamInterrupted);
+        assert_eq!(err.partial_text(), "a");
     }
 
     #[tokio::test]
     async fn missing_terminator_is_an_error_with_the_partial_output() {
-        let a: &'static str = Box::leak(chunk("a").into_boxed_str());
-        let mut s = stream_of(vec![Ok(a)]);
+        let mut s = stream_of(vec![chunk("a")]);
         assert_eq!(s.next().await.unwrap().unwrap().delta, "a");
         let err = s.next().await.unwrap().unwrap_err();
         assert_eq!(err.kind(), super::super::ClientErrorKind::StreamInterrupted);
@@ -330,10 +340,9 @@ mod tests {
 
     #[tokio::test]
     async fn error_event_is_typed() {
-        let a: &'static str = Box::leak(chunk("a").into_boxed_str());
         let mut s = stream_of(vec![
-            Ok(a),
-            Ok("event: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\r\n\r\n"),
+            chunk("a"),
+            "event: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\r\n\r\n".to_owned(),
         ]);
         assert!(s.next().await.unwrap().is_ok());
         let err = s.next().await.unwrap().unwrap_err();
