@@ -1,1 +1,526 @@
-//! Placeholder: replaced by the client work before it lands.
+//! An OpenAI-compatible chat completions client as a `tower::Service`, over
+//! reqwest (feature `reqwest`).
+//!
+//! ```no_run
+//! use llm_resilience::client::{ChatRequest, OpenAiClient};
+//! use llm_resilience::retry::RetryLayer;
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let client = OpenAiClient::builder("https://api.openai.com/v1")
+//!     .api_key(std::env::var("OPENAI_API_KEY")?)
+//!     .model("gpt-4o-mini")
+//!     .build()?;
+//! let agent = ServiceBuilder::new()
+//!     .layer(RetryLayer::llm_defaults())
+//!     .service(client);
+//! let reply = agent.oneshot(ChatRequest::user("Say hello")).await?;
+//! println!("{} ({:?})", reply.content, reply.usage);
+//! # Ok(()) }
+//! ```
+//!
+//! # TLS
+//!
+//! The crate enables reqwest without a TLS backend (plain HTTP is enough for
+//! local gateways and the tests). For `https://` endpoints add reqwest to
+//! your own `Cargo.toml` with a TLS feature, e.g.
+//! `reqwest = { version = "0.12", features = ["rustls-tls"] }`; cargo unifies
+//! the features and this client picks it up.
+//!
+//! # Errors and classification
+//!
+//! Every failure is a [`ClientError`] whose `source()` is a
+//! [`HttpError`](crate::classify::HttpError): the status, the provider's
+//! error type and code (OpenAI, Anthropic and Gemini body shapes are all
+//! read), the headers that matter (`retry-after`, `retry-after-ms`,
+//! `x-should-retry`, `x-ratelimit-*`, `anthropic-ratelimit-*`, request ids)
+//! and a bounded excerpt of the body. So
+//! [`LlmClassifier`](crate::classify::LlmClassifier) and every layer of the
+//! crate understand it without setup: a 429 `insufficient_quota` is
+//! permanent, a 400 `context_length_exceeded` a bad request, a 529
+//! `overloaded_error` transient, and a `retry-after` is honoured.
+//!
+//! # Timeouts
+//!
+//! Connect (5 s by default, as the OpenAI and Anthropic SDKs), first byte
+//! (time to the response headers; off by default), total (10 minutes, the
+//! SDKs' request timeout; it bounds reading a stream too) and, for streams,
+//! the idle gap between chunks (60 s). A timeout is a transport failure
+//! ([`crate::classify::Transport::Timeout`]), transient.
+//!
+//! # Streaming
+//!
+//! [`OpenAiClient::streaming`] gives a service whose response is a
+//! [`ChatStream`]. It answers only once the first chunk arrived, so a
+//! retry or fallback layer above it can act on every failure that happens
+//! before output reaches the caller, and on none after.
+//!
+//! # Cloning and cost
+//!
+//! The client is an `Arc` inside (clone it freely; every clone shares the
+//! connection pool). [`ChatRequest`] is cheap to clone and its JSON body is
+//! serialized once and shared by retries. The API key is sent as a
+//! sensitive header and never appears in `Debug` output or logs.
+
+mod error;
+mod stream;
+mod types;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use tower_service::Service;
+use tracing::Instrument;
+
+pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
+pub use self::stream::{ChatChunk, ChatStream};
+pub use self::types::{ChatRequest, ChatResponse, Message, RateLimitHeaders, Role, Usage};
+use crate::classify::Transport;
+use crate::error::ConfigError;
+
+struct Config {
+    http: reqwest::Client,
+    url: String,
+    base_url: String,
+    model: Arc<str>,
+    auth: Option<HeaderValue>,
+    first_byte_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    total_timeout: Option<Duration>,
+}
+
+/// An OpenAI-compatible chat completions client; see the
+/// [module docs](crate::client).
+///
+/// `Service<ChatRequest>` answering [`ChatResponse`] or [`ClientError`].
+/// Always ready (reqwest pools connections without a bound); clones share
+/// one connection pool and configuration.
+#[derive(Clone)]
+pub struct OpenAiClient {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("OpenAiClient")
+            .field("base_url", &c.base_url)
+            .field("model", &c.model)
+            .field("api_key", &c.auth.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &c.connect_timeout)
+            .field("first_byte_timeout", &c.first_byte_timeout)
+            .field("total_timeout", &c.total_timeout)
+            .field("idle_timeout", &c.idle_timeout)
+            .finish()
+    }
+}
+
+impl OpenAiClient {
+    /// A client for `base_url` (e.g. `https://api.openai.com/v1`) with an
+    /// API key and the default model `gpt-4o-mini`.
+    pub fn new(
+        base_url: impl Into<String>,
+        api_key: impl Into<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::builder(base_url).api_key(api_key).build()
+    }
+
+    /// A builder for a client of `base_url`.
+    pub fn builder(base_url: impl Into<String>) -> OpenAiClientBuilder {
+        OpenAiClientBuilder {
+            base_url: base_url.into(),
+            api_key: None,
+            model: "gpt-4o-mini".into(),
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: None,
+            total_timeout: Some(Duration::from_secs(600)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            http: None,
+        }
+    }
+
+    /// The same client, answering with a [`ChatStream`].
+    pub fn streaming(&self) -> StreamingClient {
+        StreamingClient {
+            config: Arc::clone(&self.config),
+        }
+    }
+
+    /// The default model.
+    pub fn model(&self) -> &str {
+        &self.config.model
+    }
+}
+
+/// Builds a validated [`OpenAiClient`].
+pub struct OpenAiClientBuilder {
+    base_url: String,
+    api_key: Option<String>,
+    model: Arc<str>,
+    connect_timeout: Duration,
+    first_byte_timeout: Option<Duration>,
+    total_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    http: Option<reqwest::Client>,
+}
+
+impl fmt::Debug for OpenAiClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+fn nonzero(d: Duration, field: &'static str) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::new(field, "must be greater than zero"))
+    } else {
+        Ok(d)
+    }
+}
+
+impl OpenAiClientBuilder {
+    /// The API key, sent as `Authorization: Bearer …` (a sensitive header).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// The model used when a request names none.
+    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
+        self.model = model.into();
+        self
+    }
+
+    /// Time to establish a connection; default 5 s.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Time from sending to the response headers; default off.
+    pub fn first_byte_timeout(mut self, t: Duration) -> Self {
+        self.first_byte_timeout = Some(t);
+        self
+    }
+
+    /// Time for the whole request, body included; default 10 minutes.
+    pub fn total_timeout(mut self, t: Duration) -> Self {
+        self.total_timeout = Some(t);
+        self
+    }
+
+    /// No total timeout (streams that may run for long).
+    pub fn no_total_timeout(mut self) -> Self {
+        self.total_timeout = None;
+        self
+    }
+
+    /// The longest silence between two chunks of a stream; default 60 s.
+    pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
+        self.idle_timeout = Some(t);
+        self
+    }
+
+    /// Use this reqwest client (its own TLS, proxy and pool settings) instead
+    /// of building one; the connect and total timeouts are then the client's.
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// Validates and builds the client.
+    pub fn build(self) -> Result<OpenAiClient, ConfigError> {
+        let base = self.base_url.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
+            return Err(ConfigError::new(
+                "base_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.model.is_empty() {
+            return Err(ConfigError::new("model", "must not be empty"));
+        }
+        let connect_timeout = nonzero(self.connect_timeout, "connect_timeout")?;
+        if let Some(t) = self.first_byte_timeout {
+            nonzero(t, "first_byte_timeout")?;
+        }
+        if let Some(t) = self.total_timeout {
+            nonzero(t, "total_timeout")?;
+        }
+        if let Some(t) = self.idle_timeout {
+            nonzero(t, "stream_idle_timeout")?;
+        }
+        let auth = match self.api_key {
+            Some(key) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    ConfigError::new("api_key", "must be visible ASCII without line breaks")
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let http = match self.http {
+            Some(c) => c,
+            None => {
+                let mut b = reqwest::Client::builder().connect_timeout(connect_timeout);
+                if let Some(t) = self.total_timeout {
+                    b = b.timeout(t);
+                }
+                b.build()
+                    .map_err(|_| ConfigError::new("http_client", "could not be built"))?
+            }
+        };
+        Ok(OpenAiClient {
+            config: Arc::new(Config {
+                http,
+                url: format!("{base}/chat/completions"),
+                base_url: base.to_owned(),
+                model: self.model,
+                auth,
+                first_byte_timeout: self.first_byte_timeout,
+                idle_timeout: self.idle_timeout,
+                connect_timeout,
+                total_timeout: self.total_timeout,
+            }),
+        })
+    }
+}
+
+fn request_id(h: &HeaderMap) -> Option<String> {
+    h.get("x-request-id")
+        .or_else(|| h.get("request-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Sends the request and returns a 2xx response, or the typed error (with a
+/// bounded read of the error body).
+async fn send(
+    config: &Config,
+    req: &ChatRequest,
+    stream: bool,
+) -> Result<reqwest::Response, ClientError> {
+    let mut rb = config
+        .http
+        .post(&config.url)
+        .header(CONTENT_TYPE, "application/json")
+        .body(req.body(&config.model, stream));
+    if stream {
+        rb = rb.header(ACCEPT, "text/event-stream");
+    }
+    if let Some(auth) = &config.auth {
+        rb = rb.header(AUTHORIZATION, auth.clone());
+    }
+    let sent = rb.send();
+    let resp = match config.first_byte_timeout {
+        Some(t) => tokio::time::timeout(t, sent)
+            .await
+            .map_err(|_| ClientError::transport(Transport::Timeout, None))?,
+        None => sent.await,
+    }
+    .map_err(ClientError::from_reqwest)?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let headers = resp.headers().clone();
+    let body = read_bounded(resp).await;
+    Err(ClientError::status(status.as_u16(), &headers, &body))
+}
+
+async fn read_bounded(mut resp: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    // Enough to parse the provider's error object; a failure to read the
+    // rest of an error body does not change what the status says.
+    while body.len() < 16 * 1024 {
+        match resp.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    body
+}
+
+async fn complete(config: Arc<Config>, req: ChatRequest) -> Result<ChatResponse, ClientError> {
+    let resp = send(&config, &req, false).await?;
+    let rate_limit = RateLimitHeaders::from_headers(resp.headers());
+    let request_id = request_id(resp.headers());
+    let body = resp.bytes().await.map_err(ClientError::from_reqwest)?;
+    let wire = error::decode_completion(&body)?;
+    let choice = wire.choices.into_iter().next();
+    let (content, finish_reason) = match choice {
+        Some(c) => (
+            c.message.and_then(|m| m.content).unwrap_or_default(),
+            c.finish_reason,
+        ),
+        None => return Err(ClientError::decode(&body)),
+    };
+    Ok(ChatResponse {
+        id: wire.id,
+        model: wire.model,
+        content,
+        finish_reason,
+        usage: wire.usage,
+        rate_limit,
+        request_id,
+    })
+}
+
+async fn open_stream(config: Arc<Config>, req: ChatRequest) -> Result<ChatStream, ClientError> {
+    let resp = send(&config, &req, true).await?;
+    let rate_limit = RateLimitHeaders::from_headers(resp.headers());
+    let request_id = request_id(resp.headers());
+    let stream = ChatStream::new(
+        Box::pin(resp.bytes_stream()),
+        config.idle_timeout,
+        rate_limit,
+        request_id,
+    );
+    stream.prime().await
+}
+
+/// The response future of [`OpenAiClient`].
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<ChatResponse, ClientError>> + Send>>,
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<ChatResponse, ClientError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl Service<ChatRequest> for OpenAiClient {
+    type Response = ChatResponse;
+    type Error = ClientError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ChatRequest) -> ResponseFuture {
+        ResponseFuture {
+            inner: Box::pin(
+                complete(Arc::clone(&self.config), req)
+                    .instrument(tracing::debug_span!("llm_resilience.client")),
+            ),
+        }
+    }
+}
+
+/// The streaming face of an [`OpenAiClient`] (from
+/// [`OpenAiClient::streaming`]): `Service<ChatRequest>` answering a
+/// [`ChatStream`] once its first chunk arrived.
+#[derive(Clone)]
+pub struct StreamingClient {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for StreamingClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StreamingClient")
+            .field(&OpenAiClient {
+                config: Arc::clone(&self.config),
+            })
+            .finish()
+    }
+}
+
+/// The response future of [`StreamingClient`].
+pub struct StreamFuture {
+    inner: Pin<Box<dyn Future<Output = Result<ChatStream, ClientError>> + Send>>,
+}
+
+impl fmt::Debug for StreamFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for StreamFuture {
+    type Output = Result<ChatStream, ClientError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl Service<ChatRequest> for StreamingClient {
+    type Response = ChatStream;
+    type Error = ClientError;
+    type Future = StreamFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ChatRequest) -> StreamFuture {
+        StreamFuture {
+            inner: Box::pin(
+                open_stream(Arc::clone(&self.config), req)
+                    .instrument(tracing::debug_span!("llm_resilience.client", stream = true)),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_config_names_the_field() {
+        assert_eq!(
+            OpenAiClient::new("ftp://x", "k").unwrap_err().field,
+            "base_url"
+        );
+        assert_eq!(
+            OpenAiClient::new("http://localhost", "bad\nkey")
+                .unwrap_err()
+                .field,
+            "api_key"
+        );
+        assert_eq!(
+            OpenAiClient::builder("http://localhost")
+                .connect_timeout(Duration::ZERO)
+                .build()
+                .unwrap_err()
+                .field,
+            "connect_timeout"
+        );
+        assert_eq!(
+            OpenAiClient::builder("http://localhost")
+                .model("")
+                .build()
+                .unwrap_err()
+                .field,
+            "model"
+        );
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let c = OpenAiClient::new("http://localhost:1/v1", "sk-very-secret").unwrap();
+        let text = format!("{c:?} {:?}", c.streaming());
+        assert!(!text.contains("sk-very-secret"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+}

@@ -5,3 +5,4 @@
 //! or wrap ours, can run the same checks.
 
 pub mod contract;
+pub mod mock_server;

@@ -1,0 +1,297 @@
+//! The client's error: an [`HttpError`] plus what a caller needs to act on.
+
+use std::fmt;
+
+use crate::classify::{HttpError, HttpView, Transport};
+
+use super::types::{WireErrorBody, WireResponse};
+use super::ChatChunk;
+
+/// How many bytes of an error body are kept.
+pub const BODY_EXCERPT_LIMIT: usize = 2048;
+
+/// The response headers an error keeps (`REFERENCE.md` §2): wait hints,
+/// rate-limit state, `x-should-retry` and request ids.
+pub(crate) fn header_matters(name: &str) -> bool {
+    matches!(
+        name,
+        "retry-after"
+            | "retry-after-ms"
+            | "x-ms-retry-after-ms"
+            | "x-should-retry"
+            | "x-request-id"
+            | "request-id"
+    ) || name.starts_with("x-ratelimit-")
+        || name.starts_with("anthropic-ratelimit-")
+}
+
+/// What kind of failure a [`ClientError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientErrorKind {
+    /// The server answered with a non-2xx status.
+    Status,
+    /// The call failed below HTTP (connect, timeout, reset) before a
+    /// complete response.
+    Transport,
+    /// A 2xx response whose body was not a chat completion.
+    Decode,
+    /// A stream carried an error event.
+    StreamError,
+    /// A stream broke off (connection dropped, idle gap exceeded, or ended
+    /// without its `[DONE]` terminator).
+    StreamInterrupted,
+}
+
+/// A failed chat call.
+///
+/// Its [`source`](std::error::Error::source) is the [`HttpError`] (status,
+/// the provider's error type and code, the headers that matter, or the
+/// transport failure), so the crate's
+/// [`LlmClassifier`](crate::classify::LlmClassifier) classifies it with no
+/// extra setup, through any stack of layers. It also implements
+/// [`HttpView`] itself.
+///
+/// A streamed call that fails after chunks reached the caller keeps those
+/// chunks ([`partial`](Self::partial)). The body excerpt and the provider's
+/// message are kept for the caller but never shown by `Debug` or `Display`
+/// (they can quote the prompt).
+pub struct ClientError {
+    // Boxed: errors travel through every layer's `Result`; one pointer keeps
+    // the happy path's `Result`s small.
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ClientErrorKind,
+    http: HttpError,
+    body_excerpt: Option<String>,
+    partial: Vec<ChatChunk>,
+    transport: Option<reqwest::Error>,
+}
+
+impl ClientError {
+    fn from_parts(inner: Inner) -> Self {
+        Self {
+            inner: Box::new(inner),
+        }
+    }
+
+    pub(crate) fn status(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> Self {
+        let mut http = HttpError::new(status);
+        for (name, value) in headers {
+            if header_matters(name.as_str()) {
+                if let Ok(v) = value.to_str() {
+                    http = http.with_header(name.as_str(), v);
+                }
+            }
+        }
+        if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(body) {
+            let (t, c, m) = e.parts();
+            if let Some(t) = t {
+                http = http.with_error_type(t);
+            }
+            if let Some(c) = c {
+                http = http.with_error_code(c);
+            }
+            if let Some(m) = m {
+                http = http.with_message(m);
+            }
+        }
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::Status,
+            http,
+            body_excerpt: Some(excerpt(body)),
+            partial: Vec::new(),
+            transport: None,
+        })
+    }
+
+    pub(crate) fn transport(kind: Transport, err: Option<reqwest::Error>) -> Self {
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::Transport,
+            http: HttpError::transport(kind),
+            body_excerpt: None,
+            partial: Vec::new(),
+            transport: err,
+        })
+    }
+
+    pub(crate) fn from_reqwest(err: reqwest::Error) -> Self {
+        let kind = if err.is_timeout() {
+            Transport::Timeout
+        } else if err.is_connect() {
+            Transport::Connect
+        } else {
+            Transport::Reset
+        };
+        Self::transport(kind, Some(err))
+    }
+
+    pub(crate) fn decode(body: &[u8]) -> Self {
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::Decode,
+            // A 200 that is not a completion: a broken proxy or a truncated
+            // body. Classified as a broken connection (transient).
+            http: HttpError::transport(Transport::Reset),
+            body_excerpt: Some(excerpt(body)),
+            partial: Vec::new(),
+            transport: None,
+        })
+    }
+
+    /// An error event inside a stream (`data: {"error":…}` or
+    /// `event: error`).
+    pub(crate) fn stream_event(data: &[u8]) -> Self {
+        let mut http = HttpError::transport(Transport::StreamInterrupted);
+        if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(data) {
+            let (t, c, m) = e.parts();
+            if let Some(t) = t {
+                http = http.with_error_type(t);
+            }
+            if let Some(c) = c {
+                http = http.with_error_code(c);
+            }
+            if let Some(m) = m {
+                http = http.with_message(m);
+            }
+        }
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::StreamError,
+            http,
+            body_excerpt: Some(excerpt(data)),
+            partial: Vec::new(),
+            transport: None,
+        })
+    }
+
+    pub(crate) fn interrupted(err: Option<reqwest::Error>) -> Self {
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::StreamInterrupted,
+            http: HttpError::transport(Transport::StreamInterrupted),
+            body_excerpt: None,
+            partial: Vec::new(),
+            transport: err,
+        })
+    }
+
+    pub(crate) fn with_partial(mut self, partial: Vec<ChatChunk>) -> Self {
+        self.inner.partial = partial;
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ClientErrorKind {
+        self.inner.kind
+    }
+
+    /// The HTTP facts: status, headers that matter, provider type and code.
+    pub fn http(&self) -> &HttpError {
+        &self.inner.http
+    }
+
+    /// The HTTP status, when a response arrived.
+    pub fn status_code(&self) -> Option<u16> {
+        self.inner.http.status()
+    }
+
+    /// The first [`BODY_EXCERPT_LIMIT`] bytes of the error body (lossy
+    /// UTF-8), when there was one. May quote the request: do not log it.
+    pub fn body_excerpt(&self) -> Option<&str> {
+        self.inner.body_excerpt.as_deref()
+    }
+
+    /// The chunks a stream had delivered to the caller before it failed
+    /// (empty for a non-streamed call or a failure before the first chunk).
+    pub fn partial(&self) -> &[ChatChunk] {
+        &self.inner.partial
+    }
+
+    /// The text of [`partial`](Self::partial), concatenated.
+    pub fn partial_text(&self) -> String {
+        self.inner
+            .partial
+            .iter()
+            .map(|c| c.delta.as_str())
+            .collect()
+    }
+
+    /// The reqwest error behind a transport failure, if any.
+    pub fn reqwest_error(&self) -> Option<&reqwest::Error> {
+        self.inner.transport.as_ref()
+    }
+
+    /// Whether a streamed response had already handed chunks to the caller
+    /// (so retrying or falling back would duplicate output).
+    pub fn is_mid_stream(&self) -> bool {
+        !self.inner.partial.is_empty()
+    }
+}
+
+fn excerpt(body: &[u8]) -> String {
+    let cut = &body[..body.len().min(BODY_EXCERPT_LIMIT)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+/// A 2xx JSON body that decoded: take the first choice.
+pub(crate) fn decode_completion(body: &[u8]) -> Result<WireResponse, ClientError> {
+    serde_json::from_slice(body).map_err(|_| ClientError::decode(body))
+}
+
+impl HttpView for ClientError {
+    fn status(&self) -> Option<u16> {
+        self.inner.http.status()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.inner.http.header(name)
+    }
+    fn error_type(&self) -> Option<&str> {
+        self.inner.http.error_type()
+    }
+    fn error_code(&self) -> Option<&str> {
+        self.inner.http.error_code()
+    }
+    fn error_message(&self) -> Option<&str> {
+        self.inner.http.error_message()
+    }
+    fn transport(&self) -> Option<Transport> {
+        self.inner.http.transport()
+    }
+}
+
+impl fmt::Debug for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientError")
+            .field("kind", &self.inner.kind)
+            .field("http", &self.inner.http)
+            .field(
+                "body_excerpt_len",
+                &self.inner.body_excerpt.as_ref().map(String::len),
+            )
+            .field("partial_chunks", &self.inner.partial.len())
+            .finish()
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.inner.kind {
+            ClientErrorKind::Status => "chat completion failed",
+            ClientErrorKind::Transport => "chat request failed",
+            ClientErrorKind::Decode => "chat response could not be decoded",
+            ClientErrorKind::StreamError => "chat stream carried an error event",
+            ClientErrorKind::StreamInterrupted => "chat stream broke off",
+        };
+        write!(f, "{what}: {}", self.inner.http)?;
+        if !self.inner.partial.is_empty() {
+            write!(f, " after {} chunks", self.inner.partial.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.inner.http)
+    }
+}

@@ -1,0 +1,356 @@
+//! Streamed chat completions (server-sent events).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::time::{Instant, Sleep};
+
+use super::error::ClientError;
+use super::types::{RateLimitHeaders, Usage, WireResponse};
+
+/// One piece of a streamed completion.
+///
+/// `Debug` shows the length of the text, never the text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChatChunk {
+    /// The text this chunk adds.
+    pub delta: String,
+    /// Set on the last content chunk.
+    pub finish_reason: Option<String>,
+    /// Token usage, on the final chunk when the server reports it.
+    pub usage: Option<Usage>,
+}
+
+impl fmt::Debug for ChatChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatChunk")
+            .field("delta_len", &self.delta.len())
+            .field("finish_reason", &self.finish_reason)
+            .field("usage", &self.usage)
+            .finish()
+    }
+}
+
+type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// A streamed chat completion: a [`Stream`] of [`ChatChunk`]s.
+///
+/// The client hands this out only once the first chunk has arrived, so a
+/// failure before any output (an error status, an error event, a drop, a
+/// timeout) is an ordinary error of the call, and a retry or fallback layer
+/// above the client may try again. After that, output has reached the
+/// caller and nothing is retried: a stream that carries an error event,
+/// breaks off, stays silent longer than the idle timeout, or ends without
+/// its `[DONE]` terminator ends with one [`ClientError`] that keeps every
+/// chunk already delivered ([`ClientError::partial`]). After the error or
+/// the end, the stream yields `None`.
+pub struct ChatStream {
+    body: Body,
+    buf: Vec<u8>,
+    first: Option<ChatChunk>,
+    delivered: Vec<ChatChunk>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    finished: bool,
+    usage: Option<Usage>,
+    rate_limit: RateLimitHeaders,
+    request_id: Option<String>,
+}
+
+impl fmt::Debug for ChatStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatStream")
+            .field("delivered", &self.delivered.len())
+            .field("finished", &self.finished)
+            .field("usage", &self.usage)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Event {
+    Chunk(ChatChunk),
+    Done,
+}
+
+impl ChatStream {
+    pub(crate) fn new(
+        body: Body,
+        idle_timeout: Option<Duration>,
+        rate_limit: RateLimitHeaders,
+        request_id: Option<String>,
+    ) -> Self {
+        Self {
+            body,
+            buf: Vec::new(),
+            first: None,
+            delivered: Vec::new(),
+            idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            finished: false,
+            usage: None,
+            rate_limit,
+            request_id,
+        }
+    }
+
+    /// The rate-limit headers of the response.
+    pub fn rate_limit(&self) -> &RateLimitHeaders {
+        &self.rate_limit
+    }
+
+    /// The provider's request id, if sent.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    /// The usage the server reported (on the final chunk), once seen.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The chunks delivered so far.
+    pub fn delivered(&self) -> &[ChatChunk] {
+        &self.delivered
+    }
+
+    /// Collects the whole completion text, or the typed error with the
+    /// partial output.
+    pub async fn collect_text(mut self) -> Result<String, ClientError> {
+        let mut text = String::new();
+        while let Some(item) = futures::StreamExt::next(&mut self).await {
+            text.push_str(&item?.delta);
+        }
+        Ok(text)
+    }
+
+    fn fail(&mut self, err: ClientError) -> ClientError {
+        self.finished = true;
+        err.with_partial(std::mem::take(&mut self.delivered))
+    }
+
+    /// Parses one complete event out of the buffer, if there is one.
+    fn next_event(&mut self) -> Option<Result<Option<Event>, ClientError>> {
+        let (end, sep) = find_blank_line(&self.buf)?;
+        let block: Vec<u8> = self.buf.drain(..end + sep).take(end).collect();
+        let mut event: &[u8] = b"";
+        let mut data: Vec<u8> = Vec::new();
+        for line in block.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(v) = field(line, b"event") {
+                event = v;
+            } else if let Some(v) = field(line, b"data") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(v);
+            }
+        }
+        let event = event.to_vec();
+        if event == b"error" {
+            return Some(Err(ClientError::stream_event(&data)));
+        }
+        if event == b"message_stop" || data.trim_ascii() == b"[DONE]" {
+            return Some(Ok(Some(Event::Done)));
+        }
+        if data.is_empty() {
+            return Some(Ok(None));
+        }
+        let value: serde_json::Value = match serde_json::from_slice(&data) {
+            Ok(v) => v,
+            Err(_) => return Some(Err(ClientError::interrupted(None))),
+        };
+        if value.get("error").is_some() {
+            return Some(Err(ClientError::stream_event(&data)));
+        }
+        let wire: WireResponse = match serde_json::from_value(value) {
+            Ok(w) => w,
+            Err(_) => return Some(Ok(None)),
+        };
+        let usage = wire.usage;
+        let choice = wire.choices.into_iter().next();
+        let (delta, finish_reason) = match choice {
+            Some(c) => (
+                c.delta.and_then(|d| d.content).unwrap_or_default(),
+                c.finish_reason,
+            ),
+            None => (String::new(), None),
+        };
+        if delta.is_empty() && finish_reason.is_none() && usage.is_none() {
+            // A role-only opening chunk or a keep-alive: nothing to hand out.
+            return Some(Ok(None));
+        }
+        Some(Ok(Some(Event::Chunk(ChatChunk {
+            delta,
+            finish_reason,
+            usage,
+        }))))
+    }
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<ChatChunk, ClientError>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            match self.next_event() {
+                Some(Ok(Some(Event::Chunk(c)))) => {
+                    if let Some(u) = c.usage {
+                        self.usage = Some(u);
+                    }
+                    return Poll::Ready(Some(Ok(c)));
+                }
+                Some(Ok(Some(Event::Done))) => {
+                    self.finished = true;
+                    return Poll::Ready(None);
+                }
+                Some(Ok(None)) => continue,
+                Some(Err(e)) => return Poll::Ready(Some(Err(self.fail(e)))),
+                None => {}
+            }
+            match self.body.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    self.buf.extend_from_slice(&bytes);
+                    if let Some((d, sleep)) = &mut self.idle {
+                        sleep.as_mut().reset(Instant::now() + *d);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let err = ClientError::interrupted(Some(e));
+                    return Poll::Ready(Some(Err(self.fail(err))));
+                }
+                Poll::Ready(None) => {
+                    // The body ended without `[DONE]`.
+                    let err = ClientError::interrupted(None);
+                    return Poll::Ready(Some(Err(self.fail(err))));
+                }
+                Poll::Pending => {
+                    if let Some((_, sleep)) = &mut self.idle {
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            let err = ClientError::interrupted(None);
+                            return Poll::Ready(Some(Err(self.fail(err))));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Waits for the first chunk (or the end), keeping it for the caller.
+    /// An error here is a failure before any output.
+    pub(crate) async fn prime(mut self) -> Result<Self, ClientError> {
+        match futures::future::poll_fn(|cx| self.poll_chunk(cx)).await {
+            Some(Ok(c)) => {
+                self.first = Some(c);
+                Ok(self)
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(self),
+        }
+    }
+}
+
+fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let rest = line.strip_prefix(name)?.strip_prefix(b":")?;
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
+/// The end of the first event block and the length of its separator.
+fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Stream for ChatStream {
+    type Item = Result<ChatChunk, ClientError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let item = match this.first.take() {
+            Some(c) => Poll::Ready(Some(Ok(c))),
+            None => this.poll_chunk(cx),
+        };
+        if let Poll::Ready(Some(Ok(c))) = &item {
+            this.delivered.push(c.clone());
+        }
+        item
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn stream_of(parts: Vec<String>) -> ChatStream {
+        let body = futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p))));
+        ChatStream::new(Box::pin(body), None, RateLimitHeaders::default(), None)
+    }
+
+    fn chunk(text: &str) -> String {
+        format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+    }
+
+    #[tokio::test]
+    async fn parses_chunks_across_reads_until_done() {
+        let a = chunk("Hel");
+        let b = chunk("lo");
+        let all = format!("{a}{b}data: [DONE]\n\n");
+        let (x, y) = all.split_at(10);
+        let s = stream_of(vec![x.to_owned(), y.to_owned()]);
+        assert_eq!(s.collect_text().await.unwrap(), "Hello");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_gap_ends_the_stream_with_the_partial_output() {
+        let body = futures::stream::iter(vec![Ok(Bytes::from(chunk("a")))])
+            .chain(futures::stream::pending());
+        let mut s = ChatStream::new(
+            Box::pin(body),
+            Some(Duration::from_secs(5)),
+            RateLimitHeaders::default(),
+            None,
+        );
+        assert_eq!(s.next().await.unwrap().unwrap().delta, "a");
+        let started = Instant::now();
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(err.kind(), super::super::ClientErrorKind::StreamInterrupted);
+        assert_eq!(err.partial_text(), "a");
+    }
+
+    #[tokio::test]
+    async fn missing_terminator_is_an_error_with_the_partial_output() {
+        let mut s = stream_of(vec![chunk("a")]);
+        assert_eq!(s.next().await.unwrap().unwrap().delta, "a");
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), super::super::ClientErrorKind::StreamInterrupted);
+        assert_eq!(err.partial_text(), "a");
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn error_event_is_typed() {
+        let mut s = stream_of(vec![
+            chunk("a"),
+            "event: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\r\n\r\n".to_owned(),
+        ]);
+        assert!(s.next().await.unwrap().is_ok());
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), super::super::ClientErrorKind::StreamError);
+        assert_eq!(
+            crate::classify::HttpView::error_type(&err),
+            Some("overloaded_error")
+        );
+        assert_eq!(err.partial().len(), 1);
+    }
+}

@@ -1,0 +1,591 @@
+//! A fault-injecting, OpenAI-compatible mock LLM server on loopback.
+//!
+//! ```
+//! use std::time::Duration;
+//! use llm_resilience::testing::mock_server::{FaultScript, MockFault, MockServer, Served};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+//! let server = MockServer::start(
+//!     FaultScript::new()
+//!         .seed(1)
+//!         .then(MockFault::rate_limited(Some(Duration::from_millis(20))))
+//!         .rate(MockFault::server_error(503), 0.1)
+//!         .requests_per_minute(600),
+//! )
+//! .await?;
+//! let url = format!("{}/chat/completions", server.base_url());
+//! # let _ = url;
+//! assert_eq!(server.stats().get(Served::Ok), 0);
+//! # Ok(()) }
+//! ```
+//!
+//! # Why it lives in `testing`
+//!
+//! It is a real HTTP server (axum 0.8 on `127.0.0.1:0`), not a test double:
+//! the crate's integration tests, its examples and demo, and users' own tests
+//! of their pipelines all start it the same way, in process, with
+//! `MockServer::start`. Behind the `testing` feature it costs a normal build
+//! nothing.
+//!
+//! # What it does
+//!
+//! `POST /v1/chat/completions` (streamed with `"stream": true`, or not),
+//! answering with usage and OpenAI-style `x-ratelimit-*` headers, following
+//! a [`FaultScript`]: first a fixed sequence of answers
+//! ([`then`](FaultScript::then)), then per-window fault rates by kind
+//! ([`MockFault`]: 429 with Retry-After, 429 `insufficient_quota`, 5xx,
+//! 529, 400 context length, hangs, connection resets, mid-stream drops,
+//! in-band stream errors), latency distributions, outage windows, and its
+//! own requests- and tokens-per-minute limits that answer 429 with a
+//! `retry-after` when exceeded. Random decisions come from a seeded
+//! generator. Every request is counted by what the server did with it
+//! ([`Served`]), so a test or the demo reports upstream cost exactly.
+
+mod script;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use self::script::{ErrorReply, ErrorStyle, FaultScript, FaultWindow, MockFault, Served};
+
+const WORDS: [&str; 8] = [
+    "resilient",
+    "agents",
+    "retry",
+    "politely",
+    "and",
+    "never",
+    "stampede",
+    "upstream",
+];
+const DEFAULT_RPM: u64 = 10_000;
+const DEFAULT_TPM: u64 = 2_000_000;
+const MINUTE: Duration = Duration::from_secs(60);
+
+struct Runtime {
+    script: FaultScript,
+    queue: VecDeque<MockFault>,
+    rng: SmallRng,
+    minute_start: Instant,
+    minute_requests: u64,
+    minute_tokens: u64,
+    started: Instant,
+}
+
+struct Shared {
+    runtime: Mutex<Runtime>,
+    counts: [AtomicU64; Served::ALL.len()],
+    total: AtomicU64,
+    tokens: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A snapshot of what the server did with the requests it received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MockStats {
+    /// Every request received (valid or not).
+    pub total: u64,
+    /// Prompt plus completion tokens of the completions served.
+    pub tokens: u64,
+    counts: [u64; Served::ALL.len()],
+}
+
+impl MockStats {
+    /// Requests answered as `served`.
+    pub fn get(&self, served: Served) -> u64 {
+        self.counts[served.index()]
+    }
+
+    /// Every non-zero count, in [`Served::ALL`] order.
+    pub fn nonzero(&self) -> Vec<(Served, u64)> {
+        Served::ALL
+            .iter()
+            .map(|s| (*s, self.get(*s)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// The running mock server; stops when dropped.
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for MockServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockServer")
+            .field("addr", &self.addr)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl MockServer {
+    /// Binds `127.0.0.1:0` and serves `script` on a spawned task.
+    pub async fn start(script: FaultScript) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = watch::channel(false);
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            runtime: Mutex::new(Runtime {
+                queue: script.sequence.iter().cloned().collect(),
+                rng: SmallRng::seed_from_u64(script.seed),
+                script,
+                minute_start: now,
+                minute_requests: 0,
+                minute_tokens: 0,
+                started: now,
+            }),
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            total: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            shutdown,
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/chat/completions", post(chat))
+            .with_state(Arc::clone(&shared));
+        let mut stopped = stop.subscribe();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|v| *v).await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The OpenAI-style base URL, `http://127.0.0.1:PORT/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> MockStats {
+        MockStats {
+            total: self.shared.total.load(Ordering::SeqCst),
+            tokens: self.shared.tokens.load(Ordering::SeqCst),
+            counts: std::array::from_fn(|i| self.shared.counts[i].load(Ordering::SeqCst)),
+        }
+    }
+
+    /// Requests received so far.
+    pub fn total(&self) -> u64 {
+        self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the script at run time (its sequence, windows, limits and
+    /// seed); windows count from now.
+    pub fn set_script(&self, script: FaultScript) {
+        let mut rt = lock(&self.shared.runtime);
+        rt.queue = script.sequence.iter().cloned().collect();
+        rt.rng = SmallRng::seed_from_u64(script.seed);
+        rt.script = script;
+        rt.started = Instant::now();
+    }
+
+    /// Stops the server and releases held (hanging) requests.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+fn lock(m: &Mutex<Runtime>) -> std::sync::MutexGuard<'_, Runtime> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Decision {
+    fault: MockFault,
+    served: Served,
+    latency: Duration,
+    limits: [(u64, u64, Duration); 2],
+}
+
+fn prompt_tokens(v: &Value) -> u64 {
+    let bytes: usize = v["messages"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| m["content"].as_str().map_or(0, str::len) + 16)
+                .sum()
+        })
+        .unwrap_or(0);
+    bytes.div_ceil(4) as u64
+}
+
+fn decide(shared: &Shared, prompt: u64, completion: u64) -> Decision {
+    let mut rt = lock(&shared.runtime);
+    let now = Instant::now();
+    while now.saturating_duration_since(rt.minute_start) >= MINUTE {
+        rt.minute_start += MINUTE;
+        rt.minute_requests = 0;
+        rt.minute_tokens = 0;
+    }
+    let to_reset = MINUTE.saturating_sub(now.saturating_duration_since(rt.minute_start));
+    let rpm = rt.script.rpm;
+    let tpm = rt.script.tpm;
+    let over = rpm.is_some_and(|l| rt.minute_requests >= l)
+        || tpm.is_some_and(|l| rt.minute_tokens + prompt > l);
+    let (fault, served) = if let Some(f) = rt.queue.pop_front() {
+        let s = Served::of(&f);
+        (f, s)
+    } else if over {
+        (
+            MockFault::rate_limited(Some(to_reset)),
+            Served::LimitExceeded,
+        )
+    } else {
+        let elapsed = now.saturating_duration_since(rt.started);
+        let mut chosen = MockFault::Ok;
+        let Runtime { script, rng, .. } = &mut *rt;
+        'outer: for w in script.windows.iter().filter(|w| w.window.contains(elapsed)) {
+            for (f, p) in &w.faults {
+                if rng.random::<f64>() < *p {
+                    chosen = f.clone();
+                    break 'outer;
+                }
+            }
+        }
+        let s = Served::of(&chosen);
+        (chosen, s)
+    };
+    if served != Served::LimitExceeded {
+        rt.minute_requests += 1;
+        if served == Served::Ok {
+            rt.minute_tokens += prompt + completion;
+        }
+    }
+    let elapsed = now.saturating_duration_since(rt.started);
+    let latency_of = rt
+        .script
+        .windows
+        .iter()
+        .filter(|w| w.window.contains(elapsed))
+        .find_map(|w| w.latency)
+        .or(rt.script.latency);
+    let latency = match latency_of {
+        Some(l) => {
+            let u = rt.rng.random::<f64>();
+            l.sample(u)
+        }
+        None => Duration::ZERO,
+    };
+    let rpm_l = rpm.unwrap_or(DEFAULT_RPM);
+    let tpm_l = tpm.unwrap_or(DEFAULT_TPM);
+    Decision {
+        fault,
+        served,
+        latency,
+        limits: [
+            (rpm_l, rpm_l.saturating_sub(rt.minute_requests), to_reset),
+            (tpm_l, tpm_l.saturating_sub(rt.minute_tokens), to_reset),
+        ],
+    }
+}
+
+fn go(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+fn with_limits(mut resp: Response, d: &Decision) -> Response {
+    let h = resp.headers_mut();
+    let mut put = |name: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(name, v);
+        }
+    };
+    let [(lr, rr, tr), (lt, rt, tt)] = d.limits;
+    put("x-ratelimit-limit-requests", lr.to_string());
+    put("x-ratelimit-remaining-requests", rr.to_string());
+    put("x-ratelimit-reset-requests", go(tr));
+    put("x-ratelimit-limit-tokens", lt.to_string());
+    put("x-ratelimit-remaining-tokens", rt.to_string());
+    put("x-ratelimit-reset-tokens", go(tt));
+    put("x-request-id", "req_mock".to_owned());
+    resp
+}
+
+fn json_response(status: u16, body: &Value) -> Response {
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ErrorReply) -> Response {
+    let mut r = json_response(e.status, &e.body());
+    r.headers_mut()
+        .insert("x-request-id", HeaderValue::from_static("req_mock"));
+    for (k, v) in &e.headers {
+        if let (Ok(k), Ok(v)) = (
+            axum::http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+fn reply_words(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let w = WORDS[i % WORDS.len()];
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect()
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn chunk_event(model: &str, text: &str, finish: Option<&str>) -> Bytes {
+    sse(&json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }))
+}
+
+type Part = Result<Bytes, std::io::Error>;
+
+fn paced(parts: Vec<Part>, gap: Duration) -> Body {
+    let stream = futures::stream::unfold(
+        (parts.into_iter(), true),
+        move |(mut it, first)| async move {
+            let next = it.next()?;
+            if !first && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            if next.is_err() {
+                // Let what was sent reach the client before the drop (hyper
+                // would otherwise abort with the chunks still buffered).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some((next, (it, false)))
+        },
+    );
+    Body::from_stream(stream)
+}
+
+fn reset_body() -> Body {
+    Body::from_stream(futures::stream::once(async {
+        Err::<Bytes, _>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "mock connection reset",
+        ))
+    }))
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    shared.total.fetch_add(1, Ordering::SeqCst);
+    let count = |s: Served| {
+        shared.counts[s.index()].fetch_add(1, Ordering::SeqCst);
+    };
+    let required = lock(&shared.runtime).script.api_key.clone();
+    if let Some(key) = required {
+        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if sent != Some(format!("Bearer {key}").as_str()) {
+            count(Served::OtherError);
+            return error_response(&ErrorReply::openai(
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "Incorrect API key provided.",
+            ));
+        }
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        count(Served::OtherError);
+        return error_response(&ErrorReply::openai(
+            400,
+            "invalid_request_error",
+            None,
+            "We could not parse the JSON body of your request.",
+        ));
+    };
+    let stream = req["stream"].as_bool() == Some(true);
+    let model = req["model"].as_str().unwrap_or("mock-model").to_owned();
+    let (words, chunks, gap) = {
+        let rt = lock(&shared.runtime);
+        (rt.script.reply_words, rt.script.chunks, rt.script.chunk_gap)
+    };
+    let max_tokens = req["max_tokens"].as_u64().map(|n| n as usize);
+    let prompt = prompt_tokens(&req);
+    let completion_tokens = words.min(max_tokens.unwrap_or(usize::MAX).max(1)) as u64;
+    let mut decision = decide(&shared, prompt, completion_tokens);
+    count(decision.served);
+    if !decision.latency.is_zero() {
+        tokio::time::sleep(decision.latency).await;
+    }
+    let mut fault = std::mem::replace(&mut decision.fault, MockFault::Ok);
+    if !stream {
+        fault = match fault {
+            MockFault::MidStreamDrop { .. } => MockFault::Reset,
+            MockFault::StreamErrorEvent { .. } => MockFault::overloaded(),
+            f => f,
+        };
+    }
+    let reply = Reply {
+        model: &model,
+        stream,
+        chunks,
+        gap,
+    };
+    let resp = match fault {
+        MockFault::Hang => {
+            let mut rx = shared.shutdown.clone();
+            let _ = rx.wait_for(|v| *v).await;
+            error_response(&ErrorReply::openai(
+                503,
+                "server_error",
+                None,
+                "shutting down",
+            ))
+        }
+        MockFault::Reset => Response::new(reset_body()),
+        // Scripted errors carry only their own headers: the rate-limit
+        // state belongs to successes and to the server's own limit.
+        MockFault::Error(e) if decision.served != Served::LimitExceeded => {
+            return error_response(&e)
+        }
+        MockFault::Error(e) => error_response(&e),
+        MockFault::Ok | MockFault::Length => {
+            let limit = max_tokens.unwrap_or(usize::MAX).max(1);
+            let length = matches!(fault, MockFault::Length);
+            let n = if length { (words / 2).max(1) } else { words }.min(limit);
+            let finish = if length || n < words {
+                "length"
+            } else {
+                "stop"
+            };
+            shared.tokens.fetch_add(prompt + n as u64, Ordering::SeqCst);
+            completion(&reply, prompt, n, finish)
+        }
+        MockFault::MidStreamDrop { after_chunks } => partial_stream(
+            &reply,
+            after_chunks,
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "mock mid-stream drop",
+            )),
+        ),
+        MockFault::StreamErrorEvent { after_chunks } => partial_stream(
+            &reply,
+            after_chunks,
+            Ok(Bytes::from(format!(
+                "event: error\ndata: {}\n\n",
+                json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+            ))),
+        ),
+    };
+    with_limits(resp, &decision)
+}
+
+/// How a completion is sent.
+struct Reply<'a> {
+    model: &'a str,
+    stream: bool,
+    chunks: usize,
+    gap: Duration,
+}
+
+/// A completion of `n` words, streamed in `chunks` pieces or as one body.
+fn completion(r: &Reply<'_>, prompt: u64, n: usize, finish: &str) -> Response {
+    let text = reply_words(n);
+    let usage = json!({
+        "prompt_tokens": prompt, "completion_tokens": n,
+        "total_tokens": prompt + n as u64,
+    });
+    if !r.stream {
+        return json_response(
+            200,
+            &json!({
+                "id": "chatcmpl-mock", "object": "chat.completion", "created": 0,
+                "model": r.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        );
+    }
+    let mut parts: Vec<Part> = vec![Ok(sse(&json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": r.model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}],
+    })))];
+    let per = n.div_ceil(r.chunks.max(1)).max(1);
+    let pieces: Vec<String> = text.chunks(per).map(|c| c.concat()).collect();
+    let last = pieces.len().saturating_sub(1);
+    for (i, p) in pieces.iter().enumerate() {
+        parts.push(Ok(chunk_event(r.model, p, (i == last).then_some(finish))));
+    }
+    parts.push(Ok(sse(&json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": r.model,
+        "choices": [], "usage": usage,
+    }))));
+    parts.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    stream_response(paced(parts, r.gap))
+}
+
+/// `after` chunks (`part0 `, `part1 `, …), then `tail`, and no `[DONE]`.
+fn partial_stream(r: &Reply<'_>, after: usize, tail: Part) -> Response {
+    let mut parts: Vec<Part> = (0..after)
+        .map(|i| Ok(chunk_event(r.model, &format!("part{i} "), None)))
+        .collect();
+    parts.push(tail);
+    stream_response(paced(parts, r.gap))
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    r
+}
