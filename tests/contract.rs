@@ -1,4 +1,5 @@
 //! Every layer of the crate through the tower contract suite.
+#![cfg(feature = "testing")]
 
 use llm_resilience::retry::RetryLayer;
 use llm_resilience::testing::contract;

@@ -163,7 +163,10 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     }
     let offset = match &s[i..] {
         "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && tz.as_bytes()[3] == b':' => {
+        tz if tz.len() == 6
+            && (tz.starts_with('+') || tz.starts_with('-'))
+            && tz.as_bytes()[3] == b':' =>
+        {
             let secs = digits(tz, 1, 2)? * 3600 + digits(tz, 4, 2)? * 60;
             if tz.starts_with('-') {
                 -secs
