@@ -162,7 +162,11 @@ where
 {
     let mut cx = Context::from_waker(Waker::noop());
     let allocs = allocations_per_call(&mut svc, &mut cx);
-    eprintln!("allocations per call, {name}: {allocs:.3} (over {COUNTED_CALLS} calls)");
+    eprintln!(
+        "allocations per call, {name}: {allocs:.3} (over {COUNTED_CALLS} calls); \
+         response future: {} bytes",
+        std::mem::size_of::<S::Future>()
+    );
     let mut group = c.benchmark_group("retry_success_first_try");
     group.bench_function(name, |b| {
         let mut n = 0u64;
