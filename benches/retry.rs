@@ -1,1 +1,253 @@
-fn main() {}
+//! The retry layer's success path: a call that succeeds on the first attempt,
+//! through `llm_resilience::retry` (with its default budget), tower's `Retry`
+//! with a `TpsBudget` policy, and tower-resilience's retry layer.
+//!
+//! Every variant wraps the same always-ready inner service (its future is
+//! `std::future::Ready`) and is driven the same way: `poll_ready` then `call`,
+//! the response future polled once with a no-op waker, inside a current-thread
+//! tokio runtime's context. Before timing, each variant is run 100,000 times
+//! under a counting global allocator and its heap allocations per call are
+//! printed.
+//!
+//! ```text
+//! cargo bench --bench retry -- --warm-up-time 2 --measurement-time 5
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt;
+use std::future::{ready, Future, Ready};
+use std::hint::black_box;
+use std::io;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::Policy;
+use tower::{Layer, Service};
+
+/// Counts every allocation (and reallocation) made through the global
+/// allocator; frees are not counted.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged; the counter has no effect on the memory handed out.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `alloc_zeroed`'s contract.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged; the caller upholds `dealloc`'s contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// The inner service of every variant: always ready, answers `n + 1` at once.
+#[derive(Clone, Copy, Debug)]
+struct Always;
+
+impl Service<u64> for Always {
+    type Response = u64;
+    type Error = io::Error;
+    type Future = Ready<Result<u64, io::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, n: u64) -> Self::Future {
+        ready(Ok(n.wrapping_add(1)))
+    }
+}
+
+/// tower's retry policy, written like tower's own budget example: deposit on
+/// a success, withdraw for each retry; at most `attempts_left` attempts.
+#[derive(Clone, Debug)]
+struct TowerPolicy {
+    budget: Arc<TpsBudget>,
+    attempts_left: u32,
+}
+
+impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(_) => {
+                if self.attempts_left <= 1 || !self.budget.withdraw() {
+                    return None;
+                }
+                self.attempts_left -= 1;
+                Some(ready(()))
+            }
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+/// One call: `poll_ready`, `call`, one poll of the response future.
+#[inline]
+fn call_once<S>(svc: &mut S, cx: &mut Context<'_>, req: u64) -> u64
+where
+    S: Service<u64, Response = u64>,
+    S::Error: fmt::Debug,
+{
+    match svc.poll_ready(cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(e)) => panic!("poll_ready failed: {e:?}"),
+        Poll::Pending => panic!("the inner service is always ready"),
+    }
+    let mut fut = pin!(svc.call(req));
+    match fut.as_mut().poll(cx) {
+        Poll::Ready(Ok(v)) => v,
+        Poll::Ready(Err(e)) => panic!("the call failed: {e:?}"),
+        Poll::Pending => panic!("the inner future is always ready"),
+    }
+}
+
+const WARM_UP_CALLS: u64 = 1_000;
+const COUNTED_CALLS: u64 = 100_000;
+
+/// Heap allocations per call, over `COUNTED_CALLS` calls after a warm-up.
+fn allocations_per_call<S>(svc: &mut S, cx: &mut Context<'_>) -> f64
+where
+    S: Service<u64, Response = u64>,
+    S::Error: fmt::Debug,
+{
+    for n in 0..WARM_UP_CALLS {
+        assert_eq!(call_once(svc, cx, n), n + 1);
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for n in 0..COUNTED_CALLS {
+        black_box(call_once(svc, cx, black_box(n)));
+    }
+    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    (after - before) as f64 / COUNTED_CALLS as f64
+}
+
+fn bench_variant<S>(c: &mut Criterion, name: &str, mut svc: S)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let allocs = allocations_per_call(&mut svc, &mut cx);
+    eprintln!(
+        "allocations per call, {name}: {allocs:.3} (over {COUNTED_CALLS} calls); \
+         response future: {} bytes",
+        std::mem::size_of::<S::Future>()
+    );
+    let mut group = c.benchmark_group("retry_success_first_try");
+    group.bench_function(name, |b| {
+        let mut n = 0u64;
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            call_once(&mut svc, &mut cx, black_box(n))
+        });
+    });
+    group.finish();
+}
+
+fn retry_success(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    let _context = rt.enter();
+
+    // The bare inner service: the harness's own cost.
+    bench_variant(c, "baseline_inner_only", Always);
+
+    // Ours: 3 attempts, the default budget (ratio 0.2, 10/s, 10 s TTL).
+    let ours = llm_resilience::retry::RetryLayer::builder()
+        .max_attempts(3)
+        .build()
+        .expect("a valid retry configuration");
+    bench_variant(c, "llm_resilience", ours.layer(Always));
+
+    // Ours without a budget: what the budget costs.
+    let ours_plain = llm_resilience::retry::RetryLayer::builder()
+        .max_attempts(3)
+        .no_budget()
+        .build()
+        .expect("a valid retry configuration");
+    bench_variant(c, "llm_resilience_no_budget", ours_plain.layer(Always));
+
+    // tower 0.5: Retry with a TpsBudget policy, the same budget parameters.
+    let policy = TowerPolicy {
+        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+        attempts_left: 3,
+    };
+    bench_variant(c, "tower", tower::retry::Retry::new(policy, Always));
+
+    // tower-resilience 0.13: 3 attempts, exponential backoff, and its token
+    // bucket budget (10 tokens per second, 100 at most) ...
+    let budget = tower_resilience::retry::RetryBudgetBuilder::new()
+        .token_bucket()
+        .tokens_per_second(10.0)
+        .max_tokens(100)
+        .build()
+        .expect("a valid token bucket");
+    let tr = tower_resilience::retry::RetryLayer::<u64, u64, io::Error>::builder()
+        .max_attempts(3)
+        .exponential_backoff(Duration::from_millis(100))
+        .budget(budget)
+        .build();
+    bench_variant(c, "tower_resilience", tr.layer(Always));
+
+    // ... and without a budget, its cheapest configuration.
+    let tr_plain = tower_resilience::retry::RetryLayer::<u64, u64, io::Error>::builder()
+        .max_attempts(3)
+        .exponential_backoff(Duration::from_millis(100))
+        .build();
+    bench_variant(c, "tower_resilience_no_budget", tr_plain.layer(Always));
+}
+
+/// The budgets alone: one deposit, as on every successful call.
+fn budget_deposit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    let _context = rt.enter();
+    let mut group = c.benchmark_group("budget_deposit");
+    let ours = llm_resilience::budget::RetryBudget::default();
+    group.bench_function("llm_resilience", |b| b.iter(|| black_box(&ours).deposit()));
+    let tower = TpsBudget::new(Duration::from_secs(10), 10, 0.2);
+    group.bench_function("tower", |b| b.iter(|| black_box(&tower).deposit()));
+    group.bench_function("clock_read", |b| b.iter(tokio::time::Instant::now));
+    group.finish();
+}
+
+criterion_group!(benches, retry_success, budget_deposit);
+criterion_main!(benches);
