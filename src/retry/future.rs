@@ -49,6 +49,13 @@ pin_project! {
     }
 }
 
+/// What only a request that is retried needs.
+struct Retrying {
+    backoff: BackoffIter,
+    throttle: BackoffIter,
+    last_error: Option<BoxError>,
+}
+
 /// The fields that are never pinned, so that the decisions can be plain
 /// `&mut self` methods.
 struct Core<S, Req, C, K> {
@@ -57,12 +64,18 @@ struct Core<S, Req, C, K> {
     config: Arc<Config<C, K>>,
     attempts: u32,
     deadline: Option<Instant>,
-    backoff: Option<BackoffIter>,
-    throttle: Option<BackoffIter>,
-    last_error: Option<BoxError>,
+    // Created on the first retry, so a first-attempt success carries
+    // (and moves) one pointer instead of the backoff state.
+    retrying: Option<Box<Retrying>>,
     single_shot: bool,
-    span: tracing::Span,
-    attempt_span: tracing::Span,
+    // The call's and the current attempt's spans, boxed only when someone
+    // listens, so that a silent first-attempt success carries none.
+    spans: Option<Box<Spans>>,
+}
+
+struct Spans {
+    call: tracing::Span,
+    attempt: tracing::Span,
 }
 
 impl<S, Req, C, K> fmt::Debug for ResponseFuture<S, Req, C, K>
@@ -107,7 +120,7 @@ where
             budget.deposit();
         }
         let deadline = config.deadline.map(|d| Instant::now() + d);
-        let span = tracing::debug_span!(
+        let call = tracing::debug_span!(
             "llm_resilience.retry",
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty,
@@ -118,17 +131,20 @@ where
             config,
             attempts: 0,
             deadline,
-            backoff: None,
-            throttle: None,
-            last_error: None,
+            retrying: None,
             single_shot: false,
-            span,
-            attempt_span: tracing::Span::none(),
+            spans: (!call.is_disabled()).then(|| {
+                Box::new(Spans {
+                    call,
+                    attempt: tracing::Span::none(),
+                })
+            }),
         };
         if ready {
             // The service was readied by `poll_ready`: send the first attempt
             // now.
-            let (fut, timer) = core.start_attempt();
+            let fut = core.start_attempt();
+            let timer = core.cutoff().map(sleep_until);
             Self {
                 state: State::Calling { fut },
                 timer,
@@ -151,9 +167,8 @@ where
     C: Classify<S::Response>,
     K: CloneRequest<Req>,
 {
-    /// Takes the request (or a clone of it) and calls the service. Returns
-    /// the attempt's future and its cut-off timer, if any.
-    fn start_attempt(&mut self) -> (S::Future, Option<Sleep>) {
+    /// Takes the request (or a clone of it) and calls the service.
+    fn start_attempt(&mut self) -> S::Future {
         self.attempts += 1;
         let config = &self.config;
         let last_possible = self.attempts >= config.max_attempts;
@@ -165,7 +180,7 @@ where
                 Some(copy) => Some(copy),
                 None => {
                     self.single_shot = true;
-                    let _e = self.span.enter();
+                    let _e = self.spans.as_ref().map(|s| s.call.enter());
                     tracing::warn!(
                         attempt = self.attempts,
                         "request cannot be cloned; it will be sent once"
@@ -182,41 +197,61 @@ where
             }
         };
         let req = req.expect("a request is kept until its last attempt");
-        self.attempt_span = tracing::debug_span!(
-            parent: &self.span,
-            "attempt",
-            n = self.attempts,
-            reason = tracing::field::Empty,
-        );
-        let fut = {
-            let _a = self.attempt_span.enter();
-            self.service.call(req)
-        };
-        let cutoff = match (config.attempt_timeout, self.deadline) {
+        if let Some(spans) = &mut self.spans {
+            spans.attempt = tracing::debug_span!(
+                parent: &spans.call,
+                "attempt",
+                n = self.attempts,
+                reason = tracing::field::Empty,
+            );
+        }
+        let _a = self.spans.as_ref().map(|s| s.attempt.enter());
+        self.service.call(req)
+    }
+
+    fn record(&self, field: &str, value: impl tracing::Value) {
+        if let Some(spans) = &self.spans {
+            spans.call.record(field, value);
+        }
+    }
+
+    /// When the attempt just started must end: the attempt timeout or the
+    /// deadline, whichever is first. Reads the clock only for a timeout.
+    fn cutoff(&self) -> Option<Instant> {
+        match (self.config.attempt_timeout, self.deadline) {
             (None, None) => None,
             (Some(t), None) => Some(Instant::now() + t),
             (None, Some(d)) => Some(d),
             (Some(t), Some(d)) => Some((Instant::now() + t).min(d)),
-        };
-        (fut, cutoff.map(sleep_until))
+        }
+    }
+
+    /// The retry-only state, created on the first retry. Each logical
+    /// request draws its own seeded streams, numbered in creation order.
+    fn retrying(&mut self) -> &mut Retrying {
+        let config = &self.config;
+        self.retrying.get_or_insert_with(|| {
+            let n = config.sequence.fetch_add(1, Ordering::Relaxed);
+            let seed = splitmix(config.seed ^ splitmix(n));
+            Box::new(Retrying {
+                backoff: config.backoff.iter(seed),
+                throttle: config.throttle_backoff.iter(splitmix(seed)),
+                last_error: None,
+            })
+        })
+    }
+
+    fn last_error(&mut self) -> Option<BoxError> {
+        self.retrying.as_mut().and_then(|r| r.last_error.take())
     }
 
     fn backoff_delay(&mut self, reason: Reason) -> Duration {
-        let config = &self.config;
-        let slot = if reason.is_throttling() {
-            &mut self.throttle
+        let r = self.retrying();
+        let iter = if reason.is_throttling() {
+            &mut r.throttle
         } else {
-            &mut self.backoff
+            &mut r.backoff
         };
-        let iter = slot.get_or_insert_with(|| {
-            let n = config.sequence.fetch_add(1, Ordering::Relaxed);
-            let b = if reason.is_throttling() {
-                config.throttle_backoff
-            } else {
-                config.backoff
-            };
-            b.iter(splitmix(config.seed ^ splitmix(n)))
-        });
         iter.next().unwrap_or(Duration::ZERO)
     }
 
@@ -225,16 +260,7 @@ where
         if ratio == 0.0 || hint.is_zero() {
             return hint;
         }
-        // Draw from the ordinary stream; it is created on first use.
-        if self.backoff.is_none() {
-            let n = self.config.sequence.fetch_add(1, Ordering::Relaxed);
-            self.backoff = Some(
-                self.config
-                    .backoff
-                    .iter(splitmix(self.config.seed ^ splitmix(n))),
-            );
-        }
-        let u = self.backoff.as_mut().map_or(0.0, BackoffIter::unit);
+        let u = self.retrying().backoff.unit();
         hint + hint.mul_f64(ratio * u)
     }
 
@@ -411,19 +437,22 @@ where
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(Error::DeadlineExceeded {
                                     attempts: core.attempts,
-                                    source: core.last_error.take(),
+                                    source: core.last_error(),
                                 }));
                             }
                             return Poll::Pending;
                         }
                     }
-                    let (fut, timer) = core.start_attempt();
-                    this.timer.set(timer);
+                    let fut = core.start_attempt();
                     this.state.set(State::Calling { fut });
+                    match core.cutoff() {
+                        Some(at) => this.timer.set(Some(sleep_until(at))),
+                        None => this.timer.set(None),
+                    }
                 }
                 StateProj::Calling { fut } => {
                     let polled = {
-                        let _a = core.attempt_span.enter();
+                        let _a = core.spans.as_ref().map(|s| s.attempt.enter());
                         fut.poll(cx)
                     };
                     let result = match polled {
@@ -437,7 +466,7 @@ where
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(Error::DeadlineExceeded {
                                     attempts: core.attempts,
-                                    source: core.last_error.take(),
+                                    source: core.last_error(),
                                 }));
                             }
                             Err(Error::Timeout {
@@ -450,7 +479,7 @@ where
                     let outcome = core.config.classifier.classify(result.as_ref());
                     if outcome.is_success() {
                         if core.attempts > 1 {
-                            core.span.record("attempts", core.attempts);
+                            core.record("attempts", core.attempts);
                             emit(
                                 &core.config,
                                 RetryEventKind::Recovered,
@@ -462,11 +491,13 @@ where
                         return Poll::Ready(result);
                     }
                     let reason = outcome.reason();
-                    core.attempt_span.record("reason", reason.as_str());
+                    if let Some(spans) = &core.spans {
+                        spans.attempt.record("reason", reason.as_str());
+                    }
                     match core.decide(outcome) {
                         Decision::Retry(delay) => {
                             {
-                                let _e = core.attempt_span.enter();
+                                let _e = core.spans.as_ref().map(|s| s.attempt.enter());
                                 tracing::debug!(
                                     attempt = core.attempts,
                                     delay_ms = delay.as_millis() as u64,
@@ -481,17 +512,17 @@ where
                                 reason,
                                 Some(delay),
                             );
-                            core.last_error = result.err().map(Error::into_cause);
+                            core.retrying().last_error = result.err().map(Error::into_cause);
                             this.timer.set(Some(sleep_until(Instant::now() + delay)));
                             this.state.set(State::Sleeping);
                         }
                         Decision::Stop(stop) => {
                             let kind = stop_kind(stop);
                             emit(&core.config, kind, core.attempts, reason, None);
-                            core.span.record("attempts", core.attempts);
-                            core.span.record("outcome", reason.as_str());
+                            core.record("attempts", core.attempts);
+                            core.record("outcome", reason.as_str());
                             {
-                                let _e = core.attempt_span.enter();
+                                let _e = core.spans.as_ref().map(|s| s.attempt.enter());
                                 tracing::debug!(
                                     attempt = core.attempts,
                                     reason = reason.as_str(),
