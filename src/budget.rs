@@ -31,6 +31,19 @@
 //!
 //! over a sliding window of `ttl`, kept as ten buckets of `ttl / 10`. In
 //! steady state retries stay under `ratio` of requests plus `min_per_sec`.
+//!
+//! # Cost, and how deposits are dated
+//!
+//! A deposit is on every request's path, so it does not read the clock: it
+//! increments one shared counter, and every [`FLUSH_EVERY`]th deposit (and
+//! every withdrawal or balance query, which read the clock anyway) moves the
+//! pending deposits into the bucket of the *previous* flush: the earliest
+//! time they can have been made. Dating a deposit early only makes it leave
+//! the window sooner, so the budget is never more permissive than Finagle's
+//! rule with exact timestamps (a property test holds it to that). The price
+//! is at most `FLUSH_EVERY − 1` deposits counted short in one window, which
+//! matters only at a few requests per second, where the `min_per_sec`
+//! reserve dominates anyway.
 //! The arithmetic is exact: deposits and withdrawals are counted as integers
 //! and compared with the ratio once, unlike tower's `TpsBudget`, which
 //! truncates `1 / ratio` (so a ratio of 0.6 there allows 100 %).
@@ -56,6 +69,8 @@ use tokio::time::Instant;
 use crate::error::ConfigError;
 
 const BUCKETS: u64 = 10;
+/// Deposits between two reads of the clock; see the [module docs](self).
+pub const FLUSH_EVERY: u64 = 16;
 const COUNT_MASK: u64 = u32::MAX as u64;
 
 /// A retry budget shared by every clone; see the [module docs](self).
@@ -69,6 +84,8 @@ struct Inner {
     reserve: f64,
     bucket_ms: u64,
     start: Instant,
+    pending: AtomicU64,
+    flushed_epoch: AtomicU64,
     deposits: [AtomicU64; BUCKETS as usize],
     withdrawals: [AtomicU64; BUCKETS as usize],
 }
@@ -146,6 +163,8 @@ impl RetryBudgetBuilder {
                 reserve: f64::from(self.min_per_sec) * (bucket_ms * BUCKETS) as f64 / 1000.0,
                 bucket_ms,
                 start: Instant::now(),
+                pending: AtomicU64::new(0),
+                flushed_epoch: AtomicU64::new(0),
                 deposits: Default::default(),
                 withdrawals: Default::default(),
             }),
@@ -153,19 +172,17 @@ impl RetryBudgetBuilder {
     }
 }
 
-/// Adds one to the packed (epoch, count) cell for `epoch`, starting the cell
-/// anew when it still holds an older epoch.
-fn add(cell: &AtomicU64, epoch: u64) {
+/// Adds `n` to the packed (epoch, count) cell for `epoch`, starting the cell
+/// anew when it still holds an older epoch. Saturates.
+fn add(cell: &AtomicU64, epoch: u64, n: u64) {
     let tag = epoch << 32;
+    let n = n.min(COUNT_MASK);
     let mut cur = cell.load(Ordering::Relaxed);
     loop {
         let next = if cur & !COUNT_MASK == tag {
-            if cur & COUNT_MASK == COUNT_MASK {
-                return; // saturated
-            }
-            cur + 1
+            tag | ((cur & COUNT_MASK) + n).min(COUNT_MASK)
         } else {
-            tag | 1
+            tag | n
         };
         match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => return,
@@ -207,10 +224,23 @@ impl RetryBudget {
     }
 
     /// Records one logical request. Call it once per request, not per
-    /// attempt.
+    /// attempt. Reads the clock once per [`FLUSH_EVERY`] calls.
+    #[inline]
     pub fn deposit(&self) {
-        let e = self.epoch();
-        add(&self.inner.deposits[(e % BUCKETS) as usize], e);
+        let pending = self.inner.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        if pending >= FLUSH_EVERY {
+            self.flush(self.epoch());
+        }
+    }
+
+    /// Moves the pending deposits into the bucket of the previous flush (the
+    /// earliest they can have been made), if it is still in the window.
+    fn flush(&self, now: u64) {
+        let prev = self.inner.flushed_epoch.swap(now, Ordering::AcqRel);
+        let n = self.inner.pending.swap(0, Ordering::AcqRel);
+        if n > 0 && (now.wrapping_sub(prev) & COUNT_MASK) < BUCKETS {
+            add(&self.inner.deposits[(prev % BUCKETS) as usize], prev, n);
+        }
     }
 
     /// Takes one retry from the budget if its balance allows it.
@@ -219,8 +249,9 @@ impl RetryBudget {
     /// concurrent callers can be refused together but never over-draw.
     pub fn try_withdraw(&self) -> bool {
         let e = self.epoch();
+        self.flush(e);
         let cell = &self.inner.withdrawals[(e % BUCKETS) as usize];
-        add(cell, e);
+        add(cell, e, 1);
         if self.balance_at(e) >= -1e-9 {
             true
         } else {
@@ -238,7 +269,9 @@ impl RetryBudget {
     /// Retries the budget would allow now: `deposits · ratio + reserve −
     /// withdrawals` over the current window.
     pub fn balance(&self) -> f64 {
-        self.balance_at(self.epoch())
+        let e = self.epoch();
+        self.flush(e);
+        self.balance_at(e)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use llm_resilience::backoff::{Backoff, Jitter};
-use llm_resilience::budget::RetryBudget;
+use llm_resilience::budget::{RetryBudget, FLUSH_EVERY};
 use proptest::prelude::*;
 
 fn jitter() -> impl Strategy<Value = Jitter> {
@@ -67,31 +67,52 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The reference: Finagle's rule over ten buckets of ttl/10, from a log.
+/// Counts entries of `v` (bucket numbers) in the window of ten buckets
+/// ending at `end`.
+fn in_window(v: &[u64], end: u64) -> f64 {
+    v.iter().filter(|&&b| b + 9 >= end && b <= end).count() as f64
+}
+
+/// The documented rule: Finagle's condition over ten buckets of ttl/10, with
+/// deposits dated as the budget dates them (flushed every `FLUSH_EVERY`
+/// deposits, and before every withdrawal, into the bucket of the previous
+/// flush).
 struct Model {
     ratio: f64,
     reserve: f64,
-    bucket_ms: u64,
-    deposits: Vec<u64>,    // bucket of each deposit
-    withdrawals: Vec<u64>, // bucket of each withdrawal
+    pending: u64,
+    flushed: u64,
+    dated: Vec<u64>,       // bucket each deposit is counted in
+    exact: Vec<u64>,       // bucket each deposit was really made in
+    withdrawals: Vec<u64>, // bucket of each allowed withdrawal
 }
 
 impl Model {
-    fn count(v: &[u64], lo: i64, hi: u64) -> f64 {
-        v.iter().filter(|&&b| b as i64 >= lo && b <= hi).count() as f64
+    fn flush(&mut self, now: u64) {
+        if self.pending > 0 && now - self.flushed < 10 {
+            for _ in 0..self.pending {
+                self.dated.push(self.flushed);
+            }
+        }
+        self.pending = 0;
+        self.flushed = now;
     }
-    fn allows(&self, bucket: u64) -> bool {
-        let lo = bucket as i64 - 9;
-        let d = Self::count(&self.deposits, lo, bucket);
-        let w = Self::count(&self.withdrawals, lo, bucket);
-        d * self.ratio + self.reserve - w >= 1.0 - 1e-9
+    fn deposit(&mut self, now: u64) {
+        self.exact.push(now);
+        self.pending += 1;
+        if self.pending >= FLUSH_EVERY {
+            self.flush(now);
+        }
+    }
+    fn balance(&self, deposits: &[u64], now: u64) -> f64 {
+        in_window(deposits, now) * self.ratio + self.reserve - in_window(&self.withdrawals, now)
     }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
     #[test]
-    fn the_budget_agrees_with_finagles_rule_and_never_overdraws_a_window(
+    fn the_budget_keeps_finagles_rule_and_is_never_more_permissive(
         ttl_s in 1u64..=60,
         min_per_sec in 0u32..5,
         ratio_pct in 0u32..=150,
@@ -114,13 +135,15 @@ proptest! {
             let mut model = Model {
                 ratio,
                 reserve: f64::from(min_per_sec) * ttl_s as f64,
-                bucket_ms,
-                deposits: vec![],
+                pending: 0,
+                flushed: 0,
+                dated: vec![],
+                exact: vec![],
                 withdrawals: vec![],
             };
             let mut now_ms = 0u64;
             for op in ops {
-                let bucket = now_ms / model.bucket_ms;
+                let now = now_ms / bucket_ms;
                 match op {
                     Op::Advance(ms) => {
                         tokio::time::advance(Duration::from_millis(ms)).await;
@@ -129,28 +152,36 @@ proptest! {
                     Op::Deposit(n) => {
                         for _ in 0..n {
                             budget.deposit();
-                            model.deposits.push(bucket);
+                            model.deposit(now);
                         }
                     }
                     Op::Withdraw(n) => {
                         for _ in 0..n {
-                            let expected = model.allows(bucket);
+                            model.flush(now);
+                            let expected = model.balance(&model.dated, now) >= 1.0 - 1e-9;
                             let got = budget.try_withdraw();
                             prop_assert_eq!(got, expected, "at {} ms", now_ms);
                             if got {
-                                model.withdrawals.push(bucket);
+                                // Never more permissive than exact timestamps.
+                                prop_assert!(
+                                    model.balance(&model.exact, now) >= 1.0 - 1e-9,
+                                    "allowed at {} ms where exact dating refuses", now_ms
+                                );
+                                model.withdrawals.push(now);
                             }
                         }
                     }
                 }
             }
             // Over every window of ten buckets, withdrawals never exceed the
-            // ratio of the deposits that backed them plus the reserve.
+            // ratio of the deposits made (exact times) in the window ending at
+            // the window's last withdrawal plus the nine before, plus the
+            // reserve.
             let last = now_ms / bucket_ms;
             for end in 0..=last {
-                let w = Model::count(&model.withdrawals, end as i64 - 9, end);
-                let d = Model::count(&model.deposits, end as i64 - 18, end);
-                prop_assert!(w <= d * ratio + model.reserve + 1e-9, "window ending {end}: {w} > {d}·{ratio} + reserve");
+                let w = in_window(&model.withdrawals, end);
+                let d = model.exact.iter().filter(|&&b| b + 18 >= end && b <= end).count() as f64;
+                prop_assert!(w <= d * ratio + model.reserve + 1e-9, "window ending {}: {} > {}·{} + reserve", end, w, d, ratio);
             }
             Ok(())
         })?;
