@@ -66,11 +66,16 @@ struct Core<S, Req, C, K> {
     deadline: Option<Instant>,
     // Created on the first retry, so a first-attempt success carries
     // (and moves) one pointer instead of the backoff state.
-    retrying: Option<Box<Retrying>>,
+    // and the spans, boxed only when someone listens: one pointer in all.
+    extra: Option<Box<Extra>>,
     single_shot: bool,
-    // The call's and the current attempt's spans, boxed only when someone
-    // listens, so that a silent first-attempt success carries none.
-    spans: Option<Box<Spans>>,
+}
+
+/// What a silent first-attempt success never needs.
+#[derive(Default)]
+struct Extra {
+    spans: Option<Spans>,
+    retrying: Option<Retrying>,
 }
 
 struct Spans {
@@ -131,12 +136,14 @@ where
             config,
             attempts: 0,
             deadline,
-            retrying: None,
             single_shot: false,
-            spans: (!call.is_disabled()).then(|| {
-                Box::new(Spans {
-                    call,
-                    attempt: tracing::Span::none(),
+            extra: (!call.is_disabled()).then(|| {
+                Box::new(Extra {
+                    spans: Some(Spans {
+                        call,
+                        attempt: tracing::Span::none(),
+                    }),
+                    retrying: None,
                 })
             }),
         };
@@ -168,6 +175,7 @@ where
     K: CloneRequest<Req>,
 {
     /// Takes the request (or a clone of it) and calls the service.
+    #[inline]
     fn start_attempt(&mut self) -> S::Future {
         self.attempts += 1;
         let config = &self.config;
@@ -180,7 +188,11 @@ where
                 Some(copy) => Some(copy),
                 None => {
                     self.single_shot = true;
-                    let _e = self.spans.as_ref().map(|s| s.call.enter());
+                    let _e = self
+                        .extra
+                        .as_ref()
+                        .and_then(|e| e.spans.as_ref())
+                        .map(|s| s.call.enter());
                     tracing::warn!(
                         attempt = self.attempts,
                         "request cannot be cloned; it will be sent once"
@@ -197,7 +209,7 @@ where
             }
         };
         let req = req.expect("a request is kept until its last attempt");
-        if let Some(spans) = &mut self.spans {
+        if let Some(spans) = self.extra.as_mut().and_then(|e| e.spans.as_mut()) {
             spans.attempt = tracing::debug_span!(
                 parent: &spans.call,
                 "attempt",
@@ -205,12 +217,20 @@ where
                 reason = tracing::field::Empty,
             );
         }
-        let _a = self.spans.as_ref().map(|s| s.attempt.enter());
+        let _a = self
+            .extra
+            .as_ref()
+            .and_then(|e| e.spans.as_ref())
+            .map(|s| s.attempt.enter());
         self.service.call(req)
     }
 
+    fn spans(&self) -> Option<&Spans> {
+        self.extra.as_ref().and_then(|e| e.spans.as_ref())
+    }
+
     fn record(&self, field: &str, value: impl tracing::Value) {
-        if let Some(spans) = &self.spans {
+        if let Some(spans) = self.spans() {
             spans.call.record(field, value);
         }
     }
@@ -230,19 +250,23 @@ where
     /// request draws its own seeded streams, numbered in creation order.
     fn retrying(&mut self) -> &mut Retrying {
         let config = &self.config;
-        self.retrying.get_or_insert_with(|| {
+        let extra = self.extra.get_or_insert_with(Box::default);
+        extra.retrying.get_or_insert_with(|| {
             let n = config.sequence.fetch_add(1, Ordering::Relaxed);
             let seed = splitmix(config.seed ^ splitmix(n));
-            Box::new(Retrying {
+            Retrying {
                 backoff: config.backoff.iter(seed),
                 throttle: config.throttle_backoff.iter(splitmix(seed)),
                 last_error: None,
-            })
+            }
         })
     }
 
     fn last_error(&mut self) -> Option<BoxError> {
-        self.retrying.as_mut().and_then(|r| r.last_error.take())
+        self.extra
+            .as_mut()
+            .and_then(|e| e.retrying.as_mut())
+            .and_then(|r| r.last_error.take())
     }
 
     fn backoff_delay(&mut self, reason: Reason) -> Duration {
@@ -452,7 +476,7 @@ where
                 }
                 StateProj::Calling { fut } => {
                     let polled = {
-                        let _a = core.spans.as_ref().map(|s| s.attempt.enter());
+                        let _a = core.spans().map(|s| s.attempt.enter());
                         fut.poll(cx)
                     };
                     let result = match polled {
@@ -491,13 +515,13 @@ where
                         return Poll::Ready(result);
                     }
                     let reason = outcome.reason();
-                    if let Some(spans) = &core.spans {
+                    if let Some(spans) = core.spans() {
                         spans.attempt.record("reason", reason.as_str());
                     }
                     match core.decide(outcome) {
                         Decision::Retry(delay) => {
                             {
-                                let _e = core.spans.as_ref().map(|s| s.attempt.enter());
+                                let _e = core.spans().map(|s| s.attempt.enter());
                                 tracing::debug!(
                                     attempt = core.attempts,
                                     delay_ms = delay.as_millis() as u64,
@@ -522,7 +546,7 @@ where
                             core.record("attempts", core.attempts);
                             core.record("outcome", reason.as_str());
                             {
-                                let _e = core.spans.as_ref().map(|s| s.attempt.enter());
+                                let _e = core.spans().map(|s| s.attempt.enter());
                                 tracing::debug!(
                                     attempt = core.attempts,
                                     reason = reason.as_str(),

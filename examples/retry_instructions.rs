@@ -1,0 +1,121 @@
+//! Instructions per call on the retry layer's success path, for callgrind.
+//!
+//! Criterion's times on a shared 2-core machine are noisy; instruction counts
+//! are not. This runs `N` first-attempt successes through one variant, so
+//! that the difference between two runs divided by the difference in `N` is
+//! the cost of one call, harness included (the inner service alone costs 7):
+//!
+//! ```text
+//! cargo build --release --example retry_instructions
+//! for v in ours ours_no_budget tower; do for n in 10000 20000; do
+//!   valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+//!     target/release/examples/retry_instructions $v $n 2>&1 | grep Collected
+//! done; done
+//! ```
+//!
+//! `tower` is tower's `Retry` with a `TpsBudget` policy written like tower's
+//! own example (deposit on success), as in `benches/retry.rs`.
+
+use std::future::{ready, Future, Ready};
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::{Policy, RetryLayer as TowerRetryLayer};
+use tower::{Layer, Service};
+
+#[derive(Clone, Copy, Debug)]
+struct Always;
+
+impl Service<u64> for Always {
+    type Response = u64;
+    type Error = io::Error;
+    type Future = Ready<Result<u64, io::Error>>;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, n: u64) -> Self::Future {
+        ready(Ok(n.wrapping_add(1)))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TowerPolicy {
+    budget: Arc<TpsBudget>,
+    attempts_left: u32,
+}
+
+impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
+    type Future = Ready<()>;
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(_) => {
+                if self.attempts_left <= 1 || !self.budget.withdraw() {
+                    return None;
+                }
+                self.attempts_left -= 1;
+                Some(ready(()))
+            }
+        }
+    }
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+#[inline(never)]
+fn run<S>(svc: &mut S, n: u64) -> u64
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut acc = 0u64;
+    for i in 0..n {
+        let Poll::Ready(Ok(())) = svc.poll_ready(&mut cx) else {
+            panic!("not ready")
+        };
+        let fut = pin!(svc.call(i));
+        let Poll::Ready(Ok(v)) = fut.poll(&mut cx) else {
+            panic!("not done")
+        };
+        acc = acc.wrapping_add(v);
+    }
+    acc
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let variant = args.next().unwrap_or_else(|| "ours".into());
+    let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let ours = llm_resilience::retry::RetryLayer::builder().max_attempts(3);
+    let acc = match variant.as_str() {
+        "ours" => run(&mut ours.build().expect("valid").layer(Always), n),
+        "ours_no_budget" => run(
+            &mut ours.no_budget().build().expect("valid").layer(Always),
+            n,
+        ),
+        "tower" => {
+            let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2));
+            let policy = TowerPolicy {
+                budget,
+                attempts_left: 3,
+            };
+            run(&mut TowerRetryLayer::new(policy).layer(Always), n)
+        }
+        other => panic!("unknown variant {other}: ours, ours_no_budget or tower"),
+    };
+    println!("{variant}: {n} calls, checksum {acc}");
+}
