@@ -1,0 +1,357 @@
+//! Sliding windows of call results: count-based and time-based, both O(1)
+//! per record and lock-free on the record path.
+
+use super::sync::{AtomicI64, AtomicU64, AtomicU8, Mutex, Ordering};
+
+/// A slot of the count-based ring: empty, or one call's result.
+const EMPTY: u8 = 0;
+const CALL: u8 = 1;
+const FAILED: u8 = 2;
+const SLOW: u8 = 4;
+
+/// Counts over the window at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Calls recorded in the window.
+    pub calls: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// Of which were slow.
+    pub slow: u64,
+}
+
+/// Keeps a value on a cache line of its own, so that the atomics written on
+/// every call do not share a line with the ones read on every call.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// A sliding window over the last N calls or the last N seconds.
+#[derive(Debug)]
+pub(crate) enum Window {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+impl Window {
+    pub(crate) fn count(size: u32) -> Self {
+        Window::Count(CountWindow::new(size))
+    }
+
+    pub(crate) fn time(secs: u32) -> Self {
+        Window::Time(TimeWindow::new(secs))
+    }
+
+    /// Whether recording needs the current time.
+    pub(crate) fn needs_clock(&self) -> bool {
+        matches!(self, Window::Time(_))
+    }
+
+    /// Records one call finished at `now_ms` (ignored by count windows).
+    #[inline]
+    pub(crate) fn record(&self, failed: bool, slow: bool, now_ms: u64) {
+        match self {
+            Window::Count(w) => w.record(failed, slow),
+            Window::Time(w) => w.record(failed, slow, now_ms / 1000),
+        }
+    }
+
+    /// The counts at `now_ms`.
+    pub(crate) fn counts(&self, now_ms: u64) -> WindowCounts {
+        match self {
+            Window::Count(w) => w.counts(),
+            Window::Time(w) => w.counts(now_ms / 1000),
+        }
+    }
+
+    /// Forgets every recorded call.
+    pub(crate) fn clear(&self) {
+        match self {
+            Window::Count(w) => w.clear(),
+            Window::Time(w) => w.clear(),
+        }
+    }
+}
+
+fn clamp(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+/// The last `size` calls: a ring of one-byte slots and running totals of the
+/// failures and slow calls in it. Recording claims the next slot with one
+/// `fetch_add`, swaps the new result in and moves the totals by the
+/// difference with the evicted one; an all-success stream whose slots
+/// already hold successes writes nothing else.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    head: Padded<AtomicU64>,
+    failures: AtomicI64,
+    slow: AtomicI64,
+    slots: Box<[AtomicU8]>,
+    size: u64,
+}
+
+impl CountWindow {
+    fn new(size: u32) -> Self {
+        Self {
+            head: Padded(AtomicU64::new(0)),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+            slots: (0..size).map(|_| AtomicU8::new(EMPTY)).collect(),
+            size: u64::from(size),
+        }
+    }
+
+    #[inline]
+    fn record(&self, failed: bool, slow: bool) {
+        let i = self.head.fetch_add(1, Ordering::Relaxed) % self.size;
+        let new = CALL | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
+        let slot = &self.slots[i as usize];
+        // Replacing a value by the same value changes nothing: skip the write
+        // (linearizable as a swap of equal values).
+        if slot.load(Ordering::Relaxed) == new {
+            return;
+        }
+        let old = slot.swap(new, Ordering::AcqRel);
+        self.apply(old, new);
+    }
+
+    fn apply(&self, old: u8, new: u8) {
+        let f = i64::from(new & FAILED != 0) - i64::from(old & FAILED != 0);
+        if f != 0 {
+            self.failures.fetch_add(f, Ordering::AcqRel);
+        }
+        let s = i64::from(new & SLOW != 0) - i64::from(old & SLOW != 0);
+        if s != 0 {
+            self.slow.fetch_add(s, Ordering::AcqRel);
+        }
+    }
+
+    fn counts(&self) -> WindowCounts {
+        let calls = self.head.load(Ordering::Acquire).min(self.size);
+        WindowCounts {
+            calls,
+            failures: clamp(self.failures.load(Ordering::Acquire)).min(calls),
+            slow: clamp(self.slow.load(Ordering::Acquire)).min(calls),
+        }
+    }
+
+    fn clear(&self) {
+        self.head.store(0, Ordering::Release);
+        for slot in self.slots.iter() {
+            let old = slot.swap(EMPTY, Ordering::AcqRel);
+            if old != EMPTY {
+                self.apply(old, EMPTY);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    calls: AtomicI64,
+    failures: AtomicI64,
+    slow: AtomicI64,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Self {
+            calls: AtomicI64::new(0),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+        }
+    }
+}
+
+/// The last `size` seconds: a ring of one-second buckets and running totals.
+///
+/// Recording adds to the current second's bucket and to the totals (atomic
+/// adds, no lock). Once per second the first recorder that sees a new second
+/// takes a short lock and rolls the ring forward: each bucket passed over is
+/// swapped to zero and its content subtracted from the totals. Because every
+/// count is added once and swapped out once, the totals stay exact even when
+/// a record races the roll (it then counts in the newer second).
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    current: Padded<AtomicU64>,
+    calls: Padded<AtomicI64>,
+    failures: AtomicI64,
+    slow: AtomicI64,
+    buckets: Box<[Bucket]>,
+    roll: Mutex<()>,
+    size: u64,
+}
+
+impl TimeWindow {
+    fn new(size: u32) -> Self {
+        Self {
+            current: Padded(AtomicU64::new(0)),
+            calls: Padded(AtomicI64::new(0)),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+            buckets: (0..size).map(|_| Bucket::new()).collect(),
+            roll: Mutex::new(()),
+            size: u64::from(size),
+        }
+    }
+
+    /// Moves the ring forward to `sec`; returns the second to record into.
+    #[inline]
+    fn advance(&self, sec: u64) -> u64 {
+        let cur = self.current.load(Ordering::Acquire);
+        if sec <= cur {
+            return cur;
+        }
+        self.roll_to(sec)
+    }
+
+    #[cold]
+    fn roll_to(&self, sec: u64) -> u64 {
+        let _guard = self.roll.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.current.load(Ordering::Acquire);
+        if sec <= cur {
+            return cur;
+        }
+        let passed = (sec - cur).min(self.size);
+        for s in (sec + 1 - passed)..=sec {
+            self.drain(&self.buckets[(s % self.size) as usize]);
+        }
+        self.current.store(sec, Ordering::Release);
+        sec
+    }
+
+    fn drain(&self, b: &Bucket) {
+        let c = b.calls.swap(0, Ordering::AcqRel);
+        if c != 0 {
+            self.calls.fetch_sub(c, Ordering::AcqRel);
+        }
+        let f = b.failures.swap(0, Ordering::AcqRel);
+        if f != 0 {
+            self.failures.fetch_sub(f, Ordering::AcqRel);
+        }
+        let s = b.slow.swap(0, Ordering::AcqRel);
+        if s != 0 {
+            self.slow.fetch_sub(s, Ordering::AcqRel);
+        }
+    }
+
+    #[inline]
+    fn record(&self, failed: bool, slow: bool, sec: u64) {
+        let sec = self.advance(sec);
+        let b = &self.buckets[(sec % self.size) as usize];
+        b.calls.fetch_add(1, Ordering::AcqRel);
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        if failed {
+            b.failures.fetch_add(1, Ordering::AcqRel);
+            self.failures.fetch_add(1, Ordering::AcqRel);
+        }
+        if slow {
+            b.slow.fetch_add(1, Ordering::AcqRel);
+            self.slow.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn counts(&self, sec: u64) -> WindowCounts {
+        self.advance(sec);
+        let calls = clamp(self.calls.load(Ordering::Acquire));
+        WindowCounts {
+            calls,
+            failures: clamp(self.failures.load(Ordering::Acquire)).min(calls),
+            slow: clamp(self.slow.load(Ordering::Acquire)).min(calls),
+        }
+    }
+
+    fn clear(&self) {
+        let _guard = self.roll.lock().unwrap_or_else(|p| p.into_inner());
+        for b in self.buckets.iter() {
+            self.drain(b);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_window_evicts_the_oldest_call() {
+        let w = Window::count(3);
+        w.record(true, false, 0);
+        w.record(true, true, 0);
+        w.record(false, false, 0);
+        assert_eq!(
+            w.counts(0),
+            WindowCounts {
+                calls: 3,
+                failures: 2,
+                slow: 1
+            }
+        );
+        w.record(false, false, 0);
+        assert_eq!(
+            w.counts(0),
+            WindowCounts {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            }
+        );
+        w.record(false, false, 0);
+        assert_eq!(
+            w.counts(0),
+            WindowCounts {
+                calls: 3,
+                failures: 0,
+                slow: 0
+            }
+        );
+        w.clear();
+        assert_eq!(w.counts(0), WindowCounts::default());
+    }
+
+    #[test]
+    fn time_window_forgets_seconds_that_leave_it() {
+        let w = Window::time(3);
+        w.record(true, false, 0);
+        w.record(false, false, 1_500);
+        w.record(true, false, 2_999);
+        assert_eq!(
+            w.counts(2_999),
+            WindowCounts {
+                calls: 3,
+                failures: 2,
+                slow: 0
+            }
+        );
+        // Second 3 evicts second 0.
+        assert_eq!(
+            w.counts(3_000),
+            WindowCounts {
+                calls: 2,
+                failures: 1,
+                slow: 0
+            }
+        );
+        // A long gap empties it.
+        assert_eq!(w.counts(100_000), WindowCounts::default());
+        w.record(true, true, 100_000);
+        assert_eq!(
+            w.counts(100_000),
+            WindowCounts {
+                calls: 1,
+                failures: 1,
+                slow: 1
+            }
+        );
+        w.clear();
+        assert_eq!(w.counts(100_000), WindowCounts::default());
+    }
+}
