@@ -484,7 +484,7 @@ impl Core {
                 let w = Word(self.state.load(Ordering::Acquire));
                 if w.mode() == DISABLED && w.gen() == ticket.gen {
                     let t = if self.window.needs_clock() { now() } else { 0 };
-                    self.window.record(verdict.failed, verdict.slow, t);
+                    self.window.record(verdict.failed, verdict.slow, t, 0);
                 }
             }
             TicketKind::Untracked => {}
@@ -508,14 +508,19 @@ impl Core {
         if !v.failed && !v.slow {
             // The hot path: a success.
             let t = if self.window.needs_clock() { now() } else { 0 };
-            self.window.record(false, false, t);
+            let crossed = self.window.record(false, false, t, st.min_calls);
             if self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
+            }
+            // A success lowers every rate; it can only trip the breaker by
+            // bringing the window up to `min_calls`.
+            if crossed && self.rates_exceeded(t) {
+                self.trip(s, t, hint);
             }
             return;
         }
         let t = now();
-        self.window.record(v.failed, v.slow, t);
+        self.window.record(v.failed, v.slow, t, st.min_calls);
         let mut trip = false;
         if v.failed {
             let n = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
@@ -524,19 +529,25 @@ impl Core {
         } else if self.consecutive.load(Ordering::Relaxed) != 0 {
             self.consecutive.store(0, Ordering::Relaxed);
         }
-        if !trip {
-            let c = self.window.counts(t);
-            if c.calls >= st.min_calls && c.calls > 0 {
-                let calls = c.calls as f64;
-                trip |= st
-                    .failure_rate
-                    .is_some_and(|r| c.failures as f64 >= r * calls);
-                trip |= st.slow_threshold.is_some() && c.slow as f64 >= st.slow_rate * calls;
-            }
-        }
-        if trip {
+        if trip || self.rates_exceeded(t) {
             self.trip(s, t, hint);
         }
+    }
+
+    /// Whether the window holds enough calls and a rate is at or above its
+    /// threshold.
+    fn rates_exceeded(&self, now_ms: u64) -> bool {
+        let st = &self.settings;
+        let c = self.window.counts(now_ms);
+        if c.calls < st.min_calls || c.calls == 0 {
+            return false;
+        }
+        let calls = c.calls as f64;
+        (c.failures > 0
+            && st
+                .failure_rate
+                .is_some_and(|r| c.failures as f64 >= r * calls))
+            || (st.slow_threshold.is_some() && c.slow > 0 && c.slow as f64 >= st.slow_rate * calls)
     }
 
     fn complete_probe(

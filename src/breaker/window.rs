@@ -55,11 +55,13 @@ impl Window {
     }
 
     /// Records one call finished at `now_ms` (ignored by count windows).
+    /// Returns whether this record brought the window to exactly
+    /// `min_calls` calls (the one moment a success can make a rate count).
     #[inline]
-    pub(crate) fn record(&self, failed: bool, slow: bool, now_ms: u64) {
+    pub(crate) fn record(&self, failed: bool, slow: bool, now_ms: u64, min_calls: u64) -> bool {
         match self {
-            Window::Count(w) => w.record(failed, slow),
-            Window::Time(w) => w.record(failed, slow, now_ms / 1000),
+            Window::Count(w) => w.record(failed, slow) == min_calls,
+            Window::Time(w) => w.record(failed, slow, now_ms / 1000) == min_calls,
         }
     }
 
@@ -109,18 +111,20 @@ impl CountWindow {
         }
     }
 
+    /// Returns the number of calls recorded since the last clear, this one
+    /// included.
     #[inline]
-    fn record(&self, failed: bool, slow: bool) {
-        let i = self.head.fetch_add(1, Ordering::Relaxed) % self.size;
+    fn record(&self, failed: bool, slow: bool) -> u64 {
+        let n = self.head.fetch_add(1, Ordering::Relaxed);
         let new = CALL | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
-        let slot = &self.slots[i as usize];
+        let slot = &self.slots[(n % self.size) as usize];
         // Replacing a value by the same value changes nothing: skip the write
         // (linearizable as a swap of equal values).
-        if slot.load(Ordering::Relaxed) == new {
-            return;
+        if slot.load(Ordering::Relaxed) != new {
+            let old = slot.swap(new, Ordering::AcqRel);
+            self.apply(old, new);
         }
-        let old = slot.swap(new, Ordering::AcqRel);
-        self.apply(old, new);
+        n + 1
     }
 
     fn apply(&self, old: u8, new: u8) {
@@ -243,12 +247,13 @@ impl TimeWindow {
         }
     }
 
+    /// Returns the calls in the window after this one.
     #[inline]
-    fn record(&self, failed: bool, slow: bool, sec: u64) {
+    fn record(&self, failed: bool, slow: bool, sec: u64) -> u64 {
         let sec = self.advance(sec);
         let b = &self.buckets[(sec % self.size) as usize];
         b.calls.fetch_add(1, Ordering::AcqRel);
-        self.calls.fetch_add(1, Ordering::AcqRel);
+        let calls = self.calls.fetch_add(1, Ordering::AcqRel) + 1;
         if failed {
             b.failures.fetch_add(1, Ordering::AcqRel);
             self.failures.fetch_add(1, Ordering::AcqRel);
@@ -257,6 +262,7 @@ impl TimeWindow {
             b.slow.fetch_add(1, Ordering::AcqRel);
             self.slow.fetch_add(1, Ordering::AcqRel);
         }
+        clamp(calls)
     }
 
     fn counts(&self, sec: u64) -> WindowCounts {
@@ -284,9 +290,9 @@ mod tests {
     #[test]
     fn count_window_evicts_the_oldest_call() {
         let w = Window::count(3);
-        w.record(true, false, 0);
-        w.record(true, true, 0);
-        w.record(false, false, 0);
+        assert!(!w.record(true, false, 0, 3));
+        assert!(!w.record(true, true, 0, 3));
+        w.record(false, false, 0, 3);
         assert_eq!(
             w.counts(0),
             WindowCounts {
@@ -295,7 +301,7 @@ mod tests {
                 slow: 1
             }
         );
-        w.record(false, false, 0);
+        w.record(false, false, 0, 3);
         assert_eq!(
             w.counts(0),
             WindowCounts {
@@ -304,7 +310,7 @@ mod tests {
                 slow: 1
             }
         );
-        w.record(false, false, 0);
+        w.record(false, false, 0, 3);
         assert_eq!(
             w.counts(0),
             WindowCounts {
@@ -320,9 +326,9 @@ mod tests {
     #[test]
     fn time_window_forgets_seconds_that_leave_it() {
         let w = Window::time(3);
-        w.record(true, false, 0);
-        w.record(false, false, 1_500);
-        w.record(true, false, 2_999);
+        w.record(true, false, 0, 3);
+        w.record(false, false, 1_500, 3);
+        assert!(w.record(true, false, 2_999, 3));
         assert_eq!(
             w.counts(2_999),
             WindowCounts {
@@ -342,7 +348,7 @@ mod tests {
         );
         // A long gap empties it.
         assert_eq!(w.counts(100_000), WindowCounts::default());
-        w.record(true, true, 100_000);
+        w.record(true, true, 100_000, 3);
         assert_eq!(
             w.counts(100_000),
             WindowCounts {
