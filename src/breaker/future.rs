@@ -67,7 +67,8 @@ pub(crate) struct Guard<C> {
 }
 
 impl<C> Guard<C> {
-    fn finish<Res>(mut self, result: Result<&Res, &Error>)
+    #[inline]
+    fn finish<Res>(&mut self, result: Result<&Res, &Error>)
     where
         C: Classify<Res>,
     {
@@ -196,30 +197,19 @@ where
                     Err(e) => {
                         let err = Error::from_inner(e);
                         this.kind.set(Kind::Done);
-                        if let Some(g) = this.guard.take() {
+                        if let Some(g) = this.guard.as_mut() {
                             g.finish::<S::Response>(Err(&err));
                         }
                         return Poll::Ready(Err(err));
                     }
                 },
                 KindProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx));
+                    let result = ready!(fut.poll(cx)).map_err(Error::from_inner);
+                    if let Some(g) = this.guard.as_mut() {
+                        g.finish(result.as_ref());
+                    }
                     this.kind.set(Kind::Done);
-                    return Poll::Ready(match result {
-                        Ok(res) => {
-                            if let Some(g) = this.guard.take() {
-                                g.finish(Ok(&res));
-                            }
-                            Ok(res)
-                        }
-                        Err(e) => {
-                            let err = Error::from_inner(e);
-                            if let Some(g) = this.guard.take() {
-                                g.finish::<S::Response>(Err(&err));
-                            }
-                            Err(err)
-                        }
-                    });
+                    return Poll::Ready(result);
                 }
                 KindProj::Done => panic!("breaker ResponseFuture polled after completion"),
             }

@@ -346,6 +346,7 @@ impl Core {
 
     /// Admits a call or says how long until the next probe. The clock is
     /// read only when the state needs it (open or half-open).
+    #[inline]
     pub fn acquire(&self, now: impl Fn() -> u64) -> Result<Ticket, Duration> {
         let result = self.try_acquire(now);
         if let Err(retry_after) = result {
@@ -470,6 +471,7 @@ impl Core {
 
     /// Records a finished call. `hint` is asked only when the call trips the
     /// breaker (a server's "retry after" for the open period).
+    #[inline]
     pub fn complete(
         &self,
         ticket: Ticket,

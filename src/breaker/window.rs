@@ -34,6 +34,7 @@ impl<T> std::ops::Deref for Padded<T> {
 }
 
 /// A sliding window over the last N calls or the last N seconds.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Window {
     Count(CountWindow),
@@ -94,7 +95,7 @@ fn clamp(v: i64) -> u64 {
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     head: Padded<AtomicU64>,
-    failures: AtomicI64,
+    failures: Padded<AtomicI64>,
     slow: AtomicI64,
     slots: Box<[AtomicU8]>,
     size: u64,
@@ -104,7 +105,7 @@ impl CountWindow {
     fn new(size: u32) -> Self {
         Self {
             head: Padded(AtomicU64::new(0)),
-            failures: AtomicI64::new(0),
+            failures: Padded(AtomicI64::new(0)),
             slow: AtomicI64::new(0),
             slots: (0..size).map(|_| AtomicU8::new(EMPTY)).collect(),
             size: u64::from(size),
@@ -115,6 +116,12 @@ impl CountWindow {
     /// included.
     #[inline]
     fn record(&self, failed: bool, slow: bool) -> u64 {
+        if !failed && !slow && self.clean_and_full() {
+            // Every slot holds a success: recording one more would evict a
+            // success and change nothing. Only reads, so clones on other
+            // cores never fight over a cache line.
+            return 0;
+        }
         let n = self.head.fetch_add(1, Ordering::Relaxed);
         let new = CALL | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
         let slot = &self.slots[(n % self.size) as usize];
@@ -125,6 +132,14 @@ impl CountWindow {
             self.apply(old, new);
         }
         n + 1
+    }
+
+    /// The window is full and holds neither failures nor slow calls.
+    #[inline]
+    fn clean_and_full(&self) -> bool {
+        self.failures.load(Ordering::Acquire) == 0
+            && self.slow.load(Ordering::Acquire) == 0
+            && self.head.load(Ordering::Relaxed) >= self.size
     }
 
     fn apply(&self, old: u8, new: u8) {
