@@ -516,8 +516,11 @@ impl Core {
             }
             // A success lowers every rate; it can only trip the breaker by
             // bringing the window up to `min_calls`.
-            if crossed && self.rates_exceeded(t) {
-                self.trip(s, t, hint);
+            if crossed {
+                let t = now();
+                if self.rates_exceeded(t) {
+                    self.trip(s, t, hint);
+                }
             }
             return;
         }
