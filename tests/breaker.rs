@@ -736,7 +736,7 @@ async fn bad_config_is_a_config_error_naming_the_field() {
     let keyed = base()
         .key_by(|r: &u32| *r)
         .max_keys(0)
-        .build::<u32>()
+        .build()
         .unwrap_err();
     assert_eq!(keyed.field, "max_keys");
     // Edges that are valid.

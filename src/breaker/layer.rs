@@ -1,6 +1,7 @@
 //! [`CircuitBreakerLayer`], its builder and the keyed variant's builder.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -306,7 +307,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     /// One breaker per key that `key` extracts from the request (provider,
     /// model, credential), each with this configuration, in a map bounded by
     /// [`max_keys`](KeyedCircuitBreakerLayerBuilder::max_keys).
-    pub fn key_by<Req, K, F>(self, key: F) -> KeyedCircuitBreakerLayerBuilder<C, F>
+    pub fn key_by<Req, K, F>(self, key: F) -> KeyedCircuitBreakerLayerBuilder<C, F, K>
     where
         F: Fn(&Req) -> K,
     {
@@ -314,6 +315,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             base: self,
             key,
             max_keys: 1_024,
+            _key: PhantomData,
         }
     }
 
@@ -431,13 +433,14 @@ impl<C> CircuitBreakerLayerBuilder<C> {
 
 /// Builds a validated [`KeyedCircuitBreakerLayer`]; made by
 /// [`CircuitBreakerLayerBuilder::key_by`].
-pub struct KeyedCircuitBreakerLayerBuilder<C, F> {
+pub struct KeyedCircuitBreakerLayerBuilder<C, F, K> {
     base: CircuitBreakerLayerBuilder<C>,
     key: F,
     max_keys: usize,
+    _key: PhantomData<fn() -> K>,
 }
 
-impl<C, F> fmt::Debug for KeyedCircuitBreakerLayerBuilder<C, F> {
+impl<C, F, K> fmt::Debug for KeyedCircuitBreakerLayerBuilder<C, F, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedCircuitBreakerLayerBuilder")
             .field("base", &self.base)
@@ -446,7 +449,7 @@ impl<C, F> fmt::Debug for KeyedCircuitBreakerLayerBuilder<C, F> {
     }
 }
 
-impl<C, F> KeyedCircuitBreakerLayerBuilder<C, F> {
+impl<C, F, K> KeyedCircuitBreakerLayerBuilder<C, F, K> {
     /// The most keys (breakers) kept at once (at least 1). When a new key
     /// arrives at the bound, a closed breaker is evicted first (its window
     /// is lost, its state was healthy); only if none is closed does the
@@ -457,7 +460,7 @@ impl<C, F> KeyedCircuitBreakerLayerBuilder<C, F> {
     }
 
     /// Checks the values and creates the layer.
-    pub fn build<K>(self) -> Result<KeyedCircuitBreakerLayer<K, F, C>, ConfigError> {
+    pub fn build(self) -> Result<KeyedCircuitBreakerLayer<K, F, C>, ConfigError> {
         if self.max_keys == 0 {
             return Err(ConfigError::new("max_keys", "must be at least 1"));
         }

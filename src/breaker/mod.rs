@@ -82,7 +82,15 @@
 //! through); while it is open it answers ready at once without readying the
 //! inner service, and `call` fails fast. An admitted call without a readied
 //! inner service (a probe, or `call` without `poll_ready`) readies a clone
-//! of the inner service inside the response future.
+//! of the inner service inside the response future (hence `S: Clone`, as
+//! for the retry layer). A refused call leaves a readied inner service
+//! ready for the next call.
+//!
+//! # Clone
+//!
+//! Every clone of the service, and every service the same layer makes,
+//! shares one breaker (one `Arc`, created with the layer); readiness is not
+//! shared: a clone must be polled ready itself.
 //!
 //! # Keyed breakers
 //!

@@ -315,33 +315,33 @@ impl Core {
             .store(gen << 40 | at_ms.min(MS_MASK), Ordering::Release);
     }
 
-    fn emit(&self, event: BreakerEvent) {
-        match event {
-            BreakerEvent::StateChanged { from, to, open_for } => tracing::info!(
-                target: "llm_resilience::breaker",
-                from = from.as_str(),
-                to = to.as_str(),
-                open_for_ms = open_for.map(|d| d.as_millis() as u64),
-                "circuit breaker state changed"
-            ),
-            BreakerEvent::Rejected { state, retry_after } => tracing::debug!(
-                target: "llm_resilience::breaker",
-                state = state.as_str(),
-                retry_after_ms = retry_after.as_millis() as u64,
-                "call rejected by circuit breaker"
-            ),
-        }
+    fn transitioned(&self, from: u64, to: u64, open_for: Option<Duration>) {
+        let (from, to) = (State::from_mode(from), State::from_mode(to));
+        tracing::info!(
+            target: "llm_resilience::breaker",
+            from = from.as_str(),
+            to = to.as_str(),
+            open_for_ms = open_for.map(|d| d.as_millis() as u64),
+            "circuit breaker state changed"
+        );
         if let Some(listener) = &self.settings.listener {
-            listener(&event);
+            listener(&BreakerEvent::StateChanged { from, to, open_for });
         }
     }
 
-    fn transitioned(&self, from: u64, to: u64, open_for: Option<Duration>) {
-        self.emit(BreakerEvent::StateChanged {
-            from: State::from_mode(from),
-            to: State::from_mode(to),
-            open_for,
-        });
+    #[cold]
+    fn rejected(&self, retry_after: Duration) {
+        let state = self.state();
+        tracing::debug!(
+            target: "llm_resilience::breaker",
+            state = state.as_str(),
+            retry_after_ms = retry_after.as_millis() as u64,
+            "call rejected by circuit breaker"
+        );
+        // Nothing is built for a listener that does not exist.
+        if let Some(listener) = &self.settings.listener {
+            listener(&BreakerEvent::Rejected { state, retry_after });
+        }
     }
 
     /// Admits a call or says how long until the next probe. The clock is
@@ -350,10 +350,7 @@ impl Core {
     pub fn acquire(&self, now: impl Fn() -> u64) -> Result<Ticket, Duration> {
         let result = self.try_acquire(now);
         if let Err(retry_after) = result {
-            self.emit(BreakerEvent::Rejected {
-                state: self.state(),
-                retry_after,
-            });
+            self.rejected(retry_after);
         }
         result
     }
