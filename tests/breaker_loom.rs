@@ -2,16 +2,33 @@
 //! the transitions.
 //!
 //! `RUSTFLAGS="--cfg loom" cargo test --release --test breaker_loom`
+//!
+//! The breaker's state machine, window and atomics are compiled into this
+//! test crate from their source files, where `src/breaker/sync.rs` picks
+//! loom's atomics (`cfg(all(loom, test))`): loom checks the real code.
 #![cfg(loom)]
+#![allow(dead_code, unreachable_pub)]
 
+mod classify {
+    pub(crate) use llm_resilience::classify::Reason;
+}
+
+// `state.rs` reaches its siblings as `super::sync` and `super::window`.
+#[path = "../src/breaker/state.rs"]
+mod state;
+#[path = "../src/breaker/sync.rs"]
+mod sync;
+#[path = "../src/breaker/window.rs"]
+mod window;
+
+use std::sync::Arc as StdArc;
 use std::time::Duration;
 
-use llm_resilience::breaker::loom_api::{Core, TicketKind, Verdict};
-use llm_resilience::breaker::{BreakerHandle, CircuitBreakerLayer, State};
-use llm_resilience::classify::Reason;
+use classify::Reason;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use state::{Core, Settings, State, TicketKind, Verdict, WindowSpec};
 
 const PROBES: u32 = 2;
 const LATER: u64 = 1_000_000;
@@ -32,27 +49,42 @@ fn fail() -> Verdict {
     }
 }
 
+fn settings() -> Settings {
+    Settings {
+        window: WindowSpec::Count(2),
+        min_calls: 1,
+        failure_rate: Some(0.5),
+        slow_threshold: None,
+        slow_rate: 1.0,
+        consecutive: Some(1),
+        open_base: Duration::from_millis(1),
+        open_multiplier: 1.0,
+        open_cap: Duration::from_millis(1),
+        open_jitter: 0.0,
+        probes: PROBES,
+        probe_timeout: Duration::from_secs(3_600),
+        hint_cap: None,
+        trip_on: Vec::new(),
+        seed: 1,
+        listener: None,
+    }
+}
+
+fn fresh() -> Arc<Core> {
+    Arc::new(Core::new(
+        StdArc::new(settings()),
+        tokio::time::Instant::now(),
+    ))
+}
+
 /// A breaker tripped at t = 0 for 1 ms, so that at `LATER` it is due for
 /// half-open.
-fn tripped() -> BreakerHandle {
-    let layer = CircuitBreakerLayer::builder()
-        .count_window(2)
-        .min_calls(1)
-        .consecutive_failures(1)
-        .open_duration(Duration::from_millis(1))
-        .open_growth(1.0, Duration::from_millis(1))
-        .open_jitter(0.0)
-        .half_open_probes(PROBES)
-        .probe_timeout(Duration::from_secs(3_600))
-        .seed(1)
-        .build()
-        .unwrap();
-    let h = layer.handle();
-    let core = h.core_for_loom();
+fn tripped() -> Arc<Core> {
+    let core = fresh();
     let t = core.acquire(|| 0).unwrap();
     core.complete(t, fail(), || 0, || None);
     assert_eq!(core.state(), State::Open);
-    h
+    core
 }
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -67,14 +99,13 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 #[test]
 fn half_open_admits_at_most_n_probes_and_never_sticks() {
     model(|| {
-        let h = tripped();
+        let core = tripped();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..3)
             .map(|i| {
-                let h = h.clone();
+                let core = core.clone();
                 let in_flight = in_flight.clone();
                 thread::spawn(move || {
-                    let core: &Core = h.core_for_loom();
                     if let Ok(t) = core.acquire(|| LATER) {
                         assert_eq!(t.kind, TicketKind::Probe);
                         let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
@@ -92,7 +123,6 @@ fn half_open_admits_at_most_n_probes_and_never_sticks() {
         for t in threads {
             t.join().unwrap();
         }
-        let core = h.core_for_loom();
         assert!(matches!(core.state(), State::HalfOpen | State::Closed));
         assert!(core.probes_in_flight() <= PROBES);
         // Not stuck: a caller is admitted (a returned permit, or closed).
@@ -110,34 +140,20 @@ fn half_open_admits_at_most_n_probes_and_never_sticks() {
 #[test]
 fn transitions_ignore_stale_results_and_keep_permits_consistent() {
     model(|| {
-        let layer = CircuitBreakerLayer::builder()
-            .count_window(2)
-            .min_calls(1)
-            .consecutive_failures(1)
-            .open_duration(Duration::from_millis(1))
-            .open_growth(1.0, Duration::from_millis(1))
-            .open_jitter(0.0)
-            .half_open_probes(PROBES)
-            .probe_timeout(Duration::from_secs(3_600))
-            .seed(1)
-            .build()
-            .unwrap();
-        let h = layer.handle();
-        let core = h.core_for_loom();
+        let core = fresh();
         let stale = core.acquire(|| 0).unwrap();
         let t = core.acquire(|| 0).unwrap();
         core.complete(t, fail(), || 0, || None);
         assert_eq!(core.state(), State::Open);
-        let h1 = h.clone();
+        let c1 = core.clone();
         let a = thread::spawn(move || {
-            let core = h1.core_for_loom();
-            if let Ok(t) = core.acquire(|| LATER) {
-                core.complete(t, fail(), || LATER, || None);
+            if let Ok(t) = c1.acquire(|| LATER) {
+                c1.complete(t, fail(), || LATER, || None);
             }
         });
-        let h2 = h.clone();
+        let c2 = core.clone();
         let b = thread::spawn(move || {
-            let core = h2.core_for_loom();
+            let core = c2;
             if let Ok(t) = core.acquire(|| LATER) {
                 core.complete(t, ok(), || LATER, || None);
             }
@@ -165,20 +181,18 @@ fn transitions_ignore_stale_results_and_keep_permits_consistent() {
 #[test]
 fn reset_racing_a_trip_leaves_a_consistent_state() {
     model(|| {
-        let h = tripped();
-        h.reset();
-        let core = h.core_for_loom();
+        let core = tripped();
+        core.set_mode(State::Closed);
         let t = core.acquire(|| LATER).unwrap();
         assert_eq!(t.kind, TicketKind::Closed);
-        let h1 = h.clone();
+        let c1 = core.clone();
         let a = thread::spawn(move || {
-            h1.core_for_loom().complete(t, fail(), || LATER, || None);
+            c1.complete(t, fail(), || LATER, || None);
         });
-        let h2 = h.clone();
-        let b = thread::spawn(move || h2.reset());
+        let c2 = core.clone();
+        let b = thread::spawn(move || c2.set_mode(State::Closed));
         a.join().unwrap();
         b.join().unwrap();
-        let core = h.core_for_loom();
         match core.state() {
             State::Closed => {}
             State::Open => {

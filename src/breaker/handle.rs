@@ -77,11 +77,4 @@ impl BreakerHandle {
     pub fn reset(&self) {
         self.core().set_mode(State::Closed);
     }
-
-    /// The state machine itself, for the loom model tests.
-    #[cfg(loom)]
-    #[doc(hidden)]
-    pub fn core_for_loom(&self) -> &Core {
-        self.core()
-    }
 }

@@ -147,13 +147,6 @@ pub use self::window::WindowCounts;
 use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};
 
-/// The state machine, for the loom model tests only.
-#[cfg(loom)]
-#[doc(hidden)]
-pub mod loom_api {
-    pub use super::state::{Core, Ticket, TicketKind, Verdict};
-}
-
 /// One breaker and its classifier, shared by every clone in one `Arc`.
 pub(crate) struct Shared<C> {
     pub(crate) core: Core,

@@ -1,9 +1,6 @@
 //! The breaker's shared state machine: one atomic word for the state, its
 //! generation and the half-open permits, so that every transition and every
 //! probe reservation is a single compare-and-swap.
-//!
-//! The state machine is public only under `cfg(loom)` (for the model tests).
-#![cfg_attr(not(loom), allow(unreachable_pub))]
 
 use std::fmt;
 use std::sync::Arc;
@@ -183,7 +180,7 @@ impl Word {
 
 /// What a call was admitted as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TicketKind {
+pub(crate) enum TicketKind {
     /// A call in the closed state: its result goes to the window.
     Closed,
     /// A half-open probe holding one of the permits.
@@ -196,21 +193,21 @@ pub enum TicketKind {
 
 /// An admitted call, stamped with the generation it was admitted in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ticket {
+pub(crate) struct Ticket {
     gen: u64,
     /// What the call was admitted as.
-    pub kind: TicketKind,
+    pub(crate) kind: TicketKind,
 }
 
 /// What a finished call means to the breaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// A failure of the target (`Outcome::is_target_failure`).
-    pub failed: bool,
+    pub(crate) failed: bool,
     /// Slower than the slow-call threshold.
-    pub slow: bool,
+    pub(crate) slow: bool,
     /// Why it failed ([`Reason::Ok`] for a success).
-    pub reason: Reason,
+    pub(crate) reason: Reason,
 }
 
 fn ms_ceil(d: Duration) -> u64 {
@@ -228,7 +225,7 @@ fn splitmix(mut x: u64) -> u64 {
 /// One breaker's shared state. Time is passed in as milliseconds since the
 /// breaker's origin, read lazily through a closure so that the closed path
 /// with a count window never reads the clock.
-pub struct Core {
+pub(crate) struct Core {
     state: Padded<AtomicU64>,
     consecutive: Padded<AtomicU32>,
     deadline: AtomicU64,
@@ -273,12 +270,12 @@ impl Core {
     }
 
     /// The current state.
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         State::from_mode(Word(self.state.load(Ordering::Acquire)).mode())
     }
 
     /// Probes issued in the current half-open period (0 in other states).
-    pub fn probes_in_flight(&self) -> u32 {
+    pub(crate) fn probes_in_flight(&self) -> u32 {
         let w = Word(self.state.load(Ordering::Acquire));
         if w.mode() == HALF_OPEN {
             (w.issued() - w.succ()) as u32
@@ -347,7 +344,7 @@ impl Core {
     /// Admits a call or says how long until the next probe. The clock is
     /// read only when the state needs it (open or half-open).
     #[inline]
-    pub fn acquire(&self, now: impl Fn() -> u64) -> Result<Ticket, Duration> {
+    pub(crate) fn acquire(&self, now: impl Fn() -> u64) -> Result<Ticket, Duration> {
         let result = self.try_acquire(now);
         if let Err(retry_after) = result {
             self.rejected(retry_after);
@@ -448,7 +445,7 @@ impl Core {
 
     /// Returns a ticket whose call ended without a verdict (dropped, or a
     /// neutral outcome): a probe gives its permit back.
-    pub fn release(&self, ticket: Ticket) {
+    pub(crate) fn release(&self, ticket: Ticket) {
         if ticket.kind != TicketKind::Probe {
             return;
         }
@@ -469,7 +466,7 @@ impl Core {
     /// Records a finished call. `hint` is asked only when the call trips the
     /// breaker (a server's "retry after" for the open period).
     #[inline]
-    pub fn complete(
+    pub(crate) fn complete(
         &self,
         ticket: Ticket,
         verdict: Verdict,
