@@ -307,9 +307,26 @@ impl Core {
         (d >> 40 == gen).then_some(d & MS_MASK)
     }
 
+    /// Publishes the deadline of generation `gen`, unless a newer
+    /// generation already published its own: a transition's thread can be
+    /// preempted between its compare-and-swap and this store, and a late
+    /// store must not hide the newer deadline (found by loom).
     fn set_deadline(&self, gen: u64, at_ms: u64) {
-        self.deadline
-            .store(gen << 40 | at_ms.min(MS_MASK), Ordering::Release);
+        let new = gen << 40 | at_ms.min(MS_MASK);
+        let mut cur = self.deadline.load(Ordering::Acquire);
+        loop {
+            let ahead = (cur >> 40).wrapping_sub(gen) & GEN_MASK;
+            if ahead != 0 && ahead < GEN_MASK / 2 {
+                return;
+            }
+            match self
+                .deadline
+                .compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     fn transitioned(&self, from: u64, to: u64, open_for: Option<Duration>) {
@@ -513,7 +530,9 @@ impl Core {
             if crossed {
                 let t = now();
                 if self.rates_exceeded(t) {
-                    self.trip(s, t, hint);
+                    // A lost race means another transition happened: the
+                    // closed word changes only on transitions.
+                    let _ = self.trip(s, t, &mut Some(hint));
                 }
             }
             return;
@@ -529,7 +548,7 @@ impl Core {
             self.consecutive.store(0, Ordering::Relaxed);
         }
         if trip || self.rates_exceeded(t) {
-            self.trip(s, t, hint);
+            let _ = self.trip(s, t, &mut Some(hint));
         }
     }
 
@@ -556,6 +575,7 @@ impl Core {
         now: impl Fn() -> u64,
         hint: impl FnOnce() -> Option<Duration>,
     ) {
+        let mut hint = Some(hint);
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             let w = Word(s);
@@ -563,8 +583,16 @@ impl Core {
                 return;
             }
             if v.failed || v.slow {
-                self.trip(s, now(), hint);
-                return;
+                // The word may have moved within this generation (another
+                // probe took or returned a permit): retry, never drop the
+                // failure (found by loom).
+                match self.trip(s, now(), &mut hint) {
+                    Ok(()) => return,
+                    Err(actual) => {
+                        s = actual;
+                        continue;
+                    }
+                }
             }
             let succ = w.succ() + 1;
             if succ >= u64::from(self.settings.probes) {
@@ -589,22 +617,27 @@ impl Core {
     }
 
     /// Opens from the state word `s` (closed or half-open), if it is still
-    /// current.
-    fn trip(&self, s: u64, now_ms: u64, hint: impl FnOnce() -> Option<Duration>) {
+    /// current; otherwise returns the current word.
+    fn trip<H: FnOnce() -> Option<Duration>>(
+        &self,
+        s: u64,
+        now_ms: u64,
+        hint: &mut Option<H>,
+    ) -> Result<(), u64> {
         let w = Word(s);
         let gen = w.next_gen();
-        if self.cas(s, Word::new(OPEN, gen, 0, 0).0).is_err() {
-            return;
-        }
+        self.cas(s, Word::new(OPEN, gen, 0, 0).0)?;
         self.window.clear();
         self.consecutive.store(0, Ordering::Release);
         let n = self.trips.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         let mut open_for = self.open_duration(n, gen);
-        if let (Some(cap), Some(h)) = (self.settings.hint_cap, hint()) {
+        let hint = hint.take().and_then(|h| h());
+        if let (Some(cap), Some(h)) = (self.settings.hint_cap, hint) {
             open_for = open_for.max(h.min(cap));
         }
         self.set_deadline(gen, now_ms.saturating_add(ms_ceil(open_for)));
         self.transitioned(w.mode(), OPEN, Some(open_for));
+        Ok(())
     }
 
     /// The open period after the `n`-th consecutive trip: the base grown by
