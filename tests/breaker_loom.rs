@@ -209,3 +209,66 @@ fn reset_racing_a_trip_leaves_a_consistent_state() {
         }
     });
 }
+
+/// Both permits are held past the probe timeout: one caller starts a fresh
+/// half-open period while the old probes finish (a failure, a drop). The
+/// old results must not touch the new period's permits.
+#[test]
+fn probe_timeout_restarts_half_open_and_ignores_the_old_probes() {
+    model(|| {
+        let core = tripped();
+        let p1 = core.acquire(|| LATER).unwrap();
+        let p2 = core.acquire(|| LATER).unwrap();
+        assert_eq!((p1.kind, p2.kind), (TicketKind::Probe, TicketKind::Probe));
+        let after_timeout = LATER + 3_600_000;
+        let c1 = core.clone();
+        let a = thread::spawn(move || {
+            // Refused only if the old failure re-opened the breaker first.
+            if let Ok(t) = c1.acquire(|| after_timeout) {
+                assert_eq!(t.kind, TicketKind::Probe);
+                c1.complete(t, ok(), || after_timeout, || None);
+            }
+        });
+        let c2 = core.clone();
+        let b = thread::spawn(move || {
+            c2.complete(p1, fail(), || after_timeout, || None);
+            c2.release(p2);
+        });
+        a.join().unwrap();
+        b.join().unwrap();
+        assert!(core.probes_in_flight() <= PROBES);
+        match core.state() {
+            // The old failure won the race before the new period began.
+            State::Open => {}
+            // The new period: one success in, one permit free.
+            State::HalfOpen => {
+                assert_eq!(core.probes_in_flight(), 0);
+                let t = core.acquire(|| after_timeout).expect("a free permit");
+                core.complete(t, ok(), || after_timeout, || None);
+                assert_eq!(core.state(), State::Closed);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+}
+
+/// Two closed-state failures race to trip: the breaker opens exactly once.
+#[test]
+fn concurrent_failures_trip_once() {
+    model(|| {
+        let core = fresh();
+        let t1 = core.acquire(|| 0).unwrap();
+        let t2 = core.acquire(|| 0).unwrap();
+        let c1 = core.clone();
+        let a = thread::spawn(move || c1.complete(t1, fail(), || 5, || None));
+        let c2 = core.clone();
+        let b = thread::spawn(move || c2.complete(t2, fail(), || 5, || None));
+        a.join().unwrap();
+        b.join().unwrap();
+        assert_eq!(core.state(), State::Open);
+        assert_eq!(core.trips(), 1);
+        // Open for exactly the base period from the trip.
+        assert!(core.acquire(|| 5).is_err());
+        assert!(core.acquire(|| 6).is_ok());
+    });
+}

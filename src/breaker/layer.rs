@@ -240,10 +240,10 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self
     }
 
-    /// When every probe permit has been held this long without a result, a
-    /// new half-open period starts with fresh permits (the late results are
-    /// ignored), so a hung probe never leaves the breaker stuck. Above zero;
-    /// default 2 min.
+    /// When a half-open period has lasted this long and every probe permit
+    /// is still taken, the next caller starts a new half-open period with
+    /// fresh permits (the late results of the old probes are ignored), so a
+    /// hung probe never leaves the breaker stuck. Above zero; default 2 min.
     pub fn probe_timeout(mut self, t: Duration) -> Self {
         self.probe_timeout = t;
         self
