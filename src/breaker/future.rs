@@ -61,8 +61,8 @@ where
 /// permit back.
 pub(crate) struct Guard<C> {
     shared: Arc<Shared<C>>,
-    ticket: Ticket,
     start: Option<Instant>,
+    ticket: Ticket,
     armed: bool,
 }
 
@@ -174,6 +174,7 @@ where
 {
     type Output = Result<S::Response, Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {

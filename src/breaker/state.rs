@@ -194,7 +194,7 @@ pub(crate) enum TicketKind {
 /// An admitted call, stamped with the generation it was admitted in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Ticket {
-    gen: u64,
+    gen: u32,
     /// What the call was admitted as.
     pub(crate) kind: TicketKind,
 }
@@ -406,7 +406,7 @@ impl Core {
                         match self.cas(s, next.0) {
                             Ok(()) => {
                                 return Ok(Ticket {
-                                    gen,
+                                    gen: gen as u32,
                                     kind: TicketKind::Probe,
                                 })
                             }
@@ -435,7 +435,10 @@ impl Core {
                     }
                 }
             };
-            return Ok(Ticket { gen, kind });
+            return Ok(Ticket {
+                gen: gen as u32,
+                kind,
+            });
         }
     }
 
@@ -455,7 +458,7 @@ impl Core {
         );
         self.transitioned(w.mode(), HALF_OPEN, None);
         Ok(Ticket {
-            gen,
+            gen: gen as u32,
             kind: TicketKind::Probe,
         })
     }
@@ -469,7 +472,7 @@ impl Core {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             let w = Word(s);
-            if w.mode() != HALF_OPEN || w.gen() != ticket.gen || w.issued() == 0 {
+            if w.mode() != HALF_OPEN || w.gen() != u64::from(ticket.gen) || w.issued() == 0 {
                 return;
             }
             let next = Word::new(HALF_OPEN, w.gen(), w.issued() - 1, w.succ());
@@ -495,7 +498,7 @@ impl Core {
             TicketKind::Probe => self.complete_probe(ticket, verdict, now, hint),
             TicketKind::MetricsOnly => {
                 let w = Word(self.state.load(Ordering::Acquire));
-                if w.mode() == DISABLED && w.gen() == ticket.gen {
+                if w.mode() == DISABLED && w.gen() == u64::from(ticket.gen) {
                     let t = if self.window.needs_clock() { now() } else { 0 };
                     self.window.record(verdict.failed, verdict.slow, t, 0);
                 }
@@ -514,7 +517,7 @@ impl Core {
     ) {
         let s = self.state.load(Ordering::Acquire);
         let w = Word(s);
-        if w.mode() != CLOSED || w.gen() != ticket.gen {
+        if w.mode() != CLOSED || w.gen() != u64::from(ticket.gen) {
             return;
         }
         let st = &self.settings;
@@ -579,7 +582,7 @@ impl Core {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             let w = Word(s);
-            if w.mode() != HALF_OPEN || w.gen() != ticket.gen {
+            if w.mode() != HALF_OPEN || w.gen() != u64::from(ticket.gen) {
                 return;
             }
             if v.failed || v.slow {
