@@ -264,9 +264,9 @@ impl Core {
     /// Milliseconds since the breaker's origin on the tokio clock.
     #[inline]
     pub(crate) fn now_ms(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.origin)
-            .as_millis() as u64
+        let d = Instant::now().saturating_duration_since(self.origin);
+        // Not `as_millis()`: that divides a `u128`.
+        d.as_secs() * 1_000 + u64::from(d.subsec_millis())
     }
 
     /// The current state.
