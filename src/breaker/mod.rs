@@ -97,7 +97,9 @@
 //! [`key_by`](CircuitBreakerLayerBuilder::key_by) makes a
 //! [`KeyedCircuitBreakerLayer`]: one breaker per key extracted from the
 //! request (provider, model, credential), each independent, in a map
-//! bounded by `max_keys`.
+//! bounded by `max_keys`. Events and `tracing` records never carry the key
+//! (it may be a credential); query a key's breaker through the
+//! [`KeyedBreakerHandle`].
 //!
 //! # Observability
 //!
@@ -109,12 +111,15 @@
 //!
 //! # Cost
 //!
-//! A closed breaker with a count window costs, per call: one atomic load
-//! in `poll_ready`, one in `call`, an `Arc` clone for the future, and on a
-//! success one `fetch_add` plus one load of the window slot (the slot is
-//! written only when it held something else). No lock, no allocation, no
-//! clock read. A time window adds a clock read and two atomic adds; the
-//! slow-call rule adds two clock reads.
+//! A closed breaker with a count window costs, per call: an atomic load in
+//! `poll_ready` and one in `call`, an `Arc` clone for the response future
+//! (dropped with it), and on a success a few atomic loads: a success in a
+//! full window that holds no failure writes nothing shared, otherwise one
+//! `fetch_add` and one slot swap. No lock, no allocation, no clock read.
+//! A time window adds a clock read and two atomic adds per call (and a short
+//! lock once per second to roll its buckets); the slow-call rule adds two
+//! clock reads. A keyed breaker adds a read lock on its map per call. See
+//! `BENCHMARKS.md` for the figures against tower-resilience and failsafe.
 //!
 //! [`Error::CircuitOpen`]: crate::Error::CircuitOpen
 //! [`Outcome::is_target_failure`]: crate::classify::Outcome::is_target_failure
