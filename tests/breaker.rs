@@ -733,11 +733,7 @@ async fn bad_config_is_a_config_error_naming_the_field() {
     assert_eq!(field(base().open_jitter(1.0)), "open_jitter");
     assert_eq!(field(base().probe_timeout(Duration::ZERO)), "probe_timeout");
     assert_eq!(field(base().server_hints(Duration::ZERO)), "server_hints");
-    let keyed = base()
-        .key_by(|r: &u32| *r)
-        .max_keys(0)
-        .build()
-        .unwrap_err();
+    let keyed = base().key_by(|r: &u32| *r).max_keys(0).build().unwrap_err();
     assert_eq!(keyed.field, "max_keys");
     // Edges that are valid.
     base().failure_rate(0.0).build().unwrap();
