@@ -375,4 +375,52 @@ mod tests {
         w.clear();
         assert_eq!(w.counts(100_000), WindowCounts::default());
     }
+
+    proptest::proptest! {
+        /// The count window equals "the last N calls" of a plain list.
+        #[test]
+        fn count_window_matches_a_plain_list(
+            size in 1u32..8,
+            calls in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY), 0..60),
+        ) {
+            let w = Window::count(size);
+            let mut all = Vec::new();
+            for (failed, slow) in calls {
+                w.record(failed, slow, 0, 1);
+                all.push((failed, slow));
+                let last: Vec<_> = all.iter().rev().take(size as usize).collect();
+                let want = WindowCounts {
+                    calls: last.len() as u64,
+                    failures: last.iter().filter(|c| c.0).count() as u64,
+                    slow: last.iter().filter(|c| c.1).count() as u64,
+                };
+                proptest::prop_assert_eq!(w.counts(0), want);
+            }
+        }
+
+        /// The time window equals "the calls of the last N seconds" of a
+        /// plain list, across gaps of any length.
+        #[test]
+        fn time_window_matches_a_plain_list(
+            size in 1u32..6,
+            steps in proptest::collection::vec((0u64..4_000, proptest::bool::ANY, proptest::bool::ANY), 0..60),
+        ) {
+            let w = Window::time(size);
+            let mut now = 0u64;
+            let mut all: Vec<(u64, bool, bool)> = Vec::new();
+            for (gap, failed, slow) in steps {
+                now += gap;
+                w.record(failed, slow, now, 1);
+                all.push((now / 1000, failed, slow));
+                let sec = now / 1000;
+                let live: Vec<_> = all.iter().filter(|c| c.0 + u64::from(size) > sec).collect();
+                let want = WindowCounts {
+                    calls: live.len() as u64,
+                    failures: live.iter().filter(|c| c.1).count() as u64,
+                    slow: live.iter().filter(|c| c.2).count() as u64,
+                };
+                proptest::prop_assert_eq!(w.counts(now), want);
+            }
+        }
+    }
 }
