@@ -775,3 +775,44 @@ async fn keyed_breaker_keeps_the_tower_contract() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn llm_defaults_trip_on_five_consecutive_failures_or_at_once_on_quota() {
+    let layer = CircuitBreakerLayer::llm_defaults();
+    let h = layer.handle();
+    let (mut svc, _) = service(&layer);
+    for _ in 0..4 {
+        send(&mut svc, Req::Fail).await.unwrap_err();
+    }
+    assert_eq!(h.state(), State::Closed);
+    send(&mut svc, Req::Fail).await.unwrap_err();
+    assert_eq!(h.state(), State::Open);
+    // Open for 15 s shortened by at most 10 % jitter.
+    let d = open_for(send(&mut svc, Req::Ok).await);
+    assert!(
+        d > Duration::from_millis(13_500) && d <= Duration::from_secs(15),
+        "{d:?}"
+    );
+
+    let layer = CircuitBreakerLayer::llm_defaults();
+    let h = layer.handle();
+    let (mut svc, _) = service(&layer);
+    send(&mut svc, Req::Quota(None)).await.unwrap_err();
+    assert_eq!(h.state(), State::Open, "an exhausted quota trips at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_seed_gives_the_same_jittered_open_periods() {
+    let periods = |seed| async move {
+        let layer = base()
+            .consecutive_failures(1)
+            .open_jitter(0.5)
+            .seed(seed)
+            .build()
+            .unwrap();
+        let (mut svc, _) = service(&layer);
+        send(&mut svc, Req::Fail).await.unwrap_err();
+        open_for(send(&mut svc, Req::Ok).await)
+    };
+    assert_eq!(periods(42).await, periods(42).await);
+}
