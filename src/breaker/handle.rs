@@ -55,7 +55,8 @@ impl BreakerHandle {
     }
 
     /// Refuses every call until [`reset`](Self::reset) (or another manual
-    /// state).
+    /// state). No probe is scheduled, so refused callers are told the base
+    /// open duration as their `retry_after`.
     pub fn force_open(&self) {
         self.core().set_mode(State::ForcedOpen);
     }
