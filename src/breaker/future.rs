@@ -1,0 +1,219 @@
+//! The breaker's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::state::{Ticket, Verdict};
+use super::Shared;
+use crate::classify::{hint, Classify, HttpError, Outcome};
+use crate::error::{BoxError, Error};
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, Req, F> {
+        // Refused: the answer is ready.
+        Rejected { retry_after: Duration },
+        // Admitted, waiting for the owned (cloned) service to be ready,
+        // because `call` came without a successful `poll_ready`.
+        Readying { svc: S, req: Option<Req> },
+        // The inner call is in flight.
+        Calling { #[pin] fut: F },
+        // Finished; polling again is a bug of the caller.
+        Done,
+    }
+}
+
+pin_project! {
+    /// The future of [`CircuitBreaker`](super::CircuitBreaker) and
+    /// [`KeyedCircuitBreaker`](super::KeyedCircuitBreaker): the inner call,
+    /// or the refusal, plus the admission that is recorded when it ends (or
+    /// given back when it is dropped).
+    pub struct ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        kind: Kind<S, Req, S::Future>,
+        guard: Option<Guard<C>>,
+    }
+}
+
+impl<S, Req, C> fmt::Debug for ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("admitted", &self.guard.as_ref().map(|g| g.ticket.kind))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An admitted call's ticket; dropped without a result, it gives a probe's
+/// permit back.
+pub(crate) struct Guard<C> {
+    shared: Arc<Shared<C>>,
+    start: Option<Instant>,
+    ticket: Ticket,
+    armed: bool,
+}
+
+impl<C> Guard<C> {
+    #[inline]
+    fn finish<Res>(&mut self, result: Result<&Res, &Error>)
+    where
+        C: Classify<Res>,
+    {
+        // Recorded here, one way or the other: nothing to give back on drop.
+        self.armed = false;
+        let outcome = self.shared.classifier.classify(result);
+        let core = &self.shared.core;
+        if !outcome.is_success() && !outcome.is_target_failure() {
+            // Neutral (a bad request): the target answered correctly.
+            core.release(self.ticket);
+            return;
+        }
+        let slow = match (self.start, core.settings().slow_threshold) {
+            (Some(start), Some(threshold)) => start.elapsed() > threshold,
+            _ => false,
+        };
+        let verdict = Verdict {
+            failed: outcome.is_target_failure(),
+            slow,
+            reason: outcome.reason(),
+        };
+        core.complete(
+            self.ticket,
+            verdict,
+            || core.now_ms(),
+            || server_hint(&outcome, result.err()),
+        );
+    }
+}
+
+impl<C> Drop for Guard<C> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.core.release(self.ticket);
+        }
+    }
+}
+
+/// The server's wait hint carried by a tripping failure: the classifier's
+/// for a transient outcome, else the headers of an [`HttpError`] in the
+/// error's source chain (a 429 `insufficient_quota` with `retry-after`).
+fn server_hint(outcome: &Outcome, err: Option<&Error>) -> Option<Duration> {
+    if let Outcome::Transient {
+        retry_after: Some(d),
+        ..
+    } = outcome
+    {
+        return Some(*d);
+    }
+    let http = err?.upstream_ref::<HttpError>()?;
+    hint::server_hint(http, SystemTime::now())
+}
+
+impl<S, Req, C> ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+{
+    pub(crate) fn rejected(retry_after: Duration) -> Self {
+        Self {
+            kind: Kind::Rejected { retry_after },
+            guard: None,
+        }
+    }
+
+    pub(crate) fn calling(
+        fut: S::Future,
+        shared: Arc<Shared<C>>,
+        ticket: Ticket,
+        start: Option<Instant>,
+    ) -> Self {
+        Self {
+            kind: Kind::Calling { fut },
+            guard: Some(Guard {
+                shared,
+                ticket,
+                start,
+                armed: true,
+            }),
+        }
+    }
+
+    pub(crate) fn readying(svc: S, req: Req, shared: Arc<Shared<C>>, ticket: Ticket) -> Self {
+        Self {
+            kind: Kind::Readying {
+                svc,
+                req: Some(req),
+            },
+            guard: Some(Guard {
+                shared,
+                ticket,
+                start: None,
+                armed: true,
+            }),
+        }
+    }
+}
+
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Output = Result<S::Response, Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.kind.as_mut().project() {
+                KindProj::Rejected { retry_after } => {
+                    let retry_after = *retry_after;
+                    this.kind.set(Kind::Done);
+                    return Poll::Ready(Err(Error::CircuitOpen { retry_after }));
+                }
+                KindProj::Readying { svc, req } => match ready!(svc.poll_ready(cx)) {
+                    Ok(()) => {
+                        let req = req.take().expect("request taken once");
+                        let fut = svc.call(req);
+                        if let Some(g) = this.guard.as_mut() {
+                            if g.shared.core.settings().slow_threshold.is_some() {
+                                g.start = Some(Instant::now());
+                            }
+                        }
+                        this.kind.set(Kind::Calling { fut });
+                    }
+                    Err(e) => {
+                        let err = Error::from_inner(e);
+                        this.kind.set(Kind::Done);
+                        if let Some(g) = this.guard.as_mut() {
+                            g.finish::<S::Response>(Err(&err));
+                        }
+                        return Poll::Ready(Err(err));
+                    }
+                },
+                KindProj::Calling { fut } => {
+                    let result = ready!(fut.poll(cx)).map_err(Error::from_inner);
+                    if let Some(g) = this.guard.as_mut() {
+                        g.finish(result.as_ref());
+                    }
+                    this.kind.set(Kind::Done);
+                    return Poll::Ready(result);
+                }
+                KindProj::Done => panic!("breaker ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
