@@ -90,8 +90,7 @@ pin_project! {
     {
         #[pin]
         state: State<S, S::Future, Req>,
-        #[pin]
-        timer: Option<Sleep>,
+        timer: Option<Pin<Box<Sleep>>>,
         permit: Option<Permit>,
         meta: Option<Box<Meta>>,
     }
@@ -203,7 +202,7 @@ where
             Some(permit),
             Some(meta),
         );
-        fut.timer = deadline.map(sleep_until);
+        fut.timer = timer_at(deadline);
         fut
     }
 
@@ -240,7 +239,7 @@ where
                     Some(p),
                     None,
                 );
-                fut.timer = deadline.map(sleep_until);
+                fut.timer = timer_at(deadline);
                 fut.meta = Some(meta);
                 fut
             }
@@ -260,7 +259,7 @@ where
                     None,
                     Some(meta),
                 );
-                fut.timer = at.map(sleep_until);
+                fut.timer = timer_at(at);
                 fut
             }
         }
@@ -293,9 +292,15 @@ where
             None,
             Some(meta),
         );
-        fut.timer = deadline.map(sleep_until);
+        fut.timer = timer_at(deadline);
         fut
     }
+}
+
+/// A boxed timer (slow path only), so that the fast path's future stays
+/// small.
+fn timer_at(at: Option<Instant>) -> Option<Pin<Box<Sleep>>> {
+    at.map(|at| Box::pin(sleep_until(at)))
 }
 
 /// The earlier of the deadline and the end of the maximum wait, and which
@@ -350,8 +355,8 @@ where
                         .expect("admitting futures keep their meta");
                     match poll_admit(shared, wait, meta.max_wait, cx) {
                         Poll::Pending => {
-                            if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                                ready!(timer.poll(cx));
+                            if let Some(timer) = this.timer.as_mut() {
+                                ready!(timer.as_mut().poll(cx));
                                 let shared = Arc::clone(shared);
                                 this.state.set(State::Done);
                                 count_expired(&shared, Some(meta.priority), None);
@@ -389,7 +394,7 @@ where
                                 meta,
                             } = next;
                             this.state.set(state);
-                            this.timer.set(timer);
+                            *this.timer = timer;
                             *this.permit = permit;
                             *this.meta = meta;
                         }
@@ -417,7 +422,7 @@ where
                             let (service, req) = (service.take(), req.take());
                             *this.permit = Some(p);
                             // Only the deadline applies from here on.
-                            this.timer.set(meta.deadline.map(sleep_until));
+                            *this.timer = timer_at(meta.deadline);
                             meta.expiry = Expiry::Deadline;
                             this.state.set(State::Readying { service, req });
                         }
@@ -432,10 +437,10 @@ where
                             });
                         }
                         Poll::Pending => {
-                            let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                            let Some(timer) = this.timer.as_mut() else {
                                 return Poll::Pending;
                             };
-                            ready!(timer.poll(cx));
+                            ready!(timer.as_mut().poll(cx));
                             let entry = entry.take().expect("a queued future keeps its entry");
                             let shared = Arc::clone(entry.shared());
                             entry.withdraw();
@@ -496,7 +501,7 @@ where
                             let req = req.take().expect("a readying future keeps its request");
                             match catch_unwind(AssertUnwindSafe(|| svc.call(req))) {
                                 Ok(fut) => {
-                                    this.timer.set(None);
+                                    *this.timer = None;
                                     this.state.set(State::Calling { fut });
                                 }
                                 Err(payload) => {
@@ -512,10 +517,10 @@ where
                             return Poll::Ready(Err(Error::from_inner(e)));
                         }
                         Poll::Pending => {
-                            let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                            let Some(timer) = this.timer.as_mut() else {
                                 return Poll::Pending;
                             };
-                            ready!(timer.poll(cx));
+                            ready!(timer.as_mut().poll(cx));
                             let priority = this.meta.as_ref().map(|m| m.priority);
                             this.state.set(State::Done);
                             if let Some(p) = this.permit.take() {
