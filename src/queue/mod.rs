@@ -150,7 +150,7 @@ pub use self::future::{InnerPanicked, ResponseFuture};
 pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
-use self::state::{Admission, Entry, Grant, Permit, Shared, Slot};
+use self::state::{Admission, Entry, Grant, Local, Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
 
 /// A request's class. Higher classes are served first, with
@@ -345,6 +345,10 @@ pub struct Queue<S, P = SamePriority, D = NoDeadline> {
     policy: Arc<Policy<P, D>>,
     reserved: Reserved,
     wait: Option<Box<Waiting>>,
+    /// This service's own reference for its fast-path permits, made on its
+    /// second call (so a clone used for one call allocates nothing).
+    local: Option<Local>,
+    called: bool,
 }
 
 impl<S, P, D> Queue<S, P, D> {
@@ -355,6 +359,25 @@ impl<S, P, D> Queue<S, P, D> {
             policy,
             reserved: Reserved::None,
             wait: None,
+            local: None,
+            called: false,
+        }
+    }
+
+    /// Wraps a permit taken on the fast path.
+    #[inline]
+    fn fast_permit(&mut self) -> Permit {
+        match &self.local {
+            Some(local) => Permit::taken_local(Arc::clone(local)),
+            None if self.called => {
+                let local = Arc::new(Arc::clone(&self.shared));
+                self.local = Some(Arc::clone(&local));
+                Permit::taken_local(local)
+            }
+            None => {
+                self.called = true;
+                Permit::new(Arc::clone(&self.shared))
+            }
         }
     }
 
@@ -445,17 +468,14 @@ where
                 }
                 Reserved::None => {
                     let admitted = if self.wait.is_none() {
-                        match self.shared.try_acquire() {
-                            Some(p) => Admitted::Permit(p),
-                            None => match poll_admit(
-                                &self.shared,
-                                &mut self.wait,
-                                self.policy.max_wait,
-                                cx,
-                            ) {
+                        if self.shared.try_take() {
+                            Admitted::Permit(self.fast_permit())
+                        } else {
+                            match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx)
+                            {
                                 Poll::Ready(a) => a,
                                 Poll::Pending => return Poll::Pending,
-                            },
+                            }
                         }
                     } else {
                         match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {

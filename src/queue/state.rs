@@ -303,20 +303,23 @@ impl Shared {
     /// waits.
     #[inline]
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        self.try_take().then(|| Permit::new(Arc::clone(self)))
+    }
+
+    /// The compare-and-swap of [`try_acquire`](Self::try_acquire), without
+    /// making the guard.
+    #[inline]
+    pub(crate) fn try_take(&self) -> bool {
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
             if s & (WAITERS | CLOSED) != 0 || s < ONE {
-                return None;
+                return false;
             }
             match self
                 .state
                 .compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => {
-                    return Some(Permit {
-                        shared: Arc::clone(self),
-                    })
-                }
+                Ok(_) => return true,
                 Err(actual) => s = actual,
             }
         }
@@ -430,9 +433,7 @@ impl Shared {
             // No waiter can exist while a permit is free, so this does not
             // overtake anyone.
             drop(l);
-            return Admission::Permit(Permit {
-                shared: Arc::clone(self),
-            });
+            return Admission::Permit(Permit::new(Arc::clone(self)));
         }
         if l.depth < self.capacity {
             l.depth += 1;
@@ -446,9 +447,7 @@ impl Shared {
         }
         if self.take_permit_or_flag() {
             drop(l);
-            return Admission::Permit(Permit {
-                shared: Arc::clone(self),
-            });
+            return Admission::Permit(Permit::new(Arc::clone(self)));
         }
         let now = Instant::now();
         let idx = l.push(SLOT_LIST, 0, Some(waker.clone()));
@@ -480,9 +479,7 @@ impl Shared {
             } else if self.take_permit_or_flag() {
                 self.release_slot_locked(&mut l, &mut wakes);
                 self.after_change(&l);
-                Enqueued::Permit(Permit {
-                    shared: Arc::clone(self),
-                })
+                Enqueued::Permit(Permit::new(Arc::clone(self)))
             } else {
                 let class = priority as u64;
                 let vt = u64::try_from(since.saturating_duration_since(self.base).as_nanos())
@@ -577,10 +574,22 @@ impl Shared {
     }
 }
 
+/// A service's own reference to the queue, shared with the futures of its
+/// calls only: cloning it touches a cache line that the other callers do
+/// not, where cloning the queue's `Arc` would bounce that line between
+/// cores on every call.
+pub(crate) type Local = Arc<Arc<Shared>>;
+
+/// Whose reference a permit keeps.
+enum Owner {
+    Shared(Arc<Shared>),
+    Local(Local),
+}
+
 /// A permit to call the inner service; returned (or handed to the next
 /// waiter) on drop.
 pub(crate) struct Permit {
-    shared: Arc<Shared>,
+    owner: Owner,
 }
 
 impl std::fmt::Debug for Permit {
@@ -590,15 +599,40 @@ impl std::fmt::Debug for Permit {
 }
 
 impl Permit {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            owner: Owner::Shared(shared),
+        }
+    }
+
+    /// A permit already taken with [`Shared::try_take`], kept through a
+    /// service's [`Local`] reference.
+    pub(crate) fn taken_local(local: Local) -> Self {
+        Self {
+            owner: Owner::Local(local),
+        }
+    }
+
+    #[inline]
+    fn shared(&self) -> &Shared {
+        match &self.owner {
+            Owner::Shared(s) => s,
+            Owner::Local(l) => l,
+        }
+    }
+
     pub(crate) fn shared_arc(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
+        match &self.owner {
+            Owner::Shared(s) => Arc::clone(s),
+            Owner::Local(l) => Arc::clone(l),
+        }
     }
 }
 
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        self.shared.release_permit();
+        self.shared().release_permit();
     }
 }
 
@@ -677,9 +711,7 @@ impl Entry {
                 }
                 return Poll::Pending;
             }
-            NodeState::Permit => Grant::Permit(Permit {
-                shared: Arc::clone(&self.shared),
-            }),
+            NodeState::Permit => Grant::Permit(Permit::new(Arc::clone(&self.shared))),
             NodeState::Slot => Grant::Slot(Slot {
                 shared: Arc::clone(&self.shared),
                 armed: true,
