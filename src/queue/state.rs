@@ -399,6 +399,21 @@ impl Shared {
         }
     }
 
+    /// Takes a free permit if there is one. Called under the lock.
+    fn take_permit_only(&self) -> bool {
+        let mut s = self.state.load(Ordering::Acquire);
+        while s >= ONE {
+            match self
+                .state
+                .compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(actual) => s = actual,
+            }
+        }
+        false
+    }
+
     /// Takes the flag `WAITERS` unless a permit is free, in which case it is
     /// taken instead (returned as `true`). Called under the lock.
     fn take_permit_or_flag(&self) -> bool {
@@ -428,8 +443,7 @@ impl Shared {
         if l.closed {
             return Admission::Closed;
         }
-        let s = self.state.load(Ordering::Acquire);
-        if s >= ONE && self.take_permit_or_flag() {
+        if self.take_permit_only() {
             // No waiter can exist while a permit is free, so this does not
             // overtake anyone.
             drop(l);
