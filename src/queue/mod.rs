@@ -467,22 +467,27 @@ where
                     };
                 }
                 Reserved::None => {
-                    let admitted = if self.wait.is_none() {
-                        if self.shared.try_take() {
-                            Admitted::Permit(self.fast_permit())
-                        } else {
-                            match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx)
-                            {
-                                Poll::Ready(a) => a,
-                                Poll::Pending => return Poll::Pending,
+                    if self.wait.is_none() && self.shared.try_take() {
+                        // The uncontended path: a permit, then the inner
+                        // service, in one go.
+                        let permit = self.fast_permit();
+                        return match self.inner.poll_ready(cx) {
+                            Poll::Ready(Ok(())) => {
+                                self.reserved = Reserved::Ready(permit);
+                                Poll::Ready(Ok(()))
                             }
-                        }
-                    } else {
+                            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
+                            Poll::Pending => {
+                                self.reserved = Reserved::Permit(permit);
+                                Poll::Pending
+                            }
+                        };
+                    }
+                    let admitted =
                         match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {
                             Poll::Ready(a) => a,
                             Poll::Pending => return Poll::Pending,
-                        }
-                    };
+                        };
                     self.reserved = match admitted {
                         Admitted::Permit(p) => Reserved::Permit(p),
                         Admitted::Slot(s, since) => Reserved::Slot(s, since),
