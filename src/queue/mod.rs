@@ -150,7 +150,7 @@ pub use self::future::{InnerPanicked, ResponseFuture};
 pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
-use self::state::{Admission, Entry, Grant, Local, Permit, Shared, Slot};
+use self::state::{Admission, Entry, Grant, Local, LocalRef, Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
 
 /// A request's class. Higher classes are served first, with
@@ -370,7 +370,7 @@ impl<S, P, D> Queue<S, P, D> {
         match &self.local {
             Some(local) => Permit::taken_local(Arc::clone(local)),
             None if self.called => {
-                let local = Arc::new(Arc::clone(&self.shared));
+                let local = Arc::new(LocalRef(Arc::clone(&self.shared)));
                 self.local = Some(Arc::clone(&local));
                 Permit::taken_local(local)
             }

@@ -592,7 +592,12 @@ impl Shared {
 /// calls only: cloning it touches a cache line that the other callers do
 /// not, where cloning the queue's `Arc` would bounce that line between
 /// cores on every call.
-pub(crate) type Local = Arc<Arc<Shared>>;
+pub(crate) type Local = Arc<LocalRef>;
+
+/// The target of a [`Local`]: cache-line aligned, so that two services'
+/// references never share a line.
+#[repr(align(128))]
+pub(crate) struct LocalRef(pub(crate) Arc<Shared>);
 
 /// Whose reference a permit keeps.
 enum Owner {
@@ -631,14 +636,14 @@ impl Permit {
     fn shared(&self) -> &Shared {
         match &self.owner {
             Owner::Shared(s) => s,
-            Owner::Local(l) => l,
+            Owner::Local(l) => &l.0,
         }
     }
 
     pub(crate) fn shared_arc(&self) -> Arc<Shared> {
         match &self.owner {
             Owner::Shared(s) => Arc::clone(s),
-            Owner::Local(l) => Arc::clone(l),
+            Owner::Local(l) => Arc::clone(&l.0),
         }
     }
 }
