@@ -266,10 +266,63 @@ fn report_allocations() {
     println!("  tower_buffer             {buffer:.3}");
 }
 
+/// Queue and `Buffer` measured in alternation, round after round, so that
+/// load from other processes hits both alike; prints the median ratio.
+fn paired_ratios() {
+    fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    }
+    const ROUNDS: usize = 21;
+    let rt = current_thread();
+    let mut q = queue(32, 1_000, false);
+    let mut buf = rt.block_on(async { Buffer::new(Echo { yields: false }, 1_000) });
+    let mut ratios = Vec::new();
+    for _ in 0..ROUNDS {
+        let tq = timed(&rt, &mut q, 20_000);
+        let tb = timed(&rt, &mut buf, 20_000);
+        ratios.push(tb.as_secs_f64() / tq.as_secs_f64());
+    }
+    let (med, lo, hi) = median(ratios);
+    println!(
+        "paired uncontended: Buffer round trip / queue round trip = {med:.1} (median of {ROUNDS}; min {lo:.1}, max {hi:.1})"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for yields in [false, true] {
+        let q = queue(16, 1_000, yields);
+        let buf = rt.block_on(async { Buffer::new(Echo { yields }, 1_000) });
+        let mut ratios = Vec::new();
+        for _ in 0..ROUNDS {
+            let (tq, tb) = rt.block_on(async {
+                let mut tq = Duration::ZERO;
+                let mut tb = Duration::ZERO;
+                for _ in 0..4 {
+                    tq += contended_batch(q.clone()).await;
+                    tb += contended_batch(buf.clone()).await;
+                }
+                (tq, tb)
+            });
+            ratios.push(tb.as_secs_f64() / tq.as_secs_f64());
+        }
+        let (med, lo, hi) = median(ratios);
+        println!(
+            "paired contended (inner {}): queue throughput / Buffer throughput = {med:.1} (median of {ROUNDS}; min {lo:.1}, max {hi:.1})",
+            if yields { "yields" } else { "instant" }
+        );
+    }
+}
+
 criterion_group!(benches, uncontended, contended);
 
 fn main() {
     report_allocations();
+    if std::env::args().any(|a| a == "--bench") {
+        paired_ratios();
+    }
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
