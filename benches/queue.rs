@@ -217,6 +217,24 @@ fn contended(c: &mut Criterion) {
                 });
             },
         );
+        let limited =
+            rt.block_on(async { Buffer::new(ConcurrencyLimit::new(Echo { yields }, 16), 1_000) });
+        g.bench_with_input(
+            BenchmarkId::new("tower_buffer_over_concurrency_limit", inner),
+            &limited,
+            |b, buf| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let buf = buf.clone();
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += contended_batch(buf.clone()).await;
+                        }
+                        total
+                    }
+                });
+            },
+        );
         let buf = rt.block_on(async { Buffer::new(Echo { yields }, 1_000) });
         g.bench_with_input(BenchmarkId::new("tower_buffer", inner), &buf, |b, buf| {
             b.to_async(&rt).iter_custom(|iters| {
