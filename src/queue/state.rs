@@ -187,6 +187,18 @@ impl Wakes {
     }
 }
 
+/// A value on a cache line (pair) of its own.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Counters of slow-path events (the fast path counts nothing).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -201,15 +213,18 @@ pub(crate) struct Counters {
 
 /// What the queue holds in common.
 pub(crate) struct Shared {
-    state: AtomicUsize,
+    /// The permit word, alone on its cache line (as are the lock and the
+    /// counters), so that the slow path's traffic does not slow the fast
+    /// path's compare-and-swaps.
+    state: Padded<AtomicUsize>,
     pub(crate) concurrency: usize,
     pub(crate) capacity: usize,
     pub(crate) reject: bool,
     age_after: u64,
     base: Instant,
-    lists: Mutex<Lists>,
+    lists: Padded<Mutex<Lists>>,
     listener: Option<Listener>,
-    pub(crate) counters: Counters,
+    pub(crate) counters: Padded<Counters>,
     idle: Notify,
 }
 
@@ -255,15 +270,15 @@ impl Shared {
         listener: Option<Listener>,
     ) -> Self {
         Self {
-            state: AtomicUsize::new(concurrency * ONE),
+            state: Padded(AtomicUsize::new(concurrency * ONE)),
             concurrency,
             capacity,
             reject,
             age_after: u64::try_from(age_after.as_nanos()).unwrap_or(u64::MAX / 4),
             base: Instant::now(),
-            lists: Mutex::new(Lists::new()),
+            lists: Padded(Mutex::new(Lists::new())),
             listener,
-            counters: Counters::default(),
+            counters: Padded(Counters::default()),
             idle: Notify::new(),
         }
     }
