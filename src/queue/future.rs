@@ -107,7 +107,14 @@ pin_project! {
             service: Option<S>,
             req: Option<Req>,
         },
-        Queued { entry: Option<Entry>, service: Option<S>, req: Option<Req> },
+        Queued {
+            // The place, until the first poll puts the request in its list
+            // (with the task's waker, in one critical section).
+            slot: Option<Slot>,
+            entry: Option<Entry>,
+            service: Option<S>,
+            req: Option<Req>,
+        },
         Readying { service: Option<S>, req: Option<Req> },
         Done,
     }
@@ -228,41 +235,20 @@ where
             drop(slot);
             return Self::expired(&shared, Some(priority));
         }
-        let shared = Arc::clone(slot.shared());
-        match shared.enqueue(slot, priority, since) {
-            Enqueued::Permit(p) => {
-                let mut fut = Self::new(
-                    State::Readying {
-                        service: Some(service),
-                        req: Some(req),
-                    },
-                    Some(p),
-                    None,
-                );
-                fut.timer = timer_at(deadline);
-                fut.meta = Some(meta);
-                fut
-            }
-            Enqueued::Closed => {
-                shared.counters.shut_out.fetch_add(1, Ordering::Relaxed);
-                Self::failed(Error::Shutdown)
-            }
-            Enqueued::Entry(entry) => {
-                let (at, expiry) = wait_limit(deadline, max_wait.map(|d| since + d));
-                meta.expiry = expiry;
-                let mut fut = Self::new(
-                    State::Queued {
-                        entry: Some(entry),
-                        service: Some(service),
-                        req: Some(req),
-                    },
-                    None,
-                    Some(meta),
-                );
-                fut.timer = timer_at(at);
-                fut
-            }
-        }
+        let (at, expiry) = wait_limit(deadline, max_wait.map(|d| since + d));
+        meta.expiry = expiry;
+        let mut fut = Self::new(
+            State::Queued {
+                slot: Some(slot),
+                entry: None,
+                service: Some(service),
+                req: Some(req),
+            },
+            None,
+            Some(meta),
+        );
+        fut.timer = timer_at(at);
+        fut
     }
 
     /// `call` came without `poll_ready`: admission happens in `poll`.
@@ -401,13 +387,42 @@ where
                     }
                 }
                 StateProj::Queued {
+                    slot,
                     entry,
                     service,
                     req,
                 } => {
                     let meta = this.meta.as_mut().expect("queued futures keep their meta");
+                    let mut fresh = false;
+                    if let Some(slot) = slot.take() {
+                        let shared = Arc::clone(slot.shared());
+                        let since = meta.since.unwrap_or_else(Instant::now);
+                        match shared.enqueue(slot, meta.priority, since, cx.waker()) {
+                            Enqueued::Entry(e) => {
+                                *entry = Some(e);
+                                // Its waker is registered: no need to look again.
+                                fresh = true;
+                            }
+                            Enqueued::Permit(p) => {
+                                let (service, req) = (service.take(), req.take());
+                                *this.permit = Some(p);
+                                *this.timer = timer_at(meta.deadline);
+                                meta.expiry = Expiry::Deadline;
+                                this.state.set(State::Readying { service, req });
+                                continue;
+                            }
+                            Enqueued::Closed => {
+                                shared.counters.shut_out.fetch_add(1, Ordering::Relaxed);
+                                this.state.set(State::Failed {
+                                    error: Some(Error::Shutdown),
+                                });
+                                continue;
+                            }
+                        }
+                    }
                     let e = entry.as_mut().expect("a queued future keeps its entry");
-                    match e.poll(cx) {
+                    let polled = if fresh { Poll::Pending } else { e.poll(cx) };
+                    match polled {
                         Poll::Ready(Grant::Permit(p)) => {
                             let shared = Arc::clone(e.shared());
                             *entry = None;

@@ -495,6 +495,7 @@ impl Shared {
         mut slot: Slot,
         priority: Priority,
         since: Instant,
+        waker: &Waker,
     ) -> Enqueued {
         slot.armed = false;
         let mut wakes = Wakes::default();
@@ -514,7 +515,7 @@ impl Shared {
                 let vt = u64::try_from(since.saturating_duration_since(self.base).as_nanos())
                     .unwrap_or(u64::MAX / 2)
                     .saturating_add(class.saturating_mul(self.age_after));
-                let idx = l.push(priority as usize, vt, None);
+                let idx = l.push(priority as usize, vt, Some(waker.clone()));
                 queued_depth = Some(l.depth);
                 Enqueued::Entry(Entry {
                     shared: Arc::clone(self),
@@ -854,7 +855,7 @@ mod tests {
             let Admission::Slot(slot) = s.admit_slow(&waker) else {
                 panic!("no slot")
             };
-            let Enqueued::Entry(e) = s.enqueue(slot, prio, Instant::now()) else {
+            let Enqueued::Entry(e) = s.enqueue(slot, prio, Instant::now(), &waker) else {
                 panic!("not queued")
             };
             entries.push(e);
