@@ -15,7 +15,7 @@
 //! under the lock; it is set only when no permit is free, and stays set while
 //! any list is non-empty, so "`WAITERS` set" implies "no free permit".
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -37,8 +37,9 @@ const SLOT_LIST: usize = 3;
 const LISTS: usize = 4;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
 enum NodeState {
-    Free,
+    Free = 0,
     Waiting,
     /// Granted a permit (handed over, not taken from the count).
     Permit,
@@ -48,12 +49,33 @@ enum NodeState {
     Closed,
 }
 
+impl NodeState {
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(code: u8) -> Self {
+        match code {
+            1 => NodeState::Waiting,
+            2 => NodeState::Permit,
+            3 => NodeState::Slot,
+            4 => NodeState::Closed,
+            _ => NodeState::Free,
+        }
+    }
+}
+
+/// What an entry's owner reads without the lock: its node's state, set by
+/// whoever settles the node (under the lock), who also frees the node.
+type Flag = Arc<AtomicU8>;
+
 #[derive(Debug)]
 struct Node {
     prev: u32,
     next: u32,
     list: u8,
     state: NodeState,
+    flag: Option<Flag>,
     waker: Option<Waker>,
     /// Virtual time: the earliest wins. Enqueue time plus the class offset.
     vt: u64,
@@ -96,12 +118,13 @@ impl Lists {
         self.len.iter().all(|&n| n == 0)
     }
 
-    fn push(&mut self, list: usize, vt: u64, waker: Option<Waker>) -> u32 {
+    fn push(&mut self, list: usize, vt: u64, waker: Option<Waker>, flag: Flag) -> u32 {
         let node = Node {
             prev: self.tail[list],
             next: NIL,
             list: list as u8,
             state: NodeState::Waiting,
+            flag: Some(flag),
             waker,
             vt,
         };
@@ -147,7 +170,18 @@ impl Lists {
         let n = &mut self.nodes[idx as usize];
         n.state = NodeState::Free;
         n.waker = None;
+        n.flag = None;
         self.free.push(idx);
+    }
+
+    /// Settles an unlinked node: tells its owner (flag, waker) and frees it.
+    fn settle(&mut self, idx: u32, state: NodeState, wakes: &mut Wakes) {
+        let n = &mut self.nodes[idx as usize];
+        if let Some(flag) = &n.flag {
+            flag.store(state.code(), Ordering::Release);
+        }
+        wakes.push(n.waker.take());
+        self.release_node(idx);
     }
 
     /// The queued request to serve next: the smallest virtual time among the
@@ -373,17 +407,13 @@ impl Shared {
     fn release_permit_locked(&self, l: &mut Lists, wakes: &mut Wakes) {
         if let Some(i) = l.pick() {
             l.unlink(i);
-            let n = &mut l.nodes[i as usize];
-            n.state = NodeState::Permit;
-            wakes.push(n.waker.take());
+            l.settle(i, NodeState::Permit, wakes);
             // It leaves the queue: its place frees.
             self.release_slot_locked(l, wakes);
         } else if l.head[SLOT_LIST] != NIL {
             let i = l.head[SLOT_LIST];
             l.unlink(i);
-            let n = &mut l.nodes[i as usize];
-            n.state = NodeState::Permit;
-            wakes.push(n.waker.take());
+            l.settle(i, NodeState::Permit, wakes);
         } else {
             self.state.fetch_add(ONE, Ordering::AcqRel);
         }
@@ -395,9 +425,7 @@ impl Shared {
         if l.head[SLOT_LIST] != NIL && !l.closed {
             let i = l.head[SLOT_LIST];
             l.unlink(i);
-            let n = &mut l.nodes[i as usize];
-            n.state = NodeState::Slot;
-            wakes.push(n.waker.take());
+            l.settle(i, NodeState::Slot, wakes);
         } else {
             l.depth -= 1;
         }
@@ -479,10 +507,12 @@ impl Shared {
             return Admission::Permit(Permit::new(Arc::clone(self)));
         }
         let now = Instant::now();
-        let idx = l.push(SLOT_LIST, 0, Some(waker.clone()));
+        let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
+        let idx = l.push(SLOT_LIST, 0, Some(waker.clone()), Arc::clone(&flag));
         Admission::Waiting(Entry {
             shared: Arc::clone(self),
             idx,
+            flag,
             priority: None,
             since: now,
         })
@@ -515,11 +545,13 @@ impl Shared {
                 let vt = u64::try_from(since.saturating_duration_since(self.base).as_nanos())
                     .unwrap_or(u64::MAX / 2)
                     .saturating_add(class.saturating_mul(self.age_after));
-                let idx = l.push(priority as usize, vt, Some(waker.clone()));
+                let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
+                let idx = l.push(priority as usize, vt, Some(waker.clone()), Arc::clone(&flag));
                 queued_depth = Some(l.depth);
                 Enqueued::Entry(Entry {
                     shared: Arc::clone(self),
                     idx,
+                    flag,
                     priority: Some(priority),
                     since,
                 })
@@ -546,9 +578,7 @@ impl Shared {
                 while l.head[SLOT_LIST] != NIL {
                     let i = l.head[SLOT_LIST];
                     l.unlink(i);
-                    let n = &mut l.nodes[i as usize];
-                    n.state = NodeState::Closed;
-                    wakes.push(n.waker.take());
+                    l.settle(i, NodeState::Closed, &mut wakes);
                 }
             }
             self.after_change(&l);
@@ -566,9 +596,7 @@ impl Shared {
             let mut failed = 0;
             while let Some(i) = l.pick() {
                 l.unlink(i);
-                let n = &mut l.nodes[i as usize];
-                n.state = NodeState::Closed;
-                wakes.push(n.waker.take());
+                l.settle(i, NodeState::Closed, &mut wakes);
                 l.depth -= 1;
                 failed += 1;
             }
@@ -710,7 +738,9 @@ impl Drop for Slot {
 /// place is freed, and anything it had been granted is passed on.
 pub(crate) struct Entry {
     shared: Arc<Shared>,
+    /// The node, while this entry waits (`NIL` once it took its grant).
     idx: u32,
+    flag: Flag,
     /// `None` for a caller waiting for a place.
     priority: Option<Priority>,
     since: Instant,
@@ -733,29 +763,34 @@ impl Entry {
         self.since
     }
 
-    /// Checks for a grant; registers the task's waker otherwise.
+    /// Checks for a grant (without the lock when there is one); registers
+    /// the task's waker otherwise.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Grant> {
         debug_assert!(self.idx != NIL, "entry polled after its grant");
-        let mut l = self.shared.lock();
-        let n = &mut l.nodes[self.idx as usize];
-        let grant = match n.state {
-            NodeState::Waiting => {
+        let mut state = NodeState::from_code(self.flag.load(Ordering::Acquire));
+        if state == NodeState::Waiting {
+            let mut l = self.shared.lock();
+            // Settled nodes are settled under the lock: while the flag says
+            // waiting, the node is still ours.
+            state = NodeState::from_code(self.flag.load(Ordering::Acquire));
+            if state == NodeState::Waiting {
+                let n = &mut l.nodes[self.idx as usize];
                 match &mut n.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     slot => *slot = Some(cx.waker().clone()),
                 }
                 return Poll::Pending;
             }
+        }
+        self.idx = NIL;
+        Poll::Ready(match state {
             NodeState::Permit => Grant::Permit(Permit::new(Arc::clone(&self.shared))),
             NodeState::Slot => Grant::Slot(Slot {
                 shared: Arc::clone(&self.shared),
                 armed: true,
             }),
-            NodeState::Closed | NodeState::Free => Grant::Closed,
-        };
-        l.release_node(self.idx);
-        self.idx = NIL;
-        Poll::Ready(grant)
+            _ => Grant::Closed,
+        })
     }
 
     /// Withdraws the entry (a timeout or an expired deadline): like a drop,
@@ -773,20 +808,21 @@ impl Entry {
         let mut wakes = Wakes::default();
         let state = {
             let mut l = self.shared.lock();
-            let n = &l.nodes[idx as usize];
-            let (state, list) = (n.state, n.list as usize);
+            let state = NodeState::from_code(self.flag.load(Ordering::Acquire));
             match state {
                 NodeState::Waiting => {
+                    let list = l.nodes[idx as usize].list as usize;
                     l.unlink(idx);
+                    l.release_node(idx);
                     if list != SLOT_LIST {
                         self.shared.release_slot_locked(&mut l, &mut wakes);
                     }
                 }
+                // Settled: the node is already free; pass the grant on.
                 NodeState::Permit => self.shared.release_permit_locked(&mut l, &mut wakes),
                 NodeState::Slot => self.shared.release_slot_locked(&mut l, &mut wakes),
                 NodeState::Closed | NodeState::Free => {}
             }
-            l.release_node(idx);
             self.shared.after_change(&l);
             state
         };
