@@ -1,0 +1,253 @@
+//! [`QueueLayer`] and its validated builder.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::event::{Listener, QueueEvent};
+use super::handle::QueueHandle;
+use super::state::Shared;
+use super::{NoDeadline, Queue, SamePriority};
+use crate::error::ConfigError;
+
+/// The largest capacity and concurrency accepted.
+const MAX_BOUND: usize = 1 << 30;
+
+/// What the queue does with a request when every permit is taken and every
+/// place in the queue is too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Backpressure: `poll_ready` stays pending until a place frees (bounded
+    /// by [`max_wait`](QueueLayerBuilder::max_wait) when set).
+    #[default]
+    Wait,
+    /// Load shedding: the request is answered at once with
+    /// [`Error::QueueFull`](crate::Error::QueueFull).
+    Reject,
+}
+
+/// The per-request policy: how to read a request's class and deadline.
+pub(crate) struct Policy<P, D> {
+    pub(crate) priority: P,
+    pub(crate) deadline: D,
+    pub(crate) max_wait: Option<Duration>,
+}
+
+/// Applies the [`Queue`] middleware; every service it makes shares one
+/// queue.
+///
+/// The queue's state (permits, waiting requests, counters) is created with
+/// the layer and shared by every service it wraps and every clone of those:
+/// one layer, one queue. Build another layer for an independent queue.
+pub struct QueueLayer<P = SamePriority, D = NoDeadline> {
+    shared: Arc<Shared>,
+    policy: Arc<Policy<P, D>>,
+}
+
+impl<P, D> Clone for QueueLayer<P, D> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            policy: Arc::clone(&self.policy),
+        }
+    }
+}
+
+impl<P, D> fmt::Debug for QueueLayer<P, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueLayer")
+            .field("capacity", &self.shared.capacity)
+            .field("concurrency", &self.shared.concurrency)
+            .field("reject", &self.shared.reject)
+            .field("max_wait", &self.policy.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueLayer {
+    /// A builder with the defaults: capacity 1 000, concurrency 32, wait when
+    /// full, no maximum wait, every request [`Priority::Normal`](super::Priority::Normal),
+    /// no deadline, aging after 10 s.
+    pub fn builder() -> QueueLayerBuilder {
+        QueueLayerBuilder {
+            capacity: 1_000,
+            concurrency: 32,
+            when_full: WhenFull::Wait,
+            max_wait: None,
+            age_after: Duration::from_secs(10),
+            priority: SamePriority,
+            deadline: NoDeadline,
+            listener: None,
+        }
+    }
+}
+
+impl<P, D> QueueLayer<P, D> {
+    /// A handle for depth queries, counters and shutdown.
+    pub fn handle(&self) -> QueueHandle {
+        QueueHandle::new(Arc::clone(&self.shared))
+    }
+}
+
+impl<S, P, D> Layer<S> for QueueLayer<P, D> {
+    type Service = Queue<S, P, D>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Queue::from_parts(inner, Arc::clone(&self.shared), Arc::clone(&self.policy))
+    }
+}
+
+/// Builds a [`QueueLayer`]; [`build`](Self::build) validates.
+pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline> {
+    capacity: usize,
+    concurrency: usize,
+    when_full: WhenFull,
+    max_wait: Option<Duration>,
+    age_after: Duration,
+    priority: P,
+    deadline: D,
+    listener: Option<Listener>,
+}
+
+impl<P, D> fmt::Debug for QueueLayerBuilder<P, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueLayerBuilder")
+            .field("capacity", &self.capacity)
+            .field("concurrency", &self.concurrency)
+            .field("when_full", &self.when_full)
+            .field("max_wait", &self.max_wait)
+            .field("age_after", &self.age_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, D> QueueLayerBuilder<P, D> {
+    /// How many requests may **wait** (not counting those in flight). A
+    /// place is taken when `poll_ready` finds no free permit and released
+    /// when the request gets a permit, is cancelled, expires or is refused.
+    /// With concurrency `c` and capacity `k`, `c + k` requests can be
+    /// accepted at once; the next one waits or is rejected. 0 is allowed
+    /// only with [`WhenFull::Reject`] (pure load shedding at the concurrency
+    /// bound). At most 2^30.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// How many calls may be in flight to the inner service at once
+    /// (at least 1, at most 2^30).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// Wait (backpressure) or reject when the queue is full.
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
+    /// The longest a request may wait in the layer before it is sent: the
+    /// time `poll_ready` waits for a place plus the time queued for a
+    /// permit. Past it the request is answered with
+    /// [`Error::QueueTimeout`](crate::Error::QueueTimeout) and never sent.
+    /// Must be more than zero.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
+    }
+
+    /// Aging, the protection against starving lower classes: a request
+    /// competes as if it had been queued `age_after` earlier for every class
+    /// it is above [`Priority::Low`](super::Priority::Low). So a `High`
+    /// request goes ahead of a `Normal` one queued less than `age_after`
+    /// before it, but not of one that has waited longer. Zero makes the
+    /// queue plain FIFO. Default 10 s.
+    pub fn age_after(mut self, age_after: Duration) -> Self {
+        self.age_after = age_after;
+        self
+    }
+
+    /// Reads each request's class: a closure `Fn(&Req) -> Priority` or any
+    /// [`PriorityOf`](super::PriorityOf). Called only for requests that
+    /// have to wait.
+    pub fn priority_by<P2>(self, priority: P2) -> QueueLayerBuilder<P2, D> {
+        QueueLayerBuilder {
+            capacity: self.capacity,
+            concurrency: self.concurrency,
+            when_full: self.when_full,
+            max_wait: self.max_wait,
+            age_after: self.age_after,
+            priority,
+            deadline: self.deadline,
+            listener: self.listener,
+        }
+    }
+
+    /// Reads each request's deadline: a closure
+    /// `Fn(&Req) -> Option<tokio::time::Instant>` or any
+    /// [`DeadlineOf`](super::DeadlineOf). A request whose deadline passes
+    /// before it is sent is answered with
+    /// [`Error::DeadlineExceeded`](crate::Error::DeadlineExceeded) with
+    /// `attempts: 0` and never sent.
+    pub fn deadline_by<D2>(self, deadline: D2) -> QueueLayerBuilder<P, D2> {
+        QueueLayerBuilder {
+            capacity: self.capacity,
+            concurrency: self.concurrency,
+            when_full: self.when_full,
+            max_wait: self.max_wait,
+            age_after: self.age_after,
+            priority: self.priority,
+            deadline,
+            listener: self.listener,
+        }
+    }
+
+    /// An event hook, called (outside any lock) for every [`QueueEvent`].
+    pub fn on_event<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&QueueEvent) + Send + Sync + 'static,
+    {
+        self.listener = Some(Arc::new(f));
+        self
+    }
+
+    /// Validates and builds the layer.
+    pub fn build(self) -> Result<QueueLayer<P, D>, ConfigError> {
+        if self.concurrency == 0 {
+            return Err(ConfigError::new("concurrency", "must be at least 1"));
+        }
+        if self.concurrency > MAX_BOUND {
+            return Err(ConfigError::new("concurrency", "must be at most 2^30"));
+        }
+        if self.capacity == 0 && self.when_full == WhenFull::Wait {
+            return Err(ConfigError::new(
+                "capacity",
+                "must be at least 1 when waiting (0 is allowed only with WhenFull::Reject)",
+            ));
+        }
+        if self.capacity > MAX_BOUND {
+            return Err(ConfigError::new("capacity", "must be at most 2^30"));
+        }
+        if self.max_wait.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new("max_wait", "must be more than zero"));
+        }
+        let shared = Shared::new(
+            self.concurrency,
+            self.capacity,
+            self.when_full == WhenFull::Reject,
+            self.age_after,
+            self.listener,
+        );
+        Ok(QueueLayer {
+            shared: Arc::new(shared),
+            policy: Arc::new(Policy {
+                priority: self.priority,
+                deadline: self.deadline,
+                max_wait: self.max_wait,
+            }),
+        })
+    }
+}

@@ -1,0 +1,918 @@
+//! The state one queue shares between every clone of its service, its
+//! futures and its handle: the permit count (an atomic) and the wait lists
+//! (behind a `Mutex` held for a few instructions, never across an `.await`
+//! and never while a user callback runs).
+//!
+//! # The permit word
+//!
+//! `state` packs the free permits (`state / ONE`) with two flags:
+//! `WAITERS` (some request waits in a list) and `CLOSED` (shutdown began).
+//! The fast paths are one compare-and-swap each and run only while both
+//! flags are clear: acquiring takes a free permit, releasing adds one back.
+//! With a flag set, both go through the lock, where a released permit is
+//! handed straight to the next waiter instead of being put back, so a
+//! newcomer can never overtake a waiter. `WAITERS` is set and cleared only
+//! under the lock; it is set only when no permit is free, and stays set while
+//! any list is non-empty, so "`WAITERS` set" implies "no free permit".
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::event::{Listener, QueueEvent, QueueEventKind};
+use super::Priority;
+
+const WAITERS: usize = 0b01;
+const CLOSED: usize = 0b10;
+const ONE: usize = 0b100;
+
+const NIL: u32 = u32::MAX;
+/// Lists 0..3 hold queued requests by priority (High, Normal, Low); list 3
+/// holds callers waiting in `poll_ready` for a place in the queue.
+const SLOT_LIST: usize = 3;
+const LISTS: usize = 4;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum NodeState {
+    Free = 0,
+    Waiting,
+    /// Granted a permit (handed over, not taken from the count).
+    Permit,
+    /// Granted a place in the queue (slot waiters only).
+    Slot,
+    /// Failed by shutdown.
+    Closed,
+}
+
+impl NodeState {
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(code: u8) -> Self {
+        match code {
+            1 => NodeState::Waiting,
+            2 => NodeState::Permit,
+            3 => NodeState::Slot,
+            4 => NodeState::Closed,
+            _ => NodeState::Free,
+        }
+    }
+}
+
+/// What an entry's owner reads without the lock: its node's state, set by
+/// whoever settles the node (under the lock), who also frees the node.
+type Flag = Arc<AtomicU8>;
+
+#[derive(Debug)]
+struct Node {
+    prev: u32,
+    next: u32,
+    list: u8,
+    state: NodeState,
+    flag: Option<Flag>,
+    waker: Option<Waker>,
+    /// Virtual time: the earliest wins. Enqueue time plus the class offset.
+    vt: u64,
+}
+
+/// The wait lists: an index-linked list per priority plus one for slot
+/// waiters, over one node arena (nodes are reused; the arena never grows
+/// beyond the most requests that ever waited at once).
+#[derive(Debug)]
+struct Lists {
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    head: [u32; LISTS],
+    tail: [u32; LISTS],
+    len: [usize; LISTS],
+    /// Places taken in the queue: reserved by `poll_ready` and not yet
+    /// enqueued, or enqueued and waiting for a permit.
+    depth: usize,
+    closed: bool,
+    /// The shutdown drain timed out: what was still queued was failed and
+    /// nothing more is enqueued.
+    drained_out: bool,
+}
+
+impl Lists {
+    fn new() -> Self {
+        Self {
+            nodes: Vec::new(),
+            free: Vec::new(),
+            head: [NIL; LISTS],
+            tail: [NIL; LISTS],
+            len: [0; LISTS],
+            depth: 0,
+            closed: false,
+            drained_out: false,
+        }
+    }
+
+    fn all_empty(&self) -> bool {
+        self.len.iter().all(|&n| n == 0)
+    }
+
+    fn push(&mut self, list: usize, vt: u64, waker: Option<Waker>, flag: Flag) -> u32 {
+        let node = Node {
+            prev: self.tail[list],
+            next: NIL,
+            list: list as u8,
+            state: NodeState::Waiting,
+            flag: Some(flag),
+            waker,
+            vt,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        match self.tail[list] {
+            NIL => self.head[list] = idx,
+            t => self.nodes[t as usize].next = idx,
+        }
+        self.tail[list] = idx;
+        self.len[list] += 1;
+        idx
+    }
+
+    fn unlink(&mut self, idx: u32) {
+        let (prev, next, list) = {
+            let n = &self.nodes[idx as usize];
+            (n.prev, n.next, n.list as usize)
+        };
+        match prev {
+            NIL => self.head[list] = next,
+            p => self.nodes[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail[list] = prev,
+            n => self.nodes[n as usize].prev = prev,
+        }
+        self.len[list] -= 1;
+        let n = &mut self.nodes[idx as usize];
+        n.prev = NIL;
+        n.next = NIL;
+    }
+
+    fn release_node(&mut self, idx: u32) {
+        let n = &mut self.nodes[idx as usize];
+        n.state = NodeState::Free;
+        n.waker = None;
+        n.flag = None;
+        self.free.push(idx);
+    }
+
+    /// Settles an unlinked node: tells its owner (flag, waker) and frees it.
+    fn settle(&mut self, idx: u32, state: NodeState, wakes: &mut Wakes) {
+        let n = &mut self.nodes[idx as usize];
+        if let Some(flag) = &n.flag {
+            flag.store(state.code(), Ordering::Release);
+        }
+        wakes.push(n.waker.take());
+        self.release_node(idx);
+    }
+
+    /// The queued request to serve next: the smallest virtual time among the
+    /// heads of the three priority lists (each list is FIFO, so its head has
+    /// its smallest virtual time).
+    fn pick(&self) -> Option<u32> {
+        let mut best: Option<u32> = None;
+        for list in 0..SLOT_LIST {
+            let h = self.head[list];
+            if h == NIL {
+                continue;
+            }
+            best = match best {
+                Some(b) if self.nodes[b as usize].vt <= self.nodes[h as usize].vt => Some(b),
+                _ => Some(h),
+            };
+        }
+        best
+    }
+}
+
+/// Wakers collected under the lock and woken after it is released.
+#[derive(Default)]
+pub(crate) struct Wakes(Vec<Waker>);
+
+impl Wakes {
+    fn push(&mut self, w: Option<Waker>) {
+        if let Some(w) = w {
+            self.0.push(w);
+        }
+    }
+
+    fn wake(self) {
+        for w in self.0 {
+            w.wake();
+        }
+    }
+}
+
+/// A value on a cache line (pair) of its own.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Counters of slow-path events (the fast path counts nothing).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) queued: AtomicU64,
+    pub(crate) dispatched_after_wait: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) shut_out: AtomicU64,
+}
+
+/// What the queue holds in common.
+pub(crate) struct Shared {
+    /// The permit word, alone on its cache line (as are the lock and the
+    /// counters), so that the slow path's traffic does not slow the fast
+    /// path's compare-and-swaps.
+    state: Padded<AtomicUsize>,
+    pub(crate) concurrency: usize,
+    pub(crate) capacity: usize,
+    pub(crate) reject: bool,
+    age_after: u64,
+    base: Instant,
+    lists: Padded<Mutex<Lists>>,
+    listener: Option<Listener>,
+    pub(crate) counters: Padded<Counters>,
+    idle: Notify,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("capacity", &self.capacity)
+            .field("concurrency", &self.concurrency)
+            .field("free_permits", &self.free_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What admission gave.
+pub(crate) enum Admission {
+    Permit(Permit),
+    Slot(Slot),
+    Full { depth: usize },
+    Closed,
+    Waiting(Entry),
+}
+
+/// What a wait list entry was granted.
+pub(crate) enum Grant {
+    Permit(Permit),
+    Slot(Slot),
+    Closed,
+}
+
+/// What enqueueing gave.
+pub(crate) enum Enqueued {
+    Permit(Permit),
+    Entry(Entry),
+    Closed,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        concurrency: usize,
+        capacity: usize,
+        reject: bool,
+        age_after: Duration,
+        listener: Option<Listener>,
+    ) -> Self {
+        Self {
+            state: Padded(AtomicUsize::new(concurrency * ONE)),
+            concurrency,
+            capacity,
+            reject,
+            age_after: u64::try_from(age_after.as_nanos()).unwrap_or(u64::MAX / 4),
+            base: Instant::now(),
+            lists: Padded(Mutex::new(Lists::new())),
+            listener,
+            counters: Padded(Counters::default()),
+            idle: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lists> {
+        // Nothing that can panic runs under the lock; recover anyway.
+        self.lists.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn free_permits(&self) -> usize {
+        self.state.load(Ordering::Acquire) / ONE
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    pub(crate) fn emit(
+        &self,
+        kind: QueueEventKind,
+        priority: Option<Priority>,
+        depth: usize,
+        waited: Option<Duration>,
+    ) {
+        super::event::emit(
+            self.listener.as_deref(),
+            &QueueEvent {
+                kind,
+                priority,
+                depth,
+                waited,
+            },
+        );
+    }
+
+    /// The fast path: one compare-and-swap when a permit is free and nobody
+    /// waits.
+    #[inline]
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        self.try_take().then(|| Permit::new(Arc::clone(self)))
+    }
+
+    /// The compare-and-swap of [`try_acquire`](Self::try_acquire), without
+    /// making the guard.
+    #[inline]
+    pub(crate) fn try_take(&self) -> bool {
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            if s & (WAITERS | CLOSED) != 0 || s < ONE {
+                return false;
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    #[inline]
+    fn release_permit(&self) {
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            if s & (WAITERS | CLOSED) != 0 {
+                return self.release_permit_slow();
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s + ONE, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    #[cold]
+    fn release_permit_slow(&self) {
+        let mut wakes = Wakes::default();
+        {
+            let mut l = self.lock();
+            self.release_permit_locked(&mut l, &mut wakes);
+            self.after_change(&l);
+        }
+        wakes.wake();
+    }
+
+    /// Hands a released permit to the next queued request (in priority
+    /// order), else to a caller waiting for a place, else back to the count.
+    fn release_permit_locked(&self, l: &mut Lists, wakes: &mut Wakes) {
+        if let Some(i) = l.pick() {
+            l.unlink(i);
+            l.settle(i, NodeState::Permit, wakes);
+            // It leaves the queue: its place frees.
+            self.release_slot_locked(l, wakes);
+        } else if l.head[SLOT_LIST] != NIL {
+            let i = l.head[SLOT_LIST];
+            l.unlink(i);
+            l.settle(i, NodeState::Permit, wakes);
+        } else {
+            self.state.fetch_add(ONE, Ordering::AcqRel);
+        }
+    }
+
+    /// Hands a freed place in the queue to a caller waiting for one, else
+    /// lowers the depth.
+    fn release_slot_locked(&self, l: &mut Lists, wakes: &mut Wakes) {
+        if l.head[SLOT_LIST] != NIL && !l.closed {
+            let i = l.head[SLOT_LIST];
+            l.unlink(i);
+            l.settle(i, NodeState::Slot, wakes);
+        } else {
+            l.depth -= 1;
+        }
+    }
+
+    /// Keeps the `WAITERS` flag true to the lists and wakes a pending
+    /// shutdown when the queue went idle.
+    fn after_change(&self, l: &Lists) {
+        if l.all_empty() && self.state.load(Ordering::Relaxed) & WAITERS != 0 {
+            self.state.fetch_and(!WAITERS, Ordering::AcqRel);
+        }
+        if l.closed && l.depth == 0 && self.free_permits() == self.concurrency {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Takes a free permit if there is one. Called under the lock.
+    fn take_permit_only(&self) -> bool {
+        let mut s = self.state.load(Ordering::Acquire);
+        while s >= ONE {
+            match self
+                .state
+                .compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(actual) => s = actual,
+            }
+        }
+        false
+    }
+
+    /// Takes the flag `WAITERS` unless a permit is free, in which case it is
+    /// taken instead (returned as `true`). Called under the lock.
+    fn take_permit_or_flag(&self) -> bool {
+        let mut s = self.state.load(Ordering::Acquire);
+        loop {
+            let (new, took) = if s >= ONE {
+                (s - ONE, true)
+            } else {
+                (s | WAITERS, false)
+            };
+            match self
+                .state
+                .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return took,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    /// The slow admission path: a permit if one is free, else a place in the
+    /// queue if there is room, else (reject mode) `Full`, else (wait mode) an
+    /// entry in the list of callers waiting for a place.
+    #[cold]
+    pub(crate) fn admit_slow(self: &Arc<Self>, waker: &Waker) -> Admission {
+        let mut l = self.lock();
+        if l.closed {
+            return Admission::Closed;
+        }
+        if self.take_permit_only() {
+            // No waiter can exist while a permit is free, so this does not
+            // overtake anyone.
+            drop(l);
+            return Admission::Permit(Permit::new(Arc::clone(self)));
+        }
+        if l.depth < self.capacity {
+            l.depth += 1;
+            return Admission::Slot(Slot {
+                shared: Arc::clone(self),
+                armed: true,
+            });
+        }
+        if self.reject {
+            return Admission::Full { depth: l.depth };
+        }
+        if self.take_permit_or_flag() {
+            drop(l);
+            return Admission::Permit(Permit::new(Arc::clone(self)));
+        }
+        let now = Instant::now();
+        let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
+        let idx = l.push(SLOT_LIST, 0, Some(waker.clone()), Arc::clone(&flag));
+        Admission::Waiting(Entry {
+            shared: Arc::clone(self),
+            idx,
+            flag,
+            priority: None,
+            since: now,
+        })
+    }
+
+    /// Puts a request that holds a place into its priority list, unless a
+    /// permit is free (then it takes the permit and the place is freed).
+    pub(crate) fn enqueue(
+        self: &Arc<Self>,
+        mut slot: Slot,
+        priority: Priority,
+        since: Instant,
+        waker: &Waker,
+    ) -> Enqueued {
+        slot.armed = false;
+        let mut wakes = Wakes::default();
+        let mut queued_depth = None;
+        let out = {
+            let mut l = self.lock();
+            if l.drained_out {
+                self.release_slot_locked(&mut l, &mut wakes);
+                self.after_change(&l);
+                Enqueued::Closed
+            } else if self.take_permit_or_flag() {
+                self.release_slot_locked(&mut l, &mut wakes);
+                self.after_change(&l);
+                Enqueued::Permit(Permit::new(Arc::clone(self)))
+            } else {
+                let class = priority as u64;
+                let vt = u64::try_from(since.saturating_duration_since(self.base).as_nanos())
+                    .unwrap_or(u64::MAX / 2)
+                    .saturating_add(class.saturating_mul(self.age_after));
+                let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
+                let idx = l.push(priority as usize, vt, Some(waker.clone()), Arc::clone(&flag));
+                queued_depth = Some(l.depth);
+                Enqueued::Entry(Entry {
+                    shared: Arc::clone(self),
+                    idx,
+                    flag,
+                    priority: Some(priority),
+                    since,
+                })
+            }
+        };
+        wakes.wake();
+        if let Some(depth) = queued_depth {
+            self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(priority = priority.as_str(), depth, "request queued");
+            self.emit(QueueEventKind::Queued, Some(priority), depth, None);
+        }
+        out
+    }
+
+    /// Begins shutdown: nothing new is admitted, callers waiting for a place
+    /// are failed. Queued requests stay and are served.
+    pub(crate) fn close(&self) {
+        let mut wakes = Wakes::default();
+        {
+            let mut l = self.lock();
+            if !l.closed {
+                l.closed = true;
+                self.state.fetch_or(CLOSED, Ordering::AcqRel);
+                while l.head[SLOT_LIST] != NIL {
+                    let i = l.head[SLOT_LIST];
+                    l.unlink(i);
+                    l.settle(i, NodeState::Closed, &mut wakes);
+                }
+            }
+            self.after_change(&l);
+        }
+        wakes.wake();
+    }
+
+    /// Fails every queued request with `Shutdown` and stops enqueueing.
+    /// Returns how many were failed.
+    pub(crate) fn fail_queued(&self) -> usize {
+        let mut wakes = Wakes::default();
+        let failed = {
+            let mut l = self.lock();
+            l.drained_out = true;
+            let mut failed = 0;
+            while let Some(i) = l.pick() {
+                l.unlink(i);
+                l.settle(i, NodeState::Closed, &mut wakes);
+                l.depth -= 1;
+                failed += 1;
+            }
+            self.after_change(&l);
+            failed
+        };
+        wakes.wake();
+        failed
+    }
+
+    /// No request waits, is reserved or in flight.
+    pub(crate) fn is_idle(&self) -> bool {
+        let l = self.lock();
+        l.depth == 0 && l.all_empty() && self.free_permits() == self.concurrency
+    }
+
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Places taken (reserved or queued) and queued requests per priority.
+    pub(crate) fn depths(&self) -> (usize, [usize; 3], usize) {
+        let l = self.lock();
+        (l.depth, [l.len[0], l.len[1], l.len[2]], l.len[SLOT_LIST])
+    }
+}
+
+/// A service's own reference to the queue, shared with the futures of its
+/// calls only: cloning it touches a cache line that the other callers do
+/// not, where cloning the queue's `Arc` would bounce that line between
+/// cores on every call.
+pub(crate) type Local = Arc<LocalRef>;
+
+/// The target of a [`Local`]: cache-line aligned, so that two services'
+/// references never share a line.
+#[repr(align(128))]
+pub(crate) struct LocalRef(pub(crate) Arc<Shared>);
+
+/// Whose reference a permit keeps.
+enum Owner {
+    Shared(Arc<Shared>),
+    Local(Local),
+}
+
+/// A permit to call the inner service; returned (or handed to the next
+/// waiter) on drop.
+pub(crate) struct Permit {
+    owner: Owner,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Permit")
+    }
+}
+
+impl Permit {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            owner: Owner::Shared(shared),
+        }
+    }
+
+    /// A permit already taken with [`Shared::try_take`], kept through a
+    /// service's [`Local`] reference.
+    pub(crate) fn taken_local(local: Local) -> Self {
+        Self {
+            owner: Owner::Local(local),
+        }
+    }
+
+    #[inline]
+    fn shared(&self) -> &Shared {
+        match &self.owner {
+            Owner::Shared(s) => s,
+            Owner::Local(l) => &l.0,
+        }
+    }
+
+    pub(crate) fn shared_arc(&self) -> Arc<Shared> {
+        match &self.owner {
+            Owner::Shared(s) => Arc::clone(s),
+            Owner::Local(l) => Arc::clone(&l.0),
+        }
+    }
+}
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        self.shared().release_permit();
+    }
+}
+
+/// A place in the queue, reserved by `poll_ready`; freed (or handed to a
+/// caller waiting for one) on drop unless it was turned into an entry.
+pub(crate) struct Slot {
+    shared: Arc<Shared>,
+    armed: bool,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl Slot {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut wakes = Wakes::default();
+        {
+            let mut l = self.shared.lock();
+            self.shared.release_slot_locked(&mut l, &mut wakes);
+            self.shared.after_change(&l);
+        }
+        wakes.wake();
+    }
+}
+
+/// A node in a wait list, owned by the caller that waits. Dropping it
+/// withdraws the request (a cancellation): the node leaves its list, its
+/// place is freed, and anything it had been granted is passed on.
+pub(crate) struct Entry {
+    shared: Arc<Shared>,
+    /// The node, while this entry waits (`NIL` once it took its grant).
+    idx: u32,
+    flag: Flag,
+    /// `None` for a caller waiting for a place.
+    priority: Option<Priority>,
+    since: Instant,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("priority", &self.priority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Checks for a grant (without the lock when there is one); registers
+    /// the task's waker otherwise.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Grant> {
+        debug_assert!(self.idx != NIL, "entry polled after its grant");
+        let mut state = NodeState::from_code(self.flag.load(Ordering::Acquire));
+        if state == NodeState::Waiting {
+            let mut l = self.shared.lock();
+            // Settled nodes are settled under the lock: while the flag says
+            // waiting, the node is still ours.
+            state = NodeState::from_code(self.flag.load(Ordering::Acquire));
+            if state == NodeState::Waiting {
+                let n = &mut l.nodes[self.idx as usize];
+                match &mut n.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    slot => *slot = Some(cx.waker().clone()),
+                }
+                return Poll::Pending;
+            }
+        }
+        self.idx = NIL;
+        Poll::Ready(match state {
+            NodeState::Permit => Grant::Permit(Permit::new(Arc::clone(&self.shared))),
+            NodeState::Slot => Grant::Slot(Slot {
+                shared: Arc::clone(&self.shared),
+                armed: true,
+            }),
+            _ => Grant::Closed,
+        })
+    }
+
+    /// Withdraws the entry (a timeout or an expired deadline): like a drop,
+    /// without the cancellation event. Returns whether it was still waiting
+    /// (a grant that raced with the timer is passed on).
+    pub(crate) fn withdraw(mut self) -> bool {
+        self.remove() == Some(NodeState::Waiting)
+    }
+
+    fn remove(&mut self) -> Option<NodeState> {
+        if self.idx == NIL {
+            return None;
+        }
+        let idx = std::mem::replace(&mut self.idx, NIL);
+        let mut wakes = Wakes::default();
+        let state = {
+            let mut l = self.shared.lock();
+            let state = NodeState::from_code(self.flag.load(Ordering::Acquire));
+            match state {
+                NodeState::Waiting => {
+                    let list = l.nodes[idx as usize].list as usize;
+                    l.unlink(idx);
+                    l.release_node(idx);
+                    if list != SLOT_LIST {
+                        self.shared.release_slot_locked(&mut l, &mut wakes);
+                    }
+                }
+                // Settled: the node is already free; pass the grant on.
+                NodeState::Permit => self.shared.release_permit_locked(&mut l, &mut wakes),
+                NodeState::Slot => self.shared.release_slot_locked(&mut l, &mut wakes),
+                NodeState::Closed | NodeState::Free => {}
+            }
+            self.shared.after_change(&l);
+            state
+        };
+        wakes.wake();
+        Some(state)
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if self.remove() == Some(NodeState::Waiting) {
+            if let Some(priority) = self.priority {
+                self.shared
+                    .counters
+                    .cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                let waited = Instant::now().saturating_duration_since(self.since);
+                tracing::debug!(
+                    priority = priority.as_str(),
+                    waited_ms = waited.as_millis() as u64,
+                    "queued request cancelled by its caller"
+                );
+                self.shared
+                    .emit(QueueEventKind::Cancelled, Some(priority), 0, Some(waited));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(concurrency: usize, capacity: usize, reject: bool) -> Arc<Shared> {
+        Arc::new(Shared::new(
+            concurrency,
+            capacity,
+            reject,
+            Duration::from_secs(10),
+            None,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permits_are_counted_and_returned() {
+        let s = shared(2, 1, true);
+        let a = s.try_acquire().unwrap();
+        let b = s.try_acquire().unwrap();
+        assert!(s.try_acquire().is_none());
+        assert_eq!(s.free_permits(), 0);
+        drop(a);
+        assert_eq!(s.free_permits(), 1);
+        drop(b);
+        assert_eq!(s.free_permits(), 2);
+        assert!(s.is_idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_permit_goes_to_the_earliest_virtual_time() {
+        let s = shared(1, 3, true);
+        let p = s.try_acquire().unwrap();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut entries = Vec::new();
+        for prio in [Priority::Low, Priority::Normal, Priority::High] {
+            let Admission::Slot(slot) = s.admit_slow(&waker) else {
+                panic!("no slot")
+            };
+            let Enqueued::Entry(e) = s.enqueue(slot, prio, Instant::now(), &waker) else {
+                panic!("not queued")
+            };
+            entries.push(e);
+        }
+        assert!(matches!(s.admit_slow(&waker), Admission::Full { depth: 3 }));
+        drop(p);
+        // High (the last one) got it.
+        assert!(entries[0].poll(&mut cx).is_pending());
+        assert!(entries[1].poll(&mut cx).is_pending());
+        let Poll::Ready(Grant::Permit(p)) = entries[2].poll(&mut cx) else {
+            panic!("high not served")
+        };
+        assert_eq!(s.depths().0, 2);
+        drop(entries.remove(1)); // cancel Normal: its place frees
+        assert_eq!(s.depths().0, 1);
+        drop(p);
+        let Poll::Ready(Grant::Permit(p)) = entries[0].poll(&mut cx) else {
+            panic!("low not served")
+        };
+        drop(p);
+        drop(entries);
+        assert!(s.is_idle());
+    }
+}
