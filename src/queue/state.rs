@@ -546,7 +546,12 @@ impl Shared {
                     .unwrap_or(u64::MAX / 2)
                     .saturating_add(class.saturating_mul(self.age_after));
                 let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
-                let idx = l.push(priority as usize, vt, Some(waker.clone()), Arc::clone(&flag));
+                let idx = l.push(
+                    priority as usize,
+                    vt,
+                    Some(waker.clone()),
+                    Arc::clone(&flag),
+                );
                 queued_depth = Some(l.depth);
                 Enqueued::Entry(Entry {
                     shared: Arc::clone(self),
