@@ -310,7 +310,11 @@ pub(crate) fn poll_admit(
         if let Some(p) = shared.try_acquire() {
             return Poll::Ready(Admitted::Permit(p));
         }
-        match shared.admit_slow(cx.waker()) {
+        let admission = match shared.try_reserve() {
+            Some(a) => a,
+            None => shared.admit_slow(cx.waker()),
+        };
+        match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
             Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, Instant::now())),
             Admission::Full { depth } => {
