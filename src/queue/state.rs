@@ -14,6 +14,24 @@
 //! newcomer can never overtake a waiter. `WAITERS` is set and cleared only
 //! under the lock; it is set only when no permit is free, and stays set while
 //! any list is non-empty, so "`WAITERS` set" implies "no free permit".
+//!
+//! # The places word
+//!
+//! `places` counts the places taken in the queue the same way, with the
+//! flags `PLACE_WAITERS` (callers wait in `poll_ready` for a place) and
+//! `PLACES_CLOSED`: with both clear, a place is reserved (or, in reject
+//! mode, refused) and given back with one compare-and-swap; otherwise under
+//! the lock, where a freed place is handed to the first caller waiting for
+//! one.
+//!
+//! # Wait-list nodes
+//!
+//! A waiting request owns an [`Entry`]: an index into the node arena and a
+//! shared flag. Whoever settles a node (grants it a permit or a place, or
+//! fails it on shutdown) does so under the lock, sets the flag, wakes the
+//! owner and frees the node; the owner then reads its grant from the flag
+//! without the lock. An owner that drops its entry removes the node (still
+//! waiting) or passes on what it was granted.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
