@@ -623,7 +623,12 @@ impl Shared {
                     .unwrap_or(u64::MAX / 2)
                     .saturating_add(class.saturating_mul(self.age_after));
                 let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
-                let idx = l.push(priority as usize, vt, Some(waker.clone()), Arc::clone(&flag));
+                let idx = l.push(
+                    priority as usize,
+                    vt,
+                    Some(waker.clone()),
+                    Arc::clone(&flag),
+                );
                 queued_depth = Some(self.depth());
                 Enqueued::Entry(Entry {
                     shared: Arc::clone(self),
@@ -706,7 +711,11 @@ impl Shared {
     /// Places taken (reserved or queued) and queued requests per priority.
     pub(crate) fn depths(&self) -> (usize, [usize; 3], usize) {
         let l = self.lock();
-        (self.depth(), [l.len[0], l.len[1], l.len[2]], l.len[SLOT_LIST])
+        (
+            self.depth(),
+            [l.len[0], l.len[1], l.len[2]],
+            l.len[SLOT_LIST],
+        )
     }
 }
 
