@@ -765,3 +765,79 @@ mod contract {
         .await;
     }
 }
+
+// ---------------------------------------------------------------- call without poll_ready
+
+/// `call` without `poll_ready` on a full queue in wait mode: the response
+/// future does the admission itself (waits for a place, then for a permit),
+/// and a deadline still applies while it waits for the place.
+#[tokio::test(start_paused = true)]
+async fn call_without_poll_ready_waits_for_a_place_and_honours_the_deadline() {
+    let (up, seen_ids) = upstream();
+    let l = layer(1, 1, WhenFull::Wait);
+    let handle = l.handle();
+    let svc = l.layer(up);
+    let start = Instant::now();
+    let first = tokio::spawn(svc.clone().oneshot(job(0)));
+    settle().await;
+    let queued = tokio::spawn(svc.clone().oneshot(job(1)));
+    settle().await;
+    assert_eq!(handle.depth(), 1);
+    // Full: these two call without poll_ready.
+    let mut late_svc = svc.clone();
+    let late = tokio::spawn(late_svc.call(Job {
+        deadline: Some(start + Duration::from_secs(5)),
+        ..job(2)
+    }));
+    let mut patient_svc = svc.clone();
+    let patient = tokio::spawn(patient_svc.call(job(3)));
+    settle().await;
+    assert_eq!(handle.waiting_for_place(), 2);
+    assert!(matches!(
+        late.await.unwrap(),
+        Err(Error::DeadlineExceeded {
+            attempts: 0,
+            source: None
+        })
+    ));
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert_eq!(handle.waiting_for_place(), 1, "the expired caller left");
+    assert_eq!(first.await.unwrap().unwrap(), 0);
+    assert_eq!(queued.await.unwrap().unwrap(), 1);
+    assert_eq!(patient.await.unwrap().unwrap(), 3);
+    assert_eq!(seen(&seen_ids), vec![0, 1, 3]);
+    assert!(handle.is_idle());
+}
+
+/// An inner service whose `poll_ready` fails: the error is answered (as
+/// `Error::Upstream`) and the permit comes back.
+#[tokio::test(start_paused = true)]
+async fn an_inner_readiness_error_is_answered_and_the_permit_returned() {
+    #[derive(Clone, Debug)]
+    struct Broken;
+    impl Service<u32> for Broken {
+        type Response = u32;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u32, BoxError>>;
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Err("not today".into()))
+        }
+        fn call(&mut self, n: u32) -> Self::Future {
+            std::future::ready(Ok(n))
+        }
+    }
+    let l = QueueLayer::builder()
+        .concurrency(1)
+        .capacity(1)
+        .build()
+        .unwrap();
+    let handle = l.handle();
+    let mut svc = l.layer(Broken);
+    let err = svc.ready().await.unwrap_err();
+    assert!(matches!(err, Error::Upstream { .. }));
+    assert!(handle.is_idle());
+    // Through the queued path too.
+    let err = svc.clone().call(1).await.unwrap_err();
+    assert!(matches!(err, Error::Upstream { .. }));
+    assert!(handle.is_idle());
+}

@@ -270,6 +270,15 @@ async fn run(mode: WhenFull) {
 /// first poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permits_and_places_balance_on_a_multi_threaded_runtime() {
+    balance(WhenFull::Wait).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permits_and_places_balance_on_a_multi_threaded_runtime_in_reject_mode() {
+    balance(WhenFull::Reject).await;
+}
+
+async fn balance(mode: WhenFull) {
     const N: u64 = 20_000;
     let in_flight = Arc::new(AtomicU32::new(0));
     let max_in_flight = Arc::new(AtomicU32::new(0));
@@ -282,6 +291,7 @@ async fn permits_and_places_balance_on_a_multi_threaded_runtime() {
     let layer = QueueLayer::builder()
         .concurrency(5)
         .capacity(16)
+        .when_full(mode)
         .priority_by(|r: &(u64, u32)| match r.0 % 3 {
             0 => Priority::High,
             1 => Priority::Normal,
@@ -294,23 +304,35 @@ async fn permits_and_places_balance_on_a_multi_threaded_runtime() {
     let mut tasks = Vec::new();
     for t in 0..32u64 {
         let svc = svc.clone();
+        let sent = Arc::clone(&sent);
         tasks.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(t);
             let (mut ok, mut dropped) = (0u64, 0u64);
+            // An answer: the response (counted as ok) or, in reject mode,
+            // `QueueFull` for a request that was then never sent.
+            let check = |r: Result<u64, Error>, id: u64| match r {
+                Ok(got) => {
+                    assert_eq!(got, id);
+                    1
+                }
+                Err(Error::QueueFull { .. }) if mode == WhenFull::Reject => {
+                    assert_eq!(sent[id as usize].load(Ordering::SeqCst), 0);
+                    0
+                }
+                Err(e) => panic!("unexpected answer {e:?}"),
+            };
             for k in 0..N / 32 {
                 let id = t * (N / 32) + k;
                 let fut = svc.clone().oneshot((id, rng.random_range(0..4)));
                 if rng.random_bool(0.1) {
                     let mut fut = Box::pin(fut);
                     if let Poll::Ready(r) = futures::poll!(fut.as_mut()) {
-                        assert_eq!(r.unwrap(), id);
-                        ok += 1;
+                        ok += check(r, id);
                     } else {
                         dropped += 1;
                     }
                 } else {
-                    assert_eq!(fut.await.unwrap(), id);
-                    ok += 1;
+                    ok += check(fut.await, id);
                 }
             }
             (ok, dropped)
@@ -322,8 +344,10 @@ async fn permits_and_places_balance_on_a_multi_threaded_runtime() {
         ok += o;
         dropped += d;
     }
-    assert_eq!(ok + dropped, N);
+    let rejected = handle.stats().rejected;
+    assert_eq!(ok + dropped + rejected, N);
     assert!(dropped > 0);
+    assert_eq!(rejected > 0, mode == WhenFull::Reject);
     assert!(max_in_flight.load(Ordering::SeqCst) <= 5);
     let sent_total: u32 = sent.iter().map(|s| s.load(Ordering::SeqCst)).sum();
     assert!(sent.iter().all(|s| s.load(Ordering::SeqCst) <= 1));

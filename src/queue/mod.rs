@@ -121,9 +121,12 @@
 //! compare-and-swap to take the permit, one to give it back, and a
 //! reference count on a cache line of the calling service's own. That
 //! reference is allocated once per service value, on its second call (so a
-//! clone used for a single `oneshot` allocates nothing either). Waiting
-//! requests allocate their timer and a few fields; the wait lists reuse
-//! their nodes.
+//! clone used for a single `oneshot` allocates nothing either). Reserving a
+//! place in the queue, and a rejection in reject mode, are one
+//! compare-and-swap too. A queued request takes the lock twice (entering
+//! its list on its first poll, and when a releasing caller hands it the
+//! permit) and allocates its flag, its timer and a few fields; the wait
+//! lists reuse their nodes.
 //!
 //! # Observability
 //!
@@ -310,7 +313,11 @@ pub(crate) fn poll_admit(
         if let Some(p) = shared.try_acquire() {
             return Poll::Ready(Admitted::Permit(p));
         }
-        match shared.admit_slow(cx.waker()) {
+        let admission = match shared.try_reserve() {
+            Some(a) => a,
+            None => shared.admit_slow(cx.waker()),
+        };
+        match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
             Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, Instant::now())),
             Admission::Full { depth } => {

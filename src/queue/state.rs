@@ -14,6 +14,24 @@
 //! newcomer can never overtake a waiter. `WAITERS` is set and cleared only
 //! under the lock; it is set only when no permit is free, and stays set while
 //! any list is non-empty, so "`WAITERS` set" implies "no free permit".
+//!
+//! # The places word
+//!
+//! `places` counts the places taken in the queue the same way, with the
+//! flags `PLACE_WAITERS` (callers wait in `poll_ready` for a place) and
+//! `PLACES_CLOSED`: with both clear, a place is reserved (or, in reject
+//! mode, refused) and given back with one compare-and-swap; otherwise under
+//! the lock, where a freed place is handed to the first caller waiting for
+//! one.
+//!
+//! # Wait-list nodes
+//!
+//! A waiting request owns an [`Entry`]: an index into the node arena and a
+//! shared flag. Whoever settles a node (grants it a permit or a place, or
+//! fails it on shutdown) does so under the lock, sets the flag, wakes the
+//! owner and frees the node; the owner then reads its grant from the flag
+//! without the lock. An owner that drops its entry removes the node (still
+//! waiting) or passes on what it was granted.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -29,6 +47,14 @@ use super::Priority;
 const WAITERS: usize = 0b01;
 const CLOSED: usize = 0b10;
 const ONE: usize = 0b100;
+
+/// The places word: places taken (`word / PLACE`) and two flags, like
+/// the permit word: `PLACE_WAITERS` (callers wait in `poll_ready` for a
+/// place) and `PLACES_CLOSED`. Places are reserved and given back with one
+/// compare-and-swap while both flags are clear; otherwise under the lock.
+const PLACE_WAITERS: usize = 0b01;
+const PLACES_CLOSED: usize = 0b10;
+const PLACE: usize = 0b100;
 
 const NIL: u32 = u32::MAX;
 /// Lists 0..3 hold queued requests by priority (High, Normal, Low); list 3
@@ -91,9 +117,6 @@ struct Lists {
     head: [u32; LISTS],
     tail: [u32; LISTS],
     len: [usize; LISTS],
-    /// Places taken in the queue: reserved by `poll_ready` and not yet
-    /// enqueued, or enqueued and waiting for a permit.
-    depth: usize,
     closed: bool,
     /// The shutdown drain timed out: what was still queued was failed and
     /// nothing more is enqueued.
@@ -108,7 +131,6 @@ impl Lists {
             head: [NIL; LISTS],
             tail: [NIL; LISTS],
             len: [0; LISTS],
-            depth: 0,
             closed: false,
             drained_out: false,
         }
@@ -257,6 +279,9 @@ pub(crate) struct Shared {
     age_after: u64,
     base: Instant,
     lists: Padded<Mutex<Lists>>,
+    /// Places taken in the queue: reserved by `poll_ready` and not yet
+    /// enqueued, or enqueued and waiting for a permit (see `PLACE`).
+    places: Padded<AtomicUsize>,
     listener: Option<Listener>,
     pub(crate) counters: Padded<Counters>,
     idle: Notify,
@@ -311,6 +336,7 @@ impl Shared {
             age_after: u64::try_from(age_after.as_nanos()).unwrap_or(u64::MAX / 4),
             base: Instant::now(),
             lists: Padded(Mutex::new(Lists::new())),
+            places: Padded(AtomicUsize::new(0)),
             listener,
             counters: Padded(Counters::default()),
             idle: Notify::new(),
@@ -427,7 +453,41 @@ impl Shared {
             l.unlink(i);
             l.settle(i, NodeState::Slot, wakes);
         } else {
-            l.depth -= 1;
+            self.places.fetch_sub(PLACE, Ordering::AcqRel);
+        }
+    }
+
+    fn depth(&self) -> usize {
+        self.places.load(Ordering::Acquire) / PLACE
+    }
+
+    /// The fast place path: a place if there is room and both flags are
+    /// clear; in reject mode, `Full` when there is none. `None` sends the
+    /// caller to [`admit_slow`](Self::admit_slow).
+    #[inline]
+    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<Admission> {
+        let mut s = self.places.load(Ordering::Relaxed);
+        loop {
+            if s & (PLACE_WAITERS | PLACES_CLOSED) != 0 {
+                return None;
+            }
+            if s / PLACE >= self.capacity {
+                return self.reject.then_some(Admission::Full { depth: s / PLACE });
+            }
+            match self.places.compare_exchange_weak(
+                s,
+                s + PLACE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(Admission::Slot(Slot {
+                        shared: Arc::clone(self),
+                        armed: true,
+                    }))
+                }
+                Err(actual) => s = actual,
+            }
         }
     }
 
@@ -437,7 +497,10 @@ impl Shared {
         if l.all_empty() && self.state.load(Ordering::Relaxed) & WAITERS != 0 {
             self.state.fetch_and(!WAITERS, Ordering::AcqRel);
         }
-        if l.closed && l.depth == 0 && self.free_permits() == self.concurrency {
+        if l.len[SLOT_LIST] == 0 && self.places.load(Ordering::Relaxed) & PLACE_WAITERS != 0 {
+            self.places.fetch_and(!PLACE_WAITERS, Ordering::AcqRel);
+        }
+        if l.closed && self.depth() == 0 && self.free_permits() == self.concurrency {
             self.idle.notify_waiters();
         }
     }
@@ -492,17 +555,31 @@ impl Shared {
             drop(l);
             return Admission::Permit(Permit::new(Arc::clone(self)));
         }
-        if l.depth < self.capacity {
-            l.depth += 1;
-            return Admission::Slot(Slot {
-                shared: Arc::clone(self),
-                armed: true,
-            });
-        }
-        if self.reject {
-            return Admission::Full { depth: l.depth };
+        let mut s = self.places.load(Ordering::Acquire);
+        loop {
+            let (new, room) = if s / PLACE < self.capacity {
+                (s + PLACE, true)
+            } else if self.reject {
+                return Admission::Full { depth: s / PLACE };
+            } else {
+                (s | PLACE_WAITERS, false)
+            };
+            match self
+                .places
+                .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) if room => {
+                    return Admission::Slot(Slot {
+                        shared: Arc::clone(self),
+                        armed: true,
+                    })
+                }
+                Ok(_) => break,
+                Err(actual) => s = actual,
+            }
         }
         if self.take_permit_or_flag() {
+            self.after_change(&l);
             drop(l);
             return Admission::Permit(Permit::new(Arc::clone(self)));
         }
@@ -552,7 +629,11 @@ impl Shared {
                     Some(waker.clone()),
                     Arc::clone(&flag),
                 );
+<<<<<<< HEAD
                 queued_depth = Some(l.depth);
+=======
+                queued_depth = Some(self.depth());
+>>>>>>> queue
                 Enqueued::Entry(Entry {
                     shared: Arc::clone(self),
                     idx,
@@ -580,6 +661,7 @@ impl Shared {
             if !l.closed {
                 l.closed = true;
                 self.state.fetch_or(CLOSED, Ordering::AcqRel);
+                self.places.fetch_or(PLACES_CLOSED, Ordering::AcqRel);
                 while l.head[SLOT_LIST] != NIL {
                     let i = l.head[SLOT_LIST];
                     l.unlink(i);
@@ -602,7 +684,7 @@ impl Shared {
             while let Some(i) = l.pick() {
                 l.unlink(i);
                 l.settle(i, NodeState::Closed, &mut wakes);
-                l.depth -= 1;
+                self.places.fetch_sub(PLACE, Ordering::AcqRel);
                 failed += 1;
             }
             self.after_change(&l);
@@ -615,7 +697,7 @@ impl Shared {
     /// No request waits, is reserved or in flight.
     pub(crate) fn is_idle(&self) -> bool {
         let l = self.lock();
-        l.depth == 0 && l.all_empty() && self.free_permits() == self.concurrency
+        self.depth() == 0 && l.all_empty() && self.free_permits() == self.concurrency
     }
 
     pub(crate) async fn wait_idle(&self) {
@@ -633,7 +715,11 @@ impl Shared {
     /// Places taken (reserved or queued) and queued requests per priority.
     pub(crate) fn depths(&self) -> (usize, [usize; 3], usize) {
         let l = self.lock();
-        (l.depth, [l.len[0], l.len[1], l.len[2]], l.len[SLOT_LIST])
+        (
+            self.depth(),
+            [l.len[0], l.len[1], l.len[2]],
+            l.len[SLOT_LIST],
+        )
     }
 }
 
@@ -727,6 +813,14 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if !self.armed {
             return;
+        }
+        let places = &self.shared.places;
+        let mut s = places.load(Ordering::Relaxed);
+        while s & (PLACE_WAITERS | PLACES_CLOSED) == 0 {
+            match places.compare_exchange_weak(s, s - PLACE, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(actual) => s = actual,
+            }
         }
         let mut wakes = Wakes::default();
         {
