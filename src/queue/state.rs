@@ -629,11 +629,7 @@ impl Shared {
                     Some(waker.clone()),
                     Arc::clone(&flag),
                 );
-<<<<<<< HEAD
-                queued_depth = Some(l.depth);
-=======
                 queued_depth = Some(self.depth());
->>>>>>> queue
                 Enqueued::Entry(Entry {
                     shared: Arc::clone(self),
                     idx,
