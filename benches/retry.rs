@@ -12,6 +12,10 @@
 //! ```text
 //! cargo bench --bench retry -- --warm-up-time 2 --measurement-time 5
 //! ```
+//!
+//! Before the criterion groups it prints the interleaved medians (every
+//! variant round-robin, 31 rounds of 20,000 calls), which load drift on a
+//! shared machine affects alike.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt;
@@ -184,6 +188,7 @@ fn retry_success(c: &mut Criterion) {
         .build()
         .expect("a current-thread runtime");
     let _context = rt.enter();
+    interleaved();
 
     // The bare inner service: the harness's own cost.
     bench_variant(c, "baseline_inner_only", Always);
@@ -231,6 +236,89 @@ fn retry_success(c: &mut Criterion) {
         .exponential_backoff(Duration::from_millis(100))
         .build();
     bench_variant(c, "tower_resilience_no_budget", tr_plain.layer(Always));
+}
+
+/// Criterion measures the variants one after another, so on a shared machine
+/// they can see different loads. This runs them round-robin instead, many
+/// short samples each, and prints the median time per call and the median of
+/// the per-round ratios: the figure to trust when the machine is busy.
+fn interleaved() {
+    const ROUNDS: usize = 31;
+    const CALLS: u64 = 20_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    let _context = rt.enter();
+    let mut cx = Context::from_waker(Waker::noop());
+
+    fn driver<S>(mut svc: S) -> Box<dyn FnMut(&mut Context<'_>, u64) -> u64>
+    where
+        S: Service<u64, Response = u64> + 'static,
+        S::Error: fmt::Debug,
+    {
+        Box::new(move |cx, n| call_once(&mut svc, cx, n))
+    }
+    let ours = llm_resilience::retry::RetryLayer::builder()
+        .max_attempts(3)
+        .build()
+        .expect("a valid retry configuration");
+    let policy = TowerPolicy {
+        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+        attempts_left: 3,
+    };
+    let budget = tower_resilience::retry::RetryBudgetBuilder::new()
+        .token_bucket()
+        .tokens_per_second(10.0)
+        .max_tokens(100)
+        .build()
+        .expect("a valid token bucket");
+    let tr = tower_resilience::retry::RetryLayer::<u64, u64, io::Error>::builder()
+        .max_attempts(3)
+        .exponential_backoff(Duration::from_millis(100))
+        .budget(budget)
+        .build();
+    let tr_plain = tower_resilience::retry::RetryLayer::<u64, u64, io::Error>::builder()
+        .max_attempts(3)
+        .exponential_backoff(Duration::from_millis(100))
+        .build();
+    let mut variants: Vec<(&str, Box<dyn FnMut(&mut Context<'_>, u64) -> u64>)> = vec![
+        ("llm_resilience", driver(ours.layer(Always))),
+        ("tower", driver(tower::retry::Retry::new(policy, Always))),
+        ("tower_resilience", driver(tr.layer(Always))),
+        ("tower_resilience_no_budget", driver(tr_plain.layer(Always))),
+    ];
+    let mut samples = vec![Vec::with_capacity(ROUNDS); variants.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, run)) in variants.iter_mut().enumerate() {
+            let start = std::time::Instant::now();
+            for n in 0..CALLS {
+                black_box(run(&mut cx, black_box(n)));
+            }
+            samples[i].push(start.elapsed().as_nanos() as f64 / CALLS as f64);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, (name, _)) in variants.iter().enumerate() {
+        eprintln!(
+            "interleaved {name}: median {:.1} ns/call",
+            median(samples[i].clone())
+        );
+    }
+    for (j, theirs) in [
+        (1, "tower"),
+        (2, "tower_resilience"),
+        (3, "tower_resilience_no_budget"),
+    ] {
+        let ratios: Vec<f64> = (0..ROUNDS).map(|r| samples[0][r] / samples[j][r]).collect();
+        eprintln!(
+            "interleaved ratio llm_resilience / {theirs}: median {:.3}",
+            median(ratios)
+        );
+    }
 }
 
 /// The budgets alone: one deposit, as on every successful call.
