@@ -252,7 +252,8 @@ fn interleaved() {
     let _context = rt.enter();
     let mut cx = Context::from_waker(Waker::noop());
 
-    fn driver<S>(mut svc: S) -> Box<dyn FnMut(&mut Context<'_>, u64) -> u64>
+    type Driver = Box<dyn FnMut(&mut Context<'_>, u64) -> u64>;
+    fn driver<S>(mut svc: S) -> Driver
     where
         S: Service<u64, Response = u64> + 'static,
         S::Error: fmt::Debug,
@@ -282,7 +283,7 @@ fn interleaved() {
         .max_attempts(3)
         .exponential_backoff(Duration::from_millis(100))
         .build();
-    let mut variants: Vec<(&str, Box<dyn FnMut(&mut Context<'_>, u64) -> u64>)> = vec![
+    let mut variants: Vec<(&str, Driver)> = vec![
         ("llm_resilience", driver(ours.layer(Always))),
         ("tower", driver(tower::retry::Retry::new(policy, Always))),
         ("tower_resilience", driver(tr.layer(Always))),
