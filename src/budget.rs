@@ -35,18 +35,16 @@
 //! # Cost, and how deposits are dated
 //!
 //! A deposit is on every request's path, so it does not read the clock: it
-//! increments one shared counter, and every [`FLUSH_EVERY`]th deposit (and
-//! every withdrawal or balance query, which read the clock anyway) moves the
-//! pending deposits into the bucket of the *previous* flush: the earliest
-//! time they can have been made. Dating a deposit early only makes it leave
-//! the window sooner, so the budget is never more permissive than Finagle's
-//! rule with exact timestamps (a property test holds it to that). The price
-//! is at most `FLUSH_EVERY − 1` deposits counted short in one window, which
-//! matters only at a few requests per second, where the `min_per_sec`
-//! reserve dominates anyway.
-//! The arithmetic is exact: deposits and withdrawals are counted as integers
-//! and compared with the ratio once, unlike tower's `TpsBudget`, which
-//! truncates `1 / ratio` (so a ratio of 0.6 there allows 100 %).
+//! is dated to the last time the budget did read it (the earliest its request
+//! can have been made) and added to that bucket with one atomic operation.
+//! The budget reads the clock when a withdrawal or a balance query needs
+//! "now", and whenever a bucket's deposits reach a multiple of
+//! [`CLOCK_READ_EVERY`], so under traffic the date is at most that many
+//! deposits old. Dating a deposit early only makes it leave the window
+//! sooner, so the budget is never more permissive than Finagle's rule with
+//! exact timestamps (a property test holds it to that); at a few requests
+//! per second deposits are counted short, where the `min_per_sec` reserve
+//! dominates anyway.
 //!
 //! # Why budgets and not only max attempts
 //!
@@ -69,8 +67,9 @@ use tokio::time::Instant;
 use crate::error::ConfigError;
 
 const BUCKETS: u64 = 10;
-/// Deposits between two reads of the clock; see the [module docs](self).
-pub const FLUSH_EVERY: u64 = 16;
+/// Deposits in a bucket between two reads of the clock; see the
+/// [module docs](self).
+pub const CLOCK_READ_EVERY: u64 = 16;
 const COUNT_MASK: u64 = u32::MAX as u64;
 
 /// A retry budget shared by every clone; see the [module docs](self).
@@ -84,8 +83,8 @@ struct Inner {
     reserve: f64,
     bucket_ms: u64,
     start: Instant,
-    pending: AtomicU64,
-    flushed_epoch: AtomicU64,
+    // The epoch the clock was last read at; deposits are dated to it.
+    seen_epoch: AtomicU64,
     deposits: [AtomicU64; BUCKETS as usize],
     withdrawals: [AtomicU64; BUCKETS as usize],
 }
@@ -163,8 +162,7 @@ impl RetryBudgetBuilder {
                 reserve: f64::from(self.min_per_sec) * (bucket_ms * BUCKETS) as f64 / 1000.0,
                 bucket_ms,
                 start: Instant::now(),
-                pending: AtomicU64::new(0),
-                flushed_epoch: AtomicU64::new(0),
+                seen_epoch: AtomicU64::new(0),
                 deposits: Default::default(),
                 withdrawals: Default::default(),
             }),
@@ -173,19 +171,24 @@ impl RetryBudgetBuilder {
 }
 
 /// Adds `n` to the packed (epoch, count) cell for `epoch`, starting the cell
-/// anew when it still holds an older epoch. Saturates.
-fn add(cell: &AtomicU64, epoch: u64, n: u64) {
+/// anew when it holds an older epoch. Saturates. Returns the cell's count
+/// after the add, or `None` when the cell already holds a newer epoch (then
+/// `epoch` has left the window and the add is dropped).
+fn add(cell: &AtomicU64, epoch: u64, n: u64) -> Option<u64> {
     let tag = epoch << 32;
     let n = n.min(COUNT_MASK);
     let mut cur = cell.load(Ordering::Relaxed);
     loop {
-        let next = if cur & !COUNT_MASK == tag {
+        let held = cur >> 32;
+        let next = if held == epoch {
             tag | ((cur & COUNT_MASK) + n).min(COUNT_MASK)
+        } else if held.wrapping_sub(epoch) & COUNT_MASK < COUNT_MASK / 2 {
+            return None; // newer
         } else {
             tag | n
         };
         match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return,
+            Ok(_) => return Some(next & COUNT_MASK),
             Err(actual) => cur = actual,
         }
     }
@@ -224,23 +227,41 @@ impl RetryBudget {
     }
 
     /// Records one logical request. Call it once per request, not per
-    /// attempt. Reads the clock once per [`FLUSH_EVERY`] calls.
+    /// attempt. One atomic add; reads the clock once per
+    /// [`CLOCK_READ_EVERY`] deposits.
     #[inline]
     pub fn deposit(&self) {
-        let pending = self.inner.pending.fetch_add(1, Ordering::AcqRel) + 1;
-        if pending >= FLUSH_EVERY {
-            self.flush(self.epoch());
+        self.deposit_at(self.mark(), 1);
+    }
+
+    /// The date the budget gives a deposit made now: the epoch of its last
+    /// clock read. With [`deposit_at`](Self::deposit_at), a caller that
+    /// batches deposits dates the whole batch to the mark taken at its
+    /// first one, which is never later than any of them.
+    #[inline]
+    pub fn mark(&self) -> u64 {
+        self.inner.seen_epoch.load(Ordering::Acquire)
+    }
+
+    /// Records `n` logical requests made at or after `mark` (from
+    /// [`mark`](Self::mark)).
+    pub fn deposit_at(&self, mark: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        match add(&self.inner.deposits[(mark % BUCKETS) as usize], mark, n) {
+            Some(after) if after / CLOCK_READ_EVERY == (after - n) / CLOCK_READ_EVERY => {}
+            _ => {
+                self.read_clock();
+            }
         }
     }
 
-    /// Moves the pending deposits into the bucket of the previous flush (the
-    /// earliest they can have been made), if it is still in the window.
-    fn flush(&self, now: u64) {
-        let prev = self.inner.flushed_epoch.swap(now, Ordering::AcqRel);
-        let n = self.inner.pending.swap(0, Ordering::AcqRel);
-        if n > 0 && (now.wrapping_sub(prev) & COUNT_MASK) < BUCKETS {
-            add(&self.inner.deposits[(prev % BUCKETS) as usize], prev, n);
-        }
+    /// Reads the clock and moves the date of later deposits to now.
+    fn read_clock(&self) -> u64 {
+        let now = self.epoch();
+        self.inner.seen_epoch.fetch_max(now, Ordering::AcqRel);
+        now
     }
 
     /// Takes one retry from the budget if its balance allows it.
@@ -248,8 +269,7 @@ impl RetryBudget {
     /// Withdraws first and gives back when the balance went short, so
     /// concurrent callers can be refused together but never over-draw.
     pub fn try_withdraw(&self) -> bool {
-        let e = self.epoch();
-        self.flush(e);
+        let e = self.read_clock();
         let cell = &self.inner.withdrawals[(e % BUCKETS) as usize];
         add(cell, e, 1);
         if self.balance_at(e) >= -1e-9 {
@@ -269,8 +289,7 @@ impl RetryBudget {
     /// Retries the budget would allow now: `deposits · ratio + reserve −
     /// withdrawals` over the current window.
     pub fn balance(&self) -> f64 {
-        let e = self.epoch();
-        self.flush(e);
+        let e = self.read_clock();
         self.balance_at(e)
     }
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use llm_resilience::backoff::{Backoff, Jitter};
-use llm_resilience::budget::{RetryBudget, FLUSH_EVERY};
+use llm_resilience::budget::{RetryBudget, CLOCK_READ_EVERY};
 use proptest::prelude::*;
 
 fn jitter() -> impl Strategy<Value = Jitter> {
@@ -74,34 +74,28 @@ fn in_window(v: &[u64], end: u64) -> f64 {
 }
 
 /// The documented rule: Finagle's condition over ten buckets of ttl/10, with
-/// deposits dated as the budget dates them (flushed every `FLUSH_EVERY`
-/// deposits, and before every withdrawal, into the bucket of the previous
-/// flush).
+/// deposits dated as the budget dates them (to its last clock read, which
+/// happens at every withdrawal and whenever a bucket's deposits reach a
+/// multiple of `CLOCK_READ_EVERY`).
 struct Model {
     ratio: f64,
     reserve: f64,
-    pending: u64,
-    flushed: u64,
+    seen: u64,
     dated: Vec<u64>,       // bucket each deposit is counted in
     exact: Vec<u64>,       // bucket each deposit was really made in
     withdrawals: Vec<u64>, // bucket of each allowed withdrawal
 }
 
 impl Model {
-    fn flush(&mut self, now: u64) {
-        if self.pending > 0 && now - self.flushed < 10 {
-            for _ in 0..self.pending {
-                self.dated.push(self.flushed);
-            }
-        }
-        self.pending = 0;
-        self.flushed = now;
+    fn read_clock(&mut self, now: u64) {
+        self.seen = self.seen.max(now);
     }
     fn deposit(&mut self, now: u64) {
         self.exact.push(now);
-        self.pending += 1;
-        if self.pending >= FLUSH_EVERY {
-            self.flush(now);
+        self.dated.push(self.seen);
+        let in_bucket = self.dated.iter().filter(|&&b| b == self.seen).count() as u64;
+        if in_bucket % CLOCK_READ_EVERY == 0 {
+            self.read_clock(now);
         }
     }
     fn balance(&self, deposits: &[u64], now: u64) -> f64 {
@@ -135,8 +129,7 @@ proptest! {
             let mut model = Model {
                 ratio,
                 reserve: f64::from(min_per_sec) * ttl_s as f64,
-                pending: 0,
-                flushed: 0,
+                seen: 0,
                 dated: vec![],
                 exact: vec![],
                 withdrawals: vec![],
@@ -157,7 +150,7 @@ proptest! {
                     }
                     Op::Withdraw(n) => {
                         for _ in 0..n {
-                            model.flush(now);
+                            model.read_clock(now);
                             let expected = model.balance(&model.dated, now) >= 1.0 - 1e-9;
                             let got = budget.try_withdraw();
                             prop_assert_eq!(got, expected, "at {} ms", now_ms);
