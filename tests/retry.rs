@@ -563,3 +563,27 @@ async fn works_with_box_error_upstreams_and_converts_into_box_error() -> Result<
     assert_eq!(boxed.to_string(), "shutting down");
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reused_service_tells_the_budget_in_batches_and_on_drop() {
+    let layer = layer()
+        .budget(
+            RetryBudget::builder()
+                .ratio(1.0)
+                .min_per_sec(0)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let budget = layer.budget().unwrap().clone();
+    let mut svc = layer.layer(service_fn(|x: u32| async move { Ok::<u32, BoxError>(x) }));
+    for i in 0..20 {
+        svc.ready().await.unwrap();
+        svc.call(i).await.unwrap();
+    }
+    // One batch of 16 is told at once; the other 4 when the service goes.
+    assert_eq!(budget.balance(), 16.0);
+    drop(svc);
+    assert_eq!(budget.balance(), 20.0);
+}

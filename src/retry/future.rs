@@ -121,9 +121,6 @@ where
     K: CloneRequest<Req>,
 {
     pub(crate) fn new(service: S, ready: bool, request: Req, config: Arc<Config<C, K>>) -> Self {
-        if let Some(budget) = &config.budget {
-            budget.deposit();
-        }
         let deadline = config.deadline.map(|d| Instant::now() + d);
         let call = tracing::debug_span!(
             "llm_resilience.retry",

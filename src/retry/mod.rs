@@ -54,7 +54,15 @@
 //!
 //! With a [`RetryBudget`](crate::budget::RetryBudget) (on by default), each
 //! logical request deposits once and each retry withdraws once; a retry the
-//! budget cannot pay for ends with [`Error::BudgetExhausted`].
+//! budget cannot pay for ends with [`Error::BudgetExhausted`]. Every clone
+//! of the layer and of the service shares the one budget. A service value
+//! tells the budget of its deposits in batches of
+//! [`CLOCK_READ_EVERY`](crate::budget::CLOCK_READ_EVERY) and when it is
+//! dropped, each batch dated to the budget's mark at its first request (never
+//! later than any of them), so a reused service pays one shared atomic per
+//! batch; a clone made for one request (`svc.clone().oneshot(req)`) tells it
+//! as soon as the clone is dropped, right after the call. Until then a
+//! request's deposit only makes the budget stricter.
 //!
 //! # Readiness and cloning
 //!
@@ -101,6 +109,7 @@ use tower_service::Service;
 pub use self::future::ResponseFuture;
 use self::layer::Config;
 pub use self::layer::{RetryLayer, RetryLayerBuilder};
+use crate::budget::CLOCK_READ_EVERY;
 use crate::classify::{Classify, LlmClassifier, Reason};
 use crate::error::{BoxError, Error};
 
@@ -192,15 +201,54 @@ impl RetryEventKind {
 /// The retry middleware; made by [`RetryLayer`].
 pub struct Retry<S, C = LlmClassifier, K = UseClone> {
     inner: S,
-    config: Arc<Config<C, K>>,
+    shared: Deposits<C, K>,
     ready: bool,
+}
+
+/// The shared configuration, and this service value's deposits that the
+/// shared budget has not been told of yet: it is told every
+/// [`CLOCK_READ_EVERY`] calls and when the value is dropped, dated to the
+/// budget's mark at the first of them (never later than any), so a service
+/// that is reused pays one shared atomic per batch instead of per call.
+struct Deposits<C, K> {
+    config: Arc<Config<C, K>>,
+    unsent: u64,
+    mark: u64,
+}
+
+impl<C, K> Deposits<C, K> {
+    #[inline]
+    fn record(&mut self) {
+        if let Some(budget) = &self.config.budget {
+            if self.unsent == 0 {
+                self.mark = budget.mark();
+            }
+            self.unsent += 1;
+            if self.unsent >= CLOCK_READ_EVERY {
+                budget.deposit_at(self.mark, self.unsent);
+                self.unsent = 0;
+            }
+        }
+    }
+}
+
+impl<C, K> Drop for Deposits<C, K> {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.config.budget {
+            budget.deposit_at(self.mark, self.unsent);
+        }
+    }
 }
 
 impl<S, C, K> Retry<S, C, K> {
     pub(crate) fn from_config(inner: S, config: Arc<Config<C, K>>) -> Self {
         Self {
             inner,
-            config,
+            shared: Deposits {
+                config,
+                unsent: 0,
+                mark: 0,
+            },
             ready: false,
         }
     }
@@ -227,7 +275,11 @@ impl<S: Clone, C, K> Clone for Retry<S, C, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            config: Arc::clone(&self.config),
+            shared: Deposits {
+                config: Arc::clone(&self.shared.config),
+                unsent: 0,
+                mark: 0,
+            },
             ready: false,
         }
     }
@@ -237,7 +289,7 @@ impl<S: fmt::Debug, C, K> fmt::Debug for Retry<S, C, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("max_attempts", &self.config.max_attempts)
+            .field("max_attempts", &self.shared.config.max_attempts)
             .field("ready", &self.ready)
             .finish_non_exhaustive()
     }
@@ -272,6 +324,7 @@ where
         let ready = std::mem::take(&mut self.ready);
         let fresh = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, fresh);
-        ResponseFuture::new(service, ready, req, Arc::clone(&self.config))
+        self.shared.record();
+        ResponseFuture::new(service, ready, req, Arc::clone(&self.shared.config))
     }
 }
