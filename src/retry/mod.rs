@@ -57,7 +57,7 @@
 //! budget cannot pay for ends with [`Error::BudgetExhausted`]. Every clone
 //! of the layer and of the service shares the one budget. A service value
 //! tells the budget of its deposits in batches of
-//! [`CLOCK_READ_EVERY`](crate::budget::CLOCK_READ_EVERY) and when it is
+//! [`CLOCK_READ_EVERY`] and when it is
 //! dropped, each batch dated to the budget's mark at its first request (never
 //! later than any of them), so a reused service pays one shared atomic per
 //! batch; a clone made for one request (`svc.clone().oneshot(req)`) tells it
