@@ -9,9 +9,8 @@
 //! alone, the layer disabled, and the layer enabled with a rule that never
 //! fires (probability 0), which pays for the draw.
 
-use std::future::{ready, Future, Ready};
+use std::future::Future;
 use std::hint::black_box;
-use std::io;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
@@ -19,20 +18,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use llm_resilience::chaos::{ChaosLayer, Fault};
 use tower::{Layer, Service};
 
-#[derive(Clone, Copy, Debug)]
-struct Always;
-
-impl Service<u64> for Always {
-    type Response = u64;
-    type Error = io::Error;
-    type Future = Ready<Result<u64, io::Error>>;
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, n: u64) -> Self::Future {
-        ready(Ok(n.wrapping_add(1)))
-    }
-}
+#[path = "support/peers.rs"]
+mod peers;
+use peers::Always;
 
 fn call_once<S>(svc: &mut S, cx: &mut Context<'_>, n: u64) -> u64
 where

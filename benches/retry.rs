@@ -19,7 +19,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt;
-use std::future::{ready, Future, Ready};
+use std::future::Future;
 use std::hint::black_box;
 use std::io;
 use std::pin::pin;
@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::retry::Policy;
 use tower::{Layer, Service};
 
 /// Counts every allocation (and reallocation) made through the global
@@ -69,55 +68,9 @@ unsafe impl GlobalAlloc for CountingAlloc {
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
-/// The inner service of every variant: always ready, answers `n + 1` at once.
-#[derive(Clone, Copy, Debug)]
-struct Always;
-
-impl Service<u64> for Always {
-    type Response = u64;
-    type Error = io::Error;
-    type Future = Ready<Result<u64, io::Error>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, n: u64) -> Self::Future {
-        ready(Ok(n.wrapping_add(1)))
-    }
-}
-
-/// tower's retry policy, written like tower's own budget example: deposit on
-/// a success, withdraw for each retry; at most `attempts_left` attempts.
-#[derive(Clone, Debug)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-    attempts_left: u32,
-}
-
-impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        match result {
-            Ok(_) => {
-                self.budget.deposit();
-                None
-            }
-            Err(_) => {
-                if self.attempts_left <= 1 || !self.budget.withdraw() {
-                    return None;
-                }
-                self.attempts_left -= 1;
-                Some(ready(()))
-            }
-        }
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        Some(req.clone())
-    }
-}
+#[path = "support/peers.rs"]
+mod peers;
+use peers::{Always, TowerPolicy};
 
 /// One call: `poll_ready`, `call`, one poll of the response future.
 #[inline]

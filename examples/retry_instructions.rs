@@ -16,59 +16,19 @@
 //! `tower` is tower's `Retry` with a `TpsBudget` policy written like tower's
 //! own example (deposit on success), as in `benches/retry.rs`.
 
-use std::future::{ready, Future, Ready};
-use std::io;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tower::retry::budget::{Budget, TpsBudget};
-use tower::retry::{Policy, RetryLayer as TowerRetryLayer};
+use tower::retry::budget::TpsBudget;
+use tower::retry::RetryLayer as TowerRetryLayer;
 use tower::{Layer, Service};
 
-#[derive(Clone, Copy, Debug)]
-struct Always;
-
-impl Service<u64> for Always {
-    type Response = u64;
-    type Error = io::Error;
-    type Future = Ready<Result<u64, io::Error>>;
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, n: u64) -> Self::Future {
-        ready(Ok(n.wrapping_add(1)))
-    }
-}
-
-#[derive(Clone, Debug)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-    attempts_left: u32,
-}
-
-impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
-    type Future = Ready<()>;
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        match result {
-            Ok(_) => {
-                self.budget.deposit();
-                None
-            }
-            Err(_) => {
-                if self.attempts_left <= 1 || !self.budget.withdraw() {
-                    return None;
-                }
-                self.attempts_left -= 1;
-                Some(ready(()))
-            }
-        }
-    }
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        Some(req.clone())
-    }
-}
+#[path = "../benches/support/peers.rs"]
+mod peers;
+use peers::{Always, TowerPolicy};
 
 #[inline(never)]
 fn run<S>(svc: &mut S, n: u64) -> u64
