@@ -458,6 +458,36 @@ async fn quota_exhaustion_trips_at_once_and_follows_the_server_hint() {
     assert_eq!(h.state(), State::Closed);
 }
 
+/// The hint comes from the classifier's outcome, so a classifier that is
+/// not the LLM preset (here a closure, with no `HttpError` anywhere) can hold
+/// the breaker open too.
+#[tokio::test(start_paused = true)]
+async fn a_permanent_outcome_s_hint_holds_the_breaker_open_whatever_the_classifier() {
+    let classify = |r: Result<&&'static str, &Error>| match r {
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::Permanent {
+            reason: Reason::Quota,
+            retry_after: Some(Duration::from_secs(900)),
+        },
+    };
+    let layer = base()
+        .trip_on(&[Reason::Quota])
+        .classifier(classify)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(Upstream::default());
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Req::Fail)
+        .await
+        .unwrap_err();
+    assert_eq!(h.state(), State::Open);
+    let refused = svc.ready().await.unwrap().call(Req::Ok).await;
+    assert_eq!(open_for(refused), Duration::from_secs(900));
+}
+
 #[tokio::test(start_paused = true)]
 async fn server_hints_are_capped_or_ignored() {
     let layer = base()

@@ -216,9 +216,7 @@ async fn the_handle_switches_injection_at_run_time() {
     let err = svc.ready().await.unwrap().call(2).await.unwrap_err();
     assert_eq!(
         Classify::<u32>::classify(&LlmClassifier::new(), Err(&err)),
-        Outcome::Permanent {
-            reason: Reason::Quota
-        }
+        Outcome::permanent(Reason::Quota)
     );
     h.end_outage();
     assert!(svc.ready().await.unwrap().call(3).await.is_ok());
@@ -252,6 +250,7 @@ async fn llm_shaped_faults_classify_like_real_ones() {
             }),
             Outcome::Permanent {
                 reason: Reason::CircuitOpen,
+                retry_after: Some(Duration::from_secs(1)),
             },
         ),
     ];

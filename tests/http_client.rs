@@ -43,7 +43,7 @@ fn tr(reason: Reason) -> Outcome {
 }
 
 fn perm(reason: Reason) -> Outcome {
-    Outcome::Permanent { reason }
+    Outcome::permanent(reason)
 }
 
 fn bad(reason: Reason) -> Outcome {

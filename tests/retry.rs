@@ -483,9 +483,7 @@ async fn a_closure_classifier_can_retry_responses() {
     let classify = |r: Result<&u32, &Error>| match r {
         Ok(&v) if v < 3 => Outcome::transient(Reason::ServerError),
         Ok(_) => Outcome::Success,
-        Err(_) => Outcome::Permanent {
-            reason: Reason::Unknown,
-        },
+        Err(_) => Outcome::permanent(Reason::Unknown),
     };
     let svc = layer()
         .classifier(classify)

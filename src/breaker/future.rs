@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::state::{Ticket, Verdict};
 use super::Shared;
-use crate::classify::{hint, Classify, HttpError, Outcome};
+use crate::classify::Classify;
 use crate::error::{BoxError, Error};
 
 pin_project! {
@@ -94,7 +94,7 @@ impl<C> Guard<C> {
             self.ticket,
             verdict,
             || core.now_ms(),
-            || server_hint(&outcome, result.err()),
+            || outcome.retry_after(),
         );
     }
 }
@@ -105,21 +105,6 @@ impl<C> Drop for Guard<C> {
             self.shared.core.release(self.ticket);
         }
     }
-}
-
-/// The server's wait hint carried by a tripping failure: the classifier's
-/// for a transient outcome, else the headers of an [`HttpError`] in the
-/// error's source chain (a 429 `insufficient_quota` with `retry-after`).
-fn server_hint(outcome: &Outcome, err: Option<&Error>) -> Option<Duration> {
-    if let Outcome::Transient {
-        retry_after: Some(d),
-        ..
-    } = outcome
-    {
-        return Some(*d);
-    }
-    let http = err?.upstream_ref::<HttpError>()?;
-    hint::server_hint(http, SystemTime::now())
 }
 
 impl<S, Req, C> ResponseFuture<S, Req, C>

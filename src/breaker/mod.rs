@@ -70,8 +70,10 @@
 //! [`open_duration`](CircuitBreakerLayerBuilder::open_duration), grows by a
 //! multiplier on each consecutive trip up to a cap, and is shortened by a
 //! seeded jitter. It is at least the tripping failure's server hint
-//! (`retry-after-ms`, `retry-after`, the rate-limit reset headers, read from
-//! an [`HttpError`] in the error's source chain), up to a cap: a 429
+//! (`retry-after-ms`, `retry-after`, the rate-limit reset headers: the
+//! classifier's [`Outcome::retry_after`], so a client error registered with
+//! [`LlmClassifier::with_view`] or a closure classifier can give one too), up
+//! to a cap: a 429
 //! `insufficient_quota` with a `retry-after` of an hour holds the breaker
 //! open for that hour.
 //!
@@ -123,7 +125,8 @@
 //!
 //! [`Error::CircuitOpen`]: crate::Error::CircuitOpen
 //! [`Outcome::is_target_failure`]: crate::classify::Outcome::is_target_failure
-//! [`HttpError`]: crate::classify::HttpError
+//! [`Outcome::retry_after`]: crate::classify::Outcome::retry_after
+//! [`LlmClassifier::with_view`]: crate::classify::LlmClassifier::with_view
 
 mod future;
 mod handle;

@@ -203,15 +203,22 @@ pub fn classify_http_at(view: &dyn HttpView, now: SystemTime) -> Outcome {
             }),
         },
         Some(false) => match base {
-            Outcome::Transient { .. } | Outcome::Success => Outcome::Permanent {
-                reason: Reason::ServerSaidNoRetry,
-            },
+            Outcome::Transient { .. } | Outcome::Success => {
+                Outcome::permanent(Reason::ServerSaidNoRetry)
+            }
             other => other,
         },
         None => base,
     };
+    // The hint goes with every failure that the target will get over: a
+    // transient one (when to retry) and a permanent one (when the breaker
+    // may try again, e.g. a quota that resets).
     match base {
         Outcome::Transient { reason, .. } => Outcome::Transient {
+            reason,
+            retry_after: hint::server_hint(view, now),
+        },
+        Outcome::Permanent { reason, .. } => Outcome::Permanent {
             reason,
             retry_after: hint::server_hint(view, now),
         },
@@ -288,7 +295,7 @@ fn base_outcome(view: &dyn HttpView) -> Outcome {
     };
     let t = view.error_type();
     let bad = |reason| Outcome::BadRequest { reason };
-    let permanent = |reason| Outcome::Permanent { reason };
+    let permanent = Outcome::permanent;
     match status {
         200..=399 => Outcome::Success,
         408 => Outcome::transient(Reason::Timeout),
@@ -322,7 +329,7 @@ mod tests {
     #[test]
     fn reference_table_rows() {
         let bad = |r| Outcome::BadRequest { reason: r };
-        let perm = |r| Outcome::Permanent { reason: r };
+        let perm = Outcome::permanent;
         let tr = Outcome::transient;
         assert_eq!(
             c(&HttpError::transport(Transport::Connect)),
@@ -400,9 +407,7 @@ mod tests {
     fn should_retry_header_overrides_status() {
         assert_eq!(
             c(&HttpError::new(503).with_header("x-should-retry", "false")),
-            Outcome::Permanent {
-                reason: Reason::ServerSaidNoRetry
-            }
+            Outcome::permanent(Reason::ServerSaidNoRetry)
         );
         assert_eq!(
             c(&HttpError::new(400).with_header("X-Should-Retry", "true")),
@@ -427,14 +432,25 @@ mod tests {
                 retry_after: Some(Duration::from_millis(1500))
             }
         );
-        // Permanent outcomes never carry one.
+        // A permanent one carries it too (when the quota resets), and bad
+        // requests never do.
         let e = HttpError::new(429)
             .with_error_code("insufficient_quota")
             .with_header("retry-after", "3");
         assert_eq!(
             c(&e),
             Outcome::Permanent {
-                reason: Reason::Quota
+                reason: Reason::Quota,
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        let e = HttpError::new(400)
+            .with_error_code("context_length_exceeded")
+            .with_header("retry-after", "3");
+        assert_eq!(
+            c(&e),
+            Outcome::BadRequest {
+                reason: Reason::ContextLength
             }
         );
     }

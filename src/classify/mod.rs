@@ -16,7 +16,7 @@
 //! let quota = HttpError::new(429).with_error_code("insufficient_quota");
 //! let err = Error::from_inner(quota);
 //! let outcome = Classify::<()>::classify(&LlmClassifier::new(), Err(&err));
-//! assert_eq!(outcome, Outcome::Permanent { reason: Reason::Quota });
+//! assert_eq!(outcome, Outcome::permanent(Reason::Quota));
 //! ```
 //!
 //! # The LLM preset
@@ -64,6 +64,10 @@ pub enum Outcome {
     Permanent {
         /// Why it failed.
         reason: Reason,
+        /// When the server said the target will take calls again (a 429
+        /// `insufficient_quota` with `retry-after`, an open breaker's next
+        /// probe). A retry does not wait for it; a breaker stays open for it.
+        retry_after: Option<Duration>,
     },
     /// The request itself is wrong for this target; the target is healthy.
     BadRequest {
@@ -81,12 +85,30 @@ impl Outcome {
         }
     }
 
+    /// A permanent outcome without a server hint.
+    pub const fn permanent(reason: Reason) -> Self {
+        Outcome::Permanent {
+            reason,
+            retry_after: None,
+        }
+    }
+
+    /// The server's wait hint, for a transient or permanent outcome.
+    pub const fn retry_after(&self) -> Option<Duration> {
+        match *self {
+            Outcome::Transient { retry_after, .. } | Outcome::Permanent { retry_after, .. } => {
+                retry_after
+            }
+            _ => None,
+        }
+    }
+
     /// The reason, [`Reason::Ok`] for a success.
     pub const fn reason(&self) -> Reason {
         match *self {
             Outcome::Success => Reason::Ok,
             Outcome::Transient { reason, .. }
-            | Outcome::Permanent { reason }
+            | Outcome::Permanent { reason, .. }
             | Outcome::BadRequest { reason } => reason,
         }
     }
@@ -269,22 +291,19 @@ impl LlmClassifier {
         match err {
             Error::Upstream { source } => self.classify_chain(&**source),
             Error::Timeout { .. } => Outcome::transient(Reason::Timeout),
-            Error::CircuitOpen { .. } => Outcome::Permanent {
+            Error::CircuitOpen { retry_after } => Outcome::Permanent {
                 reason: Reason::CircuitOpen,
+                retry_after: Some(*retry_after),
             },
             Error::RateLimited { retry_after } => Outcome::Transient {
                 reason: Reason::RateLimited,
                 retry_after: Some(*retry_after),
             },
-            Error::QueueFull { .. } | Error::QueueTimeout { .. } => Outcome::Permanent {
-                reason: Reason::QueueFull,
-            },
-            Error::DeadlineExceeded { .. } => Outcome::Permanent {
-                reason: Reason::Timeout,
-            },
-            Error::Shutdown | Error::WorkerGone { .. } => Outcome::Permanent {
-                reason: Reason::Shutdown,
-            },
+            Error::QueueFull { .. } | Error::QueueTimeout { .. } => {
+                Outcome::permanent(Reason::QueueFull)
+            }
+            Error::DeadlineExceeded { .. } => Outcome::permanent(Reason::Timeout),
+            Error::Shutdown | Error::WorkerGone { .. } => Outcome::permanent(Reason::Shutdown),
             Error::RetriesExhausted { reason, .. }
             | Error::BudgetExhausted { reason, .. }
             | Error::NotCloneable { reason, .. } => Outcome::transient(*reason),
@@ -292,7 +311,7 @@ impl LlmClassifier {
                 reason: Reason::RateLimited,
                 retry_after: Some(*retry_after),
             },
-            Error::Permanent { reason, .. } => Outcome::Permanent { reason: *reason },
+            Error::Permanent { reason, .. } => Outcome::permanent(*reason),
             Error::BadRequest { reason, .. } => Outcome::BadRequest { reason: *reason },
         }
     }
