@@ -13,36 +13,19 @@
 //! Before the groups run, the bench counts heap allocations per call of each
 //! variant with a counting global allocator and prints them.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use llm_resilience::breaker::CircuitBreakerLayer;
 use tower::{Layer, Service, ServiceExt};
 
-struct Counting;
-
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "support/alloc.rs"]
+mod alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 type Inner = tower::util::ServiceFn<fn(u64) -> std::future::Ready<Result<u64, Infallible>>>;
 
@@ -152,7 +135,7 @@ fn current() -> tokio::runtime::Runtime {
 fn allocations_per_call() {
     let rt = current();
     let n = 10_000u64;
-    let measure = |name: &str, allocs: usize| {
+    let measure = |name: &str, allocs: u64| {
         println!(
             "allocations per call, {name}: {:.3}",
             allocs as f64 / n as f64
@@ -162,9 +145,9 @@ fn allocations_per_call() {
         ($name:expr, $svc:expr) => {{
             let mut svc = $svc;
             rt.block_on(run(&mut svc, 100));
-            let before = ALLOCS.load(Ordering::Relaxed);
+            let before = alloc::allocations();
             rt.block_on(run(&mut svc, n));
-            measure($name, ALLOCS.load(Ordering::Relaxed) - before);
+            measure($name, alloc::allocations() - before);
         }};
     }
     count!("baseline (no breaker)", inner());
@@ -174,9 +157,9 @@ fn allocations_per_call() {
     count!("tower-resilience", tower_resilience());
     let mut fs = failsafe();
     rt.block_on(run_failsafe(&mut fs, 100));
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = alloc::allocations();
     rt.block_on(run_failsafe(&mut fs, n));
-    measure("failsafe", ALLOCS.load(Ordering::Relaxed) - before);
+    measure("failsafe", alloc::allocations() - before);
 }
 
 /// Time per call (ns) of `n` sequential calls.

@@ -17,13 +17,11 @@
 //! variant round-robin, 31 rounds of 20,000 calls), which load drift on a
 //! shared machine affects alike.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt;
 use std::future::Future;
 use std::hint::black_box;
 use std::io;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -32,41 +30,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service};
 
-/// Counts every allocation (and reallocation) made through the global
-/// allocator; frees are not counted.
-struct CountingAlloc;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every method forwards to `System` with the caller's arguments
-// unchanged; the counter has no effect on the memory handed out.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged; the caller upholds `alloc_zeroed`'s contract.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged; the caller upholds `realloc`'s contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged; the caller upholds `dealloc`'s contract.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/alloc.rs"]
+mod alloc;
 
 #[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 #[path = "support/peers.rs"]
 mod peers;
@@ -104,11 +72,11 @@ where
     for n in 0..WARM_UP_CALLS {
         assert_eq!(call_once(svc, cx, n), n + 1);
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = alloc::allocations();
     for n in 0..COUNTED_CALLS {
         black_box(call_once(svc, cx, black_box(n)));
     }
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let after = alloc::allocations();
     (after - before) as f64 / COUNTED_CALLS as f64
 }
 
