@@ -6,7 +6,6 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -16,7 +15,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
 use super::event::QueueEventKind;
-use super::state::{Enqueued, Entry, Grant, Permit, Shared, Slot};
+use super::state::{Core, Count, Enqueued, Entry, Grant, Link, Permit, Slot};
 use super::{poll_admit, Admitted, Priority, Waiting};
 use crate::error::{BoxError, Error};
 
@@ -102,7 +101,7 @@ pin_project! {
         Calling { #[pin] fut: F },
         Failed { error: Option<Error> },
         Admitting {
-            shared: Arc<Shared>,
+            shared: Link,
             wait: Option<Box<Waiting>>,
             service: Option<S>,
             req: Option<Req>,
@@ -140,8 +139,8 @@ where
     }
 }
 
-fn count_expired(shared: &Shared, priority: Option<Priority>, waited: Option<Duration>) {
-    shared.counters.expired.fetch_add(1, Ordering::Relaxed);
+fn count_expired(shared: &Core, priority: Option<Priority>, waited: Option<Duration>) {
+    shared.counters.add(Count::Expired);
     tracing::debug!(
         priority = priority.map(Priority::as_str),
         "request deadline passed before it was sent"
@@ -179,7 +178,7 @@ where
         Self::new(State::Failed { error: Some(error) }, None, None)
     }
 
-    pub(super) fn expired(shared: &Shared, priority: Option<Priority>) -> Self {
+    pub(super) fn expired(shared: &Core, priority: Option<Priority>) -> Self {
         count_expired(shared, priority, None);
         Self::failed(Error::DeadlineExceeded {
             attempts: 0,
@@ -253,7 +252,7 @@ where
 
     /// `call` came without `poll_ready`: admission happens in `poll`.
     pub(super) fn admitting(
-        shared: Arc<Shared>,
+        shared: Link,
         wait: Option<Box<Waiting>>,
         service: S,
         req: Req,
@@ -395,9 +394,8 @@ where
                     let meta = this.meta.as_mut().expect("queued futures keep their meta");
                     let mut fresh = false;
                     if let Some(slot) = slot.take() {
-                        let shared = Arc::clone(slot.shared());
                         let since = meta.since.unwrap_or_else(Instant::now);
-                        match shared.enqueue(slot, meta.priority, since, cx.waker()) {
+                        match slot.enqueue(meta.priority, since, cx.waker()) {
                             Enqueued::Entry(e) => {
                                 *entry = Some(e);
                                 // Its waker is registered: no need to look again.
@@ -412,7 +410,6 @@ where
                                 continue;
                             }
                             Enqueued::Closed => {
-                                shared.counters.shut_out.fetch_add(1, Ordering::Relaxed);
                                 this.state.set(State::Failed {
                                     error: Some(Error::Shutdown),
                                 });
@@ -424,16 +421,20 @@ where
                     let polled = if fresh { Poll::Pending } else { e.poll(cx) };
                     match polled {
                         Poll::Ready(Grant::Permit(p)) => {
-                            let shared = Arc::clone(e.shared());
+                            let shared = e.shared();
+                            shared.counters.add(Count::DispatchedAfterWait);
+                            if shared.observed() {
+                                let waited = meta
+                                    .since
+                                    .map(|s| Instant::now().saturating_duration_since(s));
+                                shared.emit(
+                                    QueueEventKind::Dispatched,
+                                    Some(meta.priority),
+                                    shared.depth(),
+                                    waited,
+                                );
+                            }
                             *entry = None;
-                            let waited = meta
-                                .since
-                                .map(|s| Instant::now().saturating_duration_since(s));
-                            shared
-                                .counters
-                                .dispatched_after_wait
-                                .fetch_add(1, Ordering::Relaxed);
-                            shared.emit(QueueEventKind::Dispatched, Some(meta.priority), 0, waited);
                             let (service, req) = (service.take(), req.take());
                             *this.permit = Some(p);
                             // Only the deadline applies from here on.
@@ -444,9 +445,8 @@ where
                         Poll::Ready(Grant::Closed | Grant::Slot(_)) => {
                             // A queued entry is only ever granted a permit or
                             // failed by shutdown.
-                            let shared = Arc::clone(e.shared());
+                            e.shared().counters.add(Count::ShutOut);
                             *entry = None;
-                            shared.counters.shut_out.fetch_add(1, Ordering::Relaxed);
                             this.state.set(State::Failed {
                                 error: Some(Error::Shutdown),
                             });
@@ -472,7 +472,7 @@ where
                                     }
                                 }
                                 Expiry::MaxWait => {
-                                    shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                                    shared.counters.add(Count::TimedOut);
                                     tracing::debug!(
                                         priority = meta.priority.as_str(),
                                         waited_ms = waited.as_millis() as u64,
@@ -504,9 +504,7 @@ where
                                 let priority = this.meta.as_ref().map(|m| m.priority);
                                 this.state.set(State::Done);
                                 if let Some(p) = this.permit.take() {
-                                    let shared = p.shared_arc();
-                                    drop(p);
-                                    count_expired(&shared, priority, None);
+                                    count_expired(p.core(), priority, None);
                                 }
                                 return Poll::Ready(Err(Error::DeadlineExceeded {
                                     attempts: 0,
@@ -539,9 +537,7 @@ where
                             let priority = this.meta.as_ref().map(|m| m.priority);
                             this.state.set(State::Done);
                             if let Some(p) = this.permit.take() {
-                                let shared = p.shared_arc();
-                                drop(p);
-                                count_expired(&shared, priority, None);
+                                count_expired(p.core(), priority, None);
                             }
                             return Poll::Ready(Err(Error::DeadlineExceeded {
                                 attempts: 0,

@@ -1,11 +1,10 @@
 //! [`QueueHandle`]: depth queries, counters and graceful shutdown.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::event::QueueEventKind;
-use super::state::Shared;
+use super::state::{Count, Shared};
 use super::Priority;
 
 /// A handle on one queue, from [`QueueLayer::handle`](super::QueueLayer::handle).
@@ -101,13 +100,13 @@ impl QueueHandle {
     pub fn stats(&self) -> QueueStats {
         let c = &self.shared.counters;
         QueueStats {
-            queued: c.queued.load(Ordering::Relaxed),
-            dispatched_after_wait: c.dispatched_after_wait.load(Ordering::Relaxed),
-            rejected: c.rejected.load(Ordering::Relaxed),
-            expired: c.expired.load(Ordering::Relaxed),
-            timed_out: c.timed_out.load(Ordering::Relaxed),
-            cancelled: c.cancelled.load(Ordering::Relaxed),
-            shut_out: c.shut_out.load(Ordering::Relaxed),
+            queued: self.shared.queued_total(),
+            dispatched_after_wait: c.get(Count::DispatchedAfterWait),
+            rejected: c.get(Count::Rejected),
+            expired: c.get(Count::Expired),
+            timed_out: c.get(Count::TimedOut),
+            cancelled: c.get(Count::Cancelled),
+            shut_out: c.get(Count::ShutOut),
         }
     }
 

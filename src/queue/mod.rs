@@ -151,12 +151,14 @@ mod event;
 mod future;
 mod handle;
 mod layer;
+// The one place with `unsafe`: permits point at the queue's core without a
+// reference count (see `state::Permit`).
+#[allow(unsafe_code)]
 mod state;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -169,7 +171,7 @@ pub use self::future::{InnerPanicked, ResponseFuture};
 pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
-use self::state::{Admission, Entry, Grant, Local, LocalRef, Permit, Shared, Slot};
+use self::state::{Admission, Count, Entry, Grant, Link, LocalRef, Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
 
 /// A request's class. Higher classes are served first, with
@@ -268,7 +270,7 @@ pub(crate) enum Admitted {
 /// `poll_ready`: a permit, a place, a refusal, or pending (waiting for a
 /// place, bounded by `max_wait`).
 pub(crate) fn poll_admit(
-    shared: &Arc<Shared>,
+    shared: &Link,
     wait: &mut Option<Box<Waiting>>,
     max_wait: Option<Duration>,
     cx: &mut Context<'_>,
@@ -294,7 +296,7 @@ pub(crate) fn poll_admit(
                                     entry.withdraw();
                                 }
                                 *wait = None;
-                                shared.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                                shared.counters.add(Count::TimedOut);
                                 tracing::debug!(
                                     waited_ms = waited.as_millis() as u64,
                                     "queue wait exceeded waiting for a place"
@@ -321,7 +323,7 @@ pub(crate) fn poll_admit(
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
             Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, Instant::now())),
             Admission::Full { depth } => {
-                shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                shared.counters.add(Count::Rejected);
                 tracing::debug!(depth, "queue full, request rejected");
                 shared.emit(QueueEventKind::Rejected, None, depth, None);
                 return Poll::Ready(Admitted::Refused(Error::QueueFull { depth }));
@@ -342,8 +344,12 @@ pub(crate) fn poll_admit(
     }
 }
 
+fn new_link(shared: &Arc<Shared>) -> Link {
+    Arc::new(LocalRef(Arc::clone(shared)))
+}
+
 fn refuse_closed(shared: &Shared) -> Admitted {
-    shared.counters.shut_out.fetch_add(1, Ordering::Relaxed);
+    shared.counters.add(Count::ShutOut);
     shared.emit(QueueEventKind::Shutdown, None, 0, None);
     Admitted::Refused(Error::Shutdown)
 }
@@ -368,10 +374,9 @@ pub struct Queue<S, P = SamePriority, D = NoDeadline> {
     policy: Arc<Policy<P, D>>,
     reserved: Reserved,
     wait: Option<Box<Waiting>>,
-    /// This service's own reference for its fast-path permits, made on its
-    /// second call (so a clone used for one call allocates nothing).
-    local: Option<Local>,
-    called: bool,
+    /// This service's own reference for the places and entries of its
+    /// queued calls, made the first time one queues.
+    link: Option<Link>,
 }
 
 impl<S, P, D> Queue<S, P, D> {
@@ -382,25 +387,7 @@ impl<S, P, D> Queue<S, P, D> {
             policy,
             reserved: Reserved::None,
             wait: None,
-            local: None,
-            called: false,
-        }
-    }
-
-    /// Wraps a permit taken on the fast path.
-    #[inline]
-    fn fast_permit(&mut self) -> Permit {
-        match &self.local {
-            Some(local) => Permit::taken_local(Arc::clone(local)),
-            None if self.called => {
-                let local = Arc::new(LocalRef(Arc::clone(&self.shared)));
-                self.local = Some(Arc::clone(&local));
-                Permit::taken_local(local)
-            }
-            None => {
-                self.called = true;
-                Permit::new(Arc::clone(&self.shared))
-            }
+            link: None,
         }
     }
 
@@ -493,7 +480,7 @@ where
                     if self.wait.is_none() && self.shared.try_take() {
                         // The uncontended path: a permit, then the inner
                         // service, in one go.
-                        let permit = self.fast_permit();
+                        let permit = self.shared.permit();
                         return match self.inner.poll_ready(cx) {
                             Poll::Ready(Ok(())) => {
                                 self.reserved = Reserved::Ready(permit);
@@ -506,11 +493,12 @@ where
                             }
                         };
                     }
-                    let admitted =
-                        match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {
-                            Poll::Ready(a) => a,
-                            Poll::Pending => return Poll::Pending,
-                        };
+                    let link = self.link.get_or_insert_with(|| new_link(&self.shared));
+                    let admitted = match poll_admit(link, &mut self.wait, self.policy.max_wait, cx)
+                    {
+                        Poll::Ready(a) => a,
+                        Poll::Pending => return Poll::Pending,
+                    };
                     self.reserved = match admitted {
                         Admitted::Permit(p) => Reserved::Permit(p),
                         Admitted::Slot(s, since) => Reserved::Slot(s, since),
@@ -553,8 +541,9 @@ where
                 // `call` without `poll_ready`: the future does the admission.
                 let priority = self.policy.priority.priority(&req);
                 let deadline = self.policy.deadline.deadline(&req);
+                let link = Arc::clone(self.link.get_or_insert_with(|| new_link(&self.shared)));
                 ResponseFuture::admitting(
-                    Arc::clone(&self.shared),
+                    link,
                     self.wait.take(),
                     self.take_inner(),
                     req,

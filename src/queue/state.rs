@@ -5,15 +5,29 @@
 //!
 //! # The permit word
 //!
-//! `state` packs the free permits (`state / ONE`) with two flags:
-//! `WAITERS` (some request waits in a list) and `CLOSED` (shutdown began).
-//! The fast paths are one compare-and-swap each and run only while both
-//! flags are clear: acquiring takes a free permit, releasing adds one back.
-//! With a flag set, both go through the lock, where a released permit is
-//! handed straight to the next waiter instead of being put back, so a
-//! newcomer can never overtake a waiter. `WAITERS` is set and cleared only
-//! under the lock; it is set only when no permit is free, and stays set while
-//! any list is non-empty, so "`WAITERS` set" implies "no free permit".
+//! `state` packs the free permits (`state / ONE`) with three flags:
+//! `WAITERS` (some request waits in a list), `CLOSED` (shutdown began) and
+//! `DEAD` (every [`Shared`] is gone). The fast paths are one
+//! compare-and-swap each and run only while no flag is set: acquiring takes
+//! a free permit, releasing adds one back. With a flag set, both go through
+//! the lock, where a released permit is handed straight to the next waiter
+//! instead of being put back, so a newcomer can never overtake a waiter.
+//! `WAITERS` is set and cleared only under the lock; it is set only when no
+//! permit is free, and stays set while any list is non-empty, so "`WAITERS`
+//! set" implies "no free permit".
+//!
+//! # Who keeps the core alive
+//!
+//! Services, handles, places and entries hold a [`Shared`] (through a
+//! service's own [`Link`], so that queued calls of different services do not
+//! share a reference count's cache line). A [`Permit`] holds a plain pointer
+//! and no count at all: the permits share one strong reference to the
+//! [`Core`], released by whoever sees, on the permit word, both "no
+//! `Shared` left" (`DEAD`, set under the lock by the last `Shared`'s drop)
+//! and "every permit back". That is the last `Shared` if the permits are all
+//! back by then, else the permit that comes back last. A slow release works
+//! under the lock, where `DEAD` cannot be set under it, and does not touch
+//! the core after unlocking. `tests/queue_loom.rs` checks this protocol.
 //!
 //! # The places word
 //!
@@ -22,17 +36,20 @@
 //! `PLACES_CLOSED`: with both clear, a place is reserved (or, in reject
 //! mode, refused) and given back with one compare-and-swap; otherwise under
 //! the lock, where a freed place is handed to the first caller waiting for
-//! one.
+//! one. A queued request keeps its place until it takes its permit, and
+//! frees it then, outside the critical section that granted the permit.
 //!
 //! # Wait-list nodes
 //!
 //! A waiting request owns an [`Entry`]: an index into the node arena and a
-//! shared flag. Whoever settles a node (grants it a permit or a place, or
-//! fails it on shutdown) does so under the lock, sets the flag, wakes the
-//! owner and frees the node; the owner then reads its grant from the flag
-//! without the lock. An owner that drops its entry removes the node (still
-//! waiting) or passes on what it was granted.
+//! boxed flag the node points at. Whoever settles a node (grants it a permit
+//! or a place, or fails it on shutdown) does so under the lock, sets the
+//! flag, wakes the owner and frees the node; the owner then reads its grant
+//! from the flag without the lock. An owner that drops its entry removes the
+//! node (still waiting) or passes on what it was granted, under the lock,
+//! before its flag is freed.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -44,9 +61,12 @@ use tokio::time::Instant;
 use super::event::{Listener, QueueEvent, QueueEventKind};
 use super::Priority;
 
-const WAITERS: usize = 0b01;
-const CLOSED: usize = 0b10;
-const ONE: usize = 0b100;
+const WAITERS: usize = 0b001;
+const CLOSED: usize = 0b010;
+/// Every [`Shared`] is gone: the permit that comes back last frees the core.
+const DEAD: usize = 0b100;
+const FLAGS: usize = WAITERS | CLOSED | DEAD;
+const ONE: usize = 0b1000;
 
 /// The places word: places taken (`word / PLACE`) and two flags, like
 /// the permit word: `PLACE_WAITERS` (callers wait in `poll_ready` for a
@@ -93,7 +113,25 @@ impl NodeState {
 
 /// What an entry's owner reads without the lock: its node's state, set by
 /// whoever settles the node (under the lock), who also frees the node.
-type Flag = Arc<AtomicU8>;
+/// Boxed, so that it stays put while its entry moves: the node points at it
+/// (see [`FlagPtr`]).
+type Flag = Box<AtomicU8>;
+
+/// A node's pointer to its entry's [`Flag`], written only under the lock.
+#[derive(Clone, Copy, Debug)]
+struct FlagPtr(NonNull<AtomicU8>);
+
+// SAFETY: it points at an `AtomicU8` (`Send + Sync`), valid while the node is
+// in a list: an entry removes its node under the lock before its flag is
+// freed (`Entry::remove`, run by `Drop`), and a settled node is unlinked and
+// forgets the pointer in the same critical section.
+unsafe impl Send for FlagPtr {}
+// SAFETY: as above.
+unsafe impl Sync for FlagPtr {}
+
+fn new_flag() -> Flag {
+    Box::new(AtomicU8::new(NodeState::Waiting.code()))
+}
 
 #[derive(Debug)]
 struct Node {
@@ -101,7 +139,7 @@ struct Node {
     next: u32,
     list: u8,
     state: NodeState,
-    flag: Option<Flag>,
+    flag: Option<FlagPtr>,
     waker: Option<Waker>,
     /// Virtual time: the earliest wins. Enqueue time plus the class offset.
     vt: u64,
@@ -121,6 +159,11 @@ struct Lists {
     /// The shutdown drain timed out: what was still queued was failed and
     /// nothing more is enqueued.
     drained_out: bool,
+    /// Requests that were ever queued (for [`QueueStats`](super::QueueStats)).
+    queued: u64,
+    /// Whether `PLACE_WAITERS` is set in the places word (set and cleared
+    /// only under the lock): read here instead of on that busy cache line.
+    place_waiters: bool,
 }
 
 impl Lists {
@@ -133,6 +176,8 @@ impl Lists {
             len: [0; LISTS],
             closed: false,
             drained_out: false,
+            queued: 0,
+            place_waiters: false,
         }
     }
 
@@ -140,13 +185,13 @@ impl Lists {
         self.len.iter().all(|&n| n == 0)
     }
 
-    fn push(&mut self, list: usize, vt: u64, waker: Option<Waker>, flag: Flag) -> u32 {
+    fn push(&mut self, list: usize, vt: u64, waker: Option<Waker>, flag: &Flag) -> u32 {
         let node = Node {
             prev: self.tail[list],
             next: NIL,
             list: list as u8,
             state: NodeState::Waiting,
-            flag: Some(flag),
+            flag: Some(FlagPtr(NonNull::from(&**flag))),
             waker,
             vt,
         };
@@ -199,8 +244,10 @@ impl Lists {
     /// Settles an unlinked node: tells its owner (flag, waker) and frees it.
     fn settle(&mut self, idx: u32, state: NodeState, wakes: &mut Wakes) {
         let n = &mut self.nodes[idx as usize];
-        if let Some(flag) = &n.flag {
-            flag.store(state.code(), Ordering::Release);
+        if let Some(flag) = n.flag {
+            // SAFETY: the node is (was, until just now) in a list, so its
+            // entry's flag is alive (see `FlagPtr`); this is under the lock.
+            unsafe { flag.0.as_ref() }.store(state.code(), Ordering::Release);
         }
         wakes.push(n.waker.take());
         self.release_node(idx);
@@ -225,19 +272,30 @@ impl Lists {
     }
 }
 
-/// Wakers collected under the lock and woken after it is released.
+/// Wakers collected under the lock and woken after it is released. A
+/// release hands on one grant, rarely two: those stay inline, so that a
+/// handoff does not allocate.
 #[derive(Default)]
-pub(crate) struct Wakes(Vec<Waker>);
+pub(crate) struct Wakes {
+    first: Option<Waker>,
+    second: Option<Waker>,
+    rest: Vec<Waker>,
+}
 
 impl Wakes {
     fn push(&mut self, w: Option<Waker>) {
-        if let Some(w) = w {
-            self.0.push(w);
+        let Some(w) = w else { return };
+        if self.first.is_none() {
+            self.first = Some(w);
+        } else if self.second.is_none() {
+            self.second = Some(w);
+        } else {
+            self.rest.push(w);
         }
     }
 
     fn wake(self) {
-        for w in self.0 {
+        for w in self.first.into_iter().chain(self.second).chain(self.rest) {
             w.wake();
         }
     }
@@ -255,20 +313,54 @@ impl<T> std::ops::Deref for Padded<T> {
     }
 }
 
-/// Counters of slow-path events (the fast path counts nothing).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) queued: AtomicU64,
-    pub(crate) dispatched_after_wait: AtomicU64,
-    pub(crate) rejected: AtomicU64,
-    pub(crate) expired: AtomicU64,
-    pub(crate) timed_out: AtomicU64,
-    pub(crate) cancelled: AtomicU64,
-    pub(crate) shut_out: AtomicU64,
+/// A slow-path event that [`Counters`] counts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Count {
+    DispatchedAfterWait,
+    Rejected,
+    Expired,
+    TimedOut,
+    Cancelled,
+    ShutOut,
 }
 
-/// What the queue holds in common.
-pub(crate) struct Shared {
+const COUNTS: usize = 6;
+/// Counter rows: a thread adds to its own row, so that two workers counting
+/// the same event do not pass a cache line back and forth.
+const STRIPES: usize = 8;
+
+/// Counters of slow-path events (the fast path counts nothing), striped by
+/// thread; a read sums the rows.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    rows: [Padded<[AtomicU64; COUNTS]>; STRIPES],
+}
+
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.try_with(|s| *s).unwrap_or(0)
+}
+
+impl Counters {
+    pub(crate) fn add(&self, count: Count) {
+        self.rows[stripe()].0[count as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self, count: Count) -> u64 {
+        self.rows
+            .iter()
+            .map(|row| row.0[count as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// What the queue holds in common. Services, handles, places and entries
+/// reach it through a [`Shared`]; permits point at it directly (see
+/// [`Permit`]).
+pub(crate) struct Core {
     /// The permit word, alone on its cache line (as are the lock and the
     /// counters), so that the slow path's traffic does not slow the fast
     /// path's compare-and-swaps.
@@ -283,13 +375,13 @@ pub(crate) struct Shared {
     /// enqueued, or enqueued and waiting for a permit (see `PLACE`).
     places: Padded<AtomicUsize>,
     listener: Option<Listener>,
-    pub(crate) counters: Padded<Counters>,
+    pub(crate) counters: Counters,
     idle: Notify,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
+        f.debug_struct("Queue")
             .field("capacity", &self.capacity)
             .field("concurrency", &self.concurrency)
             .field("free_permits", &self.free_permits())
@@ -320,8 +412,8 @@ pub(crate) enum Enqueued {
     Closed,
 }
 
-impl Shared {
-    pub(crate) fn new(
+impl Core {
+    fn new(
         concurrency: usize,
         capacity: usize,
         reject: bool,
@@ -338,7 +430,7 @@ impl Shared {
             lists: Padded(Mutex::new(Lists::new())),
             places: Padded(AtomicUsize::new(0)),
             listener,
-            counters: Padded(Counters::default()),
+            counters: Counters::default(),
             idle: Notify::new(),
         }
     }
@@ -354,6 +446,13 @@ impl Shared {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.state.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// Someone listens to events (a listener, or the `metrics` facade):
+    /// worth reading the clock for them.
+    #[inline]
+    pub(crate) fn observed(&self) -> bool {
+        cfg!(feature = "metrics") || self.listener.is_some()
     }
 
     pub(crate) fn emit(
@@ -374,20 +473,13 @@ impl Shared {
         );
     }
 
-    /// The fast path: one compare-and-swap when a permit is free and nobody
-    /// waits.
-    #[inline]
-    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        self.try_take().then(|| Permit::new(Arc::clone(self)))
-    }
-
     /// The compare-and-swap of [`try_acquire`](Self::try_acquire), without
     /// making the guard.
     #[inline]
     pub(crate) fn try_take(&self) -> bool {
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
-            if s & (WAITERS | CLOSED) != 0 || s < ONE {
+            if s & FLAGS != 0 || s < ONE {
                 return false;
             }
             match self
@@ -400,49 +492,26 @@ impl Shared {
         }
     }
 
-    #[inline]
-    fn release_permit(&self) {
-        let mut s = self.state.load(Ordering::Relaxed);
-        loop {
-            if s & (WAITERS | CLOSED) != 0 {
-                return self.release_permit_slow();
-            }
-            match self
-                .state
-                .compare_exchange_weak(s, s + ONE, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return,
-                Err(actual) => s = actual,
-            }
-        }
-    }
-
-    #[cold]
-    fn release_permit_slow(&self) {
-        let mut wakes = Wakes::default();
-        {
-            let mut l = self.lock();
-            self.release_permit_locked(&mut l, &mut wakes);
-            self.after_change(&l);
-        }
-        wakes.wake();
-    }
-
     /// Hands a released permit to the next queued request (in priority
     /// order), else to a caller waiting for a place, else back to the count.
-    fn release_permit_locked(&self, l: &mut Lists, wakes: &mut Wakes) {
+    /// Returns whether that made it the last permit back after every
+    /// [`Shared`] went (then the caller releases the permits' reference).
+    #[must_use]
+    fn release_permit_locked(&self, l: &mut Lists, wakes: &mut Wakes) -> bool {
         if let Some(i) = l.pick() {
             l.unlink(i);
+            // It keeps its place until it takes the grant (`Entry::poll`),
+            // which frees the place outside this critical section.
             l.settle(i, NodeState::Permit, wakes);
-            // It leaves the queue: its place frees.
-            self.release_slot_locked(l, wakes);
         } else if l.head[SLOT_LIST] != NIL {
             let i = l.head[SLOT_LIST];
             l.unlink(i);
             l.settle(i, NodeState::Permit, wakes);
         } else {
-            self.state.fetch_add(ONE, Ordering::AcqRel);
+            let prev = self.state.fetch_add(ONE, Ordering::AcqRel);
+            return prev & DEAD != 0 && prev / ONE + 1 == self.concurrency;
         }
+        false
     }
 
     /// Hands a freed place in the queue to a caller waiting for one, else
@@ -457,47 +526,43 @@ impl Shared {
         }
     }
 
-    fn depth(&self) -> usize {
-        self.places.load(Ordering::Acquire) / PLACE
-    }
-
-    /// The fast place path: a place if there is room and both flags are
-    /// clear; in reject mode, `Full` when there is none. `None` sends the
-    /// caller to [`admit_slow`](Self::admit_slow).
-    #[inline]
-    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<Admission> {
+    /// Frees a place: one compare-and-swap while nobody waits for a place
+    /// and shutdown has not begun; otherwise under the lock, where the place
+    /// goes to the first caller waiting for one.
+    fn release_place(&self) {
         let mut s = self.places.load(Ordering::Relaxed);
-        loop {
-            if s & (PLACE_WAITERS | PLACES_CLOSED) != 0 {
-                return None;
-            }
-            if s / PLACE >= self.capacity {
-                return self.reject.then_some(Admission::Full { depth: s / PLACE });
-            }
+        while s & (PLACE_WAITERS | PLACES_CLOSED) == 0 {
             match self.places.compare_exchange_weak(
                 s,
-                s + PLACE,
+                s - PLACE,
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => {
-                    return Some(Admission::Slot(Slot {
-                        shared: Arc::clone(self),
-                        armed: true,
-                    }))
-                }
+                Ok(_) => return,
                 Err(actual) => s = actual,
             }
         }
+        let mut wakes = Wakes::default();
+        {
+            let mut l = self.lock();
+            self.release_slot_locked(&mut l, &mut wakes);
+            self.after_change(&mut l);
+        }
+        wakes.wake();
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.places.load(Ordering::Acquire) / PLACE
     }
 
     /// Keeps the `WAITERS` flag true to the lists and wakes a pending
     /// shutdown when the queue went idle.
-    fn after_change(&self, l: &Lists) {
+    fn after_change(&self, l: &mut Lists) {
         if l.all_empty() && self.state.load(Ordering::Relaxed) & WAITERS != 0 {
             self.state.fetch_and(!WAITERS, Ordering::AcqRel);
         }
-        if l.len[SLOT_LIST] == 0 && self.places.load(Ordering::Relaxed) & PLACE_WAITERS != 0 {
+        if l.len[SLOT_LIST] == 0 && l.place_waiters {
+            l.place_waiters = false;
             self.places.fetch_and(!PLACE_WAITERS, Ordering::AcqRel);
         }
         if l.closed && self.depth() == 0 && self.free_permits() == self.concurrency {
@@ -530,6 +595,11 @@ impl Shared {
             } else {
                 (s | WAITERS, false)
             };
+            if new == s {
+                // `WAITERS` already set (so no permit is free): nothing to
+                // write.
+                return false;
+            }
             match self
                 .state
                 .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
@@ -538,114 +608,6 @@ impl Shared {
                 Err(actual) => s = actual,
             }
         }
-    }
-
-    /// The slow admission path: a permit if one is free, else a place in the
-    /// queue if there is room, else (reject mode) `Full`, else (wait mode) an
-    /// entry in the list of callers waiting for a place.
-    #[cold]
-    pub(crate) fn admit_slow(self: &Arc<Self>, waker: &Waker) -> Admission {
-        let mut l = self.lock();
-        if l.closed {
-            return Admission::Closed;
-        }
-        if self.take_permit_only() {
-            // No waiter can exist while a permit is free, so this does not
-            // overtake anyone.
-            drop(l);
-            return Admission::Permit(Permit::new(Arc::clone(self)));
-        }
-        let mut s = self.places.load(Ordering::Acquire);
-        loop {
-            let (new, room) = if s / PLACE < self.capacity {
-                (s + PLACE, true)
-            } else if self.reject {
-                return Admission::Full { depth: s / PLACE };
-            } else {
-                (s | PLACE_WAITERS, false)
-            };
-            match self
-                .places
-                .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) if room => {
-                    return Admission::Slot(Slot {
-                        shared: Arc::clone(self),
-                        armed: true,
-                    })
-                }
-                Ok(_) => break,
-                Err(actual) => s = actual,
-            }
-        }
-        if self.take_permit_or_flag() {
-            self.after_change(&l);
-            drop(l);
-            return Admission::Permit(Permit::new(Arc::clone(self)));
-        }
-        let now = Instant::now();
-        let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
-        let idx = l.push(SLOT_LIST, 0, Some(waker.clone()), Arc::clone(&flag));
-        Admission::Waiting(Entry {
-            shared: Arc::clone(self),
-            idx,
-            flag,
-            priority: None,
-            since: now,
-        })
-    }
-
-    /// Puts a request that holds a place into its priority list, unless a
-    /// permit is free (then it takes the permit and the place is freed).
-    pub(crate) fn enqueue(
-        self: &Arc<Self>,
-        mut slot: Slot,
-        priority: Priority,
-        since: Instant,
-        waker: &Waker,
-    ) -> Enqueued {
-        slot.armed = false;
-        let mut wakes = Wakes::default();
-        let mut queued_depth = None;
-        let out = {
-            let mut l = self.lock();
-            if l.drained_out {
-                self.release_slot_locked(&mut l, &mut wakes);
-                self.after_change(&l);
-                Enqueued::Closed
-            } else if self.take_permit_or_flag() {
-                self.release_slot_locked(&mut l, &mut wakes);
-                self.after_change(&l);
-                Enqueued::Permit(Permit::new(Arc::clone(self)))
-            } else {
-                let class = priority as u64;
-                let vt = u64::try_from(since.saturating_duration_since(self.base).as_nanos())
-                    .unwrap_or(u64::MAX / 2)
-                    .saturating_add(class.saturating_mul(self.age_after));
-                let flag = Flag::new(AtomicU8::new(NodeState::Waiting.code()));
-                let idx = l.push(
-                    priority as usize,
-                    vt,
-                    Some(waker.clone()),
-                    Arc::clone(&flag),
-                );
-                queued_depth = Some(self.depth());
-                Enqueued::Entry(Entry {
-                    shared: Arc::clone(self),
-                    idx,
-                    flag,
-                    priority: Some(priority),
-                    since,
-                })
-            }
-        };
-        wakes.wake();
-        if let Some(depth) = queued_depth {
-            self.counters.queued.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(priority = priority.as_str(), depth, "request queued");
-            self.emit(QueueEventKind::Queued, Some(priority), depth, None);
-        }
-        out
     }
 
     /// Begins shutdown: nothing new is admitted, callers waiting for a place
@@ -664,7 +626,7 @@ impl Shared {
                     l.settle(i, NodeState::Closed, &mut wakes);
                 }
             }
-            self.after_change(&l);
+            self.after_change(&mut l);
         }
         wakes.wake();
     }
@@ -683,7 +645,7 @@ impl Shared {
                 self.places.fetch_sub(PLACE, Ordering::AcqRel);
                 failed += 1;
             }
-            self.after_change(&l);
+            self.after_change(&mut l);
             failed
         };
         wakes.wake();
@@ -708,6 +670,11 @@ impl Shared {
         }
     }
 
+    /// Requests that were ever queued.
+    pub(crate) fn queued_total(&self) -> u64 {
+        self.lock().queued
+    }
+
     /// Places taken (reserved or queued) and queued requests per priority.
     pub(crate) fn depths(&self) -> (usize, [usize; 3], usize) {
         let l = self.lock();
@@ -719,27 +686,210 @@ impl Shared {
     }
 }
 
-/// A service's own reference to the queue, shared with the futures of its
-/// calls only: cloning it touches a cache line that the other callers do
-/// not, where cloning the queue's `Arc` would bounce that line between
-/// cores on every call.
-pub(crate) type Local = Arc<LocalRef>;
+/// A reference to the queue that keeps it alive: what services, handles,
+/// places and entries hold. When the last one goes, the core is freed once
+/// the last permit is back (see [`Permit`]).
+pub(crate) struct Shared {
+    core: Arc<Core>,
+    /// The core, from the one strong reference that the permits share: it
+    /// is dropped by whoever sees both "no `Shared` left" and "every permit
+    /// back" first, on the permit word.
+    pool: CorePtr,
+}
 
-/// The target of a [`Local`]: cache-line aligned, so that two services'
+impl std::ops::Deref for Shared {
+    type Target = Core;
+    #[inline]
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.core.fmt(f)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // `DEAD` is set under the lock: a permit's slow release, which works
+        // under the lock without a reference of its own, thus never sees the
+        // core freed under it (see `release_permit_slow`).
+        let all_back = {
+            let _l = self.core.lock();
+            let prev = self.core.state.fetch_or(DEAD, Ordering::AcqRel);
+            prev / ONE == self.core.concurrency
+        };
+        if all_back {
+            // Every permit is back and none can be taken any more (that
+            // takes a `Shared`): the permits' reference goes now.
+            // SAFETY: `pool` came from `Arc::into_raw` in `Shared::new`, and
+            // only the party that sees the last permit back with `DEAD` set
+            // releases it: this one, by the check above.
+            unsafe { Arc::decrement_strong_count(self.pool.0.as_ptr()) };
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        concurrency: usize,
+        capacity: usize,
+        reject: bool,
+        age_after: Duration,
+        listener: Option<Listener>,
+    ) -> Self {
+        let core = Arc::new(Core::new(
+            concurrency,
+            capacity,
+            reject,
+            age_after,
+            listener,
+        ));
+        let pool = Arc::into_raw(Arc::clone(&core));
+        Self {
+            core,
+            // SAFETY: `Arc::into_raw` never returns null.
+            pool: CorePtr(unsafe { NonNull::new_unchecked(pool.cast_mut()) }),
+        }
+    }
+
+    /// Wraps a permit already taken from the count (or handed over).
+    #[inline]
+    pub(crate) fn permit(&self) -> Permit {
+        Permit { core: self.pool }
+    }
+
+    /// The fast path: one compare-and-swap when a permit is free and nobody
+    /// waits.
+    #[inline]
+    pub(crate) fn try_acquire(&self) -> Option<Permit> {
+        self.try_take().then(|| self.permit())
+    }
+}
+
+/// A service's own reference to the queue, shared with the places and
+/// entries of its calls: cloning it touches a cache line that other callers
+/// do not, where cloning the queue's `Arc` would pass that line between
+/// cores on every queued request.
+pub(crate) type Link = Arc<LocalRef>;
+
+/// The target of a [`Link`]: cache-line aligned, so that two services'
 /// references never share a line.
 #[repr(align(128))]
 pub(crate) struct LocalRef(pub(crate) Arc<Shared>);
 
-/// Whose reference a permit keeps.
-enum Owner {
-    Shared(Arc<Shared>),
-    Local(Local),
+impl std::ops::Deref for LocalRef {
+    type Target = Shared;
+    #[inline]
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
+
+impl LocalRef {
+    /// The fast place path: a place if there is room and both flags are
+    /// clear; in reject mode, `Full` when there is none. `None` sends the
+    /// caller to [`admit_slow`](Self::admit_slow).
+    #[inline]
+    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<Admission> {
+        let mut s = self.places.load(Ordering::Relaxed);
+        loop {
+            if s & (PLACE_WAITERS | PLACES_CLOSED) != 0 {
+                return None;
+            }
+            if s / PLACE >= self.capacity {
+                return self.reject.then_some(Admission::Full { depth: s / PLACE });
+            }
+            match self.places.compare_exchange_weak(
+                s,
+                s + PLACE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Admission::Slot(Slot::new(Arc::clone(self)))),
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    /// The slow admission path: a permit if one is free, else a place in the
+    /// queue if there is room, else (reject mode) `Full`, else (wait mode) an
+    /// entry in the list of callers waiting for a place.
+    #[cold]
+    pub(crate) fn admit_slow(self: &Arc<Self>, waker: &Waker) -> Admission {
+        let mut l = self.lock();
+        if l.closed {
+            return Admission::Closed;
+        }
+        if self.take_permit_only() {
+            // No waiter can exist while a permit is free, so this does not
+            // overtake anyone.
+            drop(l);
+            return Admission::Permit(self.permit());
+        }
+        let mut s = self.places.load(Ordering::Acquire);
+        loop {
+            let (new, room) = if s / PLACE < self.capacity {
+                (s + PLACE, true)
+            } else if self.reject {
+                return Admission::Full { depth: s / PLACE };
+            } else {
+                (s | PLACE_WAITERS, false)
+            };
+            match self
+                .places
+                .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) if room => return Admission::Slot(Slot::new(Arc::clone(self))),
+                Ok(_) => {
+                    l.place_waiters = true;
+                    break;
+                }
+                Err(actual) => s = actual,
+            }
+        }
+        if self.take_permit_or_flag() {
+            self.after_change(&mut l);
+            drop(l);
+            return Admission::Permit(self.permit());
+        }
+        let now = Instant::now();
+        let flag = new_flag();
+        let idx = l.push(SLOT_LIST, 0, Some(waker.clone()), &flag);
+        Admission::Waiting(Entry {
+            shared: Arc::clone(self),
+            idx,
+            flag,
+            priority: None,
+            since: now,
+        })
+    }
+}
+
+/// A pointer to the core that does not keep it alive by itself: a permit's.
+/// The core lives while any permit is out, because the permits share one
+/// strong reference ([`Shared`]'s `pool`) that is released only once every
+/// permit is back and no `Shared` is left.
+#[derive(Clone, Copy)]
+pub(crate) struct CorePtr(NonNull<Core>);
+
+// SAFETY: `Core` is `Send + Sync`; `CorePtr` is a shared reference to it
+// whose validity the permit protocol above guarantees.
+unsafe impl Send for CorePtr {}
+// SAFETY: as above.
+unsafe impl Sync for CorePtr {}
 
 /// A permit to call the inner service; returned (or handed to the next
 /// waiter) on drop.
+///
+/// It holds no reference count of its own: taking and returning a permit is
+/// one compare-and-swap each on the permit word, and nothing else, so the
+/// uncontended path costs what a semaphore's does without the semaphore's
+/// `Arc` traffic.
 pub(crate) struct Permit {
-    owner: Owner,
+    core: CorePtr,
 }
 
 impl std::fmt::Debug for Permit {
@@ -749,48 +899,64 @@ impl std::fmt::Debug for Permit {
 }
 
 impl Permit {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            owner: Owner::Shared(shared),
-        }
-    }
-
-    /// A permit already taken with [`Shared::try_take`], kept through a
-    /// service's [`Local`] reference.
-    pub(crate) fn taken_local(local: Local) -> Self {
-        Self {
-            owner: Owner::Local(local),
-        }
-    }
-
+    /// The queue's core.
     #[inline]
-    fn shared(&self) -> &Shared {
-        match &self.owner {
-            Owner::Shared(s) => s,
-            Owner::Local(l) => &l.0,
-        }
-    }
-
-    pub(crate) fn shared_arc(&self) -> Arc<Shared> {
-        match &self.owner {
-            Owner::Shared(s) => Arc::clone(s),
-            Owner::Local(l) => Arc::clone(&l.0),
-        }
+    pub(crate) fn core(&self) -> &Core {
+        // SAFETY: while this permit is out, the permits' strong reference is
+        // held (see `CorePtr`).
+        unsafe { self.core.0.as_ref() }
     }
 }
 
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        self.shared().release_permit();
+        let state = &self.core().state;
+        let mut s = state.load(Ordering::Relaxed);
+        loop {
+            if s & FLAGS != 0 {
+                return release_permit_slow(self.core);
+            }
+            match state.compare_exchange_weak(s, s + ONE, Ordering::AcqRel, Ordering::Relaxed) {
+                // The permit is back: the core must not be touched again.
+                Ok(_) => return,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+}
+
+/// Returns a permit through the lock: it goes to the next waiter, or back to
+/// the count (and, if it was the last one out after every `Shared` went, the
+/// permits' reference is released).
+#[cold]
+fn release_permit_slow(ptr: CorePtr) {
+    let mut wakes = Wakes::default();
+    let last = {
+        // SAFETY: the permit is still out, so the permits' reference keeps
+        // the core alive until the lock is taken. Under the lock, handing the
+        // permit on cannot free the core either: that takes `DEAD`, which is
+        // set under the lock, or (with `DEAD` set) the last permit back,
+        // which is this one. The core is not touched after the unlock.
+        let core = unsafe { ptr.0.as_ref() };
+        let mut l = core.lock();
+        let last = core.release_permit_locked(&mut l, &mut wakes);
+        core.after_change(&mut l);
+        last
+    };
+    wakes.wake();
+    if last {
+        // SAFETY: the permits' reference, released once, by the party that
+        // brought the last permit back after `DEAD` was set.
+        unsafe { Arc::decrement_strong_count(ptr.0.as_ptr()) };
     }
 }
 
 /// A place in the queue, reserved by `poll_ready`; freed (or handed to a
 /// caller waiting for one) on drop unless it was turned into an entry.
 pub(crate) struct Slot {
-    shared: Arc<Shared>,
-    armed: bool,
+    /// `None` once the place went into a wait list (see [`Slot::enqueue`]).
+    shared: Option<Link>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -800,31 +966,90 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    fn new(shared: Link) -> Self {
+        Self {
+            shared: Some(shared),
+        }
+    }
+
+    /// Puts the request that holds this place into its priority list, unless
+    /// a permit is free (then it takes the permit and the place is freed).
+    pub(crate) fn enqueue(mut self, priority: Priority, since: Instant, waker: &Waker) -> Enqueued {
+        let link = self
+            .shared
+            .take()
+            .expect("a slot holds its link until enqueued");
+        let q: &Shared = &link;
+        let mut wakes = Wakes::default();
+        let mut queued = false;
+        // Made before the lock is taken, to keep the critical section short
+        // (wasted in the rare case that a permit is free after all).
+        let class = priority as u64;
+        let vt = u64::try_from(since.saturating_duration_since(q.base).as_nanos())
+            .unwrap_or(u64::MAX / 2)
+            .saturating_add(class.saturating_mul(q.age_after));
+        let flag = new_flag();
+        let waker = waker.clone();
+        let idx = {
+            let mut l = q.lock();
+            if l.drained_out {
+                q.release_slot_locked(&mut l, &mut wakes);
+                q.after_change(&mut l);
+                None
+            } else if q.take_permit_or_flag() {
+                q.release_slot_locked(&mut l, &mut wakes);
+                q.after_change(&mut l);
+                Some(None)
+            } else {
+                let idx = l.push(priority as usize, vt, Some(waker), &flag);
+                // Counted here, under the lock already held, rather than
+                // with one more atomic add.
+                l.queued += 1;
+                queued = true;
+                Some(Some(idx))
+            }
+        };
+        wakes.wake();
+        if queued {
+            // The depth is read only for someone who looks (tracing
+            // evaluates its fields only when the event is enabled).
+            tracing::debug!(
+                priority = priority.as_str(),
+                depth = q.depth(),
+                "request queued"
+            );
+            if q.observed() {
+                q.emit(QueueEventKind::Queued, Some(priority), q.depth(), None);
+            }
+        }
+        match idx {
+            None => {
+                q.counters.add(Count::ShutOut);
+                Enqueued::Closed
+            }
+            Some(None) => Enqueued::Permit(q.permit()),
+            Some(Some(idx)) => Enqueued::Entry(Entry {
+                shared: link,
+                idx,
+                flag,
+                priority: Some(priority),
+                since,
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Link {
+        self.shared
+            .as_ref()
+            .expect("a slot holds its link until enqueued")
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if let Some(shared) = self.shared.take() {
+            shared.release_place();
         }
-        let places = &self.shared.places;
-        let mut s = places.load(Ordering::Relaxed);
-        while s & (PLACE_WAITERS | PLACES_CLOSED) == 0 {
-            match places.compare_exchange_weak(s, s - PLACE, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(actual) => s = actual,
-            }
-        }
-        let mut wakes = Wakes::default();
-        {
-            let mut l = self.shared.lock();
-            self.shared.release_slot_locked(&mut l, &mut wakes);
-            self.shared.after_change(&l);
-        }
-        wakes.wake();
     }
 }
 
@@ -832,7 +1057,7 @@ impl Drop for Slot {
 /// withdraws the request (a cancellation): the node leaves its list, its
 /// place is freed, and anything it had been granted is passed on.
 pub(crate) struct Entry {
-    shared: Arc<Shared>,
+    shared: Link,
     /// The node, while this entry waits (`NIL` once it took its grant).
     idx: u32,
     flag: Flag,
@@ -850,7 +1075,7 @@ impl std::fmt::Debug for Entry {
 }
 
 impl Entry {
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Link {
         &self.shared
     }
 
@@ -879,11 +1104,14 @@ impl Entry {
         }
         self.idx = NIL;
         Poll::Ready(match state {
-            NodeState::Permit => Grant::Permit(Permit::new(Arc::clone(&self.shared))),
-            NodeState::Slot => Grant::Slot(Slot {
-                shared: Arc::clone(&self.shared),
-                armed: true,
-            }),
+            NodeState::Permit => {
+                if self.priority.is_some() {
+                    // A queued request leaves the queue: its place frees.
+                    self.shared.release_place();
+                }
+                Grant::Permit(self.shared.permit())
+            }
+            NodeState::Slot => Grant::Slot(Slot::new(Arc::clone(&self.shared))),
             _ => Grant::Closed,
         })
     }
@@ -914,11 +1142,20 @@ impl Entry {
                     }
                 }
                 // Settled: the node is already free; pass the grant on.
-                NodeState::Permit => self.shared.release_permit_locked(&mut l, &mut wakes),
+                NodeState::Permit => {
+                    // This entry holds a `Shared`: the permit cannot be the
+                    // last one back after every `Shared` went.
+                    let last = self.shared.release_permit_locked(&mut l, &mut wakes);
+                    debug_assert!(!last);
+                    if self.priority.is_some() {
+                        // A queued entry still held its place.
+                        self.shared.release_slot_locked(&mut l, &mut wakes);
+                    }
+                }
                 NodeState::Slot => self.shared.release_slot_locked(&mut l, &mut wakes),
                 NodeState::Closed | NodeState::Free => {}
             }
-            self.shared.after_change(&l);
+            self.shared.after_change(&mut l);
             state
         };
         wakes.wake();
@@ -930,10 +1167,7 @@ impl Drop for Entry {
     fn drop(&mut self) {
         if self.remove() == Some(NodeState::Waiting) {
             if let Some(priority) = self.priority {
-                self.shared
-                    .counters
-                    .cancelled
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.add(Count::Cancelled);
                 let waited = Instant::now().saturating_duration_since(self.since);
                 tracing::debug!(
                     priority = priority.as_str(),
@@ -951,14 +1185,14 @@ impl Drop for Entry {
 mod tests {
     use super::*;
 
-    fn shared(concurrency: usize, capacity: usize, reject: bool) -> Arc<Shared> {
-        Arc::new(Shared::new(
+    fn shared(concurrency: usize, capacity: usize, reject: bool) -> Link {
+        Arc::new(LocalRef(Arc::new(Shared::new(
             concurrency,
             capacity,
             reject,
             Duration::from_secs(10),
             None,
-        ))
+        ))))
     }
 
     #[tokio::test(start_paused = true)]
@@ -986,7 +1220,7 @@ mod tests {
             let Admission::Slot(slot) = s.admit_slow(&waker) else {
                 panic!("no slot")
             };
-            let Enqueued::Entry(e) = s.enqueue(slot, prio, Instant::now(), &waker) else {
+            let Enqueued::Entry(e) = slot.enqueue(prio, Instant::now(), &waker) else {
                 panic!("not queued")
             };
             entries.push(e);
