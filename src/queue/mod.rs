@@ -155,6 +155,7 @@ mod layer;
 // reference count (see `state::Permit`).
 #[allow(unsafe_code)]
 mod state;
+mod sync;
 
 use std::fmt;
 use std::future::Future;
@@ -315,9 +316,9 @@ pub(crate) fn poll_admit(
         if let Some(p) = shared.try_acquire() {
             return Poll::Ready(Admitted::Permit(p));
         }
-        let admission = match shared.try_reserve() {
+        let admission = match LocalRef::try_reserve(shared) {
             Some(a) => a,
-            None => shared.admit_slow(cx.waker()),
+            None => LocalRef::admit_slow(shared, cx.waker()),
         };
         match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),

@@ -50,8 +50,8 @@
 //! before its flag is freed.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::PoisonError;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -59,6 +59,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::event::{Listener, QueueEvent, QueueEventKind};
+use super::sync::{Arc, AtomicU8, AtomicUsize, Mutex, MutexGuard};
 use super::Priority;
 
 const WAITERS: usize = 0b001;
@@ -337,7 +338,7 @@ pub(crate) struct Counters {
 }
 
 fn stripe() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
         static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
     }
@@ -793,22 +794,22 @@ impl LocalRef {
     /// clear; in reject mode, `Full` when there is none. `None` sends the
     /// caller to [`admit_slow`](Self::admit_slow).
     #[inline]
-    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<Admission> {
-        let mut s = self.places.load(Ordering::Relaxed);
+    pub(crate) fn try_reserve(this: &Link) -> Option<Admission> {
+        let mut s = this.places.load(Ordering::Relaxed);
         loop {
             if s & (PLACE_WAITERS | PLACES_CLOSED) != 0 {
                 return None;
             }
-            if s / PLACE >= self.capacity {
-                return self.reject.then_some(Admission::Full { depth: s / PLACE });
+            if s / PLACE >= this.capacity {
+                return this.reject.then_some(Admission::Full { depth: s / PLACE });
             }
-            match self.places.compare_exchange_weak(
+            match this.places.compare_exchange_weak(
                 s,
                 s + PLACE,
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(Admission::Slot(Slot::new(Arc::clone(self)))),
+                Ok(_) => return Some(Admission::Slot(Slot::new(Arc::clone(this)))),
                 Err(actual) => s = actual,
             }
         }
@@ -818,31 +819,31 @@ impl LocalRef {
     /// queue if there is room, else (reject mode) `Full`, else (wait mode) an
     /// entry in the list of callers waiting for a place.
     #[cold]
-    pub(crate) fn admit_slow(self: &Arc<Self>, waker: &Waker) -> Admission {
-        let mut l = self.lock();
+    pub(crate) fn admit_slow(this: &Link, waker: &Waker) -> Admission {
+        let mut l = this.lock();
         if l.closed {
             return Admission::Closed;
         }
-        if self.take_permit_only() {
+        if this.take_permit_only() {
             // No waiter can exist while a permit is free, so this does not
             // overtake anyone.
             drop(l);
-            return Admission::Permit(self.permit());
+            return Admission::Permit(this.permit());
         }
-        let mut s = self.places.load(Ordering::Acquire);
+        let mut s = this.places.load(Ordering::Acquire);
         loop {
-            let (new, room) = if s / PLACE < self.capacity {
+            let (new, room) = if s / PLACE < this.capacity {
                 (s + PLACE, true)
-            } else if self.reject {
+            } else if this.reject {
                 return Admission::Full { depth: s / PLACE };
             } else {
                 (s | PLACE_WAITERS, false)
             };
-            match self
+            match this
                 .places
                 .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) if room => return Admission::Slot(Slot::new(Arc::clone(self))),
+                Ok(_) if room => return Admission::Slot(Slot::new(Arc::clone(this))),
                 Ok(_) => {
                     l.place_waiters = true;
                     break;
@@ -850,16 +851,16 @@ impl LocalRef {
                 Err(actual) => s = actual,
             }
         }
-        if self.take_permit_or_flag() {
-            self.after_change(&mut l);
+        if this.take_permit_or_flag() {
+            this.after_change(&mut l);
             drop(l);
-            return Admission::Permit(self.permit());
+            return Admission::Permit(this.permit());
         }
         let now = Instant::now();
         let flag = new_flag();
         let idx = l.push(SLOT_LIST, 0, Some(waker.clone()), &flag);
         Admission::Waiting(Entry {
-            shared: Arc::clone(self),
+            shared: Arc::clone(this),
             idx,
             flag,
             priority: None,
@@ -1181,7 +1182,7 @@ impl Drop for Entry {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -1217,7 +1218,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let mut entries = Vec::new();
         for prio in [Priority::Low, Priority::Normal, Priority::High] {
-            let Admission::Slot(slot) = s.admit_slow(&waker) else {
+            let Admission::Slot(slot) = LocalRef::admit_slow(&s, &waker) else {
                 panic!("no slot")
             };
             let Enqueued::Entry(e) = slot.enqueue(prio, Instant::now(), &waker) else {
@@ -1225,7 +1226,10 @@ mod tests {
             };
             entries.push(e);
         }
-        assert!(matches!(s.admit_slow(&waker), Admission::Full { depth: 3 }));
+        assert!(matches!(
+            LocalRef::admit_slow(&s, &waker),
+            Admission::Full { depth: 3 }
+        ));
         drop(p);
         // High (the last one) got it.
         assert!(entries[0].poll(&mut cx).is_pending());
