@@ -203,3 +203,38 @@ fn two_releases_serve_two_waiters() {
         assert!(link.is_idle());
     });
 }
+
+/// A permit comes back on the fast path while a newcomer queues (raising
+/// `WAITERS`, which moves the shards' free permits under the lock): the
+/// newcomer either takes that permit at once or is granted it, never
+/// neither.
+#[test]
+fn a_release_racing_the_first_waiter_is_never_lost() {
+    model(|| {
+        let link = queue(1, 1);
+        let p = link.try_acquire().unwrap();
+        let releaser = thread::spawn(move || drop(p));
+        let waker = noop_waker();
+        // As `poll_admit` does: a free permit, else a place.
+        let slot = match link.try_acquire() {
+            Some(p) => {
+                drop(p);
+                None
+            }
+            None => match LocalRef::try_reserve(&link) {
+                Some(Admission::Slot(slot)) => Some(slot),
+                _ => panic!("no place in the queue"),
+            },
+        };
+        if let Some(slot) = slot {
+            match slot.enqueue(Priority::Normal, Instant::now(), &waker) {
+                Enqueued::Entry(e) => take_grant(e),
+                Enqueued::Permit(p) => drop(p),
+                Enqueued::Closed => panic!("not closed"),
+            }
+        }
+        releaser.join().unwrap();
+        assert_eq!(link.free_permits(), 1);
+        assert!(link.is_idle());
+    });
+}

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -88,35 +88,56 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        state: State<S, S::Future, Req>,
-        timer: Option<Pin<Box<Sleep>>>,
+        state: State<S::Future>,
+        // Held while the inner future runs, and from the grant on.
         permit: Option<Permit>,
-        meta: Option<Box<Meta>>,
+        // What waiting and readying need, boxed so that the future of a call
+        // that went straight through stays small (and its drop cheap).
+        slow: Option<Box<Slow<S, Req>>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, F, Req> {
+    enum State<F> {
         Calling { #[pin] fut: F },
         Failed { error: Option<Error> },
-        Admitting {
-            shared: Link,
-            wait: Option<Box<Waiting>>,
-            service: Option<S>,
-            req: Option<Req>,
-        },
-        Queued {
-            // The place, until the first poll puts the request in its list
-            // (with the task's waker, in one critical section).
-            slot: Option<Slot>,
-            entry: Option<Entry>,
-            service: Option<S>,
-            req: Option<Req>,
-        },
-        Readying { service: Option<S>, req: Option<Req> },
+        // Admitting, queued or readying: the work is in `slow`.
+        Slow,
         Done,
     }
+}
+
+/// A call that is not (yet) running: its service, its request, its timer.
+struct Slow<S, Req> {
+    phase: Phase,
+    service: Option<S>,
+    req: Option<Req>,
+    timer: Option<Pin<Box<Sleep>>>,
+    meta: Meta,
+}
+
+enum Phase {
+    /// `call` came without `poll_ready`: admission happens in `poll`.
+    Admitting {
+        shared: Link,
+        wait: Option<Box<Waiting>>,
+    },
+    /// Holds a place; the first poll puts the request in its list (with the
+    /// task's waker, in one critical section).
+    Queued {
+        slot: Option<Slot>,
+        entry: Option<Entry>,
+    },
+    /// Holds a permit; the inner service is being readied.
+    Readying,
+}
+
+/// What one poll of the slow part came to.
+enum Step<F> {
+    Pending,
+    Call(F),
+    Fail(Error),
 }
 
 impl<S, Req> fmt::Debug for ResponseFuture<S, Req>
@@ -124,13 +145,13 @@ where
     S: Service<Req>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Calling { .. } => "calling",
-            State::Failed { .. } => "failed",
-            State::Admitting { .. } => "admitting",
-            State::Queued { .. } => "queued",
-            State::Readying { .. } => "readying",
-            State::Done => "done",
+        let state = match (&self.state, self.slow.as_deref().map(|s| &s.phase)) {
+            (State::Calling { .. }, _) => "calling",
+            (State::Failed { .. }, _) => "failed",
+            (State::Done, _) => "done",
+            (State::Slow, Some(Phase::Admitting { .. })) => "admitting",
+            (State::Slow, Some(Phase::Queued { .. })) => "queued",
+            (State::Slow, _) => "readying",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -148,42 +169,50 @@ fn count_expired(shared: &Core, priority: Option<Priority>, waited: Option<Durat
     shared.emit(QueueEventKind::Expired, priority, 0, waited);
 }
 
+fn deadline_exceeded() -> Error {
+    Error::DeadlineExceeded {
+        attempts: 0,
+        source: None,
+    }
+}
+
 impl<S, Req> ResponseFuture<S, Req>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    fn new(
-        state: State<S, S::Future, Req>,
-        permit: Option<Permit>,
-        meta: Option<Box<Meta>>,
-    ) -> Self {
-        Self {
-            state,
-            timer: None,
-            permit,
-            meta,
-        }
-    }
-
     /// The fast path: permit and readied inner service in hand.
+    #[inline]
     pub(super) fn calling(inner: &mut S, req: Req, permit: Permit) -> Self {
         match catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
-            Ok(fut) => Self::new(State::Calling { fut }, Some(permit), None),
+            Ok(fut) => Self {
+                state: State::Calling { fut },
+                permit: Some(permit),
+                slow: None,
+            },
             Err(payload) => Self::failed(panicked(payload)),
         }
     }
 
     pub(super) fn failed(error: Error) -> Self {
-        Self::new(State::Failed { error: Some(error) }, None, None)
+        Self {
+            state: State::Failed { error: Some(error) },
+            permit: None,
+            slow: None,
+        }
     }
 
     pub(super) fn expired(shared: &Core, priority: Option<Priority>) -> Self {
         count_expired(shared, priority, None);
-        Self::failed(Error::DeadlineExceeded {
-            attempts: 0,
-            source: None,
-        })
+        Self::failed(deadline_exceeded())
+    }
+
+    fn slow(slow: Slow<S, Req>, permit: Option<Permit>) -> Self {
+        Self {
+            state: State::Slow,
+            permit,
+            slow: Some(Box::new(slow)),
+        }
     }
 
     /// A permit, but the inner service still has to be readied.
@@ -193,26 +222,23 @@ where
         permit: Permit,
         deadline: Option<Instant>,
     ) -> Self {
-        let meta = Box::new(Meta {
-            priority: Priority::Normal,
-            deadline,
-            max_wait: None,
-            since: None,
-            expiry: Expiry::Deadline,
-        });
-        let mut fut = Self::new(
-            State::Readying {
-                service: Some(service),
-                req: Some(req),
+        let slow = Slow {
+            phase: Phase::Readying,
+            service: Some(service),
+            req: Some(req),
+            timer: timer_at(deadline),
+            meta: Meta {
+                priority: Priority::Normal,
+                deadline,
+                max_wait: None,
+                since: None,
+                expiry: Expiry::Deadline,
             },
-            Some(permit),
-            Some(meta),
-        );
-        fut.timer = timer_at(deadline);
-        fut
+        };
+        Self::slow(slow, Some(permit))
     }
 
-    /// A place in the queue: enqueue now, wait in `poll`.
+    /// A place in the queue: enqueue on the first poll, then wait.
     pub(super) fn queue(
         service: S,
         req: Req,
@@ -222,32 +248,31 @@ where
         deadline: Option<Instant>,
         max_wait: Option<Duration>,
     ) -> Self {
-        let mut meta = Box::new(Meta {
-            priority,
-            deadline,
-            max_wait,
-            since: Some(since),
-            expiry: Expiry::Deadline,
-        });
         if deadline.is_some_and(|d| d <= Instant::now()) {
             let shared = Arc::clone(slot.shared());
             drop(slot);
             return Self::expired(&shared, Some(priority));
         }
+        let mut meta = Meta {
+            priority,
+            deadline,
+            max_wait,
+            since: Some(since),
+            expiry: Expiry::Deadline,
+        };
         let (at, expiry) = wait_limit(deadline, max_wait.map(|d| since + d));
         meta.expiry = expiry;
-        let mut fut = Self::new(
-            State::Queued {
+        let slow = Slow {
+            phase: Phase::Queued {
                 slot: Some(slot),
                 entry: None,
-                service: Some(service),
-                req: Some(req),
             },
-            None,
-            Some(meta),
-        );
-        fut.timer = timer_at(at);
-        fut
+            service: Some(service),
+            req: Some(req),
+            timer: timer_at(at),
+            meta,
+        };
+        Self::slow(slow, None)
     }
 
     /// `call` came without `poll_ready`: admission happens in `poll`.
@@ -260,30 +285,24 @@ where
         deadline: Option<Instant>,
         max_wait: Option<Duration>,
     ) -> Self {
-        let meta = Box::new(Meta {
-            priority,
-            deadline,
-            max_wait,
-            since: None,
-            expiry: Expiry::Deadline,
-        });
-        let mut fut = Self::new(
-            State::Admitting {
-                shared,
-                wait,
-                service: Some(service),
-                req: Some(req),
+        let slow = Slow {
+            phase: Phase::Admitting { shared, wait },
+            service: Some(service),
+            req: Some(req),
+            timer: timer_at(deadline),
+            meta: Meta {
+                priority,
+                deadline,
+                max_wait,
+                since: None,
+                expiry: Expiry::Deadline,
             },
-            None,
-            Some(meta),
-        );
-        fut.timer = timer_at(deadline);
-        fut
+        };
+        Self::slow(slow, None)
     }
 }
 
-/// A boxed timer (slow path only), so that the fast path's future stays
-/// small.
+/// A boxed timer (slow path only).
 fn timer_at(at: Option<Instant>) -> Option<Pin<Box<Sleep>>> {
     at.map(|at| Box::pin(sleep_until(at)))
 }
@@ -297,6 +316,195 @@ fn wait_limit(deadline: Option<Instant>, wait_end: Option<Instant>) -> (Option<I
         (None, Some(w)) => (Some(w), Expiry::MaxWait),
         (Some(d), Some(w)) if d <= w => (Some(d), Expiry::Deadline),
         (Some(_), Some(w)) => (Some(w), Expiry::MaxWait),
+    }
+}
+
+impl<S, Req> Slow<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    /// The timer fired (`true`) or is not armed or pending (`false`).
+    fn timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+    }
+
+    /// Runs the waiting and readying until the inner service is called, an
+    /// error is the answer, or nothing can happen until a wake-up.
+    fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
+        loop {
+            match &mut self.phase {
+                Phase::Admitting { shared, wait } => {
+                    match poll_admit(shared, wait, self.meta.max_wait, cx) {
+                        Poll::Pending => {
+                            if self.timer.is_some() && self.timer_fired(cx) {
+                                let Phase::Admitting { shared, .. } = &self.phase else {
+                                    unreachable!()
+                                };
+                                count_expired(shared, Some(self.meta.priority), None);
+                                return Step::Fail(deadline_exceeded());
+                            }
+                            return Step::Pending;
+                        }
+                        Poll::Ready(Admitted::Refused(e)) => return Step::Fail(e),
+                        Poll::Ready(Admitted::Permit(p)) => {
+                            *permit = Some(p);
+                            self.phase = Phase::Readying;
+                        }
+                        Poll::Ready(Admitted::Slot(slot, since)) => {
+                            let meta = &mut self.meta;
+                            if meta.deadline.is_some_and(|d| d <= Instant::now()) {
+                                let shared = Arc::clone(slot.shared());
+                                drop(slot);
+                                count_expired(&shared, Some(meta.priority), None);
+                                return Step::Fail(deadline_exceeded());
+                            }
+                            meta.since = Some(since);
+                            let (at, expiry) =
+                                wait_limit(meta.deadline, meta.max_wait.map(|d| since + d));
+                            meta.expiry = expiry;
+                            self.timer = timer_at(at);
+                            self.phase = Phase::Queued {
+                                slot: Some(slot),
+                                entry: None,
+                            };
+                        }
+                    }
+                }
+                Phase::Queued { slot, entry } => {
+                    let meta = &mut self.meta;
+                    let mut fresh = false;
+                    if let Some(slot) = slot.take() {
+                        let since = meta.since.unwrap_or_else(Instant::now);
+                        match slot.enqueue(meta.priority, since, cx.waker()) {
+                            Enqueued::Entry(e) => {
+                                *entry = Some(e);
+                                // Its waker is registered: no need to look again.
+                                fresh = true;
+                            }
+                            Enqueued::Permit(p) => {
+                                *permit = Some(p);
+                                self.timer = timer_at(meta.deadline);
+                                meta.expiry = Expiry::Deadline;
+                                self.phase = Phase::Readying;
+                                continue;
+                            }
+                            Enqueued::Closed => return Step::Fail(Error::Shutdown),
+                        }
+                    }
+                    let e = entry.as_mut().expect("a queued future keeps its entry");
+                    let polled = if fresh { Poll::Pending } else { e.poll(cx) };
+                    match polled {
+                        Poll::Ready(Grant::Permit(p)) => {
+                            let shared = e.shared();
+                            shared.counters.add(Count::DispatchedAfterWait);
+                            if shared.observed() {
+                                let waited = meta
+                                    .since
+                                    .map(|s| Instant::now().saturating_duration_since(s));
+                                shared.emit(
+                                    QueueEventKind::Dispatched,
+                                    Some(meta.priority),
+                                    shared.depth(),
+                                    waited,
+                                );
+                            }
+                            *entry = None;
+                            *permit = Some(p);
+                            // Only the deadline applies from here on.
+                            self.timer = timer_at(meta.deadline);
+                            meta.expiry = Expiry::Deadline;
+                            self.phase = Phase::Readying;
+                        }
+                        Poll::Ready(Grant::Closed | Grant::Slot(_)) => {
+                            // A queued entry is only ever granted a permit or
+                            // failed by shutdown.
+                            e.shared().counters.add(Count::ShutOut);
+                            *entry = None;
+                            return Step::Fail(Error::Shutdown);
+                        }
+                        Poll::Pending => {
+                            let Some(timer) = self.timer.as_mut() else {
+                                return Step::Pending;
+                            };
+                            if timer.as_mut().poll(cx).is_pending() {
+                                return Step::Pending;
+                            }
+                            let entry = entry.take().expect("a queued future keeps its entry");
+                            let shared = Arc::clone(entry.shared());
+                            entry.withdraw();
+                            let waited = meta
+                                .since
+                                .map(|s| Instant::now().saturating_duration_since(s))
+                                .unwrap_or_default();
+                            return Step::Fail(match meta.expiry {
+                                Expiry::Deadline => {
+                                    count_expired(&shared, Some(meta.priority), Some(waited));
+                                    deadline_exceeded()
+                                }
+                                Expiry::MaxWait => {
+                                    shared.counters.add(Count::TimedOut);
+                                    tracing::debug!(
+                                        priority = meta.priority.as_str(),
+                                        waited_ms = waited.as_millis() as u64,
+                                        "queue wait exceeded"
+                                    );
+                                    shared.emit(
+                                        QueueEventKind::TimedOut,
+                                        Some(meta.priority),
+                                        0,
+                                        Some(waited),
+                                    );
+                                    Error::QueueTimeout { waited }
+                                }
+                            });
+                        }
+                    }
+                }
+                Phase::Readying => {
+                    let svc = self
+                        .service
+                        .as_mut()
+                        .expect("a readying future keeps its service");
+                    match svc.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            if self.meta.deadline.is_some_and(|d| d <= Instant::now()) {
+                                // Never send a request nobody waits for.
+                                return Step::Fail(self.expire(permit));
+                            }
+                            let req = self
+                                .req
+                                .take()
+                                .expect("a readying future keeps its request");
+                            return match catch_unwind(AssertUnwindSafe(|| svc.call(req))) {
+                                Ok(fut) => Step::Call(fut),
+                                Err(payload) => Step::Fail(panicked(payload)),
+                            };
+                        }
+                        Poll::Ready(Err(e)) => {
+                            *permit = None;
+                            return Step::Fail(Error::from_inner(e));
+                        }
+                        Poll::Pending => {
+                            if self.timer_fired(cx) {
+                                return Step::Fail(self.expire(permit));
+                            }
+                            return Step::Pending;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The deadline passed while readying: the permit goes back unused.
+    fn expire(&mut self, permit: &mut Option<Permit>) -> Error {
+        if let Some(p) = permit.take() {
+            count_expired(p.core(), Some(self.meta.priority), None);
+        }
+        deadline_exceeded()
     }
 }
 
@@ -328,223 +536,18 @@ where
                     *this.permit = None;
                     return Poll::Ready(Err(error.unwrap_or(Error::Shutdown)));
                 }
-                StateProj::Admitting {
-                    shared,
-                    wait,
-                    service,
-                    req,
-                } => {
-                    let meta = this
-                        .meta
+                StateProj::Slow => {
+                    let slow = this
+                        .slow
                         .as_mut()
-                        .expect("admitting futures keep their meta");
-                    match poll_admit(shared, wait, meta.max_wait, cx) {
-                        Poll::Pending => {
-                            if let Some(timer) = this.timer.as_mut() {
-                                ready!(timer.as_mut().poll(cx));
-                                let shared = Arc::clone(shared);
-                                this.state.set(State::Done);
-                                count_expired(&shared, Some(meta.priority), None);
-                                return Poll::Ready(Err(Error::DeadlineExceeded {
-                                    attempts: 0,
-                                    source: None,
-                                }));
-                            }
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Admitted::Refused(e)) => {
-                            this.state.set(State::Failed { error: Some(e) });
-                        }
-                        Poll::Ready(Admitted::Permit(p)) => {
-                            let (service, req) = (service.take(), req.take());
-                            *this.permit = Some(p);
-                            this.state.set(State::Readying { service, req });
-                        }
-                        Poll::Ready(Admitted::Slot(slot, since)) => {
-                            let (service, req) = (service.take(), req.take());
-                            let (Some(service), Some(req)) = (service, req) else {
-                                this.state.set(State::Failed { error: None });
-                                continue;
-                            };
-                            let (priority, deadline, max_wait) =
-                                (meta.priority, meta.deadline, meta.max_wait);
-                            let next = Self::queue(
-                                service, req, slot, since, priority, deadline, max_wait,
-                            );
-                            // Take over the new future's parts.
-                            let ResponseFuture {
-                                state,
-                                timer,
-                                permit,
-                                meta,
-                            } = next;
-                            this.state.set(state);
-                            *this.timer = timer;
-                            *this.permit = permit;
-                            *this.meta = meta;
-                        }
+                        .expect("a slow future keeps its slow part");
+                    match slow.poll(this.permit, cx) {
+                        Step::Pending => return Poll::Pending,
+                        Step::Call(fut) => this.state.set(State::Calling { fut }),
+                        Step::Fail(error) => this.state.set(State::Failed { error: Some(error) }),
                     }
-                }
-                StateProj::Queued {
-                    slot,
-                    entry,
-                    service,
-                    req,
-                } => {
-                    let meta = this.meta.as_mut().expect("queued futures keep their meta");
-                    let mut fresh = false;
-                    if let Some(slot) = slot.take() {
-                        let since = meta.since.unwrap_or_else(Instant::now);
-                        match slot.enqueue(meta.priority, since, cx.waker()) {
-                            Enqueued::Entry(e) => {
-                                *entry = Some(e);
-                                // Its waker is registered: no need to look again.
-                                fresh = true;
-                            }
-                            Enqueued::Permit(p) => {
-                                let (service, req) = (service.take(), req.take());
-                                *this.permit = Some(p);
-                                *this.timer = timer_at(meta.deadline);
-                                meta.expiry = Expiry::Deadline;
-                                this.state.set(State::Readying { service, req });
-                                continue;
-                            }
-                            Enqueued::Closed => {
-                                this.state.set(State::Failed {
-                                    error: Some(Error::Shutdown),
-                                });
-                                continue;
-                            }
-                        }
-                    }
-                    let e = entry.as_mut().expect("a queued future keeps its entry");
-                    let polled = if fresh { Poll::Pending } else { e.poll(cx) };
-                    match polled {
-                        Poll::Ready(Grant::Permit(p)) => {
-                            let shared = e.shared();
-                            shared.counters.add(Count::DispatchedAfterWait);
-                            if shared.observed() {
-                                let waited = meta
-                                    .since
-                                    .map(|s| Instant::now().saturating_duration_since(s));
-                                shared.emit(
-                                    QueueEventKind::Dispatched,
-                                    Some(meta.priority),
-                                    shared.depth(),
-                                    waited,
-                                );
-                            }
-                            *entry = None;
-                            let (service, req) = (service.take(), req.take());
-                            *this.permit = Some(p);
-                            // Only the deadline applies from here on.
-                            *this.timer = timer_at(meta.deadline);
-                            meta.expiry = Expiry::Deadline;
-                            this.state.set(State::Readying { service, req });
-                        }
-                        Poll::Ready(Grant::Closed | Grant::Slot(_)) => {
-                            // A queued entry is only ever granted a permit or
-                            // failed by shutdown.
-                            e.shared().counters.add(Count::ShutOut);
-                            *entry = None;
-                            this.state.set(State::Failed {
-                                error: Some(Error::Shutdown),
-                            });
-                        }
-                        Poll::Pending => {
-                            let Some(timer) = this.timer.as_mut() else {
-                                return Poll::Pending;
-                            };
-                            ready!(timer.as_mut().poll(cx));
-                            let entry = entry.take().expect("a queued future keeps its entry");
-                            let shared = Arc::clone(entry.shared());
-                            entry.withdraw();
-                            let waited = meta
-                                .since
-                                .map(|s| Instant::now().saturating_duration_since(s))
-                                .unwrap_or_default();
-                            let error = match meta.expiry {
-                                Expiry::Deadline => {
-                                    count_expired(&shared, Some(meta.priority), Some(waited));
-                                    Error::DeadlineExceeded {
-                                        attempts: 0,
-                                        source: None,
-                                    }
-                                }
-                                Expiry::MaxWait => {
-                                    shared.counters.add(Count::TimedOut);
-                                    tracing::debug!(
-                                        priority = meta.priority.as_str(),
-                                        waited_ms = waited.as_millis() as u64,
-                                        "queue wait exceeded"
-                                    );
-                                    shared.emit(
-                                        QueueEventKind::TimedOut,
-                                        Some(meta.priority),
-                                        0,
-                                        Some(waited),
-                                    );
-                                    Error::QueueTimeout { waited }
-                                }
-                            };
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error));
-                        }
-                    }
-                }
-                StateProj::Readying { service, req } => {
-                    let svc = service
-                        .as_mut()
-                        .expect("a readying future keeps its service");
-                    match svc.poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {
-                            let deadline = this.meta.as_ref().and_then(|m| m.deadline);
-                            if deadline.is_some_and(|d| d <= Instant::now()) {
-                                // Never send a request nobody waits for.
-                                let priority = this.meta.as_ref().map(|m| m.priority);
-                                this.state.set(State::Done);
-                                if let Some(p) = this.permit.take() {
-                                    count_expired(p.core(), priority, None);
-                                }
-                                return Poll::Ready(Err(Error::DeadlineExceeded {
-                                    attempts: 0,
-                                    source: None,
-                                }));
-                            }
-                            let req = req.take().expect("a readying future keeps its request");
-                            match catch_unwind(AssertUnwindSafe(|| svc.call(req))) {
-                                Ok(fut) => {
-                                    *this.timer = None;
-                                    this.state.set(State::Calling { fut });
-                                }
-                                Err(payload) => {
-                                    this.state.set(State::Failed {
-                                        error: Some(panicked(payload)),
-                                    });
-                                }
-                            }
-                        }
-                        Poll::Ready(Err(e)) => {
-                            this.state.set(State::Done);
-                            *this.permit = None;
-                            return Poll::Ready(Err(Error::from_inner(e)));
-                        }
-                        Poll::Pending => {
-                            let Some(timer) = this.timer.as_mut() else {
-                                return Poll::Pending;
-                            };
-                            ready!(timer.as_mut().poll(cx));
-                            let priority = this.meta.as_ref().map(|m| m.priority);
-                            this.state.set(State::Done);
-                            if let Some(p) = this.permit.take() {
-                                count_expired(p.core(), priority, None);
-                            }
-                            return Poll::Ready(Err(Error::DeadlineExceeded {
-                                attempts: 0,
-                                source: None,
-                            }));
-                        }
-                    }
+                    // The service, the request and the timer are done with.
+                    *this.slow = None;
                 }
                 StateProj::Done => panic!("queue ResponseFuture polled after completion"),
             }

@@ -355,13 +355,12 @@ fn refuse_closed(shared: &Shared) -> Admitted {
     Admitted::Refused(Error::Shutdown)
 }
 
-/// What `poll_ready` reserved for the next `call`.
+/// What `poll_ready` reserved for the next `call`, on the slow path (a
+/// permit with a ready inner service is kept apart, in `Queue::ready`).
 enum Reserved {
     None,
     /// A permit; the inner service is not ready yet.
     Permit(Permit),
-    /// A permit and a ready inner service.
-    Ready(Permit),
     /// A place in the queue, and when the wait for it began.
     Slot(Slot, Instant),
     /// The answer for the next call (queue full, timed out, shut down).
@@ -373,6 +372,8 @@ pub struct Queue<S, P = SamePriority, D = NoDeadline> {
     inner: S,
     shared: Arc<Shared>,
     policy: Arc<Policy<P, D>>,
+    /// A permit and a ready inner service: what the fast path reserves.
+    ready: Option<Permit>,
     reserved: Reserved,
     wait: Option<Box<Waiting>>,
     /// This service's own reference for the places and entries of its
@@ -386,6 +387,7 @@ impl<S, P, D> Queue<S, P, D> {
             inner,
             shared,
             policy,
+            ready: None,
             reserved: Reserved::None,
             wait: None,
             link: None,
@@ -428,9 +430,9 @@ impl<S: Clone, P, D> Clone for Queue<S, P, D> {
 impl<S: fmt::Debug, P, D> fmt::Debug for Queue<S, P, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let reserved = match self.reserved {
+            _ if self.ready.is_some() => "ready",
             Reserved::None => "none",
             Reserved::Permit(_) => "permit",
-            Reserved::Ready(_) => "ready",
             Reserved::Slot(..) => "place",
             Reserved::Refused(_) => "refused",
         };
@@ -453,12 +455,58 @@ where
     type Error = Error;
     type Future = ResponseFuture<S, Req>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.ready.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        if matches!(self.reserved, Reserved::None) && self.wait.is_none() && self.shared.try_take()
+        {
+            // The uncontended path: a permit, then the inner service, in one
+            // go.
+            let permit = self.shared.permit();
+            return match self.inner.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.ready = Some(permit);
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
+                Poll::Pending => {
+                    self.reserved = Reserved::Permit(permit);
+                    Poll::Pending
+                }
+            };
+        }
+        self.poll_ready_slow(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(permit) = self.ready.take() {
+            if let Some(deadline) = self.policy.deadline.deadline(&req) {
+                if deadline <= Instant::now() {
+                    return ResponseFuture::expired(&self.shared, None);
+                }
+            }
+            return ResponseFuture::calling(&mut self.inner, req, permit);
+        }
+        self.call_slow(req)
+    }
+}
+
+impl<S, P, D> Queue<S, P, D> {
+    /// `poll_ready` past the fast path: a permit whose inner service is not
+    /// ready yet, a place, a refusal, or admission (possibly waiting for a
+    /// place).
+    #[cold]
+    fn poll_ready_slow<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+    {
         loop {
             match &mut self.reserved {
-                Reserved::Ready(_) | Reserved::Slot(..) | Reserved::Refused(_) => {
-                    return Poll::Ready(Ok(()))
-                }
+                Reserved::Slot(..) | Reserved::Refused(_) => return Poll::Ready(Ok(())),
                 Reserved::Permit(_) => {
                     // Our own gate first; only then the inner service.
                     return match self.inner.poll_ready(cx) {
@@ -466,7 +514,7 @@ where
                             if let Reserved::Permit(p) =
                                 std::mem::replace(&mut self.reserved, Reserved::None)
                             {
-                                self.reserved = Reserved::Ready(p);
+                                self.ready = Some(p);
                             }
                             Poll::Ready(Ok(()))
                         }
@@ -478,22 +526,6 @@ where
                     };
                 }
                 Reserved::None => {
-                    if self.wait.is_none() && self.shared.try_take() {
-                        // The uncontended path: a permit, then the inner
-                        // service, in one go.
-                        let permit = self.shared.permit();
-                        return match self.inner.poll_ready(cx) {
-                            Poll::Ready(Ok(())) => {
-                                self.reserved = Reserved::Ready(permit);
-                                Poll::Ready(Ok(()))
-                            }
-                            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
-                            Poll::Pending => {
-                                self.reserved = Reserved::Permit(permit);
-                                Poll::Pending
-                            }
-                        };
-                    }
                     let link = self.link.get_or_insert_with(|| new_link(&self.shared));
                     let admitted = match poll_admit(link, &mut self.wait, self.policy.max_wait, cx)
                     {
@@ -510,16 +542,16 @@ where
         }
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    /// `call` past the fast path.
+    #[cold]
+    fn call_slow<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
+    where
+        S: Service<Req> + Clone,
+        S::Error: Into<BoxError>,
+        P: PriorityOf<Req>,
+        D: DeadlineOf<Req>,
+    {
         match std::mem::replace(&mut self.reserved, Reserved::None) {
-            Reserved::Ready(permit) => {
-                if let Some(deadline) = self.policy.deadline.deadline(&req) {
-                    if deadline <= Instant::now() {
-                        return ResponseFuture::expired(&self.shared, None);
-                    }
-                }
-                ResponseFuture::calling(&mut self.inner, req, permit)
-            }
             Reserved::Permit(permit) => {
                 let deadline = self.policy.deadline.deadline(&req);
                 ResponseFuture::readying(self.take_inner(), req, permit, deadline)

@@ -165,6 +165,12 @@ struct Lists {
     /// Whether `PLACE_WAITERS` is set in the places word (set and cleared
     /// only under the lock): read here instead of on that busy cache line.
     place_waiters: bool,
+    /// The flags set on every permit shard (changed only here, under the
+    /// lock).
+    flags: usize,
+    /// Free permits in the lock's keeping: while a flag is set, permits are
+    /// not put back on the shards.
+    central: usize,
 }
 
 impl Lists {
@@ -179,6 +185,8 @@ impl Lists {
             drained_out: false,
             queued: 0,
             place_waiters: false,
+            flags: 0,
+            central: 0,
         }
     }
 
@@ -302,6 +310,80 @@ impl Wakes {
     }
 }
 
+/// What [`take_from`] found on a shard.
+enum Taken {
+    Yes,
+    Empty,
+    Flagged,
+}
+
+/// The fast acquire on one shard: one compare-and-swap while no flag is set
+/// and a permit is free.
+#[inline]
+fn take_from(shard: &AtomicUsize) -> Taken {
+    let mut s = shard.load(Ordering::Relaxed);
+    loop {
+        if s & FLAGS != 0 {
+            return Taken::Flagged;
+        }
+        if s < ONE {
+            return Taken::Empty;
+        }
+        match shard.compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return Taken::Yes,
+            Err(actual) => s = actual,
+        }
+    }
+}
+
+/// The most permit shards a queue has.
+const MAX_SHARDS: usize = 16;
+
+/// How many permit shards a queue has: one per core the process may use,
+/// rounded up to a power of two, at most [`MAX_SHARDS`] (two under loom, to
+/// keep the models small).
+fn shard_count() -> usize {
+    if cfg!(all(loom, test)) {
+        return 2;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .next_power_of_two()
+        .min(MAX_SHARDS)
+}
+
+/// The permits spread evenly over the first `n` shards.
+fn spread(concurrency: usize, n: usize) -> [Padded<AtomicUsize>; MAX_SHARDS] {
+    std::array::from_fn(|i| {
+        let free = if i < n {
+            concurrency / n + usize::from(i < concurrency % n)
+        } else {
+            0
+        };
+        Padded(AtomicUsize::new(free * ONE))
+    })
+}
+
+/// This thread's index, for the permit shards and the counter rows: given
+/// out round-robin on a thread's first use.
+#[inline]
+fn thread_index() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    }
+    INDEX
+        .try_with(|index| match index.get() {
+            usize::MAX => {
+                let i = NEXT.fetch_add(1, Ordering::Relaxed) % (1 << 20);
+                index.set(i);
+                i
+            }
+            i => i,
+        })
+        .unwrap_or(0)
+}
+
 /// A value on a cache line (pair) of its own.
 #[repr(align(128))]
 #[derive(Debug, Default)]
@@ -338,11 +420,7 @@ pub(crate) struct Counters {
 }
 
 fn stripe() -> usize {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-    }
-    STRIPE.try_with(|s| *s).unwrap_or(0)
+    thread_index() & (STRIPES - 1)
 }
 
 impl Counters {
@@ -365,7 +443,13 @@ pub(crate) struct Core {
     /// The permit word, alone on its cache line (as are the lock and the
     /// counters), so that the slow path's traffic does not slow the fast
     /// path's compare-and-swaps.
-    state: Padded<AtomicUsize>,
+    /// The permit words: free permits spread over shards, one per cache
+    /// line; a thread takes and returns permits on its own shard (see
+    /// [`Core::here`]), so that callers on different cores do not pass one
+    /// line back and forth.
+    shards: [Padded<AtomicUsize>; MAX_SHARDS],
+    /// Shards in use, minus one (their number is a power of two).
+    mask: usize,
     pub(crate) concurrency: usize,
     pub(crate) capacity: usize,
     pub(crate) reject: bool,
@@ -422,7 +506,8 @@ impl Core {
         listener: Option<Listener>,
     ) -> Self {
         Self {
-            state: Padded(AtomicUsize::new(concurrency * ONE)),
+            shards: spread(concurrency, shard_count()),
+            mask: shard_count() - 1,
             concurrency,
             capacity,
             reject,
@@ -436,17 +521,67 @@ impl Core {
         }
     }
 
+    /// The shards in use.
+    fn shards(&self) -> &[Padded<AtomicUsize>] {
+        &self.shards[..=self.mask]
+    }
+
+    /// This thread's shard.
+    #[inline]
+    fn here(&self) -> usize {
+        thread_index() & self.mask
+    }
+
     fn lock(&self) -> MutexGuard<'_, Lists> {
         // Nothing that can panic runs under the lock; recover anyway.
         self.lists.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn free_permits(&self) -> usize {
-        self.state.load(Ordering::Acquire) / ONE
+        self.free_locked(&self.lock())
+    }
+
+    /// Free permits: on the shards, and in the lock's keeping while a flag
+    /// is set. Called under the lock.
+    fn free_locked(&self, l: &Lists) -> usize {
+        l.central
+            + self
+                .shards()
+                .iter()
+                .map(|s| s.load(Ordering::Acquire) / ONE)
+                .sum::<usize>()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.state.load(Ordering::Acquire) & CLOSED != 0
+        self.shards[0].load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// Sets `flags` on every shard (they are only ever changed together,
+    /// under the lock), moving the shards' free permits into the lock's
+    /// keeping: from then on no permit is taken or returned without the
+    /// lock.
+    fn raise(&self, l: &mut Lists, flags: usize) {
+        l.flags |= flags;
+        for shard in self.shards() {
+            let prev = shard.swap(l.flags, Ordering::AcqRel);
+            l.central += prev / ONE;
+        }
+    }
+
+    /// Clears `WAITERS` (the only flag that clears) once no request waits,
+    /// handing the free permits back to the shards (to this thread's).
+    fn lower(&self, l: &mut Lists) {
+        debug_assert_eq!(l.flags, WAITERS);
+        l.flags = 0;
+        let here = self.here();
+        for (i, shard) in self.shards().iter().enumerate() {
+            let free = if i == here { l.central } else { 0 };
+            // While a flag was set no permit went to a shard: each holds
+            // only the flags.
+            let prev = shard.swap(free * ONE, Ordering::AcqRel);
+            debug_assert_eq!(prev / ONE, 0);
+        }
+        l.central = 0;
     }
 
     /// Someone listens to events (a listener, or the `metrics` facade):
@@ -478,19 +613,26 @@ impl Core {
     /// making the guard.
     #[inline]
     pub(crate) fn try_take(&self) -> bool {
-        let mut s = self.state.load(Ordering::Relaxed);
-        loop {
-            if s & FLAGS != 0 || s < ONE {
-                return false;
-            }
-            match self
-                .state
-                .compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(actual) => s = actual,
+        let here = self.here();
+        match take_from(&self.shards[here]) {
+            Taken::Yes => true,
+            Taken::Flagged => false,
+            Taken::Empty => self.steal(here),
+        }
+    }
+
+    /// Takes a permit from another shard than this thread's (empty).
+    #[cold]
+    fn steal(&self, here: usize) -> bool {
+        for k in 1..=self.mask {
+            match take_from(&self.shards[(here + k) & self.mask]) {
+                Taken::Yes => return true,
+                // Flags are set on every shard: the lock decides.
+                Taken::Flagged => return false,
+                Taken::Empty => {}
             }
         }
+        false
     }
 
     /// Hands a released permit to the next queued request (in priority
@@ -508,9 +650,12 @@ impl Core {
             let i = l.head[SLOT_LIST];
             l.unlink(i);
             l.settle(i, NodeState::Permit, wakes);
+        } else if l.flags == 0 {
+            // The flag that sent this release here was lowered meanwhile.
+            self.shards[self.here()].fetch_add(ONE, Ordering::AcqRel);
         } else {
-            let prev = self.state.fetch_add(ONE, Ordering::AcqRel);
-            return prev & DEAD != 0 && prev / ONE + 1 == self.concurrency;
+            l.central += 1;
+            return l.flags & DEAD != 0 && l.central == self.concurrency;
         }
         false
     }
@@ -559,56 +704,49 @@ impl Core {
     /// Keeps the `WAITERS` flag true to the lists and wakes a pending
     /// shutdown when the queue went idle.
     fn after_change(&self, l: &mut Lists) {
-        if l.all_empty() && self.state.load(Ordering::Relaxed) & WAITERS != 0 {
-            self.state.fetch_and(!WAITERS, Ordering::AcqRel);
+        if l.flags == WAITERS && l.all_empty() {
+            self.lower(l);
         }
         if l.len[SLOT_LIST] == 0 && l.place_waiters {
             l.place_waiters = false;
             self.places.fetch_and(!PLACE_WAITERS, Ordering::AcqRel);
         }
-        if l.closed && self.depth() == 0 && self.free_permits() == self.concurrency {
+        if l.closed && self.depth() == 0 && self.free_locked(l) == self.concurrency {
             self.idle.notify_waiters();
         }
     }
 
-    /// Takes a free permit if there is one. Called under the lock.
-    fn take_permit_only(&self) -> bool {
-        let mut s = self.state.load(Ordering::Acquire);
-        while s >= ONE {
-            match self
-                .state
-                .compare_exchange_weak(s, s - ONE, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return true,
-                Err(actual) => s = actual,
-            }
+    /// Takes a free permit if there is one and nobody waits for one. Called
+    /// under the lock.
+    fn take_permit_only(&self, l: &mut Lists) -> bool {
+        if l.flags == 0 {
+            return self.try_take();
+        }
+        if l.flags & WAITERS == 0 && l.central > 0 {
+            l.central -= 1;
+            return true;
         }
         false
     }
 
-    /// Takes the flag `WAITERS` unless a permit is free, in which case it is
-    /// taken instead (returned as `true`). Called under the lock.
-    fn take_permit_or_flag(&self) -> bool {
-        let mut s = self.state.load(Ordering::Acquire);
-        loop {
-            let (new, took) = if s >= ONE {
-                (s - ONE, true)
-            } else {
-                (s | WAITERS, false)
-            };
-            if new == s {
-                // `WAITERS` already set (so no permit is free): nothing to
-                // write.
-                return false;
-            }
-            match self
-                .state
-                .compare_exchange_weak(s, new, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return took,
-                Err(actual) => s = actual,
-            }
+    /// Takes a free permit if there is one, else raises `WAITERS` (so that
+    /// every release comes to the lock, to be handed to a waiter). Returns
+    /// whether it took a permit. Called under the lock.
+    fn take_permit_or_flag(&self, l: &mut Lists) -> bool {
+        if l.flags & WAITERS != 0 {
+            // Raised: no permit is free (a release goes to a waiter).
+            return false;
         }
+        if self.take_permit_only(l) {
+            return true;
+        }
+        self.raise(l, WAITERS);
+        // A permit returned before the flag went up is in `central` now.
+        if l.central > 0 {
+            l.central -= 1;
+            return true;
+        }
+        false
     }
 
     /// Begins shutdown: nothing new is admitted, callers waiting for a place
@@ -619,7 +757,7 @@ impl Core {
             let mut l = self.lock();
             if !l.closed {
                 l.closed = true;
-                self.state.fetch_or(CLOSED, Ordering::AcqRel);
+                self.raise(&mut l, CLOSED);
                 self.places.fetch_or(PLACES_CLOSED, Ordering::AcqRel);
                 while l.head[SLOT_LIST] != NIL {
                     let i = l.head[SLOT_LIST];
@@ -656,7 +794,7 @@ impl Core {
     /// No request waits, is reserved or in flight.
     pub(crate) fn is_idle(&self) -> bool {
         let l = self.lock();
-        self.depth() == 0 && l.all_empty() && self.free_permits() == self.concurrency
+        self.depth() == 0 && l.all_empty() && self.free_locked(&l) == self.concurrency
     }
 
     pub(crate) async fn wait_idle(&self) {
@@ -718,9 +856,9 @@ impl Drop for Shared {
         // under the lock without a reference of its own, thus never sees the
         // core freed under it (see `release_permit_slow`).
         let all_back = {
-            let _l = self.core.lock();
-            let prev = self.core.state.fetch_or(DEAD, Ordering::AcqRel);
-            prev / ONE == self.core.concurrency
+            let mut l = self.core.lock();
+            self.core.raise(&mut l, DEAD);
+            l.central == self.core.concurrency
         };
         if all_back {
             // Every permit is back and none can be taken any more (that
@@ -824,7 +962,7 @@ impl LocalRef {
         if l.closed {
             return Admission::Closed;
         }
-        if this.take_permit_only() {
+        if this.take_permit_only(&mut l) {
             // No waiter can exist while a permit is free, so this does not
             // overtake anyone.
             drop(l);
@@ -851,7 +989,7 @@ impl LocalRef {
                 Err(actual) => s = actual,
             }
         }
-        if this.take_permit_or_flag() {
+        if this.take_permit_or_flag(&mut l) {
             this.after_change(&mut l);
             drop(l);
             return Admission::Permit(this.permit());
@@ -912,7 +1050,8 @@ impl Permit {
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        let state = &self.core().state;
+        let core = self.core();
+        let state = &core.shards[core.here()];
         let mut s = state.load(Ordering::Relaxed);
         loop {
             if s & FLAGS != 0 {
@@ -997,7 +1136,7 @@ impl Slot {
                 q.release_slot_locked(&mut l, &mut wakes);
                 q.after_change(&mut l);
                 None
-            } else if q.take_permit_or_flag() {
+            } else if q.take_permit_or_flag(&mut l) {
                 q.release_slot_locked(&mut l, &mut wakes);
                 q.after_change(&mut l);
                 Some(None)
