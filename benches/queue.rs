@@ -5,8 +5,10 @@
 //!   `ConcurrencyLimit` and the bare service for reference.
 //! - `queue_contended`: 64 tasks on a 2-worker runtime, 64 requests each per
 //!   iteration (4 096 requests), through one queue with concurrency 16 and
-//!   capacity 1 000, vs `Buffer` with bound 1 000; the inner service answers
-//!   at once, or after one `yield_now`.
+//!   capacity 1 000, vs `Buffer` with bound 1 000 (and, for reference,
+//!   tower's `ConcurrencyLimit(16)` alone and under a `Buffer`: tokio's fair
+//!   semaphore, the other way to bound in-flight calls); the inner service
+//!   answers at once, or after one `yield_now`.
 //! - Heap allocations per call on the uncontended path, counted by a global
 //!   allocator, printed before the criterion runs.
 //!
@@ -214,6 +216,23 @@ fn contended(c: &mut Criterion) {
                 });
             },
         );
+        let limit = ConcurrencyLimit::new(Echo { yields }, 16);
+        g.bench_with_input(
+            BenchmarkId::new("tower_concurrency_limit", inner),
+            &limit,
+            |b, limit| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let limit = limit.clone();
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += contended_batch(limit.clone()).await;
+                        }
+                        total
+                    }
+                });
+            },
+        );
         let buf = rt.block_on(async { Buffer::new(Echo { yields }, 1_000) });
         g.bench_with_input(BenchmarkId::new("tower_buffer", inner), &buf, |b, buf| {
             b.to_async(&rt).iter_custom(|iters| {
@@ -292,23 +311,29 @@ fn paired_ratios() {
     for yields in [false, true] {
         let q = queue(16, 1_000, yields);
         let buf = rt.block_on(async { Buffer::new(Echo { yields }, 1_000) });
-        let mut ratios = Vec::new();
+        let limit = ConcurrencyLimit::new(Echo { yields }, 16);
+        let (mut vs_buffer, mut vs_limit) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            let (tq, tb) = rt.block_on(async {
-                let mut tq = Duration::ZERO;
-                let mut tb = Duration::ZERO;
+            let (tq, tb, tl) = rt.block_on(async {
+                let (mut tq, mut tb, mut tl) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
                 for _ in 0..4 {
                     tq += contended_batch(q.clone()).await;
                     tb += contended_batch(buf.clone()).await;
+                    tl += contended_batch(limit.clone()).await;
                 }
-                (tq, tb)
+                (tq, tb, tl)
             });
-            ratios.push(tb.as_secs_f64() / tq.as_secs_f64());
+            vs_buffer.push(tb.as_secs_f64() / tq.as_secs_f64());
+            vs_limit.push(tl.as_secs_f64() / tq.as_secs_f64());
         }
-        let (med, lo, hi) = median(ratios);
+        let inner = if yields { "yields" } else { "instant" };
+        let (med, lo, hi) = median(vs_buffer);
         println!(
-            "paired contended (inner {}): queue throughput / Buffer throughput = {med:.1} (median of {ROUNDS}; min {lo:.1}, max {hi:.1})",
-            if yields { "yields" } else { "instant" }
+            "paired contended (inner {inner}): queue throughput / Buffer throughput = {med:.1} (median of {ROUNDS}; min {lo:.1}, max {hi:.1})"
+        );
+        let (med, lo, hi) = median(vs_limit);
+        println!(
+            "paired contended (inner {inner}): queue throughput / ConcurrencyLimit(16) throughput = {med:.2} (median of {ROUNDS}; min {lo:.2}, max {hi:.2})"
         );
     }
 }

@@ -96,6 +96,30 @@ impl QueueHandle {
         self.shared.is_closed()
     }
 
+    /// Sets the `metrics` gauges from one snapshot of the queue:
+    /// `llm_resilience_queue_depth` (places taken),
+    /// `llm_resilience_queue_depth_by_priority{priority}` (requests queued
+    /// per class), `llm_resilience_queue_in_flight` (permits in use) and
+    /// `llm_resilience_queue_waiting_for_place`. Call it where the gauges are
+    /// read (a scrape handler, a periodic task): the queue's own paths update
+    /// only the counters and the wait-time histogram, and the uncontended path
+    /// nothing at all.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn record_metrics(&self) {
+        let (depth, by_class, waiting) = self.shared.depths();
+        metrics::gauge!("llm_resilience_queue_depth").set(depth as f64);
+        for priority in [Priority::High, Priority::Normal, Priority::Low] {
+            metrics::gauge!(
+                "llm_resilience_queue_depth_by_priority",
+                "priority" => priority.as_str()
+            )
+            .set(by_class[priority as usize] as f64);
+        }
+        metrics::gauge!("llm_resilience_queue_in_flight").set(self.in_flight() as f64);
+        metrics::gauge!("llm_resilience_queue_waiting_for_place").set(waiting as f64);
+    }
+
     /// The counters.
     pub fn stats(&self) -> QueueStats {
         let c = &self.shared.counters;

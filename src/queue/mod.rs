@@ -118,15 +118,18 @@
 //!
 //! The uncontended path (a permit is free, nobody waits) takes no lock,
 //! allocates nothing, emits nothing and spawns nothing: one
-//! compare-and-swap to take the permit, one to give it back, and a
-//! reference count on a cache line of the calling service's own. That
-//! reference is allocated once per service value, on its second call (so a
-//! clone used for a single `oneshot` allocates nothing either). Reserving a
-//! place in the queue, and a rejection in reject mode, are one
-//! compare-and-swap too. A queued request takes the lock twice (entering
-//! its list on its first poll, and when a releasing caller hands it the
-//! permit) and allocates its flag, its timer and a few fields; the wait
-//! lists reuse their nodes.
+//! compare-and-swap to take the permit, one to give it back, and no
+//! reference count (a permit points at the queue; the queue outlives its
+//! last permit). The free permits are spread over one cache line per core,
+//! and a caller takes and returns them on its own thread's line, so callers
+//! on different cores do not pass a line back and forth; a thread whose
+//! line is empty takes a permit from another. Reserving a place in the
+//! queue, and a rejection in reject mode, are one compare-and-swap too. A
+//! queued request takes the lock twice (entering its list on its first
+//! poll, and when a releasing caller hands it the permit) and allocates its
+//! bookkeeping (one box) and its grant flag; the wait lists reuse their
+//! nodes. A service value allocates, the first time one of its calls
+//! queues, a cache-line-aligned reference for its queued calls to share.
 //!
 //! # Observability
 //!
@@ -138,7 +141,10 @@
 //! with the `metrics` feature, the counter
 //! `llm_resilience_queue_events_total{kind}`, the histogram
 //! `llm_resilience_queue_wait_seconds{kind}` and the gauge
-//! `llm_resilience_queue_depth`. The uncontended path emits nothing.
+//! `llm_resilience_queue_depth`, and `QueueHandle::record_metrics` sets the
+//! gauges of a snapshot (depth per priority, in flight, waiting for a
+//! place) when called, for example from a scrape handler. The uncontended
+//! path emits nothing.
 //!
 //! [`Error::QueueTimeout`]: crate::Error::QueueTimeout
 //! [`Error::QueueFull`]: crate::Error::QueueFull
