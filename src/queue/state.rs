@@ -340,16 +340,22 @@ fn take_from(shard: &AtomicUsize) -> Taken {
 const MAX_SHARDS: usize = 16;
 
 /// How many permit shards a queue has: one per core the process may use,
-/// rounded up to a power of two, at most [`MAX_SHARDS`] (two under loom, to
-/// keep the models small).
-fn shard_count() -> usize {
+/// rounded up to a power of two, at most [`MAX_SHARDS`], and no more than
+/// the permits (so that a queue of concurrency 1 keeps its permit on one
+/// line instead of sending callers to look for it). Two under loom, to
+/// explore stealing in small models.
+fn shard_count(concurrency: usize) -> usize {
     if cfg!(all(loom, test)) {
         return 2;
     }
-    std::thread::available_parallelism()
+    let mut n = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .next_power_of_two()
-        .min(MAX_SHARDS)
+        .min(MAX_SHARDS);
+    while n > 1 && n > concurrency {
+        n /= 2;
+    }
+    n
 }
 
 /// The permits spread evenly over the first `n` shards.
@@ -505,9 +511,10 @@ impl Core {
         age_after: Duration,
         listener: Option<Listener>,
     ) -> Self {
+        let shards = shard_count(concurrency);
         Self {
-            shards: spread(concurrency, shard_count()),
-            mask: shard_count() - 1,
+            shards: spread(concurrency, shards),
+            mask: shards - 1,
             concurrency,
             capacity,
             reject,
