@@ -19,38 +19,16 @@
 //! other way to bound calls in flight; `bare` the inner service alone.
 //! Instructions are not time: a compare-and-swap counts one instruction.
 
-use std::future::Future;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
-
 use llm_resilience::queue::QueueLayer;
 use tower::limit::ConcurrencyLimit;
-use tower::{Layer, Service};
+use tower::Layer;
 
+#[path = "../benches/support/instructions.rs"]
+mod instructions;
 #[path = "../benches/support/peers.rs"]
 mod peers;
+use instructions::run;
 use peers::Always;
-
-#[inline(never)]
-fn run<S>(svc: &mut S, n: u64) -> u64
-where
-    S: Service<u64, Response = u64>,
-    S::Error: std::fmt::Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut acc = 0u64;
-    for i in 0..n {
-        let Poll::Ready(Ok(())) = svc.poll_ready(&mut cx) else {
-            panic!("not ready")
-        };
-        let fut = pin!(svc.call(i));
-        let Poll::Ready(Ok(v)) = fut.poll(&mut cx) else {
-            panic!("not done")
-        };
-        acc = acc.wrapping_add(v);
-    }
-    acc
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
