@@ -30,7 +30,7 @@ use futures::task::noop_waker;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use state::{Admission, Enqueued, Entry, Grant, Link, LocalRef, Shared};
+use state::{Enqueued, Entry, Grant, Link, LocalRef, Shared, Slot};
 use tokio::time::Instant;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -52,10 +52,8 @@ fn queue(concurrency: usize, capacity: usize) -> Link {
 /// A request queued behind the permits: a place, then a list entry.
 fn queued(link: &Link) -> Entry {
     let waker = noop_waker();
-    let slot = match LocalRef::try_reserve(link) {
-        Some(Admission::Slot(slot)) => slot,
-        _ => panic!("no place in the queue"),
-    };
+    assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
+    let slot = Slot::new(Arc::clone(link));
     match slot.enqueue(Priority::Normal, Instant::now(), &waker) {
         Enqueued::Entry(e) => e,
         _ => panic!("a permit was free"),
@@ -221,10 +219,10 @@ fn a_release_racing_the_first_waiter_is_never_lost() {
                 drop(p);
                 None
             }
-            None => match LocalRef::try_reserve(&link) {
-                Some(Admission::Slot(slot)) => Some(slot),
-                _ => panic!("no place in the queue"),
-            },
+            None => {
+                assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
+                Some(Slot::new(Arc::clone(&link)))
+            }
         };
         if let Some(slot) = slot {
             match slot.enqueue(Priority::Normal, Instant::now(), &waker) {

@@ -15,7 +15,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
 use super::event::QueueEventKind;
-use super::state::{Core, Count, Enqueued, Entry, Grant, Link, Permit, Slot};
+use super::state::{Core, Count, Enqueued, Entry, Grant, Link, Permit, Shared, Slot};
 use super::{poll_admit, Admitted, Priority, Waiting};
 use crate::error::{BoxError, Error};
 
@@ -120,7 +120,8 @@ struct Slow<S, Req> {
 enum Phase {
     /// `call` came without `poll_ready`: admission happens in `poll`.
     Admitting {
-        shared: Link,
+        shared: Arc<Shared>,
+        link: Option<Link>,
         wait: Option<Box<Waiting>>,
     },
     /// Holds a place; the first poll puts the request in its list (with the
@@ -276,8 +277,10 @@ where
     }
 
     /// `call` came without `poll_ready`: admission happens in `poll`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn admitting(
-        shared: Link,
+        shared: Arc<Shared>,
+        link: Option<Link>,
         wait: Option<Box<Waiting>>,
         service: S,
         req: Req,
@@ -286,7 +289,7 @@ where
         max_wait: Option<Duration>,
     ) -> Self {
         let slow = Slow {
-            phase: Phase::Admitting { shared, wait },
+            phase: Phase::Admitting { shared, link, wait },
             service: Some(service),
             req: Some(req),
             timer: timer_at(deadline),
@@ -336,8 +339,8 @@ where
     fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
         loop {
             match &mut self.phase {
-                Phase::Admitting { shared, wait } => {
-                    match poll_admit(shared, wait, self.meta.max_wait, cx) {
+                Phase::Admitting { shared, link, wait } => {
+                    match poll_admit(shared, link, wait, self.meta.max_wait, cx) {
                         Poll::Pending => {
                             if self.timer.is_some() && self.timer_fired(cx) {
                                 let Phase::Admitting { shared, .. } = &self.phase else {

@@ -276,8 +276,13 @@ pub(crate) enum Admitted {
 /// Admission, shared by `poll_ready` and a future whose `call` came without
 /// `poll_ready`: a permit, a place, a refusal, or pending (waiting for a
 /// place, bounded by `max_wait`).
+///
+/// `link` is the calling service's own reference for the places and entries
+/// of its queued calls, made here the first time one is needed (a request
+/// that goes straight through or is rejected needs none).
 pub(crate) fn poll_admit(
-    shared: &Link,
+    shared: &Arc<Shared>,
+    link: &mut Option<Link>,
     wait: &mut Option<Box<Waiting>>,
     max_wait: Option<Duration>,
     cx: &mut Context<'_>,
@@ -322,9 +327,12 @@ pub(crate) fn poll_admit(
         if let Some(p) = shared.try_acquire() {
             return Poll::Ready(Admitted::Permit(p));
         }
-        let admission = match LocalRef::try_reserve(shared) {
-            Some(a) => a,
-            None => LocalRef::admit_slow(shared, cx.waker()),
+        let admission = match shared.try_place() {
+            Some(Ok(())) => Admission::Slot(Slot::new(Arc::clone(
+                link.get_or_insert_with(|| new_link(shared)),
+            ))),
+            Some(Err(depth)) => Admission::Full { depth },
+            None => LocalRef::admit_slow(link.get_or_insert_with(|| new_link(shared)), cx.waker()),
         };
         match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
@@ -532,9 +540,13 @@ impl<S, P, D> Queue<S, P, D> {
                     };
                 }
                 Reserved::None => {
-                    let link = self.link.get_or_insert_with(|| new_link(&self.shared));
-                    let admitted = match poll_admit(link, &mut self.wait, self.policy.max_wait, cx)
-                    {
+                    let admitted = match poll_admit(
+                        &self.shared,
+                        &mut self.link,
+                        &mut self.wait,
+                        self.policy.max_wait,
+                        cx,
+                    ) {
                         Poll::Ready(a) => a,
                         Poll::Pending => return Poll::Pending,
                     };
@@ -580,9 +592,9 @@ impl<S, P, D> Queue<S, P, D> {
                 // `call` without `poll_ready`: the future does the admission.
                 let priority = self.policy.priority.priority(&req);
                 let deadline = self.policy.deadline.deadline(&req);
-                let link = Arc::clone(self.link.get_or_insert_with(|| new_link(&self.shared)));
                 ResponseFuture::admitting(
-                    link,
+                    Arc::clone(&self.shared),
+                    self.link.clone(),
                     self.wait.take(),
                     self.take_inner(),
                     req,

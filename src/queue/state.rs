@@ -704,6 +704,32 @@ impl Core {
         wakes.wake();
     }
 
+    /// The fast place path, while nobody waits for a place and shutdown has
+    /// not begun: `Ok` reserved a place (one compare-and-swap), `Err(depth)`
+    /// found the queue full in reject mode. `None` sends the caller to
+    /// [`LocalRef::admit_slow`].
+    #[inline]
+    pub(crate) fn try_place(&self) -> Option<Result<(), usize>> {
+        let mut s = self.places.load(Ordering::Relaxed);
+        loop {
+            if s & (PLACE_WAITERS | PLACES_CLOSED) != 0 {
+                return None;
+            }
+            if s / PLACE >= self.capacity {
+                return self.reject.then_some(Err(s / PLACE));
+            }
+            match self.places.compare_exchange_weak(
+                s,
+                s + PLACE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Ok(())),
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
     pub(crate) fn depth(&self) -> usize {
         self.places.load(Ordering::Acquire) / PLACE
     }
@@ -935,31 +961,6 @@ impl std::ops::Deref for LocalRef {
 }
 
 impl LocalRef {
-    /// The fast place path: a place if there is room and both flags are
-    /// clear; in reject mode, `Full` when there is none. `None` sends the
-    /// caller to [`admit_slow`](Self::admit_slow).
-    #[inline]
-    pub(crate) fn try_reserve(this: &Link) -> Option<Admission> {
-        let mut s = this.places.load(Ordering::Relaxed);
-        loop {
-            if s & (PLACE_WAITERS | PLACES_CLOSED) != 0 {
-                return None;
-            }
-            if s / PLACE >= this.capacity {
-                return this.reject.then_some(Admission::Full { depth: s / PLACE });
-            }
-            match this.places.compare_exchange_weak(
-                s,
-                s + PLACE,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Some(Admission::Slot(Slot::new(Arc::clone(this)))),
-                Err(actual) => s = actual,
-            }
-        }
-    }
-
     /// The slow admission path: a permit if one is free, else a place in the
     /// queue if there is room, else (reject mode) `Full`, else (wait mode) an
     /// entry in the list of callers waiting for a place.
@@ -1113,7 +1114,8 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
-    fn new(shared: Link) -> Self {
+    /// Wraps a place already reserved (with [`Core::try_place`]).
+    pub(crate) fn new(shared: Link) -> Self {
         Self {
             shared: Some(shared),
         }
