@@ -94,7 +94,27 @@ struct Shared {
     counts: [AtomicU64; Served::ALL.len()],
     total: AtomicU64,
     tokens: AtomicU64,
+    /// Requests being handled now, and the most ever handled at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     shutdown: watch::Receiver<bool>,
+}
+
+/// Counts a request as in flight while its handler runs.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A snapshot of what the server did with the requests it received.
@@ -160,6 +180,8 @@ impl MockServer {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             total: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             shutdown,
         });
         let app = Router::new()
@@ -204,6 +226,13 @@ impl MockServer {
     /// Requests received so far.
     pub fn total(&self) -> u64 {
         self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it was handling at once so far: from receiving a
+    /// request to sending its answer (for a stream, its first bytes), or to
+    /// the client going away.
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Replaces the script at run time (its sequence, windows, limits and
@@ -423,6 +452,7 @@ fn reset_body() -> Body {
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     shared.total.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(&shared);
     let count = |s: Served| {
         shared.counts[s.index()].fetch_add(1, Ordering::SeqCst);
     };
