@@ -922,8 +922,7 @@ impl Shared {
         let pool = Arc::into_raw(Arc::clone(&core));
         Self {
             core,
-            // SAFETY: `Arc::into_raw` never returns null.
-            pool: CorePtr(unsafe { NonNull::new_unchecked(pool.cast_mut()) }),
+            pool: CorePtr(NonNull::new(pool.cast_mut()).expect("`Arc::into_raw` is never null")),
         }
     }
 
