@@ -236,3 +236,29 @@ fn a_release_racing_the_first_waiter_is_never_lost() {
         assert!(link.is_idle());
     });
 }
+
+/// Shutdown begins (raising `CLOSED`, which moves the free permits under the
+/// lock) while a permit comes back and a request waits: the waiter is still
+/// served, nothing new is admitted, and every permit ends up free.
+#[test]
+fn closing_while_a_permit_comes_back_still_serves_the_waiter() {
+    model(|| {
+        let link = queue(2, 2);
+        let a = link.try_acquire().unwrap();
+        let b = link.try_acquire().unwrap();
+        let entry = queued(&link);
+        let closer = {
+            let link = Arc::clone(&link);
+            thread::spawn(move || link.close())
+        };
+        let releaser = thread::spawn(move || drop(a));
+        closer.join().unwrap();
+        releaser.join().unwrap();
+        assert!(link.is_closed());
+        assert!(link.try_acquire().is_none(), "admitted after close");
+        take_grant(entry);
+        drop(b);
+        assert_eq!(link.free_permits(), 2);
+        assert!(link.is_idle());
+    });
+}
