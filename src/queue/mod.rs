@@ -157,8 +157,9 @@ mod event;
 mod future;
 mod handle;
 mod layer;
-// The one place with `unsafe`: permits point at the queue's core without a
-// reference count (see `state::Permit`).
+// The one module with `unsafe`: permits point at the queue's core without a
+// reference count (`state::Permit`), and wait-list nodes at their entries'
+// boxed flags (`state::FlagPtr`).
 #[allow(unsafe_code)]
 mod state;
 mod sync;

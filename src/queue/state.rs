@@ -3,18 +3,23 @@
 //! (behind a `Mutex` held for a few instructions, never across an `.await`
 //! and never while a user callback runs).
 //!
-//! # The permit word
+//! # The permit words
 //!
-//! `state` packs the free permits (`state / ONE`) with three flags:
-//! `WAITERS` (some request waits in a list), `CLOSED` (shutdown began) and
-//! `DEAD` (every [`Shared`] is gone). The fast paths are one
-//! compare-and-swap each and run only while no flag is set: acquiring takes
-//! a free permit, releasing adds one back. With a flag set, both go through
-//! the lock, where a released permit is handed straight to the next waiter
-//! instead of being put back, so a newcomer can never overtake a waiter.
-//! `WAITERS` is set and cleared only under the lock; it is set only when no
-//! permit is free, and stays set while any list is non-empty, so "`WAITERS`
-//! set" implies "no free permit".
+//! The free permits are spread over shards, one atomic word per cache line
+//! and at most one per core (and per permit); a thread takes and returns
+//! permits on its own shard, and takes from another only when its own is
+//! empty. Each word packs its free permits (`word / ONE`) with three flags,
+//! the same on every shard: `WAITERS` (some request waits in a list),
+//! `CLOSED` (shutdown began) and `DEAD` (every [`Shared`] is gone). The
+//! fast paths are one compare-and-swap each and run only while no flag is
+//! set: acquiring takes a free permit, releasing adds one back. Flags are
+//! raised and lowered only under the lock, on every shard at once
+//! ([`Core::raise`]), which moves the shards' free permits into the lock's
+//! keeping (`Lists::central`): from then on a permit is taken or returned
+//! only under the lock, where a released permit is handed straight to the
+//! next waiter, so a newcomer can never overtake a waiter. `WAITERS` is
+//! raised only when no permit is free and stays up while any list is
+//! non-empty, so "`WAITERS` set" implies "no free permit".
 //!
 //! # Who keeps the core alive
 //!
@@ -22,12 +27,12 @@
 //! service's own [`Link`], so that queued calls of different services do not
 //! share a reference count's cache line). A [`Permit`] holds a plain pointer
 //! and no count at all: the permits share one strong reference to the
-//! [`Core`], released by whoever sees, on the permit word, both "no
-//! `Shared` left" (`DEAD`, set under the lock by the last `Shared`'s drop)
-//! and "every permit back". That is the last `Shared` if the permits are all
-//! back by then, else the permit that comes back last. A slow release works
-//! under the lock, where `DEAD` cannot be set under it, and does not touch
-//! the core after unlocking. `tests/queue_loom.rs` checks this protocol.
+//! [`Core`], released by whoever sees, under the lock, both "no `Shared`
+//! left" (`DEAD`, raised by the last `Shared`'s drop) and "every permit
+//! back". That is the last `Shared` if the permits are all back by then,
+//! else the permit that comes back last. A slow release works under the
+//! lock, where `DEAD` cannot be raised under it, and does not touch the core
+//! after unlocking. `tests/queue_loom.rs` checks this protocol.
 //!
 //! # The places word
 //!
@@ -446,10 +451,9 @@ impl Counters {
 /// reach it through a [`Shared`]; permits point at it directly (see
 /// [`Permit`]).
 pub(crate) struct Core {
-    /// The permit word, alone on its cache line (as are the lock and the
-    /// counters), so that the slow path's traffic does not slow the fast
-    /// path's compare-and-swaps.
-    /// The permit words: free permits spread over shards, one per cache
+    /// The permit words (on cache lines of their own, as are the lock, the
+    /// places word and the counter rows, so that the slow path's traffic
+    /// does not slow the fast path's compare-and-swaps): free permits spread over shards, one per cache
     /// line; a thread takes and returns permits on its own shard (see
     /// [`Core::here`]), so that callers on different cores do not pass one
     /// line back and forth.
@@ -865,7 +869,7 @@ pub(crate) struct Shared {
     core: Arc<Core>,
     /// The core, from the one strong reference that the permits share: it
     /// is dropped by whoever sees both "no `Shared` left" and "every permit
-    /// back" first, on the permit word.
+    /// back" first, under the lock.
     pool: CorePtr,
 }
 
@@ -1031,7 +1035,7 @@ unsafe impl Sync for CorePtr {}
 /// waiter) on drop.
 ///
 /// It holds no reference count of its own: taking and returning a permit is
-/// one compare-and-swap each on the permit word, and nothing else, so the
+/// one compare-and-swap each on this thread's permit word, and nothing else, so the
 /// uncontended path costs what a semaphore's does without the semaphore's
 /// `Arc` traffic.
 pub(crate) struct Permit {
