@@ -462,6 +462,70 @@ async fn a_cancelled_request_frees_its_place_at_once_and_is_never_sent() {
     assert!(handle.is_idle());
 }
 
+/// A waker that owns another queued call: dropping the waker cancels it.
+struct Owner {
+    _call: Mutex<Option<QueuedCall>>,
+}
+
+type QueuedCall = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, Error>> + Send>>;
+
+impl futures::task::ArcWake for Owner {
+    fn wake_by_ref(_: &Arc<Self>) {}
+}
+
+/// A caller polls its queued call with a new waker; the waker it replaces
+/// was the last owner of another queued call, which is thus cancelled. The
+/// queue drops the replaced waker after releasing its lock, so the
+/// cancellation (which takes the lock) does not deadlock.
+#[test]
+fn a_replaced_waker_that_cancels_another_call_does_not_deadlock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (up, seen_ids) = upstream();
+            let l = layer(1, 4, WhenFull::Wait);
+            let handle = l.handle();
+            let svc = l.layer(up);
+            let first = tokio::spawn(svc.clone().oneshot(job(0)));
+            settle().await;
+            let noop = futures::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&noop);
+            // Two calls queue behind it.
+            let mut other: QueuedCall = Box::pin(svc.clone().oneshot(job(1)));
+            assert!(other.as_mut().poll(&mut cx).is_pending());
+            let mut mine: QueuedCall = Box::pin(svc.clone().oneshot(job(2)));
+            assert_eq!(handle.depth(), 1);
+            // `mine` registers a waker that owns `other`...
+            let owner = futures::task::waker(Arc::new(Owner {
+                _call: Mutex::new(Some(other)),
+            }));
+            assert!(mine
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&owner))
+                .is_pending());
+            drop(owner);
+            assert_eq!(handle.depth(), 2);
+            // ...and then another one: the old waker goes, and `other` with it.
+            assert!(mine.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(handle.depth(), 1, "the other call was cancelled");
+            assert_eq!(handle.stats().cancelled, 1);
+            first.await.unwrap().unwrap();
+            assert_eq!(mine.await.unwrap(), 2);
+            assert_eq!(seen(&seen_ids), vec![0, 2]);
+            assert!(handle.is_idle());
+        });
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the queue deadlocked (or the test panicked)");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_permit_granted_to_a_cancelled_request_passes_to_the_next() {
     let (up, seen_ids) = upstream();

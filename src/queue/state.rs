@@ -247,12 +247,16 @@ impl Lists {
         n.next = NIL;
     }
 
-    fn release_node(&mut self, idx: u32) {
+    /// Frees a node; returns its waker, for the caller to drop after the
+    /// lock is released (dropping a waker can run a task's drop code).
+    #[must_use]
+    fn release_node(&mut self, idx: u32) -> Option<Waker> {
         let n = &mut self.nodes[idx as usize];
         n.state = NodeState::Free;
-        n.waker = None;
         n.flag = None;
+        let waker = n.waker.take();
         self.free.push(idx);
+        waker
     }
 
     /// Settles an unlinked node: tells its owner (flag, waker) and frees it.
@@ -264,7 +268,8 @@ impl Lists {
             unsafe { flag.0.as_ref() }.store(state.code(), Ordering::Release);
         }
         wakes.push(n.waker.take());
-        self.release_node(idx);
+        let none = self.release_node(idx);
+        debug_assert!(none.is_none());
     }
 
     /// The queued request to serve next: the smallest virtual time among the
@@ -1247,10 +1252,13 @@ impl Entry {
             state = NodeState::from_code(self.flag.load(Ordering::Acquire));
             if state == NodeState::Waiting {
                 let n = &mut l.nodes[self.idx as usize];
-                match &mut n.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    slot => *slot = Some(cx.waker().clone()),
-                }
+                let stale = match &mut n.waker {
+                    Some(w) if w.will_wake(cx.waker()) => None,
+                    slot => slot.replace(cx.waker().clone()),
+                };
+                // The replaced waker is dropped after the lock.
+                drop(l);
+                drop(stale);
                 return Poll::Pending;
             }
         }
@@ -1281,6 +1289,7 @@ impl Entry {
         }
         let idx = std::mem::replace(&mut self.idx, NIL);
         let mut wakes = Wakes::default();
+        let mut stale = None;
         let state = {
             let mut l = self.shared.lock();
             let state = NodeState::from_code(self.flag.load(Ordering::Acquire));
@@ -1288,7 +1297,7 @@ impl Entry {
                 NodeState::Waiting => {
                     let list = l.nodes[idx as usize].list as usize;
                     l.unlink(idx);
-                    l.release_node(idx);
+                    stale = l.release_node(idx);
                     if list != SLOT_LIST {
                         self.shared.release_slot_locked(&mut l, &mut wakes);
                     }
@@ -1310,6 +1319,7 @@ impl Entry {
             self.shared.after_change(&mut l);
             state
         };
+        drop(stale);
         wakes.wake();
         Some(state)
     }
