@@ -12,8 +12,17 @@ use super::state::Shared;
 use super::{NoDeadline, Queue, SamePriority};
 use crate::error::ConfigError;
 
-/// The largest capacity and concurrency accepted.
+/// The largest capacity and concurrency accepted: 2^30 (2^28 on targets
+/// with 32-bit pointers), so that a count times 8 plus the flags fits the
+/// atomic word it lives in.
+#[cfg(target_pointer_width = "64")]
 const MAX_BOUND: usize = 1 << 30;
+#[cfg(not(target_pointer_width = "64"))]
+const MAX_BOUND: usize = 1 << 28;
+#[cfg(target_pointer_width = "64")]
+const TOO_LARGE: &str = "must be at most 2^30";
+#[cfg(not(target_pointer_width = "64"))]
+const TOO_LARGE: &str = "must be at most 2^28 on this target";
 
 /// What the queue does with a request when every permit is taken and every
 /// place in the queue is too.
@@ -220,7 +229,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
         }
         if self.concurrency > MAX_BOUND {
-            return Err(ConfigError::new("concurrency", "must be at most 2^30"));
+            return Err(ConfigError::new("concurrency", TOO_LARGE));
         }
         if self.capacity == 0 && self.when_full == WhenFull::Wait {
             return Err(ConfigError::new(
@@ -229,7 +238,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
             ));
         }
         if self.capacity > MAX_BOUND {
-            return Err(ConfigError::new("capacity", "must be at most 2^30"));
+            return Err(ConfigError::new("capacity", TOO_LARGE));
         }
         if self.max_wait.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait", "must be more than zero"));
