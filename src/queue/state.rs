@@ -754,6 +754,9 @@ impl Core {
             self.places.fetch_and(!PLACE_WAITERS, Ordering::AcqRel);
         }
         if l.closed && self.depth() == 0 && self.free_locked(l) == self.concurrency {
+            // Under the lock: a permit's slow release must not touch the core
+            // after unlocking (see `release_permit_slow`). `notify_waiters`
+            // only schedules the waiting `shutdown` futures.
             self.idle.notify_waiters();
         }
     }
