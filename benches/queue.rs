@@ -10,7 +10,8 @@
 //!   semaphore, the other way to bound in-flight calls); the inner service
 //!   answers at once, or after one `yield_now`.
 //! - Heap allocations per call on the uncontended path, counted by a global
-//!   allocator, printed before the criterion runs.
+//!   allocator, and the size of the queue's response future, printed before
+//!   the criterion runs.
 //!
 //! Run: `cargo bench --bench queue -- --warm-up-time 1 --measurement-time 3`
 
@@ -167,6 +168,32 @@ where
     start.elapsed()
 }
 
+/// One contended variant: `contended_batch` on clones of `svc`.
+fn bench_contended<S>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    inner: &str,
+    svc: S,
+) where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug + Send,
+    S::Future: Send,
+{
+    g.bench_with_input(BenchmarkId::new(name, inner), &svc, |b, svc| {
+        b.to_async(rt).iter_custom(|iters| {
+            let svc = svc.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += contended_batch(svc.clone()).await;
+                }
+                total
+            }
+        });
+    });
+}
+
 fn contended(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,71 +208,26 @@ fn contended(c: &mut Criterion) {
         } else {
             "inner_instant"
         };
-        let q = queue(16, 1_000, yields);
-        g.bench_with_input(
-            BenchmarkId::new("llm_resilience_queue", inner),
-            &q,
-            |b, q| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let q = q.clone();
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += contended_batch(q.clone()).await;
-                        }
-                        total
-                    }
-                });
-            },
+        let echo = Echo { yields };
+        bench_contended(
+            &mut g,
+            &rt,
+            "llm_resilience_queue",
+            inner,
+            queue(16, 1_000, yields),
         );
-        let limited =
-            rt.block_on(async { Buffer::new(ConcurrencyLimit::new(Echo { yields }, 16), 1_000) });
-        g.bench_with_input(
-            BenchmarkId::new("tower_buffer_over_concurrency_limit", inner),
-            &limited,
-            |b, buf| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let buf = buf.clone();
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += contended_batch(buf.clone()).await;
-                        }
-                        total
-                    }
-                });
-            },
+        let limited = rt.block_on(async { Buffer::new(ConcurrencyLimit::new(echo, 16), 1_000) });
+        bench_contended(
+            &mut g,
+            &rt,
+            "tower_buffer_over_concurrency_limit",
+            inner,
+            limited,
         );
-        let limit = ConcurrencyLimit::new(Echo { yields }, 16);
-        g.bench_with_input(
-            BenchmarkId::new("tower_concurrency_limit", inner),
-            &limit,
-            |b, limit| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let limit = limit.clone();
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += contended_batch(limit.clone()).await;
-                        }
-                        total
-                    }
-                });
-            },
-        );
-        let buf = rt.block_on(async { Buffer::new(Echo { yields }, 1_000) });
-        g.bench_with_input(BenchmarkId::new("tower_buffer", inner), &buf, |b, buf| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let buf = buf.clone();
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        total += contended_batch(buf.clone()).await;
-                    }
-                    total
-                }
-            });
-        });
+        let limit = ConcurrencyLimit::new(echo, 16);
+        bench_contended(&mut g, &rt, "tower_concurrency_limit", inner, limit);
+        let buf = rt.block_on(async { Buffer::new(echo, 1_000) });
+        bench_contended(&mut g, &rt, "tower_buffer", inner, buf);
     }
     g.finish();
 }
@@ -276,6 +258,15 @@ fn report_allocations() {
         let b = rt.block_on(async { Buffer::new(Echo { yields: false }, 1_000) });
         per_call(&rt, b)
     };
+    let future_size = rt.block_on(async {
+        let mut q = queue(32, 1_000, false);
+        q.ready().await.unwrap();
+        let fut = q.call(0);
+        let size = std::mem::size_of_val(&fut);
+        drop(fut);
+        size
+    });
+    println!("the queue's response future over Echo: {future_size} bytes");
     println!("heap allocations per call (uncontended, ready + call + await):");
     println!("  llm_resilience_queue     {q:.3}");
     println!("  tower_concurrency_limit  {limit:.3}");

@@ -310,6 +310,13 @@ fn timer_at(at: Option<Instant>) -> Option<Pin<Box<Sleep>>> {
     at.map(|at| Box::pin(sleep_until(at)))
 }
 
+/// The timer fired (`true`), or is not armed or still pending (`false`).
+fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
+    timer
+        .as_mut()
+        .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+}
+
 /// The earlier of the deadline and the end of the maximum wait, and which
 /// one it is.
 fn wait_limit(deadline: Option<Instant>, wait_end: Option<Instant>) -> (Option<Instant>, Expiry) {
@@ -327,13 +334,6 @@ where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    /// The timer fired (`true`) or is not armed or pending (`false`).
-    fn timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.timer
-            .as_mut()
-            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
-    }
-
     /// Runs the waiting and readying until the inner service is called, an
     /// error is the answer, or nothing can happen until a wake-up.
     fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
@@ -342,10 +342,7 @@ where
                 Phase::Admitting { shared, link, wait } => {
                     match poll_admit(shared, link, wait, self.meta.max_wait, cx) {
                         Poll::Pending => {
-                            if self.timer.is_some() && self.timer_fired(cx) {
-                                let Phase::Admitting { shared, .. } = &self.phase else {
-                                    unreachable!()
-                                };
+                            if fired(&mut self.timer, cx) {
                                 count_expired(shared, Some(self.meta.priority), None);
                                 return Step::Fail(deadline_exceeded());
                             }
@@ -429,10 +426,7 @@ where
                             return Step::Fail(Error::Shutdown);
                         }
                         Poll::Pending => {
-                            let Some(timer) = self.timer.as_mut() else {
-                                return Step::Pending;
-                            };
-                            if timer.as_mut().poll(cx).is_pending() {
+                            if !fired(&mut self.timer, cx) {
                                 return Step::Pending;
                             }
                             let entry = entry.take().expect("a queued future keeps its entry");
@@ -491,7 +485,7 @@ where
                             return Step::Fail(Error::from_inner(e));
                         }
                         Poll::Pending => {
-                            if self.timer_fired(cx) {
+                            if fired(&mut self.timer, cx) {
                                 return Step::Fail(self.expire(permit));
                             }
                             return Step::Pending;
