@@ -316,7 +316,7 @@ impl LlmClassifier {
         }
     }
 
-    fn classify_chain(&self, source: &(dyn std::error::Error + 'static)) -> Outcome {
+    pub(crate) fn classify_chain(&self, source: &(dyn std::error::Error + 'static)) -> Outcome {
         let mut cur = Some(source);
         while let Some(e) = cur {
             for view in &self.views {
