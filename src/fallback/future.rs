@@ -1,0 +1,287 @@
+//! The response future of [`Fallback`](super::Fallback).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::event::FallbackEventKind;
+use super::{decide, Decision, Shared};
+use crate::classify::Reason;
+use crate::error::{BoxError, Error};
+use crate::report::{self, TargetOutcome};
+
+pin_project! {
+    /// The future of [`Fallback`](super::Fallback): tries the targets in
+    /// order until one answers, the failure is one no target can fix, or the
+    /// deadline passes.
+    pub struct ResponseFuture<S, Req, Res>
+    where
+        S: Service<Req>,
+    {
+        shared: Arc<Shared<S, Req, Res>>,
+        progress: Progress<Req>,
+        #[pin]
+        state: State<S, Req>,
+        #[pin]
+        deadline: Option<Sleep>,
+    }
+}
+
+/// Where the call stands, apart from the pinned state.
+struct Progress<Req> {
+    request: Option<Req>,
+    /// One past the target being called (or the next to pick).
+    next: usize,
+    larger_tried: bool,
+    tried: u32,
+    last: Option<Error>,
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Pick,
+        Readying { service: Option<S>, request: Option<Req> },
+        Calling { #[pin] fut: S::Future },
+    }
+}
+
+impl<S, Req, Res> fmt::Debug for ResponseFuture<S, Req, Res>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("next", &self.progress.next)
+            .field("tried", &self.progress.tried)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, Res> ResponseFuture<S, Req, Res>
+where
+    S: Service<Req>,
+{
+    pub(super) fn new(shared: Arc<Shared<S, Req, Res>>, request: Req) -> Self {
+        let deadline = shared
+            .deadline
+            .and_then(|d| Instant::now().checked_add(d))
+            .map(tokio::time::sleep_until);
+        ResponseFuture {
+            shared,
+            progress: Progress {
+                request: Some(request),
+                next: 0,
+                larger_tried: false,
+                tried: 0,
+                last: None,
+            },
+            state: State::Pick,
+            deadline,
+        }
+    }
+}
+
+impl<S, Req, Res> Future for ResponseFuture<S, Req, Res>
+where
+    S: Service<Req, Response = Res> + Clone,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+{
+    type Output = Result<Res, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let shared = &**this.shared;
+        let p = this.progress;
+        loop {
+            if let Some(sleep) = this.deadline.as_mut().as_pin_mut() {
+                if sleep.poll(cx).is_ready() {
+                    shared.emit(
+                        FallbackEventKind::DeadlineExceeded,
+                        p.next.saturating_sub(1),
+                        Reason::Timeout,
+                    );
+                    report::record(|r| {
+                        if let Some(t) = r.current() {
+                            if t.outcome == TargetOutcome::Pending {
+                                t.outcome = TargetOutcome::Failed(Reason::Timeout);
+                            }
+                        }
+                    });
+                    return Poll::Ready(Err(Error::DeadlineExceeded {
+                        attempts: p.tried,
+                        source: p.last.take().map(Error::into_cause),
+                    }));
+                }
+            }
+            match this.state.as_mut().project() {
+                StateProj::Pick => {
+                    let Some(idx) = shared.next_normal(p.next) else {
+                        return Poll::Ready(finish(shared, &p.request, p.last.take()));
+                    };
+                    start(shared, p, this.state.as_mut(), idx);
+                }
+                StateProj::Readying { service, request } => {
+                    let svc = service.as_mut().expect("polled after the call was made");
+                    let ready = ready!(svc.poll_ready(cx));
+                    let fut = ready.map(|()| {
+                        let req = request.take().expect("request taken once");
+                        svc.call(req)
+                    });
+                    p.tried += 1;
+                    match fut {
+                        Ok(fut) => this.state.set(State::Calling { fut }),
+                        Err(e) => {
+                            this.state.set(State::Pick);
+                            let err = Error::from_inner(e);
+                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err) {
+                                return Poll::Ready(done);
+                            }
+                        }
+                    }
+                }
+                StateProj::Calling { fut } => {
+                    let result = ready!(fut.poll(cx));
+                    this.state.set(State::Pick);
+                    match result {
+                        Ok(res) => {
+                            let current = p.next - 1;
+                            shared.emit(FallbackEventKind::Answered, current, Reason::Ok);
+                            let name = &shared.targets[current].0;
+                            report::record(|r| {
+                                if let Some(t) = r.current() {
+                                    t.outcome = TargetOutcome::Answered;
+                                }
+                                r.answered_by = Some(name.clone());
+                            });
+                            return Poll::Ready(Ok(res));
+                        }
+                        Err(e) => {
+                            let err = Error::from_inner(e);
+                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err) {
+                                return Poll::Ready(done);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts target `idx`: its request, its report line, its readiness.
+fn start<S, Req, Res>(
+    shared: &Shared<S, Req, Res>,
+    p: &mut Progress<Req>,
+    mut state: Pin<&mut State<S, Req>>,
+    idx: usize,
+) where
+    S: Service<Req> + Clone,
+    Req: Clone,
+{
+    p.next = idx + 1;
+    let request = prepare(shared, idx, &p.request);
+    report::record(|r| r.start_target(&shared.targets[idx].0));
+    state.set(State::Readying {
+        service: Some(shared.services[idx].clone()),
+        request: Some(request),
+    });
+}
+
+/// Decides what a target's failure means; `Some` ends the call.
+fn on_failure<S, Req, Res>(
+    shared: &Shared<S, Req, Res>,
+    p: &mut Progress<Req>,
+    state: Pin<&mut State<S, Req>>,
+    err: Error,
+) -> Option<Result<Res, Error>>
+where
+    S: Service<Req> + Clone,
+    Req: Clone,
+{
+    let current = p.next - 1;
+    let (decision, reason) = decide(&err);
+    let skipped = matches!(err, Error::CircuitOpen { .. } | Error::RateLimited { .. });
+    report::record(|r| {
+        if let Some(t) = r.current() {
+            if skipped {
+                t.attempts = 0;
+                t.outcome = TargetOutcome::Skipped(reason);
+            } else {
+                t.outcome = TargetOutcome::Failed(reason);
+            }
+        }
+    });
+    let on_larger = shared.larger == Some(current);
+    match decision {
+        Decision::LargerContext if !p.larger_tried && !on_larger => {
+            if let Some(larger) = shared.larger {
+                shared.emit(FallbackEventKind::ToLargerContext, current, reason);
+                p.larger_tried = true;
+                p.last = Some(err);
+                start(shared, p, state, larger);
+                return None;
+            }
+            shared.emit(FallbackEventKind::Stopped, current, reason);
+            Some(Err(err))
+        }
+        Decision::Stop | Decision::LargerContext => {
+            shared.emit(FallbackEventKind::Stopped, current, reason);
+            Some(Err(err))
+        }
+        Decision::Next if on_larger => {
+            // The larger-context target failed: no other target helps.
+            shared.emit(FallbackEventKind::MovedOn, current, reason);
+            Some(finish(shared, &p.request, Some(err)))
+        }
+        Decision::Next => {
+            shared.emit(FallbackEventKind::MovedOn, current, reason);
+            p.last = Some(err);
+            None
+        }
+    }
+}
+
+/// The request for target `idx`: a clone, rewritten for the target.
+fn prepare<S, Req, Res>(shared: &Shared<S, Req, Res>, idx: usize, request: &Option<Req>) -> Req
+where
+    Req: Clone,
+{
+    let original = request.as_ref().expect("request kept until the call ends");
+    let mut req = original.clone();
+    if let Some(rewrite) = &shared.targets[idx].1 {
+        rewrite(&mut req);
+    }
+    req
+}
+
+/// Every target failed: the degrade step, or the last error.
+fn finish<S, Req, Res>(
+    shared: &Shared<S, Req, Res>,
+    request: &Option<Req>,
+    last: Option<Error>,
+) -> Result<Res, Error> {
+    let err = last.unwrap_or(Error::Shutdown);
+    if let (Some(degrade), Some(req)) = (&shared.degrade, request.as_ref()) {
+        if let Some(answer) = degrade(req, &err) {
+            shared.emit(
+                FallbackEventKind::Degraded,
+                shared.targets.len() - 1,
+                Reason::Ok,
+            );
+            report::record(|r| r.degraded = true);
+            return Ok(answer);
+        }
+    }
+    Err(err)
+}
