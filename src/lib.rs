@@ -27,7 +27,9 @@ pub mod classify;
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod client;
 pub mod error;
+
 pub mod fallback;
+pub mod pipeline;
 pub mod queue;
 pub mod report;
 pub mod retry;

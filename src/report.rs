@@ -50,6 +50,8 @@ pub struct Report {
     /// Whether the answer came from the degrade step (a cached or canned
     /// answer) rather than from a target.
     pub degraded: bool,
+    /// When the call was first polled (to measure the queue wait).
+    pub(crate) started: Option<tokio::time::Instant>,
 }
 
 /// One target's part in a call.
@@ -89,6 +91,11 @@ pub async fn with_report<F: Future>(fut: F) -> (F::Output, Report) {
         })
         .await;
     (out, cell)
+}
+
+/// Whether the current task collects a report.
+pub(crate) fn active() -> bool {
+    REPORT.try_with(|_| ()).is_ok()
 }
 
 /// Records into the current call's report, if the caller asked for one.

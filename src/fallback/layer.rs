@@ -68,6 +68,20 @@ impl<S, Req, Res> FallbackBuilder<S, Req, Res> {
         self
     }
 
+    pub(crate) fn target_rewritten(
+        mut self,
+        name: Arc<str>,
+        service: S,
+        rewrite: Option<Rewrite<Req>>,
+    ) -> Self {
+        self.targets.push(Target {
+            name,
+            service,
+            rewrite,
+        });
+        self
+    }
+
     /// Adds the larger-context target: tried only when a target answers that
     /// the request does not fit its context (never in the normal order).
     pub fn larger_context(

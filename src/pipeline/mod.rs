@@ -1,0 +1,243 @@
+//! One agent pipeline: queue, deadline, fallback between targets, and per
+//! target retry and circuit breaker, in the order that makes them right.
+//!
+//! ```
+//! use std::time::Duration;
+//! use llm_resilience::classify::HttpError;
+//! use llm_resilience::pipeline::AgentPipeline;
+//! use llm_resilience::report::with_report;
+//! use tower::util::BoxCloneSyncService;
+//! use tower::{service_fn, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), llm_resilience::BoxError> {
+//! // Any tower::Service is a client; here one provider is down.
+//! type Client = BoxCloneSyncService<String, String, HttpError>;
+//! let primary: Client = BoxCloneSyncService::new(service_fn(|_: String| async {
+//!     Err::<String, _>(HttpError::new(401)) // a revoked key: permanent, move on
+//! }));
+//! let backup: Client = BoxCloneSyncService::new(service_fn(|q: String| async move {
+//!     Ok::<_, HttpError>(format!("summary of {q}"))
+//! }));
+//!
+//! let agent = AgentPipeline::builder()
+//!     .target("gpt-4o", primary)
+//!     .fallback("gpt-4o-mini", backup)
+//!     .queue(1_000, 32)
+//!     .deadline(Duration::from_secs(60))
+//!     .build()?;
+//!
+//! let (reply, report) = with_report(agent.clone().oneshot("the ticket".to_owned())).await;
+//! assert_eq!(reply?, "summary of the ticket");
+//! assert_eq!(report.answered_by.as_deref(), Some("gpt-4o-mini"));
+//! # Ok(()) }
+//! ```
+//!
+//! # The order, and why
+//!
+//! ```text
+//! Queue               admission: bounded, backpressure or reject; counts logical requests
+//!  └ Fallback         targets in order, one deadline across all of them
+//!     └ per target:
+//!        Retry          classify, backoff + jitter, server hints, budget, attempt timeout
+//!         └ Breaker     sees every attempt; fails fast while open
+//!            └ client   the target's LLM client (any tower::Service)
+//! ```
+//!
+//! The queue is outermost so that its capacity counts logical requests and a
+//! caller that gives up frees its place before anything is paid for. The
+//! deadline (on the fallback) bounds everything after admission: attempts,
+//! backoff sleeps and every target. Fallback wraps whole per-target stacks,
+//! so each target keeps its own retry budget and breaker: an outage of one
+//! provider opens its breaker, and the next calls skip it at no cost until
+//! it is probed again. The breaker sits under the retry so that it sees every
+//! attempt (the true health of the upstream) and a retry never hammers an
+//! open circuit. There is exactly one retry layer per target: nested retries
+//! multiply (3 × 3 × 5 = 45 attempts has been seen in the wild).
+//!
+//! # Defaults
+//!
+//! Retry and breaker start from their LLM defaults
+//! ([`RetryLayer::builder`](crate::retry::RetryLayer::builder),
+//! [`CircuitBreakerLayer::builder`](crate::breaker::CircuitBreakerLayer::builder)),
+//! changed with [`AgentPipelineBuilder::retry`] and
+//! [`AgentPipelineBuilder::breaker`]; the queue holds 1 000 waiting requests
+//! with 32 in flight and waits when full; the deadline is
+//! [`DEFAULT_DEADLINE`].
+//!
+//! # The report
+//!
+//! Wrap a call in [`with_report`](crate::report::with_report) to learn what
+//! happened: time queued, attempts per target, backoff slept, the target that
+//! answered, targets skipped and why, degraded or not. Nothing changes for
+//! callers who do not ask.
+
+mod builder;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::breaker::{BreakerHandle, CircuitBreaker};
+use crate::error::{BoxError, Error};
+use crate::fallback::Fallback;
+use crate::queue::{Queue, QueueHandle};
+use crate::report;
+use crate::retry::Retry;
+
+pub use self::builder::{AgentPipelineBuilder, DEFAULT_DEADLINE};
+
+/// One target's stack: retry over breaker over the client.
+pub type TargetStack<C> = Retry<CircuitBreaker<C>>;
+
+type PipelineQueue<C, Req, Res> = Queue<ReportQueued<Fallback<TargetStack<C>, Req, Res>>>;
+
+/// The whole pipeline as one `Clone + Send` tower `Service`; see the
+/// [module docs](self).
+pub struct AgentPipeline<C, Req, Res> {
+    inner: PipelineQueue<C, Req, Res>,
+    handles: Arc<Handles>,
+}
+
+struct Handles {
+    queue: QueueHandle,
+    breakers: Vec<(Arc<str>, BreakerHandle)>,
+}
+
+impl<C: Clone, Req, Res> Clone for AgentPipeline<C, Req, Res> {
+    fn clone(&self) -> Self {
+        AgentPipeline {
+            inner: self.inner.clone(),
+            handles: self.handles.clone(),
+        }
+    }
+}
+
+impl<C, Req, Res> fmt::Debug for AgentPipeline<C, Req, Res> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentPipeline")
+            .field(
+                "targets",
+                &self
+                    .handles
+                    .breakers
+                    .iter()
+                    .map(|b| &*b.0)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C, Req, Res> AgentPipeline<C, Req, Res> {
+    /// A builder with the LLM defaults and no targets yet.
+    pub fn builder() -> AgentPipelineBuilder<C, Req, Res> {
+        AgentPipelineBuilder::default()
+    }
+
+    /// The queue's handle (depth, in flight, shutdown).
+    pub fn queue(&self) -> &QueueHandle {
+        &self.handles.queue
+    }
+
+    /// The breaker of the target named `name`.
+    pub fn breaker(&self, name: &str) -> Option<&BreakerHandle> {
+        self.handles
+            .breakers
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, h)| h)
+    }
+
+    /// Every target's name and breaker, in order.
+    pub fn breakers(&self) -> impl Iterator<Item = (&str, &BreakerHandle)> {
+        self.handles.breakers.iter().map(|(n, h)| (&**n, h))
+    }
+}
+
+impl<C, Req, Res> Service<Req> for AgentPipeline<C, Req, Res>
+where
+    PipelineQueue<C, Req, Res>: Service<Req, Response = Res, Error = Error>,
+{
+    type Response = Res;
+    type Error = Error;
+    type Future = PipelineFuture<<PipelineQueue<C, Req, Res> as Service<Req>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        PipelineFuture {
+            inner: self.inner.call(req),
+            started: false,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`AgentPipeline`].
+    pub struct PipelineFuture<F> {
+        #[pin]
+        inner: F,
+        started: bool,
+    }
+}
+
+impl<F> fmt::Debug for PipelineFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F: Future> Future for PipelineFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if !*this.started {
+            *this.started = true;
+            if report::active() {
+                let now = tokio::time::Instant::now();
+                report::record(|r| r.started = Some(now));
+            }
+        }
+        this.inner.poll(cx)
+    }
+}
+
+/// Records, at the moment the queue admits a request, how long it waited.
+#[derive(Clone, Debug)]
+pub struct ReportQueued<S> {
+    inner: S,
+}
+
+impl<S, Req> Service<Req> for ReportQueued<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> S::Future {
+        if report::active() {
+            let now = tokio::time::Instant::now();
+            report::record(|r| {
+                if let Some(start) = r.started {
+                    r.queued = now.saturating_duration_since(start);
+                }
+            });
+        }
+        self.inner.call(req)
+    }
+}
