@@ -15,9 +15,33 @@ use crate::retry::{RetryLayer, RetryLayerBuilder};
 
 type Rewrite<Req> = Arc<dyn Fn(&mut Req) + Send + Sync + 'static>;
 type Degrade<Req, Res> = Box<dyn Fn(&Req, &Error) -> Option<Res> + Send + Sync + 'static>;
-type RetrySettings = Box<dyn Fn(RetryLayerBuilder) -> RetryLayerBuilder + Send + Sync>;
-type BreakerSettings =
+pub(crate) type RetrySettings = Box<dyn Fn(RetryLayerBuilder) -> RetryLayerBuilder + Send + Sync>;
+pub(crate) type BreakerSettings =
     Box<dyn Fn(CircuitBreakerLayerBuilder) -> CircuitBreakerLayerBuilder + Send + Sync>;
+
+/// One target as the builder holds it.
+pub(crate) struct TargetSpec<C, Req> {
+    pub(crate) name: Arc<str>,
+    pub(crate) client: C,
+    pub(crate) rewrite: Option<Rewrite<Req>>,
+    pub(crate) larger: bool,
+    /// Per-target settings, applied after the pipeline-wide ones.
+    pub(crate) retry: Option<RetrySettings>,
+    pub(crate) breaker: Option<BreakerSettings>,
+}
+
+impl<C, Req> TargetSpec<C, Req> {
+    pub(crate) fn new(name: Arc<str>, client: C) -> Self {
+        TargetSpec {
+            name,
+            client,
+            rewrite: None,
+            larger: false,
+            retry: None,
+            breaker: None,
+        }
+    }
+}
 
 /// The default deadline of one logical call, queue wait and every target
 /// included: 5 minutes, several slow LLM calls long (a long completion takes
@@ -26,8 +50,7 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Builds an [`AgentPipeline`]; every setting has an LLM default.
 pub struct AgentPipelineBuilder<C, Req, Res> {
-    targets: Vec<(Arc<str>, C, Option<Rewrite<Req>>)>,
-    larger: Option<(Arc<str>, C, Option<Rewrite<Req>>)>,
+    targets: Vec<TargetSpec<C, Req>>,
     capacity: usize,
     concurrency: usize,
     when_full: WhenFull,
@@ -43,7 +66,7 @@ impl<C, Req, Res> fmt::Debug for AgentPipelineBuilder<C, Req, Res> {
         f.debug_struct("AgentPipelineBuilder")
             .field(
                 "targets",
-                &self.targets.iter().map(|t| &*t.0).collect::<Vec<_>>(),
+                &self.targets.iter().map(|t| &*t.name).collect::<Vec<_>>(),
             )
             .field("capacity", &self.capacity)
             .field("concurrency", &self.concurrency)
@@ -56,7 +79,6 @@ impl<C, Req, Res> Default for AgentPipelineBuilder<C, Req, Res> {
     fn default() -> Self {
         AgentPipelineBuilder {
             targets: Vec::new(),
-            larger: None,
             capacity: 1_000,
             concurrency: 32,
             when_full: WhenFull::Wait,
@@ -73,7 +95,12 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
     /// The primary target (tried first): a name for reports, metrics and
     /// health, and its client.
     pub fn target(mut self, name: impl Into<Arc<str>>, client: C) -> Self {
-        self.targets.push((name.into(), client, None));
+        self.targets.push(TargetSpec::new(name.into(), client));
+        self
+    }
+
+    pub(crate) fn target_spec(mut self, spec: TargetSpec<C, Req>) -> Self {
+        self.targets.push(spec);
         self
     }
 
@@ -89,15 +116,18 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         client: C,
         rewrite: impl Fn(&mut Req) + Send + Sync + 'static,
     ) -> Self {
-        self.targets
-            .push((name.into(), client, Some(Arc::new(rewrite))));
+        let mut spec = TargetSpec::new(name.into(), client);
+        spec.rewrite = Some(Arc::new(rewrite));
+        self.targets.push(spec);
         self
     }
 
     /// The larger-context target, tried only for requests a target refused
     /// as too long for its context.
     pub fn larger_context(mut self, name: impl Into<Arc<str>>, client: C) -> Self {
-        self.larger = Some((name.into(), client, None));
+        let mut spec = TargetSpec::new(name.into(), client);
+        spec.larger = true;
+        self.targets.push(spec);
         self
     }
 
@@ -171,7 +201,7 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         Req: 'static,
         Res: 'static,
     {
-        if self.targets.is_empty() {
+        if self.targets.iter().all(|t| t.larger) {
             return Err(ConfigError::new("targets", "needs at least one target"));
         }
         if self.deadline.is_zero() {
@@ -179,19 +209,34 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         }
         let mut fallback = Fallback::builder().deadline(self.deadline);
         let mut breakers = Vec::new();
-        let all = self
-            .targets
-            .into_iter()
-            .map(|t| (t, false))
-            .chain(self.larger.map(|t| (t, true)));
-        for ((name, client, rewrite), larger) in all {
+        if self.targets.iter().filter(|t| t.larger).count() > 1 {
+            return Err(ConfigError::new(
+                "larger_context",
+                "at most one larger-context target",
+            ));
+        }
+        for spec in self.targets {
+            let TargetSpec {
+                name,
+                client,
+                rewrite,
+                larger,
+                retry: target_retry,
+                breaker: target_breaker,
+            } = spec;
             let mut retry = RetryLayer::builder().on_event(crate::report::record_retry);
             if let Some(f) = &self.retry {
+                retry = f(retry);
+            }
+            if let Some(f) = &target_retry {
                 retry = f(retry);
             }
             let retry = retry.build()?;
             let mut breaker = CircuitBreakerLayer::builder();
             if let Some(f) = &self.breaker {
+                breaker = f(breaker);
+            }
+            if let Some(f) = &target_breaker {
                 breaker = f(breaker);
             }
             let breaker = breaker.build()?;

@@ -72,6 +72,9 @@
 //! callers who do not ask.
 
 mod builder;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+mod config;
 
 use std::fmt;
 use std::future::Future;
@@ -90,6 +93,11 @@ use crate::report;
 use crate::retry::Retry;
 
 pub use self::builder::{AgentPipelineBuilder, DEFAULT_DEADLINE};
+#[cfg(feature = "config")]
+pub use self::config::{
+    BreakerConfig, ConfigFileError, PipelineConfig, ProviderConfig, QueueConfig, RetryConfig,
+    TargetConfig, WhenFullConfig,
+};
 
 /// One target's stack: retry over breaker over the client.
 pub type TargetStack<C> = Retry<CircuitBreaker<C>>;
