@@ -221,6 +221,9 @@ impl OpenAiClientBuilder {
                 "must not have a query or fragment (the path is appended to it)",
             ));
         }
+        // The URL as parsed (normalised), so the request goes where the
+        // checks above looked.
+        let base = parsed.as_str().trim_end_matches('/');
         if self.model.is_empty() {
             return Err(ConfigError::new("model", "must not be empty"));
         }
