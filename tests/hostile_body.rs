@@ -56,6 +56,7 @@ async fn a_512_mib_body_stops_at_the_default_limit() {
     // Stopped early: the server wrote the limit plus what the socket
     // buffers took, nowhere near 512 MiB.
     let written = server.written();
+    eprintln!("server managed to write {written} bytes before the client stopped");
     assert!(written < 128 * MIB, "server wrote {written} bytes");
     assert!(written >= 32 * MIB, "the limit is 32 MiB, wrote {written}");
     assert!(matches!(classify(err), Outcome::Permanent { .. }));
@@ -114,6 +115,7 @@ async fn a_huge_error_body_is_read_only_in_part() {
     let err = call(&client(&server.url)).await.unwrap_err();
     assert_eq!(err.status_code(), Some(500));
     let written = server.written();
+    eprintln!("server managed to write {written} bytes before the client stopped");
     assert!(written < 64 * MIB, "server wrote {written} bytes");
     assert_eq!(classify(err), Outcome::transient(Reason::ServerError));
 }

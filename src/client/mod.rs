@@ -21,16 +21,20 @@
 //!
 //! # TLS
 //!
-//! The crate enables reqwest without a TLS backend (plain HTTP is enough for
-//! local gateways and the tests). For `https://` endpoints add reqwest to
-//! your own `Cargo.toml` with a TLS feature, e.g.
-//! `reqwest = { version = "0.12", features = ["rustls-tls"] }`; cargo unifies
-//! the features and this client picks it up.
+//! `https://` works out of the box: the `reqwest` feature builds reqwest
+//! with rustls (the `ring` provider) and Mozilla's root certificates. The
+//! `native-tls` feature switches to the platform's TLS and root store
+//! (OpenSSL, Schannel, Security.framework). A private CA is trusted with
+//! [`OpenAiClientBuilder::add_root_certificate`]. A base URL whose scheme is
+//! not `http` or `https`, or that does not parse, is a
+//! [`ConfigError`] at `build()`; `user:password@` in it is sent as basic
+//! auth by reqwest and never shown by `Debug`.
 //!
 //! # Errors and classification
 //!
 //! Every failure is a [`ClientError`] whose `source()` is a
-//! [`HttpError`](crate::classify::HttpError): the status, the provider's
+//! [`HttpError`](crate::classify::HttpError) (whose own `source()` is the
+//! reqwest or JSON error behind it, when there is one): the status, the provider's
 //! error type and code (OpenAI, Anthropic and Gemini body shapes are all
 //! read), the headers that matter (`retry-after`, `retry-after-ms`,
 //! `x-should-retry`, `x-ratelimit-*`, `anthropic-ratelimit-*`, request ids)
@@ -38,15 +42,30 @@
 //! [`LlmClassifier`](crate::classify::LlmClassifier) and every layer of the
 //! crate understand it without setup: a 429 `insufficient_quota` is
 //! permanent, a 400 `context_length_exceeded` a bad request, a 529
-//! `overloaded_error` transient, and a `retry-after` is honoured.
+//! `overloaded_error` transient, and a `retry-after` is honoured. A 2xx
+//! whose body is the provider's error object (some gateways answer
+//! `200 {"error":{…}}`) is that error, reported with the status it implies
+//! (429 for `insufficient_quota`, 400 for `invalid_request_error`, …), so it
+//! classifies as it would on that status.
 //!
-//! # Timeouts
+//! # Timeouts and size limits
 //!
 //! Connect (5 s by default, as the OpenAI and Anthropic SDKs), first byte
-//! (time to the response headers; off by default), total (10 minutes, the
-//! SDKs' request timeout; it bounds reading a stream too) and, for streams,
-//! the idle gap between chunks (60 s). A timeout is a transport failure
+//! (time from sending to the response headers, 10 minutes, for streamed and
+//! non-streamed calls alike, independent of the total timeout), total (10
+//! minutes, the SDKs' request timeout; it bounds reading a stream too, and
+//! may be turned off for long streams), the body of an error response (5 s:
+//! past it the error is reported with what its status and headers say, a
+//! `retry-after` included) and, for streams, the idle gap between complete
+//! events (60 s; a keep-alive comment counts, a byte that completes nothing
+//! does not). A timeout is a transport failure
 //! ([`crate::classify::Transport::Timeout`]), transient.
+//!
+//! A 2xx body may hold at most 32 MiB and one server-sent event 4 MiB (both
+//! knobs); a larger one is a [`ClientErrorKind::BodyTooLarge`] error,
+//! permanent, found while the bytes arrive. An error body is read only up to
+//! 64 KiB. So whatever a server sends, a call holds bounded memory and ends
+//! in bounded time.
 //!
 //! # Streaming
 //!
