@@ -1,8 +1,9 @@
 //! Reading response bodies within a byte limit and a time limit.
 //!
 //! Shared by the crate's HTTP clients: a body is read chunk by chunk as it
-//! arrives and the limit is checked before each chunk is kept, so a server
-//! sending gigabytes costs at most the limit plus one chunk of memory.
+//! arrives and the limit is checked before each chunk is kept (the buffer's
+//! capacity never passes it either), so a server sending gigabytes costs at
+//! most the limit plus one chunk of memory.
 
 use std::time::Duration;
 
@@ -49,12 +50,24 @@ pub(crate) async fn read_limited(
     // allocation only.
     let mut body = Vec::with_capacity(declared as usize);
     while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
-        if chunk.len() > limit - body.len() {
-            return Err(BodyError::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
+        append_within(&mut body, &chunk, limit)?;
     }
     Ok(body)
+}
+
+/// Appends `chunk` to `body` unless the sum passes `limit`. The buffer
+/// grows by doubling as `Vec` does, but its capacity never passes the limit.
+fn append_within(body: &mut Vec<u8>, chunk: &[u8], limit: usize) -> Result<(), BodyError> {
+    if chunk.len() > limit.saturating_sub(body.len()) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let need = body.len() + chunk.len();
+    if need > body.capacity() {
+        let target = body.capacity().saturating_mul(2).max(need).min(limit);
+        body.reserve_exact(target - body.len());
+    }
+    body.extend_from_slice(chunk);
+    Ok(())
 }
 
 /// Cap on what is kept of an error body (4xx, 5xx): enough for any
@@ -88,4 +101,35 @@ pub(crate) async fn read_error_prefix(
         None => read.await,
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the chunks: the body is their concatenation while it
+        /// fits, "too large" exactly when it would not, and the buffer's
+        /// capacity never passes the limit.
+        #[test]
+        fn append_within_keeps_the_limit(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40),
+            limit in 1usize..4000,
+        ) {
+            let mut body = Vec::new();
+            let mut expect = Vec::new();
+            for c in &chunks {
+                let fits = expect.len() + c.len() <= limit;
+                let r = append_within(&mut body, c, limit);
+                prop_assert_eq!(r.is_ok(), fits);
+                if !fits {
+                    break;
+                }
+                expect.extend_from_slice(c);
+                prop_assert!(body.capacity() <= limit);
+            }
+            prop_assert_eq!(body, expect);
+        }
+    }
 }
