@@ -153,6 +153,11 @@ fn zero_durations_and_limits_are_config_errors() {
         (b().max_body_bytes(0), "max_body_bytes"),
         (b().max_event_bytes(0), "max_event_bytes"),
         (b().add_root_certificate("not a pem"), "root_certificate"),
+        (
+            b().add_root_certificate(CA)
+                .http_client(reqwest::Client::new()),
+            "root_certificate",
+        ),
     ];
     for (builder, field) in cases {
         assert_eq!(builder.build().unwrap_err().field, field);
@@ -160,7 +165,7 @@ fn zero_durations_and_limits_are_config_errors() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     /// Any durations and limits: `build()` answers a client or a
     /// `ConfigError`, never a panic.

@@ -255,6 +255,12 @@ impl OpenAiClientBuilder {
             None => None,
         };
         let http = match self.http {
+            Some(_) if !self.root_certificates.is_empty() => {
+                return Err(ConfigError::new(
+                    "root_certificate",
+                    "add it to the reqwest client given to http_client instead",
+                ));
+            }
             Some(c) => c,
             None => {
                 let mut b = reqwest::Client::builder();
