@@ -162,6 +162,24 @@ async fn an_endless_line_stops_at_the_event_cap() {
     assert!(matches!(classify(err), Outcome::Permanent { .. }));
 }
 
+/// An endless flood of blank lines completes no event: it holds no memory
+/// and the idle timer still fires.
+#[tokio::test]
+async fn a_flood_of_blank_lines_is_not_progress() {
+    let server = serve(|mut c| async move {
+        if c.head("200 OK", SSE_HEAD).await && c.write(chunk("a").as_bytes()).await {
+            c.flood(b"", b'\n', 512 * MIB).await;
+        }
+    })
+    .await;
+    let (text, end) = drain(open(&client(&server.url)).await.unwrap()).await;
+    assert_eq!(text, "a");
+    assert_eq!(end.unwrap_err().kind(), ClientErrorKind::StreamInterrupted);
+    let written = server.written();
+    eprintln!("server managed to write {written} bytes before the client stopped");
+    assert!(written < 512 * MIB);
+}
+
 /// The cap is a knob; an event just under it still works.
 #[tokio::test]
 async fn the_event_cap_is_a_knob() {
