@@ -21,16 +21,20 @@
 //!
 //! # TLS
 //!
-//! The crate enables reqwest without a TLS backend (plain HTTP is enough for
-//! local gateways and the tests). For `https://` endpoints add reqwest to
-//! your own `Cargo.toml` with a TLS feature, e.g.
-//! `reqwest = { version = "0.12", features = ["rustls-tls"] }`; cargo unifies
-//! the features and this client picks it up.
+//! `https://` works out of the box: the `reqwest` feature builds reqwest
+//! with rustls (the `ring` provider) and Mozilla's root certificates. The
+//! `native-tls` feature switches to the platform's TLS and root store
+//! (OpenSSL, Schannel, Security.framework). A private CA is trusted with
+//! [`OpenAiClientBuilder::add_root_certificate`]. A base URL whose scheme is
+//! not `http` or `https`, or that does not parse, is a
+//! [`ConfigError`] at `build()`; `user:password@` in it is sent as basic
+//! auth by reqwest and never shown by `Debug`.
 //!
 //! # Errors and classification
 //!
 //! Every failure is a [`ClientError`] whose `source()` is a
-//! [`HttpError`](crate::classify::HttpError): the status, the provider's
+//! [`HttpError`](crate::classify::HttpError) (whose own `source()` is the
+//! reqwest or JSON error behind it, when there is one): the status, the provider's
 //! error type and code (OpenAI, Anthropic and Gemini body shapes are all
 //! read), the headers that matter (`retry-after`, `retry-after-ms`,
 //! `x-should-retry`, `x-ratelimit-*`, `anthropic-ratelimit-*`, request ids)
@@ -38,15 +42,30 @@
 //! [`LlmClassifier`](crate::classify::LlmClassifier) and every layer of the
 //! crate understand it without setup: a 429 `insufficient_quota` is
 //! permanent, a 400 `context_length_exceeded` a bad request, a 529
-//! `overloaded_error` transient, and a `retry-after` is honoured.
+//! `overloaded_error` transient, and a `retry-after` is honoured. A 2xx
+//! whose body is the provider's error object (some gateways answer
+//! `200 {"error":{…}}`) is that error, reported with the status it implies
+//! (429 for `insufficient_quota`, 400 for `invalid_request_error`, …), so it
+//! classifies as it would on that status.
 //!
-//! # Timeouts
+//! # Timeouts and size limits
 //!
 //! Connect (5 s by default, as the OpenAI and Anthropic SDKs), first byte
-//! (time to the response headers; off by default), total (10 minutes, the
-//! SDKs' request timeout; it bounds reading a stream too) and, for streams,
-//! the idle gap between chunks (60 s). A timeout is a transport failure
+//! (time from sending to the response headers, 10 minutes, for streamed and
+//! non-streamed calls alike, independent of the total timeout), total (10
+//! minutes, the SDKs' request timeout; it bounds reading a stream too, and
+//! may be turned off for long streams), the body of an error response (5 s:
+//! past it the error is reported with what its status and headers say, a
+//! `retry-after` included) and, for streams, the idle gap between complete
+//! events (60 s; a keep-alive comment counts, a byte that completes nothing
+//! does not). A timeout is a transport failure
 //! ([`crate::classify::Transport::Timeout`]), transient.
+//!
+//! A 2xx body may hold at most 32 MiB and one server-sent event 4 MiB (both
+//! knobs); a larger one is a [`ClientErrorKind::BodyTooLarge`] error,
+//! permanent, found while the bytes arrive. An error body is read only up to
+//! 64 KiB. So whatever a server sends, a call holds bounded memory and ends
+//! in bounded time.
 //!
 //! # Streaming
 //!
@@ -62,7 +81,10 @@
 //! serialized once and shared by retries. The API key is sent as a
 //! sensitive header and never appears in `Debug` output or logs.
 
+mod body;
+mod builder;
 mod error;
+pub(crate) mod sse;
 mod stream;
 mod types;
 
@@ -77,6 +99,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYP
 use tower_service::Service;
 use tracing::Instrument;
 
+pub use self::builder::{OpenAiClientBuilder, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES};
 pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
 pub use self::stream::{ChatChunk, ChatStream};
 pub use self::types::{ChatRequest, ChatResponse, Message, RateLimitHeaders, Role, Usage};
@@ -91,8 +114,11 @@ struct Config {
     auth: Option<HeaderValue>,
     first_byte_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
-    connect_timeout: Duration,
+    connect_timeout: Option<Duration>,
     total_timeout: Option<Duration>,
+    error_body_timeout: Option<Duration>,
+    max_body_bytes: usize,
+    max_event_bytes: usize,
 }
 
 /// An OpenAI-compatible chat completions client; see the
@@ -117,6 +143,9 @@ impl fmt::Debug for OpenAiClient {
             .field("first_byte_timeout", &c.first_byte_timeout)
             .field("total_timeout", &c.total_timeout)
             .field("idle_timeout", &c.idle_timeout)
+            .field("error_body_timeout", &c.error_body_timeout)
+            .field("max_body_bytes", &c.max_body_bytes)
+            .field("max_event_bytes", &c.max_event_bytes)
             .finish()
     }
 }
@@ -133,16 +162,7 @@ impl OpenAiClient {
 
     /// A builder for a client of `base_url`.
     pub fn builder(base_url: impl Into<String>) -> OpenAiClientBuilder {
-        OpenAiClientBuilder {
-            base_url: base_url.into(),
-            api_key: None,
-            model: "gpt-4o-mini".into(),
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: None,
-            total_timeout: Some(Duration::from_secs(600)),
-            idle_timeout: Some(Duration::from_secs(60)),
-            http: None,
-        }
+        OpenAiClientBuilder::new(base_url.into())
     }
 
     /// The same client, answering with a [`ChatStream`].
@@ -155,145 +175,6 @@ impl OpenAiClient {
     /// The default model.
     pub fn model(&self) -> &str {
         &self.config.model
-    }
-}
-
-/// Builds a validated [`OpenAiClient`].
-pub struct OpenAiClientBuilder {
-    base_url: String,
-    api_key: Option<String>,
-    model: Arc<str>,
-    connect_timeout: Duration,
-    first_byte_timeout: Option<Duration>,
-    total_timeout: Option<Duration>,
-    idle_timeout: Option<Duration>,
-    http: Option<reqwest::Client>,
-}
-
-impl fmt::Debug for OpenAiClientBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiClientBuilder")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
-}
-
-fn nonzero(d: Duration, field: &'static str) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::new(field, "must be greater than zero"))
-    } else {
-        Ok(d)
-    }
-}
-
-impl OpenAiClientBuilder {
-    /// The API key, sent as `Authorization: Bearer …` (a sensitive header).
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
-        self
-    }
-
-    /// The model used when a request names none.
-    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
-        self.model = model.into();
-        self
-    }
-
-    /// Time to establish a connection; default 5 s.
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
-
-    /// Time from sending to the response headers; default off.
-    pub fn first_byte_timeout(mut self, t: Duration) -> Self {
-        self.first_byte_timeout = Some(t);
-        self
-    }
-
-    /// Time for the whole request, body included; default 10 minutes.
-    pub fn total_timeout(mut self, t: Duration) -> Self {
-        self.total_timeout = Some(t);
-        self
-    }
-
-    /// No total timeout (streams that may run for long).
-    pub fn no_total_timeout(mut self) -> Self {
-        self.total_timeout = None;
-        self
-    }
-
-    /// The longest silence between two chunks of a stream; default 60 s.
-    pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
-        self.idle_timeout = Some(t);
-        self
-    }
-
-    /// Use this reqwest client (its own TLS, proxy and pool settings) instead
-    /// of building one; the connect and total timeouts are then the client's.
-    pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.http = Some(client);
-        self
-    }
-
-    /// Validates and builds the client.
-    pub fn build(self) -> Result<OpenAiClient, ConfigError> {
-        let base = self.base_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
-            return Err(ConfigError::new(
-                "base_url",
-                "must be an http:// or https:// URL",
-            ));
-        }
-        if self.model.is_empty() {
-            return Err(ConfigError::new("model", "must not be empty"));
-        }
-        let connect_timeout = nonzero(self.connect_timeout, "connect_timeout")?;
-        if let Some(t) = self.first_byte_timeout {
-            nonzero(t, "first_byte_timeout")?;
-        }
-        if let Some(t) = self.total_timeout {
-            nonzero(t, "total_timeout")?;
-        }
-        if let Some(t) = self.idle_timeout {
-            nonzero(t, "stream_idle_timeout")?;
-        }
-        let auth = match self.api_key {
-            Some(key) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                    ConfigError::new("api_key", "must be visible ASCII without line breaks")
-                })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
-        let http = match self.http {
-            Some(c) => c,
-            None => {
-                let mut b = reqwest::Client::builder().connect_timeout(connect_timeout);
-                if let Some(t) = self.total_timeout {
-                    b = b.timeout(t);
-                }
-                b.build()
-                    .map_err(|_| ConfigError::new("http_client", "could not be built"))?
-            }
-        };
-        Ok(OpenAiClient {
-            config: Arc::new(Config {
-                http,
-                url: format!("{base}/chat/completions"),
-                base_url: base.to_owned(),
-                model: self.model,
-                auth,
-                first_byte_timeout: self.first_byte_timeout,
-                idle_timeout: self.idle_timeout,
-                connect_timeout,
-                total_timeout: self.total_timeout,
-            }),
-        })
     }
 }
 
@@ -323,6 +204,8 @@ async fn send(
         rb = rb.header(AUTHORIZATION, auth.clone());
     }
     let sent = rb.send();
+    // Armed when the request is sent; it bounds the wait for the headers
+    // whatever the total timeout (which may be off for long streams).
     let resp = match config.first_byte_timeout {
         Some(t) => tokio::time::timeout(t, sent)
             .await
@@ -335,36 +218,34 @@ async fn send(
         return Ok(resp);
     }
     let headers = resp.headers().clone();
-    let body = read_bounded(resp).await;
+    // A short wait for the error body: the status and headers (a
+    // `retry-after`) already say what to do.
+    let body = body::read_error_prefix(resp, config.error_body_timeout).await;
     Err(ClientError::status(status.as_u16(), &headers, &body))
 }
 
-async fn read_bounded(mut resp: reqwest::Response) -> Vec<u8> {
-    let mut body = Vec::new();
-    // Enough to parse the provider's error object; a failure to read the
-    // rest of an error body does not change what the status says.
-    while body.len() < 16 * 1024 {
-        match resp.chunk().await {
-            Ok(Some(c)) => body.extend_from_slice(&c),
-            _ => break,
-        }
-    }
-    body
-}
-
 async fn complete(config: Arc<Config>, req: ChatRequest) -> Result<ChatResponse, ClientError> {
-    let resp = send(&config, &req, false).await?;
-    let rate_limit = RateLimitHeaders::from_headers(resp.headers());
-    let request_id = request_id(resp.headers());
-    let body = resp.bytes().await.map_err(ClientError::from_reqwest)?;
-    let wire = error::decode_completion(&body)?;
+    let mut resp = send(&config, &req, false).await?;
+    let status = resp.status().as_u16();
+    let body = body::read_limited(&mut resp, config.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            body::BodyError::TooLarge { limit } => {
+                ClientError::too_large(status, body::TooLarge(limit))
+            }
+            body::BodyError::Read(e) => ClientError::from_reqwest(e),
+        })?;
+    let headers = resp.headers();
+    let wire = error::decode_completion(headers, &body)?;
+    let rate_limit = RateLimitHeaders::from_headers(headers);
+    let request_id = request_id(headers);
     let choice = wire.choices.into_iter().next();
     let (content, finish_reason) = match choice {
         Some(c) => (
             c.message.and_then(|m| m.content).unwrap_or_default(),
             c.finish_reason,
         ),
-        None => return Err(ClientError::decode(&body)),
+        None => return Err(ClientError::decode(&body, None)),
     };
     Ok(ChatResponse {
         id: wire.id,
@@ -384,6 +265,7 @@ async fn open_stream(config: Arc<Config>, req: ChatRequest) -> Result<ChatStream
     let stream = ChatStream::new(
         Box::pin(resp.bytes_stream()),
         config.idle_timeout,
+        config.max_event_bytes,
         rate_limit,
         request_id,
     );

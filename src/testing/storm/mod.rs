@@ -14,7 +14,7 @@
 //!    hints ignored);
 //! 3. `backoff`: the retry layer's LLM defaults (backoff with jitter,
 //!    server hints, retry budget);
-//! 4. `pipeline`: the whole [`AgentPipeline`](crate::pipeline::AgentPipeline)
+//! 4. `pipeline`: the whole [`AgentPipeline`](crate::pipeline)
 //!    (queue of 8 in flight, retry with budget, a breaker per provider,
 //!    fallback to the secondary, one deadline).
 //!
