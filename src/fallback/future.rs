@@ -72,10 +72,15 @@ where
     S: Service<Req>,
 {
     pub(super) fn new(shared: Arc<Shared<S, Req, Res>>, request: Req) -> Self {
-        let deadline = shared
-            .deadline
-            .and_then(|d| Instant::now().checked_add(d))
-            .map(tokio::time::sleep_until);
+        // The earlier of this fallback's own deadline and the one the caller
+        // set around it (the agent pipeline's, counted from its call).
+        let own = shared.deadline.and_then(|d| Instant::now().checked_add(d));
+        let inherited = super::DEADLINE.try_with(|d| *d).ok();
+        let deadline = match (own, inherited) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(tokio::time::sleep_until);
         ResponseFuture {
             shared,
             progress: Progress {

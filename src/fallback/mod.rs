@@ -50,7 +50,9 @@
 //!
 //! One deadline covers every target: nothing is sent after it, and a target
 //! in flight when it passes is dropped (its future cancelled) with
-//! [`Error::DeadlineExceeded`].
+//! [`Error::DeadlineExceeded`]. Under an
+//! [`AgentPipeline`](crate::pipeline::AgentPipeline) the deadline counts
+//! from the pipeline's `call`, so the time spent in its queue is part of it.
 //!
 //! # Readiness
 //!
@@ -73,6 +75,13 @@ use crate::classify::{LlmClassifier, Outcome, Reason};
 use crate::error::{BoxError, Error};
 
 pub use self::event::{FallbackEvent, FallbackEventKind};
+
+tokio::task_local! {
+    /// A deadline set around a fallback by the layer that owns the whole
+    /// call (the agent pipeline, which counts it from its own `call`, queue
+    /// wait included); a fallback never runs past it.
+    pub(crate) static DEADLINE: tokio::time::Instant;
+}
 pub use self::future::ResponseFuture;
 pub use self::layer::FallbackBuilder;
 

@@ -153,11 +153,11 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         self
     }
 
-    /// The deadline of one logical call (default [`DEFAULT_DEADLINE`]): a
-    /// request waits in the queue at most this long, and once admitted its
-    /// attempts, backoff sleeps and targets together take at most this long
-    /// (so a caller waits at most twice the deadline, and only when the
-    /// queue was full for most of it). `Duration::MAX` means none.
+    /// The deadline of one logical call (default [`DEFAULT_DEADLINE`]),
+    /// counted from the pipeline's `call`: queue wait, attempts, backoff
+    /// sleeps and every target together. A request whose deadline passes in
+    /// the queue is never sent, and nothing is sent after it. `Duration::MAX`
+    /// means none.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -264,6 +264,7 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         }
         let queue = queue.build()?;
         let handles = Arc::new(Handles {
+            deadline: self.deadline,
             queue: queue.handle(),
             breakers,
         });

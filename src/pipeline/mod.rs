@@ -45,8 +45,9 @@
 //!
 //! The queue is outermost so that its capacity counts logical requests and a
 //! caller that gives up frees its place before anything is paid for. The
-//! deadline (on the fallback) bounds everything after admission: attempts,
-//! backoff sleeps and every target. Fallback wraps whole per-target stacks,
+//! deadline counts from the pipeline's `call` and bounds everything: queue
+//! wait, attempts, backoff sleeps and every target (a request whose deadline
+//! passes while it waits is never sent). That costs one clock read per call. Fallback wraps whole per-target stacks,
 //! so each target keeps its own retry budget and breaker: an outage of one
 //! provider opens its breaker, and the next calls skip it at no cost until
 //! it is probed again. The breaker sits under the retry so that it sees every
@@ -87,7 +88,7 @@ use tower_service::Service;
 
 use crate::breaker::{BreakerHandle, CircuitBreaker};
 use crate::error::{BoxError, Error};
-use crate::fallback::Fallback;
+use crate::fallback::{self, Fallback};
 use crate::queue::{Queue, QueueHandle};
 use crate::report;
 use crate::retry::Retry;
@@ -112,6 +113,7 @@ pub struct AgentPipeline<C, Req, Res> {
 }
 
 struct Handles {
+    deadline: std::time::Duration,
     queue: QueueHandle,
     breakers: Vec<(Arc<str>, BreakerHandle)>,
 }
@@ -173,15 +175,27 @@ where
 {
     type Response = Res;
     type Error = Error;
-    type Future = PipelineFuture<<PipelineQueue<C, Req, Res> as Service<Req>>::Future>;
+    type Future = PipelineFuture<
+        tokio::task::futures::TaskLocalFuture<
+            tokio::time::Instant,
+            <PipelineQueue<C, Req, Res> as Service<Req>>::Future,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        // The deadline counts from here: the queue's fast path calls the
+        // fallback inside `call`, the queued path later inside the future's
+        // polls, and both see it.
+        let at = tokio::time::Instant::now()
+            .checked_add(self.handles.deadline)
+            .unwrap_or_else(far_future);
+        let inner = fallback::DEADLINE.sync_scope(at, || self.inner.call(req));
         PipelineFuture {
-            inner: self.inner.call(req),
+            inner: fallback::DEADLINE.scope(at, inner),
             started: false,
         }
     }
@@ -216,6 +230,11 @@ impl<F: Future> Future for PipelineFuture<F> {
         }
         this.inner.poll(cx)
     }
+}
+
+/// About 30 years from now: what a deadline too far for the clock becomes.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30)
 }
 
 /// Records, at the moment the queue admits a request, how long it waited.
