@@ -1,7 +1,7 @@
 //! Circuit breaker cost, in one criterion run against tower-resilience's
 //! circuit breaker layer and failsafe's state machine.
 //!
-//! `cargo bench --bench breaker -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p llm-resilience-bench --bench breaker -- --warm-up-time 1 --measurement-time 3`
 //!
 //! - `breaker_closed/*`: one task, all successes, per call `ready()` +
 //!   `call()` on a service whose inner answers at once (a bare inner service

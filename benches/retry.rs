@@ -10,7 +10,7 @@
 //! printed.
 //!
 //! ```text
-//! cargo bench --bench retry -- --warm-up-time 2 --measurement-time 5
+//! cargo bench -p llm-resilience-bench --bench retry -- --warm-up-time 2 --measurement-time 5
 //! ```
 //!
 //! Before the criterion groups it prints the interleaved medians (every

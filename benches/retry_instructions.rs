@@ -6,10 +6,10 @@
 //! the cost of one call, harness included (the inner service alone costs 7):
 //!
 //! ```text
-//! cargo build --release --example retry_instructions
+//! cargo build --release -p llm-resilience-bench --bin retry_instructions
 //! for v in ours ours_no_budget tower; do for n in 10000 20000; do
 //!   valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-//!     target/release/examples/retry_instructions $v $n 2>&1 | grep Collected
+//!     target/release/retry_instructions $v $n 2>&1 | grep Collected
 //! done; done
 //! ```
 //!
@@ -23,9 +23,9 @@ use tower::retry::budget::TpsBudget;
 use tower::retry::RetryLayer as TowerRetryLayer;
 use tower::Layer;
 
-#[path = "../benches/support/instructions.rs"]
+#[path = "support/instructions.rs"]
 mod instructions;
-#[path = "../benches/support/peers.rs"]
+#[path = "support/peers.rs"]
 mod peers;
 use instructions::run;
 use peers::{Always, TowerPolicy};
