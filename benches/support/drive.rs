@@ -176,20 +176,26 @@ pub fn round_robin(
     println!("\n## {title} ({rounds} rounds of {n} calls, round-robin)");
     for (i, v) in variants.iter().enumerate() {
         let mut s = samples[i].clone();
-        println!("{:>48}: median {:8.1} ns/call", v.name, median(&mut s));
+        println!(
+            "{:>40}: median {:7.1} ns/call, best {:7.1}",
+            v.name,
+            median(&mut s),
+            s[0]
+        );
     }
     for &(ours, theirs) in pairs {
         let mut r: Vec<f64> = (0..rounds)
             .map(|k| samples[ours][k] / samples[theirs][k])
             .collect();
         let m = median(&mut r);
+        let q = |f: f64| r[((r.len() - 1) as f64 * f) as usize];
         println!(
-            "ratio {} / {}: median {:.3} (min {:.3}, max {:.3}) {}",
+            "ratio {} / {}: median {:.3} (quartiles {:.3}..{:.3}) {}",
             variants[ours].name,
             variants[theirs].name,
             m,
-            r[0],
-            r[r.len() - 1],
+            q(0.25),
+            q(0.75),
             if m > 0.0 {
                 format!("= {:.1}x their throughput", 1.0 / m)
             } else {
