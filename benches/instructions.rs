@@ -61,6 +61,7 @@ fn main() {
         "breaker_tr_time" => run(breaker_tr_time(), cloned, n),
         "breaker_failsafe" => run(breaker_failsafe(), cloned, n),
         "stack_ours" => run(stack_ours(), cloned, n),
+        "stack_ours_count" => run(stack_ours_count(), cloned, n),
         "stack_tower" => run(stack_tower(), cloned, n),
         "stack_tower_resilience" => run(stack_tower_resilience(), cloned, n),
         other => panic!("unknown variant {other}; see support/variants.rs"),

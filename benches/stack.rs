@@ -1,6 +1,7 @@
 //! The whole stack: queue → retry (attempt timeout, budget) → breaker
 //! (30 s time window), against the same stack of tower-resilience layers
-//! (bulkhead → retry → time limiter → breaker) and tower's own stack, which
+//! (bulkhead → retry → time limiter → breaker with its default count
+//! window) and tower's own stack, which
 //! has no breaker (`ConcurrencyLimit` → `Retry` with `TpsBudget` →
 //! `Timeout`).
 //!
@@ -50,7 +51,8 @@ fn main() {
         (Mode::Contended, 12_800),
     ] {
         let mut variants = vec![
-            Variant::new("llm_resilience stack", stack_ours(), mode, &rts),
+            Variant::new("llm_resilience stack, time window", stack_ours(), mode, &rts),
+            Variant::new("llm_resilience stack, count window", stack_ours_count(), mode, &rts),
             Variant::new("tower_resilience stack", stack_tower_resilience(), mode, &rts),
             Variant::new("tower stack (no breaker)", stack_tower(), mode, &rts),
             Variant::new("bare inner service", bare(), mode, &rts),
@@ -60,7 +62,7 @@ fn main() {
             &mut variants,
             ROUNDS,
             n,
-            &[(0, 1), (0, 2)],
+            &[(0, 2), (1, 2), (0, 3), (1, 3)],
         );
     }
 }
