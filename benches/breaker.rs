@@ -39,9 +39,27 @@ fn main() {
     drive::floor(bare(), &rts.0, &rts.1);
     let count = alloc::allocations;
     for mode in [Mode::Reused, Mode::Cloned] {
-        drive::allocations("llm_resilience count", &mut breaker_count(), mode, &rts.0, count);
-        drive::allocations("llm_resilience time", &mut breaker_time(), mode, &rts.0, count);
-        drive::allocations("tower_resilience time", &mut breaker_tr_time(), mode, &rts.0, count);
+        drive::allocations(
+            "llm_resilience count",
+            &mut breaker_count(),
+            mode,
+            &rts.0,
+            count,
+        );
+        drive::allocations(
+            "llm_resilience time",
+            &mut breaker_time(),
+            mode,
+            &rts.0,
+            count,
+        );
+        drive::allocations(
+            "tower_resilience time",
+            &mut breaker_tr_time(),
+            mode,
+            &rts.0,
+            count,
+        );
         drive::allocations("failsafe", &mut breaker_failsafe(), mode, &rts.0, count);
     }
     for (mode, n) in [
@@ -51,9 +69,24 @@ fn main() {
     ] {
         let mut variants = vec![
             Variant::new("llm_resilience count window", breaker_count(), mode, &rts),
-            Variant::new("llm_resilience 30 s time window", breaker_time(), mode, &rts),
-            Variant::new("tower_resilience count window", breaker_tr_count(), mode, &rts),
-            Variant::new("tower_resilience 30 s time window", breaker_tr_time(), mode, &rts),
+            Variant::new(
+                "llm_resilience 30 s time window",
+                breaker_time(),
+                mode,
+                &rts,
+            ),
+            Variant::new(
+                "tower_resilience count window",
+                breaker_tr_count(),
+                mode,
+                &rts,
+            ),
+            Variant::new(
+                "tower_resilience 30 s time window",
+                breaker_tr_time(),
+                mode,
+                &rts,
+            ),
             Variant::new("failsafe default policy", breaker_failsafe(), mode, &rts),
             Variant::new("bare inner service", bare(), mode, &rts),
         ];

@@ -51,9 +51,19 @@ fn main() {
     ] {
         let mut variants = vec![
             Variant::new("llm_resilience", retry_ours(), mode, &rts),
-            Variant::new("llm_resilience_no_budget", retry_ours_no_budget(), mode, &rts),
+            Variant::new(
+                "llm_resilience_no_budget",
+                retry_ours_no_budget(),
+                mode,
+                &rts,
+            ),
             Variant::new("tower Retry+TpsBudget", retry_tower(), mode, &rts),
-            Variant::new("tower_resilience retry", retry_tower_resilience(), mode, &rts),
+            Variant::new(
+                "tower_resilience retry",
+                retry_tower_resilience(),
+                mode,
+                &rts,
+            ),
             Variant::new("bare inner service", bare(), mode, &rts),
         ];
         drive::round_robin(

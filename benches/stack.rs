@@ -40,7 +40,13 @@ fn main() {
     drive::floor(bare(), &rts.0, &rts.1);
     let count = alloc::allocations;
     for mode in [Mode::Reused, Mode::Cloned] {
-        drive::allocations("llm_resilience stack", &mut stack_ours(), mode, &rts.0, count);
+        drive::allocations(
+            "llm_resilience stack",
+            &mut stack_ours(),
+            mode,
+            &rts.0,
+            count,
+        );
         drive::allocations("tower stack", &mut stack_tower(), mode, &rts.0, count);
         let mut tr = stack_tower_resilience();
         drive::allocations("tower_resilience stack", &mut tr, mode, &rts.0, count);
@@ -51,9 +57,24 @@ fn main() {
         (Mode::Contended, 12_800),
     ] {
         let mut variants = vec![
-            Variant::new("llm_resilience stack, time window", stack_ours(), mode, &rts),
-            Variant::new("llm_resilience stack, count window", stack_ours_count(), mode, &rts),
-            Variant::new("tower_resilience stack", stack_tower_resilience(), mode, &rts),
+            Variant::new(
+                "llm_resilience stack, time window",
+                stack_ours(),
+                mode,
+                &rts,
+            ),
+            Variant::new(
+                "llm_resilience stack, count window",
+                stack_ours_count(),
+                mode,
+                &rts,
+            ),
+            Variant::new(
+                "tower_resilience stack",
+                stack_tower_resilience(),
+                mode,
+                &rts,
+            ),
             Variant::new("tower stack (no breaker)", stack_tower(), mode, &rts),
             Variant::new("bare inner service", bare(), mode, &rts),
         ];

@@ -32,7 +32,10 @@ pub trait Bench:
 {
 }
 impl<S> Bench for S where
-    S: Service<u64, Response = u64, Error: fmt::Debug + Send, Future: Send> + Clone + Send + 'static
+    S: Service<u64, Response = u64, Error: fmt::Debug + Send, Future: Send>
+        + Clone
+        + Send
+        + 'static
 {
 }
 

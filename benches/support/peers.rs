@@ -1,5 +1,5 @@
-//! Shared by `benches/retry.rs`, `benches/chaos.rs` and
-//! `benches/retry_instructions.rs`: the always-ready inner service every
+//! Shared by the benches, `benches/instructions.rs` and
+//! `examples/queue_instructions.rs`: the always-ready inner service every
 //! variant wraps, and tower's retry policy written like tower's own example.
 
 #![allow(dead_code)]
@@ -60,32 +60,5 @@ impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
 
     fn clone_request(&mut self, req: &Req) -> Option<Req> {
         Some(req.clone())
-    }
-}
-
-/// failsafe is not a tower layer: this wraps its state machine around the
-/// readied inner service's future, as its docs do (`CircuitBreaker::call`).
-#[derive(Clone, Debug)]
-pub struct Failsafe<SM, S> {
-    pub sm: SM,
-    pub inner: S,
-}
-
-impl<SM, S> Service<u64> for Failsafe<SM, S>
-where
-    SM: failsafe::futures::CircuitBreaker,
-    S: Service<u64>,
-{
-    type Response = S::Response;
-    type Error = failsafe::Error<S::Error>;
-    type Future =
-        failsafe::futures::ResponseFuture<S::Future, SM::FailurePolicy, SM::Instrument, failsafe::Any>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(failsafe::Error::Inner)
-    }
-
-    fn call(&mut self, n: u64) -> Self::Future {
-        self.sm.call(self.inner.call(n))
     }
 }

@@ -17,7 +17,9 @@ use tower::retry::budget::TpsBudget;
 use tower::{Layer, ServiceBuilder};
 
 use super::drive::Bench;
-use super::peers::{Always, Failsafe, TowerPolicy};
+use super::peers::{Always, TowerPolicy};
+use std::task::{Context, Poll};
+use tower::Service;
 
 /// The window of every time-window breaker here, and the attempt timeout of
 /// the stacks.
@@ -210,4 +212,35 @@ pub fn stack_tower() -> impl Bench {
         .layer(tower::retry::RetryLayer::new(policy))
         .timeout(ATTEMPT_TIMEOUT)
         .service(Always)
+}
+
+/// failsafe is not a tower layer: this wraps its state machine around the
+/// readied inner service's future, as its docs do (`CircuitBreaker::call`).
+#[derive(Clone, Debug)]
+pub struct Failsafe<SM, S> {
+    pub sm: SM,
+    pub inner: S,
+}
+
+impl<SM, S> Service<u64> for Failsafe<SM, S>
+where
+    SM: failsafe::futures::CircuitBreaker,
+    S: Service<u64>,
+{
+    type Response = S::Response;
+    type Error = failsafe::Error<S::Error>;
+    type Future = failsafe::futures::ResponseFuture<
+        S::Future,
+        SM::FailurePolicy,
+        SM::Instrument,
+        failsafe::Any,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(failsafe::Error::Inner)
+    }
+
+    fn call(&mut self, n: u64) -> Self::Future {
+        self.sm.call(self.inner.call(n))
+    }
 }

@@ -7,7 +7,7 @@ use super::future::Stop;
 use super::layer::Config;
 use crate::classify::Reason;
 
-/// What the retry layer decided, for the [event hook](RetryLayerBuilder::on_event).
+/// What the retry layer decided, for the [event hook](super::RetryLayerBuilder::on_event).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RetryEvent {
@@ -91,7 +91,6 @@ pub(super) fn emit<C, K>(
         }
     }
 }
-
 
 /// The event kind of a decision to stop.
 pub(super) fn stop_kind(stop: Stop) -> RetryEventKind {

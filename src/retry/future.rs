@@ -12,8 +12,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
-use super::layer::Config;
 use super::event::{emit, stop_kind};
+use super::layer::Config;
 use super::{CloneRequest, RetryEventKind};
 use crate::backoff::BackoffIter;
 use crate::classify::{Classify, Outcome, Reason};

@@ -82,7 +82,7 @@
 //! the reason. An event hook ([`RetryLayerBuilder::on_event`]) sees every
 //! decision. With the `metrics` feature, every decision also increments
 //! `llm_resilience_retry_decisions_total{decision, reason}` (the names of
-//! [`RetryEventKind::as_str`] and [`Reason::as_str`]) and sets the gauge
+//! [`RetryEventKind::as_str`] and [`Reason::as_str`](crate::classify::Reason::as_str)) and sets the gauge
 //! `llm_resilience_retry_budget_balance`. Nothing is formatted, timestamped,
 //! recorded or allocated on a first-attempt success.
 //!

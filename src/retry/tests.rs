@@ -22,7 +22,9 @@ fn layer() -> RetryLayer {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_that_answers_at_once_creates_no_timer() {
-    let mut svc = layer().layer(service_fn(|n: u32| async move { Ok::<_, std::io::Error>(n) }));
+    let mut svc = layer().layer(service_fn(
+        |n: u32| async move { Ok::<_, std::io::Error>(n) },
+    ));
     svc.ready().await.unwrap();
     let mut fut = pin!(svc.call(7));
     let mut cx = Context::from_waker(Waker::noop());
