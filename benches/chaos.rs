@@ -1,7 +1,7 @@
 //! What the chaos layer costs a call that it does not touch.
 //!
 //! ```text
-//! cargo bench --bench chaos -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p llm-resilience-bench --bench chaos -- --warm-up-time 1 --measurement-time 3
 //! ```
 //!
 //! Three variants over the same always-ready inner service, driven the same

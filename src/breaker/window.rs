@@ -1,13 +1,67 @@
 //! Sliding windows of call results: count-based and time-based, both O(1)
-//! per record and lock-free on the record path.
+//! per record and lock-free on the record path, and both emptied in O(1)
+//! (a trip or a reset costs the same whatever the window's size).
+//!
+//! Emptying works by epochs: every slot or bucket is tagged with the epoch
+//! (count window) or the second (time window) it was written in, and the
+//! running totals with the epoch they count. Clearing starts a new epoch and
+//! zeroes the totals; the old slots are not touched, they are simply no
+//! longer current, and are overwritten as new calls come in. A record that
+//! races a clear lands in the old epoch and is forgotten with it.
 
-use super::sync::{AtomicI64, AtomicU64, AtomicU8, Mutex, Ordering};
+use super::sync::{AtomicU32, AtomicU64, Mutex, Ordering};
 
-/// A slot of the count-based ring: empty, or one call's result.
-const EMPTY: u8 = 0;
-const CALL: u8 = 1;
-const FAILED: u8 = 2;
-const SLOW: u8 = 4;
+/// Slot flags.
+const CALL: u32 = 1;
+const FAILED: u32 = 2;
+const SLOW: u32 = 4;
+
+/// Running totals and the count window's head: epoch (high 24 bits) and a
+/// count (low 40 bits, two's complement for the totals, which may dip below
+/// zero for a moment when a record and an eviction race).
+const EPOCH_SHIFT: u32 = 40;
+const COUNT_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
+const EPOCH_MASK: u64 = (1 << 24) - 1;
+/// The count window's head is folded back into `[size, 2 size)` past this,
+/// so it never carries into the epoch.
+const FOLD_AT: u64 = 1 << 39;
+
+fn epoch_of(word: u64) -> u64 {
+    word >> EPOCH_SHIFT
+}
+
+/// The signed count of a totals word.
+fn signed(word: u64) -> i64 {
+    ((word << 24) as i64) >> 24
+}
+
+fn clamp(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+/// Adds `delta` to a totals word if it still counts `epoch`; returns the
+/// count after the add (`None` when the epoch is over).
+fn add_in(cell: &AtomicU64, epoch: u64, delta: i64) -> Option<i64> {
+    let mut cur = cell.load(Ordering::Acquire);
+    while epoch_of(cur) == epoch {
+        let next = (cur & !COUNT_MASK) | ((cur as i64).wrapping_add(delta) as u64 & COUNT_MASK);
+        match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(signed(next)),
+            Err(actual) => cur = actual,
+        }
+    }
+    None
+}
+
+/// The count of a totals word if it counts `epoch`, else 0.
+fn count_in(cell: &AtomicU64, epoch: u64) -> u64 {
+    let w = cell.load(Ordering::Acquire);
+    if epoch_of(w) == epoch {
+        clamp(signed(w))
+    } else {
+        0
+    }
+}
 
 /// Counts over the window at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,7 +88,6 @@ impl<T> std::ops::Deref for Padded<T> {
 }
 
 /// A sliding window over the last N calls or the last N seconds.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Window {
     Count(CountWindow),
@@ -74,7 +127,7 @@ impl Window {
         }
     }
 
-    /// Forgets every recorded call.
+    /// Forgets every recorded call, in O(1).
     pub(crate) fn clear(&self) {
         match self {
             Window::Count(w) => w.clear(),
@@ -83,21 +136,21 @@ impl Window {
     }
 }
 
-fn clamp(v: i64) -> u64 {
-    v.max(0) as u64
-}
-
-/// The last `size` calls: a ring of one-byte slots and running totals of the
-/// failures and slow calls in it. Recording claims the next slot with one
-/// `fetch_add`, swaps the new result in and moves the totals by the
-/// difference with the evicted one; an all-success stream whose slots
-/// already hold successes writes nothing else.
+/// The last `size` calls: a ring of slots, each tagged with its epoch, and
+/// running totals of the failures and slow calls in it. Recording claims the
+/// next slot with one `fetch_add`, swaps the new result in and moves the
+/// totals by the difference with the evicted result (if that one is of the
+/// current epoch); an all-success stream whose slots already hold successes
+/// writes nothing at all.
 #[derive(Debug)]
 pub(crate) struct CountWindow {
+    // Epoch | calls recorded in it (folded once past `FOLD_AT`).
     head: Padded<AtomicU64>,
-    failures: Padded<AtomicI64>,
-    slow: AtomicI64,
-    slots: Box<[AtomicU8]>,
+    // Epoch | failures; epoch | slow calls.
+    failures: Padded<AtomicU64>,
+    slow: AtomicU64,
+    // Epoch (24 bits) << 8 | flags.
+    slots: Box<[AtomicU32]>,
     size: u64,
 }
 
@@ -105,15 +158,15 @@ impl CountWindow {
     fn new(size: u32) -> Self {
         Self {
             head: Padded(AtomicU64::new(0)),
-            failures: Padded(AtomicI64::new(0)),
-            slow: AtomicI64::new(0),
-            slots: (0..size).map(|_| AtomicU8::new(EMPTY)).collect(),
+            failures: Padded(AtomicU64::new(0)),
+            slow: AtomicU64::new(0),
+            slots: (0..size).map(|_| AtomicU32::new(0)).collect(),
             size: u64::from(size),
         }
     }
 
-    /// Returns the number of calls recorded since the last clear, this one
-    /// included.
+    /// Returns the number of calls recorded in the current epoch, this one
+    /// included (0 when nothing was written).
     #[inline]
     fn record(&self, failed: bool, slow: bool) -> u64 {
         if !failed && !slow && self.clean_and_full() {
@@ -122,89 +175,144 @@ impl CountWindow {
             // cores never fight over a cache line.
             return 0;
         }
-        let n = self.head.fetch_add(1, Ordering::Relaxed);
-        let new = CALL | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
+        let h = self.head.fetch_add(1, Ordering::AcqRel);
+        let (epoch, n) = (epoch_of(h), h & COUNT_MASK);
+        if n + 1 >= FOLD_AT {
+            self.fold();
+        }
+        let flags = CALL | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
+        let new = (epoch as u32) << 8 | flags;
         let slot = &self.slots[(n % self.size) as usize];
         // Replacing a value by the same value changes nothing: skip the write
         // (linearizable as a swap of equal values).
-        if slot.load(Ordering::Relaxed) != new {
+        if slot.load(Ordering::Acquire) != new {
             let old = slot.swap(new, Ordering::AcqRel);
-            self.apply(old, new);
+            // The evicted result counts only if it is of the same epoch.
+            let old = if old >> 8 == epoch as u32 { old } else { 0 };
+            let f = i64::from(flags & FAILED != 0) - i64::from(old & FAILED != 0);
+            if f != 0 {
+                add_in(&self.failures, epoch, f);
+            }
+            let s = i64::from(flags & SLOW != 0) - i64::from(old & SLOW != 0);
+            if s != 0 {
+                add_in(&self.slow, epoch, s);
+            }
         }
         n + 1
+    }
+
+    /// Folds the head back into `[size, 2 size)`, keeping it modulo `size`,
+    /// long before it could carry into the epoch.
+    #[cold]
+    fn fold(&self) {
+        let mut cur = self.head.load(Ordering::Acquire);
+        loop {
+            let n = cur & COUNT_MASK;
+            if n < FOLD_AT {
+                return;
+            }
+            let folded = (cur & !COUNT_MASK) | (self.size + (n - self.size) % self.size);
+            match self
+                .head
+                .compare_exchange(cur, folded, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     /// The window is full and holds neither failures nor slow calls.
     #[inline]
     fn clean_and_full(&self) -> bool {
-        self.failures.load(Ordering::Acquire) == 0
-            && self.slow.load(Ordering::Acquire) == 0
-            && self.head.load(Ordering::Relaxed) >= self.size
-    }
-
-    fn apply(&self, old: u8, new: u8) {
-        let f = i64::from(new & FAILED != 0) - i64::from(old & FAILED != 0);
-        if f != 0 {
-            self.failures.fetch_add(f, Ordering::AcqRel);
-        }
-        let s = i64::from(new & SLOW != 0) - i64::from(old & SLOW != 0);
-        if s != 0 {
-            self.slow.fetch_add(s, Ordering::AcqRel);
-        }
+        let h = self.head.load(Ordering::Acquire);
+        h & COUNT_MASK >= self.size
+            && self.failures.load(Ordering::Acquire) & COUNT_MASK == 0
+            && self.slow.load(Ordering::Acquire) & COUNT_MASK == 0
     }
 
     fn counts(&self) -> WindowCounts {
-        let calls = self.head.load(Ordering::Acquire).min(self.size);
+        let h = self.head.load(Ordering::Acquire);
+        let epoch = epoch_of(h);
+        let calls = (h & COUNT_MASK).min(self.size);
         WindowCounts {
             calls,
-            failures: clamp(self.failures.load(Ordering::Acquire)).min(calls),
-            slow: clamp(self.slow.load(Ordering::Acquire)).min(calls),
+            failures: count_in(&self.failures, epoch).min(calls),
+            slow: count_in(&self.slow, epoch).min(calls),
         }
     }
 
+    /// A new epoch: the totals first, so that a record that still sees the
+    /// old epoch in the head cannot add to the new totals.
     fn clear(&self) {
-        self.head.store(0, Ordering::Release);
-        for slot in self.slots.iter() {
-            let old = slot.swap(EMPTY, Ordering::AcqRel);
-            if old != EMPTY {
-                self.apply(old, EMPTY);
-            }
-        }
+        let next = ((epoch_of(self.head.load(Ordering::Acquire)) + 1) & EPOCH_MASK) << EPOCH_SHIFT;
+        self.failures.store(next, Ordering::Release);
+        self.slow.store(next, Ordering::Release);
+        self.head.store(next, Ordering::Release);
     }
 }
 
+/// A bucket cell: the second it counts (low 32 bits of it, high word) and
+/// a count (low word).
 #[derive(Debug)]
 struct Bucket {
-    calls: AtomicI64,
-    failures: AtomicI64,
-    slow: AtomicI64,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
 }
 
-impl Bucket {
-    fn new() -> Self {
-        Self {
-            calls: AtomicI64::new(0),
-            failures: AtomicI64::new(0),
-            slow: AtomicI64::new(0),
+fn tag(sec: u64) -> u64 {
+    sec & 0xffff_ffff
+}
+
+/// Adds one to the bucket cell for second `sec`. A cell of an older second
+/// is dead (its second was passed over by a reset, never drained) and is
+/// claimed; a cell of a newer second means the window moved on meanwhile:
+/// returns `false` and the caller records again in the new second.
+fn bump(cell: &AtomicU64, sec: u64) -> bool {
+    let mut cur = cell.load(Ordering::Acquire);
+    loop {
+        let held = cur >> 32;
+        let next = if held == tag(sec) {
+            cur + 1
+        } else if held.wrapping_sub(tag(sec)) & 0xffff_ffff < 1 << 31 {
+            return false;
+        } else {
+            tag(sec) << 32 | 1
+        };
+        match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(actual) => cur = actual,
         }
     }
 }
 
-/// The last `size` seconds: a ring of one-second buckets and running totals.
+/// The last `size` seconds: a ring of one-second buckets, each cell tagged
+/// with its second, and running totals.
 ///
-/// Recording adds to the current second's bucket and to the totals (atomic
-/// adds, no lock). Once per second the first recorder that sees a new second
-/// takes a short lock and rolls the ring forward: each bucket passed over is
-/// swapped to zero and its content subtracted from the totals. Because every
-/// count is added once and swapped out once, the totals stay exact even when
-/// a record races the roll (it then counts in the newer second).
+/// Recording adds to the current second's bucket and to the totals (no
+/// lock). The first recorder that sees a new second takes a short lock and
+/// rolls the ring forward: each bucket passed over is swapped to the new
+/// second with nothing in it, and what it held of the second it evicts is
+/// subtracted from the totals. A gap of a whole window or more, and a clear,
+/// instead start a new epoch in O(1): the totals restart at zero, and every
+/// bucket holds a second outside the window (a clear moves the window's own
+/// seconds a window ahead of the clock to make it so). Because every count
+/// is added once and taken out once, or forgotten with its epoch, the totals
+/// stay exact when a record races a roll (it then counts in the newer
+/// second) or a clear (it is forgotten).
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
+    // Epoch (high 24 bits) | the current second (low 40 bits), in the
+    // window's seconds: the clock's plus `shift`.
     current: Padded<AtomicU64>,
-    calls: Padded<AtomicI64>,
-    failures: AtomicI64,
-    slow: AtomicI64,
+    shift: AtomicU64,
+    // Epoch | count.
+    calls: Padded<AtomicU64>,
+    failures: AtomicU64,
+    slow: AtomicU64,
     buckets: Box<[Bucket]>,
+    // Serializes rolls and clears.
     roll: Mutex<()>,
     size: u64,
 }
@@ -213,88 +321,127 @@ impl TimeWindow {
     fn new(size: u32) -> Self {
         Self {
             current: Padded(AtomicU64::new(0)),
-            calls: Padded(AtomicI64::new(0)),
-            failures: AtomicI64::new(0),
-            slow: AtomicI64::new(0),
-            buckets: (0..size).map(|_| Bucket::new()).collect(),
+            shift: AtomicU64::new(0),
+            calls: Padded(AtomicU64::new(0)),
+            failures: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+            buckets: (0..size)
+                .map(|_| Bucket {
+                    calls: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                    slow: AtomicU64::new(0),
+                })
+                .collect(),
             roll: Mutex::new(()),
             size: u64::from(size),
         }
     }
 
-    /// Moves the ring forward to `sec`; returns the second to record into.
+    /// Moves the ring forward to the clock's second `sec`; returns the
+    /// current (epoch, window second).
     #[inline]
-    fn advance(&self, sec: u64) -> u64 {
+    fn advance(&self, sec: u64) -> (u64, u64) {
+        let sec = sec + self.shift.load(Ordering::Acquire);
         let cur = self.current.load(Ordering::Acquire);
-        if sec <= cur {
-            return cur;
+        if sec <= cur & COUNT_MASK {
+            return (epoch_of(cur), cur & COUNT_MASK);
         }
         self.roll_to(sec)
     }
 
     #[cold]
-    fn roll_to(&self, sec: u64) -> u64 {
+    fn roll_to(&self, sec: u64) -> (u64, u64) {
         let _guard = self.roll.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.current.load(Ordering::Acquire);
-        if sec <= cur {
-            return cur;
+        let (epoch, at) = (epoch_of(cur), cur & COUNT_MASK);
+        if sec <= at {
+            return (epoch, at);
         }
-        let passed = (sec - cur).min(self.size);
-        for s in (sec + 1 - passed)..=sec {
-            self.drain(&self.buckets[(s % self.size) as usize]);
+        if sec - at >= self.size {
+            // Everything recorded has left the window.
+            return self.new_epoch(epoch, sec);
         }
-        self.current.store(sec, Ordering::Release);
-        sec
+        for s in at + 1..=sec {
+            self.pass(s, epoch);
+        }
+        self.current
+            .store(epoch << EPOCH_SHIFT | sec, Ordering::Release);
+        (epoch, sec)
     }
 
-    fn drain(&self, b: &Bucket) {
-        let c = b.calls.swap(0, Ordering::AcqRel);
-        if c != 0 {
-            self.calls.fetch_sub(c, Ordering::AcqRel);
+    /// Moves bucket `s % size` to second `s`, taking what it held of second
+    /// `s - size` out of the totals. (Anything older is of an epoch that is
+    /// over: never in the current totals.)
+    fn pass(&self, s: u64, epoch: u64) {
+        let b = &self.buckets[(s % self.size) as usize];
+        for (cell, total) in [
+            (&b.calls, &self.calls.0),
+            (&b.failures, &self.failures),
+            (&b.slow, &self.slow),
+        ] {
+            let old = cell.swap(tag(s) << 32, Ordering::AcqRel);
+            let n = old & 0xffff_ffff;
+            if n != 0 && s >= self.size && old >> 32 == tag(s - self.size) {
+                add_in(total, epoch, -(n as i64));
+            }
         }
-        let f = b.failures.swap(0, Ordering::AcqRel);
-        if f != 0 {
-            self.failures.fetch_sub(f, Ordering::AcqRel);
+    }
+
+    /// A new epoch at window second `sec`, which must be at least a window
+    /// past every second a bucket holds: totals first, then the current word.
+    fn new_epoch(&self, epoch: u64, sec: u64) -> (u64, u64) {
+        let next = (epoch + 1) & EPOCH_MASK;
+        for total in [&self.calls.0, &self.failures, &self.slow] {
+            total.store(next << EPOCH_SHIFT, Ordering::Release);
         }
-        let s = b.slow.swap(0, Ordering::AcqRel);
-        if s != 0 {
-            self.slow.fetch_sub(s, Ordering::AcqRel);
-        }
+        self.current
+            .store(next << EPOCH_SHIFT | sec, Ordering::Release);
+        (next, sec)
     }
 
     /// Returns the calls in the window after this one.
     #[inline]
     fn record(&self, failed: bool, slow: bool, sec: u64) -> u64 {
-        let sec = self.advance(sec);
-        let b = &self.buckets[(sec % self.size) as usize];
-        b.calls.fetch_add(1, Ordering::AcqRel);
-        let calls = self.calls.fetch_add(1, Ordering::AcqRel) + 1;
+        let epoch = loop {
+            let (epoch, at) = self.advance(sec);
+            let b = &self.buckets[(at % self.size) as usize];
+            if bump(&b.calls, at) {
+                if failed {
+                    bump(&b.failures, at);
+                }
+                if slow {
+                    bump(&b.slow, at);
+                }
+                break epoch;
+            }
+        };
+        let calls = add_in(&self.calls, epoch, 1);
         if failed {
-            b.failures.fetch_add(1, Ordering::AcqRel);
-            self.failures.fetch_add(1, Ordering::AcqRel);
+            add_in(&self.failures, epoch, 1);
         }
         if slow {
-            b.slow.fetch_add(1, Ordering::AcqRel);
-            self.slow.fetch_add(1, Ordering::AcqRel);
+            add_in(&self.slow, epoch, 1);
         }
-        clamp(calls)
+        calls.map_or(0, clamp)
     }
 
     fn counts(&self, sec: u64) -> WindowCounts {
-        self.advance(sec);
-        let calls = clamp(self.calls.load(Ordering::Acquire));
+        let (epoch, _) = self.advance(sec);
+        let calls = count_in(&self.calls, epoch);
         WindowCounts {
             calls,
-            failures: clamp(self.failures.load(Ordering::Acquire)).min(calls),
-            slow: clamp(self.slow.load(Ordering::Acquire)).min(calls),
+            failures: count_in(&self.failures, epoch).min(calls),
+            slow: count_in(&self.slow, epoch).min(calls),
         }
     }
 
+    /// A new epoch, O(1) whatever the size: the window's seconds move a
+    /// window ahead of the clock's, so every bucket is outside it.
     fn clear(&self) {
         let _guard = self.roll.lock().unwrap_or_else(|p| p.into_inner());
-        for b in self.buckets.iter() {
-            self.drain(b);
-        }
+        let cur = self.current.load(Ordering::Acquire);
+        self.shift.fetch_add(self.size, Ordering::AcqRel);
+        self.new_epoch(epoch_of(cur), (cur & COUNT_MASK) + self.size);
     }
 }
 
@@ -376,16 +523,41 @@ mod tests {
         assert_eq!(w.counts(100_000), WindowCounts::default());
     }
 
+    /// A clear costs the same whatever the window's size: 100 000 clears of
+    /// the largest windows allowed (a million calls, a day of seconds),
+    /// each refilled a little, would touch 10^11 slots if a clear visited
+    /// them; done in O(1), this takes milliseconds.
+    #[test]
+    fn clear_is_constant_time_whatever_the_size() {
+        let count = Window::count(1_000_000);
+        let time = Window::time(86_400);
+        for i in 0..100_000u64 {
+            for w in [&count, &time] {
+                w.record(true, false, i * 10, 1);
+                w.record(false, true, i * 10 + 3_000, 1);
+                let c = w.counts(i * 10 + 3_000);
+                assert_eq!((c.calls, c.failures, c.slow), (2, 1, 1), "round {i}");
+                w.clear();
+                assert_eq!(w.counts(i * 10 + 3_000), WindowCounts::default());
+            }
+        }
+    }
+
     proptest::proptest! {
         /// The count window equals "the last N calls" of a plain list.
         #[test]
         fn count_window_matches_a_plain_list(
             size in 1u32..8,
-            calls in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY), 0..60),
+            calls in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY, 0u8..10), 0..60),
         ) {
             let w = Window::count(size);
             let mut all = Vec::new();
-            for (failed, slow) in calls {
+            for (failed, slow, op) in calls {
+                if op == 0 {
+                    // One step in ten clears the window.
+                    w.clear();
+                    all.clear();
+                }
                 w.record(failed, slow, 0, 1);
                 all.push((failed, slow));
                 let last: Vec<_> = all.iter().rev().take(size as usize).collect();
@@ -403,12 +575,17 @@ mod tests {
         #[test]
         fn time_window_matches_a_plain_list(
             size in 1u32..6,
-            steps in proptest::collection::vec((0u64..4_000, proptest::bool::ANY, proptest::bool::ANY), 0..60),
+            steps in proptest::collection::vec((0u64..4_000, proptest::bool::ANY, proptest::bool::ANY, 0u8..10), 0..60),
         ) {
             let w = Window::time(size);
             let mut now = 0u64;
             let mut all: Vec<(u64, bool, bool)> = Vec::new();
-            for (gap, failed, slow) in steps {
+            for (gap, failed, slow, op) in steps {
+                if op == 0 {
+                    // One step in ten clears the window.
+                    w.clear();
+                    all.clear();
+                }
                 now += gap;
                 w.record(failed, slow, now, 1);
                 all.push((now / 1000, failed, slow));

@@ -12,8 +12,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
+use super::event::{emit, stop_kind};
 use super::layer::Config;
-use super::{CloneRequest, RetryEvent, RetryEventKind};
+use super::{CloneRequest, RetryEventKind};
 use crate::backoff::BackoffIter;
 use crate::classify::{Classify, Outcome, Reason};
 use crate::error::{BoxError, Error};
@@ -41,10 +42,6 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // One timer, reused: the attempt's cut-off while calling, the
-        // wake-up while sleeping, the deadline while readying.
-        #[pin]
-        timer: Option<Sleep>,
         core: Core<S, Req, C, K>,
     }
 }
@@ -63,12 +60,34 @@ struct Core<S, Req, C, K> {
     request: Option<Req>,
     config: Arc<Config<C, K>>,
     attempts: u32,
+    // Fixed at the first moment the deadline matters (the first attempt
+    // that does not answer at once, or the first failure): in effect the
+    // first poll, without a clock read for a request that never needs it.
     deadline: Option<Instant>,
-    // Created on the first retry, so a first-attempt success carries
-    // (and moves) one pointer instead of the backoff state.
-    // and the spans, boxed only when someone listens: one pointer in all.
+    deadline_fixed: bool,
+    // One timer, reused: the attempt's cut-off while calling, the wake-up
+    // while sleeping, the deadline while readying. Created the first time
+    // an attempt does not answer at once (or a backoff starts), so a call
+    // that answers at once never creates, arms or polls a timer and never
+    // reads the clock for it; boxed, so the future stays small.
+    timer: Option<Pin<Box<Sleep>>>,
+    // Whether the timer was set for the current state.
+    armed: Armed,
+    // The backoff state (created on the first retry) and the spans (only
+    // when someone listens), behind one pointer.
     extra: Option<Box<Extra>>,
     single_shot: bool,
+}
+
+/// Whether the timer was set for the current state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Armed {
+    /// Not yet considered in this state.
+    Unset,
+    /// Considered: nothing to wait for.
+    Off,
+    /// Set.
+    On,
 }
 
 /// What a silent first-attempt success never needs.
@@ -102,7 +121,7 @@ enum Decision {
 }
 
 #[derive(Clone, Copy)]
-enum Stop {
+pub(super) enum Stop {
     Exhausted,
     Permanent,
     BadRequest,
@@ -121,7 +140,6 @@ where
     K: CloneRequest<Req>,
 {
     pub(crate) fn new(service: S, ready: bool, request: Req, config: Arc<Config<C, K>>) -> Self {
-        let deadline = config.deadline.map(|d| Instant::now() + d);
         let call = tracing::debug_span!(
             "llm_resilience.retry",
             attempts = tracing::field::Empty,
@@ -132,7 +150,10 @@ where
             request: Some(request),
             config,
             attempts: 0,
-            deadline,
+            deadline: None,
+            deadline_fixed: false,
+            timer: None,
+            armed: Armed::Unset,
             single_shot: false,
             extra: (!call.is_disabled()).then(|| {
                 Box::new(Extra {
@@ -148,19 +169,27 @@ where
             // The service was readied by `poll_ready`: send the first attempt
             // now.
             let fut = core.start_attempt();
-            let timer = core.cutoff().map(sleep_until);
             Self {
                 state: State::Calling { fut },
-                timer,
                 core,
             }
         } else {
             Self {
                 state: State::Readying,
-                timer: deadline.map(sleep_until),
                 core,
             }
         }
+    }
+}
+
+impl<S, Req, C, K> ResponseFuture<S, Req, C, K>
+where
+    S: Service<Req>,
+{
+    /// Whether a timer was ever created (for the tests).
+    #[cfg(test)]
+    pub(super) fn has_timer(&self) -> bool {
+        self.core.timer.is_some()
     }
 }
 
@@ -175,6 +204,7 @@ where
     #[inline]
     fn start_attempt(&mut self) -> S::Future {
         self.attempts += 1;
+        self.armed = Armed::Unset;
         let config = &self.config;
         let last_possible = self.attempts >= config.max_attempts;
         let req = if last_possible || self.single_shot {
@@ -232,14 +262,56 @@ where
         }
     }
 
-    /// When the attempt just started must end: the attempt timeout or the
-    /// deadline, whichever is first. Reads the clock only for a timeout.
-    fn cutoff(&self) -> Option<Instant> {
-        match (self.config.attempt_timeout, self.deadline) {
-            (None, None) => None,
-            (Some(t), None) => Some(Instant::now() + t),
-            (None, Some(d)) => Some(d),
-            (Some(t), Some(d)) => Some((Instant::now() + t).min(d)),
+    /// The request's deadline, fixed the first time it is asked for.
+    fn deadline(&mut self) -> Option<Instant> {
+        if !self.deadline_fixed {
+            self.deadline_fixed = true;
+            // A deadline too far to represent is no deadline.
+            self.deadline = self
+                .config
+                .deadline
+                .and_then(|d| Instant::now().checked_add(d));
+        }
+        self.deadline
+    }
+
+    /// When the attempt in flight must end: the attempt timeout (counted
+    /// from the first time the attempt did not answer at once) or the
+    /// deadline, whichever is first.
+    fn cutoff(&mut self) -> Option<Instant> {
+        let timeout = self
+            .config
+            .attempt_timeout
+            .and_then(|t| Instant::now().checked_add(t));
+        match (timeout, self.deadline()) {
+            (None, d) => d,
+            (t, None) => t,
+            (Some(t), Some(d)) => Some(t.min(d)),
+        }
+    }
+
+    /// Sets the timer for `at` (creating it the first time), or notes that
+    /// there is nothing to wait for.
+    fn arm(&mut self, at: Option<Instant>) {
+        self.armed = match (at, self.timer.as_mut()) {
+            (None, _) => Armed::Off,
+            (Some(at), Some(timer)) => {
+                timer.as_mut().reset(at);
+                Armed::On
+            }
+            (Some(at), None) => {
+                self.timer = Some(Box::pin(sleep_until(at)));
+                Armed::On
+            }
+        };
+    }
+
+    /// Polls the timer set for the current state; `Pending` when there is
+    /// none (nothing to wait for but the service).
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.timer.as_mut() {
+            Some(timer) if self.armed == Armed::On => timer.as_mut().poll(cx),
+            _ => Poll::Pending,
         }
     }
 
@@ -315,7 +387,7 @@ where
             Some(h) => self.hint_delay(h),
             None => self.backoff_delay(reason),
         };
-        if let Some(deadline) = self.deadline {
+        if let Some(deadline) = self.deadline() {
             let left = deadline.saturating_duration_since(Instant::now());
             if delay >= left {
                 return Decision::Stop(match hint {
@@ -381,47 +453,6 @@ where
     }
 }
 
-fn stop_kind(stop: Stop) -> RetryEventKind {
-    match stop {
-        Stop::Exhausted => RetryEventKind::Exhausted,
-        Stop::Permanent | Stop::Accept => RetryEventKind::Permanent,
-        Stop::BadRequest => RetryEventKind::BadRequest,
-        Stop::Budget => RetryEventKind::BudgetExhausted,
-        Stop::Deadline => RetryEventKind::DeadlineExceeded,
-        Stop::HintTooLong { .. } => RetryEventKind::RetryAfterTooLong,
-        Stop::NotCloneable => RetryEventKind::NotCloneable,
-    }
-}
-
-fn emit<C, K>(
-    config: &Config<C, K>,
-    kind: RetryEventKind,
-    attempt: u32,
-    reason: Reason,
-    delay: Option<Duration>,
-) {
-    if let Some(listener) = &config.listener {
-        listener(&RetryEvent {
-            kind,
-            attempt,
-            reason,
-            delay,
-        });
-    }
-    #[cfg(feature = "metrics")]
-    {
-        metrics::counter!(
-            "llm_resilience_retry_decisions_total",
-            "decision" => kind.as_str(),
-            "reason" => reason.as_str()
-        )
-        .increment(1);
-        if let Some(budget) = &config.budget {
-            metrics::gauge!("llm_resilience_retry_budget_balance").set(budget.balance());
-        }
-    }
-}
-
 /// SplitMix64: spreads consecutive request numbers into unrelated seeds.
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -452,24 +483,21 @@ where
                             return Poll::Ready(Err(Error::from_inner(e)));
                         }
                         Poll::Pending => {
-                            // Only the deadline can be armed while readying.
-                            if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                                ready!(timer.poll(cx));
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(Error::DeadlineExceeded {
-                                    attempts: core.attempts,
-                                    source: core.last_error(),
-                                }));
+                            // Only the deadline is waited for while readying.
+                            if core.armed == Armed::Unset {
+                                let at = core.deadline();
+                                core.arm(at);
                             }
-                            return Poll::Pending;
+                            ready!(core.poll_timer(cx));
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Error::DeadlineExceeded {
+                                attempts: core.attempts,
+                                source: core.last_error(),
+                            }));
                         }
                     }
                     let fut = core.start_attempt();
                     this.state.set(State::Calling { fut });
-                    match core.cutoff() {
-                        Some(at) => this.timer.set(Some(sleep_until(at))),
-                        None => this.timer.set(None),
-                    }
                 }
                 StateProj::Calling { fut } => {
                     let polled = {
@@ -479,11 +507,12 @@ where
                     let result = match polled {
                         Poll::Ready(r) => r.map_err(Error::from_inner),
                         Poll::Pending => {
-                            let Some(timer) = this.timer.as_mut().as_pin_mut() else {
-                                return Poll::Pending;
-                            };
-                            ready!(timer.poll(cx));
-                            if core.deadline.is_some_and(|d| Instant::now() >= d) {
+                            if core.armed == Armed::Unset {
+                                let at = core.cutoff();
+                                core.arm(at);
+                            }
+                            ready!(core.poll_timer(cx));
+                            if core.deadline().is_some_and(|d| Instant::now() >= d) {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(Error::DeadlineExceeded {
                                     attempts: core.attempts,
@@ -534,7 +563,7 @@ where
                                 Some(delay),
                             );
                             core.retrying().last_error = result.err().map(Error::into_cause);
-                            this.timer.set(Some(sleep_until(Instant::now() + delay)));
+                            core.arm(Instant::now().checked_add(delay));
                             this.state.set(State::Sleeping);
                         }
                         Decision::Stop(stop) => {
@@ -559,10 +588,9 @@ where
                     }
                 }
                 StateProj::Sleeping => {
-                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                        ready!(timer.poll(cx));
-                    }
-                    this.timer.set(core.deadline.map(sleep_until));
+                    // A delay too long for the clock never ends.
+                    ready!(core.poll_timer(cx));
+                    core.armed = Armed::Unset;
                     this.state.set(State::Readying);
                 }
                 StateProj::Done => panic!("retry ResponseFuture polled after completion"),

@@ -82,7 +82,7 @@
 //! the reason. An event hook ([`RetryLayerBuilder::on_event`]) sees every
 //! decision. With the `metrics` feature, every decision also increments
 //! `llm_resilience_retry_decisions_total{decision, reason}` (the names of
-//! [`RetryEventKind::as_str`] and [`Reason::as_str`]) and sets the gauge
+//! [`RetryEventKind::as_str`] and [`Reason::as_str`](crate::classify::Reason::as_str)) and sets the gauge
 //! `llm_resilience_retry_budget_balance`. Nothing is formatted, timestamped,
 //! recorded or allocated on a first-attempt success.
 //!
@@ -96,21 +96,24 @@
 //! [`Error::BudgetExhausted`]: crate::Error::BudgetExhausted
 //! [`Error::NotCloneable`]: crate::Error::NotCloneable
 
+mod event;
 mod future;
 mod layer;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tower_service::Service;
 
+pub use self::event::{RetryEvent, RetryEventKind};
 pub use self::future::ResponseFuture;
 use self::layer::Config;
 pub use self::layer::{RetryLayer, RetryLayerBuilder};
 use crate::budget::CLOCK_READ_EVERY;
-use crate::classify::{Classify, LlmClassifier, Reason};
+use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};
 
 /// Clones a request for another attempt; `None` means it cannot be cloned.
@@ -140,61 +143,6 @@ where
 {
     fn clone_request(&self, req: &Req) -> Option<Req> {
         self(req)
-    }
-}
-
-/// What the retry layer decided, for the [event hook](RetryLayerBuilder::on_event).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RetryEvent {
-    /// What happened.
-    pub kind: RetryEventKind,
-    /// The attempt the decision follows (1 for the first call).
-    pub attempt: u32,
-    /// Why the attempt failed ([`Reason::Ok`] for a success).
-    pub reason: Reason,
-    /// The wait before the next attempt, for [`RetryEventKind::Retrying`].
-    pub delay: Option<Duration>,
-}
-
-/// The kinds of [`RetryEvent`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RetryEventKind {
-    /// Another attempt follows after `delay`.
-    Retrying,
-    /// An attempt after the first succeeded.
-    Recovered,
-    /// Every attempt was used.
-    Exhausted,
-    /// A permanent failure stopped the request.
-    Permanent,
-    /// A bad request stopped the request.
-    BadRequest,
-    /// The budget refused the retry.
-    BudgetExhausted,
-    /// The deadline left no room for another attempt.
-    DeadlineExceeded,
-    /// The server's hint was beyond the cap or the deadline.
-    RetryAfterTooLong,
-    /// The request could not be cloned, so it is sent only once.
-    NotCloneable,
-}
-
-impl RetryEventKind {
-    /// A stable `snake_case` name, for logs and metric labels.
-    pub const fn as_str(&self) -> &'static str {
-        match self {
-            RetryEventKind::Retrying => "retrying",
-            RetryEventKind::Recovered => "recovered",
-            RetryEventKind::Exhausted => "exhausted",
-            RetryEventKind::Permanent => "permanent",
-            RetryEventKind::BadRequest => "bad_request",
-            RetryEventKind::BudgetExhausted => "budget_exhausted",
-            RetryEventKind::DeadlineExceeded => "deadline_exceeded",
-            RetryEventKind::RetryAfterTooLong => "retry_after_too_long",
-            RetryEventKind::NotCloneable => "not_cloneable",
-        }
     }
 }
 
