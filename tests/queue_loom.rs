@@ -1,24 +1,25 @@
 //! loom models of the queue's permit protocol: the permit word's fast
 //! paths, the handoff to a waiter under the lock, cancellation racing a
-//! grant, and the core's lifetime (a permit holds a plain pointer; the core
-//! is freed by the last `Shared` or by the last permit back, exactly once).
+//! grant, and the core's lifetime (a permit keeps the core alive through its
+//! thread's reference stripe; the core is freed by whoever drops the last
+//! reference, a `Shared` or a permit, exactly once).
 //!
 //! `RUSTFLAGS="--cfg loom" cargo test --release --test queue_loom`
 //!
-//! `src/queue/state.rs` is compiled into this test crate from its source
-//! file, where `src/queue/sync.rs` picks loom's atomics, lock and `Arc`
+//! `src/queue/state/` is compiled into this test crate from its source
+//! files, where `src/queue/sync.rs` picks loom's atomics, lock and `Arc`
 //! (`cfg(all(loom, test))`): loom checks the real code. loom's `Arc` panics
 //! on a double release and reports an `Arc` never released, so every model
 //! below also checks that the core is freed exactly once.
 #![cfg(loom)]
 #![allow(dead_code, unreachable_pub)]
 
-// `state.rs` reaches its siblings as `super::event`, `super::sync` and
+// `state/` reaches its siblings as `super::event`, `super::sync` and
 // `super::Priority`.
 pub(crate) use llm_resilience::queue::Priority;
 #[path = "../src/queue/event.rs"]
 mod event;
-#[path = "../src/queue/state.rs"]
+#[path = "../src/queue/state/mod.rs"]
 mod state;
 #[path = "../src/queue/sync.rs"]
 mod sync;

@@ -14,9 +14,10 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
+use super::admit::{poll_admit, Admitted, Waiting};
 use super::event::QueueEventKind;
 use super::state::{Core, Count, Enqueued, Entry, Grant, Link, Permit, Shared, Slot};
-use super::{poll_admit, Admitted, Priority, Waiting};
+use super::Priority;
 use crate::error::{BoxError, Error};
 
 /// The inner service panicked in `call` or in its response future; the
@@ -261,7 +262,7 @@ where
             since: Some(since),
             expiry: Expiry::Deadline,
         };
-        let (at, expiry) = wait_limit(deadline, max_wait.map(|d| since + d));
+        let (at, expiry) = wait_limit(deadline, max_wait.and_then(|d| since.checked_add(d)));
         meta.expiry = expiry;
         let slow = Slow {
             phase: Phase::Queued {
@@ -362,8 +363,10 @@ where
                                 return Step::Fail(deadline_exceeded());
                             }
                             meta.since = Some(since);
-                            let (at, expiry) =
-                                wait_limit(meta.deadline, meta.max_wait.map(|d| since + d));
+                            let (at, expiry) = wait_limit(
+                                meta.deadline,
+                                meta.max_wait.and_then(|d| since.checked_add(d)),
+                            );
                             meta.expiry = expiry;
                             self.timer = timer_at(at);
                             self.phase = Phase::Queued {

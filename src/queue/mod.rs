@@ -153,222 +153,31 @@
 //! [`Error::Upstream`]: crate::Error::Upstream
 //! [`Error::Shutdown`]: crate::Error::Shutdown
 
+mod admit;
 mod event;
 mod future;
 mod handle;
 mod layer;
-// The one module with `unsafe`: permits point at the queue's core without a
-// reference count (`state::Permit`), and wait-list nodes at their entries'
-// boxed flags (`state::FlagPtr`).
-#[allow(unsafe_code)]
+mod policy;
 mod state;
 mod sync;
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 use tower_service::Service;
 
+use self::admit::{poll_admit, Admitted, Waiting};
 pub use self::event::{QueueEvent, QueueEventKind};
 pub use self::future::{InnerPanicked, ResponseFuture};
 pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
-use self::state::{Admission, Count, Entry, Grant, Link, LocalRef, Permit, Shared, Slot};
+pub use self::policy::{DeadlineOf, NoDeadline, Priority, PriorityOf, SamePriority};
+use self::state::{Link, Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
-
-/// A request's class. Higher classes are served first, with
-/// [aging](QueueLayerBuilder::age_after) so that lower ones do not starve.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum Priority {
-    /// Time-sensitive work (a user waiting on an answer).
-    High = 0,
-    /// The default.
-    #[default]
-    Normal = 1,
-    /// Batch work.
-    Low = 2,
-}
-
-impl Priority {
-    /// A short, stable, lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::High => "high",
-            Priority::Normal => "normal",
-            Priority::Low => "low",
-        }
-    }
-}
-
-/// Reads a request's class. Implemented by [`SamePriority`] and by every
-/// `Fn(&Req) -> Priority + Send + Sync + 'static`.
-pub trait PriorityOf<Req>: Send + Sync + 'static {
-    /// The request's class.
-    fn priority(&self, req: &Req) -> Priority;
-}
-
-impl<Req, F> PriorityOf<Req> for F
-where
-    F: Fn(&Req) -> Priority + Send + Sync + 'static,
-{
-    fn priority(&self, req: &Req) -> Priority {
-        self(req)
-    }
-}
-
-/// Every request is [`Priority::Normal`] (the default).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SamePriority;
-
-impl<Req> PriorityOf<Req> for SamePriority {
-    #[inline]
-    fn priority(&self, _: &Req) -> Priority {
-        Priority::Normal
-    }
-}
-
-/// Reads a request's deadline. Implemented by [`NoDeadline`] and by every
-/// `Fn(&Req) -> Option<tokio::time::Instant> + Send + Sync + 'static`.
-pub trait DeadlineOf<Req>: Send + Sync + 'static {
-    /// When the request stops being worth sending, if ever.
-    fn deadline(&self, req: &Req) -> Option<Instant>;
-}
-
-impl<Req, F> DeadlineOf<Req> for F
-where
-    F: Fn(&Req) -> Option<Instant> + Send + Sync + 'static,
-{
-    fn deadline(&self, req: &Req) -> Option<Instant> {
-        self(req)
-    }
-}
-
-/// No request has a deadline (the default).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoDeadline;
-
-impl<Req> DeadlineOf<Req> for NoDeadline {
-    #[inline]
-    fn deadline(&self, _: &Req) -> Option<Instant> {
-        None
-    }
-}
-
-/// A caller waiting for a place in the queue (wait mode, queue full).
-pub(crate) struct Waiting {
-    entry: Option<Entry>,
-    since: Instant,
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
-/// What admission decided for one request.
-pub(crate) enum Admitted {
-    Permit(Permit),
-    Slot(Slot, Instant),
-    Refused(Error),
-}
-
-/// Admission, shared by `poll_ready` and a future whose `call` came without
-/// `poll_ready`: a permit, a place, a refusal, or pending (waiting for a
-/// place, bounded by `max_wait`).
-///
-/// `link` is the calling service's own reference for the places and entries
-/// of its queued calls, made here the first time one is needed (a request
-/// that goes straight through or is rejected needs none).
-pub(crate) fn poll_admit(
-    shared: &Arc<Shared>,
-    link: &mut Option<Link>,
-    wait: &mut Option<Box<Waiting>>,
-    max_wait: Option<Duration>,
-    cx: &mut Context<'_>,
-) -> Poll<Admitted> {
-    loop {
-        if let Some(w) = wait.as_mut() {
-            if let Some(entry) = w.entry.as_mut() {
-                match entry.poll(cx) {
-                    Poll::Ready(grant) => {
-                        let since = w.since;
-                        *wait = None;
-                        return Poll::Ready(match grant {
-                            Grant::Permit(p) => Admitted::Permit(p),
-                            Grant::Slot(s) => Admitted::Slot(s, since),
-                            Grant::Closed => refuse_closed(shared),
-                        });
-                    }
-                    Poll::Pending => {
-                        if let Some(timer) = w.timer.as_mut() {
-                            if timer.as_mut().poll(cx).is_ready() {
-                                let waited = Instant::now().saturating_duration_since(w.since);
-                                if let Some(entry) = w.entry.take() {
-                                    entry.withdraw();
-                                }
-                                *wait = None;
-                                shared.counters.add(Count::TimedOut);
-                                tracing::debug!(
-                                    waited_ms = waited.as_millis() as u64,
-                                    "queue wait exceeded waiting for a place"
-                                );
-                                shared.emit(QueueEventKind::TimedOut, None, 0, Some(waited));
-                                return Poll::Ready(Admitted::Refused(Error::QueueTimeout {
-                                    waited,
-                                }));
-                            }
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-        }
-        if let Some(p) = shared.try_acquire() {
-            return Poll::Ready(Admitted::Permit(p));
-        }
-        let admission = match shared.try_place() {
-            Some(Ok(())) => Admission::Slot(Slot::new(Arc::clone(
-                link.get_or_insert_with(|| new_link(shared)),
-            ))),
-            Some(Err(depth)) => Admission::Full { depth },
-            None => LocalRef::admit_slow(link.get_or_insert_with(|| new_link(shared)), cx.waker()),
-        };
-        match admission {
-            Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
-            Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, Instant::now())),
-            Admission::Full { depth } => {
-                shared.counters.add(Count::Rejected);
-                tracing::debug!(depth, "queue full, request rejected");
-                shared.emit(QueueEventKind::Rejected, None, depth, None);
-                return Poll::Ready(Admitted::Refused(Error::QueueFull { depth }));
-            }
-            Admission::Closed => return Poll::Ready(refuse_closed(shared)),
-            Admission::Waiting(entry) => {
-                let since = entry.since();
-                let timer = max_wait.map(|d| Box::pin(sleep_until(since + d)));
-                *wait = Some(Box::new(Waiting {
-                    entry: Some(entry),
-                    since,
-                    timer,
-                }));
-                // Loop once more: registers the timer (and sees a grant that
-                // raced with the insertion).
-            }
-        }
-    }
-}
-
-fn new_link(shared: &Arc<Shared>) -> Link {
-    Arc::new(LocalRef(Arc::clone(shared)))
-}
-
-fn refuse_closed(shared: &Shared) -> Admitted {
-    shared.counters.add(Count::ShutOut);
-    shared.emit(QueueEventKind::Shutdown, None, 0, None);
-    Admitted::Refused(Error::Shutdown)
-}
 
 /// What `poll_ready` reserved for the next `call`, on the slow path (a
 /// permit with a ready inner service is kept apart, in `Queue::ready`).
