@@ -3,8 +3,10 @@
 use tokio::time::Instant;
 
 /// A request's class. Higher classes are served first, with
-/// [aging](QueueLayerBuilder::age_after) so that lower ones do not starve.
+/// [aging](super::QueueLayerBuilder::age_after) so that lower ones do not
+/// starve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[non_exhaustive]
 pub enum Priority {
     /// Time-sensitive work (a user waiting on an answer).
     High = 0,
