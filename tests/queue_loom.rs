@@ -31,7 +31,7 @@ use futures::task::noop_waker;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use state::{Enqueued, Entry, Grant, Link, LocalRef, Shared, Slot};
+use state::{Enqueued, Entry, Grant, Shared, Slot};
 use tokio::time::Instant;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -40,21 +40,21 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     b.check(f);
 }
 
-fn queue(concurrency: usize, capacity: usize) -> Link {
-    Arc::new(LocalRef(Arc::new(Shared::new(
+fn queue(concurrency: usize, capacity: usize) -> Arc<Shared> {
+    Arc::new(Shared::new(
         concurrency,
         capacity,
         false,
         Duration::from_secs(10),
         None,
-    ))))
+    ))
 }
 
 /// A request queued behind the permits: a place, then a list entry.
-fn queued(link: &Link) -> Entry {
+fn queued(link: &Shared) -> Entry {
     let waker = noop_waker();
     assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
-    let slot = Slot::new(Arc::clone(link));
+    let slot = Slot::new(link.link());
     match slot.enqueue(Priority::Normal, Instant::now(), &waker) {
         Enqueued::Entry(e) => e,
         _ => panic!("a permit was free"),
@@ -222,7 +222,7 @@ fn a_release_racing_the_first_waiter_is_never_lost() {
             }
             None => {
                 assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
-                Some(Slot::new(Arc::clone(&link)))
+                Some(Slot::new(link.link()))
             }
         };
         if let Some(slot) = slot {

@@ -4,14 +4,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::event::QueueEventKind;
-use super::state::{Admission, Count, Entry, Grant, Link, LocalRef, Permit, Shared, Slot};
+use super::state::{Admission, Count, Entry, Grant, Permit, Shared, Slot};
 use crate::error::Error;
 
 /// A caller waiting for a place in the queue (wait mode, queue full).
@@ -31,13 +30,8 @@ pub(crate) enum Admitted {
 /// Admission, shared by `poll_ready` and a future whose `call` came without
 /// `poll_ready`: a permit, a place, a refusal, or pending (waiting for a
 /// place, bounded by `max_wait`).
-///
-/// `link` is the calling service's own reference for the places and entries
-/// of its queued calls, made here the first time one is needed (a request
-/// that goes straight through or is rejected needs none).
 pub(crate) fn poll_admit(
-    shared: &Arc<Shared>,
-    link: &mut Option<Link>,
+    shared: &Shared,
     wait: &mut Option<Box<Waiting>>,
     max_wait: Option<Duration>,
     cx: &mut Context<'_>,
@@ -83,11 +77,9 @@ pub(crate) fn poll_admit(
             return Poll::Ready(Admitted::Permit(p));
         }
         let admission = match shared.try_place() {
-            Some(Ok(())) => Admission::Slot(Slot::new(Arc::clone(
-                link.get_or_insert_with(|| new_link(shared)),
-            ))),
+            Some(Ok(())) => Admission::Slot(Slot::new(shared.link())),
             Some(Err(depth)) => Admission::Full { depth },
-            None => LocalRef::admit_slow(link.get_or_insert_with(|| new_link(shared)), cx.waker()),
+            None => shared.admit_slow(cx.waker()),
         };
         match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
@@ -114,10 +106,6 @@ pub(crate) fn poll_admit(
             }
         }
     }
-}
-
-fn new_link(shared: &Arc<Shared>) -> Link {
-    Arc::new(LocalRef(Arc::clone(shared)))
 }
 
 fn refuse_closed(shared: &Shared) -> Admitted {

@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::admit::{poll_admit, Admitted, Waiting};
 use super::event::QueueEventKind;
-use super::state::{Core, Count, Enqueued, Entry, Grant, Link, Permit, Shared, Slot};
+use super::state::{Core, Count, Enqueued, Entry, Grant, Permit, Shared, Slot};
 use super::Priority;
 use crate::error::{BoxError, Error};
 
@@ -122,7 +122,6 @@ enum Phase {
     /// `call` came without `poll_ready`: admission happens in `poll`.
     Admitting {
         shared: Arc<Shared>,
-        link: Option<Link>,
         wait: Option<Box<Waiting>>,
     },
     /// Holds a place; the first poll puts the request in its list (with the
@@ -281,7 +280,6 @@ where
     #[allow(clippy::too_many_arguments)]
     pub(super) fn admitting(
         shared: Arc<Shared>,
-        link: Option<Link>,
         wait: Option<Box<Waiting>>,
         service: S,
         req: Req,
@@ -290,7 +288,7 @@ where
         max_wait: Option<Duration>,
     ) -> Self {
         let slow = Slow {
-            phase: Phase::Admitting { shared, link, wait },
+            phase: Phase::Admitting { shared, wait },
             service: Some(service),
             req: Some(req),
             timer: timer_at(deadline),
@@ -340,8 +338,8 @@ where
     fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
         loop {
             match &mut self.phase {
-                Phase::Admitting { shared, link, wait } => {
-                    match poll_admit(shared, link, wait, self.meta.max_wait, cx) {
+                Phase::Admitting { shared, wait } => {
+                    match poll_admit(shared, wait, self.meta.max_wait, cx) {
                         Poll::Pending => {
                             if fired(&mut self.timer, cx) {
                                 count_expired(shared, Some(self.meta.priority), None);

@@ -176,7 +176,7 @@ pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
 pub use self::policy::{DeadlineOf, NoDeadline, Priority, PriorityOf, SamePriority};
-use self::state::{Link, Permit, Shared, Slot};
+use self::state::{Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
 
 /// What `poll_ready` reserved for the next `call`, on the slow path (a
@@ -200,9 +200,6 @@ pub struct Queue<S, P = SamePriority, D = NoDeadline> {
     ready: Option<Permit>,
     reserved: Reserved,
     wait: Option<Box<Waiting>>,
-    /// This service's own reference for the places and entries of its
-    /// queued calls, made the first time one queues.
-    link: Option<Link>,
 }
 
 impl<S, P, D> Queue<S, P, D> {
@@ -214,7 +211,6 @@ impl<S, P, D> Queue<S, P, D> {
             ready: None,
             reserved: Reserved::None,
             wait: None,
-            link: None,
         }
     }
 
@@ -350,16 +346,11 @@ impl<S, P, D> Queue<S, P, D> {
                     };
                 }
                 Reserved::None => {
-                    let admitted = match poll_admit(
-                        &self.shared,
-                        &mut self.link,
-                        &mut self.wait,
-                        self.policy.max_wait,
-                        cx,
-                    ) {
-                        Poll::Ready(a) => a,
-                        Poll::Pending => return Poll::Pending,
-                    };
+                    let admitted =
+                        match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {
+                            Poll::Ready(a) => a,
+                            Poll::Pending => return Poll::Pending,
+                        };
                     self.reserved = match admitted {
                         Admitted::Permit(p) => Reserved::Permit(p),
                         Admitted::Slot(s, since) => Reserved::Slot(s, since),
@@ -404,7 +395,6 @@ impl<S, P, D> Queue<S, P, D> {
                 let deadline = self.policy.deadline.deadline(&req);
                 ResponseFuture::admitting(
                     Arc::clone(&self.shared),
-                    self.link.clone(),
                     self.wait.take(),
                     self.take_inner(),
                     req,

@@ -12,7 +12,7 @@ use super::lists::{Flag, NodeState, NIL, SLOT_LIST};
 use super::permits::Permit;
 use super::places::Slot;
 use super::sync::Arc;
-use super::{Link, LocalRef, Priority, QueueEventKind, Shared};
+use super::{Core, Link, Priority, QueueEventKind, Shared};
 
 /// What admission gave.
 pub(crate) enum Admission {
@@ -37,12 +37,13 @@ pub(crate) enum Enqueued {
     Closed,
 }
 
-impl LocalRef {
+impl Shared {
     /// The slow admission path: a permit if one is free, else a place in the
     /// queue if there is room, else (reject mode) `Full`, else (wait mode) an
     /// entry in the list of callers waiting for a place.
     #[cold]
-    pub(crate) fn admit_slow(this: &Link, waker: &Waker) -> Admission {
+    pub(crate) fn admit_slow(&self, waker: &Waker) -> Admission {
+        let this = self;
         let flag = Flag::new();
         let mut l = this.locked();
         if l.closed {
@@ -55,7 +56,7 @@ impl LocalRef {
         }
         match this.place_or_flag(&mut l) {
             Err(depth) => return Admission::Full { depth },
-            Ok(true) => return Admission::Slot(Slot::new(Arc::clone(this))),
+            Ok(true) => return Admission::Slot(Slot::new(this.link())),
             Ok(false) => {}
         }
         if this.take_permit_or_flag(&mut l) {
@@ -64,7 +65,7 @@ impl LocalRef {
         let idx = l.push(SLOT_LIST, 0, waker.clone(), &flag);
         drop(l);
         Admission::Waiting(Entry {
-            shared: Arc::clone(this),
+            shared: this.link(),
             idx,
             flag,
             priority: None,
@@ -81,7 +82,7 @@ impl Slot {
             .shared
             .take()
             .expect("a slot holds its link until enqueued");
-        let q: &Shared = &link;
+        let q: &Core = &link;
         // Made before the lock is taken, to keep the critical section short
         // (wasted in the rare case that a permit is free after all).
         let class = priority as u64;
@@ -111,7 +112,7 @@ impl Slot {
                 q.counters.add(Count::ShutOut);
                 Enqueued::Closed
             }
-            Some(None) => Enqueued::Permit(q.permit()),
+            Some(None) => Enqueued::Permit(Permit::new(link)),
             Some(Some(idx)) => {
                 // The depth is read only for someone who looks (tracing
                 // evaluates its fields only when the event is enabled).
@@ -193,7 +194,7 @@ impl Entry {
                     // (invariant 6).
                     self.shared.release_place();
                 }
-                Grant::Permit(self.shared.permit())
+                Grant::Permit(Permit::new(Arc::clone(&self.shared)))
             }
             NodeState::Slot => Grant::Slot(Slot::new(Arc::clone(&self.shared))),
             _ => Grant::Closed,
@@ -212,7 +213,7 @@ impl Entry {
             return None;
         }
         let idx = std::mem::replace(&mut self.idx, NIL);
-        let q: &Shared = &self.shared;
+        let q: &Core = &self.shared;
         let mut l = q.locked();
         let state = self.flag.get();
         match state {

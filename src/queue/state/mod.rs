@@ -45,9 +45,9 @@
 //!    or freed ones dropped, after the unlock ([`lock::Locked`]); events
 //!    are emitted outside it.
 //! 9. **Ownership is reference counted**: the core is freed when the last
-//!    `Arc` goes; a permit keeps it alive through its thread's
-//!    [`Stripe`](permits::Stripe), so that permits on different cores do
-//!    not share one count's cache line; a wait-list node shares its
+//!    `Arc` goes; a permit, a place or an entry keeps it alive through its
+//!    thread's [`Stripe`] (a [`Link`]), so that callers on different cores
+//!    do not share one count's cache line; a wait-list node shares its
 //!    entry's flag through an `Arc`.
 //!
 //! `tests/queue_loom.rs` checks these with loom (this module is compiled
@@ -244,9 +244,9 @@ impl Core {
     }
 }
 
-/// A reference to the queue: what services, handles and layers hold (and,
-/// through a [`Link`], places and entries). It also holds the stripes the
-/// permits keep the core alive through.
+/// A reference to the queue: what services, handles and layers hold. It
+/// also holds the stripes through which permits, places and entries keep the
+/// core alive ([`Link`]).
 pub(crate) struct Shared {
     core: Arc<Core>,
     /// One per core (a power of two): a permit holds its thread's.
@@ -287,26 +287,18 @@ impl Shared {
             .collect();
         Self { core, stripes }
     }
-}
 
-/// A service's own reference to the queue, shared with the places and
-/// entries of its calls: cloning it touches a cache line that other callers
-/// do not, where cloning the queue's `Arc` would pass that line between
-/// cores on every queued request.
-pub(crate) type Link = Arc<LocalRef>;
-
-/// The target of a [`Link`]: cache-line aligned, so that two services'
-/// references never share a line.
-#[repr(align(128))]
-pub(crate) struct LocalRef(pub(crate) Arc<Shared>);
-
-impl std::ops::Deref for LocalRef {
-    type Target = Shared;
+    /// This thread's stripe of references to the core.
     #[inline]
-    fn deref(&self) -> &Shared {
-        &self.0
+    pub(crate) fn link(&self) -> Link {
+        Arc::clone(&self.stripes[permits::thread_stripe(self.stripes.len())])
     }
 }
+
+/// An owned reference to the queue for the slow path's places and entries:
+/// the [`Stripe`] of the thread that made it, so that cloning it does not
+/// touch a cache line that callers on other cores touch too.
+pub(crate) type Link = Arc<Stripe>;
 
 #[cfg(all(test, not(loom)))]
 mod tests;

@@ -7,7 +7,7 @@ use super::counters::{thread_index, Padded};
 use super::lists::{NodeState, SLOT_LIST};
 use super::lock::Locked;
 use super::sync::{Arc, AtomicUsize};
-use super::{Core, Lists, Shared};
+use super::{Core, Link, Lists, Shared};
 
 /// The permit word, one per shard, each on a cache line of its own:
 ///
@@ -110,6 +110,20 @@ impl Stripe {
     }
 }
 
+impl std::ops::Deref for Stripe {
+    type Target = Core;
+    #[inline]
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// This thread's stripe among `n` (a power of two).
+#[inline]
+pub(super) fn thread_stripe(n: usize) -> usize {
+    thread_index() & (n - 1)
+}
+
 /// A permit to call the inner service; returned (or handed to the next
 /// waiter) on drop. It keeps the queue alive through its thread's
 /// [`Stripe`].
@@ -124,6 +138,13 @@ impl std::fmt::Debug for Permit {
 }
 
 impl Permit {
+    /// Wraps a permit already taken from the count (or handed over), with
+    /// the reference that keeps the core alive.
+    #[inline]
+    pub(crate) fn new(stripe: Link) -> Self {
+        Self { stripe }
+    }
+
     /// The queue's core.
     #[inline]
     pub(crate) fn core(&self) -> &Core {
@@ -153,10 +174,7 @@ impl Shared {
     /// Wraps a permit already taken from the count (or handed over).
     #[inline]
     pub(crate) fn permit(&self) -> Permit {
-        let stripe = &self.stripes[thread_index() & (self.stripes.len() - 1)];
-        Permit {
-            stripe: Arc::clone(stripe),
-        }
+        Permit::new(self.link())
     }
 
     /// The fast path: one compare-and-swap when a permit is free and nobody

@@ -8,14 +8,8 @@ use tokio::time::Instant;
 use super::*;
 use crate::queue::Priority;
 
-fn shared(concurrency: usize, capacity: usize, reject: bool) -> Link {
-    Arc::new(LocalRef(Arc::new(Shared::new(
-        concurrency,
-        capacity,
-        reject,
-        Duration::from_secs(10),
-        None,
-    ))))
+fn shared(concurrency: usize, capacity: usize, reject: bool) -> Shared {
+    Shared::new(concurrency, capacity, reject, Duration::from_secs(10), None)
 }
 
 #[tokio::test(start_paused = true)]
@@ -40,7 +34,7 @@ async fn a_released_permit_goes_to_the_earliest_virtual_time() {
     let mut cx = Context::from_waker(&waker);
     let mut entries = Vec::new();
     for prio in [Priority::Low, Priority::Normal, Priority::High] {
-        let Admission::Slot(slot) = LocalRef::admit_slow(&s, &waker) else {
+        let Admission::Slot(slot) = s.admit_slow(&waker) else {
             panic!("no slot")
         };
         let Enqueued::Entry(e) = slot.enqueue(prio, Instant::now(), &waker) else {
@@ -48,10 +42,7 @@ async fn a_released_permit_goes_to_the_earliest_virtual_time() {
         };
         entries.push(e);
     }
-    assert!(matches!(
-        LocalRef::admit_slow(&s, &waker),
-        Admission::Full { depth: 3 }
-    ));
+    assert!(matches!(s.admit_slow(&waker), Admission::Full { depth: 3 }));
     drop(p);
     // High (the last one) got it.
     assert!(entries[0].poll(&mut cx).is_pending());
