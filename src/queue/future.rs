@@ -77,9 +77,44 @@ enum Expiry {
 struct Meta {
     priority: Priority,
     deadline: Option<Instant>,
-    max_wait: Option<Duration>,
     since: Option<Instant>,
     expiry: Expiry,
+}
+
+/// Why a future failed, kept small so that the future of a call that went
+/// straight through stays small: the common refusals inline, the rest
+/// boxed (they are rare, and most already allocate).
+#[derive(Debug)]
+enum Failure {
+    Full(usize),
+    Shutdown,
+    Expired,
+    Other(Box<Error>),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::QueueFull { depth } => Failure::Full(depth),
+            Error::Shutdown => Failure::Shutdown,
+            Error::DeadlineExceeded {
+                attempts: 0,
+                source: None,
+            } => Failure::Expired,
+            other => Failure::Other(Box::new(other)),
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Full(depth) => Error::QueueFull { depth },
+            Failure::Shutdown => Error::Shutdown,
+            Failure::Expired => deadline_exceeded(),
+            Failure::Other(e) => *e,
+        }
+    }
 }
 
 pin_project! {
@@ -102,7 +137,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Calling { #[pin] fut: F },
-        Failed { error: Option<Error> },
+        Failed { error: Option<Failure> },
         // Admitting, queued or readying: the work is in `slow`.
         Slow,
         Done,
@@ -123,6 +158,7 @@ enum Phase {
     Admitting {
         shared: Arc<Shared>,
         wait: Option<Box<Waiting>>,
+        max_wait: Option<Duration>,
     },
     /// Holds a place; the first poll puts the request in its list (with the
     /// task's waker, in one critical section).
@@ -197,7 +233,9 @@ where
 
     pub(super) fn failed(error: Error) -> Self {
         Self {
-            state: State::Failed { error: Some(error) },
+            state: State::Failed {
+                error: Some(error.into()),
+            },
             permit: None,
             slow: None,
         }
@@ -231,7 +269,6 @@ where
             meta: Meta {
                 priority: Priority::Normal,
                 deadline,
-                max_wait: None,
                 since: None,
                 expiry: Expiry::Deadline,
             },
@@ -257,7 +294,6 @@ where
         let mut meta = Meta {
             priority,
             deadline,
-            max_wait,
             since: Some(since),
             expiry: Expiry::Deadline,
         };
@@ -288,14 +324,17 @@ where
         max_wait: Option<Duration>,
     ) -> Self {
         let slow = Slow {
-            phase: Phase::Admitting { shared, wait },
+            phase: Phase::Admitting {
+                shared,
+                wait,
+                max_wait,
+            },
             service: Some(service),
             req: Some(req),
             timer: timer_at(deadline),
             meta: Meta {
                 priority,
                 deadline,
-                max_wait,
                 since: None,
                 expiry: Expiry::Deadline,
             },
@@ -338,8 +377,13 @@ where
     fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
         loop {
             match &mut self.phase {
-                Phase::Admitting { shared, wait } => {
-                    match poll_admit(shared, wait, self.meta.max_wait, cx) {
+                Phase::Admitting {
+                    shared,
+                    wait,
+                    max_wait,
+                } => {
+                    let max_wait = *max_wait;
+                    match poll_admit(shared, wait, max_wait, cx) {
                         Poll::Pending => {
                             if fired(&mut self.timer, cx) {
                                 count_expired(shared, Some(self.meta.priority), None);
@@ -363,7 +407,7 @@ where
                             meta.since = Some(since);
                             let (at, expiry) = wait_limit(
                                 meta.deadline,
-                                meta.max_wait.and_then(|d| since.checked_add(d)),
+                                max_wait.and_then(|d| since.checked_add(d)),
                             );
                             meta.expiry = expiry;
                             self.timer = timer_at(at);
@@ -532,7 +576,7 @@ where
                     let error = error.take();
                     this.state.set(State::Done);
                     *this.permit = None;
-                    return Poll::Ready(Err(error.unwrap_or(Error::Shutdown)));
+                    return Poll::Ready(Err(error.map_or(Error::Shutdown, Error::from)));
                 }
                 StateProj::Slow => {
                     let slow = this
@@ -542,7 +586,9 @@ where
                     match slow.poll(this.permit, cx) {
                         Step::Pending => return Poll::Pending,
                         Step::Call(fut) => this.state.set(State::Calling { fut }),
-                        Step::Fail(error) => this.state.set(State::Failed { error: Some(error) }),
+                        Step::Fail(error) => this.state.set(State::Failed {
+                            error: Some(error.into()),
+                        }),
                     }
                     // The service, the request and the timer are done with.
                     *this.slow = None;

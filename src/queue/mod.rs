@@ -118,18 +118,18 @@
 //!
 //! The uncontended path (a permit is free, nobody waits) takes no lock,
 //! allocates nothing, emits nothing and spawns nothing: one
-//! compare-and-swap to take the permit, one to give it back, and no
-//! reference count (a permit points at the queue; the queue outlives its
-//! last permit). The free permits are spread over one cache line per core,
-//! and a caller takes and returns them on its own thread's line, so callers
-//! on different cores do not pass a line back and forth; a thread whose
-//! line is empty takes a permit from another. Reserving a place in the
-//! queue, and a rejection in reject mode, are one compare-and-swap too. A
-//! queued request takes the lock twice (entering its list on its first
-//! poll, and when a releasing caller hands it the permit) and allocates its
-//! bookkeeping (one box) and its grant flag; the wait lists reuse their
-//! nodes. A service value allocates, the first time one of its calls
-//! queues, a cache-line-aligned reference for its queued calls to share.
+//! compare-and-swap to take the permit and one to give it back, and the
+//! permit's reference to the queue (an `Arc` increment and decrement). The
+//! free permits are spread over one cache line per core, and so are the
+//! references permits hold: a caller takes and returns permits on its own
+//! thread's line, so callers on different cores do not pass a line back
+//! and forth; a thread whose line is empty takes a permit from another.
+//! Reserving a place in the queue, and a rejection in reject mode, are one
+//! compare-and-swap too. A queued request takes the lock twice (entering
+//! its list on its first poll, and when a releasing caller hands it the
+//! permit) and allocates its bookkeeping (one box) and its grant flag (one
+//! small `Arc` shared with its node); the wait lists reuse their nodes.
+//! Every reference is counted; there is no raw pointer.
 //!
 //! # Observability
 //!
