@@ -44,7 +44,6 @@ impl Shared {
     #[cold]
     pub(crate) fn admit_slow(&self, waker: &Waker) -> Admission {
         let this = self;
-        let flag = Flag::new();
         let mut l = this.locked();
         if l.closed {
             return Admission::Closed;
@@ -62,7 +61,7 @@ impl Shared {
         if this.take_permit_or_flag(&mut l) {
             return Admission::Permit(this.permit());
         }
-        let idx = l.push(SLOT_LIST, 0, waker.clone(), &flag);
+        let (idx, flag) = l.push(SLOT_LIST, 0, waker.clone());
         drop(l);
         Admission::Waiting(Entry {
             shared: this.link(),
@@ -89,7 +88,6 @@ impl Slot {
         let vt = u64::try_from(since.saturating_duration_since(q.base).as_nanos())
             .unwrap_or(u64::MAX / 2)
             .saturating_add(class.saturating_mul(q.age_after));
-        let flag = Flag::new();
         let waker = waker.clone();
         let queued = {
             let mut l = q.locked();
@@ -100,11 +98,11 @@ impl Slot {
                 q.release_slot_locked(&mut l);
                 Some(None)
             } else {
-                let idx = l.push(priority as usize, vt, waker, &flag);
+                let entry = l.push(priority as usize, vt, waker);
                 // Counted here, under the lock already held, rather than
                 // with one more atomic add.
                 l.queued += 1;
-                Some(Some(idx))
+                Some(Some(entry))
             }
         };
         match queued {
@@ -113,7 +111,7 @@ impl Slot {
                 Enqueued::Closed
             }
             Some(None) => Enqueued::Permit(Permit::new(link)),
-            Some(Some(idx)) => {
+            Some(Some((idx, flag))) => {
                 // The depth is read only for someone who looks (tracing
                 // evaluates its fields only when the event is enabled).
                 tracing::debug!(

@@ -2,6 +2,7 @@
 //! for a place, linked by index over one node arena, only ever touched under
 //! the lock (see [`Locked`](super::lock::Locked)).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::task::Waker;
 
@@ -56,17 +57,31 @@ impl NodeState {
 ///
 /// written once, `Waiting` to the outcome, by whoever settles the node
 /// (under the lock). Shared by the entry and its node (an `Arc`), so that
-/// it lives as long as either does.
+/// it lives as long as either does. A node keeps its flag when it is freed,
+/// and reuses it for its next entry if the last one has let go of it (the
+/// `Arc` is unique again), so that a queued request allocates no flag.
 #[derive(Debug)]
 pub(super) struct Flag(Arc<AtomicU8>);
 
 impl Flag {
-    pub(super) fn new() -> Self {
+    fn new() -> Self {
         Self(Arc::new(AtomicU8::new(NodeState::Waiting.code())))
     }
 
     fn share(&self) -> Self {
         Self(Arc::clone(&self.0))
+    }
+
+    /// Makes this flag read `Waiting` for a new entry if nobody else holds
+    /// it (an entry that has not yet read its outcome still may); returns
+    /// whether it did.
+    fn renew(&mut self) -> bool {
+        if Arc::get_mut(&mut self.0).is_none() {
+            return false;
+        }
+        // Unique (checked with acquire ordering): the previous owner is done.
+        self.0.store(NodeState::Waiting.code(), Ordering::Relaxed);
+        true
     }
 
     /// The state, with the grant's writes visible (acquire).
@@ -84,8 +99,8 @@ pub(super) struct Node {
     prev: u32,
     next: u32,
     pub(super) list: u8,
-    /// The entry's flag, while the node is in a list.
-    flag: Option<Flag>,
+    /// Its entry's flag (kept for the next entry once the node is freed).
+    flag: Flag,
     pub(super) waker: Option<Waker>,
     /// Virtual time: the earliest wins. Enqueue time plus the class offset.
     vt: u64,
@@ -97,7 +112,11 @@ pub(super) struct Node {
 #[derive(Debug)]
 pub(crate) struct Lists {
     pub(super) nodes: Vec<Node>,
-    free: Vec<u32>,
+    /// Free nodes, reused oldest first and only once the entry a node was
+    /// settled for has let go of its flag, which the next entry then reuses
+    /// (so the arena holds at most about twice the most requests that ever
+    /// waited at once).
+    free: VecDeque<u32>,
     pub(super) head: [u32; LISTS],
     tail: [u32; LISTS],
     pub(super) len: [usize; LISTS],
@@ -122,7 +141,7 @@ impl Lists {
     pub(super) fn new() -> Self {
         Self {
             nodes: Vec::new(),
-            free: Vec::new(),
+            free: VecDeque::new(),
             head: [NIL; LISTS],
             tail: [NIL; LISTS],
             len: [0; LISTS],
@@ -139,23 +158,29 @@ impl Lists {
         self.len.iter().all(|&n| n == 0)
     }
 
-    /// Appends a node for `flag`'s entry to `list`; returns its index.
-    pub(super) fn push(&mut self, list: usize, vt: u64, waker: Waker, flag: &Flag) -> u32 {
-        let node = Node {
-            prev: self.tail[list],
-            next: NIL,
-            list: list as u8,
-            flag: Some(flag.share()),
-            waker: Some(waker),
-            vt,
-        };
-        let idx = match self.free.pop() {
+    /// Appends a node to `list`; returns its index and the flag its entry
+    /// reads.
+    pub(super) fn push(&mut self, list: usize, vt: u64, waker: Waker) -> (u32, Flag) {
+        let prev = self.tail[list];
+        let idx = match self.reusable() {
             Some(i) => {
-                self.nodes[i as usize] = node;
+                let n = &mut self.nodes[i as usize];
+                n.prev = prev;
+                n.next = NIL;
+                n.list = list as u8;
+                n.waker = Some(waker);
+                n.vt = vt;
                 i
             }
             None => {
-                self.nodes.push(node);
+                self.nodes.push(Node {
+                    prev,
+                    next: NIL,
+                    list: list as u8,
+                    flag: Flag::new(),
+                    waker: Some(waker),
+                    vt,
+                });
                 (self.nodes.len() - 1) as u32
             }
         };
@@ -165,7 +190,20 @@ impl Lists {
         }
         self.tail[list] = idx;
         self.len[list] += 1;
-        idx
+        (idx, self.nodes[idx as usize].flag.share())
+    }
+
+    /// A free node whose flag is back in the arena's hands alone (renewed
+    /// to `Waiting`), looking at a few of the oldest.
+    fn reusable(&mut self) -> Option<u32> {
+        for _ in 0..self.free.len().min(4) {
+            let i = self.free.pop_front()?;
+            if self.nodes[i as usize].flag.renew() {
+                return Some(i);
+            }
+            self.free.push_back(i);
+        }
+        None
     }
 
     pub(super) fn unlink(&mut self, idx: u32) {
@@ -194,12 +232,11 @@ impl Lists {
     #[must_use]
     pub(super) fn release_node(&mut self, idx: u32, state: Option<NodeState>) -> Option<Waker> {
         let n = &mut self.nodes[idx as usize];
-        if let (Some(flag), Some(state)) = (n.flag.take(), state) {
-            flag.set(state);
+        if let Some(state) = state {
+            n.flag.set(state);
         }
-        n.flag = None;
         let waker = n.waker.take();
-        self.free.push(idx);
+        self.free.push_back(idx);
         waker
     }
 

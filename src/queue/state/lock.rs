@@ -43,10 +43,17 @@ impl Wakes {
         }
     }
 
+    #[inline]
     fn run(self) {
         let [a, b] = self.wake;
-        for w in a.into_iter().chain(b).chain(self.more) {
+        if let Some(w) = a {
             w.wake();
+        }
+        if let Some(w) = b {
+            w.wake();
+        }
+        if !self.more.is_empty() {
+            self.more.into_iter().for_each(Waker::wake);
         }
         drop(self.stale);
     }
