@@ -263,3 +263,34 @@ fn closing_while_a_permit_comes_back_still_serves_the_waiter() {
         assert!(link.is_idle());
     });
 }
+
+/// A node freed by a grant is reused for a newcomer while the entry it was
+/// settled for reads its outcome: the flag is reused only once that entry
+/// has let go of it, so the old entry still sees its grant and the newcomer
+/// is served too.
+#[test]
+fn a_reused_node_never_changes_a_settled_entry_s_outcome() {
+    model(|| {
+        let link = queue(1, 2);
+        let p = link.try_acquire().unwrap();
+        let first = queued(&link);
+        // Settles `first` (a permit) and frees its node.
+        drop(p);
+        let newcomer = {
+            let link = Arc::clone(&link);
+            thread::spawn(move || {
+                let waker = noop_waker();
+                assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
+                match Slot::new(link.link()).enqueue(Priority::Normal, Instant::now(), &waker) {
+                    Enqueued::Entry(e) => take_grant(e),
+                    Enqueued::Permit(p) => drop(p),
+                    Enqueued::Closed => panic!("not closed"),
+                }
+            })
+        };
+        take_grant(first);
+        newcomer.join().unwrap();
+        assert_eq!(link.free_permits(), 1);
+        assert!(link.is_idle());
+    });
+}
