@@ -13,7 +13,7 @@ use super::{NoDeadline, Queue, SamePriority};
 use crate::error::ConfigError;
 
 /// The largest capacity and concurrency accepted: 2^30 (2^28 on targets
-/// with 32-bit pointers), so that a count times 8 plus the flags fits the
+/// with 32-bit pointers), so that a count times 4 plus the flags fits the
 /// atomic word it lives in.
 #[cfg(target_pointer_width = "64")]
 const MAX_BOUND: usize = 1 << 30;

@@ -98,7 +98,7 @@ impl Core {
     /// The fast place path, while nobody waits for a place and shutdown has
     /// not begun: `Ok` reserved a place (one compare-and-swap), `Err(depth)`
     /// found the queue full in reject mode. `None` sends the caller to
-    /// `LocalRef::admit_slow`.
+    /// `Shared::admit_slow`.
     #[inline]
     pub(crate) fn try_place(&self) -> Option<Result<(), usize>> {
         let mut s = self.places.load(Ordering::Relaxed);
