@@ -10,10 +10,18 @@
 //!   semaphore, the other way to bound in-flight calls); the inner service
 //!   answers at once, or after one `yield_now`.
 //! - Heap allocations per call on the uncontended path, counted by a global
-//!   allocator, and the size of the queue's response future, printed before
-//!   the criterion runs.
+//!   allocator, the size of the queue's response future, and the heap bytes
+//!   per waiting request (queue vs `Buffer` over `ConcurrencyLimit`, 10 000
+//!   waiting behind one permit), printed before the criterion runs.
+//! - With `--bench` (what `cargo bench` passes), paired ratios measured in
+//!   alternating rounds: uncontended round trip vs `ConcurrencyLimit(32)`
+//!   and `Buffer`; 64 tasks on 2 workers vs `Buffer`; the queued path (16
+//!   permits, an inner that yields, 50 and 1 000 callers) vs
+//!   `ConcurrencyLimit(16)`.
 //!
-//! Run: `cargo bench --bench queue -- --warm-up-time 1 --measurement-time 3`
+//! Run: `cargo bench --bench queue -- --warm-up-time 1 --measurement-time 3`;
+//! only the printed figures (no criterion groups):
+//! `cargo bench --bench queue -- no_criterion_group`
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,8 +35,60 @@ use tower::buffer::Buffer;
 use tower::limit::ConcurrencyLimit;
 use tower::{Layer, Service, ServiceExt};
 
-#[path = "support/alloc.rs"]
-mod alloc;
+/// A global allocator that counts allocations and live bytes (kept in this
+/// file so that the bench stands alone).
+mod alloc {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+    static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+    static LIVE: AtomicI64 = AtomicI64::new(0);
+
+    /// Allocations (and reallocations) made so far.
+    pub fn allocations() -> u64 {
+        ALLOCATIONS.load(Ordering::Relaxed)
+    }
+
+    /// Bytes allocated and not yet freed (as requested, before the
+    /// allocator's rounding).
+    pub fn live_bytes() -> i64 {
+        LIVE.load(Ordering::Relaxed)
+    }
+
+    /// `System`, counting.
+    pub struct Counting;
+
+    // SAFETY: every method forwards to `System` with the caller's arguments
+    // unchanged; the counters have no effect on the memory handed out.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            // SAFETY: forwarded unchanged.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            // SAFETY: forwarded unchanged.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+            // SAFETY: forwarded unchanged.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+            // SAFETY: forwarded unchanged.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+}
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -273,66 +333,194 @@ fn report_allocations() {
     println!("  tower_buffer             {buffer:.3}");
 }
 
-/// Queue and `Buffer` measured in alternation, round after round, so that
-/// load from other processes hits both alike; prints the median ratio.
-fn paired_ratios() {
-    fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        (v[v.len() / 2], v[0], v[v.len() - 1])
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+const ROUNDS: usize = 15;
+
+/// Prints the median (min, max) of `ROUNDS` ratios.
+fn print_ratio(what: &str, ratios: Vec<f64>) {
+    let (med, lo, hi) = median(ratios);
+    println!("{what} = {med:.2} (median of {ROUNDS}; min {lo:.2}, max {hi:.2})");
+}
+
+/// `tasks` tasks, each `per_task` round trips on its own clone of `svc`.
+async fn batch<S>(svc: &S, tasks: u64, per_task: u64) -> Duration
+where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug + Send,
+    S::Future: Send,
+{
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(tasks as usize);
+    for t in 0..tasks {
+        let mut s = svc.clone();
+        handles.push(tokio::spawn(async move {
+            for k in 0..per_task {
+                round_trip(&mut s, t * per_task + k).await;
+            }
+        }));
     }
-    const ROUNDS: usize = 21;
+    for h in handles {
+        h.await.unwrap();
+    }
+    start.elapsed()
+}
+
+/// The queue and its peers measured in alternation, round after round, so
+/// that load from other processes hits all alike; prints median ratios.
+fn paired_ratios() {
+    // Uncontended: one caller, the same service value, current thread.
     let rt = current_thread();
     let mut q = queue(32, 1_000, false);
+    let mut limit = ConcurrencyLimit::new(Echo { yields: false }, 32);
     let mut buf = rt.block_on(async { Buffer::new(Echo { yields: false }, 1_000) });
-    let mut ratios = Vec::new();
+    let (mut vs_limit, mut vs_buffer) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let tq = timed(&rt, &mut q, 20_000);
-        let tb = timed(&rt, &mut buf, 20_000);
-        ratios.push(tb.as_secs_f64() / tq.as_secs_f64());
+        let tq = timed(&rt, &mut q, 20_000).as_secs_f64();
+        let tl = timed(&rt, &mut limit, 20_000).as_secs_f64();
+        let tb = timed(&rt, &mut buf, 2_000).as_secs_f64() * 10.0;
+        vs_limit.push(tq / tl);
+        vs_buffer.push(tb / tq);
     }
-    let (med, lo, hi) = median(ratios);
-    println!(
-        "paired uncontended: Buffer round trip / queue round trip = {med:.1} (median of {ROUNDS}; min {lo:.1}, max {hi:.1})"
+    print_ratio(
+        "uncontended round trip: queue time / ConcurrencyLimit(32) time",
+        vs_limit,
     );
+    print_ratio(
+        "uncontended round trip: Buffer time / queue time",
+        vs_buffer,
+    );
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    for yields in [false, true] {
-        let q = queue(16, 1_000, yields);
-        let buf = rt.block_on(async { Buffer::new(Echo { yields }, 1_000) });
-        let limit = ConcurrencyLimit::new(Echo { yields }, 16);
-        let (mut vs_buffer, mut vs_limit) = (Vec::new(), Vec::new());
+    // Contended, inner answers at once: throughput against Buffer.
+    let q = queue(16, 1_000, false);
+    let buf = rt.block_on(async { Buffer::new(Echo { yields: false }, 1_000) });
+    let mut ratios = Vec::new();
+    for _ in 0..ROUNDS {
+        let (tq, tb) = rt.block_on(async {
+            (
+                batch(&q, TASKS, PER_TASK).await.as_secs_f64(),
+                batch(&buf, TASKS, PER_TASK).await.as_secs_f64(),
+            )
+        });
+        ratios.push(tb / tq);
+    }
+    print_ratio(
+        "contended, 64 tasks on 2 workers, inner instant: queue throughput / Buffer throughput",
+        ratios,
+    );
+
+    // The queued path: 16 permits, an inner that yields once, so that
+    // every permit is held across a task switch and the other callers wait.
+    for waiters in [50u64, 1_000] {
+        let per_task = (20_000 / waiters).max(4);
+        let q = queue(16, 1_000, true);
+        let limit = ConcurrencyLimit::new(Echo { yields: true }, 16);
+        let mut ratios = Vec::new();
         for _ in 0..ROUNDS {
-            let (tq, tb, tl) = rt.block_on(async {
-                let (mut tq, mut tb, mut tl) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-                for _ in 0..4 {
-                    tq += contended_batch(q.clone()).await;
-                    tb += contended_batch(buf.clone()).await;
-                    tl += contended_batch(limit.clone()).await;
-                }
-                (tq, tb, tl)
+            let (tq, tl) = rt.block_on(async {
+                (
+                    batch(&q, waiters, per_task).await.as_secs_f64(),
+                    batch(&limit, waiters, per_task).await.as_secs_f64(),
+                )
             });
-            vs_buffer.push(tb.as_secs_f64() / tq.as_secs_f64());
-            vs_limit.push(tl.as_secs_f64() / tq.as_secs_f64());
+            ratios.push(tq / tl);
         }
-        let inner = if yields { "yields" } else { "instant" };
-        let (med, lo, hi) = median(vs_buffer);
-        println!(
-            "paired contended (inner {inner}): queue throughput / Buffer throughput = {med:.1} (median of {ROUNDS}; min {lo:.1}, max {hi:.1})"
-        );
-        let (med, lo, hi) = median(vs_limit);
-        println!(
-            "paired contended (inner {inner}): queue throughput / ConcurrencyLimit(16) throughput = {med:.2} (median of {ROUNDS}; min {lo:.2}, max {hi:.2})"
+        print_ratio(
+            &format!("queued path, {waiters} callers on 16 permits, inner yields: queue time / ConcurrencyLimit(16) time"),
+            ratios,
         );
     }
+}
+
+/// An inner service whose calls never answer: holds the permit (or the
+/// `ConcurrencyLimit` permit) so that the requests behind it wait.
+#[derive(Clone, Copy)]
+struct Hold;
+
+impl Service<u64> for Hold {
+    type Response = u64;
+    type Error = BoxError;
+    type Future = std::future::Pending<Result<u64, BoxError>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: u64) -> Self::Future {
+        std::future::pending()
+    }
+}
+
+/// Heap bytes per waiting request: `n` requests behind one that holds the
+/// only permit, each made on its own clone of the service (as a server
+/// does), polled once, and kept as a boxed future (as a spawned task keeps
+/// it). Everything a waiting request costs, its future included.
+fn memory_per_waiting() {
+    const N: usize = 10_000;
+    fn waiting<S>(rt: &tokio::runtime::Runtime, svc: S) -> f64
+    where
+        S: Service<u64, Response = u64> + Clone + 'static,
+        S::Error: std::fmt::Debug,
+    {
+        rt.block_on(async {
+            let waker = futures::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            let mut first = svc.clone();
+            first.ready().await.unwrap();
+            let mut held = Box::pin(first.call(0));
+            assert!(held.as_mut().poll(&mut cx).is_pending());
+            for _ in 0..64 {
+                tokio::task::yield_now().await;
+            }
+            let mut futs: Vec<Pin<Box<S::Future>>> = Vec::with_capacity(N);
+            let before = alloc::live_bytes();
+            for i in 0..N as u64 {
+                let mut s = svc.clone();
+                // `ready().await`, not one poll: tokio's budget makes
+                // `Buffer`'s semaphore yield every 128 acquisitions.
+                s.ready().await.unwrap();
+                let mut fut = Box::pin(s.call(i));
+                assert!(fut.as_mut().poll(&mut cx).is_pending());
+                futs.push(fut);
+            }
+            for _ in 0..64 {
+                tokio::task::yield_now().await;
+            }
+            let per = (alloc::live_bytes() - before) as f64 / N as f64;
+            drop(futs);
+            drop(held);
+            per
+        })
+    }
+    let rt = current_thread();
+    let q = {
+        let layer = QueueLayer::builder()
+            .concurrency(1)
+            .capacity(N)
+            .build()
+            .unwrap();
+        waiting(&rt, layer.layer(Hold))
+    };
+    let buffer = {
+        let b = rt.block_on(async { Buffer::new(ConcurrencyLimit::new(Hold, 1), N + 1) });
+        waiting(&rt, b)
+    };
+    println!("heap bytes per waiting request ({N} waiting behind one permit, future boxed):");
+    println!("  llm_resilience_queue                    {q:.0}");
+    println!("  tower_buffer_over_concurrency_limit(1)  {buffer:.0}");
 }
 
 criterion_group!(benches, uncontended, contended);
 
 fn main() {
     report_allocations();
+    memory_per_waiting();
     if std::env::args().any(|a| a == "--bench") {
         paired_ratios();
     }

@@ -1,12 +1,5 @@
 #![doc = include_str!("../README.md")]
-// `unsafe` is denied everywhere but in the queue's shared state
-// (src/queue/state.rs), where a permit holds a plain pointer to the queue
-// instead of an `Arc`, and a wait-list node points at its entry's boxed
-// grant flag instead of sharing an `Arc` with it: fewer atomic operations
-// per call (measured: see the queue section of BENCHMARKS.md), with the
-// protocol modelled with loom in tests/queue_loom.rs.
-#![deny(unsafe_code)]
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 #![warn(
     missing_docs,
     missing_debug_implementations,

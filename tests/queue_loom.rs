@@ -1,24 +1,25 @@
 //! loom models of the queue's permit protocol: the permit word's fast
 //! paths, the handoff to a waiter under the lock, cancellation racing a
-//! grant, and the core's lifetime (a permit holds a plain pointer; the core
-//! is freed by the last `Shared` or by the last permit back, exactly once).
+//! grant, and the core's lifetime (a permit keeps the core alive through its
+//! thread's reference stripe; the core is freed by whoever drops the last
+//! reference, a `Shared` or a permit, exactly once).
 //!
 //! `RUSTFLAGS="--cfg loom" cargo test --release --test queue_loom`
 //!
-//! `src/queue/state.rs` is compiled into this test crate from its source
-//! file, where `src/queue/sync.rs` picks loom's atomics, lock and `Arc`
+//! `src/queue/state/` is compiled into this test crate from its source
+//! files, where `src/queue/sync.rs` picks loom's atomics, lock and `Arc`
 //! (`cfg(all(loom, test))`): loom checks the real code. loom's `Arc` panics
 //! on a double release and reports an `Arc` never released, so every model
 //! below also checks that the core is freed exactly once.
 #![cfg(loom)]
 #![allow(dead_code, unreachable_pub)]
 
-// `state.rs` reaches its siblings as `super::event`, `super::sync` and
+// `state/` reaches its siblings as `super::event`, `super::sync` and
 // `super::Priority`.
 pub(crate) use llm_resilience::queue::Priority;
 #[path = "../src/queue/event.rs"]
 mod event;
-#[path = "../src/queue/state.rs"]
+#[path = "../src/queue/state/mod.rs"]
 mod state;
 #[path = "../src/queue/sync.rs"]
 mod sync;
@@ -30,7 +31,7 @@ use futures::task::noop_waker;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use state::{Enqueued, Entry, Grant, Link, LocalRef, Shared, Slot};
+use state::{Enqueued, Entry, Grant, Shared, Slot};
 use tokio::time::Instant;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -39,21 +40,21 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     b.check(f);
 }
 
-fn queue(concurrency: usize, capacity: usize) -> Link {
-    Arc::new(LocalRef(Arc::new(Shared::new(
+fn queue(concurrency: usize, capacity: usize) -> Arc<Shared> {
+    Arc::new(Shared::new(
         concurrency,
         capacity,
         false,
         Duration::from_secs(10),
         None,
-    ))))
+    ))
 }
 
 /// A request queued behind the permits: a place, then a list entry.
-fn queued(link: &Link) -> Entry {
+fn queued(link: &Shared) -> Entry {
     let waker = noop_waker();
     assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
-    let slot = Slot::new(Arc::clone(link));
+    let slot = Slot::new(link.link());
     match slot.enqueue(Priority::Normal, Instant::now(), &waker) {
         Enqueued::Entry(e) => e,
         _ => panic!("a permit was free"),
@@ -221,7 +222,7 @@ fn a_release_racing_the_first_waiter_is_never_lost() {
             }
             None => {
                 assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
-                Some(Slot::new(Arc::clone(&link)))
+                Some(Slot::new(link.link()))
             }
         };
         if let Some(slot) = slot {
@@ -259,6 +260,37 @@ fn closing_while_a_permit_comes_back_still_serves_the_waiter() {
         take_grant(entry);
         drop(b);
         assert_eq!(link.free_permits(), 2);
+        assert!(link.is_idle());
+    });
+}
+
+/// A node freed by a grant is reused for a newcomer while the entry it was
+/// settled for reads its outcome: the flag is reused only once that entry
+/// has let go of it, so the old entry still sees its grant and the newcomer
+/// is served too.
+#[test]
+fn a_reused_node_never_changes_a_settled_entry_s_outcome() {
+    model(|| {
+        let link = queue(1, 2);
+        let p = link.try_acquire().unwrap();
+        let first = queued(&link);
+        // Settles `first` (a permit) and frees its node.
+        drop(p);
+        let newcomer = {
+            let link = Arc::clone(&link);
+            thread::spawn(move || {
+                let waker = noop_waker();
+                assert_eq!(link.try_place(), Some(Ok(())), "no place in the queue");
+                match Slot::new(link.link()).enqueue(Priority::Normal, Instant::now(), &waker) {
+                    Enqueued::Entry(e) => take_grant(e),
+                    Enqueued::Permit(p) => drop(p),
+                    Enqueued::Closed => panic!("not closed"),
+                }
+            })
+        };
+        take_grant(first);
+        newcomer.join().unwrap();
+        assert_eq!(link.free_permits(), 1);
         assert!(link.is_idle());
     });
 }

@@ -92,6 +92,7 @@ fn class_index(p: Priority) -> usize {
         Priority::High => 0,
         Priority::Normal => 1,
         Priority::Low => 2,
+        other => panic!("the model knows three classes, not {other:?}"),
     }
 }
 

@@ -14,9 +14,10 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
+use super::admit::{poll_admit, Admitted, Waiting};
 use super::event::QueueEventKind;
-use super::state::{Core, Count, Enqueued, Entry, Grant, Link, Permit, Shared, Slot};
-use super::{poll_admit, Admitted, Priority, Waiting};
+use super::state::{Core, Count, Enqueued, Entry, Grant, Permit, Shared, Slot};
+use super::Priority;
 use crate::error::{BoxError, Error};
 
 /// The inner service panicked in `call` or in its response future; the
@@ -76,9 +77,44 @@ enum Expiry {
 struct Meta {
     priority: Priority,
     deadline: Option<Instant>,
-    max_wait: Option<Duration>,
     since: Option<Instant>,
     expiry: Expiry,
+}
+
+/// Why a future failed, kept small so that the future of a call that went
+/// straight through stays small: the common refusals inline, the rest
+/// boxed (they are rare, and most already allocate).
+#[derive(Debug)]
+enum Failure {
+    Full(usize),
+    Shutdown,
+    Expired,
+    Other(Box<Error>),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::QueueFull { depth } => Failure::Full(depth),
+            Error::Shutdown => Failure::Shutdown,
+            Error::DeadlineExceeded {
+                attempts: 0,
+                source: None,
+            } => Failure::Expired,
+            other => Failure::Other(Box::new(other)),
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Full(depth) => Error::QueueFull { depth },
+            Failure::Shutdown => Error::Shutdown,
+            Failure::Expired => deadline_exceeded(),
+            Failure::Other(e) => *e,
+        }
+    }
 }
 
 pin_project! {
@@ -101,7 +137,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Calling { #[pin] fut: F },
-        Failed { error: Option<Error> },
+        Failed { error: Option<Failure> },
         // Admitting, queued or readying: the work is in `slow`.
         Slow,
         Done,
@@ -121,8 +157,8 @@ enum Phase {
     /// `call` came without `poll_ready`: admission happens in `poll`.
     Admitting {
         shared: Arc<Shared>,
-        link: Option<Link>,
         wait: Option<Box<Waiting>>,
+        max_wait: Option<Duration>,
     },
     /// Holds a place; the first poll puts the request in its list (with the
     /// task's waker, in one critical section).
@@ -197,7 +233,9 @@ where
 
     pub(super) fn failed(error: Error) -> Self {
         Self {
-            state: State::Failed { error: Some(error) },
+            state: State::Failed {
+                error: Some(error.into()),
+            },
             permit: None,
             slow: None,
         }
@@ -231,7 +269,6 @@ where
             meta: Meta {
                 priority: Priority::Normal,
                 deadline,
-                max_wait: None,
                 since: None,
                 expiry: Expiry::Deadline,
             },
@@ -257,11 +294,10 @@ where
         let mut meta = Meta {
             priority,
             deadline,
-            max_wait,
             since: Some(since),
             expiry: Expiry::Deadline,
         };
-        let (at, expiry) = wait_limit(deadline, max_wait.map(|d| since + d));
+        let (at, expiry) = wait_limit(deadline, max_wait.and_then(|d| since.checked_add(d)));
         meta.expiry = expiry;
         let slow = Slow {
             phase: Phase::Queued {
@@ -280,7 +316,6 @@ where
     #[allow(clippy::too_many_arguments)]
     pub(super) fn admitting(
         shared: Arc<Shared>,
-        link: Option<Link>,
         wait: Option<Box<Waiting>>,
         service: S,
         req: Req,
@@ -289,14 +324,17 @@ where
         max_wait: Option<Duration>,
     ) -> Self {
         let slow = Slow {
-            phase: Phase::Admitting { shared, link, wait },
+            phase: Phase::Admitting {
+                shared,
+                wait,
+                max_wait,
+            },
             service: Some(service),
             req: Some(req),
             timer: timer_at(deadline),
             meta: Meta {
                 priority,
                 deadline,
-                max_wait,
                 since: None,
                 expiry: Expiry::Deadline,
             },
@@ -339,8 +377,13 @@ where
     fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
         loop {
             match &mut self.phase {
-                Phase::Admitting { shared, link, wait } => {
-                    match poll_admit(shared, link, wait, self.meta.max_wait, cx) {
+                Phase::Admitting {
+                    shared,
+                    wait,
+                    max_wait,
+                } => {
+                    let max_wait = *max_wait;
+                    match poll_admit(shared, wait, max_wait, cx) {
                         Poll::Pending => {
                             if fired(&mut self.timer, cx) {
                                 count_expired(shared, Some(self.meta.priority), None);
@@ -362,8 +405,10 @@ where
                                 return Step::Fail(deadline_exceeded());
                             }
                             meta.since = Some(since);
-                            let (at, expiry) =
-                                wait_limit(meta.deadline, meta.max_wait.map(|d| since + d));
+                            let (at, expiry) = wait_limit(
+                                meta.deadline,
+                                max_wait.and_then(|d| since.checked_add(d)),
+                            );
                             meta.expiry = expiry;
                             self.timer = timer_at(at);
                             self.phase = Phase::Queued {
@@ -531,7 +576,7 @@ where
                     let error = error.take();
                     this.state.set(State::Done);
                     *this.permit = None;
-                    return Poll::Ready(Err(error.unwrap_or(Error::Shutdown)));
+                    return Poll::Ready(Err(error.map_or(Error::Shutdown, Error::from)));
                 }
                 StateProj::Slow => {
                     let slow = this
@@ -541,7 +586,9 @@ where
                     match slow.poll(this.permit, cx) {
                         Step::Pending => return Poll::Pending,
                         Step::Call(fut) => this.state.set(State::Calling { fut }),
-                        Step::Fail(error) => this.state.set(State::Failed { error: Some(error) }),
+                        Step::Fail(error) => this.state.set(State::Failed {
+                            error: Some(error.into()),
+                        }),
                     }
                     // The service, the request and the timer are done with.
                     *this.slow = None;

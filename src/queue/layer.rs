@@ -13,7 +13,7 @@ use super::{NoDeadline, Queue, SamePriority};
 use crate::error::ConfigError;
 
 /// The largest capacity and concurrency accepted: 2^30 (2^28 on targets
-/// with 32-bit pointers), so that a count times 8 plus the flags fits the
+/// with 32-bit pointers), so that a count times 4 plus the flags fits the
 /// atomic word it lives in.
 #[cfg(target_pointer_width = "64")]
 const MAX_BOUND: usize = 1 << 30;
@@ -27,6 +27,7 @@ const TOO_LARGE: &str = "must be at most 2^28 on this target";
 /// What the queue does with a request when every permit is taken and every
 /// place in the queue is too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum WhenFull {
     /// Backpressure: `poll_ready` stays pending until a place frees (bounded
     /// by [`max_wait`](QueueLayerBuilder::max_wait) when set).
@@ -76,9 +77,20 @@ impl<P, D> fmt::Debug for QueueLayer<P, D> {
 }
 
 impl QueueLayer {
-    /// A builder with the defaults: capacity 1 000, concurrency 32, wait when
-    /// full, no maximum wait, every request [`Priority::Normal`](super::Priority::Normal),
-    /// no deadline, aging after 10 s.
+    /// The LLM defaults: capacity 1 000 waiting requests, concurrency 32
+    /// calls in flight, wait (backpressure) when full, no maximum wait,
+    /// every request [`Priority::Normal`](super::Priority::Normal), no
+    /// deadline, aging after 10 s. Providers limit a key by requests and
+    /// tokens per minute rather than by calls in flight, so 32 is a
+    /// starting point to tune, not a provider's figure; 1 000 waiting
+    /// requests of a few kilobytes each stay within a few megabytes.
+    pub fn llm_defaults() -> Self {
+        Self::builder()
+            .build()
+            .expect("the LLM defaults are a valid configuration")
+    }
+
+    /// A builder starting from [`QueueLayer::llm_defaults`].
     pub fn builder() -> QueueLayerBuilder {
         QueueLayerBuilder {
             capacity: 1_000,
@@ -162,7 +174,8 @@ impl<P, D> QueueLayerBuilder<P, D> {
     /// time `poll_ready` waits for a place plus the time queued for a
     /// permit. Past it the request is answered with
     /// [`Error::QueueTimeout`](crate::Error::QueueTimeout) and never sent.
-    /// Must be more than zero.
+    /// Must be more than zero. A wait too long to add to the clock (such as
+    /// `Duration::MAX`) means no limit.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = Some(max_wait);
         self
@@ -173,7 +186,9 @@ impl<P, D> QueueLayerBuilder<P, D> {
     /// it is above [`Priority::Low`](super::Priority::Low). So a `High`
     /// request goes ahead of a `Normal` one queued less than `age_after`
     /// before it, but not of one that has waited longer. Zero makes the
-    /// queue plain FIFO. Default 10 s.
+    /// queue plain FIFO; a huge value (up to `Duration::MAX`) makes the
+    /// classes strict (a lower class waits while any higher one is queued).
+    /// Default 10 s.
     pub fn age_after(mut self, age_after: Duration) -> Self {
         self.age_after = age_after;
         self

@@ -118,18 +118,18 @@
 //!
 //! The uncontended path (a permit is free, nobody waits) takes no lock,
 //! allocates nothing, emits nothing and spawns nothing: one
-//! compare-and-swap to take the permit, one to give it back, and no
-//! reference count (a permit points at the queue; the queue outlives its
-//! last permit). The free permits are spread over one cache line per core,
-//! and a caller takes and returns them on its own thread's line, so callers
-//! on different cores do not pass a line back and forth; a thread whose
-//! line is empty takes a permit from another. Reserving a place in the
-//! queue, and a rejection in reject mode, are one compare-and-swap too. A
-//! queued request takes the lock twice (entering its list on its first
-//! poll, and when a releasing caller hands it the permit) and allocates its
-//! bookkeeping (one box) and its grant flag; the wait lists reuse their
-//! nodes. A service value allocates, the first time one of its calls
-//! queues, a cache-line-aligned reference for its queued calls to share.
+//! compare-and-swap to take the permit and one to give it back, and the
+//! permit's reference to the queue (an `Arc` increment and decrement). The
+//! free permits are spread over one cache line per core, and so are the
+//! references permits hold: a caller takes and returns permits on its own
+//! thread's line, so callers on different cores do not pass a line back
+//! and forth; a thread whose line is empty takes a permit from another.
+//! Reserving a place in the queue, and a rejection in reject mode, are one
+//! compare-and-swap too. A queued request takes the lock twice (entering
+//! its list on its first poll, and when a releasing caller hands it the
+//! permit) and allocates its bookkeeping (one box) and its grant flag (one
+//! small `Arc` shared with its node); the wait lists reuse their nodes.
+//! Every reference is counted; there is no raw pointer.
 //!
 //! # Observability
 //!
@@ -153,222 +153,31 @@
 //! [`Error::Upstream`]: crate::Error::Upstream
 //! [`Error::Shutdown`]: crate::Error::Shutdown
 
+mod admit;
 mod event;
 mod future;
 mod handle;
 mod layer;
-// The one module with `unsafe`: permits point at the queue's core without a
-// reference count (`state::Permit`), and wait-list nodes at their entries'
-// boxed flags (`state::FlagPtr`).
-#[allow(unsafe_code)]
+mod policy;
 mod state;
 mod sync;
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 use tower_service::Service;
 
+use self::admit::{poll_admit, Admitted, Waiting};
 pub use self::event::{QueueEvent, QueueEventKind};
 pub use self::future::{InnerPanicked, ResponseFuture};
 pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
-use self::state::{Admission, Count, Entry, Grant, Link, LocalRef, Permit, Shared, Slot};
+pub use self::policy::{DeadlineOf, NoDeadline, Priority, PriorityOf, SamePriority};
+use self::state::{Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
-
-/// A request's class. Higher classes are served first, with
-/// [aging](QueueLayerBuilder::age_after) so that lower ones do not starve.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum Priority {
-    /// Time-sensitive work (a user waiting on an answer).
-    High = 0,
-    /// The default.
-    #[default]
-    Normal = 1,
-    /// Batch work.
-    Low = 2,
-}
-
-impl Priority {
-    /// A short, stable, lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::High => "high",
-            Priority::Normal => "normal",
-            Priority::Low => "low",
-        }
-    }
-}
-
-/// Reads a request's class. Implemented by [`SamePriority`] and by every
-/// `Fn(&Req) -> Priority + Send + Sync + 'static`.
-pub trait PriorityOf<Req>: Send + Sync + 'static {
-    /// The request's class.
-    fn priority(&self, req: &Req) -> Priority;
-}
-
-impl<Req, F> PriorityOf<Req> for F
-where
-    F: Fn(&Req) -> Priority + Send + Sync + 'static,
-{
-    fn priority(&self, req: &Req) -> Priority {
-        self(req)
-    }
-}
-
-/// Every request is [`Priority::Normal`] (the default).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SamePriority;
-
-impl<Req> PriorityOf<Req> for SamePriority {
-    #[inline]
-    fn priority(&self, _: &Req) -> Priority {
-        Priority::Normal
-    }
-}
-
-/// Reads a request's deadline. Implemented by [`NoDeadline`] and by every
-/// `Fn(&Req) -> Option<tokio::time::Instant> + Send + Sync + 'static`.
-pub trait DeadlineOf<Req>: Send + Sync + 'static {
-    /// When the request stops being worth sending, if ever.
-    fn deadline(&self, req: &Req) -> Option<Instant>;
-}
-
-impl<Req, F> DeadlineOf<Req> for F
-where
-    F: Fn(&Req) -> Option<Instant> + Send + Sync + 'static,
-{
-    fn deadline(&self, req: &Req) -> Option<Instant> {
-        self(req)
-    }
-}
-
-/// No request has a deadline (the default).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoDeadline;
-
-impl<Req> DeadlineOf<Req> for NoDeadline {
-    #[inline]
-    fn deadline(&self, _: &Req) -> Option<Instant> {
-        None
-    }
-}
-
-/// A caller waiting for a place in the queue (wait mode, queue full).
-pub(crate) struct Waiting {
-    entry: Option<Entry>,
-    since: Instant,
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
-/// What admission decided for one request.
-pub(crate) enum Admitted {
-    Permit(Permit),
-    Slot(Slot, Instant),
-    Refused(Error),
-}
-
-/// Admission, shared by `poll_ready` and a future whose `call` came without
-/// `poll_ready`: a permit, a place, a refusal, or pending (waiting for a
-/// place, bounded by `max_wait`).
-///
-/// `link` is the calling service's own reference for the places and entries
-/// of its queued calls, made here the first time one is needed (a request
-/// that goes straight through or is rejected needs none).
-pub(crate) fn poll_admit(
-    shared: &Arc<Shared>,
-    link: &mut Option<Link>,
-    wait: &mut Option<Box<Waiting>>,
-    max_wait: Option<Duration>,
-    cx: &mut Context<'_>,
-) -> Poll<Admitted> {
-    loop {
-        if let Some(w) = wait.as_mut() {
-            if let Some(entry) = w.entry.as_mut() {
-                match entry.poll(cx) {
-                    Poll::Ready(grant) => {
-                        let since = w.since;
-                        *wait = None;
-                        return Poll::Ready(match grant {
-                            Grant::Permit(p) => Admitted::Permit(p),
-                            Grant::Slot(s) => Admitted::Slot(s, since),
-                            Grant::Closed => refuse_closed(shared),
-                        });
-                    }
-                    Poll::Pending => {
-                        if let Some(timer) = w.timer.as_mut() {
-                            if timer.as_mut().poll(cx).is_ready() {
-                                let waited = Instant::now().saturating_duration_since(w.since);
-                                if let Some(entry) = w.entry.take() {
-                                    entry.withdraw();
-                                }
-                                *wait = None;
-                                shared.counters.add(Count::TimedOut);
-                                tracing::debug!(
-                                    waited_ms = waited.as_millis() as u64,
-                                    "queue wait exceeded waiting for a place"
-                                );
-                                shared.emit(QueueEventKind::TimedOut, None, 0, Some(waited));
-                                return Poll::Ready(Admitted::Refused(Error::QueueTimeout {
-                                    waited,
-                                }));
-                            }
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-        }
-        if let Some(p) = shared.try_acquire() {
-            return Poll::Ready(Admitted::Permit(p));
-        }
-        let admission = match shared.try_place() {
-            Some(Ok(())) => Admission::Slot(Slot::new(Arc::clone(
-                link.get_or_insert_with(|| new_link(shared)),
-            ))),
-            Some(Err(depth)) => Admission::Full { depth },
-            None => LocalRef::admit_slow(link.get_or_insert_with(|| new_link(shared)), cx.waker()),
-        };
-        match admission {
-            Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
-            Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, Instant::now())),
-            Admission::Full { depth } => {
-                shared.counters.add(Count::Rejected);
-                tracing::debug!(depth, "queue full, request rejected");
-                shared.emit(QueueEventKind::Rejected, None, depth, None);
-                return Poll::Ready(Admitted::Refused(Error::QueueFull { depth }));
-            }
-            Admission::Closed => return Poll::Ready(refuse_closed(shared)),
-            Admission::Waiting(entry) => {
-                let since = entry.since();
-                let timer = max_wait.map(|d| Box::pin(sleep_until(since + d)));
-                *wait = Some(Box::new(Waiting {
-                    entry: Some(entry),
-                    since,
-                    timer,
-                }));
-                // Loop once more: registers the timer (and sees a grant that
-                // raced with the insertion).
-            }
-        }
-    }
-}
-
-fn new_link(shared: &Arc<Shared>) -> Link {
-    Arc::new(LocalRef(Arc::clone(shared)))
-}
-
-fn refuse_closed(shared: &Shared) -> Admitted {
-    shared.counters.add(Count::ShutOut);
-    shared.emit(QueueEventKind::Shutdown, None, 0, None);
-    Admitted::Refused(Error::Shutdown)
-}
 
 /// What `poll_ready` reserved for the next `call`, on the slow path (a
 /// permit with a ready inner service is kept apart, in `Queue::ready`).
@@ -391,9 +200,6 @@ pub struct Queue<S, P = SamePriority, D = NoDeadline> {
     ready: Option<Permit>,
     reserved: Reserved,
     wait: Option<Box<Waiting>>,
-    /// This service's own reference for the places and entries of its
-    /// queued calls, made the first time one queues.
-    link: Option<Link>,
 }
 
 impl<S, P, D> Queue<S, P, D> {
@@ -405,7 +211,6 @@ impl<S, P, D> Queue<S, P, D> {
             ready: None,
             reserved: Reserved::None,
             wait: None,
-            link: None,
         }
     }
 
@@ -541,16 +346,11 @@ impl<S, P, D> Queue<S, P, D> {
                     };
                 }
                 Reserved::None => {
-                    let admitted = match poll_admit(
-                        &self.shared,
-                        &mut self.link,
-                        &mut self.wait,
-                        self.policy.max_wait,
-                        cx,
-                    ) {
-                        Poll::Ready(a) => a,
-                        Poll::Pending => return Poll::Pending,
-                    };
+                    let admitted =
+                        match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {
+                            Poll::Ready(a) => a,
+                            Poll::Pending => return Poll::Pending,
+                        };
                     self.reserved = match admitted {
                         Admitted::Permit(p) => Reserved::Permit(p),
                         Admitted::Slot(s, since) => Reserved::Slot(s, since),
@@ -595,7 +395,6 @@ impl<S, P, D> Queue<S, P, D> {
                 let deadline = self.policy.deadline.deadline(&req);
                 ResponseFuture::admitting(
                     Arc::clone(&self.shared),
-                    self.link.clone(),
                     self.wait.take(),
                     self.take_inner(),
                     req,

@@ -1,5 +1,5 @@
 //! The atomics, lock and `Arc` the queue's permit protocol uses: `std`'s, or
-//! loom's when `tests/queue_loom.rs` compiles `state.rs` into its own crate
+//! loom's when `tests/queue_loom.rs` compiles `state/` into its own crate
 //! under `--cfg loom` (it includes the files with `#[path]`), so that the
 //! model checker explores the interleavings of the real code and checks that
 //! the core is freed exactly once.
