@@ -6,19 +6,19 @@ mod redis_support;
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use llm_resilience::redis::{
-    Enqueue, JobId, JobOutcome, JobQueue, QueueConfig, Worker, WorkerConfig,
+    Enqueue, JobId, JobOutcome, JobQueue, QueueConfig, Worker, WorkerConfig, WorkerEvent,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis_support::{read_stream, unique, url};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Job {
@@ -50,15 +50,31 @@ fn worker_config() -> WorkerConfig {
 /// Processing calls per job number, shared by every worker of a test.
 type Calls = Arc<Mutex<HashMap<u32, u32>>>;
 
-/// A worker on a thread with a runtime of its own; `kill` drops the runtime
-/// with everything in flight, as a crash would.
+/// What the test does to a worker thread.
+enum Command {
+    /// Drop the runtime with everything in flight, as a crash would.
+    Kill,
+    /// Block the runtime's thread until the sender of this channel is
+    /// dropped, as a stalled process would: its jobs get reclaimed, and
+    /// when it wakes it tries to finish them too.
+    Freeze(std::sync::mpsc::Receiver<()>),
+}
+
+/// A worker on a thread with a runtime of its own.
 struct WorkerThread {
-    kill: oneshot::Sender<()>,
+    control: tokio::sync::mpsc::UnboundedSender<Command>,
     thread: JoinHandle<()>,
 }
 
-fn start_worker(url: String, name: String, calls: Calls) -> WorkerThread {
-    let (kill, killed) = oneshot::channel::<()>();
+impl WorkerThread {
+    fn kill(self) {
+        let _ = self.control.send(Command::Kill);
+        self.thread.join().unwrap();
+    }
+}
+
+fn start_worker(url: String, name: String, calls: Calls, dups: Arc<AtomicU32>) -> WorkerThread {
+    let (control, mut commands) = tokio::sync::mpsc::unbounded_channel();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -87,15 +103,22 @@ fn start_worker(url: String, name: String, calls: Calls) -> WorkerThread {
                 }
             });
             let _worker = Worker::new(&queue, svc, worker_config())
+                .on_event(move |e| {
+                    if let WorkerEvent::Duplicate { .. } = e {
+                        dups.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
                 .spawn()
                 .await
                 .unwrap();
-            let _ = killed.await;
+            while let Some(Command::Freeze(until)) = commands.recv().await {
+                let _ = until.recv();
+            }
         });
         // The runtime is dropped here with the worker and its jobs mid-way.
         drop(rt);
     });
-    WorkerThread { kill, thread }
+    WorkerThread { control, thread }
 }
 
 #[test]
@@ -132,11 +155,13 @@ fn ten_thousand_jobs_through_four_workers_killed_at_random_end_exactly_once() {
     });
     assert_eq!(ids.len(), JOBS as usize);
     let calls: Calls = Arc::default();
-    let mut workers: Vec<_> = (0..4)
-        .map(|_| start_worker(url.clone(), name.clone(), calls.clone()))
-        .collect();
+    let dups = Arc::new(AtomicU32::new(0));
+    let start = || start_worker(url.clone(), name.clone(), calls.clone(), dups.clone());
+    let mut workers: Vec<_> = (0..4).map(|_| start()).collect();
     let mut rng = StdRng::seed_from_u64(16);
-    let mut kills = 0;
+    let (mut kills, mut freezes) = (0, 0);
+    let mut frozen: Vec<Option<(std::time::Instant, std::sync::mpsc::Sender<()>)>> =
+        (0..4).map(|_| None).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let s = rt.block_on(queue.stats()).unwrap();
@@ -147,24 +172,37 @@ fn ten_thousand_jobs_through_four_workers_killed_at_random_end_exactly_once() {
             std::time::Instant::now() < deadline,
             "jobs left unfinished: {s:?}"
         );
-        let pause = Duration::from_millis(rng.random_range(50..400));
+        let pause = Duration::from_millis(rng.random_range(20..120));
         rt.block_on(async { tokio::time::sleep(pause).await });
-        // Kill a random worker and start a new one in its place, until
-        // most jobs are done (then let the reclaims finish).
+        for f in &mut frozen {
+            if f.as_ref()
+                .is_some_and(|(until, _)| std::time::Instant::now() >= *until)
+            {
+                *f = None; // drops the sender: the worker wakes
+            }
+        }
+        // Kill a random worker and start a new one in its place, or stall
+        // one for longer than the visibility timeout, until most jobs are
+        // done (then let the reclaims finish).
         if s.output + s.dead_letters < u64::from(JOBS) * 9 / 10 {
             let i = rng.random_range(0..workers.len());
-            let w = std::mem::replace(
-                &mut workers[i],
-                start_worker(url.clone(), name.clone(), calls.clone()),
-            );
-            let _ = w.kill.send(());
-            w.thread.join().unwrap();
-            kills += 1;
+            if frozen[i].is_some() {
+                // Left alone until it wakes and races the reclaimer.
+            } else if rng.random_ratio(1, 5) {
+                let (wake, until) = std::sync::mpsc::channel::<()>();
+                let _ = workers[i].control.send(Command::Freeze(until));
+                let stall = Duration::from_millis(rng.random_range(1600..2500));
+                frozen[i] = Some((std::time::Instant::now() + stall, wake));
+                freezes += 1;
+            } else {
+                std::mem::replace(&mut workers[i], start()).kill();
+                kills += 1;
+            }
         }
     }
+    drop(frozen);
     for w in workers {
-        let _ = w.kill.send(());
-        w.thread.join().unwrap();
+        w.kill();
     }
     let output = rt.block_on(read_stream(&url, &format!("llmq:{{{name}}}:output")));
     let dead = rt.block_on(read_stream(&url, &format!("llmq:{{{name}}}:dead")));
@@ -191,8 +229,17 @@ fn ten_thousand_jobs_through_four_workers_killed_at_random_end_exactly_once() {
     }
     let calls = calls.lock().unwrap();
     let repeated = calls.values().filter(|&&c| c > 1).count();
-    assert!(kills >= 5, "only {kills} kills");
-    eprintln!("{kills} worker kills; {repeated} jobs processed more than once (at-least-once), one output each");
+    let dups = dups.load(Ordering::Relaxed);
+    eprintln!(
+        "{kills} worker kills, {freezes} stalls; {repeated} jobs processed more than once \
+         (at-least-once), {dups} second outcomes refused by the done marker; one output each"
+    );
+    assert!(
+        kills >= 5 && freezes >= 1,
+        "only {kills} kills and {freezes} stalls"
+    );
+    // The stalls really raced two workers to one job's outcome.
+    assert!(dups > 0);
 }
 
 /// A `redis-server` of the test's own (so it can be killed), with AOF and
@@ -207,7 +254,7 @@ impl OwnServer {
     fn binary() -> Option<String> {
         let bin =
             std::env::var("LLM_RESILIENCE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        match Command::new(&bin).arg("--version").output() {
+        match std::process::Command::new(&bin).arg("--version").output() {
             Ok(o) if o.status.success() => Some(bin),
             _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
                 panic!("CI=true but `{bin}` cannot run: the Redis restart test must run in CI")
@@ -221,7 +268,7 @@ impl OwnServer {
 
     fn start(bin: &str, port: u16, dir: std::path::PathBuf) -> Self {
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(bin)
+        let child = std::process::Command::new(bin)
             .args([
                 "--port",
                 &port.to_string(),
