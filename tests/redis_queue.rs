@@ -215,7 +215,7 @@ async fn poison_entries_go_to_dead_letters_and_never_block_the_stream() {
     assert_eq!(dead.len(), 2);
     assert!(dead
         .iter()
-        .any(|d| d["job"].starts_with("entry:normal:") && d["error"].contains("malformed entry")));
+        .any(|d| d["job"].starts_with("normal-") && d["error"].contains("malformed entry")));
     // A result of the wrong type is a typed error, not a panic.
     assert!(matches!(
         q.wait_for::<String>(&good, WAIT).await,

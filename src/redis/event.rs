@@ -37,7 +37,7 @@ pub enum WorkerEvent<'a> {
     },
     /// The job went to the dead-letter stream.
     DeadLettered {
-        /// The job id (`entry:<class>:<entry id>` for an entry without one).
+        /// The job id.
         job: &'a str,
         /// Deliveries, this one included.
         deliveries: u32,

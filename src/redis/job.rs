@@ -8,7 +8,9 @@ use redis::Value;
 
 use super::error::RedisQueueError;
 
-/// A job's id, unique within its queue (a counter kept in Redis).
+/// A job's id, unique within its queue: its class and the id of the stream
+/// entry it was first enqueued as (`normal-1764500000000-0`); a job keeps
+/// it when it is re-queued.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId(pub(crate) String);
 
@@ -218,9 +220,6 @@ impl Keys {
     pub(crate) fn dead(&self) -> String {
         format!("{}:dead", self.prefix)
     }
-    pub(crate) fn seq(&self) -> String {
-        format!("{}:seq", self.prefix)
-    }
     pub(crate) fn turn(&self) -> String {
         format!("{}:turn", self.prefix)
     }
@@ -295,7 +294,7 @@ pub(crate) fn parse_delivery(v: &Value) -> Result<Delivery, RedisQueueError> {
         .ok_or_else(|| RedisQueueError::malformed(&entry, "unknown class"))?;
     let mut d = Delivery {
         class,
-        job: format!("entry:{}:{entry}", class.as_str()),
+        job: format!("{}-{entry}", class.as_str()),
         entry,
         payload: Vec::new(),
         deadline_ms: None,
@@ -329,17 +328,16 @@ pub(crate) fn parse_delivery(v: &Value) -> Result<Delivery, RedisQueueError> {
     if let Some(p) = payload {
         d.payload = p;
     }
-    match (job, prior) {
-        (Some(job), Some(prior)) if !job.is_empty() => {
-            d.job = job;
-            d.deliveries = d.deliveries.saturating_add(prior);
-            if d.payload.is_empty() {
-                d.malformed = Some("field `payload` missing".into());
-            }
-        }
-        (None, _) | (Some(_), None) | (Some(_), Some(_)) => {
-            d.malformed = Some("field `job` or `n` missing or invalid".into());
-        }
+    // A first enqueue is a bare entry (its id names the job); a re-queued
+    // one carries its job id and earlier deliveries.
+    match job {
+        Some(job) if !job.is_empty() => d.job = job,
+        Some(_) => d.malformed = Some("field `job` is empty".into()),
+        None => {}
+    }
+    d.deliveries = d.deliveries.saturating_add(prior.unwrap_or(0));
+    if d.payload.is_empty() {
+        d.malformed = Some("field `payload` missing".into());
     }
     if d.deadline_ms == Some(0) {
         d.deadline_ms = None;
@@ -384,6 +382,19 @@ mod tests {
     }
 
     #[test]
+    fn a_first_enqueue_is_named_by_its_entry() {
+        let v = Value::Array(vec![
+            Value::Int(1),
+            b("9-0"),
+            Value::Array(vec![b("payload"), b("{}")]),
+            Value::Int(2),
+        ]);
+        let d = parse_delivery(&v).unwrap();
+        assert_eq!((d.job.as_str(), d.deliveries), ("normal-9-0", 2));
+        assert!(d.malformed.is_none());
+    }
+
+    #[test]
     fn a_foreign_entry_is_reported_malformed_not_an_error() {
         let v = Value::Array(vec![
             Value::Int(0),
@@ -392,7 +403,7 @@ mod tests {
             Value::Int(1),
         ]);
         let d = parse_delivery(&v).unwrap();
-        assert_eq!(d.job, "entry:high:5-1");
+        assert_eq!(d.job, "high-5-1");
         assert!(d.malformed.is_some());
         assert!(parse_delivery(&Value::Int(3)).is_err());
     }

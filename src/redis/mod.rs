@@ -90,7 +90,7 @@
 //! For a queue named `q`: streams `llmq:{q}:jobs:high|normal|low` (group
 //! `llm-resilience`), `llmq:{q}:output`, `llmq:{q}:dead`; sorted set
 //! `llmq:{q}:delayed`; strings `llmq:{q}:result:<id>`, `llmq:{q}:idem:<key>`,
-//! `llmq:{q}:seq`, `llmq:{q}:turn`, `llmq:{q}:retried`. The hash tag `{q}`
+//! `llmq:{q}:turn`, `llmq:{q}:retried`. The hash tag `{q}`
 //! keeps a queue in one Redis Cluster slot. Output entries have fields
 //! `job`, `deliveries`, `status` (`ok` or `expired`) and `result` (the
 //! answer as JSON); dead letters `job`, `deliveries`, `error`, `priority`,

@@ -113,8 +113,9 @@ impl JobQueue {
             .map(|(id, _)| id)
     }
 
-    /// Enqueues `job` with `options`, in one atomic step (one script: check
-    /// the idempotency key, take an id, append to the class's stream).
+    /// Enqueues `job` with `options`, in one atomic step: one `XADD` to the
+    /// class's stream, or with an idempotency key one script (check the key,
+    /// append, set the key).
     /// Returns the job's id and whether it was enqueued now (`false`: the
     /// idempotency key already named this job, and nothing was enqueued).
     ///
@@ -134,15 +135,27 @@ impl JobQueue {
                 limit: self.config.max_payload_bytes,
             });
         }
+        let class = options.priority;
+        let Some(key) = &options.key else {
+            // No key: one plain XADD, and the entry's id names the job.
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(self.keys.stream(class))
+                .arg("*")
+                .arg("payload")
+                .arg(payload);
+            if let Some(d) = options.deadline_ms {
+                cmd.arg("deadline").arg(d);
+            }
+            let entry: String = cmd.query_async(&mut self.conn.clone()).await?;
+            return Ok((JobId(format!("{}-{entry}", class.as_str())), true));
+        };
         let mut inv = scripts::ENQUEUE.prepare_invoke();
-        inv.key(self.keys.seq())
-            .key(self.keys.stream(options.priority));
-        if let Some(k) = &options.key {
-            inv.key(self.keys.idempotency(k));
-        }
+        inv.key(self.keys.stream(class))
+            .key(self.keys.idempotency(key));
         inv.arg(payload)
             .arg(options.deadline_ms.unwrap_or(0))
-            .arg(ms(self.config.idempotency_ttl));
+            .arg(ms(self.config.idempotency_ttl))
+            .arg(class.as_str());
         let (id, created): (String, i64) = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok((JobId(id), created == 1))
     }

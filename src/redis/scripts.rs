@@ -9,19 +9,23 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Enqueue: `KEYS` = seq, class stream, [idempotency key];
-/// `ARGV` = payload, deadline (unix ms, 0 = none), idempotency TTL (ms).
-/// Returns `{job id, 1 if enqueued / 0 if the key already named a job}`.
+/// Enqueue with an idempotency key: `KEYS` = class stream, idempotency
+/// key; `ARGV` = payload, deadline (unix ms, 0 = none), idempotency TTL
+/// (ms), class name. Returns `{job id, 1 if enqueued / 0 if the key already
+/// named a job}`. (Without a key, an enqueue is one plain `XADD`.)
 pub(crate) static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if KEYS[3] then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then return {existing, 0} end
+local existing = redis.call('GET', KEYS[2])
+if existing then return {existing, 0} end
+local e
+if ARGV[2] == '0' then
+  e = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1])
+else
+  e = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1], 'deadline', ARGV[2])
 end
-local id = tostring(redis.call('INCR', KEYS[1]))
-if KEYS[3] then redis.call('SET', KEYS[3], id, 'PX', ARGV[3]) end
-redis.call('XADD', KEYS[2], '*', 'job', id, 'payload', ARGV[1], 'deadline', ARGV[2], 'n', '0')
+local id = ARGV[4] .. '-' .. e
+redis.call('SET', KEYS[2], id, 'PX', ARGV[3])
 return {id, 1}
 "#,
     )
@@ -42,8 +46,8 @@ return {id, 1}
 ///    otherwise; a turn whose class is empty goes to the others in priority
 ///    order.
 ///
-/// Returns `{now ms, next due ms or -1, {class, entry id, fields, pending
-/// deliveries}...}`.
+/// Returns `{now ms, next due ms or -1 (looked up only when nothing was
+/// taken), {class, entry id, fields, pending deliveries}...}`.
 pub(crate) static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -77,10 +81,13 @@ if ARGV[7] == '1' then
     push(c, r[2], true)
   end
 end
+local empty = {false, false, false}
 local function read(c, count)
-  if count <= 0 then return end
+  if count <= 0 or empty[c] then return end
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', KEYS[c], '>')
-  if r then push(c, r[1][2], false) end
+  local got = 0
+  if r then got = #r[1][2]; push(c, r[1][2], false) end
+  if got < count then empty[c] = true end
 end
 if n > 0 then
   local w = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
@@ -97,8 +104,10 @@ if n > 0 then
   for c = 1, 3 do read(c, n) end
 end
 local next_due = -1
-local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-if first[2] then next_due = math.floor(tonumber(first[2])) end
+if #out == 0 then
+  local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if first[2] then next_due = math.floor(tonumber(first[2])) end
+end
 return {now, next_due, out}
 "#,
     )
