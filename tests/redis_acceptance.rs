@@ -201,6 +201,21 @@ fn ten_thousand_jobs_through_four_workers_killed_at_random_end_exactly_once() {
         }
     }
     drop(frozen);
+    // Acknowledged entries are trimmed away by the workers (in whole
+    // stream nodes of up to 100 entries), not kept for ever.
+    let stream = format!("llmq:{{{name}}}:jobs:normal");
+    let trimmed = rt.block_on(async {
+        let mut c = redis_support::raw(&url).await;
+        for _ in 0..200 {
+            let len: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await.unwrap();
+            if len <= 100 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    assert!(trimmed, "the job stream was not trimmed");
     for w in workers {
         w.kill();
     }

@@ -38,7 +38,7 @@
 //!
 //! A job is delivered **at least once**: a worker acknowledges it only in
 //! the same Lua script that writes its outcome (output or dead-letter
-//! stream entry, the per-job result key, `XACK`, `XDEL`), so a worker that
+//! stream entry, the per-job result key, `XACK`), so a worker that
 //! dies at any point leaves the job pending in the group, and after the
 //! worker's `visibility_timeout` another worker reclaims it (`XAUTOCLAIM`)
 //! and runs it again. The service may therefore see a job more than once

@@ -225,49 +225,61 @@ impl JobQueue {
     pub async fn stats(&self) -> Result<QueueStats, RedisQueueError> {
         let mut pipe = redis::pipe();
         for p in Priority::ALL {
-            pipe.cmd("XLEN").arg(self.keys.stream(p));
-            pipe.cmd("XPENDING").arg(self.keys.stream(p)).arg(GROUP);
+            pipe.cmd("XINFO").arg("GROUPS").arg(self.keys.stream(p));
         }
         pipe.cmd("ZCARD").arg(self.keys.delayed());
         pipe.cmd("XLEN").arg(self.keys.output());
         pipe.cmd("XLEN").arg(self.keys.dead());
         pipe.cmd("GET").arg(self.keys.retried());
         let v: Vec<Value> = pipe.query_async(&mut self.conn.clone()).await?;
-        let int = |v: &Value| -> u64 {
+        let int = |v: &Value| -> Option<u64> {
             match v {
-                Value::Int(i) => u64::try_from(*i).unwrap_or(0),
-                Value::BulkString(b) => std::str::from_utf8(b)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
-                Value::Array(a) => a.first().map_or(0, |x| match x {
-                    Value::Int(i) => u64::try_from(*i).unwrap_or(0),
-                    _ => 0,
-                }),
-                _ => 0,
+                Value::Int(i) => u64::try_from(*i).ok(),
+                Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                Value::Nil => Some(0),
+                _ => None,
             }
         };
-        if v.len() != 10 {
-            return Err(RedisQueueError::malformed(
-                "stats",
-                "unexpected reply length",
-            ));
+        let bad = |what: &str| RedisQueueError::malformed("stats", what.to_owned());
+        if v.len() != 7 {
+            return Err(bad("unexpected reply length"));
         }
         let mut s = QueueStats::default();
-        for i in 0..3 {
-            let (len, pending) = (int(&v[2 * i]), int(&v[2 * i + 1]));
-            s.pending[i] = pending;
-            // Acknowledged entries are deleted, so a stream holds exactly
-            // its waiting and its pending entries.
-            s.depth[i] = len.saturating_sub(pending);
+        for (i, groups) in v[..3].iter().enumerate() {
+            // XINFO GROUPS: one flat field/value array per group; `lag` is
+            // the number of entries not yet delivered (Redis 7).
+            let Value::Array(groups) = groups else {
+                return Err(bad("XINFO GROUPS is not an array"));
+            };
+            for g in groups {
+                let Value::Array(kv) = g else { continue };
+                let field = |name: &str| {
+                    kv.chunks(2).find_map(|c| match c {
+                        [Value::BulkString(k), v] if k == name.as_bytes() => Some(v),
+                        [Value::SimpleString(k), v] if k == name => Some(v),
+                        _ => None,
+                    })
+                };
+                let ours =
+                    matches!(field("name"), Some(Value::BulkString(n)) if n == GROUP.as_bytes());
+                if !ours {
+                    continue;
+                }
+                s.pending[i] = field("pending")
+                    .and_then(int)
+                    .ok_or_else(|| bad("no pending"))?;
+                s.depth[i] = field("lag").and_then(int).ok_or_else(|| bad("no lag"))?;
+            }
         }
-        s.delayed = int(&v[6]);
-        s.output = int(&v[7]);
-        s.dead_letters = int(&v[8]);
-        s.retried = int(&v[9]);
+        let [delayed, output, dead, retried] = &v[3..] else {
+            return Err(bad("unexpected reply length"));
+        };
+        s.delayed = int(delayed).unwrap_or(0);
+        s.output = int(output).unwrap_or(0);
+        s.dead_letters = int(dead).unwrap_or(0);
+        s.retried = int(retried).unwrap_or(0);
         Ok(s)
     }
-
     /// Reads [`stats`](Self::stats) and sets them as gauges (see the module
     /// docs for the names), labelled `queue` = the queue's name.
     #[cfg(feature = "metrics")]

@@ -38,7 +38,11 @@ return {id, 1}
 /// reclaim (`1`/`0`), visibility timeout (ms), most delayed jobs to promote.
 ///
 /// 1. Due delayed jobs move back to their class stream.
-/// 2. If `reclaim`: entries pending longer than the visibility timeout (a
+/// 2. If `reclaim`: each stream is trimmed (`XTRIM MINID ~`) below its
+///    oldest pending entry, or below the first undelivered one when none is
+///    pending: acknowledged entries are not deleted one by one (`XDEL`
+///    costs more than the rest of a job's writes), they go in whole nodes.
+///    Then entries pending longer than the visibility timeout (a
 ///    worker died or hung) are claimed with `XAUTOCLAIM`, oldest class first;
 ///    their delivery count comes from `XPENDING`.
 /// 3. New entries by weighted round robin over a fleet-wide turn counter:
@@ -74,7 +78,24 @@ local function push(c, entries, pel)
     n = n - 1
   end
 end
+local function trim(c)
+  local p = redis.call('XPENDING', KEYS[c], ARGV[1])
+  local minid = p[2]
+  if p[1] == 0 then
+    minid = nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[c])) do
+      local f = {}
+      for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+      if f['name'] == ARGV[1] then
+        local ms, seq = string.match(f['last-delivered-id'], '^(%d+)-(%d+)$')
+        if ms and tonumber(seq) < 1e15 then minid = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+      end
+    end
+  end
+  if minid then redis.call('XTRIM', KEYS[c], 'MINID', '~', minid) end
+end
 if ARGV[7] == '1' then
+  for c = 1, 3 do trim(c) end
   for c = 1, 3 do
     if n <= 0 then break end
     local r = redis.call('XAUTOCLAIM', KEYS[c], ARGV[1], ARGV[2], ARGV[8], '0-0', 'COUNT', n)
@@ -125,7 +146,6 @@ pub(crate) static FINISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
 if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
   return 1
@@ -146,7 +166,6 @@ pub(crate) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
