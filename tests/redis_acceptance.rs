@@ -207,7 +207,11 @@ fn ten_thousand_jobs_through_four_workers_killed_at_random_end_exactly_once() {
     let trimmed = rt.block_on(async {
         let mut c = redis_support::raw(&url).await;
         for _ in 0..200 {
-            let len: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await.unwrap();
+            let len: u64 = redis::cmd("XLEN")
+                .arg(&stream)
+                .query_async(&mut c)
+                .await
+                .unwrap();
             if len <= 100 {
                 return true;
             }

@@ -125,6 +125,7 @@ mod process;
 mod producer;
 mod scripts;
 mod worker;
+mod writer;
 
 pub use config::{QueueConfig, QueueConfigBuilder, WorkerConfig, WorkerConfigBuilder};
 pub use error::RedisQueueError;

@@ -14,6 +14,7 @@ use super::event::WorkerEvent;
 use super::job::{unix_ms, Delivery, GROUP};
 use super::scripts;
 use super::worker::Ctx;
+use super::writer::Outcome;
 use crate::error::BoxError;
 
 /// Whether a failed job is worth another delivery.
@@ -221,42 +222,43 @@ async fn write(ctx: &Ctx, job: &Delivery, verdict: &Verdict) -> Result<bool, Red
             format!("dead:{}:{e}", job.deliveries).into_bytes(),
         ),
     };
-    let mut inv = scripts::FINISH.prepare_invoke();
-    inv.key(ctx.keys.stream(job.class))
-        .key(target)
-        .key(ctx.keys.result(&job.job));
-    inv.arg(GROUP)
-        .arg(&job.entry)
-        .arg(ms(ctx.queue.result_ttl))
-        .arg(stored)
-        .arg(ctx.queue.output_max_len)
-        .arg("job")
-        .arg(&job.job)
-        .arg("deliveries")
-        .arg(job.deliveries);
+    let mut fields: Vec<Vec<u8>> = vec![
+        b"job".to_vec(),
+        job.job.as_bytes().to_vec(),
+        b"deliveries".to_vec(),
+        job.deliveries.to_string().into_bytes(),
+    ];
     match verdict {
         Verdict::Ok(json) => {
-            inv.arg("status")
-                .arg("ok")
-                .arg("result")
-                .arg(json.as_slice());
+            fields.extend([
+                b"status".to_vec(),
+                b"ok".to_vec(),
+                b"result".to_vec(),
+                json.clone(),
+            ]);
         }
-        Verdict::Dead(e) => {
-            inv.arg("error")
-                .arg(e)
-                .arg("priority")
-                .arg(job.class.as_str())
-                .arg("entry")
-                .arg(&job.entry)
-                .arg("payload")
-                .arg(job.payload.as_slice());
-        }
-        _ => {
-            inv.arg("status").arg("expired");
-        }
+        Verdict::Dead(e) => fields.extend([
+            b"error".to_vec(),
+            e.as_bytes().to_vec(),
+            b"priority".to_vec(),
+            job.class.as_str().as_bytes().to_vec(),
+            b"entry".to_vec(),
+            job.entry.as_bytes().to_vec(),
+            b"payload".to_vec(),
+            job.payload.clone(),
+        ]),
+        _ => fields.extend([b"status".to_vec(), b"expired".to_vec()]),
     }
-    let n: i64 = inv.invoke_async(&mut ctx.conn.clone()).await?;
-    Ok(n == 1)
+    ctx.writer
+        .write(Outcome {
+            source: ctx.keys.stream(job.class),
+            target,
+            result_key: ctx.keys.result(&job.job),
+            entry: job.entry.clone(),
+            stored,
+            fields,
+        })
+        .await
 }
 
 /// Moves the job to the delayed set, to come back after `delay`.

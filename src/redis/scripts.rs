@@ -134,23 +134,36 @@ return {now, next_due, out}
     )
 });
 
-/// Record an outcome and acknowledge, in one step: `KEYS` = source stream,
-/// target stream (output or dead letters), result key; `ARGV` = group, entry
-/// id, result TTL (ms), stored outcome, target max length, then the target
-/// entry's field/value pairs.
+/// Record outcomes and acknowledge, each job in one step (and the whole
+/// batch too): a worker writes the outcomes of the jobs that finished while
+/// its previous write was on its way in one call.
+///
+/// `KEYS` = for each job its source stream, target stream (output or dead
+/// letters) and result key; `ARGV` = group, result TTL (ms), target max
+/// length, then for each job its entry id, stored outcome, number of target
+/// fields, and those fields.
 ///
 /// The result key is the job's "done" marker: `SET NX` fails when an outcome
 /// is already recorded (another worker finished a reclaimed copy first), and
-/// then nothing is written. Returns 1 if written, 0 if a duplicate.
-pub(crate) static FINISH: LazyLock<Script> = LazyLock::new(|| {
+/// then nothing is written. Returns 1 (written) or 0 (a duplicate) per job.
+pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[3]) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
-  return 1
+local out = {}
+local a = 4
+for i = 0, #KEYS / 3 - 1 do
+  local entry, stored, nf = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  redis.call('XACK', KEYS[3 * i + 1], ARGV[1], entry)
+  if redis.call('SET', KEYS[3 * i + 3], stored, 'NX', 'PX', ARGV[2]) then
+    redis.call('XADD', KEYS[3 * i + 2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, a, a + nf - 1))
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  a = a + nf
 end
-return 0
+return out
 "#,
     )
 });

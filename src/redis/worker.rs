@@ -22,6 +22,7 @@ use super::job::{parse_delivery, Delivery, Keys, Priority, GROUP};
 use super::process::{process, Failure};
 use super::producer::{connect, ensure_groups, JobQueue};
 use super::scripts;
+use super::writer::Writer;
 use crate::error::BoxError;
 
 /// Decides whether a service error is worth another delivery.
@@ -116,7 +117,14 @@ where
             .consumer
             .clone()
             .unwrap_or_else(|| format!("worker-{:016x}", rand::random::<u64>()));
+        let (writer, writer_task) = Writer::spawn(
+            conn.clone(),
+            ms(self.queue.config.result_ttl),
+            self.queue.config.output_max_len,
+            self.config.max_in_flight,
+        );
         let ctx = Arc::new(Ctx {
+            writer,
             conn,
             keys: self.queue.keys.clone(),
             queue: self.queue.config.clone(),
@@ -129,6 +137,7 @@ where
         let (release_tx, release_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             ctx,
+            AbortOnDrop(writer_task),
             self.service,
             block_conn,
             stop_rx,
@@ -180,6 +189,7 @@ impl WorkerHandle {
 
 /// What every job task of one worker shares.
 pub(crate) struct Ctx {
+    pub(crate) writer: Writer,
     pub(crate) conn: ConnectionManager,
     pub(crate) keys: Keys,
     pub(crate) queue: super::config::QueueConfig,
@@ -263,8 +273,18 @@ async fn wait_for_new(
     Ok(())
 }
 
+/// Stops the outcome writer when the worker's task ends or is aborted.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run<S, T>(
     ctx: Arc<Ctx>,
+    _writer: AbortOnDrop,
     service: S,
     mut block_conn: ConnectionManager,
     mut stop: watch::Receiver<bool>,
