@@ -152,7 +152,9 @@ where
     }
 }
 
-/// A running worker. Dropping the handle leaves the worker running.
+/// A running worker. Dropping the handle starts the same graceful shutdown
+/// as [`shutdown`](Self::shutdown), without waiting for it; keep the handle
+/// for as long as the worker should run.
 #[derive(Debug)]
 pub struct WorkerHandle {
     consumer: String,
