@@ -24,6 +24,9 @@ pub mod error;
 pub mod fallback;
 pub mod pipeline;
 pub mod queue;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod report;
 pub mod retry;
 #[cfg(feature = "testing")]

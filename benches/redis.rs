@@ -1,0 +1,374 @@
+//! Throughput of the Redis job queue against the floor: a plain
+//! `XADD` / `XREADGROUP` / `XACK` loop on the same server, in the same run,
+//! round robin.
+//!
+//! ```sh
+//! LLM_RESILIENCE_REDIS_URL=redis://127.0.0.1:6391/ \
+//!   cargo bench --features redis --bench redis -- [JOBS] [ROUNDS]
+//! ```
+//!
+//! What each side does per job:
+//! - floor: enqueue = one `XADD`; worker = `XREADGROUP COUNT 16` per batch,
+//!   one `XACK` per job, nothing written back.
+//! - floor + output: as the floor, but the ack is a `MULTI` of `XADD` to an
+//!   output stream and `XACK` (the least a queue with results must do).
+//! - ours: enqueue = one `XADD` (a script with an idempotency key, not
+//!   measured here); worker = one take
+//!   script per batch of free slots (due delayed jobs, weighted round robin
+//!   over three class streams), JSON decode of the job, a tower service
+//!   call, JSON encode of the answer, one finish script per job (`XACK`,
+//!   `XDEL`, `SET NX` result marker, `XADD` output).
+//!
+//! Round trips per job are counted by the server (`INFO commandstats`,
+//! top-level commands only: scripts' inner commands are not round trips).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llm_resilience::redis::{JobQueue, QueueConfig, Worker, WorkerConfig, WorkerEvent};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Job {
+    n: u64,
+}
+
+const PRODUCERS: u64 = 64;
+const IN_FLIGHT: usize = 16;
+
+async fn conn(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Top-level command counts from `INFO commandstats`, and the server's CPU
+/// time so far (µs, as `cpu`).
+async fn command_counts(c: &mut MultiplexedConnection) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    let cpu: String = redis::cmd("INFO").arg("cpu").query_async(c).await.unwrap();
+    let mut m = HashMap::new();
+    let secs: f64 = cpu
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .map(|l| l.split_once(':').unwrap().1.trim().parse::<f64>().unwrap())
+        .sum();
+    m.insert("cpu".to_owned(), (secs * 1e6) as u64);
+    for line in info.lines() {
+        let Some(rest) = line.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let (name, stats) = rest.split_once(':').unwrap();
+        let calls = stats
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .unwrap();
+        m.insert(name.to_owned(), calls.parse().unwrap());
+    }
+    m
+}
+
+fn delta(a: &HashMap<String, u64>, b: &HashMap<String, u64>, names: &[&str]) -> u64 {
+    names
+        .iter()
+        .map(|n| b.get(*n).unwrap_or(&0) - a.get(*n).unwrap_or(&0))
+        .sum()
+}
+
+/// Plain floor: enqueue `XADD`, `XREADGROUP`, `XACK`. With output, one
+/// pipelined `MULTI`/`XADD`/`XACK`/`EXEC` is one round trip, and the
+/// output `XADD`s are counted instead of the `EXEC`s.
+const FLOOR_CMDS: &[&str] = &["xadd", "xreadgroup", "xack"];
+const FLOOR_OUTPUT_CMDS: &[&str] = &["xadd", "xreadgroup"];
+const OUR_CMDS: &[&str] = &[
+    "evalsha",
+    "eval",
+    "script|load",
+    "xread",
+    "get",
+    "xgroup|create",
+];
+
+/// Measured: (enqueue jobs/s, end-to-end jobs/s, round trips per job,
+/// Redis CPU µs per job).
+type Figures = (f64, f64, f64, f64);
+
+async fn floor(url: &str, jobs: u64, workers: usize, with_output: bool) -> Figures {
+    let mut admin = conn(url).await;
+    let stream = format!("bench-floor-{:x}", rand::random::<u64>());
+    let out = format!("{stream}-out");
+    let _: Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let before = command_counts(&mut admin).await;
+    let producer = conn(url).await;
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let (mut c, stream) = (producer.clone(), stream.clone());
+        tasks.spawn(async move {
+            for n in (p..jobs).step_by(PRODUCERS as usize) {
+                let payload = serde_json::to_vec(&Job { n }).unwrap();
+                let _: String = redis::cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(payload)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
+    let enqueue = jobs as f64 / t.elapsed().as_secs_f64();
+    let done = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (mut c, stream, out, done) =
+            (conn(url).await, stream.clone(), out.clone(), done.clone());
+        tasks.spawn(async move {
+            while done.load(Ordering::Relaxed) < jobs {
+                let r: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("g")
+                    .arg(format!("c{w}"))
+                    .arg("COUNT")
+                    .arg(IN_FLIGHT)
+                    .arg("BLOCK")
+                    .arg(50)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let Value::Array(streams) = r else { continue };
+                let Some(Value::Array(s)) = streams.first() else {
+                    continue;
+                };
+                let Some(Value::Array(entries)) = s.get(1) else {
+                    continue;
+                };
+                let acks = entries.iter().map(|e| {
+                    let Value::Array(e) = e else { panic!("entry") };
+                    let Value::BulkString(id) = &e[0] else {
+                        panic!("id")
+                    };
+                    let (mut c, stream, out, id) =
+                        (c.clone(), stream.clone(), out.clone(), id.clone());
+                    async move {
+                        if with_output {
+                            let _: Value = redis::pipe()
+                                .atomic()
+                                .cmd("XADD")
+                                .arg(&out)
+                                .arg("*")
+                                .arg("r")
+                                .arg("1")
+                                .cmd("XACK")
+                                .arg(&stream)
+                                .arg("g")
+                                .arg(id)
+                                .query_async(&mut c)
+                                .await
+                                .unwrap();
+                        } else {
+                            let _: i64 = redis::cmd("XACK")
+                                .arg(&stream)
+                                .arg("g")
+                                .arg(id)
+                                .query_async(&mut c)
+                                .await
+                                .unwrap();
+                        }
+                    }
+                });
+                let n = futures::future::join_all(acks).await.len() as u64;
+                done.fetch_add(n, Ordering::Relaxed);
+            }
+        });
+    }
+    tasks.join_all().await;
+    let e2e = jobs as f64 / t.elapsed().as_secs_f64();
+    let after = command_counts(&mut admin).await;
+    let cmds = if with_output {
+        FLOOR_OUTPUT_CMDS
+    } else {
+        FLOOR_CMDS
+    };
+    let rt = delta(&before, &after, cmds) as f64 / jobs as f64;
+    let cpu = delta(&before, &after, &["cpu"]) as f64 / jobs as f64;
+    let _: Value = redis::cmd("DEL")
+        .arg(&stream)
+        .arg(&out)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    (enqueue, e2e, rt, cpu)
+}
+
+async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
+    let mut admin = conn(url).await;
+    let name = format!("bench-{:x}", rand::random::<u64>());
+    let config = QueueConfig::builder(name.clone())
+        .result_ttl(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let queue = JobQueue::connect(url, config).await.unwrap();
+    let before = command_counts(&mut admin).await;
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let q = queue.clone();
+        tasks.spawn(async move {
+            for n in (p..jobs).step_by(PRODUCERS as usize) {
+                q.enqueue(&Job { n }).await.unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
+    let enqueue = jobs as f64 / t.elapsed().as_secs_f64();
+    let done = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let d = done.clone();
+        let svc =
+            tower::service_fn(|j: Job| std::future::ready(Ok::<_, std::convert::Infallible>(j.n)));
+        let config = WorkerConfig::builder()
+            .max_in_flight(IN_FLIGHT)
+            .idle_wait(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let w = Worker::new(&queue, svc, config)
+            .on_event(move |e| {
+                if let WorkerEvent::Completed { .. } = e {
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .spawn()
+            .await
+            .unwrap();
+        handles.push(w);
+    }
+    while done.load(Ordering::Relaxed) < jobs {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let e2e = jobs as f64 / t.elapsed().as_secs_f64();
+    for w in handles {
+        w.shutdown().await;
+    }
+    let after = command_counts(&mut admin).await;
+    // Every enqueue here is one top-level XADD (no idempotency key); XADDs
+    // inside scripts are counted by the server too, so they are not summed.
+    let rt = (jobs + delta(&before, &after, OUR_CMDS)) as f64 / jobs as f64;
+    let cpu = delta(&before, &after, &["cpu"]) as f64 / jobs as f64;
+    let mut del = redis::cmd("DEL");
+    for k in [
+        "jobs:high",
+        "jobs:normal",
+        "jobs:low",
+        "output",
+        "dead",
+        "seq",
+        "turn",
+        "delayed",
+    ] {
+        del.arg(format!("llmq:{{{name}}}:{k}"));
+    }
+    let _: Value = del.query_async(&mut admin).await.unwrap();
+    (enqueue, e2e, rt, cpu)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let Ok(url) = std::env::var("LLM_RESILIENCE_REDIS_URL") else {
+        eprintln!("skipping: set LLM_RESILIENCE_REDIS_URL=redis://127.0.0.1:PORT/ to run the Redis benchmark");
+        return;
+    };
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let jobs = args.first().copied().unwrap_or(20_000);
+    let rounds = args.get(1).copied().unwrap_or(3);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sides = ["floor", "floor+output", "ours"];
+    let mut results: HashMap<(usize, &str), Vec<Figures>> = HashMap::new();
+    for _ in 0..rounds {
+        for workers in [1, 4] {
+            for side in sides {
+                if std::env::var("BENCH_SIDE").is_ok_and(|only| only != side) {
+                    results
+                        .entry((workers, side))
+                        .or_default()
+                        .push((1.0, 1.0, 0.0, 0.0));
+                    continue;
+                }
+                let f = rt.block_on(async {
+                    match side {
+                        "floor" => floor(&url, jobs, workers, false).await,
+                        "floor+output" => floor(&url, jobs, workers, true).await,
+                        _ => ours(&url, jobs, workers).await,
+                    }
+                });
+                results.entry((workers, side)).or_default().push(f);
+            }
+        }
+    }
+    println!("{jobs} jobs, {rounds} rounds (medians), {PRODUCERS} producer tasks, {IN_FLIGHT} jobs in flight per worker");
+    println!(
+        "{:<8} {:<14} {:>12} {:>14} {:>12} {:>14}",
+        "workers", "side", "enqueue/s", "end-to-end/s", "round trips", "redis µs/job"
+    );
+    for workers in [1, 4] {
+        let mut floor_e2e = 0.0;
+        let mut floor_enq = 0.0;
+        for side in sides {
+            let r = &results[&(workers, side)];
+            let enq = median(&mut r.iter().map(|f| f.0).collect::<Vec<_>>());
+            let e2e = median(&mut r.iter().map(|f| f.1).collect::<Vec<_>>());
+            let rts = median(&mut r.iter().map(|f| f.2).collect::<Vec<_>>());
+            let cpu = median(&mut r.iter().map(|f| f.3).collect::<Vec<_>>());
+            if side == "floor" {
+                (floor_e2e, floor_enq) = (e2e, enq);
+            }
+            let vs = if side == "floor" {
+                String::new()
+            } else {
+                format!(
+                    "  time/job vs floor: enqueue {:+.0} %, end-to-end {:+.0} %",
+                    (floor_enq / enq - 1.0) * 100.0,
+                    (floor_e2e / e2e - 1.0) * 100.0
+                )
+            };
+            println!("{workers:<8} {side:<14} {enq:>12.0} {e2e:>14.0} {rts:>12.2} {cpu:>14.1}{vs}");
+        }
+    }
+}

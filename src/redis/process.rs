@@ -1,0 +1,301 @@
+//! One job's life in a worker: check, run, record the outcome.
+
+use std::time::{Duration, SystemTime};
+
+use futures::future::poll_fn;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+use tower_service::Service;
+
+use super::config::ms;
+use super::error::RedisQueueError;
+use super::event::WorkerEvent;
+use super::job::{unix_ms, Delivery, GROUP};
+use super::scripts;
+use super::worker::Ctx;
+use super::writer::Outcome;
+use crate::error::BoxError;
+
+/// Whether a failed job is worth another delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Deliver again after a delay, until the worker's `max_deliveries`.
+    Transient,
+    /// Dead letters at once.
+    Permanent,
+}
+
+/// What to write for one delivery.
+enum Verdict {
+    Ok(Vec<u8>),
+    Expired,
+    Dead(String),
+    Retry(String),
+    Release,
+}
+
+/// The longest error text stored with a job.
+const MAX_ERROR_LEN: usize = 1024;
+
+fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    if s.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+pub(crate) async fn process<S, T>(
+    ctx: &Ctx,
+    job: Delivery,
+    service: S,
+    release: watch::Receiver<bool>,
+) where
+    T: DeserializeOwned,
+    S: Service<T>,
+    S::Response: Serialize,
+    S::Error: Into<BoxError>,
+{
+    let verdict = decide(ctx, &job, service, release).await;
+    record(ctx, &job, verdict).await;
+}
+
+async fn decide<S, T>(
+    ctx: &Ctx,
+    job: &Delivery,
+    mut service: S,
+    mut release: watch::Receiver<bool>,
+) -> Verdict
+where
+    T: DeserializeOwned,
+    S: Service<T>,
+    S::Response: Serialize,
+    S::Error: Into<BoxError>,
+{
+    if let Some(why) = &job.malformed {
+        return Verdict::Dead(format!("malformed entry: {why}"));
+    }
+    if job.payload.len() > ctx.queue.max_payload_bytes {
+        return Verdict::Dead(format!(
+            "payload of {} bytes exceeds the limit of {} bytes",
+            job.payload.len(),
+            ctx.queue.max_payload_bytes
+        ));
+    }
+    if job.deliveries > ctx.config.max_deliveries {
+        let last = if job.last_error.is_empty() {
+            "no outcome within the visibility timeout (worker crashed or hung)"
+        } else {
+            &job.last_error
+        };
+        return Verdict::Dead(format!(
+            "delivered {} times, more than max_deliveries; last error: {last}",
+            job.deliveries
+        ));
+    }
+    let now = unix_ms(SystemTime::now());
+    let left = match job.deadline_ms {
+        Some(d) if d <= now => return Verdict::Expired,
+        Some(d) => Some(Duration::from_millis(d - now)),
+        None => None,
+    };
+    let request: T = match serde_json::from_slice(&job.payload) {
+        Ok(r) => r,
+        Err(e) => return Verdict::Dead(format!("job does not deserialize: {e}")),
+    };
+    let limit = left.map_or(ctx.config.job_timeout, |l| l.min(ctx.config.job_timeout));
+    let run = async {
+        poll_fn(|cx| service.poll_ready(cx)).await?;
+        service.call(request).await
+    };
+    let answer = tokio::select! {
+        r = tokio::time::timeout(limit, run) => r,
+        _ = release.wait_for(|r| *r) => return Verdict::Release,
+    };
+    match answer {
+        Ok(Ok(resp)) => match serde_json::to_vec(&resp) {
+            Ok(json) => Verdict::Ok(json),
+            Err(e) => Verdict::Dead(format!("answer does not serialize: {e}")),
+        },
+        Ok(Err(e)) => {
+            let e: BoxError = e.into();
+            let text = error_text(&*e);
+            match (ctx.classify)(&e) {
+                Failure::Permanent => Verdict::Dead(text),
+                Failure::Transient if job.deliveries >= ctx.config.max_deliveries => Verdict::Dead(
+                    format!("delivered {} times; last error: {text}", job.deliveries),
+                ),
+                Failure::Transient => Verdict::Retry(text),
+            }
+        }
+        Err(_) if left.is_some_and(|l| l <= ctx.config.job_timeout) => Verdict::Expired,
+        Err(_) if job.deliveries >= ctx.config.max_deliveries => Verdict::Dead(format!(
+            "delivered {} times; last error: job timed out after {limit:?}",
+            job.deliveries
+        )),
+        Err(_) => Verdict::Retry(format!("job timed out after {limit:?}")),
+    }
+}
+
+/// Writes the verdict, retrying while Redis is unreachable, for up to the
+/// visibility timeout (after which another worker reclaims the job anyway).
+async fn record(ctx: &Ctx, job: &Delivery, verdict: Verdict) {
+    let start = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match write(ctx, job, &verdict).await {
+            Ok(written) => {
+                emit(ctx, job, &verdict, written);
+                return;
+            }
+            Err(e) => {
+                if let RedisQueueError::Redis { source } = &e {
+                    ctx.events.emit(WorkerEvent::RedisError { error: source });
+                }
+                if start.elapsed() + backoff >= ctx.config.visibility_timeout {
+                    tracing::warn!(job = %job.job, error = %e, "redis queue: outcome not recorded; the job will be reclaimed");
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn emit(ctx: &Ctx, job: &Delivery, verdict: &Verdict, written: bool) {
+    let j = job.job.as_str();
+    let event = match verdict {
+        _ if !written => WorkerEvent::Duplicate { job: j },
+        Verdict::Ok(_) => WorkerEvent::Completed {
+            job: j,
+            deliveries: job.deliveries,
+        },
+        Verdict::Expired => WorkerEvent::Expired { job: j },
+        Verdict::Dead(error) => WorkerEvent::DeadLettered {
+            job: j,
+            deliveries: job.deliveries,
+            error,
+        },
+        Verdict::Retry(error) => WorkerEvent::Retried {
+            job: j,
+            deliveries: job.deliveries,
+            delay: ctx.config.requeue_delay(job.deliveries),
+            error,
+        },
+        Verdict::Release => WorkerEvent::Released { job: j },
+    };
+    ctx.events.emit(event);
+}
+
+async fn write(ctx: &Ctx, job: &Delivery, verdict: &Verdict) -> Result<bool, RedisQueueError> {
+    let (target, stored) = match verdict {
+        Verdict::Retry(e) => {
+            let delay = ctx.config.requeue_delay(job.deliveries);
+            return requeue(ctx, job, job.deliveries, delay, e, true).await;
+        }
+        // A released job was not really tried: its delivery is not counted.
+        Verdict::Release => {
+            let prior = job.deliveries.saturating_sub(1);
+            return requeue(ctx, job, prior, Duration::ZERO, &job.last_error, false).await;
+        }
+        Verdict::Ok(json) => {
+            let mut stored = b"ok:".to_vec();
+            stored.extend_from_slice(json);
+            (ctx.keys.output(), stored)
+        }
+        Verdict::Expired => (ctx.keys.output(), b"expired:".to_vec()),
+        Verdict::Dead(e) => (
+            ctx.keys.dead(),
+            format!("dead:{}:{e}", job.deliveries).into_bytes(),
+        ),
+    };
+    let mut fields: Vec<Vec<u8>> = vec![
+        b"job".to_vec(),
+        job.job.as_bytes().to_vec(),
+        b"deliveries".to_vec(),
+        job.deliveries.to_string().into_bytes(),
+    ];
+    match verdict {
+        Verdict::Ok(json) => {
+            fields.extend([
+                b"status".to_vec(),
+                b"ok".to_vec(),
+                b"result".to_vec(),
+                json.clone(),
+            ]);
+        }
+        Verdict::Dead(e) => fields.extend([
+            b"error".to_vec(),
+            e.as_bytes().to_vec(),
+            b"priority".to_vec(),
+            job.class.as_str().as_bytes().to_vec(),
+            b"entry".to_vec(),
+            job.entry.as_bytes().to_vec(),
+            b"payload".to_vec(),
+            job.payload.clone(),
+        ]),
+        _ => fields.extend([b"status".to_vec(), b"expired".to_vec()]),
+    }
+    ctx.writer
+        .write(Outcome {
+            source: ctx.keys.stream(job.class),
+            target,
+            result_key: ctx.keys.result(&job.job),
+            entry: job.entry.clone(),
+            stored,
+            fields,
+        })
+        .await
+}
+
+/// Moves the job to the delayed set, to come back after `delay`.
+async fn requeue(
+    ctx: &Ctx,
+    job: &Delivery,
+    prior: u32,
+    delay: Duration,
+    error: &str,
+    count_retry: bool,
+) -> Result<bool, RedisQueueError> {
+    // A job is re-queued only after it deserialized, so its payload is the
+    // UTF-8 JSON a producer wrote.
+    let mut fields = vec![
+        "job".to_owned(),
+        job.job.clone(),
+        "payload".to_owned(),
+        String::from_utf8_lossy(&job.payload).into_owned(),
+        "deadline".to_owned(),
+        job.deadline_ms.unwrap_or(0).to_string(),
+        "n".to_owned(),
+        prior.to_string(),
+    ];
+    if !error.is_empty() {
+        fields.extend(["err".to_owned(), error.to_owned()]);
+    }
+    let member = serde_json::json!([job.class.index() + 1, fields]).to_string();
+    let mut inv = scripts::REQUEUE.prepare_invoke();
+    inv.key(ctx.keys.stream(job.class))
+        .key(ctx.keys.delayed())
+        .key(ctx.keys.result(&job.job))
+        .key(ctx.keys.retried());
+    inv.arg(GROUP)
+        .arg(&job.entry)
+        .arg(ms(delay))
+        .arg(member)
+        .arg(if count_retry { "1" } else { "0" });
+    let n: i64 = inv.invoke_async(&mut ctx.conn.clone()).await?;
+    Ok(n == 1)
+}

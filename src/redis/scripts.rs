@@ -1,0 +1,190 @@
+//! The Lua scripts that make every queue step atomic on the server.
+//!
+//! Each script runs as one unit (Redis executes a script without
+//! interleaving other commands), and with `appendfsync always` its effects
+//! are on disk before the reply. The client sends `EVALSHA` and falls back
+//! to `EVAL` when the server lost its script cache (after a restart).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Enqueue with an idempotency key: `KEYS` = class stream, idempotency
+/// key; `ARGV` = payload, deadline (unix ms, 0 = none), idempotency TTL
+/// (ms), class name. Returns `{job id, 1 if enqueued / 0 if the key already
+/// named a job}`. (Without a key, an enqueue is one plain `XADD`.)
+pub(crate) static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local existing = redis.call('GET', KEYS[2])
+if existing then return {existing, 0} end
+local e
+if ARGV[2] == '0' then
+  e = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1])
+else
+  e = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1], 'deadline', ARGV[2])
+end
+local id = ARGV[4] .. '-' .. e
+redis.call('SET', KEYS[2], id, 'PX', ARGV[3])
+return {id, 1}
+"#,
+    )
+});
+
+/// Take up to `n` jobs for one worker.
+///
+/// `KEYS` = high, normal, low streams, delayed set, turn counter;
+/// `ARGV` = group, consumer, n, weight high, weight normal, weight low,
+/// reclaim (`1`/`0`), visibility timeout (ms), most delayed jobs to promote.
+///
+/// 1. Due delayed jobs move back to their class stream.
+/// 2. If `reclaim`: each stream is trimmed (`XTRIM MINID ~`) below its
+///    oldest pending entry, or below the first undelivered one when none is
+///    pending: acknowledged entries are not deleted one by one (`XDEL`
+///    costs more than the rest of a job's writes), they go in whole nodes.
+///    Then entries pending longer than the visibility timeout (a
+///    worker died or hung) are claimed with `XAUTOCLAIM`, oldest class first;
+///    their delivery count comes from `XPENDING`.
+/// 3. New entries by weighted round robin over a fleet-wide turn counter:
+///    turn `t` belongs to high if `t mod W < wh`, normal if `< wh + wn`, low
+///    otherwise; a turn whose class is empty goes to the others in priority
+///    order.
+///
+/// Returns `{now ms, next due ms or -1 (looked up only when nothing was
+/// taken), {class, entry id, fields, pending deliveries}...}`.
+pub(crate) static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
+for _, m in ipairs(due) do
+  local ok, e = pcall(cjson.decode, m)
+  if ok and type(e) == 'table' and KEYS[e[1]] and type(e[2]) == 'table' then
+    redis.call('XADD', KEYS[e[1]], '*', unpack(e[2]))
+  end
+  redis.call('ZREM', KEYS[4], m)
+end
+local n = tonumber(ARGV[3])
+local out = {}
+local function push(c, entries, pel)
+  for _, e in ipairs(entries) do
+    local d = 1
+    if pel then
+      local p = redis.call('XPENDING', KEYS[c], ARGV[1], e[1], e[1], 1)
+      if p[1] then d = p[1][4] end
+    end
+    out[#out + 1] = {c - 1, e[1], e[2], d}
+    n = n - 1
+  end
+end
+local function trim(c)
+  local p = redis.call('XPENDING', KEYS[c], ARGV[1])
+  local minid = p[2]
+  if p[1] == 0 then
+    minid = nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[c])) do
+      local f = {}
+      for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+      if f['name'] == ARGV[1] then
+        local ms, seq = string.match(f['last-delivered-id'], '^(%d+)-(%d+)$')
+        if ms and tonumber(seq) < 1e15 then minid = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+      end
+    end
+  end
+  if minid then redis.call('XTRIM', KEYS[c], 'MINID', '~', minid) end
+end
+if ARGV[7] == '1' then
+  for c = 1, 3 do trim(c) end
+  for c = 1, 3 do
+    if n <= 0 then break end
+    local r = redis.call('XAUTOCLAIM', KEYS[c], ARGV[1], ARGV[2], ARGV[8], '0-0', 'COUNT', n)
+    push(c, r[2], true)
+  end
+end
+local empty = {false, false, false}
+local function read(c, count)
+  if count <= 0 or empty[c] then return end
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', KEYS[c], '>')
+  local got = 0
+  if r then got = #r[1][2]; push(c, r[1][2], false) end
+  if got < count then empty[c] = true end
+end
+if n > 0 then
+  local w = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
+  local total = w[1] + w[2] + w[3]
+  local turn = redis.call('INCRBY', KEYS[5], n) - n
+  local want = {0, 0, 0}
+  for i = 0, n - 1 do
+    local s = (turn + i) % total
+    if s < w[1] then want[1] = want[1] + 1
+    elseif s < w[1] + w[2] then want[2] = want[2] + 1
+    else want[3] = want[3] + 1 end
+  end
+  for c = 1, 3 do read(c, want[c]) end
+  for c = 1, 3 do read(c, n) end
+end
+local next_due = -1
+if #out == 0 then
+  local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if first[2] then next_due = math.floor(tonumber(first[2])) end
+end
+return {now, next_due, out}
+"#,
+    )
+});
+
+/// Record outcomes and acknowledge, each job in one step (and the whole
+/// batch too): a worker writes the outcomes of the jobs that finished while
+/// its previous write was on its way in one call.
+///
+/// `KEYS` = for each job its source stream, target stream (output or dead
+/// letters) and result key; `ARGV` = group, result TTL (ms), target max
+/// length, then for each job its entry id, stored outcome, number of target
+/// fields, and those fields.
+///
+/// The result key is the job's "done" marker: `SET NX` fails when an outcome
+/// is already recorded (another worker finished a reclaimed copy first), and
+/// then nothing is written. Returns 1 (written) or 0 (a duplicate) per job.
+pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+local a = 4
+for i = 0, #KEYS / 3 - 1 do
+  local entry, stored, nf = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  redis.call('XACK', KEYS[3 * i + 1], ARGV[1], entry)
+  if redis.call('SET', KEYS[3 * i + 3], stored, 'NX', 'PX', ARGV[2]) then
+    redis.call('XADD', KEYS[3 * i + 2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, a, a + nf - 1))
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  a = a + nf
+end
+return out
+"#,
+    )
+});
+
+/// Put a job back for a later attempt, in one step: `KEYS` = source stream,
+/// delayed set, result key, re-queue counter; `ARGV` = group, entry id, delay (ms), the
+/// delayed member (`[class + 1, [field, value, ...]]` as JSON), `1` to
+/// count a retry (`0` for a job released at shutdown).
+///
+/// Nothing is re-queued when the job already has an outcome. Returns 1 if
+/// re-queued, 0 if not.
+pub(crate) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+if ARGV[5] == '1' then redis.call('INCR', KEYS[4]) end
+return 1
+"#,
+    )
+});

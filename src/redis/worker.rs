@@ -1,0 +1,389 @@
+//! Workers: take jobs through the consumer group and run them through a
+//! tower `Service`, a bounded number at a time.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::config::{ms, WorkerConfig};
+use super::error::RedisQueueError;
+use super::event::{Events, Hook, WorkerEvent};
+use super::job::{parse_delivery, Delivery, Keys, Priority, GROUP};
+use super::process::{process, Failure};
+use super::producer::{connect, ensure_groups, JobQueue};
+use super::scripts;
+use super::writer::Writer;
+use crate::error::BoxError;
+
+/// Decides whether a service error is worth another delivery.
+pub(crate) type Classifier = Arc<dyn Fn(&BoxError) -> Failure + Send + Sync>;
+
+/// The default classification: the crate's own [`Error`](crate::Error)
+/// variants `Permanent` and `BadRequest` are permanent (retrying cannot
+/// help: dead letters at once); every other error is transient (the
+/// pipeline's own retries are spent, the job is delivered again later).
+pub fn default_classify(err: &BoxError) -> Failure {
+    match err.downcast_ref::<crate::Error>() {
+        Some(crate::Error::Permanent { .. } | crate::Error::BadRequest { .. }) => {
+            Failure::Permanent
+        }
+        _ => Failure::Transient,
+    }
+}
+
+/// A worker about to start: a queue, a service, settings, and hooks.
+///
+/// `T` is the job type (what producers enqueued), the service's request.
+pub struct Worker<S, T> {
+    queue: JobQueue,
+    service: S,
+    config: WorkerConfig,
+    hook: Option<Hook>,
+    classify: Classifier,
+    _job: PhantomData<fn(T)>,
+}
+
+impl<S, T> fmt::Debug for Worker<S, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.queue)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, T> Worker<S, T>
+where
+    T: DeserializeOwned + Send + 'static,
+    S: Service<T> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Serialize + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+{
+    /// A worker for `queue` that runs each job through a clone of `service`.
+    pub fn new(queue: &JobQueue, service: S, config: WorkerConfig) -> Self {
+        Self {
+            queue: queue.clone(),
+            service,
+            config,
+            hook: None,
+            classify: Arc::new(default_classify),
+            _job: PhantomData,
+        }
+    }
+
+    /// Calls `hook` for every [`WorkerEvent`] (synchronously; keep it short).
+    pub fn on_event(mut self, hook: impl Fn(&WorkerEvent<'_>) + Send + Sync + 'static) -> Self {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Replaces [`default_classify`].
+    pub fn classify(mut self, f: impl Fn(&BoxError) -> Failure + Send + Sync + 'static) -> Self {
+        self.classify = Arc::new(f);
+        self
+    }
+
+    /// Connects the worker's waiting connection and starts it on the current
+    /// tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisQueueError::Redis`] when Redis cannot be reached.
+    pub async fn spawn(self) -> Result<WorkerHandle, RedisQueueError> {
+        let qc = &self.queue.config;
+        // Blocking reads get their own connection: a blocked command would
+        // hold up every other command on a shared one.
+        let block_conn = connect(
+            &self.queue.url,
+            qc,
+            self.config.idle_wait + qc.response_timeout,
+        )
+        .await?;
+        let mut conn = self.queue.conn.clone();
+        ensure_groups(&mut conn, &self.queue.keys).await?;
+        let consumer = self
+            .config
+            .consumer
+            .clone()
+            .unwrap_or_else(|| format!("worker-{:016x}", rand::random::<u64>()));
+        let (writer, writer_task) = Writer::spawn(
+            conn.clone(),
+            ms(self.queue.config.result_ttl),
+            self.queue.config.output_max_len,
+            self.config.max_in_flight,
+        );
+        let ctx = Arc::new(Ctx {
+            writer,
+            conn,
+            keys: self.queue.keys.clone(),
+            queue: self.queue.config.clone(),
+            events: Events::new(&self.queue.config.name, self.hook),
+            classify: self.classify,
+            consumer: consumer.clone(),
+            config: self.config,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (release_tx, release_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            ctx,
+            AbortOnDrop(writer_task),
+            self.service,
+            block_conn,
+            stop_rx,
+            release_tx,
+            release_rx,
+        ));
+        Ok(WorkerHandle {
+            consumer,
+            stop: stop_tx,
+            task,
+        })
+    }
+}
+
+/// A running worker. Dropping the handle starts the same graceful shutdown
+/// as [`shutdown`](Self::shutdown), without waiting for it; keep the handle
+/// for as long as the worker should run.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    consumer: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    /// The worker's consumer name in the group.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Graceful shutdown: takes no new jobs, lets in-flight jobs finish
+    /// within the worker's `shutdown_grace`, then releases the rest back to
+    /// the queue (without counting the delivery), and returns when done.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Stops the worker at once, as a crash would: in-flight jobs are
+    /// abandoned and reclaimed by other workers after the visibility
+    /// timeout.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Whether the worker has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// What every job task of one worker shares.
+pub(crate) struct Ctx {
+    pub(crate) writer: Writer,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) keys: Keys,
+    pub(crate) queue: super::config::QueueConfig,
+    pub(crate) config: WorkerConfig,
+    pub(crate) events: Events,
+    pub(crate) classify: Classifier,
+    pub(crate) consumer: String,
+}
+
+/// One answer of the take script.
+struct Taken {
+    now_ms: u64,
+    next_due_ms: Option<u64>,
+    jobs: Vec<Delivery>,
+}
+
+async fn take(ctx: &Ctx, n: usize, reclaim: bool) -> Result<Taken, RedisQueueError> {
+    let mut inv = scripts::TAKE.prepare_invoke();
+    for p in Priority::ALL {
+        inv.key(ctx.keys.stream(p));
+    }
+    inv.key(ctx.keys.delayed()).key(ctx.keys.turn());
+    let w = ctx.config.weights;
+    inv.arg(GROUP)
+        .arg(&ctx.consumer)
+        .arg(n)
+        .arg(w[0])
+        .arg(w[1])
+        .arg(w[2])
+        .arg(if reclaim { "1" } else { "0" })
+        .arg(ms(ctx.config.visibility_timeout))
+        .arg(1000);
+    let v: Value = inv.invoke_async(&mut ctx.conn.clone()).await?;
+    let Value::Array(parts) = v else {
+        return Err(RedisQueueError::malformed("take", "reply is not an array"));
+    };
+    let [Value::Int(now), Value::Int(next), Value::Array(entries)] = parts.as_slice() else {
+        return Err(RedisQueueError::malformed(
+            "take",
+            "reply has the wrong shape",
+        ));
+    };
+    let mut jobs = Vec::with_capacity(entries.len());
+    for e in entries {
+        jobs.push(parse_delivery(e)?);
+    }
+    Ok(Taken {
+        now_ms: u64::try_from(*now).unwrap_or(0),
+        next_due_ms: u64::try_from(*next).ok(),
+        jobs,
+    })
+}
+
+/// Waits (up to `wait`) for a new entry in any class stream, without taking
+/// it: the take script then takes it under the priority rule.
+async fn wait_for_new(
+    ctx: &Ctx,
+    conn: &mut ConnectionManager,
+    now_ms: u64,
+    wait: Duration,
+) -> Result<(), RedisQueueError> {
+    let block = ms(wait);
+    if block == 0 {
+        return Ok(());
+    }
+    // Any entry added after the take script ran has an id above this one.
+    let after = format!("{}-{}", now_ms.saturating_sub(1), u64::MAX);
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT")
+        .arg(1)
+        .arg("BLOCK")
+        .arg(block)
+        .arg("STREAMS");
+    for p in Priority::ALL {
+        cmd.arg(ctx.keys.stream(p));
+    }
+    for _ in Priority::ALL {
+        cmd.arg(&after);
+    }
+    let _: Value = cmd.query_async(conn).await?;
+    Ok(())
+}
+
+/// Stops the outcome writer when the worker's task ends or is aborted.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run<S, T>(
+    ctx: Arc<Ctx>,
+    _writer: AbortOnDrop,
+    service: S,
+    mut block_conn: ConnectionManager,
+    mut stop: watch::Receiver<bool>,
+    release_tx: watch::Sender<bool>,
+    release_rx: watch::Receiver<bool>,
+) where
+    T: DeserializeOwned + Send + 'static,
+    S: Service<T> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Serialize + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(ctx.config.max_in_flight));
+    let mut jobs = JoinSet::new();
+    let reclaim_every = ctx.config.idle_wait.min(ctx.config.visibility_timeout / 2);
+    let mut last_reclaim: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        while jobs.try_join_next().is_some() {}
+        if *stop.borrow() {
+            break;
+        }
+        // Read only what can start now: one free slot at least, then every
+        // other free one.
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.changed() => break,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let reclaim = last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every);
+        match take(&ctx, permits.len(), reclaim).await {
+            Ok(taken) => {
+                backoff = Duration::from_millis(50);
+                if reclaim {
+                    last_reclaim = Some(Instant::now());
+                }
+                let idle = taken.jobs.is_empty();
+                for (job, permit) in taken.jobs.into_iter().zip(permits.drain(..)) {
+                    let (ctx, svc, rel) = (ctx.clone(), service.clone(), release_rx.clone());
+                    jobs.spawn(async move {
+                        process::<S, T>(&ctx, job, svc, rel).await;
+                        drop(permit);
+                    });
+                }
+                drop(permits);
+                if idle {
+                    let mut wait = ctx.config.idle_wait;
+                    if let Some(due) = taken.next_due_ms {
+                        wait = wait.min(Duration::from_millis(due.saturating_sub(taken.now_ms)));
+                    }
+                    tokio::select! {
+                        r = wait_for_new(&ctx, &mut block_conn, taken.now_ms, wait) => {
+                            if let Err(RedisQueueError::Redis { source }) = r {
+                                ctx.events.emit(WorkerEvent::RedisError { error: &source });
+                                sleep_or_stop(&mut stop, backoff).await;
+                            }
+                        }
+                        _ = stop.changed() => break,
+                    }
+                }
+            }
+            Err(e) => {
+                drop(permits);
+                match &e {
+                    RedisQueueError::Redis { source } => {
+                        ctx.events.emit(WorkerEvent::RedisError { error: source })
+                    }
+                    other => tracing::warn!(error = %other, "redis queue: take failed"),
+                }
+                if sleep_or_stop(&mut stop, backoff).await {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    // Graceful shutdown: let in-flight jobs finish within the grace, then
+    // tell the rest to release their jobs, and wait for those writes.
+    let grace = tokio::time::sleep(ctx.config.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = jobs.join_next() => if next.is_none() { return },
+            _ = &mut grace => break,
+        }
+    }
+    let _ = release_tx.send(true);
+    while jobs.join_next().await.is_some() {}
+}
+
+/// Sleeps `d` unless told to stop first; returns whether to stop.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}

@@ -1,0 +1,95 @@
+//! A worker's outcome writer: the outcomes of jobs that finish while a
+//! write is on its way are written together, in one script call, each still
+//! atomic (output entry, done marker, acknowledgement).
+
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::RedisQueueError;
+use super::job::GROUP;
+use super::scripts;
+
+/// Most outcomes written by one script call.
+const MAX_BATCH: usize = 64;
+
+/// One outcome to record.
+pub(crate) struct Outcome {
+    pub(crate) source: String,
+    pub(crate) target: String,
+    pub(crate) result_key: String,
+    pub(crate) entry: String,
+    pub(crate) stored: Vec<u8>,
+    /// The output or dead-letter entry's fields and values.
+    pub(crate) fields: Vec<Vec<u8>>,
+}
+
+type Reply = oneshot::Sender<Result<bool, RedisQueueError>>;
+
+/// The sending side, held by the worker's jobs.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer(mpsc::Sender<(Outcome, Reply)>);
+
+impl Writer {
+    /// Starts the writer task; it ends when every `Writer` clone is gone.
+    /// Returns the task's handle so a crash (abort) can stop it too.
+    pub(crate) fn spawn(
+        conn: ConnectionManager,
+        result_ttl_ms: u64,
+        max_len: u64,
+        capacity: usize,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let task = tokio::spawn(run(conn, rx, result_ttl_ms, max_len));
+        (Self(tx), task)
+    }
+
+    /// Records one outcome; `Ok(false)` when the job already had one.
+    pub(crate) async fn write(&self, outcome: Outcome) -> Result<bool, RedisQueueError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || RedisQueueError::Redis {
+            source: redis::RedisError::from((redis::ErrorKind::Client, "worker stopped")),
+        };
+        self.0.send((outcome, tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+async fn run(
+    mut conn: ConnectionManager,
+    mut rx: mpsc::Receiver<(Outcome, Reply)>,
+    ttl_ms: u64,
+    max_len: u64,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut inv = scripts::FINISH_MANY.prepare_invoke();
+        inv.arg(GROUP).arg(ttl_ms).arg(max_len);
+        for (o, _) in &batch {
+            inv.key(&o.source).key(&o.target).key(&o.result_key);
+            inv.arg(&o.entry)
+                .arg(o.stored.as_slice())
+                .arg(o.fields.len());
+            for f in &o.fields {
+                inv.arg(f.as_slice());
+            }
+        }
+        let written: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
+        match written {
+            Ok(w) if w.len() == batch.len() => {
+                for ((_, reply), w) in batch.drain(..).zip(w) {
+                    let _ = reply.send(Ok(w == 1));
+                }
+            }
+            Ok(_) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(RedisQueueError::malformed("finish", "reply length")));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(e.clone().into()));
+                }
+            }
+        }
+    }
+}
