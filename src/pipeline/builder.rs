@@ -99,6 +99,7 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         self
     }
 
+    #[cfg_attr(not(feature = "config"), allow(dead_code))]
     pub(crate) fn target_spec(mut self, spec: TargetSpec<C, Req>) -> Self {
         self.targets.push(spec);
         self
