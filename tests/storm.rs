@@ -3,13 +3,12 @@
 //! asserts on durations).
 #![cfg(all(feature = "reqwest", feature = "testing"))]
 
-use llm_resilience::testing::storm::{run, Scenario, StormConfig};
+use llm_resilience::testing::storm::{run, Phases, Scenario, StormConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_storms_invariants_hold() {
-    let report = run(&StormConfig::compressed(11, Scenario::All), |_| {})
-        .await
-        .unwrap();
+    let config = StormConfig::compressed(11, Scenario::All);
+    let report = run(&config, |_| {}).await.unwrap();
     println!("{}", report.table());
     for c in report.claims() {
         println!("{} -> {} ({})", c.claim, c.measured, c.holds);
@@ -28,11 +27,24 @@ async fn the_storms_invariants_hold() {
     // During the outage the pipeline sends the primary a handful (the calls
     // that trip the breaker and its probes); naive retries send several times
     // the offered load.
+    let outage = report.phases.outage.unwrap();
+    let offered_in_outage = report.get("none").unwrap().outage_calls;
     assert!(
-        pipe.outage_calls * 5 < naive.outage_calls,
-        "{} vs {}",
-        pipe.outage_calls,
+        naive.outage_calls >= 2 * offered_in_outage,
+        "naive sent {} into the outage, offered {offered_in_outage}",
         naive.outage_calls
+    );
+    // The calls that trip the breaker (5 in a row by default), then its 3
+    // probes per half-open period (the open period is at least
+    // `open_duration`, so at most outage / open_duration + 1 of them).
+    let window = Phases::window(outage, config.duration);
+    let span = window.until.unwrap() - window.from;
+    let periods = (span.as_secs_f64() / config.open_duration().as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        pipe.outage_calls <= 5 + 3 * periods,
+        "pipeline sent {} into the outage (bound {})",
+        pipe.outage_calls,
+        5 + 3 * periods
     );
     // Retries stay within the budget: 20 % of requests plus 10 per second
     // over the run (and the budget's 10 s window), above one call each.

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{AgentPipeline, Handles, PipelineQueue, ReportQueued, TargetStack};
+use super::{AgentPipeline, Handles, PipelineQueue, PriorityFn, ReportQueued, TargetStack};
 use crate::breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
 use crate::error::{ConfigError, Error};
 use crate::fallback::Fallback;
-use crate::queue::{QueueLayer, WhenFull};
+use crate::queue::{Priority, QueueLayer, WhenFull};
 use crate::retry::{RetryLayer, RetryLayerBuilder};
 
 type Rewrite<Req> = Arc<dyn Fn(&mut Req) + Send + Sync + 'static>;
@@ -56,6 +56,7 @@ pub struct AgentPipelineBuilder<C, Req, Res> {
     when_full: WhenFull,
     max_wait: Option<Duration>,
     deadline: Duration,
+    priority: Option<fn(&Req) -> Priority>,
     retry: Option<RetrySettings>,
     breaker: Option<BreakerSettings>,
     degrade: Option<Degrade<Req, Res>>,
@@ -84,6 +85,7 @@ impl<C, Req, Res> Default for AgentPipelineBuilder<C, Req, Res> {
             when_full: WhenFull::Wait,
             max_wait: None,
             deadline: DEFAULT_DEADLINE,
+            priority: None,
             retry: None,
             breaker: None,
             degrade: None,
@@ -144,6 +146,15 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
     /// default).
     pub fn reject_when_full(mut self) -> Self {
         self.when_full = WhenFull::Reject;
+        self
+    }
+
+    /// Reads a request's class for the queue: time-sensitive work
+    /// ([`Priority::High`]) goes ahead of batch work ([`Priority::Low`]),
+    /// with aging so that the low class never starves. Default: every
+    /// request [`Priority::Normal`].
+    pub fn priority_by(mut self, f: fn(&Req) -> Priority) -> Self {
+        self.priority = Some(f);
         self
     }
 
@@ -254,6 +265,7 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         }
         let fallback = fallback.build()?;
         let mut queue = QueueLayer::builder()
+            .priority_by(PriorityFn(self.priority))
             .capacity(self.capacity)
             .concurrency(self.concurrency)
             .when_full(self.when_full);

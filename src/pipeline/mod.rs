@@ -103,7 +103,38 @@ pub use self::config::{
 /// One target's stack: retry over breaker over the client.
 pub type TargetStack<C> = Retry<CircuitBreaker<C>>;
 
-type PipelineQueue<C, Req, Res> = Queue<ReportQueued<Fallback<TargetStack<C>, Req, Res>>>;
+type PipelineQueue<C, Req, Res> =
+    Queue<ReportQueued<Fallback<TargetStack<C>, Req, Res>>, PriorityFn<Req>>;
+
+/// How the pipeline's queue reads a request's class: a plain function, or
+/// every request [`Priority::Normal`](crate::queue::Priority::Normal).
+pub struct PriorityFn<Req>(Option<fn(&Req) -> crate::queue::Priority>);
+
+impl<Req> Clone for PriorityFn<Req> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Req> Copy for PriorityFn<Req> {}
+
+impl<Req> fmt::Debug for PriorityFn<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PriorityFn")
+            .field(&self.0.is_some())
+            .finish()
+    }
+}
+
+impl<Req: 'static> crate::queue::PriorityOf<Req> for PriorityFn<Req> {
+    #[inline]
+    fn priority(&self, req: &Req) -> crate::queue::Priority {
+        match self.0 {
+            Some(f) => f(req),
+            None => crate::queue::Priority::Normal,
+        }
+    }
+}
 
 /// The whole pipeline as one `Clone + Send` tower `Service`; see the
 /// [module docs](self).

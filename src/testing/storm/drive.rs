@@ -205,6 +205,12 @@ where
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(start + a.at).await;
             let sent = Instant::now();
+            // The deadline counts from the real call: a loaded machine can
+            // wake the task late.
+            let a = Arc::new(Arrival {
+                at: sent.saturating_duration_since(start),
+                ..(*a).clone()
+            });
             let req = ChatRequest::user(format!("storm question {}", a.id)).max_tokens(24);
             let limit = a.deadline + grace;
             let out = tokio::time::timeout(limit, agent.oneshot((a.clone(), req))).await;

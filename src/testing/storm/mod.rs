@@ -47,6 +47,7 @@ use crate::classify::{Classify, LlmClassifier, Outcome};
 use crate::client::{ChatResponse, OpenAiClient};
 use crate::error::{BoxError, Error};
 use crate::pipeline::AgentPipeline;
+use crate::queue::Priority;
 use crate::retry::RetryLayer;
 use crate::testing::mock_server::MockServer;
 
@@ -95,6 +96,15 @@ impl StormConfig {
             deadline: Duration::from_secs(4),
             primary_rpm: 2_400,
         }
+    }
+}
+
+impl StormConfig {
+    /// How long the pipeline's breakers stay open after a first trip (a
+    /// fifteenth of the run, at least 300 ms; doubling on each consecutive
+    /// trip up to four times that).
+    pub fn open_duration(&self) -> Duration {
+        (self.duration / 15).max(Duration::from_millis(300))
     }
 }
 
@@ -151,11 +161,16 @@ pub async fn run(
             }
             _ => {
                 let flips = breaker_flips.clone();
-                let open = (config.duration / 15).max(Duration::from_millis(300));
+                let open = config.open_duration();
                 let pipeline = AgentPipeline::builder()
                     .target("primary", p)
                     .fallback("secondary", s)
                     .queue(2_000, 8)
+                    .priority_by(|r: &StormRequest| match r.0.class {
+                        0 => Priority::High,
+                        1 => Priority::Normal,
+                        _ => Priority::Low,
+                    })
                     .deadline(config.deadline)
                     .retry(move |r| r.seed(7))
                     .breaker(move |b| {
