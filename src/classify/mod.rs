@@ -45,7 +45,9 @@ use std::time::Duration;
 
 use crate::error::Error;
 
-pub use self::http::{classify_http, classify_http_at, HttpError, HttpView, Transport};
+pub use self::http::{
+    classify_http, classify_http_at, header_matters, HttpError, HttpView, Transport,
+};
 
 /// What a call's result means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,26 +4,10 @@ use std::fmt;
 
 use crate::classify::{HttpError, HttpView, Transport};
 
-use super::types::{WireErrorBody, WireResponse};
-use super::ChatChunk;
+use super::types::{ChatChunk, ChatResponse};
 
 /// How many bytes of an error body are kept.
 pub const BODY_EXCERPT_LIMIT: usize = 2048;
-
-/// The response headers an error keeps (`REFERENCE.md` §2): wait hints,
-/// rate-limit state, `x-should-retry` and request ids.
-pub(crate) fn header_matters(name: &str) -> bool {
-    matches!(
-        name,
-        "retry-after"
-            | "retry-after-ms"
-            | "x-ms-retry-after-ms"
-            | "x-should-retry"
-            | "x-request-id"
-            | "request-id"
-    ) || name.starts_with("x-ratelimit-")
-        || name.starts_with("anthropic-ratelimit-")
-}
 
 /// What kind of failure a [`ClientError`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +51,7 @@ struct Inner {
     http: HttpError,
     body_excerpt: Option<String>,
     partial: Vec<ChatChunk>,
+    partial_response: Option<ChatResponse>,
     transport: Option<reqwest::Error>,
 }
 
@@ -78,31 +63,13 @@ impl ClientError {
     }
 
     pub(crate) fn status(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> Self {
-        let mut http = HttpError::new(status);
-        for (name, value) in headers {
-            if header_matters(name.as_str()) {
-                if let Ok(v) = value.to_str() {
-                    http = http.with_header(name.as_str(), v);
-                }
-            }
-        }
-        if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(body) {
-            let (t, c, m) = e.parts();
-            if let Some(t) = t {
-                http = http.with_error_type(t);
-            }
-            if let Some(c) = c {
-                http = http.with_error_code(c);
-            }
-            if let Some(m) = m {
-                http = http.with_message(m);
-            }
-        }
+        let http = HttpError::from_response(status, headers, body);
         Self::from_parts(Inner {
             kind: ClientErrorKind::Status,
             http,
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
+            partial_response: None,
             transport: None,
         })
     }
@@ -113,6 +80,7 @@ impl ClientError {
             http: HttpError::transport(kind),
             body_excerpt: None,
             partial: Vec::new(),
+            partial_response: None,
             transport: err,
         })
     }
@@ -136,6 +104,7 @@ impl ClientError {
             http: HttpError::transport(Transport::Reset),
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
+            partial_response: None,
             transport: None,
         })
     }
@@ -143,24 +112,13 @@ impl ClientError {
     /// An error event inside a stream (`data: {"error":…}` or
     /// `event: error`).
     pub(crate) fn stream_event(data: &[u8]) -> Self {
-        let mut http = HttpError::transport(Transport::StreamInterrupted);
-        if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(data) {
-            let (t, c, m) = e.parts();
-            if let Some(t) = t {
-                http = http.with_error_type(t);
-            }
-            if let Some(c) = c {
-                http = http.with_error_code(c);
-            }
-            if let Some(m) = m {
-                http = http.with_message(m);
-            }
-        }
+        let http = HttpError::transport(Transport::StreamInterrupted).with_error_body(data);
         Self::from_parts(Inner {
             kind: ClientErrorKind::StreamError,
             http,
             body_excerpt: Some(excerpt(data)),
             partial: Vec::new(),
+            partial_response: None,
             transport: None,
         })
     }
@@ -171,12 +129,18 @@ impl ClientError {
             http: HttpError::transport(Transport::StreamInterrupted),
             body_excerpt: None,
             partial: Vec::new(),
+            partial_response: None,
             transport: err,
         })
     }
 
     pub(crate) fn with_partial(mut self, partial: Vec<ChatChunk>) -> Self {
         self.inner.partial = partial;
+        self
+    }
+
+    pub(crate) fn with_partial_response(mut self, partial: ChatResponse) -> Self {
+        self.inner.partial_response = Some(partial);
         self
     }
 
@@ -209,11 +173,15 @@ impl ClientError {
 
     /// The text of [`partial`](Self::partial), concatenated.
     pub fn partial_text(&self) -> String {
-        self.inner
-            .partial
-            .iter()
-            .map(|c| c.delta.as_str())
-            .collect()
+        self.inner.partial.iter().map(ChatChunk::text).collect()
+    }
+
+    /// What a failed stream had received, in the shape of a whole response:
+    /// each choice's text, the tool calls (the last one possibly cut short,
+    /// its arguments incomplete JSON), ids and usage; `None` for a failure
+    /// that was not a stream's.
+    pub fn partial_response(&self) -> Option<&ChatResponse> {
+        self.inner.partial_response.as_ref()
     }
 
     /// The reqwest error behind a transport failure, if any.
@@ -233,9 +201,12 @@ fn excerpt(body: &[u8]) -> String {
     String::from_utf8_lossy(cut).into_owned()
 }
 
-/// A 2xx JSON body that decoded: take the first choice.
-pub(crate) fn decode_completion(body: &[u8]) -> Result<WireResponse, ClientError> {
-    serde_json::from_slice(body).map_err(|_| ClientError::decode(body))
+/// A 2xx JSON body: the completion, or a decode error.
+pub(crate) fn decode_completion(body: &bytes::Bytes) -> Result<ChatResponse, ClientError> {
+    match serde_json::from_slice::<ChatResponse>(body) {
+        Ok(r) => Ok(r.with_raw(body.clone())),
+        Err(_) => Err(ClientError::decode(body)),
+    }
 }
 
 impl HttpView for ClientError {

@@ -15,7 +15,7 @@
 //!     .layer(RetryLayer::llm_defaults())
 //!     .service(client);
 //! let reply = agent.oneshot(ChatRequest::user("Say hello")).await?;
-//! println!("{} ({:?})", reply.content, reply.usage);
+//! println!("{} ({:?})", reply.content(), reply.usage);
 //! # Ok(()) }
 //! ```
 //!
@@ -62,6 +62,8 @@
 //! serialized once and shared by retries. The API key is sent as a
 //! sensitive header and never appears in `Debug` output or logs.
 
+mod assemble;
+mod builder;
 mod error;
 mod stream;
 mod types;
@@ -73,13 +75,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use tower_service::Service;
 use tracing::Instrument;
 
+pub use self::builder::{Auth, OpenAiClientBuilder};
 pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
-pub use self::stream::{ChatChunk, ChatStream};
-pub use self::types::{ChatRequest, ChatResponse, Message, RateLimitHeaders, Role, Usage};
+pub use self::stream::ChatStream;
+use self::types::EncodeOptions;
+pub use self::types::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, Content, ContentPart, FunctionCall,
+    ImageUrl, Message, RateLimitHeaders, ResponseFormat, Role, Tool, ToolCall, ToolCallDelta,
+    ToolChoice, Usage,
+};
 use crate::classify::Transport;
 use crate::error::ConfigError;
 
@@ -88,7 +96,10 @@ struct Config {
     url: String,
     base_url: String,
     model: Arc<str>,
-    auth: Option<HeaderValue>,
+    /// The auth header (sensitive) and the user's default headers.
+    headers: HeaderMap,
+    has_key: bool,
+    include_usage: bool,
     first_byte_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     connect_timeout: Duration,
@@ -112,7 +123,9 @@ impl fmt::Debug for OpenAiClient {
         f.debug_struct("OpenAiClient")
             .field("base_url", &c.base_url)
             .field("model", &c.model)
-            .field("api_key", &c.auth.as_ref().map(|_| "<redacted>"))
+            .field("api_key", &c.has_key.then_some("<redacted>"))
+            .field("headers", &c.headers.len())
+            .field("include_usage", &c.include_usage)
             .field("connect_timeout", &c.connect_timeout)
             .field("first_byte_timeout", &c.first_byte_timeout)
             .field("total_timeout", &c.total_timeout)
@@ -133,16 +146,16 @@ impl OpenAiClient {
 
     /// A builder for a client of `base_url`.
     pub fn builder(base_url: impl Into<String>) -> OpenAiClientBuilder {
-        OpenAiClientBuilder {
-            base_url: base_url.into(),
-            api_key: None,
-            model: "gpt-4o-mini".into(),
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: None,
-            total_timeout: Some(Duration::from_secs(600)),
-            idle_timeout: Some(Duration::from_secs(60)),
-            http: None,
-        }
+        OpenAiClientBuilder::new(base_url.into())
+    }
+
+    /// A client configured from the environment: `OPENAI_API_KEY`
+    /// (required), `OPENAI_BASE_URL` (default `https://api.openai.com/v1`),
+    /// `OPENAI_ORG_ID` and `OPENAI_PROJECT_ID` (optional), as the OpenAI
+    /// SDKs read them. A missing or unusable variable is a [`ConfigError`]
+    /// that names it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        OpenAiClientBuilder::from_env()?.build()
     }
 
     /// The same client, answering with a [`ChatStream`].
@@ -155,145 +168,6 @@ impl OpenAiClient {
     /// The default model.
     pub fn model(&self) -> &str {
         &self.config.model
-    }
-}
-
-/// Builds a validated [`OpenAiClient`].
-pub struct OpenAiClientBuilder {
-    base_url: String,
-    api_key: Option<String>,
-    model: Arc<str>,
-    connect_timeout: Duration,
-    first_byte_timeout: Option<Duration>,
-    total_timeout: Option<Duration>,
-    idle_timeout: Option<Duration>,
-    http: Option<reqwest::Client>,
-}
-
-impl fmt::Debug for OpenAiClientBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiClientBuilder")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
-}
-
-fn nonzero(d: Duration, field: &'static str) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::new(field, "must be greater than zero"))
-    } else {
-        Ok(d)
-    }
-}
-
-impl OpenAiClientBuilder {
-    /// The API key, sent as `Authorization: Bearer …` (a sensitive header).
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
-        self
-    }
-
-    /// The model used when a request names none.
-    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
-        self.model = model.into();
-        self
-    }
-
-    /// Time to establish a connection; default 5 s.
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
-
-    /// Time from sending to the response headers; default off.
-    pub fn first_byte_timeout(mut self, t: Duration) -> Self {
-        self.first_byte_timeout = Some(t);
-        self
-    }
-
-    /// Time for the whole request, body included; default 10 minutes.
-    pub fn total_timeout(mut self, t: Duration) -> Self {
-        self.total_timeout = Some(t);
-        self
-    }
-
-    /// No total timeout (streams that may run for long).
-    pub fn no_total_timeout(mut self) -> Self {
-        self.total_timeout = None;
-        self
-    }
-
-    /// The longest silence between two chunks of a stream; default 60 s.
-    pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
-        self.idle_timeout = Some(t);
-        self
-    }
-
-    /// Use this reqwest client (its own TLS, proxy and pool settings) instead
-    /// of building one; the connect and total timeouts are then the client's.
-    pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.http = Some(client);
-        self
-    }
-
-    /// Validates and builds the client.
-    pub fn build(self) -> Result<OpenAiClient, ConfigError> {
-        let base = self.base_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
-            return Err(ConfigError::new(
-                "base_url",
-                "must be an http:// or https:// URL",
-            ));
-        }
-        if self.model.is_empty() {
-            return Err(ConfigError::new("model", "must not be empty"));
-        }
-        let connect_timeout = nonzero(self.connect_timeout, "connect_timeout")?;
-        if let Some(t) = self.first_byte_timeout {
-            nonzero(t, "first_byte_timeout")?;
-        }
-        if let Some(t) = self.total_timeout {
-            nonzero(t, "total_timeout")?;
-        }
-        if let Some(t) = self.idle_timeout {
-            nonzero(t, "stream_idle_timeout")?;
-        }
-        let auth = match self.api_key {
-            Some(key) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                    ConfigError::new("api_key", "must be visible ASCII without line breaks")
-                })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
-        let http = match self.http {
-            Some(c) => c,
-            None => {
-                let mut b = reqwest::Client::builder().connect_timeout(connect_timeout);
-                if let Some(t) = self.total_timeout {
-                    b = b.timeout(t);
-                }
-                b.build()
-                    .map_err(|_| ConfigError::new("http_client", "could not be built"))?
-            }
-        };
-        Ok(OpenAiClient {
-            config: Arc::new(Config {
-                http,
-                url: format!("{base}/chat/completions"),
-                base_url: base.to_owned(),
-                model: self.model,
-                auth,
-                first_byte_timeout: self.first_byte_timeout,
-                idle_timeout: self.idle_timeout,
-                connect_timeout,
-                total_timeout: self.total_timeout,
-            }),
-        })
     }
 }
 
@@ -311,16 +185,21 @@ async fn send(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<reqwest::Response, ClientError> {
+    let body = req.body(EncodeOptions {
+        default_model: &config.model,
+        stream,
+        include_usage: config.include_usage,
+    });
     let mut rb = config
         .http
         .post(&config.url)
         .header(CONTENT_TYPE, "application/json")
-        .body(req.body(&config.model, stream));
+        .body(body);
     if stream {
         rb = rb.header(ACCEPT, "text/event-stream");
     }
-    if let Some(auth) = &config.auth {
-        rb = rb.header(AUTHORIZATION, auth.clone());
+    for (name, value) in &config.headers {
+        rb = rb.header(name, value.clone());
     }
     let sent = rb.send();
     let resp = match config.first_byte_timeout {
@@ -357,24 +236,13 @@ async fn complete(config: Arc<Config>, req: ChatRequest) -> Result<ChatResponse,
     let rate_limit = RateLimitHeaders::from_headers(resp.headers());
     let request_id = request_id(resp.headers());
     let body = resp.bytes().await.map_err(ClientError::from_reqwest)?;
-    let wire = error::decode_completion(&body)?;
-    let choice = wire.choices.into_iter().next();
-    let (content, finish_reason) = match choice {
-        Some(c) => (
-            c.message.and_then(|m| m.content).unwrap_or_default(),
-            c.finish_reason,
-        ),
-        None => return Err(ClientError::decode(&body)),
-    };
-    Ok(ChatResponse {
-        id: wire.id,
-        model: wire.model,
-        content,
-        finish_reason,
-        usage: wire.usage,
-        rate_limit,
-        request_id,
-    })
+    let mut response = error::decode_completion(&body)?;
+    if response.choices.is_empty() {
+        return Err(ClientError::decode(&body));
+    }
+    response.rate_limit = rate_limit;
+    response.request_id = request_id;
+    Ok(response)
 }
 
 async fn open_stream(config: Arc<Config>, req: ChatRequest) -> Result<ChatStream, ClientError> {
@@ -479,48 +347,5 @@ impl Service<ChatRequest> for StreamingClient {
                     .instrument(tracing::debug_span!("llm_resilience.client", stream = true)),
             ),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bad_config_names_the_field() {
-        assert_eq!(
-            OpenAiClient::new("ftp://x", "k").unwrap_err().field,
-            "base_url"
-        );
-        assert_eq!(
-            OpenAiClient::new("http://localhost", "bad\nkey")
-                .unwrap_err()
-                .field,
-            "api_key"
-        );
-        assert_eq!(
-            OpenAiClient::builder("http://localhost")
-                .connect_timeout(Duration::ZERO)
-                .build()
-                .unwrap_err()
-                .field,
-            "connect_timeout"
-        );
-        assert_eq!(
-            OpenAiClient::builder("http://localhost")
-                .model("")
-                .build()
-                .unwrap_err()
-                .field,
-            "model"
-        );
-    }
-
-    #[test]
-    fn debug_redacts_the_key() {
-        let c = OpenAiClient::new("http://localhost:1/v1", "sk-very-secret").unwrap();
-        let text = format!("{c:?} {:?}", c.streaming());
-        assert!(!text.contains("sk-very-secret"), "{text}");
-        assert!(text.contains("<redacted>"));
     }
 }
