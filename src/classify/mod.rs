@@ -14,6 +14,8 @@
 //! use llm_resilience::Error;
 //!
 //! let quota = HttpError::new(429).with_error_code("insufficient_quota");
+//! // Any error: the crate's own, an upstream's, or one wrapped in `Error`.
+//! assert_eq!(LlmClassifier::new().classify_error(&quota), Outcome::permanent(Reason::Quota));
 //! let err = Error::from_inner(quota);
 //! let outcome = Classify::<()>::classify(&LlmClassifier::new(), Err(&err));
 //! assert_eq!(outcome, Outcome::permanent(Reason::Quota));
@@ -26,9 +28,10 @@
 //! over an [`HttpView`]: any error that exposes a status, headers and the
 //! provider's error type and code. The crate's [`HttpError`] is one; a
 //! client's own error type can be another ([`LlmClassifier::with_view`]).
-//! Transport failures (`std::io::Error`, timeouts, reqwest's connect and
-//! timeout errors with the `reqwest` feature) are recognised in the source
-//! chain. An error nobody recognises is treated as transient
+//! Transport failures (`std::io::Error`, timeouts) are recognised in the
+//! source chain, and with the `reqwest` feature so is a `reqwest::Error`:
+//! by its status (an `error_for_status()` error is classified as that
+//! status) or as a connect, timeout or broken-connection failure. An error nobody recognises is treated as transient
 //! ([`Reason::Unknown`]): a bounded retry of an unknown failure is cheaper
 //! than giving up on a blip, and the retry budget bounds the cost.
 //!
@@ -235,7 +238,8 @@ where
     }
 }
 
-type ViewFn = for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
+pub(crate) type ViewFn =
+    for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
 
 /// The LLM preset: `REFERENCE.md` §1 and §2 over any error that exposes an
 /// [`HttpView`].
@@ -276,9 +280,10 @@ fn view_of<'a, T: HttpView + std::error::Error + 'static>(
 impl LlmClassifier {
     /// The preset, recognising [`HttpError`] and transport errors.
     pub fn new() -> Self {
-        Self {
-            views: vec![view_of::<HttpError>],
-        }
+        let mut views: Vec<ViewFn> = vec![view_of::<HttpError>];
+        #[cfg(feature = "reqwest")]
+        views.push(crate::client::REQWEST_VIEW);
+        Self { views }
     }
 
     /// Also recognise `T` (a client's own error type that implements
@@ -288,8 +293,17 @@ impl LlmClassifier {
         self
     }
 
-    /// Classifies an error (the `Err` half of [`Classify::classify`]).
-    pub fn classify_error(&self, err: &Error) -> Outcome {
+    /// Classifies any error: the crate's [`Error`] (the `Err` half of
+    /// [`Classify::classify`]), or an upstream's error with its source
+    /// chain, with no wrapping and no type parameter.
+    pub fn classify_error(&self, err: &(dyn std::error::Error + 'static)) -> Outcome {
+        match err.downcast_ref::<Error>() {
+            Some(ours) => self.classify_ours(ours),
+            None => self.classify_chain(err),
+        }
+    }
+
+    fn classify_ours(&self, err: &Error) -> Outcome {
         match err {
             Error::Upstream { source } => self.classify_chain(&**source),
             Error::Timeout { .. } => Outcome::transient(Reason::Timeout),
@@ -327,7 +341,7 @@ impl LlmClassifier {
                 }
             }
             if let Some(ours) = e.downcast_ref::<Error>() {
-                return self.classify_error(ours);
+                return self.classify_ours(ours);
             }
             if let Some(t) = transport_of(e) {
                 return t.outcome();
@@ -350,18 +364,6 @@ fn transport_of(e: &(dyn std::error::Error + 'static)) -> Option<Transport> {
     if e.is::<tokio::time::error::Elapsed>() {
         return Some(Transport::Timeout);
     }
-    #[cfg(feature = "reqwest")]
-    if let Some(r) = e.downcast_ref::<reqwest::Error>() {
-        if r.is_timeout() {
-            return Some(Transport::Timeout);
-        }
-        if r.is_connect() {
-            return Some(Transport::Connect);
-        }
-        if r.is_request() || r.is_body() || r.is_decode() {
-            return Some(Transport::Reset);
-        }
-    }
     None
 }
 
@@ -370,7 +372,7 @@ impl<Res> Classify<Res> for LlmClassifier {
     fn classify(&self, result: Result<&Res, &Error>) -> Outcome {
         match result {
             Ok(_) => Outcome::Success,
-            Err(e) => self.classify_error(e),
+            Err(e) => self.classify_ours(e),
         }
     }
 }

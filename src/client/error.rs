@@ -266,3 +266,38 @@ impl std::error::Error for ClientError {
         Some(&self.inner.http)
     }
 }
+
+/// A `reqwest::Error` as the classifier sees it: the status of an
+/// `error_for_status()` error, or the transport failure (connect, timeout,
+/// a broken request or body). So a user's own reqwest call, wrapped in the
+/// layers with its error as it is, is classified like the crate's client.
+impl HttpView for reqwest::Error {
+    fn status(&self) -> Option<u16> {
+        reqwest::Error::status(self).map(|s| s.as_u16())
+    }
+    fn header(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    fn transport(&self) -> Option<Transport> {
+        if self.is_timeout() {
+            Some(Transport::Timeout)
+        } else if self.is_connect() {
+            Some(Transport::Connect)
+        } else if self.is_request() || self.is_body() || self.is_decode() {
+            Some(Transport::Reset)
+        } else {
+            None
+        }
+    }
+}
+
+fn reqwest_view<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView> {
+    let r = e.downcast_ref::<reqwest::Error>()?;
+    // A reqwest error that is neither a status nor a transport failure (a
+    // builder or redirect error) says nothing: let the chain go on.
+    (r.status().is_some() || HttpView::transport(r).is_some()).then_some(r as &dyn HttpView)
+}
+
+/// How [`LlmClassifier`](crate::classify::LlmClassifier) finds a
+/// `reqwest::Error` in a source chain.
+pub(crate) const REQWEST_VIEW: crate::classify::ViewFn = reqwest_view;

@@ -80,6 +80,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 pub use self::builder::{Auth, OpenAiClientBuilder};
+pub(crate) use self::error::REQWEST_VIEW;
 pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
 pub use self::stream::ChatStream;
 use self::types::EncodeOptions;
