@@ -505,3 +505,174 @@ async fn a_users_own_reqwest_errors_are_classified() {
         Outcome::transient(Reason::Connect)
     );
 }
+
+/// A server on raw TCP that answers one request with these SSE bytes and
+/// then closes the connection (no `[DONE]`).
+async fn cut_stream_server(events: Vec<String>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            return;
+        };
+        // Read the request head and its body (content-length).
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Ok(n) = sock.read(&mut chunk).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let len = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if buf.len() >= head_end + 4 + len {
+                    break;
+                }
+            }
+        }
+        let mut out = String::from(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        );
+        for e in events {
+            out.push_str(&format!("data: {e}\n\n"));
+        }
+        let _ = sock.write_all(out.as_bytes()).await;
+        let _ = sock.shutdown().await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_stream_cut_inside_a_tool_call_is_a_typed_error_keeping_what_arrived() {
+    let piece = |v: Value| {
+        json!({"id": "chatcmpl-cut", "model": "m", "choices": [{"index": 0, "delta": v, "finish_reason": null}]})
+            .to_string()
+    };
+    let addr = cut_stream_server(vec![
+        piece(json!({"role": "assistant", "content": null})),
+        piece(
+            json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": ""}}]}),
+        ),
+        piece(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]})),
+        piece(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Par"}}]})),
+    ])
+    .await;
+    let c = builder(format!("http://{addr}/v1")).build().unwrap();
+    let stream = c
+        .streaming()
+        .oneshot(ChatRequest::user("weather?").tool(weather_tool()))
+        .await
+        .unwrap();
+    let err = stream.collect().await.unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::StreamInterrupted);
+    assert!(err.is_mid_stream());
+    assert_eq!(
+        LlmClassifier::new().classify_error(&err),
+        Outcome::transient(Reason::StreamInterrupted)
+    );
+    let partial = err.partial_response().expect("what arrived");
+    assert_eq!(partial.id, "chatcmpl-cut");
+    assert_eq!(partial.finish_reason(), None, "never finished");
+    let calls = partial.tool_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].id, "call_a");
+    assert_eq!(calls[0].function.name, "get_weather");
+    assert_eq!(calls[0].function.arguments, "{\"city\":\"Par");
+    assert!(serde_json::from_str::<Value>(&calls[0].function.arguments).is_err());
+}
+
+/// The key never shows in `Debug` output or in tracing at TRACE, and
+/// neither do prompts, completions or tool arguments.
+#[tokio::test]
+async fn no_key_prompt_or_completion_in_debug_or_traces() {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = MockServer::start(FaultScript::new().require_api_key(KEY))
+        .await
+        .unwrap();
+    let c = builder(server.base_url())
+        .organization("org-x")
+        .build()
+        .unwrap();
+    let prompt = "PROMPT-SECRET-about-the-merger";
+    let req = ChatRequest::user(prompt)
+        .with_system("SYSTEM-SECRET")
+        .push(Message::tool("call_1", "TOOL-OUTPUT-SECRET"))
+        .tool(weather_tool());
+    let mut seen = Vec::new();
+    let whole = c.clone().oneshot(req.clone()).await.unwrap();
+    let stream = c.streaming().oneshot(req.clone()).await.unwrap();
+    seen.push(format!("{stream:?}"));
+    let collected = stream.collect().await.unwrap();
+    let plain = c.clone().oneshot(ChatRequest::user(prompt)).await.unwrap();
+    let wrong = builder(server.base_url())
+        .api_key("sk-wrong-KEY-also-secret")
+        .build()
+        .unwrap();
+    let err = wrong.oneshot(req.clone()).await.unwrap_err();
+    seen.extend([
+        format!("{c:?}"),
+        format!("{:?}", c.streaming()),
+        format!("{:?}", builder(server.base_url())),
+        format!("{req:?}"),
+        format!("{whole:?}"),
+        format!("{collected:?}"),
+        format!("{plain:?}"),
+        format!("{err:?}"),
+        format!("{err}"),
+    ]);
+    drop(_guard);
+    let traces = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        traces.contains("llm_resilience.client"),
+        "spans were traced: {traces}"
+    );
+    let secrets = [
+        KEY,
+        "sk-wrong-KEY-also-secret",
+        prompt,
+        "SYSTEM-SECRET",
+        "TOOL-OUTPUT-SECRET",
+        plain.content(),
+        &whole.tool_calls()[0].function.arguments,
+    ];
+    for text in seen.iter().chain([&traces]) {
+        for s in secrets {
+            assert!(!text.contains(s), "{s:?} leaked into {text}");
+        }
+    }
+}
