@@ -201,4 +201,146 @@ mod tests {
         assert_eq!(calls[2].function.arguments, "{\"tz\":\"CET\"}");
         assert_eq!(r.content(), "");
     }
+
+    /// The property: whatever the cuts of the arguments and however the
+    /// pieces of different calls and choices interleave, decoding the
+    /// stream's chunks and assembling them gives the response the same
+    /// server would send whole.
+    mod streamed_equals_whole {
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        use super::super::Assembler;
+        use crate::client::types::decode_chunk;
+        use crate::client::ChatResponse;
+
+        #[derive(Debug, Clone)]
+        struct Call {
+            id: String,
+            name: String,
+            args: String,
+            cuts: Vec<usize>,
+        }
+
+        fn call() -> impl Strategy<Value = Call> {
+            (
+                "[a-z0-9_]{1,12}",
+                "[a-z_]{1,16}",
+                // Arguments with quotes, escapes and non-ASCII text.
+                "[ -~é😀\n]{0,60}",
+                proptest::collection::vec(0usize..80, 0..6),
+            )
+                .prop_map(|(id, name, args, cuts)| Call {
+                    id: format!("call_{id}"),
+                    name,
+                    args,
+                    cuts,
+                })
+        }
+
+        /// `args` cut at the given char positions.
+        fn fragments(args: &str, cuts: &[usize]) -> Vec<String> {
+            let chars: Vec<char> = args.chars().collect();
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (chars.len() + 1)).collect();
+            at.sort_unstable();
+            at.dedup();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for c in at.into_iter().chain([chars.len()]) {
+                out.push(chars[from..c].iter().collect());
+                from = c;
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn for_random_tool_call_deltas(
+                choices in proptest::collection::vec(
+                    (proptest::collection::vec(call(), 0..4), proptest::option::of("[ -~]{0,20}")),
+                    1..3,
+                ),
+                order in proptest::collection::vec(any::<u8>(), 0..64),
+                usage in proptest::option::of((0u32..10_000, 0u32..10_000, proptest::option::of(0u32..100))),
+            ) {
+                // The whole response.
+                let whole_choices: Vec<_> = choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (calls, text))| {
+                        let mut message = json!({"role": "assistant", "content": text});
+                        if !calls.is_empty() {
+                            message["tool_calls"] = calls
+                                .iter()
+                                .map(|c| json!({"id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": c.args}}))
+                                .collect();
+                        }
+                        let finish = if calls.is_empty() { "stop" } else { "tool_calls" };
+                        json!({"index": i, "message": message, "finish_reason": finish})
+                    })
+                    .collect();
+                let usage_json = usage.map(|(p, c, cached)| json!({
+                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                    "prompt_tokens_details": cached.map(|k| json!({"cached_tokens": k})),
+                }));
+                let whole = json!({"id": "chatcmpl-1", "model": "m", "system_fingerprint": "fp",
+                    "choices": whole_choices, "usage": usage_json});
+                let body = bytes::Bytes::from(whole.to_string());
+                let whole: ChatResponse = crate::client::error::decode_completion(&body).unwrap();
+
+                // The stream: per choice a queue of deltas, in order.
+                let mut queues: Vec<std::collections::VecDeque<serde_json::Value>> = choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (calls, text))| {
+                        let mut q = std::collections::VecDeque::new();
+                        q.push_back(json!({"index": i, "delta": {"role": "assistant"}}));
+                        if let Some(t) = text {
+                            for f in fragments(t, &[t.len() / 2]) {
+                                q.push_back(json!({"index": i, "delta": {"content": f}}));
+                            }
+                        }
+                        for (k, c) in calls.iter().enumerate() {
+                            q.push_back(json!({"index": i, "delta": {"tool_calls": [{"index": k,
+                                "id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": ""}}]}}));
+                            for f in fragments(&c.args, &c.cuts) {
+                                q.push_back(json!({"index": i, "delta": {"tool_calls": [{"index": k,
+                                    "function": {"arguments": f}}]}}));
+                            }
+                        }
+                        let finish = if calls.is_empty() { "stop" } else { "tool_calls" };
+                        q.push_back(json!({"index": i, "delta": {}, "finish_reason": finish}));
+                        q
+                    })
+                    .collect();
+                let mut events = Vec::new();
+                let mut pick = order.iter().copied().cycle();
+                while queues.iter().any(|q| !q.is_empty()) {
+                    let live: Vec<usize> = (0..queues.len()).filter(|i| !queues[*i].is_empty()).collect();
+                    let i = live[usize::from(pick.next().unwrap_or(0)) % live.len()];
+                    let d = queues[i].pop_front().unwrap();
+                    events.push(json!({"id": "chatcmpl-1", "model": "m", "system_fingerprint": "fp",
+                        "choices": [d]}));
+                }
+                if let Some(u) = usage_json_of(&whole) {
+                    events.push(json!({"id": "chatcmpl-1", "model": "m", "choices": [], "usage": u}));
+                }
+                let mut a = Assembler::default();
+                for e in &events {
+                    let data = e.to_string();
+                    let (wire, chunk) = decode_chunk(data.as_bytes()).unwrap();
+                    a.ids(wire.id.as_deref(), wire.model.as_deref(), wire.system_fingerprint.as_deref());
+                    a.push(&chunk);
+                }
+                prop_assert_eq!(a.response(), whole);
+            }
+        }
+
+        fn usage_json_of(r: &ChatResponse) -> Option<serde_json::Value> {
+            r.usage.map(|u| serde_json::to_value(u).unwrap())
+        }
+    }
 }

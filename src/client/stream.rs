@@ -166,14 +166,12 @@ impl ChatStream {
         let (id, model) = (wire.id.as_deref(), wire.model.as_deref());
         self.assembled
             .ids(id, model, wire.system_fingerprint.as_deref());
-        match chunk {
-            Some(c) => {
-                self.assembled.push(&c);
-                Some(Ok(Some(Event::Chunk(c))))
-            }
+        self.assembled.push(&chunk);
+        if chunk.is_empty() {
             // A role-only opening chunk or a keep-alive: nothing to hand out.
-            None => Some(Ok(None)),
+            return Some(Ok(None));
         }
+        Some(Ok(Some(Event::Chunk(chunk))))
     }
 
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<ChatChunk, ClientError>>> {

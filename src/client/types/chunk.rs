@@ -39,7 +39,9 @@ impl ChatChunk {
             .and_then(|c| c.finish_reason.as_deref())
     }
 
-    fn is_empty(&self) -> bool {
+    /// Whether it adds nothing a caller would see (a role-only opening
+    /// chunk, a keep-alive).
+    pub(crate) fn is_empty(&self) -> bool {
         self.usage.is_none()
             && self.choices.iter().all(|c| {
                 c.content.as_deref().is_none_or(str::is_empty)
@@ -223,7 +225,7 @@ pub(crate) struct WireChunk<'a> {
 /// a chunk with nothing to hand out (a role-only opening chunk, a
 /// keep-alive); an error event for a chunk whose `error` is set (`null` is
 /// not an error); a decode error for anything else that is not a chunk.
-pub(crate) fn decode_chunk(data: &[u8]) -> Result<(WireChunk<'_>, Option<ChatChunk>), ClientError> {
+pub(crate) fn decode_chunk(data: &[u8]) -> Result<(WireChunk<'_>, ChatChunk), ClientError> {
     let wire: WireChunk<'_> = match serde_json::from_slice(data) {
         Ok(w) => w,
         Err(_) => {
@@ -244,7 +246,6 @@ pub(crate) fn decode_chunk(data: &[u8]) -> Result<(WireChunk<'_>, Option<ChatChu
         choices: std::mem::take(&mut wire.choices),
         usage: wire.usage.take(),
     };
-    let chunk = (!chunk.is_empty()).then_some(chunk);
     Ok((wire, chunk))
 }
 
@@ -260,11 +261,11 @@ mod tests {
             "usage":null}"#;
         let (w, c) = decode_chunk(data).unwrap();
         assert!(w.id.is_none());
-        assert_eq!(c.unwrap().text(), "hi");
+        assert_eq!(c.text(), "hi");
         let data = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":null,
             "completion_tokens":3,"total_tokens":null,"prompt_tokens_details":null}}"#;
         let (_, c) = decode_chunk(data).unwrap();
-        let u = c.unwrap().usage.unwrap();
+        let u = c.usage.unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (0, 3));
     }
 
@@ -283,6 +284,6 @@ mod tests {
     #[test]
     fn role_only_chunk_hands_out_nothing() {
         let data = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
-        assert!(decode_chunk(data).unwrap().1.is_none());
+        assert!(decode_chunk(data).unwrap().1.is_empty());
     }
 }

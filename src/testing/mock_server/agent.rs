@@ -291,10 +291,12 @@ pub(super) fn completion(
         json!({"index": i, "delta": d, "logprobs": null, "finish_reason": finish})
     };
     let mut parts: Vec<Part> = Vec::new();
-    for i in 0..answers.len() {
+    for (i, a) in answers.iter().enumerate() {
+        // OpenAI opens a text answer with `""` and a tool-call one with null.
+        let content = a.text.as_ref().map(|_| "");
         parts.push(event(delta(
             i,
-            json!({"role": "assistant", "content": ""}),
+            json!({"role": "assistant", "content": content}),
             None,
         )));
     }
