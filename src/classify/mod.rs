@@ -280,9 +280,11 @@ fn view_of<'a, T: HttpView + std::error::Error + 'static>(
 impl LlmClassifier {
     /// The preset, recognising [`HttpError`] and transport errors.
     pub fn new() -> Self {
-        let mut views: Vec<ViewFn> = vec![view_of::<HttpError>];
-        #[cfg(feature = "reqwest")]
-        views.push(crate::client::REQWEST_VIEW);
+        let views: Vec<ViewFn> = vec![
+            view_of::<HttpError>,
+            #[cfg(feature = "reqwest")]
+            crate::client::REQWEST_VIEW,
+        ];
         Self { views }
     }
 
