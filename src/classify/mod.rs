@@ -35,6 +35,56 @@
 //! ([`Reason::Unknown`]): a bounded retry of an unknown failure is cheaper
 //! than giving up on a blip, and the retry budget bounds the cost.
 //!
+//! # Bring your own client
+//!
+//! Any client's errors are classifiable; the layers need no other glue.
+//!
+//! - **reqwest, as it is**: with the `reqwest` feature a `reqwest::Error` is
+//!   recognised: an `error_for_status()?` error by its status (a 401 is
+//!   permanent, a 429 transient), a connect or timeout failure as such.
+//!   Headers and body are gone by then; for the provider's error code and
+//!   the `retry-after` hint, build the error from the response instead
+//!   ([`HttpError::from_response`], feature `json`: status, headers and
+//!   body, every provider's error shape read).
+//! - **Any error type**: return an [`HttpError`] (or keep one in your
+//!   error's source chain), or implement [`HttpView`] for your type: a
+//!   status and a header lookup are enough.
+//!
+//! ```
+//! use std::time::Duration;
+//! use llm_resilience::classify::{HttpView, LlmClassifier, Outcome, Reason};
+//!
+//! #[derive(Debug)]
+//! struct MyError { status: u16, retry_after: Option<String> }
+//! impl std::fmt::Display for MyError {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         write!(f, "status {}", self.status)
+//!     }
+//! }
+//! impl std::error::Error for MyError {}
+//!
+//! impl HttpView for MyError {
+//!     fn status(&self) -> Option<u16> {
+//!         Some(self.status)
+//!     }
+//!     fn header(&self, name: &str) -> Option<&str> {
+//!         if name == "retry-after" { self.retry_after.as_deref() } else { None }
+//!     }
+//! }
+//!
+//! // Give this classifier to the layers (`RetryLayer::builder().classifier(…)`).
+//! let classifier = LlmClassifier::new().with_view::<MyError>();
+//! let err = MyError { status: 429, retry_after: Some("2".into()) };
+//! assert_eq!(
+//!     classifier.classify_error(&err),
+//!     Outcome::Transient { reason: Reason::RateLimited, retry_after: Some(Duration::from_secs(2)) }
+//! );
+//! ```
+//!
+//! The crate's `examples/async-openai` wraps async-openai's client this way
+//! with `tower::service_fn`: one function turns its error into an
+//! [`HttpError`].
+//!
 //! # Closures
 //!
 //! Any `Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static` is a

@@ -168,13 +168,15 @@ mod tests {
     use crate::client::types::ChoiceDelta;
 
     fn piece(index: u32, id: Option<&str>, name: Option<&str>, args: Option<&str>) -> ChatChunk {
-        let mut d = ChoiceDelta::default();
-        d.tool_calls = vec![ToolCallDelta::new(
-            index,
-            id.map(str::to_owned),
-            name.map(str::to_owned),
-            args.map(str::to_owned),
-        )];
+        let d = ChoiceDelta {
+            tool_calls: vec![ToolCallDelta::new(
+                index,
+                id.map(str::to_owned),
+                name.map(str::to_owned),
+                args.map(str::to_owned),
+            )],
+            ..ChoiceDelta::default()
+        };
         ChatChunk {
             choices: vec![d],
             usage: None,

@@ -19,6 +19,106 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Providers
+//!
+//! Any server that speaks OpenAI's chat completions API works; what differs
+//! is the base URL, how the key is sent, and a few headers or query
+//! parameters.
+//!
+//! **OpenAI.** [`OpenAiClient::from_env`] reads `OPENAI_API_KEY`,
+//! `OPENAI_BASE_URL` (default `https://api.openai.com/v1`), `OPENAI_ORG_ID`
+//! and `OPENAI_PROJECT_ID`, the variables the OpenAI SDKs read; or set them
+//! on the builder:
+//!
+//! ```no_run
+//! # use llm_resilience::client::OpenAiClient;
+//! # fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let client = OpenAiClient::builder("https://api.openai.com/v1")
+//!     .api_key("sk-…")
+//!     .organization("org-…") // OpenAI-Organization
+//!     .project("proj_…") // OpenAI-Project
+//!     .model("gpt-4o-mini")
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! **Azure OpenAI.** The base URL names the deployment, the key goes in an
+//! `api-key` header, and every request carries `api-version`:
+//!
+//! ```no_run
+//! # use llm_resilience::client::{Auth, OpenAiClient};
+//! # fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let client = OpenAiClient::builder(
+//!     "https://my-resource.openai.azure.com/openai/deployments/my-gpt-4o",
+//! )
+//! .auth(Auth::Header("api-key".into()))
+//! .api_key("…")
+//! .query("api-version", "2024-10-21")
+//! .model("gpt-4o") // Azure routes by deployment; the field is still sent
+//! .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! **A local server** (vLLM, Ollama, llama.cpp, LM Studio): no key, no auth
+//! header. Some of them reject `stream_options`, which the client sends
+//! with streamed requests to get usage; turn it off there.
+//!
+//! ```no_run
+//! # use llm_resilience::client::OpenAiClient;
+//! # fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let ollama = OpenAiClient::builder("http://localhost:11434/v1")
+//!     .model("llama3.2")
+//!     .stream_include_usage(false)
+//!     .build()?;
+//! let vllm = OpenAiClient::builder("http://localhost:8000/v1")
+//!     .model("Qwen/Qwen2.5-7B-Instruct")
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Gateways that want their own headers get them with
+//! [`header`](OpenAiClientBuilder::header); a field the typed request does
+//! not have goes in [`ChatRequest::extra`].
+//!
+//! # Tool calls
+//!
+//! An agent offers tools, runs the calls the model asks for, and sends the
+//! answers back; the model's message goes back into the conversation as
+//! it came:
+//!
+//! ```no_run
+//! use llm_resilience::client::{ChatRequest, Message, OpenAiClient, Tool};
+//! use serde_json::json;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let client = OpenAiClient::from_env()?;
+//! let weather = Tool::function(
+//!     "get_weather",
+//!     "The current weather in a city",
+//!     json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+//! );
+//! let mut req = ChatRequest::user("Weather in Paris?").tool(weather);
+//! loop {
+//!     let reply = client.clone().oneshot(req.clone()).await?;
+//!     if reply.tool_calls().is_empty() {
+//!         println!("{}", reply.content());
+//!         break;
+//!     }
+//!     req = req.push(reply.message().expect("a choice").clone());
+//!     for call in reply.tool_calls() {
+//!         // Run the tool with `call.function.arguments` (JSON, unchecked).
+//!         req = req.push(Message::tool(call.id.clone(), r#"{"temp_c": 21}"#));
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A streamed answer gives the same [`ChatResponse`] through
+//! [`ChatStream::collect`]: text appended per choice, each tool call joined
+//! from its pieces (an id and name first, then fragments of the arguments),
+//! usage from the last chunk.
+//!
 //! # TLS
 //!
 //! The crate enables reqwest without a TLS backend (plain HTTP is enough for
@@ -53,7 +153,20 @@
 //! [`OpenAiClient::streaming`] gives a service whose response is a
 //! [`ChatStream`]. It answers only once the first chunk arrived, so a
 //! retry or fallback layer above it can act on every failure that happens
-//! before output reaches the caller, and on none after.
+//! before output reaches the caller, and on none after. A stream that
+//! breaks off after that is an error that keeps what arrived, chunks
+//! ([`ClientError::partial`]) and the assembled response, tool calls cut
+//! short included ([`ClientError::partial_response`]).
+//!
+//! # Responses
+//!
+//! A [`ChatResponse`] has every choice (for `n > 1`) with its message (text,
+//! which may be absent, tool calls, refusal) and finish reason; usage with
+//! cached-prompt and reasoning tokens when the provider reports them; `id`,
+//! `model`, `system_fingerprint`; the rate-limit headers; and the raw body
+//! ([`ChatResponse::raw_json`]) for what the typed view does not cover.
+//! Fields that providers send as `null` are read as absent, never
+//! rejected.
 //!
 //! # Cloning and cost
 //!
