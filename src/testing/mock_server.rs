@@ -424,30 +424,6 @@ fn error_response(e: &ErrorReply) -> Response {
     r
 }
 
-fn reply_words(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let w = WORDS[i % WORDS.len()];
-            if i == 0 {
-                w.to_owned()
-            } else {
-                format!(" {w}")
-            }
-        })
-        .collect()
-}
-
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-fn chunk_event(model: &str, text: &str, finish: Option<&str>) -> Bytes {
-    sse(&json!({
-        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
-    }))
-}
-
 type Part = Result<Bytes, std::io::Error>;
 
 fn paced(parts: Vec<Part>, gap: Duration) -> Body {
@@ -563,7 +539,7 @@ async fn chat(
             shared.tokens.fetch_add(prompt + n as u64, Ordering::SeqCst);
             agent::completion(&reply, &req, nulls, prompt, n, finish)
         }
-        MockFault::MidStreamDrop { after_chunks } => partial_stream(
+        MockFault::MidStreamDrop { after_chunks } => agent::partial_stream(
             &reply,
             after_chunks,
             Err(std::io::Error::new(
@@ -571,7 +547,7 @@ async fn chat(
                 "mock mid-stream drop",
             )),
         ),
-        MockFault::StreamErrorEvent { after_chunks } => partial_stream(
+        MockFault::StreamErrorEvent { after_chunks } => agent::partial_stream(
             &reply,
             after_chunks,
             Ok(Bytes::from(format!(
@@ -589,15 +565,6 @@ struct Reply<'a> {
     stream: bool,
     chunks: usize,
     gap: Duration,
-}
-
-/// `after` chunks (`part0 `, `part1 `, …), then `tail`, and no `[DONE]`.
-fn partial_stream(r: &Reply<'_>, after: usize, tail: Part) -> Response {
-    let mut parts: Vec<Part> = (0..after)
-        .map(|i| Ok(chunk_event(r.model, &format!("part{i} "), None)))
-        .collect();
-    parts.push(tail);
-    stream_response(paced(parts, r.gap))
 }
 
 fn stream_response(body: Body) -> Response {

@@ -484,8 +484,9 @@ impl ChatRequest {
         };
         match written {
             Ok(()) => out.into_inner().freeze(),
-            // Only a non-finite float can fail (JSON has no NaN); an empty
-            // object is a body the server rejects as a bad request.
+            // Strings, numbers and JSON values do not fail to serialize; an
+            // empty object would be a body the server rejects as a bad
+            // request, never a panic.
             Err(_) => Bytes::from_static(b"{}"),
         }
     }

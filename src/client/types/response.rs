@@ -122,7 +122,8 @@ fn nullable_message<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Message, D
 }
 
 impl Choice {
-    pub(crate) fn new(index: u32, message: Message, finish_reason: Option<String>) -> Self {
+    /// A choice: its index, the message, and why generation stopped.
+    pub fn new(index: u32, message: Message, finish_reason: Option<String>) -> Self {
         Self {
             index,
             message,
@@ -169,8 +170,8 @@ pub struct ChatResponse {
 }
 
 impl ChatResponse {
-    /// An empty response (no choices), for tests and adapters that build
-    /// one by hand.
+    /// A response with these choices (no usage, headers or raw body), for
+    /// tests and adapters that build one by hand.
     pub fn new(id: impl Into<String>, model: impl Into<String>, choices: Vec<Choice>) -> Self {
         Self {
             id: id.into(),

@@ -10,7 +10,9 @@ use axum::response::Response;
 use serde_json::{json, Map, Value};
 
 use super::script::{ErrorReply, FaultScript};
-use super::{json_response, paced, reply_words, sse, stream_response, Part, Reply};
+use bytes::Bytes;
+
+use super::{json_response, paced, stream_response, Part, Reply, WORDS};
 
 /// The most requests [`MockServer::requests`](super::MockServer::requests)
 /// keeps (the latest ones).
@@ -354,6 +356,41 @@ pub(super) fn completion(
         last["error"] = Value::Null;
     }
     parts.push(Ok(sse(&last)));
-    parts.push(Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n")));
+    parts.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    stream_response(paced(parts, r.gap))
+}
+
+// ---- OpenAI reply shapes shared by every answer ----
+
+pub(super) fn reply_words(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let w = WORDS[i % WORDS.len()];
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect()
+}
+
+pub(super) fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn chunk_event(model: &str, text: &str, finish: Option<&str>) -> Bytes {
+    sse(&json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }))
+}
+
+/// `after` chunks (`part0 `, `part1 `, …), then `tail`, and no `[DONE]`.
+pub(super) fn partial_stream(r: &Reply<'_>, after: usize, tail: Part) -> Response {
+    let mut parts: Vec<Part> = (0..after)
+        .map(|i| Ok(chunk_event(r.model, &format!("part{i} "), None)))
+        .collect();
+    parts.push(tail);
     stream_response(paced(parts, r.gap))
 }
