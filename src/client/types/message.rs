@@ -32,6 +32,10 @@ pub enum Content {
     Text(String),
     /// Text and image parts, in order.
     Parts(Vec<ContentPart>),
+    /// Any other shape a provider answers with (parts of types the crate
+    /// does not model, such as a reasoning model's `thinking` parts), kept
+    /// as it came rather than rejected.
+    Other(serde_json::Value),
 }
 
 impl Content {
@@ -47,6 +51,7 @@ impl Content {
                 })
                 .collect::<String>()
                 .into(),
+            Content::Other(_) => "".into(),
         }
     }
 
@@ -62,6 +67,7 @@ impl Content {
                     ContentPart::ImageUrl { .. } => 340,
                 })
                 .sum(),
+            Content::Other(v) => v.to_string().len(),
         }
     }
 }
@@ -141,6 +147,7 @@ impl fmt::Debug for Content {
         match self {
             Content::Text(s) => write!(f, "Text {{ len: {} }}", s.len()),
             Content::Parts(p) => f.debug_tuple("Parts").field(p).finish(),
+            Content::Other(_) => f.write_str("Other"),
         }
     }
 }
@@ -363,5 +370,28 @@ impl fmt::Debug for Message {
             d.field("refusal_len", &r.len());
         }
         d.finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_of_any_content_shape_are_read() {
+        let m: Message = serde_json::from_str(
+            r#"{"role":"assistant","content":[{"type":"thinking","thinking":[]},
+                {"type":"text","text":"hi"}],"tool_calls":null,"refusal":null}"#,
+        )
+        .unwrap();
+        assert!(matches!(m.content, Some(Content::Other(_))));
+        let m: Message = serde_json::from_str(
+            r#"{"role":"assistant","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.text(), "ab");
+        let m: Message =
+            serde_json::from_str(r#"{"role":"tool","content":"x","tool_call_id":"c"}"#).unwrap();
+        assert_eq!(m.tool_call_id.as_deref(), Some("c"));
     }
 }

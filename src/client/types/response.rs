@@ -196,7 +196,8 @@ impl ChatResponse {
     }
 
     /// The first choice's text (empty when it has none, e.g. only tool
-    /// calls).
+    /// calls). A provider that answers with content parts instead of a
+    /// string: [`Message::text`] joins their text.
     pub fn content(&self) -> &str {
         match self.message().and_then(|m| m.content.as_ref()) {
             Some(super::Content::Text(s)) => s,
