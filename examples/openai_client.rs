@@ -8,8 +8,8 @@
 //!
 //! Without `OPENAI_BASE_URL` it starts the crate's mock LLM server in
 //! process, scripted to throttle and fail now and then, and reports what the
-//! server saw. (For an `https://` endpoint, enable a TLS feature of reqwest
-//! in your own build; see the `client` module docs.)
+//! server saw. `https://` endpoints work as they are (rustls); feature
+//! `native-tls` uses the platform's TLS instead.
 
 #[cfg(all(feature = "reqwest", feature = "testing"))]
 #[tokio::main(flavor = "current_thread")]

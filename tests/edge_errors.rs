@@ -240,7 +240,7 @@ async fn a_deadline_is_504() {
 #[tokio::test]
 async fn a_full_queue_is_503_with_retry_after_and_a_mapping_changes_it() {
     let server =
-        MockServer::start(FaultScript::new().latency(Latency::Fixed(Duration::from_millis(400))))
+        MockServer::start(FaultScript::new().latency(Latency::Fixed(Duration::from_secs(2))))
             .await
             .unwrap();
     let queue = QueueLayer::builder()
@@ -249,6 +249,7 @@ async fn a_full_queue_is_503_with_retry_after_and_a_mapping_changes_it() {
         .when_full(WhenFull::Reject)
         .build()
         .unwrap();
+    let handle = queue.handle();
     let agent: Agent =
         BoxCloneService::new(ServiceBuilder::new().layer(queue).service(client(&server)));
     let mapping = ErrorMapping::builder()
@@ -266,7 +267,8 @@ async fn a_full_queue_is_503_with_retry_after_and_a_mapping_changes_it() {
     let plain = format!("{}/chat", serve(plain).await);
     let mapped = format!("{}/chat", serve(mapped).await);
 
-    // One in flight, one waiting: the queue is full for 400 ms.
+    // One in flight, one waiting: the queue is full for 2 s (the test only
+    // asks while it sees both).
     let busy: Vec<_> = (0..2)
         .map(|_| {
             let url = plain.clone();
@@ -274,7 +276,7 @@ async fn a_full_queue_is_503_with_retry_after_and_a_mapping_changes_it() {
         })
         .collect();
     let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
-    while server.total() == 0 {
+    while server.total() == 0 || handle.depth() == 0 {
         assert!(tokio::time::Instant::now() < give_up);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -79,7 +79,21 @@ pub struct HttpError {
     error_type: Option<String>,
     error_code: Option<String>,
     message: Option<String>,
+    cause: Option<Cause>,
 }
+
+/// The error behind an [`HttpError`] (e.g. the HTTP library's), shown in
+/// its `source()` chain; not part of equality.
+#[derive(Clone)]
+struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl PartialEq for Cause {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Cause {}
 
 impl HttpError {
     /// An error for an HTTP response with `status`.
@@ -119,6 +133,14 @@ impl HttpError {
     /// Sets the provider's error message (kept, never logged).
     pub fn with_message(mut self, m: impl Into<String>) -> Self {
         self.message = Some(m.into());
+        self
+    }
+
+    /// Sets the underlying error (the HTTP library's), returned by
+    /// [`source`](std::error::Error::source) so error reports show the real
+    /// cause. Not compared by `==`.
+    pub fn with_source(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.cause = Some(Cause(std::sync::Arc::new(cause)));
         self
     }
 
@@ -275,7 +297,13 @@ impl fmt::Display for HttpError {
     }
 }
 
-impl std::error::Error for HttpError {}
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_ref()
+            .map(|c| &*c.0 as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Classifies an [`HttpView`] by the table of `REFERENCE.md` §1, with the
 /// server's wait hint (§2) read against the system clock.

@@ -290,7 +290,7 @@ mod tests {
                 let whole = json!({"id": "chatcmpl-1", "model": "m", "system_fingerprint": "fp",
                     "choices": whole_choices, "usage": usage_json});
                 let body = bytes::Bytes::from(whole.to_string());
-                let whole: ChatResponse = crate::client::error::decode_completion(&body).unwrap();
+                let whole: ChatResponse = crate::client::error::decode_completion(&reqwest::header::HeaderMap::new(), &body).unwrap();
 
                 // The stream: per choice a queue of deltas, in order.
                 let mut queues: Vec<std::collections::VecDeque<serde_json::Value>> = choices

@@ -1,5 +1,4 @@
-//! The client's builder: endpoint, auth, default headers and query
-//! parameters, timeouts.
+//! The client's builder: every knob validated once, at `build()`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,6 +8,20 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
 use super::{Config, OpenAiClient};
 use crate::error::ConfigError;
+
+/// Default cap on a 2xx completion body: 32 MiB. The largest legitimate
+/// completion (a few hundred thousand output tokens as JSON) stays well
+/// below it; anything larger is a broken or hostile upstream.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Default cap on one server-sent event of a stream: 4 MiB. A chunk of a
+/// chat stream is usually well under a kilobyte; a tool call's arguments
+/// arrive in many small deltas.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// A duration at or above this (about 100 years) means "no limit": adding it
+/// to the clock could overflow, and no call waits that long anyway.
+const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// How the API key is sent.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -23,25 +36,33 @@ pub enum Auth {
 }
 
 /// Builds a validated [`OpenAiClient`].
+///
+/// Every duration knob takes any [`Duration`]: zero is a [`ConfigError`],
+/// and anything from about 100 years up (including [`Duration::MAX`])
+/// means "no limit".
 pub struct OpenAiClientBuilder {
     base_url: String,
     api_key: Option<String>,
     auth: Auth,
     headers: Vec<(String, String)>,
     query: Vec<(String, String)>,
-    model: Arc<str>,
     include_usage: bool,
+    model: Arc<str>,
     connect_timeout: Duration,
     first_byte_timeout: Option<Duration>,
     total_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
+    error_body_timeout: Duration,
+    max_body_bytes: usize,
+    max_event_bytes: usize,
+    root_certificates: Vec<Vec<u8>>,
     http: Option<reqwest::Client>,
 }
 
 impl fmt::Debug for OpenAiClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiClientBuilder")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redact_url(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("auth", &self.auth)
             .field(
@@ -57,11 +78,22 @@ impl fmt::Debug for OpenAiClientBuilder {
     }
 }
 
-fn nonzero(d: Duration, field: &'static str) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::new(field, "must be greater than zero"))
-    } else {
-        Ok(d)
+/// The URL with any `user:password@` replaced, for `Debug` and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            // Both setters fail only for URLs that cannot have credentials,
+            // which these are not.
+            let _ = u.set_username("redacted");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        // Unparseable: show no part that could be a credential.
+        Err(_) => match url.rsplit_once('@') {
+            Some((_, host)) => format!("<redacted>@{host}"),
+            None => url.to_owned(),
+        },
     }
 }
 
@@ -72,6 +104,21 @@ fn sensitive(value: &str, field: &'static str) -> Result<HeaderValue, ConfigErro
     Ok(v)
 }
 
+/// `Ok(None)` for "no limit", an error for zero.
+fn limit(d: Duration, field: &'static str) -> Result<Option<Duration>, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::new(field, "must be greater than zero"))
+    } else if d >= NO_LIMIT_FROM {
+        Ok(None)
+    } else {
+        Ok(Some(d))
+    }
+}
+
+fn opt_limit(d: Option<Duration>, field: &'static str) -> Result<Option<Duration>, ConfigError> {
+    d.map_or(Ok(None), |d| limit(d, field))
+}
+
 impl OpenAiClientBuilder {
     pub(super) fn new(base_url: String) -> Self {
         Self {
@@ -80,12 +127,16 @@ impl OpenAiClientBuilder {
             auth: Auth::Bearer,
             headers: Vec::new(),
             query: Vec::new(),
-            model: "gpt-4o-mini".into(),
             include_usage: true,
+            model: "gpt-4o-mini".into(),
             connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: None,
+            first_byte_timeout: Some(Duration::from_secs(600)),
             total_timeout: Some(Duration::from_secs(600)),
             idle_timeout: Some(Duration::from_secs(60)),
+            error_body_timeout: Duration::from_secs(5),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            root_certificates: Vec::new(),
             http: None,
         }
     }
@@ -116,28 +167,23 @@ impl OpenAiClientBuilder {
             b = b.project(project);
         }
         // Name the variable, not the builder method, if a value is unusable.
-        b.check_env()?;
-        Ok(b)
-    }
-
-    fn check_env(&self) -> Result<(), ConfigError> {
-        if let Some(k) = &self.api_key {
+        if let Some(k) = &b.api_key {
             sensitive(k, "OPENAI_API_KEY")?;
         }
-        if reqwest::Url::parse(&self.base_url).is_err() {
+        if reqwest::Url::parse(&b.base_url).is_err() {
             return Err(ConfigError::new(
                 "OPENAI_BASE_URL",
                 "must be an http:// or https:// URL",
             ));
         }
-        for (name, value) in &self.headers {
+        for (name, value) in &b.headers {
             let var = match name.as_str() {
                 "openai-organization" => "OPENAI_ORG_ID",
                 _ => "OPENAI_PROJECT_ID",
             };
             sensitive(value, var)?;
         }
-        Ok(())
+        Ok(b)
     }
 
     /// The API key, sent as [`Auth::Bearer`] unless [`auth`](Self::auth)
@@ -179,17 +225,17 @@ impl OpenAiClientBuilder {
         self.header("openai-project", project)
     }
 
-    /// The model used when a request names none.
-    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
-        self.model = model.into();
-        self
-    }
-
     /// Whether a streamed request asks for usage on its last chunk
     /// (`stream_options.include_usage`); default on. Turn it off for a
     /// compatible server that rejects the field.
     pub fn stream_include_usage(mut self, on: bool) -> Self {
         self.include_usage = on;
+        self
+    }
+
+    /// The model used when a request names none.
+    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
+        self.model = model.into();
         self
     }
 
@@ -199,56 +245,98 @@ impl OpenAiClientBuilder {
         self
     }
 
-    /// Time from sending to the response headers; default off.
+    /// Time from sending the request to the response headers, for streamed
+    /// and non-streamed calls alike; default 10 minutes. A non-streamed
+    /// completion's headers come only once the whole answer is generated,
+    /// so the default is the OpenAI SDK's request timeout; a stream's
+    /// headers come at once, so a streaming-only client may set it lower.
+    /// It holds even with [`no_total_timeout`](Self::no_total_timeout).
     pub fn first_byte_timeout(mut self, t: Duration) -> Self {
         self.first_byte_timeout = Some(t);
         self
     }
 
-    /// Time for the whole request, body included; default 10 minutes.
+    /// Time for the whole request, body included; default 10 minutes (the
+    /// OpenAI and Anthropic SDKs' request timeout).
     pub fn total_timeout(mut self, t: Duration) -> Self {
         self.total_timeout = Some(t);
         self
     }
 
-    /// No total timeout (streams that may run for long).
+    /// No total timeout (streams that may run for long). The first-byte
+    /// and stream idle timeouts still hold.
     pub fn no_total_timeout(mut self) -> Self {
         self.total_timeout = None;
         self
     }
 
-    /// The longest silence between two chunks of a stream; default 60 s.
+    /// The longest a stream may go without a complete event (a chunk, or a
+    /// keep-alive comment); default 60 s. Bytes that do not complete an
+    /// event do not count, so a server dripping one byte at a time cannot
+    /// hold the stream open.
     pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
         self.idle_timeout = Some(t);
         self
     }
 
+    /// How long the body of an error response (4xx, 5xx) may take once its
+    /// headers arrived; default 5 s. Past it the error is reported with
+    /// what the headers say (status, `retry-after`), so a 429 whose body
+    /// never comes does not hold the caller.
+    pub fn error_body_timeout(mut self, t: Duration) -> Self {
+        self.error_body_timeout = t;
+        self
+    }
+
+    /// The largest 2xx completion body accepted, in bytes; default
+    /// [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). A larger body is a
+    /// [`ClientErrorKind::BodyTooLarge`](super::ClientErrorKind::BodyTooLarge)
+    /// error (permanent: the same request would get the same body), found
+    /// while the body arrives, never after buffering it.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// The largest single server-sent event of a stream, in bytes; default
+    /// [`DEFAULT_MAX_EVENT_BYTES`] (4 MiB). A larger one ends the stream with
+    /// a [`ClientErrorKind::BodyTooLarge`](super::ClientErrorKind::BodyTooLarge)
+    /// error.
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.max_event_bytes = n;
+        self
+    }
+
+    /// Also trust this PEM-encoded root certificate (one or more
+    /// certificates) for `https://`, e.g. a private gateway's CA.
+    /// Checked at [`build`](Self::build).
+    pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
+        self
+    }
+
     /// Use this reqwest client (its own TLS, proxy and pool settings) instead
-    /// of building one; the connect and total timeouts are then the client's.
+    /// of building one; the connect and total timeouts and root
+    /// certificates are then the client's.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
         self
     }
 
-    fn url(&self) -> Result<(String, String), ConfigError> {
-        const BAD: ConfigError = ConfigError::new("base_url", "must be an http:// or https:// URL");
-        let mut url = reqwest::Url::parse(self.base_url.trim()).map_err(|_| BAD)?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
-            return Err(BAD);
-        }
-        let path = format!("{}/chat/completions", url.path().trim_end_matches('/'));
-        url.set_path(&path);
+    /// `{base}/chat/completions` with the query parameters.
+    fn url(&self, base: &str) -> Result<String, ConfigError> {
+        let mut url = reqwest::Url::parse(&format!("{base}/chat/completions"))
+            .map_err(|_| ConfigError::new("base_url", "must be an absolute http(s) URL"))?;
         if !self.query.is_empty() {
             let mut pairs = url.query_pairs_mut();
             for (k, v) in &self.query {
                 pairs.append_pair(k, v);
             }
         }
-        url.set_fragment(None);
-        let base = self.base_url.trim().trim_end_matches('/').to_owned();
-        Ok((url.into(), base))
+        Ok(url.into())
     }
 
+    /// The auth header (sensitive) and the default headers.
     fn header_map(&self) -> Result<HeaderMap, ConfigError> {
         let mut map = HeaderMap::new();
         for (name, value) in &self.headers {
@@ -279,27 +367,78 @@ impl OpenAiClientBuilder {
 
     /// Validates and builds the client.
     pub fn build(self) -> Result<OpenAiClient, ConfigError> {
-        let (url, base_url) = self.url()?;
+        let base = self.base_url.trim_end_matches('/');
+        let parsed = reqwest::Url::parse(base)
+            .map_err(|_| ConfigError::new("base_url", "must be an absolute http(s) URL"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(ConfigError::new(
+                "base_url",
+                "scheme must be http or https (the only ones this client serves)",
+            ));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(ConfigError::new("base_url", "must name a host"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(ConfigError::new(
+                "base_url",
+                "must not have a query or fragment (the path is appended to it)",
+            ));
+        }
+        // The URL as parsed (normalised), so the request goes where the
+        // checks above looked.
+        let base = parsed.as_str().trim_end_matches('/');
         if self.model.is_empty() {
             return Err(ConfigError::new("model", "must not be empty"));
         }
-        let connect_timeout = nonzero(self.connect_timeout, "connect_timeout")?;
-        if let Some(t) = self.first_byte_timeout {
-            nonzero(t, "first_byte_timeout")?;
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "max_body_bytes",
+                "must be greater than zero",
+            ));
         }
-        if let Some(t) = self.total_timeout {
-            nonzero(t, "total_timeout")?;
+        if self.max_event_bytes == 0 {
+            return Err(ConfigError::new(
+                "max_event_bytes",
+                "must be greater than zero",
+            ));
         }
-        if let Some(t) = self.idle_timeout {
-            nonzero(t, "stream_idle_timeout")?;
-        }
+        let connect_timeout = limit(self.connect_timeout, "connect_timeout")?;
+        let first_byte_timeout = opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
+        let total_timeout = opt_limit(self.total_timeout, "total_timeout")?;
+        let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
+        let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
         let headers = self.header_map()?;
+        let url = self.url(base)?;
         let http = match self.http {
+            Some(_) if !self.root_certificates.is_empty() => {
+                return Err(ConfigError::new(
+                    "root_certificate",
+                    "add it to the reqwest client given to http_client instead",
+                ));
+            }
             Some(c) => c,
             None => {
-                let mut b = reqwest::Client::builder().connect_timeout(connect_timeout);
-                if let Some(t) = self.total_timeout {
+                let mut b = reqwest::Client::builder();
+                if let Some(t) = connect_timeout {
+                    b = b.connect_timeout(t);
+                }
+                if let Some(t) = total_timeout {
                     b = b.timeout(t);
+                }
+                for pem in &self.root_certificates {
+                    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| {
+                        ConfigError::new("root_certificate", "must be PEM certificates")
+                    })?;
+                    if certs.is_empty() {
+                        return Err(ConfigError::new(
+                            "root_certificate",
+                            "holds no PEM certificate",
+                        ));
+                    }
+                    for c in certs {
+                        b = b.add_root_certificate(c);
+                    }
                 }
                 b.build()
                     .map_err(|_| ConfigError::new("http_client", "could not be built"))?
@@ -309,15 +448,18 @@ impl OpenAiClientBuilder {
             config: Arc::new(Config {
                 http,
                 url,
-                base_url,
+                base_url: redact_url(base),
                 model: self.model,
-                headers,
                 has_key: self.api_key.is_some(),
+                headers,
                 include_usage: self.include_usage,
-                first_byte_timeout: self.first_byte_timeout,
-                idle_timeout: self.idle_timeout,
+                first_byte_timeout,
+                idle_timeout,
                 connect_timeout,
-                total_timeout: self.total_timeout,
+                total_timeout,
+                error_body_timeout,
+                max_body_bytes: self.max_body_bytes,
+                max_event_bytes: self.max_event_bytes,
             }),
         })
     }
@@ -328,33 +470,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bad_config_names_the_field() {
+    fn credentials_are_redacted() {
+        let r = redact_url("https://alice:s3cret@gw.example/v1");
+        assert!(!r.contains("s3cret") && !r.contains("alice"), "{r}");
+        assert_eq!(redact_url("http://h:1/v1"), "http://h:1/v1");
+        assert!(!redact_url("ht!tp://a:s3cret@x").contains("s3cret"));
+    }
+
+    #[test]
+    fn durations_zero_is_an_error_and_huge_is_no_limit() {
+        assert!(limit(Duration::ZERO, "x").is_err());
+        assert_eq!(limit(Duration::MAX, "x").unwrap(), None);
         assert_eq!(
-            OpenAiClient::new("ftp://x", "k").unwrap_err().field,
-            "base_url"
+            limit(Duration::from_secs(1), "x").unwrap(),
+            Some(Duration::from_secs(1))
         );
-        assert_eq!(
-            OpenAiClient::new("http://localhost", "bad\nkey")
-                .unwrap_err()
-                .field,
-            "api_key"
-        );
-        assert_eq!(
-            OpenAiClient::builder("http://localhost")
-                .connect_timeout(Duration::ZERO)
-                .build()
-                .unwrap_err()
-                .field,
-            "connect_timeout"
-        );
-        assert_eq!(
-            OpenAiClient::builder("http://localhost")
-                .model("")
-                .build()
-                .unwrap_err()
-                .field,
-            "model"
-        );
+    }
+
+    #[test]
+    fn bad_headers_name_the_field() {
         assert_eq!(
             OpenAiClient::builder("http://localhost")
                 .header("bad name", "x")
@@ -362,6 +496,12 @@ mod tests {
                 .unwrap_err()
                 .field,
             "header"
+        );
+        assert_eq!(
+            OpenAiClient::new("http://localhost", "bad\nkey")
+                .unwrap_err()
+                .field,
+            "api_key"
         );
     }
 

@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::classify::{HttpError, HttpView, Transport};
 
-use super::types::{ChatChunk, ChatResponse};
+use super::types::{ChatChunk, ChatResponse, WireError, WireErrorBody};
 
 /// How many bytes of an error body are kept.
 pub const BODY_EXCERPT_LIMIT: usize = 2048;
@@ -25,6 +25,12 @@ pub enum ClientErrorKind {
     /// A stream broke off (connection dropped, idle gap exceeded, or ended
     /// without its `[DONE]` terminator).
     StreamInterrupted,
+    /// A 2xx body over the client's `max_body_bytes`, or one server-sent
+    /// event over its `max_event_bytes`. Permanent: the same request would
+    /// get the same answer. Its source chain holds
+    /// [`Error::Permanent`](crate::Error::Permanent), which the classifier
+    /// reads as [`Reason::ServerError`](crate::classify::Reason::ServerError).
+    BodyTooLarge,
 }
 
 /// A failed chat call.
@@ -52,7 +58,9 @@ struct Inner {
     body_excerpt: Option<String>,
     partial: Vec<ChatChunk>,
     partial_response: Option<ChatResponse>,
-    transport: Option<reqwest::Error>,
+    /// A verdict of the client itself (a permanent "body too large"),
+    /// shown first in the source chain so the classifier reads it.
+    verdict: Option<crate::Error>,
 }
 
 impl ClientError {
@@ -70,18 +78,39 @@ impl ClientError {
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
             partial_response: None,
-            transport: None,
+            verdict: None,
         })
     }
 
     pub(crate) fn transport(kind: Transport, err: Option<reqwest::Error>) -> Self {
         Self::from_parts(Inner {
             kind: ClientErrorKind::Transport,
-            http: HttpError::transport(kind),
+            http: with_cause(HttpError::transport(kind), err),
             body_excerpt: None,
             partial: Vec::new(),
             partial_response: None,
-            transport: err,
+            verdict: None,
+        })
+    }
+
+    /// A 2xx body (or one stream event) over the client's limit.
+    pub(crate) fn too_large(
+        status: u16,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        let http = HttpError::new(status).with_source(cause);
+        let verdict = crate::Error::Permanent {
+            reason: crate::classify::Reason::ServerError,
+            attempts: 1,
+            source: Box::new(http.clone()),
+        };
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::BodyTooLarge,
+            http,
+            body_excerpt: None,
+            partial: Vec::new(),
+            partial_response: None,
+            verdict: Some(verdict),
         })
     }
 
@@ -96,16 +125,33 @@ impl ClientError {
         Self::transport(kind, Some(err))
     }
 
-    pub(crate) fn decode(body: &[u8]) -> Self {
+    pub(crate) fn decode(body: &[u8], cause: Option<serde_json::Error>) -> Self {
+        let mut http = HttpError::transport(Transport::Reset);
+        if let Some(c) = cause {
+            http = http.with_source(c);
+        }
         Self::from_parts(Inner {
             kind: ClientErrorKind::Decode,
             // A 200 that is not a completion: a broken proxy or a truncated
             // body. Classified as a broken connection (transient).
-            http: HttpError::transport(Transport::Reset),
+            http,
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
             partial_response: None,
-            transport: None,
+            verdict: None,
+        })
+    }
+
+    /// A stream event whose data is not a chat chunk (malformed JSON or a
+    /// schema mismatch).
+    pub(crate) fn decode_stream(data: &[u8], cause: serde_json::Error) -> Self {
+        Self::from_parts(Inner {
+            kind: ClientErrorKind::Decode,
+            http: HttpError::transport(Transport::StreamInterrupted).with_source(cause),
+            body_excerpt: Some(excerpt(data)),
+            partial: Vec::new(),
+            partial_response: None,
+            verdict: None,
         })
     }
 
@@ -119,18 +165,18 @@ impl ClientError {
             body_excerpt: Some(excerpt(data)),
             partial: Vec::new(),
             partial_response: None,
-            transport: None,
+            verdict: None,
         })
     }
 
     pub(crate) fn interrupted(err: Option<reqwest::Error>) -> Self {
         Self::from_parts(Inner {
             kind: ClientErrorKind::StreamInterrupted,
-            http: HttpError::transport(Transport::StreamInterrupted),
+            http: with_cause(HttpError::transport(Transport::StreamInterrupted), err),
             body_excerpt: None,
             partial: Vec::new(),
             partial_response: None,
-            transport: err,
+            verdict: None,
         })
     }
 
@@ -184,9 +230,10 @@ impl ClientError {
         self.inner.partial_response.as_ref()
     }
 
-    /// The reqwest error behind a transport failure, if any.
+    /// The reqwest error behind a transport failure, if any (also in the
+    /// [`source`](std::error::Error::source) chain).
     pub fn reqwest_error(&self) -> Option<&reqwest::Error> {
-        self.inner.transport.as_ref()
+        std::error::Error::source(&self.inner.http)?.downcast_ref()
     }
 
     /// Whether a streamed response had already handed chunks to the caller
@@ -196,16 +243,84 @@ impl ClientError {
     }
 }
 
+fn with_cause(http: HttpError, err: Option<reqwest::Error>) -> HttpError {
+    match err {
+        Some(e) => http.with_source(e),
+        None => http,
+    }
+}
+
 fn excerpt(body: &[u8]) -> String {
     let cut = &body[..body.len().min(BODY_EXCERPT_LIMIT)];
     String::from_utf8_lossy(cut).into_owned()
 }
 
-/// A 2xx JSON body: the completion, or a decode error.
-pub(crate) fn decode_completion(body: &bytes::Bytes) -> Result<ChatResponse, ClientError> {
+/// Decodes a 2xx body as a completion. A body that is the provider's error
+/// object (`{"error":{…}}`) is that error, classified as it would be on the
+/// status it implies (see [`implied_status`]); anything else that is not a
+/// completion is a [`ClientErrorKind::Decode`] error.
+pub(crate) fn decode_completion(
+    headers: &reqwest::header::HeaderMap,
+    body: &bytes::Bytes,
+) -> Result<ChatResponse, ClientError> {
     match serde_json::from_slice::<ChatResponse>(body) {
-        Ok(r) => Ok(r.with_raw(body.clone())),
-        Err(_) => Err(ClientError::decode(body)),
+        Ok(r) if !r.choices.is_empty() => Ok(r.with_raw(body.clone())),
+        Ok(_) => match serde_json::from_slice::<WireErrorBody>(body) {
+            Ok(WireErrorBody { error: Some(e) }) => {
+                Err(ClientError::status(implied_status(&e), headers, body))
+            }
+            _ => Err(ClientError::decode(body, None)),
+        },
+        Err(e) => Err(ClientError::decode(body, Some(e))),
+    }
+}
+
+/// The HTTP status a provider's error object stands for, when it came in a
+/// 2xx body: Gemini's numeric `code` when it is a status, else the OpenAI
+/// and Anthropic error types and codes mapped to the status those APIs send
+/// them with (500 for anything unknown: a server error, transient).
+pub(crate) fn implied_status(e: &WireError) -> u16 {
+    if let Some(n) = e.code.as_ref().and_then(serde_json::Value::as_u64) {
+        if (400..=599).contains(&n) {
+            return n as u16;
+        }
+    }
+    let code = e.code.as_ref().and_then(serde_json::Value::as_str);
+    let words = [e.kind.as_deref(), code, e.status.as_deref()];
+    let has = |list: &[&str]| {
+        words
+            .iter()
+            .flatten()
+            .any(|w| list.iter().any(|l| w.eq_ignore_ascii_case(l)))
+    };
+    if has(&[
+        "insufficient_quota",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        "RESOURCE_EXHAUSTED",
+    ]) {
+        429
+    } else if has(&["authentication_error", "invalid_api_key", "UNAUTHENTICATED"]) {
+        401
+    } else if has(&["permission_error", "PERMISSION_DENIED"]) {
+        403
+    } else if has(&["not_found_error", "model_not_found", "NOT_FOUND"]) {
+        404
+    } else if has(&["request_too_large"]) {
+        413
+    } else if has(&["overloaded_error"]) {
+        529
+    } else if has(&[
+        "invalid_request_error",
+        "INVALID_ARGUMENT",
+        "FAILED_PRECONDITION",
+    ]) || code.is_some_and(|c| c.contains("context_length"))
+    {
+        400
+    } else if has(&["UNAVAILABLE"]) {
+        503
+    } else {
+        500
     }
 }
 
@@ -252,6 +367,7 @@ impl fmt::Display for ClientError {
             ClientErrorKind::Decode => "chat response could not be decoded",
             ClientErrorKind::StreamError => "chat stream carried an error event",
             ClientErrorKind::StreamInterrupted => "chat stream broke off",
+            ClientErrorKind::BodyTooLarge => "chat response larger than the client's limit",
         };
         write!(f, "{what}: {}", self.inner.http)?;
         if !self.inner.partial.is_empty() {
@@ -262,11 +378,16 @@ impl fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {
+    /// The client's own verdict when it has one (a permanent
+    /// [`crate::Error`]), otherwise the [`HttpError`]; the HTTP library's or
+    /// the JSON decoder's error follows further down the chain.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.inner.http)
+        match &self.inner.verdict {
+            Some(v) => Some(v),
+            None => Some(&self.inner.http),
+        }
     }
 }
-
 /// A `reqwest::Error` as the classifier sees it: the status of an
 /// `error_for_status()` error, or the transport failure (connect, timeout,
 /// a broken request or body). So a user's own reqwest call, wrapped in the

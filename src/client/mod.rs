@@ -121,16 +121,20 @@
 //!
 //! # TLS
 //!
-//! The crate enables reqwest without a TLS backend (plain HTTP is enough for
-//! local gateways and the tests). For `https://` endpoints add reqwest to
-//! your own `Cargo.toml` with a TLS feature, e.g.
-//! `reqwest = { version = "0.12", features = ["rustls-tls"] }`; cargo unifies
-//! the features and this client picks it up.
+//! `https://` works out of the box: the `reqwest` feature builds reqwest
+//! with rustls (the `ring` provider) and Mozilla's root certificates. The
+//! `native-tls` feature switches to the platform's TLS and root store
+//! (OpenSSL, Schannel, Security.framework). A private CA is trusted with
+//! [`OpenAiClientBuilder::add_root_certificate`]. A base URL whose scheme is
+//! not `http` or `https`, or that does not parse, is a
+//! [`ConfigError`] at `build()`; `user:password@` in it is sent as basic
+//! auth by reqwest and never shown by `Debug`.
 //!
 //! # Errors and classification
 //!
 //! Every failure is a [`ClientError`] whose `source()` is a
-//! [`HttpError`](crate::classify::HttpError): the status, the provider's
+//! [`HttpError`](crate::classify::HttpError) (whose own `source()` is the
+//! reqwest or JSON error behind it, when there is one): the status, the provider's
 //! error type and code (OpenAI, Anthropic and Gemini body shapes are all
 //! read), the headers that matter (`retry-after`, `retry-after-ms`,
 //! `x-should-retry`, `x-ratelimit-*`, `anthropic-ratelimit-*`, request ids)
@@ -138,15 +142,30 @@
 //! [`LlmClassifier`](crate::classify::LlmClassifier) and every layer of the
 //! crate understand it without setup: a 429 `insufficient_quota` is
 //! permanent, a 400 `context_length_exceeded` a bad request, a 529
-//! `overloaded_error` transient, and a `retry-after` is honoured.
+//! `overloaded_error` transient, and a `retry-after` is honoured. A 2xx
+//! whose body is the provider's error object (some gateways answer
+//! `200 {"error":{…}}`) is that error, reported with the status it implies
+//! (429 for `insufficient_quota`, 400 for `invalid_request_error`, …), so it
+//! classifies as it would on that status.
 //!
-//! # Timeouts
+//! # Timeouts and size limits
 //!
 //! Connect (5 s by default, as the OpenAI and Anthropic SDKs), first byte
-//! (time to the response headers; off by default), total (10 minutes, the
-//! SDKs' request timeout; it bounds reading a stream too) and, for streams,
-//! the idle gap between chunks (60 s). A timeout is a transport failure
+//! (time from sending to the response headers, 10 minutes, for streamed and
+//! non-streamed calls alike, independent of the total timeout), total (10
+//! minutes, the SDKs' request timeout; it bounds reading a stream too, and
+//! may be turned off for long streams), the body of an error response (5 s:
+//! past it the error is reported with what its status and headers say, a
+//! `retry-after` included) and, for streams, the idle gap between complete
+//! events (60 s; a keep-alive comment counts, a byte that completes nothing
+//! does not). A timeout is a transport failure
 //! ([`crate::classify::Transport::Timeout`]), transient.
+//!
+//! A 2xx body may hold at most 32 MiB and one server-sent event 4 MiB (both
+//! knobs); a larger one is a [`ClientErrorKind::BodyTooLarge`] error,
+//! permanent, found while the bytes arrive. An error body is read only up to
+//! 64 KiB. So whatever a server sends, a call holds bounded memory and ends
+//! in bounded time.
 //!
 //! # Streaming
 //!
@@ -176,8 +195,10 @@
 //! sensitive header and never appears in `Debug` output or logs.
 
 mod assemble;
+mod body;
 mod builder;
 mod error;
+pub(crate) mod sse;
 mod stream;
 mod types;
 
@@ -192,7 +213,9 @@ use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use tower_service::Service;
 use tracing::Instrument;
 
-pub use self::builder::{Auth, OpenAiClientBuilder};
+pub use self::builder::{
+    Auth, OpenAiClientBuilder, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES,
+};
 pub(crate) use self::error::REQWEST_VIEW;
 pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
 pub use self::stream::ChatStream;
@@ -216,8 +239,11 @@ struct Config {
     include_usage: bool,
     first_byte_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
-    connect_timeout: Duration,
+    connect_timeout: Option<Duration>,
     total_timeout: Option<Duration>,
+    error_body_timeout: Option<Duration>,
+    max_body_bytes: usize,
+    max_event_bytes: usize,
 }
 
 /// An OpenAI-compatible chat completions client; see the
@@ -244,6 +270,9 @@ impl fmt::Debug for OpenAiClient {
             .field("first_byte_timeout", &c.first_byte_timeout)
             .field("total_timeout", &c.total_timeout)
             .field("idle_timeout", &c.idle_timeout)
+            .field("error_body_timeout", &c.error_body_timeout)
+            .field("max_body_bytes", &c.max_body_bytes)
+            .field("max_event_bytes", &c.max_event_bytes)
             .finish()
     }
 }
@@ -316,6 +345,8 @@ async fn send(
         rb = rb.header(name, value.clone());
     }
     let sent = rb.send();
+    // Armed when the request is sent; it bounds the wait for the headers
+    // whatever the total timeout (which may be off for long streams).
     let resp = match config.first_byte_timeout {
         Some(t) => tokio::time::timeout(t, sent)
             .await
@@ -328,34 +359,29 @@ async fn send(
         return Ok(resp);
     }
     let headers = resp.headers().clone();
-    let body = read_bounded(resp).await;
+    // A short wait for the error body: the status and headers (a
+    // `retry-after`) already say what to do.
+    let body = body::read_error_prefix(resp, config.error_body_timeout).await;
     Err(ClientError::status(status.as_u16(), &headers, &body))
 }
 
-async fn read_bounded(mut resp: reqwest::Response) -> Vec<u8> {
-    let mut body = Vec::new();
-    // Enough to parse the provider's error object; a failure to read the
-    // rest of an error body does not change what the status says.
-    while body.len() < 16 * 1024 {
-        match resp.chunk().await {
-            Ok(Some(c)) => body.extend_from_slice(&c),
-            _ => break,
-        }
-    }
-    body
-}
-
 async fn complete(config: Arc<Config>, req: ChatRequest) -> Result<ChatResponse, ClientError> {
-    let resp = send(&config, &req, false).await?;
-    let rate_limit = RateLimitHeaders::from_headers(resp.headers());
-    let request_id = request_id(resp.headers());
-    let body = resp.bytes().await.map_err(ClientError::from_reqwest)?;
-    let mut response = error::decode_completion(&body)?;
-    if response.choices.is_empty() {
-        return Err(ClientError::decode(&body));
-    }
-    response.rate_limit = rate_limit;
-    response.request_id = request_id;
+    let mut resp = send(&config, &req, false).await?;
+    let status = resp.status().as_u16();
+    let body = body::read_limited(&mut resp, config.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            body::BodyError::TooLarge { limit } => {
+                ClientError::too_large(status, body::TooLarge(limit))
+            }
+            body::BodyError::Read(e) => ClientError::from_reqwest(e),
+        })?;
+    let headers = resp.headers();
+    // Kept as the response's raw body without a copy.
+    let body = bytes::Bytes::from(body);
+    let mut response = error::decode_completion(headers, &body)?;
+    response.rate_limit = RateLimitHeaders::from_headers(headers);
+    response.request_id = request_id(headers);
     Ok(response)
 }
 
@@ -366,6 +392,7 @@ async fn open_stream(config: Arc<Config>, req: ChatRequest) -> Result<ChatStream
     let stream = ChatStream::new(
         Box::pin(resp.bytes_stream()),
         config.idle_timeout,
+        config.max_event_bytes,
         rate_limit,
         request_id,
     );
@@ -461,5 +488,48 @@ impl Service<ChatRequest> for StreamingClient {
                     .instrument(tracing::debug_span!("llm_resilience.client", stream = true)),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_config_names_the_field() {
+        assert_eq!(
+            OpenAiClient::new("ftp://x", "k").unwrap_err().field,
+            "base_url"
+        );
+        assert_eq!(
+            OpenAiClient::new("http://localhost", "bad\nkey")
+                .unwrap_err()
+                .field,
+            "api_key"
+        );
+        assert_eq!(
+            OpenAiClient::builder("http://localhost")
+                .connect_timeout(Duration::ZERO)
+                .build()
+                .unwrap_err()
+                .field,
+            "connect_timeout"
+        );
+        assert_eq!(
+            OpenAiClient::builder("http://localhost")
+                .model("")
+                .build()
+                .unwrap_err()
+                .field,
+            "model"
+        );
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let c = OpenAiClient::new("http://localhost:1/v1", "sk-very-secret").unwrap();
+        let text = format!("{c:?} {:?}", c.streaming());
+        assert!(!text.contains("sk-very-secret"), "{text}");
+        assert!(text.contains("<redacted>"));
     }
 }

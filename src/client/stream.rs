@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::assemble::Assembler;
 use super::error::ClientError;
+use super::sse::{SseDecoder, SseError};
 use super::types::{decode_chunk, ChatChunk, ChatResponse, RateLimitHeaders, Usage};
 
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
@@ -25,11 +26,18 @@ type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 /// caller and nothing is retried: a stream that carries an error event,
 /// breaks off, stays silent longer than the idle timeout, or ends without
 /// its `[DONE]` terminator ends with one [`ClientError`] that keeps every
-/// chunk already delivered ([`ClientError::partial`]). After the error or
-/// the end, the stream yields `None`.
+/// chunk already delivered ([`ClientError::partial`]). An event that is not
+/// a chat chunk (malformed JSON, a field of the wrong type) is such an
+/// error too ([`ClientErrorKind::Decode`](super::ClientErrorKind::Decode)),
+/// never skipped; one event over the client's `max_event_bytes` is a
+/// [`ClientErrorKind::BodyTooLarge`](super::ClientErrorKind::BodyTooLarge).
+/// After the error or the end, the stream yields `None`.
+///
+/// The idle timeout counts complete events (and keep-alive comments), not
+/// bytes: a server dripping a line one byte at a time cannot hold it open.
 pub struct ChatStream {
     body: Body,
-    buf: Vec<u8>,
+    sse: SseDecoder,
     first: Option<ChatChunk>,
     delivered: Vec<ChatChunk>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
@@ -58,14 +66,17 @@ impl ChatStream {
     pub(crate) fn new(
         body: Body,
         idle_timeout: Option<Duration>,
+        max_event_bytes: usize,
         rate_limit: RateLimitHeaders,
         request_id: Option<String>,
     ) -> Self {
         Self {
             body,
-            buf: Vec::new(),
+            sse: SseDecoder::new(max_event_bytes),
             first: None,
             delivered: Vec::new(),
+            // `sleep` saturates a deadline past the clock's range; the
+            // builder turns such durations into "no limit" anyway.
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             finished: false,
             assembled: Assembler::default(),
@@ -132,34 +143,27 @@ impl ChatStream {
             .with_partial_response(partial)
     }
 
-    /// Parses one complete event out of the buffer, if there is one.
+    /// Parses the next complete event of the buffered bytes, if there is
+    /// one: `Ok(None)` inside means an event with nothing to hand out.
     fn next_event(&mut self) -> Option<Result<Option<Event>, ClientError>> {
-        let (end, sep) = find_blank_line(&self.buf)?;
-        let block: Vec<u8> = self.buf.drain(..end + sep).take(end).collect();
-        let mut event: &[u8] = b"";
-        let mut data: Vec<u8> = Vec::new();
-        for line in block.split(|b| *b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(v) = field(line, b"event") {
-                event = v;
-            } else if let Some(v) = field(line, b"data") {
-                if !data.is_empty() {
-                    data.push(b'\n');
-                }
-                data.extend_from_slice(v);
+        let ev = match self.sse.next_event() {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return None,
+            Err(e @ SseError::EventTooLarge { .. }) => {
+                return Some(Err(ClientError::too_large(200, e)));
             }
+        };
+        let data = ev.data.as_bytes();
+        if ev.event == "error" {
+            return Some(Err(ClientError::stream_event(data)));
         }
-        let event = event.to_vec();
-        if event == b"error" {
-            return Some(Err(ClientError::stream_event(&data)));
-        }
-        if event == b"message_stop" || data.trim_ascii() == b"[DONE]" {
+        if ev.event == "message_stop" || data.trim_ascii() == b"[DONE]" {
             return Some(Ok(Some(Event::Done)));
         }
-        if data.is_empty() {
+        if data.trim_ascii().is_empty() {
             return Some(Ok(None));
         }
-        let (wire, chunk) = match decode_chunk(&data) {
+        let (wire, chunk) = match decode_chunk(data) {
             Ok(decoded) => decoded,
             Err(e) => return Some(Err(e)),
         };
@@ -174,12 +178,26 @@ impl ChatStream {
         Some(Ok(Some(Event::Chunk(chunk))))
     }
 
+    /// Restarts the idle timer if the decoder completed an event or a
+    /// keep-alive comment since the last look.
+    fn note_progress(&mut self) {
+        if self.sse.take_progress() {
+            if let Some((d, sleep)) = &mut self.idle {
+                if let Some(at) = Instant::now().checked_add(*d) {
+                    sleep.as_mut().reset(at);
+                }
+            }
+        }
+    }
+
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<ChatChunk, ClientError>>> {
         if self.finished {
             return Poll::Ready(None);
         }
         loop {
-            match self.next_event() {
+            let event = self.next_event();
+            self.note_progress();
+            match event {
                 Some(Ok(Some(Event::Chunk(c)))) => return Poll::Ready(Some(Ok(c))),
                 Some(Ok(Some(Event::Done))) => {
                     self.finished = true;
@@ -190,12 +208,7 @@ impl ChatStream {
                 None => {}
             }
             match self.body.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => {
-                    self.buf.extend_from_slice(&bytes);
-                    if let Some((d, sleep)) = &mut self.idle {
-                        sleep.as_mut().reset(Instant::now() + *d);
-                    }
-                }
+                Poll::Ready(Some(Ok(bytes))) => self.sse.push(bytes),
                 Poll::Ready(Some(Err(e))) => {
                     let err = ClientError::interrupted(Some(e));
                     return Poll::Ready(Some(Err(self.fail(err))));
@@ -232,24 +245,6 @@ impl ChatStream {
     }
 }
 
-fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    let rest = line.strip_prefix(name)?.strip_prefix(b":")?;
-    Some(rest.strip_prefix(b" ").unwrap_or(rest))
-}
-
-/// The end of the first event block and the length of its separator.
-fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
-}
-
 impl Stream for ChatStream {
     type Item = Result<ChatChunk, ClientError>;
 
@@ -273,7 +268,13 @@ mod tests {
 
     fn stream_of(parts: Vec<String>) -> ChatStream {
         let body = futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p))));
-        ChatStream::new(Box::pin(body), None, RateLimitHeaders::default(), None)
+        ChatStream::new(
+            Box::pin(body),
+            None,
+            1 << 20,
+            RateLimitHeaders::default(),
+            None,
+        )
     }
 
     fn chunk(text: &str) -> String {
@@ -297,6 +298,7 @@ mod tests {
         let mut s = ChatStream::new(
             Box::pin(body),
             Some(Duration::from_secs(5)),
+            1 << 20,
             RateLimitHeaders::default(),
             None,
         );

@@ -6,3 +6,5 @@
 
 pub mod contract;
 pub mod mock_server;
+#[cfg(feature = "reqwest")]
+pub mod storm;

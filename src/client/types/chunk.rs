@@ -228,14 +228,14 @@ pub(crate) struct WireChunk<'a> {
 pub(crate) fn decode_chunk(data: &[u8]) -> Result<(WireChunk<'_>, ChatChunk), ClientError> {
     let wire: WireChunk<'_> = match serde_json::from_slice(data) {
         Ok(w) => w,
-        Err(_) => {
+        Err(e) => {
             // An error object with an unexpected shape is still an error.
             if serde_json::from_slice::<serde_json::Value>(data)
                 .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()))
             {
                 return Err(ClientError::stream_event(data));
             }
-            return Err(ClientError::decode(data));
+            return Err(ClientError::decode_stream(data, e));
         }
     };
     if wire.error.is_some() {

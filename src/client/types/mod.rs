@@ -9,6 +9,7 @@ mod headers;
 mod message;
 mod request;
 mod response;
+mod wire;
 
 use serde::{Deserialize, Deserializer};
 
@@ -19,6 +20,7 @@ pub use self::message::{Content, ContentPart, FunctionCall, ImageUrl, Message, R
 pub(crate) use self::request::EncodeOptions;
 pub use self::request::{ChatRequest, ResponseFormat, Tool, ToolChoice};
 pub use self::response::{ChatResponse, Choice, Usage};
+pub(crate) use self::wire::{WireError, WireErrorBody};
 
 /// Reads `null` as the type's default (serde's `default` covers only an
 /// absent field).

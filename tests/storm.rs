@@ -1,0 +1,65 @@
+//! The storm demo's scenarios through the same code, compressed and seeded:
+//! the table's invariants hold (real HTTP on loopback, real time; nothing
+//! asserts on durations).
+#![cfg(all(feature = "reqwest", feature = "testing"))]
+
+use llm_resilience::testing::storm::{run, Scenario, StormConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storms_invariants_hold() {
+    let report = run(&StormConfig::compressed(11, Scenario::All), |_| {})
+        .await
+        .unwrap();
+    println!("{}", report.table());
+    for c in report.claims() {
+        println!("{} -> {} ({})", c.claim, c.measured, c.holds);
+    }
+    for r in &report.results {
+        // Every request gets exactly one answer in every configuration.
+        assert_eq!(r.lost, 0, "{} lost requests", r.name);
+        assert_eq!(r.ok + r.errored(), r.requests, "{}", r.name);
+    }
+    let none = report.get("none").unwrap();
+    let naive = report.get("naive").unwrap();
+    let backoff = report.get("backoff").unwrap();
+    let pipe = report.get("pipeline").unwrap();
+    // The pipeline sends nothing after a request's deadline.
+    assert_eq!(pipe.late_calls, 0);
+    // During the outage the pipeline sends the primary a handful (the calls
+    // that trip the breaker and its probes); naive retries send several times
+    // the offered load.
+    assert!(
+        pipe.outage_calls * 5 < naive.outage_calls,
+        "{} vs {}",
+        pipe.outage_calls,
+        naive.outage_calls
+    );
+    // Retries stay within the budget: 20 % of requests plus 10 per second
+    // over the run (and the budget's 10 s window), above one call each.
+    let secs = report.duration.as_secs_f64() + 10.0;
+    let allowed = backoff.requests as f64 * 1.2 + 10.0 * secs;
+    assert!(
+        (backoff.upstream_calls as f64) <= allowed,
+        "{} > {allowed}",
+        backoff.upstream_calls
+    );
+    assert!(backoff.upstream_calls < naive.upstream_calls);
+    // The pipeline answers more than the bare client.
+    assert!(pipe.success_rate() > none.success_rate());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_transient_errors_the_pipeline_answers_99_percent() {
+    let report = run(&StormConfig::compressed(5, Scenario::Steady), |_| {})
+        .await
+        .unwrap();
+    println!("{}", report.table());
+    let pipe = report.get("pipeline").unwrap();
+    let none = report.get("none").unwrap();
+    assert!(pipe.success_rate() >= 0.99, "{}", pipe.success_rate());
+    assert!(
+        none.success_rate() < 0.95,
+        "the scenario injects about 10 % failures"
+    );
+    assert!(report.results.iter().all(|r| r.lost == 0));
+}
