@@ -81,8 +81,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match agent.clone().oneshot(req).await {
             Ok(reply) => println!(
                 "reply: {} chars, finish {:?}, usage {:?}, remaining requests {:?}",
-                reply.content.len(),
-                reply.finish_reason,
+                reply.content().len(),
+                reply.finish_reason(),
                 reply.usage,
                 reply.rate_limit.remaining_requests
             ),

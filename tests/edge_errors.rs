@@ -68,7 +68,7 @@ async fn chat(State(agent): State<Agent>, prompt: String) -> Result<String, Erro
     let reply = agent
         .oneshot(ChatRequest::user(prompt).max_tokens(8))
         .await?;
-    Ok(reply.content)
+    Ok(reply.content().to_owned())
 }
 
 /// Serves `app` on loopback; returns its base URL.

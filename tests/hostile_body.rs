@@ -268,5 +268,5 @@ async fn malformed_json_in_a_200_is_a_decode_error() {
         c.respond("200 OK", &completion("fine")).await;
     })
     .await;
-    assert_eq!(call(&client(&good.url)).await.unwrap().content, "fine");
+    assert_eq!(call(&client(&good.url)).await.unwrap().content(), "fine");
 }

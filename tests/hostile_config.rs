@@ -125,7 +125,7 @@ async fn every_duration_knob_takes_duration_max() {
         let reply = no_hang(build(&server.url).oneshot(ChatRequest::user("hi")))
             .await
             .unwrap();
-        assert_eq!(reply.content, "plain");
+        assert_eq!(reply.content(), "plain");
         let s = no_hang(
             build(&streamer.url)
                 .streaming()
@@ -270,7 +270,7 @@ async fn https_reaches_a_loopback_tls_server_trusted_through_the_builder() {
     let reply = no_hang(client.oneshot(ChatRequest::user("hi")))
         .await
         .unwrap();
-    assert_eq!(reply.content, "over tls");
+    assert_eq!(reply.content(), "over tls");
     // By `localhost` too (the certificate names both).
     let client = OpenAiClient::builder(url.replace("127.0.0.1", "localhost"))
         .add_root_certificate(CA.as_bytes())
@@ -279,7 +279,7 @@ async fn https_reaches_a_loopback_tls_server_trusted_through_the_builder() {
     let reply = no_hang(client.oneshot(ChatRequest::user("hi")))
         .await
         .unwrap();
-    assert_eq!(reply.content, "over tls");
+    assert_eq!(reply.content(), "over tls");
 }
 
 /// Without the CA the certificate is refused: a connect failure with the

@@ -44,7 +44,7 @@ async fn drain(mut s: ChatStream) -> (String, Result<(), ClientError>) {
     let mut text = String::new();
     let end = no_hang(async {
         while let Some(item) = s.next().await {
-            text.push_str(&item?.delta);
+            text.push_str(item?.text());
         }
         Ok(())
     })

@@ -336,7 +336,7 @@ async fn completion_exposes_content_usage_and_rate_limit_headers() {
         .call(ChatRequest::user("hi"))
         .await
         .unwrap();
-    assert_eq!(first.finish_reason.as_deref(), Some("length"));
+    assert_eq!(first.finish_reason(), Some("length"));
     let resp = c
         .ready()
         .await
@@ -344,8 +344,8 @@ async fn completion_exposes_content_usage_and_rate_limit_headers() {
         .call(ChatRequest::user("hello there").model("other-model"))
         .await
         .unwrap();
-    assert_eq!(resp.content.split_whitespace().count(), 5);
-    assert_eq!(resp.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(resp.content().split_whitespace().count(), 5);
+    assert_eq!(resp.finish_reason(), Some("stop"));
     assert_eq!(resp.model, "other-model");
     let usage = resp.usage.expect("usage");
     assert_eq!(usage.completion_tokens, 5);
@@ -415,7 +415,7 @@ async fn retry_after_is_honoured_end_to_end() {
     let events = Events::default();
     let svc = retry_layer(&events).layer(client(&server));
     let resp = svc.oneshot(ChatRequest::user("hi")).await.unwrap();
-    assert!(!resp.content.is_empty());
+    assert!(!resp.content().is_empty());
     let events = events.lock().unwrap().clone();
     let retries: Vec<_> = events
         .iter()
@@ -568,7 +568,7 @@ async fn a_stream_that_drops_after_two_chunks_is_a_typed_mid_stream_error() {
     assert_eq!(err.kind(), ClientErrorKind::StreamInterrupted);
     assert!(err.is_mid_stream());
     assert_eq!(err.partial(), [a.clone(), b.clone()]);
-    assert_eq!(err.partial_text(), format!("{}{}", a.delta, b.delta));
+    assert_eq!(err.partial_text(), format!("{}{}", a.text(), b.text()));
     assert_eq!(err.partial_text(), "part0 part1 ");
     assert_eq!(classify(err), tr(Reason::StreamInterrupted));
     assert_eq!(server.stats().get(Served::MidStreamDrop), 1);
@@ -651,10 +651,10 @@ async fn a_full_stream_matches_the_plain_completion_and_reports_usage() {
     let mut text = String::new();
     let mut n = 0;
     while let Some(chunk) = stream.next().await {
-        text.push_str(&chunk.unwrap().delta);
+        text.push_str(chunk.unwrap().text());
         n += 1;
     }
-    assert_eq!(text, plain.content);
+    assert_eq!(text, plain.content());
     assert_eq!(n, 4, "three content chunks and the usage chunk");
     assert_eq!(stream.usage(), plain.usage);
     assert_eq!(stream.rate_limit().limit_tokens, Some(2_000_000));

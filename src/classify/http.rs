@@ -150,6 +150,99 @@ impl HttpError {
     }
 }
 
+/// The response headers an [`HttpError`] built by
+/// [`from_response`](HttpError::from_response) keeps: wait hints
+/// (`retry-after`, `retry-after-ms`, Azure's `x-ms-retry-after-ms`),
+/// `x-should-retry`, the rate-limit state (`x-ratelimit-*`,
+/// `anthropic-ratelimit-*`) and request ids. `name` is lowercase.
+pub fn header_matters(name: &str) -> bool {
+    matches!(
+        name,
+        "retry-after"
+            | "retry-after-ms"
+            | "x-ms-retry-after-ms"
+            | "x-should-retry"
+            | "x-request-id"
+            | "request-id"
+    ) || name.starts_with("x-ratelimit-")
+        || name.starts_with("anthropic-ratelimit-")
+}
+
+#[cfg(feature = "json")]
+impl HttpError {
+    /// The error of an HTTP response, from what any client has at hand: the
+    /// status, the headers (any `(name, value)` pairs, e.g. `&http::HeaderMap`)
+    /// and the body. Keeps the headers that matter ([`header_matters`]) and
+    /// reads the provider's error type, code and message from the body in
+    /// OpenAI (`{"error":{"type","code","message"}}`), Anthropic
+    /// (`{"type":"error","error":{"type","message"}}`) and Gemini
+    /// (`{"error":{"status","message"}}`) shapes. Feature `json` (enabled
+    /// by `reqwest` and `axum`).
+    ///
+    /// ```
+    /// use llm_resilience::classify::{classify_http, HttpError, Outcome, Reason};
+    ///
+    /// let body = br#"{"error":{"message":"...","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+    /// let headers = [("Retry-After", "20")];
+    /// let err = HttpError::from_response(429, headers, body);
+    /// assert_eq!(classify_http(&err).reason(), Reason::Quota);
+    /// ```
+    pub fn from_response<H, K, V>(status: u16, headers: H, body: &[u8]) -> Self
+    where
+        H: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<[u8]>,
+    {
+        let mut http = Self::new(status);
+        for (name, value) in headers {
+            let name = name.as_ref();
+            let lower = name.to_ascii_lowercase();
+            if header_matters(&lower) {
+                if let Ok(v) = std::str::from_utf8(value.as_ref()) {
+                    http.headers.push((lower, v.to_owned()));
+                }
+            }
+        }
+        http.with_error_body(body)
+    }
+
+    /// Reads the provider's error type, code and message from an error body
+    /// (the shapes of [`from_response`](Self::from_response)); a body that
+    /// is not one changes nothing. Feature `json`.
+    pub fn with_error_body(mut self, body: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(default)]
+            error: Option<Wire>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            #[serde(default, rename = "type")]
+            kind: Option<String>,
+            #[serde(default)]
+            code: Option<serde_json::Value>,
+            #[serde(default)]
+            message: Option<String>,
+            #[serde(default)]
+            status: Option<String>,
+        }
+        if let Ok(Body { error: Some(e) }) = serde_json::from_slice(body) {
+            // Gemini's `status` stands in for the type; a numeric `code`
+            // (Gemini's HTTP status) is not a provider code.
+            if let Some(t) = e.kind.or(e.status) {
+                self.error_type = Some(t);
+            }
+            if let Some(serde_json::Value::String(c)) = e.code {
+                self.error_code = Some(c);
+            }
+            if let Some(m) = e.message {
+                self.message = Some(m);
+            }
+        }
+        self
+    }
+}
+
 impl HttpView for HttpError {
     fn status(&self) -> Option<u16> {
         self.status

@@ -14,6 +14,8 @@
 //! use llm_resilience::Error;
 //!
 //! let quota = HttpError::new(429).with_error_code("insufficient_quota");
+//! // Any error: the crate's own, an upstream's, or one wrapped in `Error`.
+//! assert_eq!(LlmClassifier::new().classify_error(&quota), Outcome::permanent(Reason::Quota));
 //! let err = Error::from_inner(quota);
 //! let outcome = Classify::<()>::classify(&LlmClassifier::new(), Err(&err));
 //! assert_eq!(outcome, Outcome::permanent(Reason::Quota));
@@ -26,11 +28,62 @@
 //! over an [`HttpView`]: any error that exposes a status, headers and the
 //! provider's error type and code. The crate's [`HttpError`] is one; a
 //! client's own error type can be another ([`LlmClassifier::with_view`]).
-//! Transport failures (`std::io::Error`, timeouts, reqwest's connect and
-//! timeout errors with the `reqwest` feature) are recognised in the source
-//! chain. An error nobody recognises is treated as transient
+//! Transport failures (`std::io::Error`, timeouts) are recognised in the
+//! source chain, and with the `reqwest` feature so is a `reqwest::Error`:
+//! by its status (an `error_for_status()` error is classified as that
+//! status) or as a connect, timeout or broken-connection failure. An error nobody recognises is treated as transient
 //! ([`Reason::Unknown`]): a bounded retry of an unknown failure is cheaper
 //! than giving up on a blip, and the retry budget bounds the cost.
+//!
+//! # Bring your own client
+//!
+//! Any client's errors are classifiable; the layers need no other glue.
+//!
+//! - **reqwest, as it is**: with the `reqwest` feature a `reqwest::Error` is
+//!   recognised: an `error_for_status()?` error by its status (a 401 is
+//!   permanent, a 429 transient), a connect or timeout failure as such.
+//!   Headers and body are gone by then; for the provider's error code and
+//!   the `retry-after` hint, build the error from the response instead
+//!   ([`HttpError::from_response`], feature `json`: status, headers and
+//!   body, every provider's error shape read).
+//! - **Any error type**: return an [`HttpError`] (or keep one in your
+//!   error's source chain), or implement [`HttpView`] for your type: a
+//!   status and a header lookup are enough.
+//!
+//! ```
+//! use std::time::Duration;
+//! use llm_resilience::classify::{HttpView, LlmClassifier, Outcome, Reason};
+//!
+//! #[derive(Debug)]
+//! struct MyError { status: u16, retry_after: Option<String> }
+//! impl std::fmt::Display for MyError {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         write!(f, "status {}", self.status)
+//!     }
+//! }
+//! impl std::error::Error for MyError {}
+//!
+//! impl HttpView for MyError {
+//!     fn status(&self) -> Option<u16> {
+//!         Some(self.status)
+//!     }
+//!     fn header(&self, name: &str) -> Option<&str> {
+//!         if name == "retry-after" { self.retry_after.as_deref() } else { None }
+//!     }
+//! }
+//!
+//! // Give this classifier to the layers (`RetryLayer::builder().classifier(…)`).
+//! let classifier = LlmClassifier::new().with_view::<MyError>();
+//! let err = MyError { status: 429, retry_after: Some("2".into()) };
+//! assert_eq!(
+//!     classifier.classify_error(&err),
+//!     Outcome::Transient { reason: Reason::RateLimited, retry_after: Some(Duration::from_secs(2)) }
+//! );
+//! ```
+//!
+//! The crate's `examples/async-openai` wraps async-openai's client this way
+//! with `tower::service_fn`: one function turns its error into an
+//! [`HttpError`].
 //!
 //! # Closures
 //!
@@ -45,7 +98,9 @@ use std::time::Duration;
 
 use crate::error::Error;
 
-pub use self::http::{classify_http, classify_http_at, HttpError, HttpView, Transport};
+pub use self::http::{
+    classify_http, classify_http_at, header_matters, HttpError, HttpView, Transport,
+};
 
 /// What a call's result means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,7 +288,8 @@ where
     }
 }
 
-type ViewFn = for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
+pub(crate) type ViewFn =
+    for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
 
 /// The LLM preset: `REFERENCE.md` §1 and §2 over any error that exposes an
 /// [`HttpView`].
@@ -274,9 +330,12 @@ fn view_of<'a, T: HttpView + std::error::Error + 'static>(
 impl LlmClassifier {
     /// The preset, recognising [`HttpError`] and transport errors.
     pub fn new() -> Self {
-        Self {
-            views: vec![view_of::<HttpError>],
-        }
+        let views: Vec<ViewFn> = vec![
+            view_of::<HttpError>,
+            #[cfg(feature = "reqwest")]
+            crate::client::REQWEST_VIEW,
+        ];
+        Self { views }
     }
 
     /// Also recognise `T` (a client's own error type that implements
@@ -286,8 +345,17 @@ impl LlmClassifier {
         self
     }
 
-    /// Classifies an error (the `Err` half of [`Classify::classify`]).
-    pub fn classify_error(&self, err: &Error) -> Outcome {
+    /// Classifies any error: the crate's [`Error`] (the `Err` half of
+    /// [`Classify::classify`]), or an upstream's error with its source
+    /// chain, with no wrapping and no type parameter.
+    pub fn classify_error(&self, err: &(dyn std::error::Error + 'static)) -> Outcome {
+        match err.downcast_ref::<Error>() {
+            Some(ours) => self.classify_ours(ours),
+            None => self.classify_chain(err),
+        }
+    }
+
+    fn classify_ours(&self, err: &Error) -> Outcome {
         match err {
             Error::Upstream { source } => self.classify_chain(&**source),
             Error::Timeout { .. } => Outcome::transient(Reason::Timeout),
@@ -325,7 +393,7 @@ impl LlmClassifier {
                 }
             }
             if let Some(ours) = e.downcast_ref::<Error>() {
-                return self.classify_error(ours);
+                return self.classify_ours(ours);
             }
             if let Some(t) = transport_of(e) {
                 return t.outcome();
@@ -348,18 +416,6 @@ fn transport_of(e: &(dyn std::error::Error + 'static)) -> Option<Transport> {
     if e.is::<tokio::time::error::Elapsed>() {
         return Some(Transport::Timeout);
     }
-    #[cfg(feature = "reqwest")]
-    if let Some(r) = e.downcast_ref::<reqwest::Error>() {
-        if r.is_timeout() {
-            return Some(Transport::Timeout);
-        }
-        if r.is_connect() {
-            return Some(Transport::Connect);
-        }
-        if r.is_request() || r.is_body() || r.is_decode() {
-            return Some(Transport::Reset);
-        }
-    }
     None
 }
 
@@ -368,7 +424,7 @@ impl<Res> Classify<Res> for LlmClassifier {
     fn classify(&self, result: Result<&Res, &Error>) -> Outcome {
         match result {
             Ok(_) => Outcome::Success,
-            Err(e) => self.classify_error(e),
+            Err(e) => self.classify_ours(e),
         }
     }
 }

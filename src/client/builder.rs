@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::HeaderValue;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
 use super::{Config, OpenAiClient};
 use crate::error::ConfigError;
@@ -23,6 +23,18 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// to the clock could overflow, and no call waits that long anyway.
 const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// How the API key is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Auth {
+    /// `Authorization: Bearer <key>` (OpenAI and most compatible servers).
+    #[default]
+    Bearer,
+    /// The key alone in this header: Azure OpenAI's `api-key`, or a
+    /// gateway's own header.
+    Header(String),
+}
+
 /// Builds a validated [`OpenAiClient`].
 ///
 /// Every duration knob takes any [`Duration`]: zero is a [`ConfigError`],
@@ -31,6 +43,10 @@ const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub struct OpenAiClientBuilder {
     base_url: String,
     api_key: Option<String>,
+    auth: Auth,
+    headers: Vec<(String, String)>,
+    query: Vec<(String, String)>,
+    include_usage: bool,
     model: Arc<str>,
     connect_timeout: Duration,
     first_byte_timeout: Option<Duration>,
@@ -48,6 +64,15 @@ impl fmt::Debug for OpenAiClientBuilder {
         f.debug_struct("OpenAiClientBuilder")
             .field("base_url", &redact_url(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("auth", &self.auth)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field(
+                "query",
+                &self.query.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
             .field("model", &self.model)
             .finish_non_exhaustive()
     }
@@ -72,6 +97,13 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+fn sensitive(value: &str, field: &'static str) -> Result<HeaderValue, ConfigError> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| ConfigError::new(field, "must be visible ASCII without line breaks"))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 /// `Ok(None)` for "no limit", an error for zero.
 fn limit(d: Duration, field: &'static str) -> Result<Option<Duration>, ConfigError> {
     if d.is_zero() {
@@ -92,6 +124,10 @@ impl OpenAiClientBuilder {
         Self {
             base_url,
             api_key: None,
+            auth: Auth::Bearer,
+            headers: Vec::new(),
+            query: Vec::new(),
+            include_usage: true,
             model: "gpt-4o-mini".into(),
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Some(Duration::from_secs(600)),
@@ -105,9 +141,95 @@ impl OpenAiClientBuilder {
         }
     }
 
-    /// The API key, sent as `Authorization: Bearer …` (a sensitive header).
+    /// A builder from `OPENAI_API_KEY` (required), `OPENAI_BASE_URL`
+    /// (default `https://api.openai.com/v1`), `OPENAI_ORG_ID` and
+    /// `OPENAI_PROJECT_ID`; a missing or unusable variable is a
+    /// [`ConfigError`] whose field is the variable's name. Settings can be
+    /// changed before [`build`](Self::build).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        fn var(name: &'static str) -> Result<Option<String>, ConfigError> {
+            match std::env::var(name) {
+                Ok(v) if v.trim().is_empty() => Ok(None),
+                Ok(v) => Ok(Some(v.trim().to_owned())),
+                Err(std::env::VarError::NotPresent) => Ok(None),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    Err(ConfigError::new(name, "must be valid UTF-8"))
+                }
+            }
+        }
+        let key = var("OPENAI_API_KEY")?.ok_or(ConfigError::new("OPENAI_API_KEY", "is not set"))?;
+        let base = var("OPENAI_BASE_URL")?.unwrap_or_else(|| "https://api.openai.com/v1".into());
+        let mut b = Self::new(base).api_key(key);
+        if let Some(org) = var("OPENAI_ORG_ID")? {
+            b = b.organization(org);
+        }
+        if let Some(project) = var("OPENAI_PROJECT_ID")? {
+            b = b.project(project);
+        }
+        // Name the variable, not the builder method, if a value is unusable.
+        if let Some(k) = &b.api_key {
+            sensitive(k, "OPENAI_API_KEY")?;
+        }
+        if reqwest::Url::parse(&b.base_url).is_err() {
+            return Err(ConfigError::new(
+                "OPENAI_BASE_URL",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        for (name, value) in &b.headers {
+            let var = match name.as_str() {
+                "openai-organization" => "OPENAI_ORG_ID",
+                _ => "OPENAI_PROJECT_ID",
+            };
+            sensitive(value, var)?;
+        }
+        Ok(b)
+    }
+
+    /// The API key, sent as [`Auth::Bearer`] unless [`auth`](Self::auth)
+    /// says otherwise; always as a sensitive header (never logged). Without
+    /// a key no auth header is sent (local servers).
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
+        self
+    }
+
+    /// How the key is sent: [`Auth::Bearer`] (default) or in a named header
+    /// (Azure OpenAI: `Auth::Header("api-key".into())`).
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// A header sent with every request (`OpenAI-Beta`, a gateway's routing
+    /// header, …). Set twice, the last value wins.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// A query parameter added to the URL of every request (Azure OpenAI's
+    /// `api-version`).
+    pub fn query(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.query.push((name.into(), value.into()));
+        self
+    }
+
+    /// The `OpenAI-Organization` header.
+    pub fn organization(self, org: impl Into<String>) -> Self {
+        self.header("openai-organization", org)
+    }
+
+    /// The `OpenAI-Project` header.
+    pub fn project(self, project: impl Into<String>) -> Self {
+        self.header("openai-project", project)
+    }
+
+    /// Whether a streamed request asks for usage on its last chunk
+    /// (`stream_options.include_usage`); default on. Turn it off for a
+    /// compatible server that rejects the field.
+    pub fn stream_include_usage(mut self, on: bool) -> Self {
+        self.include_usage = on;
         self
     }
 
@@ -201,6 +323,48 @@ impl OpenAiClientBuilder {
         self
     }
 
+    /// `{base}/chat/completions` with the query parameters.
+    fn url(&self, base: &str) -> Result<String, ConfigError> {
+        let mut url = reqwest::Url::parse(&format!("{base}/chat/completions"))
+            .map_err(|_| ConfigError::new("base_url", "must be an absolute http(s) URL"))?;
+        if !self.query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in &self.query {
+                pairs.append_pair(k, v);
+            }
+        }
+        Ok(url.into())
+    }
+
+    /// The auth header (sensitive) and the default headers.
+    fn header_map(&self) -> Result<HeaderMap, ConfigError> {
+        let mut map = HeaderMap::new();
+        for (name, value) in &self.headers {
+            let name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| ConfigError::new("header", "name must be a valid HTTP header name"))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| ConfigError::new("header", "value must be visible ASCII"))?;
+            map.insert(name, value);
+        }
+        if let Some(key) = &self.api_key {
+            match &self.auth {
+                Auth::Bearer => {
+                    map.insert(
+                        AUTHORIZATION,
+                        sensitive(&format!("Bearer {key}"), "api_key")?,
+                    );
+                }
+                Auth::Header(name) => {
+                    let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                        ConfigError::new("auth", "header name must be a valid HTTP header name")
+                    })?;
+                    map.insert(name, sensitive(key, "api_key")?);
+                }
+            }
+        }
+        Ok(map)
+    }
+
     /// Validates and builds the client.
     pub fn build(self) -> Result<OpenAiClient, ConfigError> {
         let base = self.base_url.trim_end_matches('/');
@@ -244,16 +408,8 @@ impl OpenAiClientBuilder {
         let total_timeout = opt_limit(self.total_timeout, "total_timeout")?;
         let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
         let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
-        let auth = match self.api_key {
-            Some(key) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                    ConfigError::new("api_key", "must be visible ASCII without line breaks")
-                })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
+        let headers = self.header_map()?;
+        let url = self.url(base)?;
         let http = match self.http {
             Some(_) if !self.root_certificates.is_empty() => {
                 return Err(ConfigError::new(
@@ -291,10 +447,12 @@ impl OpenAiClientBuilder {
         Ok(OpenAiClient {
             config: Arc::new(Config {
                 http,
-                url: format!("{base}/chat/completions"),
+                url,
                 base_url: redact_url(base),
                 model: self.model,
-                auth,
+                has_key: self.api_key.is_some(),
+                headers,
+                include_usage: self.include_usage,
                 first_byte_timeout,
                 idle_timeout,
                 connect_timeout,
@@ -327,5 +485,51 @@ mod tests {
             limit(Duration::from_secs(1), "x").unwrap(),
             Some(Duration::from_secs(1))
         );
+    }
+
+    #[test]
+    fn bad_headers_name_the_field() {
+        assert_eq!(
+            OpenAiClient::builder("http://localhost")
+                .header("bad name", "x")
+                .build()
+                .unwrap_err()
+                .field,
+            "header"
+        );
+        assert_eq!(
+            OpenAiClient::new("http://localhost", "bad\nkey")
+                .unwrap_err()
+                .field,
+            "api_key"
+        );
+    }
+
+    #[test]
+    fn query_and_path_of_an_azure_deployment() {
+        let c = OpenAiClient::builder("https://r.openai.azure.com/openai/deployments/gpt4o/")
+            .query("api-version", "2024-10-21")
+            .auth(Auth::Header("api-key".into()))
+            .api_key("k")
+            .build()
+            .unwrap();
+        assert_eq!(
+            c.config.url,
+            "https://r.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
+        );
+        assert!(c.config.headers.get(AUTHORIZATION).is_none());
+        assert!(c.config.headers.get("api-key").unwrap().is_sensitive());
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let b = OpenAiClient::builder("http://localhost:1/v1")
+            .api_key("sk-very-secret")
+            .organization("org-1");
+        assert!(!format!("{b:?}").contains("sk-very-secret"));
+        let c = b.build().unwrap();
+        let text = format!("{c:?} {:?}", c.streaming());
+        assert!(!text.contains("sk-very-secret"), "{text}");
+        assert!(text.contains("<redacted>"));
     }
 }

@@ -4,26 +4,10 @@ use std::fmt;
 
 use crate::classify::{HttpError, HttpView, Transport};
 
-use super::types::{WireError, WireErrorBody, WireResponse};
-use super::ChatChunk;
+use super::types::{ChatChunk, ChatResponse, WireError, WireErrorBody};
 
 /// How many bytes of an error body are kept.
 pub const BODY_EXCERPT_LIMIT: usize = 2048;
-
-/// The response headers an error keeps (`REFERENCE.md` §2): wait hints,
-/// rate-limit state, `x-should-retry` and request ids.
-pub(crate) fn header_matters(name: &str) -> bool {
-    matches!(
-        name,
-        "retry-after"
-            | "retry-after-ms"
-            | "x-ms-retry-after-ms"
-            | "x-should-retry"
-            | "x-request-id"
-            | "request-id"
-    ) || name.starts_with("x-ratelimit-")
-        || name.starts_with("anthropic-ratelimit-")
-}
 
 /// What kind of failure a [`ClientError`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +57,7 @@ struct Inner {
     http: HttpError,
     body_excerpt: Option<String>,
     partial: Vec<ChatChunk>,
+    partial_response: Option<ChatResponse>,
     /// A verdict of the client itself (a permanent "body too large"),
     /// shown first in the source chain so the classifier reads it.
     verdict: Option<crate::Error>,
@@ -86,31 +71,13 @@ impl ClientError {
     }
 
     pub(crate) fn status(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> Self {
-        let mut http = HttpError::new(status);
-        for (name, value) in headers {
-            if header_matters(name.as_str()) {
-                if let Ok(v) = value.to_str() {
-                    http = http.with_header(name.as_str(), v);
-                }
-            }
-        }
-        if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(body) {
-            let (t, c, m) = e.parts();
-            if let Some(t) = t {
-                http = http.with_error_type(t);
-            }
-            if let Some(c) = c {
-                http = http.with_error_code(c);
-            }
-            if let Some(m) = m {
-                http = http.with_message(m);
-            }
-        }
+        let http = HttpError::from_response(status, headers, body);
         Self::from_parts(Inner {
             kind: ClientErrorKind::Status,
             http,
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
+            partial_response: None,
             verdict: None,
         })
     }
@@ -121,6 +88,7 @@ impl ClientError {
             http: with_cause(HttpError::transport(kind), err),
             body_excerpt: None,
             partial: Vec::new(),
+            partial_response: None,
             verdict: None,
         })
     }
@@ -141,6 +109,7 @@ impl ClientError {
             http,
             body_excerpt: None,
             partial: Vec::new(),
+            partial_response: None,
             verdict: Some(verdict),
         })
     }
@@ -168,6 +137,7 @@ impl ClientError {
             http,
             body_excerpt: Some(excerpt(body)),
             partial: Vec::new(),
+            partial_response: None,
             verdict: None,
         })
     }
@@ -180,6 +150,7 @@ impl ClientError {
             http: HttpError::transport(Transport::StreamInterrupted).with_source(cause),
             body_excerpt: Some(excerpt(data)),
             partial: Vec::new(),
+            partial_response: None,
             verdict: None,
         })
     }
@@ -187,24 +158,13 @@ impl ClientError {
     /// An error event inside a stream (`data: {"error":…}` or
     /// `event: error`).
     pub(crate) fn stream_event(data: &[u8]) -> Self {
-        let mut http = HttpError::transport(Transport::StreamInterrupted);
-        if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(data) {
-            let (t, c, m) = e.parts();
-            if let Some(t) = t {
-                http = http.with_error_type(t);
-            }
-            if let Some(c) = c {
-                http = http.with_error_code(c);
-            }
-            if let Some(m) = m {
-                http = http.with_message(m);
-            }
-        }
+        let http = HttpError::transport(Transport::StreamInterrupted).with_error_body(data);
         Self::from_parts(Inner {
             kind: ClientErrorKind::StreamError,
             http,
             body_excerpt: Some(excerpt(data)),
             partial: Vec::new(),
+            partial_response: None,
             verdict: None,
         })
     }
@@ -215,12 +175,18 @@ impl ClientError {
             http: with_cause(HttpError::transport(Transport::StreamInterrupted), err),
             body_excerpt: None,
             partial: Vec::new(),
+            partial_response: None,
             verdict: None,
         })
     }
 
     pub(crate) fn with_partial(mut self, partial: Vec<ChatChunk>) -> Self {
         self.inner.partial = partial;
+        self
+    }
+
+    pub(crate) fn with_partial_response(mut self, partial: ChatResponse) -> Self {
+        self.inner.partial_response = Some(partial);
         self
     }
 
@@ -253,11 +219,15 @@ impl ClientError {
 
     /// The text of [`partial`](Self::partial), concatenated.
     pub fn partial_text(&self) -> String {
-        self.inner
-            .partial
-            .iter()
-            .map(|c| c.delta.as_str())
-            .collect()
+        self.inner.partial.iter().map(ChatChunk::text).collect()
+    }
+
+    /// What a failed stream had received, in the shape of a whole response:
+    /// each choice's text, the tool calls (the last one possibly cut short,
+    /// its arguments incomplete JSON), ids and usage; `None` for a failure
+    /// that was not a stream's.
+    pub fn partial_response(&self) -> Option<&ChatResponse> {
+        self.inner.partial_response.as_ref()
     }
 
     /// The reqwest error behind a transport failure, if any (also in the
@@ -291,10 +261,10 @@ fn excerpt(body: &[u8]) -> String {
 /// completion is a [`ClientErrorKind::Decode`] error.
 pub(crate) fn decode_completion(
     headers: &reqwest::header::HeaderMap,
-    body: &[u8],
-) -> Result<WireResponse, ClientError> {
-    match serde_json::from_slice::<WireResponse>(body) {
-        Ok(wire) if !wire.choices.is_empty() => Ok(wire),
+    body: &bytes::Bytes,
+) -> Result<ChatResponse, ClientError> {
+    match serde_json::from_slice::<ChatResponse>(body) {
+        Ok(r) if !r.choices.is_empty() => Ok(r.with_raw(body.clone())),
         Ok(_) => match serde_json::from_slice::<WireErrorBody>(body) {
             Ok(WireErrorBody { error: Some(e) }) => {
                 Err(ClientError::status(implied_status(&e), headers, body))
@@ -418,3 +388,37 @@ impl std::error::Error for ClientError {
         }
     }
 }
+/// A `reqwest::Error` as the classifier sees it: the status of an
+/// `error_for_status()` error, or the transport failure (connect, timeout,
+/// a broken request or body). So a user's own reqwest call, wrapped in the
+/// layers with its error as it is, is classified like the crate's client.
+impl HttpView for reqwest::Error {
+    fn status(&self) -> Option<u16> {
+        reqwest::Error::status(self).map(|s| s.as_u16())
+    }
+    fn header(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    fn transport(&self) -> Option<Transport> {
+        if self.is_timeout() {
+            Some(Transport::Timeout)
+        } else if self.is_connect() {
+            Some(Transport::Connect)
+        } else if self.is_request() || self.is_body() || self.is_decode() {
+            Some(Transport::Reset)
+        } else {
+            None
+        }
+    }
+}
+
+fn reqwest_view<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView> {
+    let r = e.downcast_ref::<reqwest::Error>()?;
+    // A reqwest error that is neither a status nor a transport failure (a
+    // builder or redirect error) says nothing: let the chain go on.
+    (r.status().is_some() || HttpView::transport(r).is_some()).then_some(r as &dyn HttpView)
+}
+
+/// How [`LlmClassifier`](crate::classify::LlmClassifier) finds a
+/// `reqwest::Error` in a source chain.
+pub(crate) const REQWEST_VIEW: crate::classify::ViewFn = reqwest_view;

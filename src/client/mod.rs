@@ -15,9 +15,109 @@
 //!     .layer(RetryLayer::llm_defaults())
 //!     .service(client);
 //! let reply = agent.oneshot(ChatRequest::user("Say hello")).await?;
-//! println!("{} ({:?})", reply.content, reply.usage);
+//! println!("{} ({:?})", reply.content(), reply.usage);
 //! # Ok(()) }
 //! ```
+//!
+//! # Providers
+//!
+//! Any server that speaks OpenAI's chat completions API works; what differs
+//! is the base URL, how the key is sent, and a few headers or query
+//! parameters.
+//!
+//! **OpenAI.** [`OpenAiClient::from_env`] reads `OPENAI_API_KEY`,
+//! `OPENAI_BASE_URL` (default `https://api.openai.com/v1`), `OPENAI_ORG_ID`
+//! and `OPENAI_PROJECT_ID`, the variables the OpenAI SDKs read; or set them
+//! on the builder:
+//!
+//! ```no_run
+//! # use llm_resilience::client::OpenAiClient;
+//! # fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let client = OpenAiClient::builder("https://api.openai.com/v1")
+//!     .api_key("sk-…")
+//!     .organization("org-…") // OpenAI-Organization
+//!     .project("proj_…") // OpenAI-Project
+//!     .model("gpt-4o-mini")
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! **Azure OpenAI.** The base URL names the deployment, the key goes in an
+//! `api-key` header, and every request carries `api-version`:
+//!
+//! ```no_run
+//! # use llm_resilience::client::{Auth, OpenAiClient};
+//! # fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let client = OpenAiClient::builder(
+//!     "https://my-resource.openai.azure.com/openai/deployments/my-gpt-4o",
+//! )
+//! .auth(Auth::Header("api-key".into()))
+//! .api_key("…")
+//! .query("api-version", "2024-10-21")
+//! .model("gpt-4o") // Azure routes by deployment; the field is still sent
+//! .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! **A local server** (vLLM, Ollama, llama.cpp, LM Studio): no key, no auth
+//! header. Some of them reject `stream_options`, which the client sends
+//! with streamed requests to get usage; turn it off there.
+//!
+//! ```no_run
+//! # use llm_resilience::client::OpenAiClient;
+//! # fn main() -> Result<(), llm_resilience::ConfigError> {
+//! let ollama = OpenAiClient::builder("http://localhost:11434/v1")
+//!     .model("llama3.2")
+//!     .stream_include_usage(false)
+//!     .build()?;
+//! let vllm = OpenAiClient::builder("http://localhost:8000/v1")
+//!     .model("Qwen/Qwen2.5-7B-Instruct")
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Gateways that want their own headers get them with
+//! [`header`](OpenAiClientBuilder::header); a field the typed request does
+//! not have goes in [`ChatRequest::extra`].
+//!
+//! # Tool calls
+//!
+//! An agent offers tools, runs the calls the model asks for, and sends the
+//! answers back; the model's message goes back into the conversation as
+//! it came:
+//!
+//! ```no_run
+//! use llm_resilience::client::{ChatRequest, Message, OpenAiClient, Tool};
+//! use serde_json::json;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let client = OpenAiClient::from_env()?;
+//! let weather = Tool::function(
+//!     "get_weather",
+//!     "The current weather in a city",
+//!     json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+//! );
+//! let mut req = ChatRequest::user("Weather in Paris?").tool(weather);
+//! loop {
+//!     let reply = client.clone().oneshot(req.clone()).await?;
+//!     if reply.tool_calls().is_empty() {
+//!         println!("{}", reply.content());
+//!         break;
+//!     }
+//!     req = req.push(reply.message().expect("a choice").clone());
+//!     for call in reply.tool_calls() {
+//!         // Run the tool with `call.function.arguments` (JSON, unchecked).
+//!         req = req.push(Message::tool(call.id.clone(), r#"{"temp_c": 21}"#));
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A streamed answer gives the same [`ChatResponse`] through
+//! [`ChatStream::collect`]: text appended per choice, each tool call joined
+//! from its pieces (an id and name first, then fragments of the arguments),
+//! usage from the last chunk.
 //!
 //! # TLS
 //!
@@ -72,7 +172,20 @@
 //! [`OpenAiClient::streaming`] gives a service whose response is a
 //! [`ChatStream`]. It answers only once the first chunk arrived, so a
 //! retry or fallback layer above it can act on every failure that happens
-//! before output reaches the caller, and on none after.
+//! before output reaches the caller, and on none after. A stream that
+//! breaks off after that is an error that keeps what arrived, chunks
+//! ([`ClientError::partial`]) and the assembled response, tool calls cut
+//! short included ([`ClientError::partial_response`]).
+//!
+//! # Responses
+//!
+//! A [`ChatResponse`] has every choice (for `n > 1`) with its message (text,
+//! which may be absent, tool calls, refusal) and finish reason; usage with
+//! cached-prompt and reasoning tokens when the provider reports them; `id`,
+//! `model`, `system_fingerprint`; the rate-limit headers; and the raw body
+//! ([`ChatResponse::raw_json`]) for what the typed view does not cover.
+//! Fields that providers send as `null` are read as absent, never
+//! rejected.
 //!
 //! # Cloning and cost
 //!
@@ -81,6 +194,7 @@
 //! serialized once and shared by retries. The API key is sent as a
 //! sensitive header and never appears in `Debug` output or logs.
 
+mod assemble;
 mod body;
 mod builder;
 mod error;
@@ -95,14 +209,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use tower_service::Service;
 use tracing::Instrument;
 
-pub use self::builder::{OpenAiClientBuilder, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES};
+pub use self::builder::{
+    Auth, OpenAiClientBuilder, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES,
+};
+pub(crate) use self::error::REQWEST_VIEW;
 pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
-pub use self::stream::{ChatChunk, ChatStream};
-pub use self::types::{ChatRequest, ChatResponse, Message, RateLimitHeaders, Role, Usage};
+pub use self::stream::ChatStream;
+use self::types::EncodeOptions;
+pub use self::types::{
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChoiceDelta, Content, ContentPart, FunctionCall,
+    ImageUrl, Message, RateLimitHeaders, ResponseFormat, Role, Tool, ToolCall, ToolCallDelta,
+    ToolChoice, Usage,
+};
 use crate::classify::Transport;
 use crate::error::ConfigError;
 
@@ -111,7 +233,10 @@ struct Config {
     url: String,
     base_url: String,
     model: Arc<str>,
-    auth: Option<HeaderValue>,
+    /// The auth header (sensitive) and the user's default headers.
+    headers: HeaderMap,
+    has_key: bool,
+    include_usage: bool,
     first_byte_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
@@ -138,7 +263,9 @@ impl fmt::Debug for OpenAiClient {
         f.debug_struct("OpenAiClient")
             .field("base_url", &c.base_url)
             .field("model", &c.model)
-            .field("api_key", &c.auth.as_ref().map(|_| "<redacted>"))
+            .field("api_key", &c.has_key.then_some("<redacted>"))
+            .field("headers", &c.headers.len())
+            .field("include_usage", &c.include_usage)
             .field("connect_timeout", &c.connect_timeout)
             .field("first_byte_timeout", &c.first_byte_timeout)
             .field("total_timeout", &c.total_timeout)
@@ -163,6 +290,15 @@ impl OpenAiClient {
     /// A builder for a client of `base_url`.
     pub fn builder(base_url: impl Into<String>) -> OpenAiClientBuilder {
         OpenAiClientBuilder::new(base_url.into())
+    }
+
+    /// A client configured from the environment: `OPENAI_API_KEY`
+    /// (required), `OPENAI_BASE_URL` (default `https://api.openai.com/v1`),
+    /// `OPENAI_ORG_ID` and `OPENAI_PROJECT_ID` (optional), as the OpenAI
+    /// SDKs read them. A missing or unusable variable is a [`ConfigError`]
+    /// that names it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        OpenAiClientBuilder::from_env()?.build()
     }
 
     /// The same client, answering with a [`ChatStream`].
@@ -192,16 +328,21 @@ async fn send(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<reqwest::Response, ClientError> {
+    let body = req.body(EncodeOptions {
+        default_model: &config.model,
+        stream,
+        include_usage: config.include_usage,
+    });
     let mut rb = config
         .http
         .post(&config.url)
         .header(CONTENT_TYPE, "application/json")
-        .body(req.body(&config.model, stream));
+        .body(body);
     if stream {
         rb = rb.header(ACCEPT, "text/event-stream");
     }
-    if let Some(auth) = &config.auth {
-        rb = rb.header(AUTHORIZATION, auth.clone());
+    for (name, value) in &config.headers {
+        rb = rb.header(name, value.clone());
     }
     let sent = rb.send();
     // Armed when the request is sent; it bounds the wait for the headers
@@ -236,26 +377,12 @@ async fn complete(config: Arc<Config>, req: ChatRequest) -> Result<ChatResponse,
             body::BodyError::Read(e) => ClientError::from_reqwest(e),
         })?;
     let headers = resp.headers();
-    let wire = error::decode_completion(headers, &body)?;
-    let rate_limit = RateLimitHeaders::from_headers(headers);
-    let request_id = request_id(headers);
-    let choice = wire.choices.into_iter().next();
-    let (content, finish_reason) = match choice {
-        Some(c) => (
-            c.message.and_then(|m| m.content).unwrap_or_default(),
-            c.finish_reason,
-        ),
-        None => return Err(ClientError::decode(&body, None)),
-    };
-    Ok(ChatResponse {
-        id: wire.id,
-        model: wire.model,
-        content,
-        finish_reason,
-        usage: wire.usage,
-        rate_limit,
-        request_id,
-    })
+    // Kept as the response's raw body without a copy.
+    let body = bytes::Bytes::from(body);
+    let mut response = error::decode_completion(headers, &body)?;
+    response.rate_limit = RateLimitHeaders::from_headers(headers);
+    response.request_id = request_id(headers);
+    Ok(response)
 }
 
 async fn open_stream(config: Arc<Config>, req: ChatRequest) -> Result<ChatStream, ClientError> {

@@ -10,32 +10,10 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
+use super::assemble::Assembler;
 use super::error::ClientError;
 use super::sse::{SseDecoder, SseError};
-use super::types::{RateLimitHeaders, Usage, WireErrorBody, WireResponse};
-
-/// One piece of a streamed completion.
-///
-/// `Debug` shows the length of the text, never the text.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ChatChunk {
-    /// The text this chunk adds.
-    pub delta: String,
-    /// Set on the last content chunk.
-    pub finish_reason: Option<String>,
-    /// Token usage, on the final chunk when the server reports it.
-    pub usage: Option<Usage>,
-}
-
-impl fmt::Debug for ChatChunk {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChatChunk")
-            .field("delta_len", &self.delta.len())
-            .field("finish_reason", &self.finish_reason)
-            .field("usage", &self.usage)
-            .finish()
-    }
-}
+use super::types::{decode_chunk, ChatChunk, ChatResponse, RateLimitHeaders, Usage};
 
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
@@ -64,7 +42,7 @@ pub struct ChatStream {
     delivered: Vec<ChatChunk>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     finished: bool,
-    usage: Option<Usage>,
+    assembled: Assembler,
     rate_limit: RateLimitHeaders,
     request_id: Option<String>,
 }
@@ -74,7 +52,7 @@ impl fmt::Debug for ChatStream {
         f.debug_struct("ChatStream")
             .field("delivered", &self.delivered.len())
             .field("finished", &self.finished)
-            .field("usage", &self.usage)
+            .field("usage", &self.assembled.usage())
             .finish_non_exhaustive()
     }
 }
@@ -101,7 +79,7 @@ impl ChatStream {
             // builder turns such durations into "no limit" anyway.
             idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             finished: false,
-            usage: None,
+            assembled: Assembler::default(),
             rate_limit,
             request_id,
         }
@@ -119,7 +97,28 @@ impl ChatStream {
 
     /// The usage the server reported (on the final chunk), once seen.
     pub fn usage(&self) -> Option<Usage> {
-        self.usage
+        self.assembled.usage()
+    }
+
+    /// The completion received so far, in the shape of a whole one: every
+    /// choice's text, the tool calls (the last one possibly incomplete),
+    /// ids and usage.
+    pub fn snapshot(&self) -> ChatResponse {
+        let mut r = self.assembled.response();
+        r.rate_limit = self.rate_limit;
+        r.request_id.clone_from(&self.request_id);
+        r
+    }
+
+    /// Reads the stream to its end and returns the completion in the shape
+    /// of a non-streamed one (every choice, tool calls joined from their
+    /// pieces, usage, ids, rate-limit headers), or the typed error that
+    /// keeps what arrived ([`ClientError::partial_response`]).
+    pub async fn collect(mut self) -> Result<ChatResponse, ClientError> {
+        while let Some(item) = futures::StreamExt::next(&mut self).await {
+            item?;
+        }
+        Ok(self.snapshot())
     }
 
     /// The chunks delivered so far.
@@ -132,14 +131,16 @@ impl ChatStream {
     pub async fn collect_text(mut self) -> Result<String, ClientError> {
         let mut text = String::new();
         while let Some(item) = futures::StreamExt::next(&mut self).await {
-            text.push_str(&item?.delta);
+            text.push_str(item?.text());
         }
         Ok(text)
     }
 
     fn fail(&mut self, err: ClientError) -> ClientError {
         self.finished = true;
+        let partial = self.snapshot();
         err.with_partial(std::mem::take(&mut self.delivered))
+            .with_partial_response(partial)
     }
 
     /// Parses the next complete event of the buffered bytes, if there is
@@ -162,35 +163,19 @@ impl ChatStream {
         if data.trim_ascii().is_empty() {
             return Some(Ok(None));
         }
-        let wire: WireResponse = match serde_json::from_slice(data) {
-            Ok(w) => w,
-            Err(e) => return Some(Err(ClientError::decode_stream(data, e))),
+        let (wire, chunk) = match decode_chunk(data) {
+            Ok(decoded) => decoded,
+            Err(e) => return Some(Err(e)),
         };
-        if wire.choices.is_empty() && wire.usage.is_none() {
-            // `{"error":{…}}` (a non-null error object) is an error event;
-            // `"error": null` beside a normal chunk is not.
-            if let Ok(WireErrorBody { error: Some(_) }) = serde_json::from_slice(data) {
-                return Some(Err(ClientError::stream_event(data)));
-            }
-        }
-        let usage = wire.usage;
-        let choice = wire.choices.into_iter().next();
-        let (delta, finish_reason) = match choice {
-            Some(c) => (
-                c.delta.and_then(|d| d.content).unwrap_or_default(),
-                c.finish_reason,
-            ),
-            None => (String::new(), None),
-        };
-        if delta.is_empty() && finish_reason.is_none() && usage.is_none() {
+        let (id, model) = (wire.id.as_deref(), wire.model.as_deref());
+        self.assembled
+            .ids(id, model, wire.system_fingerprint.as_deref());
+        self.assembled.push(&chunk);
+        if chunk.is_empty() {
             // A role-only opening chunk or a keep-alive: nothing to hand out.
             return Some(Ok(None));
         }
-        Some(Ok(Some(Event::Chunk(ChatChunk {
-            delta,
-            finish_reason,
-            usage,
-        }))))
+        Some(Ok(Some(Event::Chunk(chunk))))
     }
 
     /// Restarts the idle timer if the decoder completed an event or a
@@ -213,12 +198,7 @@ impl ChatStream {
             let event = self.next_event();
             self.note_progress();
             match event {
-                Some(Ok(Some(Event::Chunk(c)))) => {
-                    if let Some(u) = c.usage {
-                        self.usage = Some(u);
-                    }
-                    return Poll::Ready(Some(Ok(c)));
-                }
+                Some(Ok(Some(Event::Chunk(c)))) => return Poll::Ready(Some(Ok(c))),
                 Some(Ok(Some(Event::Done))) => {
                     self.finished = true;
                     return Poll::Ready(None);
@@ -322,7 +302,7 @@ mod tests {
             RateLimitHeaders::default(),
             None,
         );
-        assert_eq!(s.next().await.unwrap().unwrap().delta, "a");
+        assert_eq!(s.next().await.unwrap().unwrap().text(), "a");
         let started = Instant::now();
         let err = s.next().await.unwrap().unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_secs(5));
@@ -333,7 +313,7 @@ mod tests {
     #[tokio::test]
     async fn missing_terminator_is_an_error_with_the_partial_output() {
         let mut s = stream_of(vec![chunk("a")]);
-        assert_eq!(s.next().await.unwrap().unwrap().delta, "a");
+        assert_eq!(s.next().await.unwrap().unwrap().text(), "a");
         let err = s.next().await.unwrap().unwrap_err();
         assert_eq!(err.kind(), super::super::ClientErrorKind::StreamInterrupted);
         assert_eq!(err.partial_text(), "a");

@@ -40,7 +40,17 @@
 //! `retry-after` when exceeded. Random decisions come from a seeded
 //! generator. Every request is counted by what the server did with it
 //! ([`Served`]), so a test or the demo reports upstream cost exactly.
+//!
+//! For agents: a request that offers `tools` is answered with calls of
+//! them (arguments that fit each schema; streamed as OpenAI streams them,
+//! an id and name first, then argument fragments), `n` gives `n` choices,
+//! `response_format` a JSON answer; [`FaultScript::null_fields`] sends the
+//! optional fields as `null`; the key can be required in a named header and
+//! query parameters can be required (Azure OpenAI's `api-key` and
+//! `api-version`, also on `/openai/deployments/{name}/chat/completions`);
+//! and the latest requests are kept ([`MockServer::requests`]).
 
+mod agent;
 mod script;
 
 use std::collections::VecDeque;
@@ -63,6 +73,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use self::agent::{RecordedRequest, RECORDED_REQUESTS};
 pub use self::script::{ErrorReply, ErrorStyle, FaultScript, FaultWindow, MockFault, Served};
 
 const WORDS: [&str; 8] = [
@@ -98,6 +109,7 @@ struct Shared {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     shutdown: watch::Receiver<bool>,
+    recorded: Mutex<VecDeque<RecordedRequest>>,
 }
 
 /// Counts a request as in flight while its handler runs.
@@ -183,10 +195,15 @@ impl MockServer {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             shutdown,
+            recorded: Mutex::new(VecDeque::new()),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/chat/completions", post(chat))
+            .route(
+                "/openai/deployments/{deployment}/chat/completions",
+                post(chat),
+            )
             .with_state(Arc::clone(&shared));
         let mut stopped = stop.subscribe();
         let task = tokio::spawn(async move {
@@ -221,6 +238,17 @@ impl MockServer {
             tokens: self.shared.tokens.load(Ordering::SeqCst),
             counts: std::array::from_fn(|i| self.shared.counts[i].load(Ordering::SeqCst)),
         }
+    }
+
+    /// The latest requests received (at most [`RECORDED_REQUESTS`]), oldest
+    /// first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        let log = self
+            .shared
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        log.iter().cloned().collect()
     }
 
     /// Requests received so far.
@@ -396,30 +424,6 @@ fn error_response(e: &ErrorReply) -> Response {
     r
 }
 
-fn reply_words(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let w = WORDS[i % WORDS.len()];
-            if i == 0 {
-                w.to_owned()
-            } else {
-                format!(" {w}")
-            }
-        })
-        .collect()
-}
-
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-fn chunk_event(model: &str, text: &str, finish: Option<&str>) -> Bytes {
-    sse(&json!({
-        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
-    }))
-}
-
 type Part = Result<Bytes, std::io::Error>;
 
 fn paced(parts: Vec<Part>, gap: Duration) -> Body {
@@ -450,24 +454,22 @@ fn reset_body() -> Body {
     }))
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     shared.total.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight::enter(&shared);
     let count = |s: Served| {
         shared.counts[s.index()].fetch_add(1, Ordering::SeqCst);
     };
-    let required = lock(&shared.runtime).script.api_key.clone();
-    if let Some(key) = required {
-        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
-        if sent != Some(format!("Bearer {key}").as_str()) {
-            count(Served::OtherError);
-            return error_response(&ErrorReply::openai(
-                401,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-                "Incorrect API key provided.",
-            ));
-        }
+    agent::record(&shared.recorded, &uri, &headers, &body);
+    let refused = agent::check_auth(&lock(&shared.runtime).script, &headers, uri.query());
+    if let Some(e) = refused {
+        count(Served::OtherError);
+        return error_response(&e);
     }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         count(Served::OtherError);
@@ -480,9 +482,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     };
     let stream = req["stream"].as_bool() == Some(true);
     let model = req["model"].as_str().unwrap_or("mock-model").to_owned();
-    let (words, chunks, gap) = {
+    let (words, chunks, gap, nulls) = {
         let rt = lock(&shared.runtime);
-        (rt.script.reply_words, rt.script.chunks, rt.script.chunk_gap)
+        let s = &rt.script;
+        (s.reply_words, s.chunks, s.chunk_gap, s.null_fields)
     };
     let max_tokens = req["max_tokens"].as_u64().map(|n| n as usize);
     let prompt = prompt_tokens(&req);
@@ -534,9 +537,9 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
                 "stop"
             };
             shared.tokens.fetch_add(prompt + n as u64, Ordering::SeqCst);
-            completion(&reply, prompt, n, finish)
+            agent::completion(&reply, &req, nulls, prompt, n, finish)
         }
-        MockFault::MidStreamDrop { after_chunks } => partial_stream(
+        MockFault::MidStreamDrop { after_chunks } => agent::partial_stream(
             &reply,
             after_chunks,
             Err(std::io::Error::new(
@@ -544,7 +547,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
                 "mock mid-stream drop",
             )),
         ),
-        MockFault::StreamErrorEvent { after_chunks } => partial_stream(
+        MockFault::StreamErrorEvent { after_chunks } => agent::partial_stream(
             &reply,
             after_chunks,
             Ok(Bytes::from(format!(
@@ -562,51 +565,6 @@ struct Reply<'a> {
     stream: bool,
     chunks: usize,
     gap: Duration,
-}
-
-/// A completion of `n` words, streamed in `chunks` pieces or as one body.
-fn completion(r: &Reply<'_>, prompt: u64, n: usize, finish: &str) -> Response {
-    let text = reply_words(n);
-    let usage = json!({
-        "prompt_tokens": prompt, "completion_tokens": n,
-        "total_tokens": prompt + n as u64,
-    });
-    if !r.stream {
-        return json_response(
-            200,
-            &json!({
-                "id": "chatcmpl-mock", "object": "chat.completion", "created": 0,
-                "model": r.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.concat()}, "finish_reason": finish}],
-                "usage": usage,
-            }),
-        );
-    }
-    let mut parts: Vec<Part> = vec![Ok(sse(&json!({
-        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": r.model,
-        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}],
-    })))];
-    let per = n.div_ceil(r.chunks.max(1)).max(1);
-    let pieces: Vec<String> = text.chunks(per).map(|c| c.concat()).collect();
-    let last = pieces.len().saturating_sub(1);
-    for (i, p) in pieces.iter().enumerate() {
-        parts.push(Ok(chunk_event(r.model, p, (i == last).then_some(finish))));
-    }
-    parts.push(Ok(sse(&json!({
-        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": r.model,
-        "choices": [], "usage": usage,
-    }))));
-    parts.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-    stream_response(paced(parts, r.gap))
-}
-
-/// `after` chunks (`part0 `, `part1 `, …), then `tail`, and no `[DONE]`.
-fn partial_stream(r: &Reply<'_>, after: usize, tail: Part) -> Response {
-    let mut parts: Vec<Part> = (0..after)
-        .map(|i| Ok(chunk_event(r.model, &format!("part{i} "), None)))
-        .collect();
-    parts.push(tail);
-    stream_response(paced(parts, r.gap))
 }
 
 fn stream_response(body: Body) -> Response {

@@ -316,6 +316,9 @@ pub struct FaultScript {
     pub(crate) chunks: usize,
     pub(crate) chunk_gap: Duration,
     pub(crate) api_key: Option<String>,
+    pub(crate) api_key_header: Option<String>,
+    pub(crate) required_query: Vec<(String, String)>,
+    pub(crate) null_fields: bool,
 }
 
 impl Default for FaultScript {
@@ -338,6 +341,9 @@ impl FaultScript {
             chunks: 4,
             chunk_gap: Duration::ZERO,
             api_key: None,
+            api_key_header: None,
+            required_query: Vec::new(),
+            null_fields: false,
         }
     }
 
@@ -415,6 +421,31 @@ impl FaultScript {
     /// Requires `Authorization: Bearer <key>`; other requests get 401.
     pub fn require_api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
+        self
+    }
+
+    /// Requires the key alone in header `name` (Azure OpenAI's `api-key`)
+    /// instead of `Authorization: Bearer`; other requests get 401.
+    pub fn require_api_key_header(mut self, name: &str, key: impl Into<String>) -> Self {
+        self.api_key_header = Some(name.to_ascii_lowercase());
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Requires the query parameter `name=value` (Azure OpenAI's
+    /// `api-version`); other requests get 400.
+    pub fn require_query(mut self, name: &str, value: &str) -> Self {
+        self.required_query
+            .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sends the fields a provider may leave `null` as `null`: the id, the
+    /// system fingerprint, the prompt and total token counts, the usage
+    /// details, and in every chunk `usage`, `error`, `refusal` and
+    /// `tool_calls`.
+    pub fn null_fields(mut self) -> Self {
+        self.null_fields = true;
         self
     }
 }
