@@ -1,0 +1,129 @@
+//! The response of the Messages API.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::types::{ContentBlock, Role, Usage};
+use crate::client::RateLimitHeaders;
+
+/// A message the model wrote, streamed and collected or not.
+///
+/// `Debug` shows the blocks' kinds and lengths, never their text.
+#[derive(Clone, PartialEq)]
+pub struct MessagesResponse {
+    /// The provider's id of the message (`msg_…`).
+    pub id: String,
+    /// The model that answered.
+    pub model: String,
+    /// Always [`Role::Assistant`].
+    pub role: Role,
+    /// What the model wrote: text, tool calls, thinking, and blocks this
+    /// crate does not model.
+    pub content: Vec<ContentBlock>,
+    /// Why generation stopped: `end_turn`, `max_tokens`, `stop_sequence`,
+    /// `tool_use`, `pause_turn`, `refusal` (`None` in the partial output of
+    /// a stream that broke off). `max_tokens` is not an error.
+    pub stop_reason: Option<String>,
+    /// The stop sequence that ended generation, for `stop_sequence`.
+    pub stop_sequence: Option<String>,
+    /// Token usage.
+    pub usage: Usage,
+    /// The rate-limit headers of the response
+    /// (`anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`).
+    pub rate_limit: RateLimitHeaders,
+    /// The provider's `request-id` header, for support tickets.
+    pub request_id: Option<String>,
+}
+
+impl MessagesResponse {
+    /// The text blocks, concatenated.
+    pub fn text(&self) -> String {
+        self.content
+            .iter()
+            .filter_map(ContentBlock::as_text)
+            .collect()
+    }
+
+    /// The tool calls, in order: `(id, name, input)`.
+    pub fn tool_uses(&self) -> impl Iterator<Item = (&str, &str, &Value)> {
+        self.content.iter().filter_map(|b| match b {
+            ContentBlock::ToolUse { id, name, input } => Some((id.as_str(), name.as_str(), input)),
+            _ => None,
+        })
+    }
+
+    /// Whether the model stopped to call tools (`stop_reason: tool_use`).
+    pub fn wants_tools(&self) -> bool {
+        self.stop_reason.as_deref() == Some("tool_use")
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self {
+            id: String::new(),
+            model: String::new(),
+            role: Role::Assistant,
+            content: Vec::new(),
+            stop_reason: None,
+            stop_sequence: None,
+            usage: Usage::default(),
+            rate_limit: RateLimitHeaders::default(),
+            request_id: None,
+        }
+    }
+}
+
+impl fmt::Debug for MessagesResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessagesResponse")
+            .field("id", &self.id)
+            .field("model", &self.model)
+            .field("content", &self.content)
+            .field("stop_reason", &self.stop_reason)
+            .field("usage", &self.usage)
+            .field("rate_limit", &self.rate_limit)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body of a non-streamed response, and the `message` of a stream's
+/// `message_start`.
+#[derive(Deserialize)]
+pub(crate) struct WireMessage {
+    #[serde(default, rename = "type")]
+    pub(crate) kind: Option<String>,
+    #[serde(default)]
+    pub(crate) id: String,
+    #[serde(default)]
+    pub(crate) model: String,
+    #[serde(default)]
+    pub(crate) content: Vec<ContentBlock>,
+    #[serde(default)]
+    pub(crate) stop_reason: Option<String>,
+    #[serde(default)]
+    pub(crate) stop_sequence: Option<String>,
+    #[serde(default)]
+    pub(crate) usage: Option<Usage>,
+}
+
+impl WireMessage {
+    pub(crate) fn into_response(
+        self,
+        rate_limit: RateLimitHeaders,
+        request_id: Option<String>,
+    ) -> MessagesResponse {
+        MessagesResponse {
+            id: self.id,
+            model: self.model,
+            role: Role::Assistant,
+            content: self.content,
+            stop_reason: self.stop_reason,
+            stop_sequence: self.stop_sequence,
+            usage: self.usage.unwrap_or_default(),
+            rate_limit,
+            request_id,
+        }
+    }
+}
