@@ -204,8 +204,9 @@ impl AnthropicError {
     /// An error object (`{"type":"error","error":{…}}`) where a message or
     /// an event was expected, given the status documented for its type.
     pub(crate) fn error_object(data: &[u8], kind: AnthropicErrorKind) -> Self {
-        let (http, kind) = with_error_body(HttpError::transport(Transport::StreamInterrupted), data);
-        let http = match kind.as_deref().and_then(status_of) {
+        let (http, error_type) =
+            with_error_body(HttpError::transport(Transport::StreamInterrupted), data);
+        let http = match error_type.as_deref().and_then(status_of) {
             Some(status) => {
                 let (h, _) = with_error_body(HttpError::new(status), data);
                 h
