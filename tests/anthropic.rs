@@ -43,7 +43,9 @@ fn client(server: &MockServer) -> AnthropicClient {
 }
 
 async fn keyed_server(script: FaultScript) -> MockServer {
-    MockServer::start(script.require_api_key(KEY)).await.unwrap()
+    MockServer::start(script.require_api_key(KEY))
+        .await
+        .unwrap()
 }
 
 fn classify(err: AnthropicError) -> Outcome {
@@ -112,11 +114,19 @@ async fn a_message_comes_back_with_usage_rate_limits_and_request_id() {
 async fn max_tokens_comes_from_the_client_unless_the_request_sets_it() {
     let server = keyed_server(FaultScript::new()).await;
     let c = builder(&server).max_tokens(5).build().unwrap();
-    let resp = c.clone().oneshot(MessagesRequest::user("hi")).await.unwrap();
+    let resp = c
+        .clone()
+        .oneshot(MessagesRequest::user("hi"))
+        .await
+        .unwrap();
     assert_eq!(resp.usage.output_tokens, 5);
     assert_eq!(resp.stop_reason.as_deref(), Some("max_tokens"));
     let resp = c
-        .oneshot(MessagesRequest::user("hi").max_tokens(3).model("claude-other"))
+        .oneshot(
+            MessagesRequest::user("hi")
+                .max_tokens(3)
+                .model("claude-other"),
+        )
         .await
         .unwrap();
     assert_eq!(resp.usage.output_tokens, 3);
@@ -174,7 +184,12 @@ async fn every_error_type_is_classified() {
     let tr = Outcome::transient;
     let bad = |reason| Outcome::BadRequest { reason };
     let rows: Vec<(MockFault, u16, &str, Outcome)> = vec![
-        (MockFault::overloaded(), 529, "overloaded_error", tr(Reason::Overloaded)),
+        (
+            MockFault::overloaded(),
+            529,
+            "overloaded_error",
+            tr(Reason::Overloaded),
+        ),
         (
             anthropic(400, "invalid_request_error", "messages: field required"),
             400,
@@ -405,12 +420,21 @@ async fn bad_requests_never_trip_the_breaker() {
 
 #[tokio::test]
 async fn hangs_resets_and_connect_failures_are_transient_transport_errors() {
-    let server = keyed_server(FaultScript::new().then(MockFault::Hang).then(MockFault::Reset)).await;
+    let server = keyed_server(
+        FaultScript::new()
+            .then(MockFault::Hang)
+            .then(MockFault::Reset),
+    )
+    .await;
     let c = builder(&server)
         .first_byte_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
-    let err = c.clone().oneshot(MessagesRequest::user("hi")).await.unwrap_err();
+    let err = c
+        .clone()
+        .oneshot(MessagesRequest::user("hi"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), AnthropicErrorKind::Transport);
     assert_eq!(classify(err), Outcome::transient(Reason::Timeout));
     let err = c.oneshot(MessagesRequest::user("hi")).await.unwrap_err();

@@ -38,7 +38,9 @@ fn client(server: &MockServer) -> AnthropicClient {
 }
 
 async fn server(script: FaultScript) -> MockServer {
-    MockServer::start(script.require_api_key(KEY)).await.unwrap()
+    MockServer::start(script.require_api_key(KEY))
+        .await
+        .unwrap()
 }
 
 fn classify(err: AnthropicError) -> Outcome {
@@ -55,7 +57,7 @@ fn fast_retry() -> RetryLayer {
         .unwrap();
     RetryLayer::builder()
         .max_attempts(3)
-        .backoff(fast.clone())
+        .backoff(fast)
         .throttle_backoff(fast)
         .seed(3)
         .build()
@@ -74,7 +76,11 @@ fn weather_tool() -> Tool {
 async fn a_collected_stream_equals_the_plain_response() {
     let server = server(FaultScript::new().chunks(5)).await;
     let c = client(&server);
-    let plain = c.clone().oneshot(MessagesRequest::user("hi")).await.unwrap();
+    let plain = c
+        .clone()
+        .oneshot(MessagesRequest::user("hi"))
+        .await
+        .unwrap();
     let stream = c
         .streaming()
         .oneshot(MessagesRequest::user("hi"))
@@ -103,7 +109,10 @@ async fn events_arrive_in_protocol_order() {
         .unwrap();
     let events: Vec<StreamEvent> = stream.map(Result::unwrap).collect().await;
     assert!(matches!(events[0], StreamEvent::MessageStart { .. }));
-    assert!(matches!(events[1], StreamEvent::BlockStart { index: 0, .. }));
+    assert!(matches!(
+        events[1],
+        StreamEvent::BlockStart { index: 0, .. }
+    ));
     let deltas = events
         .iter()
         .filter(|e| matches!(e, StreamEvent::TextDelta { .. }))
@@ -140,7 +149,8 @@ async fn a_streamed_tool_call_is_assembled_like_the_plain_one() {
 
 #[tokio::test]
 async fn an_error_event_mid_stream_is_typed_classified_and_keeps_the_output() {
-    let server = server(FaultScript::new().then(MockFault::StreamErrorEvent { after_chunks: 2 })).await;
+    let server =
+        server(FaultScript::new().then(MockFault::StreamErrorEvent { after_chunks: 2 })).await;
     // Through the retry layer: once output reached the caller, nothing is
     // retried.
     let mut stream = fast_retry()
@@ -171,7 +181,8 @@ async fn an_error_event_mid_stream_is_typed_classified_and_keeps_the_output() {
 
 #[tokio::test]
 async fn a_drop_mid_stream_is_an_interrupted_stream_with_the_partial_output() {
-    let server = server(FaultScript::new().then(MockFault::MidStreamDrop { after_chunks: 2 })).await;
+    let server =
+        server(FaultScript::new().then(MockFault::MidStreamDrop { after_chunks: 2 })).await;
     let stream = client(&server)
         .streaming()
         .oneshot(MessagesRequest::user("hi"))

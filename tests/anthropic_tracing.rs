@@ -80,13 +80,20 @@ async fn trace_output_never_holds_the_key_the_prompt_or_the_completion() {
         .await
         .unwrap();
     let completion = resp.text();
-    seen.push(format!("{resp:?} {req:?} {client:?} {:?}", client.streaming()));
+    seen.push(format!(
+        "{resp:?} {req:?} {client:?} {:?}",
+        client.streaming()
+    ));
     let tool = Tool::new(
         "lookup",
         "SECRET-TOOL-description",
         json!({"type": "object", "properties": {"q": {"type": "string"}}}),
     );
-    let resp = client.clone().oneshot(req.clone().tool(tool)).await.unwrap();
+    let resp = client
+        .clone()
+        .oneshot(req.clone().tool(tool))
+        .await
+        .unwrap();
     seen.push(format!("{resp:?}"));
     let mut stream = client.streaming().oneshot(req.clone()).await.unwrap();
     while let Some(e) = stream.next().await {

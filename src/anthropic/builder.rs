@@ -109,9 +109,7 @@ fn header_value(v: &str, field: &'static str) -> Result<HeaderValue, ConfigError
 impl AnthropicClientBuilder {
     /// Reads `ANTHROPIC_API_KEY` (required) and `ANTHROPIC_BASE_URL`
     /// (optional), as Anthropic's SDKs do.
-    pub(crate) fn from_lookup(
-        get: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let key = get("ANTHROPIC_API_KEY")
             .filter(|k| !k.is_empty())
             .ok_or(ConfigError::new(

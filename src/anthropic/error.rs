@@ -381,14 +381,21 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after", HeaderValue::from_static("3"));
         h.insert("request-id", HeaderValue::from_static("req_1"));
-        h.insert("anthropic-ratelimit-tokens-remaining", HeaderValue::from_static("0"));
+        h.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            HeaderValue::from_static("0"),
+        );
         h.insert("set-cookie", HeaderValue::from_static("x"));
-        let body = br#"{"type":"error","error":{"type":"rate_limit_error","message":"secret prompt"}}"#;
+        let body =
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"secret prompt"}}"#;
         let e = AnthropicError::status(429, &h, body);
         assert_eq!(e.status_code(), Some(429));
         assert_eq!(e.error_type(), Some("rate_limit_error"));
         assert_eq!(e.request_id(), Some("req_1"));
-        assert_eq!(e.http().header("anthropic-ratelimit-tokens-remaining"), Some("0"));
+        assert_eq!(
+            e.http().header("anthropic-ratelimit-tokens-remaining"),
+            Some("0")
+        );
         assert_eq!(e.http().header("set-cookie"), None);
         assert!(!format!("{e} {e:?}").contains("secret"));
     }

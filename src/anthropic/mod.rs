@@ -122,13 +122,11 @@ pub use self::builder::{
 };
 pub use self::error::{AnthropicError, AnthropicErrorKind, BODY_EXCERPT_LIMIT};
 pub use self::request::MessagesRequest;
-pub use self::response::MessagesResponse;
-pub use self::stream::{MessageStream, StreamEvent};
-pub use self::types::{
-    CacheControl, ContentBlock, ImageSource, Message, Role, Tool, ToolChoice, Usage,
-};
 use self::response::WireMessage;
+pub use self::response::{MessagesResponse, Usage};
 use self::stream::Limits;
+pub use self::stream::{MessageStream, StreamEvent};
+pub use self::types::{CacheControl, ContentBlock, ImageSource, Message, Role, Tool, ToolChoice};
 use crate::classify::Transport;
 use crate::client::RateLimitHeaders;
 use crate::error::ConfigError;
@@ -225,7 +223,11 @@ fn request_id(h: &HeaderMap) -> Option<String> {
 
 /// Sends the request and returns a 2xx response, or the typed error (with a
 /// bounded read of the error body).
-async fn send(config: &Config, body: Bytes, stream: bool) -> Result<reqwest::Response, AnthropicError> {
+async fn send(
+    config: &Config,
+    body: Bytes,
+    stream: bool,
+) -> Result<reqwest::Response, AnthropicError> {
     let mut rb = config
         .http
         .post(&config.url)
@@ -282,7 +284,10 @@ async fn read_error_body(mut resp: reqwest::Response, config: &Config) -> Vec<u8
 }
 
 /// The whole 2xx body, within the size cap and the idle timeout.
-async fn read_body(mut resp: reqwest::Response, config: &Config) -> Result<Vec<u8>, AnthropicError> {
+async fn read_body(
+    mut resp: reqwest::Response,
+    config: &Config,
+) -> Result<Vec<u8>, AnthropicError> {
     let limit = config.limits.max_bytes;
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Err(AnthropicError::too_large());
@@ -439,10 +444,9 @@ impl Service<MessagesRequest> for AnthropicStreamingClient {
 
     fn call(&mut self, req: MessagesRequest) -> StreamFuture {
         StreamFuture {
-            inner: Box::pin(
-                open_stream(Arc::clone(&self.config), req)
-                    .instrument(tracing::debug_span!("llm_resilience.anthropic", stream = true)),
-            ),
+            inner: Box::pin(open_stream(Arc::clone(&self.config), req).instrument(
+                tracing::debug_span!("llm_resilience.anthropic", stream = true),
+            )),
         }
     }
 }
@@ -474,7 +478,10 @@ mod tests {
             field(b().stream_idle_timeout(Duration::ZERO).build()),
             "stream_idle_timeout"
         );
-        assert_eq!(field(b().max_response_bytes(0).build()), "max_response_bytes");
+        assert_eq!(
+            field(b().max_response_bytes(0).build()),
+            "max_response_bytes"
+        );
         assert_eq!(field(b().max_event_bytes(0).build()), "max_event_bytes");
         // Huge timeouts are accepted (and bounded inside).
         assert!(b()

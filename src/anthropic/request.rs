@@ -386,13 +386,19 @@ mod tests {
             .top_p(0.9)
             .top_k(40)
             .end_user("u-1")
-            .extra("thinking", json!({"type": "enabled", "budget_tokens": 1024}))
+            .extra(
+                "thinking",
+                json!({"type": "enabled", "budget_tokens": 1024}),
+            )
             .extra("messages", json!([]))
             .with_system_blocks(vec![ContentBlock::text("long").cached()]);
         let v = parse(&req.body("m", 1, false));
         assert_eq!(v["tools"][0]["name"], "f");
         assert_eq!(v["tools"][0]["input_schema"]["type"], "object");
-        assert_eq!(v["tool_choice"], json!({"type": "any", "disable_parallel_tool_use": true}));
+        assert_eq!(
+            v["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
         assert_eq!(v["stop_sequences"][0], "END");
         assert_eq!(v["temperature"], 0.5);
         assert_eq!(v["top_k"], 40);
@@ -401,7 +407,9 @@ mod tests {
         assert_eq!(v["system"][0]["cache_control"]["type"], "ephemeral");
         // An extra never shadows a modelled field.
         assert_eq!(v["messages"][0]["role"], "user");
-        let text = std::str::from_utf8(&req.body("m", 1, false)).unwrap().to_owned();
+        let text = std::str::from_utf8(&req.body("m", 1, false))
+            .unwrap()
+            .to_owned();
         assert_eq!(text.matches("\"messages\"").count(), 1);
     }
 

@@ -15,9 +15,9 @@ use serde_json::Value;
 use tokio::time::{Instant, Sleep};
 
 use super::error::AnthropicError;
-use super::response::WireMessage;
+use super::response::{Usage, WireMessage, WireUsage};
 use super::sse::SseParser;
-use super::types::{ContentBlock, Usage, WireUsage};
+use super::types::ContentBlock;
 use super::MessagesResponse;
 use crate::client::RateLimitHeaders;
 
@@ -458,7 +458,10 @@ impl MessageStream {
         self.assembly.apply(wire)
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<StreamEvent, AnthropicError>>> {
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<StreamEvent, AnthropicError>>> {
         if self.finished {
             return Poll::Ready(None);
         }

@@ -414,7 +414,11 @@ pub struct Tool {
 impl Tool {
     /// A tool `name` described by `description`, taking input of
     /// `input_schema`.
-    pub fn new(name: impl Into<String>, description: impl Into<String>, input_schema: Value) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        input_schema: Value,
+    ) -> Self {
         Self {
             name: name.into(),
             description: Some(description.into()),
@@ -459,72 +463,6 @@ pub enum ToolChoice {
     },
     /// The model must not call a tool.
     None,
-}
-
-/// Token usage as the provider reported it. Counts the provider sends as
-/// `null` or leaves out are zero (cache counts: `None`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Input tokens not read from or written to the cache.
-    #[serde(default, deserialize_with = "null_zero")]
-    pub input_tokens: u32,
-    /// Output tokens.
-    #[serde(default, deserialize_with = "null_zero")]
-    pub output_tokens: u32,
-    /// Input tokens written to the prompt cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_creation_input_tokens: Option<u32>,
-    /// Input tokens read from the prompt cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_read_input_tokens: Option<u32>,
-}
-
-impl Usage {
-    /// Every input token: uncached, cache writes and cache reads.
-    pub fn total_input_tokens(&self) -> u64 {
-        u64::from(self.input_tokens)
-            + u64::from(self.cache_creation_input_tokens.unwrap_or(0))
-            + u64::from(self.cache_read_input_tokens.unwrap_or(0))
-    }
-
-    /// Input plus output tokens.
-    pub fn total_tokens(&self) -> u64 {
-        self.total_input_tokens() + u64::from(self.output_tokens)
-    }
-
-    /// Takes every count `later` reports (a stream's `message_delta` usage
-    /// is cumulative and may repeat or refine `message_start`'s).
-    pub(crate) fn merge(&mut self, later: &WireUsage) {
-        if let Some(n) = later.input_tokens {
-            self.input_tokens = n;
-        }
-        if let Some(n) = later.output_tokens {
-            self.output_tokens = n;
-        }
-        if later.cache_creation_input_tokens.is_some() {
-            self.cache_creation_input_tokens = later.cache_creation_input_tokens;
-        }
-        if later.cache_read_input_tokens.is_some() {
-            self.cache_read_input_tokens = later.cache_read_input_tokens;
-        }
-    }
-}
-
-fn null_zero<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    Ok(Option::<u32>::deserialize(d)?.unwrap_or(0))
-}
-
-/// Usage with every count optional (a stream's `message_delta`).
-#[derive(Clone, Copy, Default, Deserialize)]
-pub(crate) struct WireUsage {
-    #[serde(default)]
-    pub(crate) input_tokens: Option<u32>,
-    #[serde(default)]
-    pub(crate) output_tokens: Option<u32>,
-    #[serde(default)]
-    pub(crate) cache_creation_input_tokens: Option<u32>,
-    #[serde(default)]
-    pub(crate) cache_read_input_tokens: Option<u32>,
 }
 
 #[cfg(test)]
@@ -578,7 +516,7 @@ mod tests {
     }
 
     #[test]
-    fn tool_choice_and_usage_wire_shapes() {
+    fn tool_choice_wire_shape() {
         assert_eq!(
             serde_json::to_value(ToolChoice::Tool {
                 name: "f".into(),
@@ -587,12 +525,5 @@ mod tests {
             .unwrap(),
             json!({"type": "tool", "name": "f"})
         );
-        let u: Usage = serde_json::from_value(json!({
-            "input_tokens": 10, "output_tokens": null, "cache_read_input_tokens": 5
-        }))
-        .unwrap();
-        assert_eq!(u.output_tokens, 0);
-        assert_eq!(u.total_input_tokens(), 15);
-        assert_eq!(u.total_tokens(), 15);
     }
 }

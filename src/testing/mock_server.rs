@@ -40,10 +40,7 @@
 //! `retry-after` when exceeded. Random decisions come from a seeded
 //! generator. Every request is counted by what the server did with it
 //! ([`Served`]), so a test or the demo reports upstream cost exactly.
-//!
-//! `POST /v1/messages` speaks Anthropic's Messages API under the same
-//! script: its headers, body shapes, tool use, stream events (a mid-stream
-//! error is an `overloaded_error` event) and error types
+//! `POST /v1/messages` speaks Anthropic's Messages API under the same script
 //! ([`MockServer::anthropic_base_url`]).
 
 mod anthropic;
@@ -219,12 +216,6 @@ impl MockServer {
     /// The OpenAI-style base URL, `http://127.0.0.1:PORT/v1`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
-    }
-
-    /// The Anthropic-style base URL, `http://127.0.0.1:PORT` (the Messages
-    /// API is `POST /v1/messages`).
-    pub fn anthropic_base_url(&self) -> String {
-        format!("http://{}", self.addr)
     }
 
     /// What it did so far.

@@ -111,11 +111,23 @@ async fn events_reach_the_caller_in_order_and_hide_text_in_debug() {
     let events: Vec<StreamEvent> = s.map(Result::unwrap).collect().await;
     let kinds: Vec<String> = events
         .iter()
-        .map(|e| format!("{e:?}").split([' ', '{']).next().unwrap().to_owned())
+        .map(|e| {
+            format!("{e:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(
         kinds,
-        ["MessageStart", "BlockStart", "TextDelta", "BlockStop", "MessageDelta"]
+        [
+            "MessageStart",
+            "BlockStart",
+            "TextDelta",
+            "BlockStop",
+            "MessageDelta"
+        ]
     );
     assert!(!format!("{events:?}").contains("secret"));
 }
@@ -253,4 +265,78 @@ async fn the_idle_timeout_counts_events_not_bytes() {
     assert_eq!(err.kind(), AnthropicErrorKind::StreamInterrupted);
     assert!(err.is_mid_stream());
     assert_eq!(err.partial_text(), "a");
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn split_at_cuts(text: &str, cuts: &[usize]) -> Vec<String> {
+        let mut cuts: Vec<usize> = cuts
+            .iter()
+            .map(|c| c % (text.len() + 1))
+            .filter(|c| text.is_char_boundary(*c))
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for c in cuts {
+            out.push(text[at..c].to_owned());
+            at = c;
+        }
+        out.push(text[at..].to_owned());
+        out
+    }
+
+    proptest! {
+        /// For random text deltas, random tool inputs cut into random JSON
+        /// fragments, and random read boundaries, the collected stream
+        /// equals the non-streamed message with the same content.
+        #[test]
+        fn the_streamed_assembly_equals_the_plain_message(
+            texts in proptest::collection::vec("[a-zé \"\\\\]{0,12}", 1..5),
+            input in proptest::collection::btree_map("[a-z]{1,6}", prop_oneof![
+                "[a-zA-Z0-9 \"é]{0,10}".prop_map(Value::from),
+                any::<i32>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+            ], 0..4),
+            json_cuts in proptest::collection::vec(any::<usize>(), 0..6),
+            read_cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            with_tool in any::<bool>(),
+        ) {
+            let input = Value::Object(input.into_iter().collect());
+            let text: String = texts.concat();
+            let mut content = vec![json!({"type": "text", "text": text})];
+            let mut parts = vec![start()];
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            parts.extend(text_block(0, &refs));
+            if with_tool {
+                content.push(json!({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": input}));
+                let fragments = split_at_cuts(&input.to_string(), &json_cuts);
+                let refs: Vec<&str> = fragments.iter().map(String::as_str).collect();
+                parts.extend(tool_block(1, &refs, true));
+            }
+            let reason = if with_tool { "tool_use" } else { "end_turn" };
+            parts.extend(end(reason));
+            let bytes = parts.concat();
+            let reads = split_at_cuts(&bytes, &read_cuts);
+            let streamed = run(stream_of(reads, limits()).collect_message()).unwrap();
+
+            let plain: WireMessage = serde_json::from_value(json!({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                "content": content, "stop_reason": reason, "stop_sequence": null,
+                "usage": {"input_tokens": 10, "output_tokens": 15, "cache_read_input_tokens": 4},
+            })).unwrap();
+            let plain = plain.into_response(RateLimitHeaders::default(), None);
+            prop_assert_eq!(streamed, plain);
+        }
+    }
 }

@@ -26,9 +26,19 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::{
-    decide, error_response, json_response, lock, paced, reply_words, reset_body,
-    stream_response, Decision, ErrorReply, ErrorStyle, InFlight, MockFault, Part, Served, Shared,
+    decide, error_response, json_response, lock, paced, reply_words, reset_body, stream_response,
+    Decision, ErrorReply, ErrorStyle, InFlight, MockFault, Part, Served, Shared,
 };
+
+impl super::MockServer {
+    /// The Anthropic-style base URL, `http://127.0.0.1:PORT`, for the
+    /// Messages API at `POST /v1/messages`: its headers, body shapes, tool
+    /// use, stream events (a mid-stream error is an `overloaded_error`
+    /// event) and error types.
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+}
 
 fn err(status: u16, kind: &str, message: &str) -> Response {
     error_response(&ErrorReply::anthropic(status, kind, message).header("request-id", "req_mock"))
@@ -366,7 +376,10 @@ fn streamed(r: &Reply<'_>, chunks: usize, gap: Duration) -> Response {
     let text = r.text();
     let per = text.len().div_ceil(chunks.max(1)).max(1);
     for piece in text.chunks(per) {
-        parts.push(delta(0, json!({"type": "text_delta", "text": piece.concat()})));
+        parts.push(delta(
+            0,
+            json!({"type": "text_delta", "text": piece.concat()}),
+        ));
     }
     parts.push(block_stop(0));
     if let Some((block, input)) = r.tool_use() {
@@ -429,7 +442,10 @@ mod tests {
         let MockFault::Error(e) = MockFault::insufficient_quota() else {
             unreachable!()
         };
-        assert_eq!(anthropic_style(e).error_type.as_deref(), Some("billing_error"));
+        assert_eq!(
+            anthropic_style(e).error_type.as_deref(),
+            Some("billing_error")
+        );
         let MockFault::Error(e) = MockFault::rate_limited(Some(Duration::from_secs(2))) else {
             unreachable!()
         };
