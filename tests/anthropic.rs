@@ -455,14 +455,15 @@ async fn hangs_resets_and_connect_failures_are_transient_transport_errors() {
 async fn a_body_over_the_limit_is_a_typed_error() {
     let server = keyed_server(FaultScript::new().reply_words(2000)).await;
     let err = builder(&server)
-        .max_response_bytes(4096)
+        .max_body_bytes(4096)
         .build()
         .unwrap()
         .oneshot(MessagesRequest::user("hi"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), AnthropicErrorKind::TooLarge);
-    assert!(classify(err).is_target_failure());
+    // The same request would get the same answer: not retried.
+    assert_eq!(classify(err), Outcome::permanent(Reason::ServerError));
 }
 
 #[tokio::test]

@@ -267,7 +267,7 @@ async fn oversized_events_and_streams_are_typed_errors() {
     assert_eq!(err.kind(), AnthropicErrorKind::TooLarge);
     let server = server_of_many_chunks().await;
     let stream = builder(&server)
-        .max_response_bytes(2048)
+        .max_body_bytes(2048)
         .build()
         .unwrap()
         .streaming()
@@ -277,6 +277,7 @@ async fn oversized_events_and_streams_are_typed_errors() {
     let err = stream.collect_message().await.unwrap_err();
     assert_eq!(err.kind(), AnthropicErrorKind::TooLarge);
     assert!(err.is_mid_stream());
+    assert_eq!(classify(err), Outcome::permanent(Reason::ServerError));
 }
 
 async fn server_of_many_chunks() -> MockServer {

@@ -18,16 +18,21 @@ pub const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
 /// `max_tokens` when the request sets none (the API requires it); LiteLLM
 /// uses the same default for Anthropic models.
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
-/// The default cap on a 2xx body, a stream included: 32 MiB.
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 32 << 20;
-/// The default cap on one server-sent event: 1 MiB.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
-/// The default cap on the part of an error body read: 64 KiB.
-pub const DEFAULT_MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+/// The default cap on a 2xx body, and on a whole stream: 32 MiB. The
+/// largest legitimate message (a few hundred thousand output tokens as
+/// JSON) stays well below it; anything larger is a broken or hostile
+/// upstream.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
+/// The default cap on one server-sent event: 4 MiB (an Anthropic event is a
+/// delta, usually well under a kilobyte).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 << 20;
+/// What is kept of an error body (4xx, 5xx): enough for any provider's error
+/// object, never the whole of a hostile one.
+pub(crate) const ERROR_BODY_LIMIT: usize = 64 << 10;
 
-/// A timeout longer than this is treated as a year (the clock's arithmetic
-/// stays in range; nothing waits that long).
-const YEAR: Duration = Duration::from_secs(365 * 86_400);
+/// A duration at or above this (about 100 years) means "no limit": adding it
+/// to the clock could overflow, and no call waits that long anyway.
+const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Builds a validated [`AnthropicClient`]; from
 /// [`AnthropicClient::builder`] or [`AnthropicClient::builder_from_env`].
@@ -45,9 +50,9 @@ pub struct AnthropicClientBuilder {
     first_byte_timeout: Option<Duration>,
     total_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
-    max_response_bytes: usize,
+    error_body_timeout: Duration,
+    max_body_bytes: usize,
     max_event_bytes: usize,
-    max_error_body_bytes: usize,
     http: Option<reqwest::Client>,
 }
 
@@ -74,23 +79,31 @@ impl Default for AnthropicClientBuilder {
             betas: Vec::new(),
             headers: Vec::new(),
             connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: None,
+            first_byte_timeout: Some(Duration::from_secs(600)),
             total_timeout: Some(Duration::from_secs(600)),
             idle_timeout: Some(Duration::from_secs(60)),
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            error_body_timeout: Duration::from_secs(5),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            max_error_body_bytes: DEFAULT_MAX_ERROR_BODY_BYTES,
             http: None,
         }
     }
 }
 
-fn nonzero(d: Duration, field: &'static str) -> Result<Duration, ConfigError> {
+/// Zero is an error; from [`NO_LIMIT_FROM`] up, no limit (`None`).
+fn limit(d: Duration, field: &'static str) -> Result<Option<Duration>, ConfigError> {
     if d.is_zero() {
         Err(ConfigError::new(field, "must be greater than zero"))
     } else {
-        Ok(d.min(YEAR))
+        Ok((d < NO_LIMIT_FROM).then_some(d))
     }
+}
+
+fn optional(d: Option<Duration>, field: &'static str) -> Result<Option<Duration>, ConfigError> {
+    Ok(match d {
+        Some(d) => limit(d, field)?,
+        None => None,
+    })
 }
 
 fn positive(n: usize, field: &'static str) -> Result<usize, ConfigError> {
@@ -175,8 +188,12 @@ impl AnthropicClientBuilder {
         self
     }
 
-    /// Time from sending to the response headers; default off (the total
-    /// timeout bounds it).
+    /// Time from sending the request to the response headers, streamed or
+    /// not; default 10 minutes. A non-streamed message's headers come only
+    /// once the whole answer is generated, so the default is the SDKs'
+    /// request timeout; a stream's headers come at once, so a
+    /// streaming-only client may set it lower. It holds even with
+    /// [`no_total_timeout`](Self::no_total_timeout).
     pub fn first_byte_timeout(mut self, t: Duration) -> Self {
         self.first_byte_timeout = Some(t);
         self
@@ -189,37 +206,47 @@ impl AnthropicClientBuilder {
         self
     }
 
-    /// No total timeout (streams that may run for long; the idle timeout
-    /// still applies).
+    /// No total timeout (streams that may run for long; the first-byte and
+    /// idle timeouts still hold).
     pub fn no_total_timeout(mut self) -> Self {
         self.total_timeout = None;
         self
     }
 
-    /// The longest wait for the next complete event of a stream (`ping`
-    /// counts), and for a body once its headers arrived; default 60 s.
+    /// The longest a stream may go without a complete event (`ping`
+    /// included), and a non-streamed body may take once its headers
+    /// arrived; default 60 s. Bytes that do not complete an event do not
+    /// count, so a server dripping one byte at a time cannot hold a stream
+    /// open.
     pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
         self.idle_timeout = Some(t);
         self
     }
 
-    /// The largest 2xx body, or whole stream, read; default 32 MiB. Past it
-    /// the call fails with [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge).
-    pub fn max_response_bytes(mut self, n: usize) -> Self {
-        self.max_response_bytes = n;
+    /// How long the body of an error response (4xx, 5xx) may take once its
+    /// headers arrived; default 5 s. Past it the error is reported with
+    /// what the headers say (status, `retry-after`), so a 429 whose body
+    /// never comes does not hold the caller. At most 64 KiB of it is read.
+    pub fn error_body_timeout(mut self, t: Duration) -> Self {
+        self.error_body_timeout = t;
         self
     }
 
-    /// The largest single server-sent event; default 1 MiB.
+    /// The largest 2xx body, or whole stream, accepted, in bytes; default
+    /// [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). Past it the call fails with
+    /// [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge)
+    /// (permanent: the same request would get the same answer), found while
+    /// the body arrives, never after buffering it.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// The largest single server-sent event, in bytes; default
+    /// [`DEFAULT_MAX_EVENT_BYTES`] (4 MiB). A larger one ends the stream
+    /// with [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge).
     pub fn max_event_bytes(mut self, n: usize) -> Self {
         self.max_event_bytes = n;
-        self
-    }
-
-    /// How much of an error body is read (enough for the provider's error
-    /// object); default 64 KiB. The rest is not waited for.
-    pub fn max_error_body_bytes(mut self, n: usize) -> Self {
-        self.max_error_body_bytes = n;
         self
     }
 
@@ -253,25 +280,16 @@ impl AnthropicClientBuilder {
         if self.max_tokens == 0 {
             return Err(ConfigError::new("max_tokens", "must be greater than zero"));
         }
-        let connect_timeout = nonzero(self.connect_timeout, "connect_timeout")?;
-        let first_byte_timeout = self
-            .first_byte_timeout
-            .map(|t| nonzero(t, "first_byte_timeout"))
-            .transpose()?;
-        let total_timeout = self
-            .total_timeout
-            .map(|t| nonzero(t, "total_timeout"))
-            .transpose()?;
-        let idle_timeout = self
-            .idle_timeout
-            .map(|t| nonzero(t, "stream_idle_timeout"))
-            .transpose()?;
+        let connect_timeout = limit(self.connect_timeout, "connect_timeout")?;
+        let first_byte_timeout = optional(self.first_byte_timeout, "first_byte_timeout")?;
+        let total_timeout = optional(self.total_timeout, "total_timeout")?;
+        let idle_timeout = optional(self.idle_timeout, "stream_idle_timeout")?;
+        let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
         let limits = Limits {
             idle_timeout,
-            max_bytes: positive(self.max_response_bytes, "max_response_bytes")?,
+            max_bytes: positive(self.max_body_bytes, "max_body_bytes")?,
             max_event_bytes: positive(self.max_event_bytes, "max_event_bytes")?,
         };
-        let max_error_body_bytes = positive(self.max_error_body_bytes, "max_error_body_bytes")?;
 
         let mut headers = Vec::new();
         if let Some(key) = &self.api_key {
@@ -298,7 +316,10 @@ impl AnthropicClientBuilder {
         let http = match self.http {
             Some(c) => c,
             None => {
-                let mut b = reqwest::Client::builder().connect_timeout(connect_timeout);
+                let mut b = reqwest::Client::builder();
+                if let Some(t) = connect_timeout {
+                    b = b.connect_timeout(t);
+                }
                 if let Some(t) = total_timeout {
                     b = b.timeout(t);
                 }
@@ -324,7 +345,7 @@ impl AnthropicClientBuilder {
                 total_timeout,
                 connect_timeout,
                 limits,
-                max_error_body_bytes,
+                error_body_timeout,
             }),
         })
     }

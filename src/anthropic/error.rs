@@ -25,7 +25,11 @@ pub enum AnthropicErrorKind {
     /// A 2xx response whose body was not a message (or a stream event that
     /// was not valid JSON).
     Decode,
-    /// A 2xx body, or one event of a stream, larger than the client's limit.
+    /// A 2xx body, a whole stream or one event of a stream larger than the
+    /// client's limit. Permanent (the same request would get the same
+    /// answer): its [`source`](std::error::Error::source) is the verdict
+    /// [`Error::Permanent`](crate::Error::Permanent) with
+    /// [`Reason::ServerError`](crate::classify::Reason::ServerError).
     TooLarge,
     /// A stream carried an `error` event.
     StreamError,
@@ -67,7 +71,21 @@ struct Inner {
     partial: Option<MessagesResponse>,
     mid_stream: bool,
     transport: Option<reqwest::Error>,
+    /// The client's own verdict, when it has one (a permanent "too large").
+    verdict: Option<crate::Error>,
 }
+
+/// The cause of a "too large" error: the limit passed.
+#[derive(Debug)]
+struct TooLarge(usize);
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "response larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for TooLarge {}
 
 /// The response headers an error keeps: wait hints, rate-limit state,
 /// `x-should-retry` and request ids.
@@ -138,6 +156,7 @@ impl AnthropicError {
                 partial: None,
                 mid_stream: false,
                 transport: None,
+                verdict: None,
             }),
         }
     }
@@ -186,14 +205,20 @@ impl AnthropicError {
         )
     }
 
-    /// A body or event over the client's limit (transient, like a broken
-    /// connection: the target misbehaved).
-    pub(crate) fn too_large() -> Self {
-        Self::from_parts(
+    /// A body or event over the client's `limit`: permanent, the same
+    /// request would get the same answer.
+    pub(crate) fn too_large(limit: usize) -> Self {
+        let mut e = Self::from_parts(
             AnthropicErrorKind::TooLarge,
             HttpError::transport(Transport::Reset),
             None,
-        )
+        );
+        e.inner.verdict = Some(crate::Error::Permanent {
+            reason: crate::classify::Reason::ServerError,
+            attempts: 1,
+            source: Box::new(TooLarge(limit)),
+        });
+        e
     }
 
     /// An `event: error` inside a stream.
@@ -367,7 +392,10 @@ impl fmt::Display for AnthropicError {
 
 impl std::error::Error for AnthropicError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.inner.http)
+        match &self.inner.verdict {
+            Some(v) => Some(v),
+            None => Some(&self.inner.http),
+        }
     }
 }
 

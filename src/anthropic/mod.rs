@@ -70,14 +70,17 @@
 //!
 //! # Bounds
 //!
-//! Every wait and every byte an upstream sends is bounded: connect (5 s),
-//! first byte (off by default; the total bounds it), total (10 minutes,
-//! the SDKs' request timeout), the gap between a stream's events and the
-//! wait for a body once its headers arrived (60 s), a 2xx body or whole
-//! stream (32 MiB), one server-sent event (1 MiB), and the part of an
-//! error body read (64 KiB; the status and headers are classified even if
-//! the body never comes). A timeout is a transport failure, transient; an
-//! oversized answer is [`AnthropicErrorKind::TooLarge`].
+//! Every wait and every byte an upstream sends is bounded, with the same
+//! knobs and defaults as the OpenAI-compatible client: connect (5 s), first
+//! byte (10 minutes: a non-streamed message's headers come only once it is
+//! generated), total (10 minutes, the SDKs' request timeout), the gap
+//! between a stream's complete events and the wait for a body once its
+//! headers arrived (60 s), an error body (5 s and 64 KiB; the status and
+//! headers are classified even if the body never comes), a 2xx body or
+//! whole stream (32 MiB), one server-sent event (4 MiB). A timeout is a
+//! transport failure, transient; an oversized answer is
+//! [`AnthropicErrorKind::TooLarge`], permanent. Zero is a configuration
+//! error; a duration of about 100 years or more means no limit.
 //!
 //! # Cloning, cost and secrets
 //!
@@ -115,10 +118,10 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
 use tower_service::Service;
 use tracing::Instrument;
 
+use self::builder::ERROR_BODY_LIMIT;
 pub use self::builder::{
-    AnthropicClientBuilder, DEFAULT_BASE_URL, DEFAULT_MAX_ERROR_BODY_BYTES,
-    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_MODEL,
-    DEFAULT_VERSION,
+    AnthropicClientBuilder, DEFAULT_BASE_URL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_MAX_TOKENS, DEFAULT_MODEL, DEFAULT_VERSION,
 };
 pub use self::error::{AnthropicError, AnthropicErrorKind, BODY_EXCERPT_LIMIT};
 pub use self::request::MessagesRequest;
@@ -141,9 +144,9 @@ struct Config {
     has_key: bool,
     first_byte_timeout: Option<Duration>,
     total_timeout: Option<Duration>,
-    connect_timeout: Duration,
+    connect_timeout: Option<Duration>,
     limits: Limits,
-    max_error_body_bytes: usize,
+    error_body_timeout: Option<Duration>,
 }
 
 /// Anthropic's Messages API client; see the [module docs](crate::anthropic).
@@ -257,11 +260,10 @@ async fn send(
     Err(AnthropicError::status(status.as_u16(), &headers, &body))
 }
 
-/// Up to `max_error_body_bytes` of an error body, within the idle timeout:
-/// the status and headers classify the error even if the body never
-/// completes.
+/// Up to 64 KiB of an error body, within the error-body timeout: the status
+/// and headers classify the error even if the body never completes.
 async fn read_error_body(mut resp: reqwest::Response, config: &Config) -> Vec<u8> {
-    let limit = config.max_error_body_bytes;
+    let limit = ERROR_BODY_LIMIT;
     let mut body = Vec::new();
     let read = async {
         while body.len() < limit {
@@ -274,7 +276,7 @@ async fn read_error_body(mut resp: reqwest::Response, config: &Config) -> Vec<u8
             }
         }
     };
-    match config.limits.idle_timeout {
+    match config.error_body_timeout {
         Some(t) => {
             let _ = tokio::time::timeout(t, read).await;
         }
@@ -290,13 +292,13 @@ async fn read_body(
 ) -> Result<Vec<u8>, AnthropicError> {
     let limit = config.limits.max_bytes;
     if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(AnthropicError::too_large());
+        return Err(AnthropicError::too_large(limit));
     }
     let read = async {
         let mut body = Vec::new();
         while let Some(c) = resp.chunk().await.map_err(AnthropicError::from_reqwest)? {
             if c.len() > limit - body.len() {
-                return Err(AnthropicError::too_large());
+                return Err(AnthropicError::too_large(limit));
             }
             body.extend_from_slice(&c);
         }
@@ -478,19 +480,24 @@ mod tests {
             field(b().stream_idle_timeout(Duration::ZERO).build()),
             "stream_idle_timeout"
         );
-        assert_eq!(
-            field(b().max_response_bytes(0).build()),
-            "max_response_bytes"
-        );
+        assert_eq!(field(b().max_body_bytes(0).build()), "max_body_bytes");
         assert_eq!(field(b().max_event_bytes(0).build()), "max_event_bytes");
-        // Huge timeouts are accepted (and bounded inside).
-        assert!(b()
+        assert_eq!(
+            field(b().error_body_timeout(Duration::ZERO).build()),
+            "error_body_timeout"
+        );
+        // Huge timeouts mean no limit.
+        let c = b()
             .total_timeout(Duration::MAX)
             .first_byte_timeout(Duration::MAX)
             .stream_idle_timeout(Duration::MAX)
             .connect_timeout(Duration::MAX)
+            .error_body_timeout(Duration::MAX)
             .build()
-            .is_ok());
+            .unwrap();
+        assert_eq!(c.config.first_byte_timeout, None);
+        assert_eq!(c.config.limits.idle_timeout, None);
+        assert_eq!(c.config.error_body_timeout, None);
     }
 
     #[test]

@@ -45,6 +45,11 @@ impl SseParser {
         }
     }
 
+    /// The largest event accepted.
+    pub(crate) fn max_event(&self) -> usize {
+        self.max_event
+    }
+
     /// The next complete event, if one is ready.
     pub(crate) fn next_event(&mut self) -> Option<SseEvent> {
         self.ready.pop_front()

@@ -483,8 +483,13 @@ impl MessageStream {
             match self.body.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     self.received = self.received.saturating_add(bytes.len());
-                    if self.received > self.max_bytes || self.sse.feed(&bytes).is_err() {
-                        let err = AnthropicError::too_large();
+                    let limit = if self.received > self.max_bytes {
+                        Some(self.max_bytes)
+                    } else {
+                        self.sse.feed(&bytes).err().map(|_| self.sse.max_event())
+                    };
+                    if let Some(limit) = limit {
+                        let err = AnthropicError::too_large(limit);
                         return Poll::Ready(Some(Err(self.fail(err))));
                     }
                 }
