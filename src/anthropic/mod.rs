@@ -325,7 +325,7 @@ async fn complete(
         Ok(w) => w,
         Err(_) => return Err(error_in_200(&body).with_request_id(request_id.as_deref())),
     };
-    if wire.kind.as_deref() == Some("error") {
+    if !wire.is_message() {
         return Err(error_in_200(&body).with_request_id(request_id.as_deref()));
     }
     Ok(wire.into_response(rate_limit, request_id))

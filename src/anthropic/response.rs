@@ -99,7 +99,7 @@ pub(crate) struct WireMessage {
     #[serde(default)]
     pub(crate) model: String,
     #[serde(default)]
-    pub(crate) content: Vec<ContentBlock>,
+    pub(crate) content: Option<Vec<ContentBlock>>,
     #[serde(default)]
     pub(crate) stop_reason: Option<String>,
     #[serde(default)]
@@ -109,6 +109,12 @@ pub(crate) struct WireMessage {
 }
 
 impl WireMessage {
+    /// Whether this is a message at all (`"type":"message"`, or at least a
+    /// `content` array), not some other JSON object.
+    pub(crate) fn is_message(&self) -> bool {
+        self.kind.as_deref() == Some("message") || self.content.is_some()
+    }
+
     pub(crate) fn into_response(
         self,
         rate_limit: RateLimitHeaders,
@@ -118,7 +124,7 @@ impl WireMessage {
             id: self.id,
             model: self.model,
             role: Role::Assistant,
-            content: self.content,
+            content: self.content.unwrap_or_default(),
             stop_reason: self.stop_reason,
             stop_sequence: self.stop_sequence,
             usage: self.usage.unwrap_or_default(),
