@@ -501,6 +501,20 @@ mod tests {
     }
 
     #[test]
+    fn futures_streams_and_errors_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send::<ResponseFuture>();
+        send::<StreamFuture>();
+        send::<MessageStream>();
+        send_sync::<AnthropicClient>();
+        send_sync::<AnthropicStreamingClient>();
+        send_sync::<MessagesRequest>();
+        send_sync::<MessagesResponse>();
+        send_sync::<AnthropicError>();
+    }
+
+    #[test]
     fn the_endpoint_is_under_v1_once() {
         let c = AnthropicClient::builder().build().unwrap();
         assert_eq!(c.config.url, "https://api.anthropic.com/v1/messages");
