@@ -40,6 +40,7 @@
 //! `retry-after` when exceeded. Random decisions come from a seeded
 //! generator. Every request is counted by what the server did with it
 //! ([`Served`]), so a test or the demo reports upstream cost exactly.
+//!
 //! `POST /v1/messages` speaks Anthropic's Messages API under the same script
 //! ([`MockServer::anthropic_base_url`]).
 
