@@ -475,3 +475,50 @@ async fn the_client_keeps_the_tower_contract() {
     contract::check_service(|| s.clone(), || MessagesRequest::user("hi")).await;
     assert!(server.stats().get(Served::Ok) >= 8);
 }
+
+/// The whole agent pipeline (queue, fallback, retry, breaker) over two
+/// Anthropic endpoints, unchanged: an overloaded primary moves every
+/// request to the secondary, and its breaker opens.
+#[tokio::test]
+async fn the_agent_pipeline_falls_back_between_anthropic_endpoints() {
+    use llm_resilience::anthropic::MessagesResponse;
+    use llm_resilience::pipeline::AgentPipeline;
+    use llm_resilience::report::with_report;
+
+    let primary = keyed_server(FaultScript::new().rate(MockFault::overloaded(), 1.0)).await;
+    let secondary = keyed_server(FaultScript::new()).await;
+    let agent: AgentPipeline<AnthropicClient, MessagesRequest, MessagesResponse> =
+        AgentPipeline::builder()
+            .target("primary", client(&primary))
+            .fallback("secondary", client(&secondary))
+            .queue(16, 4)
+            .deadline(Duration::from_secs(10))
+            .retry(|r| {
+                r.max_attempts(2)
+                    .backoff(fast())
+                    .throttle_backoff(fast())
+                    .seed(5)
+            })
+            .breaker(|b| {
+                b.consecutive_failures(3)
+                    .no_failure_rate()
+                    .open_duration(Duration::from_secs(60))
+            })
+            .build()
+            .unwrap();
+    for i in 0..6 {
+        let (out, report) = with_report(
+            agent
+                .clone()
+                .oneshot(MessagesRequest::user(format!("question {i}"))),
+        )
+        .await;
+        assert_eq!(out.unwrap().stop_reason.as_deref(), Some("end_turn"));
+        assert_eq!(report.answered_by.as_deref(), Some("secondary"));
+    }
+    assert_eq!(agent.breaker("primary").unwrap().state(), State::Open);
+    // Two attempts for the first request, one for the second that trips
+    // the breaker; after that the open breaker spares the primary.
+    assert_eq!(primary.total(), 3);
+    assert_eq!(secondary.stats().get(Served::Ok), 6);
+}
