@@ -235,9 +235,15 @@ impl Assembly {
                 if index != m.content.len() {
                     return Err(protocol());
                 }
-                let is_tool = matches!(content_block, ContentBlock::ToolUse { .. });
+                // Tool calls, and blocks this crate does not model (a
+                // server tool's call), may receive their input as JSON
+                // fragments.
+                let takes_json = matches!(
+                    content_block,
+                    ContentBlock::ToolUse { .. } | ContentBlock::Other(_)
+                );
                 m.content.push(content_block.clone());
-                self.json.push(is_tool.then(String::new));
+                self.json.push(takes_json.then(String::new));
                 StreamEvent::BlockStart {
                     index,
                     block: content_block,
@@ -250,7 +256,10 @@ impl Assembly {
                         t.push_str(&text);
                         StreamEvent::TextDelta { index, text }
                     }
-                    (WireDelta::InputJsonDelta { partial_json }, ContentBlock::ToolUse { .. }) => {
+                    (
+                        WireDelta::InputJsonDelta { partial_json },
+                        ContentBlock::ToolUse { .. } | ContentBlock::Other(_),
+                    ) => {
                         let buf = self.json[index].as_mut().ok_or_else(protocol)?;
                         buf.push_str(&partial_json);
                         StreamEvent::InputJsonDelta {
@@ -272,21 +281,28 @@ impl Assembly {
                         s.push_str(&signature);
                         return Ok(Step::Skip);
                     }
-                    // A delta type added to the API later.
-                    (WireDelta::Other, _) => return Ok(Step::Skip),
+                    // A delta type added to the API later, or a delta of a
+                    // block this crate does not model.
+                    (WireDelta::Other, _) | (_, ContentBlock::Other(_)) => return Ok(Step::Skip),
                     _ => return Err(protocol()),
                 }
             }
             WireEvent::ContentBlockStop { index } => {
                 let block = m.content.get_mut(index).ok_or_else(protocol)?;
                 if let Some(text) = self.json.get_mut(index).and_then(Option::take) {
-                    if let ContentBlock::ToolUse { input, .. } = block {
-                        *input = if text.trim().is_empty() {
-                            Value::Object(Default::default())
-                        } else {
-                            serde_json::from_str(&text)
-                                .map_err(|_| AnthropicError::decode(text.as_bytes()))?
-                        };
+                    let parsed = || -> Result<Value, AnthropicError> {
+                        if text.trim().is_empty() {
+                            return Ok(Value::Object(Default::default()));
+                        }
+                        serde_json::from_str(&text)
+                            .map_err(|_| AnthropicError::decode(text.as_bytes()))
+                    };
+                    match block {
+                        ContentBlock::ToolUse { input, .. } => *input = parsed()?,
+                        ContentBlock::Other(Value::Object(o)) if !text.is_empty() => {
+                            o.insert("input".to_owned(), parsed()?);
+                        }
+                        _ => {}
                     }
                 }
                 StreamEvent::BlockStop { index }
@@ -311,8 +327,12 @@ impl Assembly {
     fn take(&mut self) -> MessagesResponse {
         let mut message = std::mem::replace(&mut self.message, MessagesResponse::empty());
         for (block, json) in message.content.iter_mut().zip(self.json.drain(..)) {
-            if let (ContentBlock::ToolUse { input, .. }, Some(text)) = (block, json) {
-                *input = Value::String(text);
+            match (block, json) {
+                (ContentBlock::ToolUse { input, .. }, Some(text)) => *input = Value::String(text),
+                (ContentBlock::Other(Value::Object(o)), Some(text)) if !text.is_empty() => {
+                    o.insert("input".to_owned(), Value::String(text));
+                }
+                _ => {}
             }
         }
         message

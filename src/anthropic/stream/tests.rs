@@ -103,6 +103,42 @@ async fn a_full_stream_assembles_text_and_tool_calls() {
 }
 
 #[tokio::test]
+async fn a_server_tool_block_gets_its_streamed_input_and_unknown_deltas_pass() {
+    let mut parts = vec![start()];
+    parts.push(ev(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block":
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}),
+    ));
+    for f in ["{\"query\": ", "\"rust\"}"] {
+        parts.push(ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": f}}),
+        ));
+    }
+    parts.push(ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    parts.extend(text_block(1, &["found"]));
+    parts.insert(
+        parts.len() - 1,
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "citations_delta", "citation": {}}}),
+        ),
+    );
+    parts.extend(end("end_turn"));
+    let m = stream_of(parts, limits()).collect_message().await.unwrap();
+    assert_eq!(m.content[0].kind(), "server_tool_use");
+    let ContentBlock::Other(v) = &m.content[0] else {
+        panic!("{m:?}")
+    };
+    assert_eq!(v["input"], json!({"query": "rust"}));
+    assert_eq!(m.text(), "found");
+}
+
+#[tokio::test]
 async fn events_reach_the_caller_in_order_and_hide_text_in_debug() {
     let mut parts = vec![start()];
     parts.extend(text_block(0, &["secret"]));
