@@ -367,8 +367,23 @@ impl<'de> Deserialize<'de> for ContentBlock {
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
-    /// What was written: text, images, tool calls and tool results.
+    /// What was written: text, images, tool calls and tool results. (Read
+    /// from JSON, a plain string is one text block, as the API accepts.)
+    #[serde(deserialize_with = "text_or_blocks")]
     pub content: Vec<ContentBlock>,
+}
+
+fn text_or_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ContentBlock>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Blocks(Vec<ContentBlock>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Text(t) => vec![ContentBlock::text(t)],
+        Either::Blocks(b) => b,
+    })
 }
 
 impl Message {
@@ -497,6 +512,17 @@ mod tests {
         assert!(back[0].get("cache_control").is_none());
         let cached = serde_json::to_value(ContentBlock::text("x").cached()).unwrap();
         assert_eq!(cached["cache_control"]["type"], "ephemeral");
+    }
+
+    #[test]
+    fn a_message_reads_a_plain_string_as_one_text_block() {
+        let m: Message = serde_json::from_value(json!({"role": "user", "content": "hi"})).unwrap();
+        assert_eq!(m, Message::user("hi"));
+        let m: Message = serde_json::from_value(
+            json!({"role": "assistant", "content": [{"type": "text", "text": "yo"}]}),
+        )
+        .unwrap();
+        assert_eq!(m, Message::assistant("yo"));
     }
 
     #[test]
