@@ -7,6 +7,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderName, HeaderValue};
 
 use super::{AnthropicClient, Config, Limits};
+use crate::client::builder::redact_url;
 use crate::error::ConfigError;
 
 /// Anthropic's API endpoint, the default base URL.
@@ -26,9 +27,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 /// The default cap on one server-sent event: 4 MiB (an Anthropic event is a
 /// delta, usually well under a kilobyte).
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 << 20;
-/// What is kept of an error body (4xx, 5xx): enough for any provider's error
-/// object, never the whole of a hostile one.
-pub(crate) const ERROR_BODY_LIMIT: usize = 64 << 10;
 
 /// A duration at or above this (about 100 years) means "no limit": adding it
 /// to the clock could overflow, and no call waits that long anyway.
@@ -53,13 +51,14 @@ pub struct AnthropicClientBuilder {
     error_body_timeout: Duration,
     max_body_bytes: usize,
     max_event_bytes: usize,
+    root_certificates: Vec<Vec<u8>>,
     http: Option<reqwest::Client>,
 }
 
 impl fmt::Debug for AnthropicClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AnthropicClientBuilder")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redact_url(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("model", &self.model)
             .field("max_tokens", &self.max_tokens)
@@ -85,6 +84,7 @@ impl Default for AnthropicClientBuilder {
             error_body_timeout: Duration::from_secs(5),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            root_certificates: Vec::new(),
             http: None,
         }
     }
@@ -250,9 +250,17 @@ impl AnthropicClientBuilder {
         self
     }
 
+    /// Also trust this PEM-encoded root certificate (one or more
+    /// certificates) for `https://`, e.g. a private gateway's CA. Checked
+    /// at [`build`](Self::build).
+    pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
+        self
+    }
+
     /// Use this reqwest client (its own TLS, proxy and pool settings)
-    /// instead of building one; the connect and total timeouts are then the
-    /// client's.
+    /// instead of building one; the connect and total timeouts and root
+    /// certificates are then the client's.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
         self
@@ -260,20 +268,25 @@ impl AnthropicClientBuilder {
 
     /// Validates and builds the client.
     pub fn build(self) -> Result<AnthropicClient, ConfigError> {
-        let base = self.base_url.trim_end_matches('/');
-        let url = reqwest::Url::parse(base)
+        let parsed = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some_and(|h| !h.is_empty())
+            })
             .ok_or(ConfigError::new(
                 "base_url",
-                "must be an http:// or https:// URL",
+                "must be an http:// or https:// URL with a host",
             ))?;
-        if url.query().is_some() || url.fragment().is_some() {
+        if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err(ConfigError::new(
                 "base_url",
-                "must not have a query or fragment",
+                "must not have a query or fragment (the path is appended to it)",
             ));
         }
+        // The URL as parsed (normalised), so the request goes where the
+        // checks above looked.
+        let base = parsed.as_str().trim_end_matches('/');
         if self.model.is_empty() {
             return Err(ConfigError::new("model", "must not be empty"));
         }
@@ -314,6 +327,12 @@ impl AnthropicClientBuilder {
         }
 
         let http = match self.http {
+            Some(_) if !self.root_certificates.is_empty() => {
+                return Err(ConfigError::new(
+                    "root_certificate",
+                    "add it to the reqwest client given to http_client instead",
+                ));
+            }
             Some(c) => c,
             None => {
                 let mut b = reqwest::Client::builder();
@@ -322,6 +341,20 @@ impl AnthropicClientBuilder {
                 }
                 if let Some(t) = total_timeout {
                     b = b.timeout(t);
+                }
+                for pem in &self.root_certificates {
+                    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| {
+                        ConfigError::new("root_certificate", "must be PEM certificates")
+                    })?;
+                    if certs.is_empty() {
+                        return Err(ConfigError::new(
+                            "root_certificate",
+                            "holds no PEM certificate",
+                        ));
+                    }
+                    for c in certs {
+                        b = b.add_root_certificate(c);
+                    }
                 }
                 b.build()
                     .map_err(|_| ConfigError::new("http_client", "could not be built"))?
@@ -336,7 +369,7 @@ impl AnthropicClientBuilder {
             config: Arc::new(Config {
                 http,
                 url: endpoint,
-                base_url: base.to_owned(),
+                base_url: redact_url(base),
                 model: self.model,
                 max_tokens: self.max_tokens,
                 headers,

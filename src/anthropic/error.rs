@@ -75,18 +75,6 @@ struct Inner {
     verdict: Option<crate::Error>,
 }
 
-/// The cause of a "too large" error: the limit passed.
-#[derive(Debug)]
-struct TooLarge(usize);
-
-impl fmt::Display for TooLarge {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "response larger than {} bytes", self.0)
-    }
-}
-
-impl std::error::Error for TooLarge {}
-
 /// The response headers an error keeps: wait hints, rate-limit state,
 /// `x-should-retry` and request ids.
 fn header_matters(name: &str) -> bool {
@@ -216,7 +204,7 @@ impl AnthropicError {
         e.inner.verdict = Some(crate::Error::Permanent {
             reason: crate::classify::Reason::ServerError,
             attempts: 1,
-            source: Box::new(TooLarge(limit)),
+            source: Box::new(crate::client::body::TooLarge(limit)),
         });
         e
     }

@@ -93,16 +93,15 @@
 //!
 //! # TLS
 //!
-//! The crate enables reqwest without a TLS backend. For
-//! `https://api.anthropic.com` add reqwest to your own `Cargo.toml` with a
-//! TLS feature, e.g. `reqwest = { version = "0.12", features =
-//! ["rustls-tls"] }`; cargo unifies the features and this client uses it.
+//! `https://api.anthropic.com` works as is: the `reqwest` feature brings
+//! rustls with Mozilla's root certificates (feature `native-tls` for the
+//! platform's TLS and root store instead). A private gateway's CA is added
+//! with [`add_root_certificate`](AnthropicClientBuilder::add_root_certificate).
 
 mod builder;
 mod error;
 mod request;
 mod response;
-mod sse;
 mod stream;
 mod types;
 
@@ -118,7 +117,6 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
 use tower_service::Service;
 use tracing::Instrument;
 
-use self::builder::ERROR_BODY_LIMIT;
 pub use self::builder::{
     AnthropicClientBuilder, DEFAULT_BASE_URL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_MAX_TOKENS, DEFAULT_MODEL, DEFAULT_VERSION,
@@ -131,6 +129,8 @@ use self::stream::Limits;
 pub use self::stream::{MessageStream, StreamEvent};
 pub use self::types::{CacheControl, ContentBlock, ImageSource, Message, Role, Tool, ToolChoice};
 use crate::classify::Transport;
+use crate::client::body::{read_error_prefix, read_limited, BodyError};
+use crate::client::builder::redact_url;
 use crate::client::RateLimitHeaders;
 use crate::error::ConfigError;
 
@@ -163,7 +163,7 @@ impl fmt::Debug for AnthropicClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
         f.debug_struct("AnthropicClient")
-            .field("url", &c.url)
+            .field("url", &redact_url(&c.url))
             .field("model", &c.model)
             .field("max_tokens", &c.max_tokens)
             .field("api_key", &c.has_key.then_some("<redacted>"))
@@ -211,7 +211,7 @@ impl AnthropicClient {
         &self.config.model
     }
 
-    /// The base URL requests go to.
+    /// The base URL requests go to (any `user:password@` redacted).
     pub fn base_url(&self) -> &str {
         &self.config.base_url
     }
@@ -255,54 +255,26 @@ async fn send(
         return Ok(resp);
     }
     let headers = resp.headers().clone();
-    let body = read_error_body(resp, config).await;
+    // Up to 64 KiB within the error-body timeout: the status and headers
+    // classify the error even if the body never completes.
+    let body = read_error_prefix(resp, config.error_body_timeout).await;
     tracing::debug!(status = status.as_u16(), "anthropic call failed");
     Err(AnthropicError::status(status.as_u16(), &headers, &body))
 }
 
-/// Up to 64 KiB of an error body, within the error-body timeout: the status
-/// and headers classify the error even if the body never completes.
-async fn read_error_body(mut resp: reqwest::Response, config: &Config) -> Vec<u8> {
-    let limit = ERROR_BODY_LIMIT;
-    let mut body = Vec::new();
-    let read = async {
-        while body.len() < limit {
-            match resp.chunk().await {
-                Ok(Some(c)) => {
-                    let take = c.len().min(limit - body.len());
-                    body.extend_from_slice(&c[..take]);
-                }
-                _ => break,
-            }
-        }
-    };
-    match config.error_body_timeout {
-        Some(t) => {
-            let _ = tokio::time::timeout(t, read).await;
-        }
-        None => read.await,
-    }
-    body
-}
-
-/// The whole 2xx body, within the size cap and the idle timeout.
+/// The whole 2xx body, within the size cap (checked as it arrives) and
+/// the idle timeout.
 async fn read_body(
     mut resp: reqwest::Response,
     config: &Config,
 ) -> Result<Vec<u8>, AnthropicError> {
-    let limit = config.limits.max_bytes;
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(AnthropicError::too_large(limit));
-    }
     let read = async {
-        let mut body = Vec::new();
-        while let Some(c) = resp.chunk().await.map_err(AnthropicError::from_reqwest)? {
-            if c.len() > limit - body.len() {
-                return Err(AnthropicError::too_large(limit));
-            }
-            body.extend_from_slice(&c);
-        }
-        Ok(body)
+        read_limited(&mut resp, config.limits.max_bytes)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge { limit } => AnthropicError::too_large(limit),
+                BodyError::Read(e) => AnthropicError::from_reqwest(e),
+            })
     };
     match config.limits.idle_timeout {
         Some(t) => tokio::time::timeout(t, read)
@@ -539,6 +511,35 @@ mod tests {
         .unwrap();
         assert_eq!(c.config.url, "http://127.0.0.1:7/v1/messages");
         assert!(c.config.headers[0].1.is_sensitive());
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_never_show_and_bad_roots_are_refused() {
+        let c = AnthropicClient::builder()
+            .base_url("http://user:hunter2@127.0.0.1:9")
+            .build()
+            .unwrap();
+        let text = format!("{c:?} {}", c.base_url());
+        assert!(!text.contains("hunter2"), "{text}");
+        let b = AnthropicClient::builder().base_url("http://user:hunter2@127.0.0.1:9");
+        assert!(!format!("{b:?}").contains("hunter2"));
+        assert_eq!(
+            field(
+                AnthropicClient::builder()
+                    .add_root_certificate("not a pem")
+                    .build()
+            ),
+            "root_certificate"
+        );
+        assert_eq!(
+            field(
+                AnthropicClient::builder()
+                    .add_root_certificate("x")
+                    .http_client(reqwest::Client::new())
+                    .build()
+            ),
+            "root_certificate"
+        );
     }
 
     #[test]

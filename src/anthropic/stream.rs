@@ -16,9 +16,9 @@ use tokio::time::{Instant, Sleep};
 
 use super::error::AnthropicError;
 use super::response::{Usage, WireMessage, WireUsage};
-use super::sse::SseParser;
 use super::types::ContentBlock;
 use super::MessagesResponse;
+use crate::client::sse::{SseDecoder, SseError};
 use crate::client::RateLimitHeaders;
 
 /// One event of a streamed message, as the caller sees it (`ping` and
@@ -369,12 +369,12 @@ pub(crate) struct Limits {
 /// assembled so far ([`AnthropicError::partial`]). After the error or the
 /// end, the stream yields `None`.
 ///
-/// The idle timeout counts from the last complete event (`ping`
-/// included), not the last byte: a server dripping one byte at a time
-/// does not keep a stream alive.
+/// The idle timeout counts from the last complete event (`ping` included)
+/// or keep-alive comment, not the last byte: a server dripping one byte at
+/// a time does not keep a stream alive.
 pub struct MessageStream {
     body: Body,
-    sse: SseParser,
+    sse: SseDecoder,
     queued: VecDeque<StreamEvent>,
     assembly: Assembly,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
@@ -412,7 +412,7 @@ impl MessageStream {
         message.request_id = request_id;
         Self {
             body,
-            sse: SseParser::new(limits.max_event_bytes),
+            sse: SseDecoder::new(limits.max_event_bytes),
             queued: VecDeque::new(),
             assembly: Assembly {
                 message,
@@ -478,6 +478,16 @@ impl MessageStream {
         self.assembly.apply(wire)
     }
 
+    /// Restarts the idle timer if the decoder completed an event or a
+    /// keep-alive comment since the last look.
+    fn note_progress(&mut self) {
+        if self.sse.take_progress() {
+            if let Some((d, sleep)) = &mut self.idle {
+                sleep.as_mut().reset(deadline(*d));
+            }
+        }
+    }
+
     fn poll_event(
         &mut self,
         cx: &mut Context<'_>,
@@ -486,11 +496,10 @@ impl MessageStream {
             return Poll::Ready(None);
         }
         loop {
-            if let Some(ev) = self.sse.next_event() {
-                if let Some((d, sleep)) = &mut self.idle {
-                    sleep.as_mut().reset(deadline(*d));
-                }
-                match self.step(&ev.data, &ev.event) {
+            let next = self.sse.next_event();
+            self.note_progress();
+            match next {
+                Ok(Some(ev)) => match self.step(ev.data.as_bytes(), ev.event.as_bytes()) {
                     Ok(Step::Event(e)) => return Poll::Ready(Some(Ok(e))),
                     Ok(Step::Skip) => continue,
                     Ok(Step::Stop) => {
@@ -498,20 +507,21 @@ impl MessageStream {
                         return Poll::Ready(None);
                     }
                     Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
+                },
+                Ok(None) => {}
+                Err(SseError::EventTooLarge { limit }) => {
+                    let err = AnthropicError::too_large(limit);
+                    return Poll::Ready(Some(Err(self.fail(err))));
                 }
             }
             match self.body.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     self.received = self.received.saturating_add(bytes.len());
-                    let limit = if self.received > self.max_bytes {
-                        Some(self.max_bytes)
-                    } else {
-                        self.sse.feed(&bytes).err().map(|_| self.sse.max_event())
-                    };
-                    if let Some(limit) = limit {
-                        let err = AnthropicError::too_large(limit);
+                    if self.received > self.max_bytes {
+                        let err = AnthropicError::too_large(self.max_bytes);
                         return Poll::Ready(Some(Err(self.fail(err))));
                     }
+                    self.sse.push(bytes);
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let err = AnthropicError::interrupted(Some(e));

@@ -81,8 +81,8 @@
 //! serialized once and shared by retries. The API key is sent as a
 //! sensitive header and never appears in `Debug` output or logs.
 
-mod body;
-mod builder;
+pub(crate) mod body;
+pub(crate) mod builder;
 mod error;
 pub(crate) mod sse;
 mod stream;
