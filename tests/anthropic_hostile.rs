@@ -173,3 +173,82 @@ async fn not_a_message(body: &str) {
     assert_eq!(err.kind(), AnthropicErrorKind::Decode);
     assert!(classify(err).is_target_failure());
 }
+
+/// HTTPS as for `https://api.anthropic.com`: a loopback TLS server whose
+/// test CA (tests/fixtures/tls) is trusted through the builder answers a
+/// message; without the CA the certificate is refused as a connect error.
+#[tokio::test]
+async fn https_reaches_a_loopback_tls_server_trusted_through_the_builder() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    const CA: &str = include_str!("fixtures/tls/ca.pem");
+    const CERT: &str = include_str!("fixtures/tls/server.pem");
+    const KEY: &str = include_str!("fixtures/tls/server.key");
+
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(CERT.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(KEY.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                while !String::from_utf8_lossy(&got).contains("\"messages\"") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = r#"{"id":"msg_tls","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"over tls"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":2}}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(body.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    let base = format!("https://localhost:{port}");
+    let reply = AnthropicClient::builder()
+        .base_url(&base)
+        .api_key("sk-ant-tls")
+        .add_root_certificate(CA)
+        .total_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .oneshot(MessagesRequest::user("hi"))
+        .await
+        .unwrap();
+    assert_eq!(reply.text(), "over tls");
+    let err = AnthropicClient::builder()
+        .base_url(&base)
+        .total_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .oneshot(MessagesRequest::user("hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), AnthropicErrorKind::Transport);
+    assert_eq!(classify(err), Outcome::transient(Reason::Connect));
+}
