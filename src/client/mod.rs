@@ -195,8 +195,8 @@
 //! sensitive header and never appears in `Debug` output or logs.
 
 mod assemble;
-mod body;
-mod builder;
+pub(crate) mod body;
+pub(crate) mod builder;
 mod error;
 pub(crate) mod sse;
 mod stream;

@@ -49,8 +49,12 @@
 //! query parameters can be required (Azure OpenAI's `api-key` and
 //! `api-version`, also on `/openai/deployments/{name}/chat/completions`);
 //! and the latest requests are kept ([`MockServer::requests`]).
+//!
+//! `POST /v1/messages` speaks Anthropic's Messages API under the same script
+//! ([`MockServer::anthropic_base_url`]).
 
 mod agent;
+mod anthropic;
 mod script;
 
 use std::collections::VecDeque;
@@ -204,6 +208,7 @@ impl MockServer {
                 "/openai/deployments/{deployment}/chat/completions",
                 post(chat),
             )
+            .route("/v1/messages", post(anthropic::messages))
             .with_state(Arc::clone(&shared));
         let mut stopped = stop.subscribe();
         let task = tokio::spawn(async move {

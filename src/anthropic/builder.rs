@@ -1,0 +1,385 @@
+//! The validated builder of [`AnthropicClient`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+
+use super::{AnthropicClient, Config, Limits};
+use crate::client::builder::redact_url;
+use crate::error::ConfigError;
+
+/// Anthropic's API endpoint, the default base URL.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+/// The `anthropic-version` sent by default (the Messages API's version).
+pub const DEFAULT_VERSION: &str = "2023-06-01";
+/// The model used when neither the client nor the request names one.
+pub const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
+/// `max_tokens` when the request sets none (the API requires it); LiteLLM
+/// uses the same default for Anthropic models.
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+/// The default cap on a 2xx body, and on a whole stream: 32 MiB. The
+/// largest legitimate message (a few hundred thousand output tokens as
+/// JSON) stays well below it; anything larger is a broken or hostile
+/// upstream.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
+/// The default cap on one server-sent event: 4 MiB (an Anthropic event is a
+/// delta, usually well under a kilobyte).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// A duration at or above this (about 100 years) means "no limit": adding it
+/// to the clock could overflow, and no call waits that long anyway.
+const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Builds a validated [`AnthropicClient`]; from
+/// [`AnthropicClient::builder`] or [`AnthropicClient::builder_from_env`].
+///
+/// `Debug` never shows the key.
+pub struct AnthropicClientBuilder {
+    base_url: String,
+    api_key: Option<String>,
+    model: Arc<str>,
+    max_tokens: u32,
+    version: String,
+    betas: Vec<String>,
+    headers: Vec<(String, String)>,
+    connect_timeout: Duration,
+    first_byte_timeout: Option<Duration>,
+    total_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    error_body_timeout: Duration,
+    max_body_bytes: usize,
+    max_event_bytes: usize,
+    root_certificates: Vec<Vec<u8>>,
+    http: Option<reqwest::Client>,
+}
+
+impl fmt::Debug for AnthropicClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicClientBuilder")
+            .field("base_url", &redact_url(&self.base_url))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .field("max_tokens", &self.max_tokens)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for AnthropicClientBuilder {
+    fn default() -> Self {
+        Self {
+            base_url: DEFAULT_BASE_URL.to_owned(),
+            api_key: None,
+            model: Arc::from(DEFAULT_MODEL),
+            max_tokens: DEFAULT_MAX_TOKENS,
+            version: DEFAULT_VERSION.to_owned(),
+            betas: Vec::new(),
+            headers: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Some(Duration::from_secs(600)),
+            total_timeout: Some(Duration::from_secs(600)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            error_body_timeout: Duration::from_secs(5),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            root_certificates: Vec::new(),
+            http: None,
+        }
+    }
+}
+
+/// Zero is an error; from [`NO_LIMIT_FROM`] up, no limit (`None`).
+fn limit(d: Duration, field: &'static str) -> Result<Option<Duration>, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::new(field, "must be greater than zero"))
+    } else {
+        Ok((d < NO_LIMIT_FROM).then_some(d))
+    }
+}
+
+fn optional(d: Option<Duration>, field: &'static str) -> Result<Option<Duration>, ConfigError> {
+    Ok(match d {
+        Some(d) => limit(d, field)?,
+        None => None,
+    })
+}
+
+fn positive(n: usize, field: &'static str) -> Result<usize, ConfigError> {
+    if n == 0 {
+        Err(ConfigError::new(field, "must be greater than zero"))
+    } else {
+        Ok(n)
+    }
+}
+
+fn header_value(v: &str, field: &'static str) -> Result<HeaderValue, ConfigError> {
+    HeaderValue::from_str(v)
+        .map_err(|_| ConfigError::new(field, "must be visible ASCII without line breaks"))
+}
+
+impl AnthropicClientBuilder {
+    /// Reads `ANTHROPIC_API_KEY` (required) and `ANTHROPIC_BASE_URL`
+    /// (optional), as Anthropic's SDKs do.
+    pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let key = get("ANTHROPIC_API_KEY")
+            .filter(|k| !k.is_empty())
+            .ok_or(ConfigError::new(
+                "ANTHROPIC_API_KEY",
+                "environment variable must be set",
+            ))?;
+        let mut b = Self::default().api_key(key);
+        if let Some(url) = get("ANTHROPIC_BASE_URL").filter(|u| !u.is_empty()) {
+            b = b.base_url(url);
+        }
+        Ok(b)
+    }
+
+    /// The API's base URL; default `https://api.anthropic.com`. Requests go
+    /// to `{base_url}/v1/messages` (a base ending in `/v1` is taken as is).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = url.into();
+        self
+    }
+
+    /// The API key, sent as `x-api-key` (a sensitive header, never shown by
+    /// `Debug` or logs).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// The model used when a request names none; default
+    /// [`DEFAULT_MODEL`].
+    pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
+        self.model = model.into();
+        self
+    }
+
+    /// `max_tokens` when a request sets none; default
+    /// [`DEFAULT_MAX_TOKENS`].
+    pub fn max_tokens(mut self, n: u32) -> Self {
+        self.max_tokens = n;
+        self
+    }
+
+    /// The `anthropic-version` header; default [`DEFAULT_VERSION`].
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Adds an `anthropic-beta` feature (sent comma-separated).
+    pub fn beta(mut self, feature: impl Into<String>) -> Self {
+        self.betas.push(feature.into());
+        self
+    }
+
+    /// A header sent with every request (a gateway's own auth, say).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Time to establish a connection; default 5 s (Anthropic's SDKs).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Time from sending the request to the response headers, streamed or
+    /// not; default 10 minutes. A non-streamed message's headers come only
+    /// once the whole answer is generated, so the default is the SDKs'
+    /// request timeout; a stream's headers come at once, so a
+    /// streaming-only client may set it lower. It holds even with
+    /// [`no_total_timeout`](Self::no_total_timeout).
+    pub fn first_byte_timeout(mut self, t: Duration) -> Self {
+        self.first_byte_timeout = Some(t);
+        self
+    }
+
+    /// Time for the whole request, body and stream included; default 10
+    /// minutes (Anthropic's SDKs).
+    pub fn total_timeout(mut self, t: Duration) -> Self {
+        self.total_timeout = Some(t);
+        self
+    }
+
+    /// No total timeout (streams that may run for long; the first-byte and
+    /// idle timeouts still hold).
+    pub fn no_total_timeout(mut self) -> Self {
+        self.total_timeout = None;
+        self
+    }
+
+    /// The longest a stream may go without a complete event (`ping`
+    /// included), and a non-streamed body may take once its headers
+    /// arrived; default 60 s. Bytes that do not complete an event do not
+    /// count, so a server dripping one byte at a time cannot hold a stream
+    /// open.
+    pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
+        self.idle_timeout = Some(t);
+        self
+    }
+
+    /// How long the body of an error response (4xx, 5xx) may take once its
+    /// headers arrived; default 5 s. Past it the error is reported with
+    /// what the headers say (status, `retry-after`), so a 429 whose body
+    /// never comes does not hold the caller. At most 64 KiB of it is read.
+    pub fn error_body_timeout(mut self, t: Duration) -> Self {
+        self.error_body_timeout = t;
+        self
+    }
+
+    /// The largest 2xx body, or whole stream, accepted, in bytes; default
+    /// [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). Past it the call fails with
+    /// [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge)
+    /// (permanent: the same request would get the same answer), found while
+    /// the body arrives, never after buffering it.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// The largest single server-sent event, in bytes; default
+    /// [`DEFAULT_MAX_EVENT_BYTES`] (4 MiB). A larger one ends the stream
+    /// with [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge).
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.max_event_bytes = n;
+        self
+    }
+
+    /// Also trust this PEM-encoded root certificate (one or more
+    /// certificates) for `https://`, e.g. a private gateway's CA. Checked
+    /// at [`build`](Self::build).
+    pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
+        self
+    }
+
+    /// Use this reqwest client (its own TLS, proxy and pool settings)
+    /// instead of building one; the connect and total timeouts and root
+    /// certificates are then the client's.
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// Validates and builds the client.
+    pub fn build(self) -> Result<AnthropicClient, ConfigError> {
+        let parsed = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
+            .ok()
+            .filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some_and(|h| !h.is_empty())
+            })
+            .ok_or(ConfigError::new(
+                "base_url",
+                "must be an http:// or https:// URL with a host",
+            ))?;
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(ConfigError::new(
+                "base_url",
+                "must not have a query or fragment (the path is appended to it)",
+            ));
+        }
+        // The URL as parsed (normalised), so the request goes where the
+        // checks above looked.
+        let base = parsed.as_str().trim_end_matches('/');
+        if self.model.is_empty() {
+            return Err(ConfigError::new("model", "must not be empty"));
+        }
+        if self.max_tokens == 0 {
+            return Err(ConfigError::new("max_tokens", "must be greater than zero"));
+        }
+        let connect_timeout = limit(self.connect_timeout, "connect_timeout")?;
+        let first_byte_timeout = optional(self.first_byte_timeout, "first_byte_timeout")?;
+        let total_timeout = optional(self.total_timeout, "total_timeout")?;
+        let idle_timeout = optional(self.idle_timeout, "stream_idle_timeout")?;
+        let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
+        let limits = Limits {
+            idle_timeout,
+            max_bytes: positive(self.max_body_bytes, "max_body_bytes")?,
+            max_event_bytes: positive(self.max_event_bytes, "max_event_bytes")?,
+        };
+
+        let mut headers = Vec::new();
+        if let Some(key) = &self.api_key {
+            let mut v = header_value(key, "api_key")?;
+            v.set_sensitive(true);
+            headers.push((HeaderName::from_static("x-api-key"), v));
+        }
+        headers.push((
+            HeaderName::from_static("anthropic-version"),
+            header_value(&self.version, "version")?,
+        ));
+        if !self.betas.is_empty() {
+            headers.push((
+                HeaderName::from_static("anthropic-beta"),
+                header_value(&self.betas.join(","), "beta")?,
+            ));
+        }
+        for (name, value) in &self.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ConfigError::new("header", "name must be a valid header name"))?;
+            headers.push((name, header_value(value, "header")?));
+        }
+
+        let http = match self.http {
+            Some(_) if !self.root_certificates.is_empty() => {
+                return Err(ConfigError::new(
+                    "root_certificate",
+                    "add it to the reqwest client given to http_client instead",
+                ));
+            }
+            Some(c) => c,
+            None => {
+                let mut b = reqwest::Client::builder();
+                if let Some(t) = connect_timeout {
+                    b = b.connect_timeout(t);
+                }
+                if let Some(t) = total_timeout {
+                    b = b.timeout(t);
+                }
+                for pem in &self.root_certificates {
+                    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| {
+                        ConfigError::new("root_certificate", "must be PEM certificates")
+                    })?;
+                    if certs.is_empty() {
+                        return Err(ConfigError::new(
+                            "root_certificate",
+                            "holds no PEM certificate",
+                        ));
+                    }
+                    for c in certs {
+                        b = b.add_root_certificate(c);
+                    }
+                }
+                b.build()
+                    .map_err(|_| ConfigError::new("http_client", "could not be built"))?
+            }
+        };
+        let endpoint = if base.ends_with("/v1") {
+            format!("{base}/messages")
+        } else {
+            format!("{base}/v1/messages")
+        };
+        Ok(AnthropicClient {
+            config: Arc::new(Config {
+                http,
+                url: endpoint,
+                base_url: redact_url(base),
+                model: self.model,
+                max_tokens: self.max_tokens,
+                headers,
+                has_key: self.api_key.is_some(),
+                first_byte_timeout,
+                total_timeout,
+                connect_timeout,
+                limits,
+                error_body_timeout,
+            }),
+        })
+    }
+}

@@ -1,0 +1,118 @@
+//! Heap allocations of a plain text Messages call through the Anthropic
+//! client, counted
+//! on the calling thread only (the mock server runs on another thread), so
+//! the request path's cost is measured, not the server's.
+//!
+//! The figure is a ceiling that fails when the client's request path gains
+//! an allocation; run with `--nocapture` to see the counts.
+#![cfg(all(feature = "reqwest", feature = "testing"))]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use llm_resilience::anthropic::{AnthropicClient, MessagesRequest};
+use llm_resilience::testing::mock_server::{FaultScript, MockServer};
+use tower::{Service, ServiceExt};
+
+thread_local! {
+    static COUNT: Cell<u64> = const { Cell::new(0) };
+}
+
+fn allocations() -> u64 {
+    COUNT.with(Cell::get)
+}
+
+struct Counting;
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged; the thread-local counter (const-initialised, no destructor)
+// has no effect on the memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Ceilings from the measured counts (reqwest 0.12, hyper 1): building a
+/// one-message request takes 4 (the shared body, the message list, the
+/// message's block list, the text); a whole call's median was 79 (min 79,
+/// max 80), one more than that is allowed for the pool's own variation.
+const CEILING_BUILDING: u64 = 4;
+const CEILING_CALL: u64 = 80;
+
+const PROMPT: &str = "Summarise this ticket: the export button does nothing";
+
+#[test]
+fn plain_text_request_allocations() {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = server_rt
+        .block_on(MockServer::start(FaultScript::new()))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = AnthropicClient::builder()
+        .base_url(server.anthropic_base_url())
+        .api_key("sk-ant-test")
+        .model("claude-mock")
+        .build()
+        .unwrap();
+    let before = allocations();
+    let req = MessagesRequest::user(PROMPT).max_tokens(64);
+    let building = allocations() - before;
+    drop(req);
+    let mut per_call = Vec::new();
+    rt.block_on(async {
+        for i in 0..40 {
+            let req = MessagesRequest::user(PROMPT).max_tokens(64);
+            let svc = client.ready().await.unwrap();
+            let before = allocations();
+            let resp = svc.call(req).await.unwrap();
+            let n = allocations() - before;
+            drop(resp);
+            // The first calls open the connection and warm reqwest's pool.
+            if i >= 10 {
+                per_call.push(n);
+            }
+        }
+    });
+    per_call.sort_unstable();
+    let median = per_call[per_call.len() / 2];
+    println!(
+        "building a plain request: {building} allocations; a whole call \
+         (encode, send, receive, decode) on the calling thread: median {median}, \
+         min {}, max {}",
+        per_call[0],
+        per_call[per_call.len() - 1]
+    );
+    assert!(
+        building <= CEILING_BUILDING,
+        "building took {building} allocations"
+    );
+    assert!(median <= CEILING_CALL, "a call took {median} allocations");
+    drop(server);
+}
