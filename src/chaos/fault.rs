@@ -183,6 +183,7 @@ impl Fault {
 /// last [`ChaosHandle::restart_clock`](super::ChaosHandle::restart_clock)):
 /// `[from, until)`, open-ended without `until`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Window {
     /// Start, inclusive.
     pub from: Duration,

@@ -111,7 +111,7 @@ use tower_service::Service;
 pub use self::event::{RetryEvent, RetryEventKind};
 pub use self::future::ResponseFuture;
 use self::layer::Config;
-pub use self::layer::{RetryLayer, RetryLayerBuilder};
+pub use self::layer::{RetryLayer, RetryLayerBuilder, LLM_ATTEMPT_TIMEOUT, LLM_DEADLINE};
 use crate::budget::CLOCK_READ_EVERY;
 use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};
@@ -255,17 +255,7 @@ where
     type Future = ResponseFuture<S, Req, C, K>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.ready {
-            return Poll::Ready(Ok(()));
-        }
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                self.ready = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::util::ready::poll_inner(&mut self.inner, &mut self.ready, cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
