@@ -104,7 +104,7 @@ impl Shared {
             }
             match &rule.action {
                 Action::Delay(l) => {
-                    delay += l.sample(sample);
+                    delay = delay.saturating_add(l.sample(sample));
                     delayed = true;
                 }
                 Action::Fail(f) => {
@@ -121,7 +121,7 @@ impl Shared {
             Some(f) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 Plan::Fail {
-                    wait: delay + f.wait(),
+                    wait: delay.saturating_add(f.wait()),
                     fault: f.clone(),
                 }
             }
