@@ -15,7 +15,7 @@
 //! # Ok::<(), llm_resilience::ConfigError>(())
 //! ```
 //!
-//! # The arithmetic (`REFERENCE.md` §4)
+//! # The arithmetic
 //!
 //! For retry `n` (0 for the first retry) the base delay is
 //! `d(n) = min(initial · multiplier^n, max_delay)`: the cap is applied before
@@ -90,7 +90,9 @@ impl Backoff {
     }
 
     /// 1 s × 2 up to 30 s, equal jitter: for rate limits and overloads that
-    /// came without a server hint (REFERENCE.md §3).
+    /// came without a server hint. Full jitter on a per-minute limit
+    /// collapses to near-zero waits that burn every retry inside the limit's
+    /// window; the AWS SDKs likewise start throttled retries at 1 s.
     pub const fn llm_throttling() -> Self {
         Self {
             initial: Duration::from_secs(1),

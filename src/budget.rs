@@ -19,7 +19,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Semantics (Finagle's `RetryBudget`, `REFERENCE.md` §4)
+//! # Semantics (Finagle's `RetryBudget`)
 //!
 //! Every logical request deposits once ([`RetryBudget::deposit`]), never once
 //! per attempt; every retry withdraws once ([`RetryBudget::try_withdraw`]). A
@@ -31,6 +31,8 @@
 //!
 //! over a sliding window of `ttl`, kept as ten buckets of `ttl / 10`. In
 //! steady state retries stay under `ratio` of requests plus `min_per_sec`.
+//! The ratio is applied exactly: tower's `TpsBudget`, a port of the same
+//! rule, truncates `1 / ratio` to an integer, so a ratio of 0.6 allows 100 %.
 //!
 //! # Cost, and how deposits are dated
 //!

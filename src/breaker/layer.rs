@@ -52,12 +52,12 @@ impl<C> fmt::Debug for CircuitBreakerLayer<C> {
 }
 
 impl CircuitBreakerLayer {
-    /// The LLM defaults (`REFERENCE.md` §4, "sensible defaults for LLM
-    /// providers"): a time-based window of 30 s (Polly's 30 s window), at
+    /// The LLM defaults: a time-based window of 30 s (Polly's 30 s window), at
     /// least 20 calls before a rate is judged, trip at a 50 % failure rate
     /// (Resilience4j's default) or after 5 consecutive failures (Finagle's),
-    /// or at once on an exhausted quota or a refused credential (§1: "open
-    /// the breaker for that key for long"); open for 15 s, doubling on each
+    /// or at once on an exhausted quota or a refused credential (no call to
+    /// that key can succeed until billing or the credential is fixed, so the
+    /// breaker opens at once and for long); open for 15 s, doubling on each
     /// consecutive trip up to 5 min, shortened by up to 10 % jitter, and at
     /// least as long as a server hint (`retry-after`, rate-limit resets) up
     /// to one hour; 3 half-open probes, a probe held longer than 2 min gives

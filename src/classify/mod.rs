@@ -21,10 +21,28 @@
 //!
 //! # The LLM preset
 //!
-//! [`LlmClassifier`] implements the table of `REFERENCE.md` §1 (what each
-//! status, provider error type and code means) and the server hints of §2
-//! over an [`HttpView`]: any error that exposes a status, headers and the
-//! provider's error type and code. The crate's [`HttpError`] is one; a
+//! [`LlmClassifier`] reads what the OpenAI, Anthropic and Gemini APIs and
+//! their SDKs say each failure means, over an [`HttpView`]: any error that
+//! exposes a status, headers and the provider's error type and code.
+//!
+//! | signal | outcome ([`Reason`]) |
+//! |---|---|
+//! | connect, DNS or TLS failure; reset before the response; transport timeout | transient (`Connect`, `Network`, `Timeout`) |
+//! | 408; 409 | transient (`Timeout`; `Conflict`) |
+//! | 429 `rate_limit_exceeded`, `rate_limit_error`, per-minute `RESOURCE_EXHAUSTED` | transient (`RateLimited`) |
+//! | 429 or 4xx `insufficient_quota`, `*_spend_limit_exceeded`, `credit_balance_exhausted`, `enforced_spend_limit_reached`, `billing_error`, daily `RESOURCE_EXHAUSTED`; 402 | permanent (`Quota`) |
+//! | 401, 403 | permanent (`Auth`) |
+//! | 404 | permanent (`NotFound`) |
+//! | 413; 4xx `context_length_exceeded` or "prompt is too long" | bad request (`ContextLength`) |
+//! | 4xx `content_policy_violation`, `content_filter` | bad request (`ContentPolicy`) |
+//! | other 400, 422 | bad request (`InvalidRequest`) |
+//! | 529 or `overloaded_error` | transient (`Overloaded`) |
+//! | 503; 500, 502, 504 and other 5xx | transient (`Unavailable`; `ServerError`) |
+//! | `x-should-retry: true` / `false` | overrides the status: transient / permanent (`ServerSaidNoRetry`) |
+//!
+//! A transient or permanent outcome carries the server's wait hint, read by
+//! [`hint::server_hint`] (`retry-after-ms`, `retry-after`, the rate-limit
+//! reset headers on a 429). The crate's [`HttpError`] is one; a
 //! client's own error type can be another ([`LlmClassifier::with_view`]).
 //! Transport failures (`std::io::Error`, timeouts, reqwest's connect and
 //! timeout errors with the `reqwest` feature) are recognised in the source
@@ -35,7 +53,11 @@
 //! # Closures
 //!
 //! Any `Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static` is a
-//! classifier, so a one-off rule needs no type of its own.
+//! classifier, so a one-off rule needs no type of its own. Wrap the closure
+//! in [`classify_fn`]: it tells the compiler that the closure takes
+//! references of any lifetime, which it cannot guess when the closure is
+//! handed straight to a builder (it then fails with "implementation of
+//! `FnOnce` is not general enough").
 
 pub mod hint;
 mod http;
@@ -145,10 +167,44 @@ where
     }
 }
 
+/// Pins a closure's signature as a classifier, so that it compiles written
+/// the natural way.
+///
+/// ```
+/// use std::time::Duration;
+/// use llm_resilience::classify::{classify_fn, LlmClassifier, Outcome, Reason};
+/// use llm_resilience::retry::RetryLayer;
+/// use llm_resilience::Error;
+///
+/// // Retry only timeouts; everything else is final.
+/// let only_timeouts = classify_fn(|result: Result<&String, &Error>| match result {
+///     Ok(_) => Outcome::Success,
+///     Err(Error::Timeout { .. }) => Outcome::transient(Reason::Timeout),
+///     Err(_) => Outcome::permanent(Reason::Unknown),
+/// });
+/// let retry = RetryLayer::builder().classifier(only_timeouts).build()?;
+///
+/// // Or refine the preset: an empty answer is worth another try.
+/// let preset = LlmClassifier::new();
+/// let empty_is_transient = classify_fn(move |result: Result<&String, &Error>| match result {
+///     Ok(text) if text.is_empty() => Outcome::transient(Reason::Unknown),
+///     other => preset.classify(other),
+/// });
+/// # use llm_resilience::classify::Classify;
+/// # let _ = (retry, empty_is_transient);
+/// # Ok::<(), llm_resilience::ConfigError>(())
+/// ```
+pub fn classify_fn<Res, F>(f: F) -> F
+where
+    F: Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static,
+{
+    f
+}
+
 type ViewFn = for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
 
-/// The LLM preset: `REFERENCE.md` §1 and §2 over any error that exposes an
-/// [`HttpView`].
+/// The LLM preset: the table in the [module docs](self) and the server
+/// hints of [`hint`], over any error that exposes an [`HttpView`].
 ///
 /// Every `Ok` is a success (adapters turn non-2xx answers into errors, as the
 /// crate's client does). An error is looked at through the crate's
