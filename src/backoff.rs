@@ -293,6 +293,67 @@ mod tests {
         assert_ne!(a, d);
     }
 
+    /// Decorrelated jitter grows from the previous delay, not from
+    /// `initial` each time: delays soon exceed three times `initial`.
+    #[test]
+    fn decorrelated_jitter_grows_from_the_previous_delay() {
+        let b = Backoff::builder()
+            .initial(Duration::from_millis(100))
+            .max_delay(Duration::from_secs(100))
+            .jitter(Jitter::Decorrelated)
+            .build()
+            .unwrap();
+        for seed in 0..16 {
+            let delays: Vec<_> = b.iter(seed).take(30).collect();
+            assert!(
+                delays.iter().any(|d| *d > Duration::from_millis(300)),
+                "{delays:?}"
+            );
+            assert!(delays.iter().all(|d| *d >= Duration::from_millis(100)));
+        }
+    }
+
+    #[test]
+    fn accessors_and_presets() {
+        let b = Backoff::llm_defaults();
+        assert_eq!(b.initial(), Duration::from_millis(500));
+        assert_eq!(b.max_delay(), Duration::from_secs(8));
+        assert_eq!(b.jitter(), Jitter::Equal);
+        assert_eq!(Backoff::default(), b);
+        let t = Backoff::llm_throttling();
+        assert_eq!(
+            (t.initial(), t.max_delay(), t.jitter()),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Jitter::Equal
+            )
+        );
+        // The exponential part, exactly: 500 ms · 2^n up to the cap.
+        assert_eq!(b.base_delay(0), Duration::from_millis(500));
+        assert_eq!(b.base_delay(3), Duration::from_secs(4));
+        assert_eq!(b.base_delay(4), Duration::from_secs(8));
+        assert_eq!(b.base_delay(5), Duration::from_secs(8));
+        assert_eq!(
+            b.bounds(1),
+            (Duration::from_millis(500), Duration::from_secs(1))
+        );
+        // A cap of exactly one day is allowed; a nanosecond more is not.
+        let day = Duration::from_secs(24 * 3600);
+        assert!(Backoff::builder().max_delay(day).build().is_ok());
+        let e = Backoff::builder()
+            .max_delay(day + Duration::from_nanos(1))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field, "max_delay");
+        // initial equal to the cap, and a multiplier of exactly 1, are fine.
+        assert!(Backoff::builder()
+            .initial(Duration::from_secs(8))
+            .multiplier(1.0)
+            .build()
+            .is_ok());
+    }
+
     #[test]
     fn huge_exponent_saturates_at_the_cap() {
         let b = Backoff::llm_defaults();
