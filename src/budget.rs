@@ -460,6 +460,27 @@ mod tests {
     }
 
     #[test]
+    fn the_ranges_edges_are_allowed() {
+        for ttl in [1, 60] {
+            assert!(RetryBudget::builder()
+                .ttl(Duration::from_secs(ttl))
+                .build()
+                .is_ok());
+        }
+        for ratio in [0.0, 1000.0] {
+            assert!(RetryBudget::builder().ratio(ratio).build().is_ok());
+        }
+        assert_eq!(
+            RetryBudget::builder()
+                .ratio(1000.001)
+                .build()
+                .unwrap_err()
+                .field,
+            "ratio"
+        );
+    }
+
+    #[test]
     fn bad_configuration_names_the_field() {
         assert_eq!(
             RetryBudget::builder()
