@@ -233,7 +233,7 @@ fn uniform(rng: &mut SmallRng, lo: Duration, hi: Duration) -> Duration {
 impl BackoffIter {
     /// A uniform draw in `[0, 1)` from this iterator's generator, for
     /// jittering server hints with the same seeded stream.
-    pub fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         self.rng.random::<f64>()
     }
 }

@@ -346,6 +346,16 @@ mod tests {
         );
         assert_eq!(go_duration("0"), Some(Duration::ZERO));
         assert_eq!(go_duration("1.5µs"), Some(Duration::from_nanos(1500)));
+        // Every unit Go prints.
+        assert_eq!(go_duration("500ns"), Some(Duration::from_nanos(500)));
+        assert_eq!(go_duration("3us"), Some(Duration::from_micros(3)));
+        assert_eq!(go_duration("3μs"), Some(Duration::from_micros(3)));
+        assert_eq!(go_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(go_duration("+5s"), Some(Duration::from_secs(5)));
+        assert_eq!(go_duration(" 7m "), Some(Duration::from_secs(420)));
+        assert_eq!(go_duration("+"), None);
+        assert_eq!(go_duration(""), None);
+        assert_eq!(go_duration("1s2"), None);
         assert_eq!(go_duration("-1s"), None);
         assert_eq!(go_duration("1"), None);
         assert_eq!(go_duration("s"), None);
