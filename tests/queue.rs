@@ -819,7 +819,7 @@ mod contract {
                 .capacity(8)
                 .max_wait(Duration::from_secs(5))
                 .priority_by(|n: &u32| {
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         Priority::High
                     } else {
                         Priority::Low

@@ -462,6 +462,10 @@ mod tests {
         assert_eq!(at("+026-05-28T20:26:45Z"), None);
         assert_eq!(at("2026-05-28T20:26:45Zjunk"), None);
         assert_eq!(at("2026/05/28T20:26:45Z"), None);
+        assert_eq!(at("2026-05/28T20:26:45Z"), None);
+        assert_eq!(at("2026-05-28X20:26:45Z"), None);
+        assert_eq!(at("2026-05-28T20:26-45Z"), None);
+        assert_eq!(at("2026-05-28T20:26:45"), None);
         assert_eq!(at("2026-05-28T20-26:45Z"), None);
     }
 

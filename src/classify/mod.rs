@@ -535,6 +535,35 @@ mod tests {
     }
 
     #[test]
+    fn statuses_without_a_provider_code() {
+        let c = |e: HttpError| classify_http(&e);
+        assert_eq!(c(HttpError::new(402)), Outcome::permanent(Reason::Quota));
+        assert_eq!(
+            c(HttpError::new(400).with_error_code("insufficient_quota")),
+            Outcome::permanent(Reason::Quota)
+        );
+        assert_eq!(
+            c(HttpError::new(403).with_error_type("billing_error")),
+            Outcome::permanent(Reason::Auth)
+        );
+        assert_eq!(c(HttpError::new(200)), Outcome::Success);
+        assert_eq!(
+            c(HttpError::new(418)),
+            Outcome::BadRequest {
+                reason: Reason::InvalidRequest
+            }
+        );
+        assert_eq!(
+            c(HttpError::new(599)),
+            Outcome::transient(Reason::ServerError)
+        );
+        assert_eq!(
+            c(HttpError::new(500).with_error_type("overloaded_error")),
+            Outcome::transient(Reason::Overloaded)
+        );
+    }
+
+    #[test]
     fn outcome_accessors() {
         let s = Some(Duration::from_secs(1));
         let t = Outcome::Transient {
