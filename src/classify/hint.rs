@@ -429,6 +429,9 @@ mod tests {
         assert_eq!(at("2026-05-28T20:26:45+24:00"), None);
         assert_eq!(at("2026-05-28T20:26:45+01:60"), None);
         assert_eq!(at("2026-05-28T20:26:45+0100"), None);
+        assert_eq!(at("2026-05-28T20:26:45x01:00"), None);
+        assert_eq!(at("2026-05-28T20:26:45+01-00"), None);
+        assert_eq!(at("2026-05-28T20:26:45+1:00"), None);
         // A leap second is the first second of the next minute.
         assert_eq!(at("2026-05-28T20:26:60Z"), at("2026-05-28T20:27:00Z"));
         assert_eq!(at("2026-05-28T20:27:00Z"), Some(Duration::from_secs(20)));

@@ -529,6 +529,16 @@ mod tests {
             LlmClassifier::new().classify_error(&e),
             Outcome::transient(Reason::Unknown)
         );
+        // What a view does not override, it does not know.
+        assert_eq!(
+            (
+                Mine.error_type(),
+                Mine.error_code(),
+                Mine.error_message(),
+                Mine.transport()
+            ),
+            (None, None, None, None)
+        );
         let c = LlmClassifier::default().with_view::<Mine>();
         assert_eq!(c.classify_error(&e), Outcome::transient(Reason::Overloaded));
         assert_eq!(format!("{c:?}"), "LlmClassifier { views: 2 }");
