@@ -15,7 +15,7 @@
 //! # Ok::<(), llm_resilience::ConfigError>(())
 //! ```
 //!
-//! # The arithmetic (`REFERENCE.md` §4)
+//! # The arithmetic
 //!
 //! For retry `n` (0 for the first retry) the base delay is
 //! `d(n) = min(initial · multiplier^n, max_delay)`: the cap is applied before
@@ -90,7 +90,9 @@ impl Backoff {
     }
 
     /// 1 s × 2 up to 30 s, equal jitter: for rate limits and overloads that
-    /// came without a server hint (REFERENCE.md §3).
+    /// came without a server hint. Full jitter on a per-minute limit
+    /// collapses to near-zero waits that burn every retry inside the limit's
+    /// window; the AWS SDKs likewise start throttled retries at 1 s.
     pub const fn llm_throttling() -> Self {
         Self {
             initial: Duration::from_secs(1),
@@ -231,7 +233,7 @@ fn uniform(rng: &mut SmallRng, lo: Duration, hi: Duration) -> Duration {
 impl BackoffIter {
     /// A uniform draw in `[0, 1)` from this iterator's generator, for
     /// jittering server hints with the same seeded stream.
-    pub fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         self.rng.random::<f64>()
     }
 }
@@ -289,6 +291,67 @@ mod tests {
         let d: Vec<_> = b.iter(8).take(10).collect();
         assert_eq!(a, c);
         assert_ne!(a, d);
+    }
+
+    /// Decorrelated jitter grows from the previous delay, not from
+    /// `initial` each time: delays soon exceed three times `initial`.
+    #[test]
+    fn decorrelated_jitter_grows_from_the_previous_delay() {
+        let b = Backoff::builder()
+            .initial(Duration::from_millis(100))
+            .max_delay(Duration::from_secs(100))
+            .jitter(Jitter::Decorrelated)
+            .build()
+            .unwrap();
+        for seed in 0..16 {
+            let delays: Vec<_> = b.iter(seed).take(30).collect();
+            assert!(
+                delays.iter().any(|d| *d > Duration::from_millis(300)),
+                "{delays:?}"
+            );
+            assert!(delays.iter().all(|d| *d >= Duration::from_millis(100)));
+        }
+    }
+
+    #[test]
+    fn accessors_and_presets() {
+        let b = Backoff::llm_defaults();
+        assert_eq!(b.initial(), Duration::from_millis(500));
+        assert_eq!(b.max_delay(), Duration::from_secs(8));
+        assert_eq!(b.jitter(), Jitter::Equal);
+        assert_eq!(Backoff::default(), b);
+        let t = Backoff::llm_throttling();
+        assert_eq!(
+            (t.initial(), t.max_delay(), t.jitter()),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Jitter::Equal
+            )
+        );
+        // The exponential part, exactly: 500 ms · 2^n up to the cap.
+        assert_eq!(b.base_delay(0), Duration::from_millis(500));
+        assert_eq!(b.base_delay(3), Duration::from_secs(4));
+        assert_eq!(b.base_delay(4), Duration::from_secs(8));
+        assert_eq!(b.base_delay(5), Duration::from_secs(8));
+        assert_eq!(
+            b.bounds(1),
+            (Duration::from_millis(500), Duration::from_secs(1))
+        );
+        // A cap of exactly one day is allowed; a nanosecond more is not.
+        let day = Duration::from_secs(24 * 3600);
+        assert!(Backoff::builder().max_delay(day).build().is_ok());
+        let e = Backoff::builder()
+            .max_delay(day + Duration::from_nanos(1))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field, "max_delay");
+        // initial equal to the cap, and a multiplier of exactly 1, are fine.
+        assert!(Backoff::builder()
+            .initial(Duration::from_secs(8))
+            .multiplier(1.0)
+            .build()
+            .is_ok());
     }
 
     #[test]

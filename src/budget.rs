@@ -19,7 +19,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Semantics (Finagle's `RetryBudget`, `REFERENCE.md` §4)
+//! # Semantics (Finagle's `RetryBudget`)
 //!
 //! Every logical request deposits once ([`RetryBudget::deposit`]), never once
 //! per attempt; every retry withdraws once ([`RetryBudget::try_withdraw`]). A
@@ -31,6 +31,8 @@
 //!
 //! over a sliding window of `ttl`, kept as ten buckets of `ttl / 10`. In
 //! steady state retries stay under `ratio` of requests plus `min_per_sec`.
+//! The ratio is applied exactly: tower's `TpsBudget`, a port of the same
+//! rule, truncates `1 / ratio` to an integer, so a ratio of 0.6 allows 100 %.
 //!
 //! # Cost, and how deposits are dated
 //!
@@ -338,6 +340,144 @@ mod tests {
             .unwrap();
         let allowed = (0..100).filter(|_| b.try_withdraw()).count();
         assert_eq!(allowed, 20);
+    }
+
+    /// A refused withdrawal is given back: refusals never pile up as debt,
+    /// so one more deposit (at ratio 1) pays for exactly one more retry.
+    #[tokio::test(start_paused = true)]
+    async fn refused_withdrawals_are_given_back() {
+        let b = RetryBudget::builder()
+            .min_per_sec(0)
+            .ratio(1.0)
+            .build()
+            .unwrap();
+        b.deposit();
+        b.deposit();
+        assert!(b.try_withdraw());
+        assert!(b.try_withdraw());
+        for _ in 0..5 {
+            assert!(!b.try_withdraw());
+        }
+        assert_eq!(b.balance(), 0.0);
+        b.deposit();
+        assert!(b.try_withdraw());
+        assert!(!b.try_withdraw());
+    }
+
+    /// A bucket whose slot comes round again (one ttl later) starts anew:
+    /// the old epoch's count is not added to the new one's.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_bucket_starts_anew() {
+        let b = RetryBudget::builder()
+            .ttl(Duration::from_secs(10))
+            .min_per_sec(0)
+            .ratio(1.0)
+            .build()
+            .unwrap();
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert!(b.try_withdraw());
+        // Exactly one ttl later the same slot (epoch 10, slot 0) is reused.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(b.balance(), 0.0);
+        b.deposit();
+        b.deposit();
+        assert_eq!(
+            b.balance(),
+            2.0,
+            "the old 5 deposits and 1 withdrawal are gone"
+        );
+        assert!(b.try_withdraw());
+        assert!(b.try_withdraw());
+        assert!(!b.try_withdraw());
+    }
+
+    /// A deposit dated to an epoch whose slot already holds a newer epoch
+    /// has left the window: it is dropped, never counted in the new epoch.
+    #[tokio::test(start_paused = true)]
+    async fn a_deposit_older_than_its_slot_is_dropped() {
+        let b = RetryBudget::builder()
+            .min_per_sec(0)
+            .ratio(1.0)
+            .build()
+            .unwrap();
+        let old = b.mark();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        b.deposit_at(b.mark(), 0); // nothing
+        assert_eq!(b.balance(), 0.0);
+        b.deposit(); // slot 0 now holds epoch 10
+        assert_eq!(b.balance(), 1.0);
+        b.deposit_at(old, 3);
+        assert_eq!(b.balance(), 1.0);
+        // A deposit within the window (one bucket old) does count.
+        let recent = b.mark();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        b.deposit_at(recent, 3);
+        assert_eq!(b.balance(), 4.0);
+        // Nine buckets later it still counts; ten later it has left.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert_eq!(b.balance(), 4.0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.balance(), 0.0);
+    }
+
+    /// Deposits read the clock once per `CLOCK_READ_EVERY` in a bucket: the
+    /// mark moves on exactly at the multiple, not before.
+    #[tokio::test(start_paused = true)]
+    async fn deposits_read_the_clock_every_clock_read_every() {
+        let b = RetryBudget::builder().build().unwrap();
+        assert_eq!(b.mark(), 0);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        for _ in 0..CLOCK_READ_EVERY - 1 {
+            b.deposit();
+        }
+        assert_eq!(b.mark(), 0, "no clock read before the multiple");
+        b.deposit();
+        assert_eq!(b.mark(), 3, "the multiple reads the clock (1 s buckets)");
+        // A batch that crosses a multiple reads it too.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        b.deposit_at(b.mark(), 3);
+        assert_eq!(b.mark(), 3);
+        b.deposit_at(b.mark(), CLOCK_READ_EVERY);
+        assert_eq!(b.mark(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn defaults_are_finagles_and_debug_shows_the_balance() {
+        let b = RetryBudget::default();
+        // 10 per second over 10 s in reserve, ratio 0.2.
+        assert_eq!(b.balance(), 100.0);
+        for _ in 0..10 {
+            b.deposit();
+        }
+        assert!((b.balance() - 102.0).abs() < 1e-9);
+        let text = format!("{b:?}");
+        assert!(
+            text.contains("ratio: 0.2") && text.contains("balance: 102"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_ranges_edges_are_allowed() {
+        for ttl in [1, 60] {
+            assert!(RetryBudget::builder()
+                .ttl(Duration::from_secs(ttl))
+                .build()
+                .is_ok());
+        }
+        for ratio in [0.0, 1000.0] {
+            assert!(RetryBudget::builder().ratio(ratio).build().is_ok());
+        }
+        assert_eq!(
+            RetryBudget::builder()
+                .ratio(1000.001)
+                .build()
+                .unwrap_err()
+                .field,
+            "ratio"
+        );
     }
 
     #[test]

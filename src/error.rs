@@ -28,14 +28,18 @@
 
 use std::time::Duration;
 
-use crate::classify::Reason;
+use crate::reason::Reason;
 
 /// A type-erased error, as tower uses (`tower::BoxError`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What went wrong, as one flat enum for every layer of the crate.
 ///
-/// `#[non_exhaustive]`: later layers add variants, so keep a `_ =>` arm.
+/// `#[non_exhaustive]`: later layers add variants, so keep a `_ =>` arm;
+/// and every variant with fields may gain fields, so match them with `..`
+/// (`Error::CircuitOpen { retry_after, .. }`). Other crates make an
+/// [`Error`] with [`Error::from_inner`]; the variants are made by the
+/// layers.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -43,6 +47,7 @@ pub enum Error {
     /// on without a verdict of its own (for example a breaker in front of a
     /// client that returned an error).
     #[error("upstream call failed")]
+    #[non_exhaustive]
     Upstream {
         /// The upstream error, by value.
         #[source]
@@ -51,6 +56,7 @@ pub enum Error {
 
     /// Every allowed attempt failed with a transient error.
     #[error("retries exhausted after {attempts} attempts ({reason})")]
+    #[non_exhaustive]
     RetriesExhausted {
         /// How many attempts were made (the first call included).
         attempts: u32,
@@ -65,6 +71,7 @@ pub enum Error {
     /// says the target is unhealthy for this caller (authentication, quota
     /// exhausted, model missing, or `x-should-retry: false`).
     #[error("permanent upstream failure ({reason})")]
+    #[non_exhaustive]
     Permanent {
         /// Why the failure is permanent.
         reason: Reason,
@@ -78,6 +85,7 @@ pub enum Error {
     /// The request itself was refused (context too long, invalid request,
     /// content policy): the target is healthy, retrying is pointless.
     #[error("request rejected by upstream ({reason})")]
+    #[non_exhaustive]
     BadRequest {
         /// What was wrong with the request.
         reason: Reason,
@@ -90,6 +98,7 @@ pub enum Error {
 
     /// A retry was due but the retry budget had no balance left.
     #[error("retry budget exhausted after {attempts} attempts ({reason})")]
+    #[non_exhaustive]
     BudgetExhausted {
         /// How many attempts were made.
         attempts: u32,
@@ -103,6 +112,7 @@ pub enum Error {
     /// The overall deadline passed, or the next sleep or attempt could not
     /// finish before it.
     #[error("deadline exceeded after {attempts} attempts")]
+    #[non_exhaustive]
     DeadlineExceeded {
         /// How many attempts were made (0 when the request never left a queue).
         attempts: u32,
@@ -115,6 +125,7 @@ pub enum Error {
     /// hints, or longer than the time left before the deadline; the caller is
     /// told at once instead of sleeping.
     #[error("server asked to retry after {retry_after:?}, beyond the limit of {limit:?}")]
+    #[non_exhaustive]
     RetryAfterTooLong {
         /// The server's hint.
         retry_after: Duration,
@@ -130,6 +141,7 @@ pub enum Error {
     /// A retry was due but the request could not be cloned, so it was sent
     /// only once.
     #[error("request could not be cloned for a retry ({reason})")]
+    #[non_exhaustive]
     NotCloneable {
         /// Why the one attempt failed.
         reason: Reason,
@@ -140,6 +152,7 @@ pub enum Error {
 
     /// One attempt took longer than the attempt timeout.
     #[error("attempt timed out after {after:?}")]
+    #[non_exhaustive]
     Timeout {
         /// The timeout that elapsed.
         after: Duration,
@@ -148,6 +161,7 @@ pub enum Error {
     /// The circuit breaker is open (or half-open with every probe taken): the
     /// call was not made.
     #[error("circuit open, next probe in {retry_after:?}")]
+    #[non_exhaustive]
     CircuitOpen {
         /// Time until the breaker admits a probe.
         retry_after: Duration,
@@ -155,6 +169,7 @@ pub enum Error {
 
     /// The queue was full and is configured to reject.
     #[error("queue full ({depth} waiting)")]
+    #[non_exhaustive]
     QueueFull {
         /// How many requests were waiting.
         depth: usize,
@@ -162,6 +177,7 @@ pub enum Error {
 
     /// The request waited in the queue longer than the maximum queue wait.
     #[error("queue wait exceeded {waited:?}")]
+    #[non_exhaustive]
     QueueTimeout {
         /// How long it waited.
         waited: Duration,
@@ -169,6 +185,7 @@ pub enum Error {
 
     /// A rate limit would be exceeded; the call was not made.
     #[error("rate limited, retry after {retry_after:?}")]
+    #[non_exhaustive]
     RateLimited {
         /// Time until capacity is expected.
         retry_after: Duration,
@@ -177,13 +194,6 @@ pub enum Error {
     /// The layer is shutting down and no longer admits or finishes work.
     #[error("shutting down")]
     Shutdown,
-
-    /// A background worker that the layer depends on is gone.
-    #[error("background worker gone: {cause}")]
-    WorkerGone {
-        /// Why it stopped, as far as is known.
-        cause: String,
-    },
 }
 
 impl Error {
@@ -195,6 +205,22 @@ impl Error {
             Ok(ours) => *ours,
             Err(source) => Error::Upstream { source },
         }
+    }
+
+    /// [`Error::CircuitOpen`]: for a middleware of one's own that refuses a
+    /// call the way a breaker does.
+    pub const fn circuit_open(retry_after: Duration) -> Self {
+        Error::CircuitOpen { retry_after }
+    }
+
+    /// [`Error::RateLimited`]: for a limiter of one's own.
+    pub const fn rate_limited(retry_after: Duration) -> Self {
+        Error::RateLimited { retry_after }
+    }
+
+    /// [`Error::Timeout`]: for a timeout of one's own around an attempt.
+    pub const fn timeout(after: Duration) -> Self {
+        Error::Timeout { after }
     }
 
     /// The upstream error, when this error carries one, by reference.
@@ -261,7 +287,6 @@ impl Error {
             Error::QueueTimeout { .. } => "queue_timeout",
             Error::RateLimited { .. } => "rate_limited",
             Error::Shutdown => "shutdown",
-            Error::WorkerGone { .. } => "worker_gone",
         }
     }
 

@@ -27,6 +27,7 @@ pub mod error;
 pub mod fallback;
 pub mod pipeline;
 pub mod queue;
+mod reason;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -35,5 +36,6 @@ pub mod retry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod util;
 
 pub use crate::error::{BoxError, ConfigError, Error};

@@ -4,7 +4,7 @@
 //! `RUSTFLAGS="--cfg loom" cargo test --release --test breaker_loom`
 //!
 //! The breaker's state machine, window and atomics are compiled into this
-//! test crate from their source files, where `src/breaker/sync.rs` picks
+//! test crate from their source files, where `src/util/sync.rs` picks
 //! loom's atomics (`cfg(all(loom, test))`): loom checks the real code.
 #![cfg(loom)]
 #![allow(dead_code, unreachable_pub)]
@@ -13,10 +13,18 @@ mod classify {
     pub(crate) use llm_resilience::classify::Reason;
 }
 
+mod util {
+    pub(crate) use super::{listener, rng};
+}
+
 // `state.rs` reaches its siblings as `super::sync` and `super::window`.
+#[path = "../src/util/listener.rs"]
+mod listener;
+#[path = "../src/util/rng.rs"]
+mod rng;
 #[path = "../src/breaker/state.rs"]
 mod state;
-#[path = "../src/breaker/sync.rs"]
+#[path = "../src/util/sync.rs"]
 mod sync;
 #[path = "../src/breaker/window.rs"]
 mod window;

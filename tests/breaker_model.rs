@@ -336,7 +336,7 @@ async fn run(ops: Vec<Op>) {
                 let got = svc.ready().await.unwrap().call(Req::Now(r)).await;
                 match want {
                     Err(ms) => match got {
-                        Err(Error::CircuitOpen { retry_after }) => {
+                        Err(Error::CircuitOpen { retry_after, .. }) => {
                             assert_eq!(
                                 retry_after,
                                 Duration::from_millis(ms),

@@ -245,9 +245,7 @@ async fn llm_shaped_faults_classify_like_real_ones() {
             Outcome::transient(Reason::Connect),
         ),
         (
-            Fault::custom(|| Error::CircuitOpen {
-                retry_after: Duration::from_secs(1),
-            }),
+            Fault::custom(|| Error::circuit_open(Duration::from_secs(1))),
             Outcome::Permanent {
                 reason: Reason::CircuitOpen,
                 retry_after: Some(Duration::from_secs(1)),

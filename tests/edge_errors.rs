@@ -20,6 +20,7 @@ use llm_resilience::classify::{HttpError, Reason};
 use llm_resilience::client::{ChatRequest, ChatResponse, OpenAiClient};
 use llm_resilience::queue::{QueueLayer, WhenFull};
 use llm_resilience::retry::RetryLayer;
+use llm_resilience::testing::errors;
 use llm_resilience::testing::mock_server::{ErrorReply, FaultScript, MockFault, MockServer};
 use llm_resilience::Error;
 use serde_json::Value;
@@ -305,32 +306,19 @@ async fn every_other_variant_over_http() {
             Box::new(HttpError::new(500).with_message("SECRET-PROMPT"))
         };
         Err(match kind.as_str() {
-            "rate_limited" => Error::RateLimited {
-                retry_after: Duration::from_millis(1500),
-            },
+            "rate_limited" => Error::rate_limited(Duration::from_millis(1500)),
             "shutdown" => Error::Shutdown,
-            "queue_timeout" => Error::QueueTimeout {
-                waited: Duration::from_secs(3),
-            },
-            "timeout" => Error::Timeout {
-                after: Duration::from_secs(3),
-            },
-            "not_cloneable" => Error::NotCloneable {
-                reason: Reason::ServerError,
-                source: secret(),
-            },
-            "upstream" => Error::Upstream { source: secret() },
-            "too_long" => Error::RetryAfterTooLong {
-                retry_after: Duration::from_secs(600),
-                limit: Duration::from_secs(120),
-                attempts: 1,
-                source: Box::new(HttpError::new(503).with_header("retry-after", "600")),
-            },
-            _ => Error::BudgetExhausted {
-                attempts: 1,
-                reason: Reason::Overloaded,
-                source: secret(),
-            },
+            "queue_timeout" => errors::queue_timeout(Duration::from_secs(3)),
+            "timeout" => Error::timeout(Duration::from_secs(3)),
+            "not_cloneable" => errors::not_cloneable(Reason::ServerError, secret()),
+            "upstream" => Error::from_inner(secret()),
+            "too_long" => errors::retry_after_too_long(
+                Duration::from_secs(600),
+                Duration::from_secs(120),
+                1,
+                Box::new(HttpError::new(503).with_header("retry-after", "600")),
+            ),
+            _ => errors::budget_exhausted(1, Reason::Overloaded, secret()),
         })
     }
     let base = serve(Router::new().route("/fail/{kind}", post(fail))).await;

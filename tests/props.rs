@@ -94,7 +94,7 @@ impl Model {
         self.exact.push(now);
         self.dated.push(self.seen);
         let in_bucket = self.dated.iter().filter(|&&b| b == self.seen).count() as u64;
-        if in_bucket % CLOCK_READ_EVERY == 0 {
+        if in_bucket.is_multiple_of(CLOCK_READ_EVERY) {
             self.read_clock(now);
         }
     }

@@ -170,7 +170,7 @@ async fn reject_mode_rejects_the_first_request_beyond_capacity() {
     let mut s = svc.clone();
     s.ready().await.expect("reject mode is ready; call answers");
     match s.call(job(5)).await {
-        Err(Error::QueueFull { depth }) => assert_eq!(depth, 3),
+        Err(Error::QueueFull { depth, .. }) => assert_eq!(depth, 3),
         other => panic!("expected QueueFull, got {other:?}"),
     }
     assert_eq!(handle.stats().rejected, 1);
@@ -190,7 +190,7 @@ async fn reject_mode_with_capacity_zero_sheds_at_the_concurrency_bound() {
     let b = tokio::spawn(svc.clone().oneshot(job(1)));
     settle().await;
     let c = svc.clone().oneshot(job(2)).await;
-    assert!(matches!(c, Err(Error::QueueFull { depth: 0 })), "{c:?}");
+    assert!(matches!(c, Err(Error::QueueFull { depth: 0, .. })), "{c:?}");
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     assert_eq!(seen(&seen_ids), vec![0, 1]);
@@ -245,14 +245,14 @@ async fn max_wait_bounds_both_the_wait_for_a_place_and_the_queue() {
     assert_eq!(handle.depth(), 1);
     assert_eq!(handle.waiting_for_place(), 1);
     match queued.await.unwrap() {
-        Err(Error::QueueTimeout { waited }) => assert_eq!(waited, Duration::from_secs(2)),
+        Err(Error::QueueTimeout { waited, .. }) => assert_eq!(waited, Duration::from_secs(2)),
         other => panic!("expected QueueTimeout, got {other:?}"),
     }
     assert_eq!(start.elapsed(), Duration::from_secs(2));
     // The third got the freed place at 2 s, having waited since 0: its
     // budget ends at 2 s too.
     match waiting.await.unwrap() {
-        Err(Error::QueueTimeout { waited }) => assert_eq!(waited, Duration::from_secs(2)),
+        Err(Error::QueueTimeout { waited, .. }) => assert_eq!(waited, Duration::from_secs(2)),
         other => panic!("expected QueueTimeout, got {other:?}"),
     }
     assert_eq!(first.await.unwrap().unwrap(), 0);
@@ -305,7 +305,9 @@ async fn a_deadline_that_passes_in_the_queue_is_answered_and_never_sent() {
     settle().await;
     assert_eq!(handle.depth(), 2);
     match late.await.unwrap() {
-        Err(Error::DeadlineExceeded { attempts, source }) => {
+        Err(Error::DeadlineExceeded {
+            attempts, source, ..
+        }) => {
             assert_eq!(attempts, 0);
             assert!(source.is_none());
         }
@@ -340,7 +342,8 @@ async fn a_request_already_past_its_deadline_is_not_sent_even_with_a_free_permit
             r,
             Err(Error::DeadlineExceeded {
                 attempts: 0,
-                source: None
+                source: None,
+                ..
             })
         ),
         "{r:?}"
@@ -449,7 +452,7 @@ async fn a_cancelled_request_frees_its_place_at_once_and_is_never_sent() {
     // The queue is full now.
     assert!(matches!(
         svc.clone().oneshot(job(2)).await,
-        Err(Error::QueueFull { depth: 1 })
+        Err(Error::QueueFull { depth: 1, .. })
     ));
     drop(queued);
     assert_eq!(handle.depth(), 0, "the place is freed at once");
@@ -816,7 +819,7 @@ mod contract {
                 .capacity(8)
                 .max_wait(Duration::from_secs(5))
                 .priority_by(|n: &u32| {
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         Priority::High
                     } else {
                         Priority::Low
@@ -861,7 +864,8 @@ async fn call_without_poll_ready_waits_for_a_place_and_honours_the_deadline() {
         late.await.unwrap(),
         Err(Error::DeadlineExceeded {
             attempts: 0,
-            source: None
+            source: None,
+            ..
         })
     ));
     assert_eq!(start.elapsed(), Duration::from_secs(5));

@@ -104,7 +104,7 @@ async fn reject_mode_answers_what_does_not_fit_and_never_sends_it() {
     let ok = answers.iter().filter(|r| r.is_ok()).count();
     let full = answers
         .iter()
-        .filter(|r| matches!(r, Err(Error::QueueFull { depth: 3 })))
+        .filter(|r| matches!(r, Err(Error::QueueFull { depth: 3, .. })))
         .count();
     assert_eq!((ok, full), (5, 15), "{answers:?}");
     assert_eq!(server.total(), 5, "a rejected request reached the server");

@@ -129,7 +129,7 @@ fn events_are_counted_and_the_snapshot_sets_the_gauges() {
             let busy = tokio::spawn(reject.clone().oneshot(job(Priority::Normal)));
             tokio::task::yield_now().await;
             let refused = reject.clone().oneshot(job(Priority::Normal)).await;
-            assert!(matches!(refused, Err(Error::QueueFull { depth: 0 })));
+            assert!(matches!(refused, Err(Error::QueueFull { depth: 0, .. })));
             busy.await.unwrap().unwrap();
 
             handle.record_metrics();

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llm_resilience::queue::{Priority, QueueHandle, QueueLayer, WhenFull};
-use llm_resilience::{BoxError, Error};
+use llm_resilience::BoxError;
 use proptest::prelude::*;
 use tokio::sync::oneshot;
 use tokio_test::task::{spawn, Spawn};
@@ -240,12 +240,7 @@ fn check(
         "waiting; model {model:?}"
     );
     for id in &model.rejected {
-        let expected = format!(
-            "{:?}",
-            Error::QueueFull {
-                depth: model.capacity
-            }
-        );
+        let expected = format!("QueueFull {{ depth: {} }}", model.capacity);
         assert_eq!(
             answers.get(id),
             Some(&Err(expected)),

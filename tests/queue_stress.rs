@@ -172,6 +172,7 @@ async fn run(mode: WhenFull) {
                     Some(Err(Error::DeadlineExceeded {
                         attempts: 0,
                         source: None,
+                        ..
                     })) => {
                         assert_eq!(
                             book.sent[id].load(Ordering::SeqCst),
@@ -188,7 +189,7 @@ async fn run(mode: WhenFull) {
                         );
                         tally.timed_out += 1;
                     }
-                    Some(Err(Error::QueueFull { depth })) => {
+                    Some(Err(Error::QueueFull { depth, .. })) => {
                         assert_eq!(depth, 32);
                         assert_eq!(
                             book.sent[id].load(Ordering::SeqCst),

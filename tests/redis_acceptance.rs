@@ -96,7 +96,7 @@ fn start_worker(url: String, name: String, calls: Calls, dups: Arc<AtomicU32>) -
                     tokio::time::sleep(Duration::from_micros(u64::from(j.n % 7) * 200)).await;
                     // Every 50th job fails on its first call (a transient
                     // failure after the pipeline's retries).
-                    if j.n % 50 == 0 && first {
+                    if j.n.is_multiple_of(50) && first {
                         return Err(Flaky);
                     }
                     Ok(j.n)

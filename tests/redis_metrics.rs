@@ -35,11 +35,11 @@ async fn counts_by_outcome_and_queue_gauges_under_stable_names() {
         async move {
             match n {
                 1 => {
-                    let e: BoxError = Box::new(llm_resilience::Error::BadRequest {
-                        reason: llm_resilience::classify::Reason::InvalidRequest,
-                        attempts: 1,
-                        source: "bad".into(),
-                    });
+                    let e: BoxError = Box::new(llm_resilience::testing::errors::bad_request(
+                        llm_resilience::classify::Reason::InvalidRequest,
+                        1,
+                        "bad".into(),
+                    ));
                     Err(e)
                 }
                 2 if k == 0 => Err("503".into()),

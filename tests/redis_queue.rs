@@ -146,11 +146,12 @@ async fn after_max_deliveries_and_on_a_permanent_error_jobs_go_to_dead_letters()
             if j.n == 0 {
                 Err::<u32, llm_resilience::BoxError>(Box::new(Transient))
             } else {
-                let e: llm_resilience::BoxError = Box::new(llm_resilience::Error::Permanent {
-                    reason: llm_resilience::classify::Reason::Auth,
-                    attempts: 1,
-                    source: Box::new(Transient),
-                });
+                let e: llm_resilience::BoxError =
+                    Box::new(llm_resilience::testing::errors::permanent(
+                        llm_resilience::classify::Reason::Auth,
+                        1,
+                        Box::new(Transient),
+                    ));
                 Err(e)
             }
         }

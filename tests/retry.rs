@@ -121,6 +121,7 @@ async fn insufficient_quota_makes_exactly_one_attempt() {
             reason: Reason::Quota,
             attempts: 1,
             source,
+            ..
         }) => assert!(source.downcast_ref::<HttpError>().is_some()),
         other => panic!("expected a permanent quota error, got {other:?}"),
     }
@@ -226,6 +227,7 @@ async fn the_deadline_stops_a_sleep_that_would_pass_it() {
         Error::DeadlineExceeded {
             attempts: 2,
             source: Some(source),
+            ..
         } => assert!(source.downcast_ref::<HttpError>().is_some()),
         other => panic!("{other:?}"),
     }
@@ -277,6 +279,7 @@ async fn attempt_timeouts_are_transient_and_bounded() {
             attempts: 3,
             reason: Reason::Timeout,
             source,
+            ..
         } => assert!(matches!(
             source.downcast_ref::<Error>(),
             Some(Error::Timeout { .. })
@@ -301,7 +304,8 @@ async fn the_deadline_cuts_an_attempt() {
             err,
             Error::DeadlineExceeded {
                 attempts: 1,
-                source: None
+                source: None,
+                ..
             }
         ),
         "{err:?}"
@@ -498,14 +502,11 @@ async fn a_closure_classifier_can_retry_responses() {
 
 #[tokio::test(start_paused = true)]
 async fn a_typed_error_from_below_passes_through_flat() {
-    let inner = service_fn(|_: ()| async {
-        Err::<(), Error>(Error::CircuitOpen {
-            retry_after: Duration::from_secs(7),
-        })
-    });
+    let inner =
+        service_fn(|_: ()| async { Err::<(), Error>(Error::circuit_open(Duration::from_secs(7))) });
     let svc = layer().build().unwrap().layer(inner);
     match svc.oneshot(()).await.unwrap_err() {
-        Error::CircuitOpen { retry_after } => assert_eq!(retry_after, Duration::from_secs(7)),
+        Error::CircuitOpen { retry_after, .. } => assert_eq!(retry_after, Duration::from_secs(7)),
         other => panic!("nested or changed: {other:?}"),
     }
 }

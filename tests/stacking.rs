@@ -73,7 +73,7 @@ async fn documented_order_queue_retry_breaker_chaos_upstream() {
     // While open, no attempt reaches the upstream.
     let err = svc.clone().oneshot(2).await.unwrap_err();
     assert!(
-        matches!(err, Error::CircuitOpen { retry_after } if retry_after > Duration::ZERO),
+        matches!(err, Error::CircuitOpen { retry_after, .. } if retry_after > Duration::ZERO),
         "{err:?}"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -193,6 +193,6 @@ async fn chaos_faults_flow_through_retry_and_a_full_queue_rejects_flat() {
     let mut second = svc.clone();
     second.ready().await.unwrap();
     let err = second.call(2).await.unwrap_err();
-    assert!(matches!(err, Error::QueueFull { depth: 0 }), "{err:?}");
+    assert!(matches!(err, Error::QueueFull { depth: 0, .. }), "{err:?}");
     assert_eq!(first.call(1).await.unwrap(), 1);
 }

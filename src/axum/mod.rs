@@ -50,7 +50,7 @@
 //! use axum::response::IntoResponse;
 //! use std::time::Duration;
 //!
-//! let resp = llm_resilience::Error::CircuitOpen { retry_after: Duration::from_millis(2500) }.into_response();
+//! let resp = llm_resilience::Error::circuit_open(Duration::from_millis(2500)).into_response();
 //! assert_eq!(resp.status(), 503);
 //! assert_eq!(resp.headers()["retry-after"], "3");
 //! ```

@@ -279,17 +279,7 @@ where
     type Future = ResponseFuture<S, Req, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.ready {
-            return Poll::Ready(Ok(()));
-        }
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                self.ready = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::util::ready::poll_inner(&mut self.inner, &mut self.ready, cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {

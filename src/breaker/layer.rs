@@ -21,6 +21,8 @@ const MAX_COUNT_WINDOW: u32 = 1_000_000;
 const MAX_TIME_WINDOW: u64 = 24 * 60 * 60;
 /// The most half-open probes.
 const MAX_PROBES: u32 = 1_000;
+/// The longest open period, and the largest cap on its growth (one day).
+const MAX_OPEN: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Puts one circuit breaker in front of a service; see the
 /// [module docs](crate::breaker).
@@ -50,12 +52,12 @@ impl<C> fmt::Debug for CircuitBreakerLayer<C> {
 }
 
 impl CircuitBreakerLayer {
-    /// The LLM defaults (`REFERENCE.md` §4, "sensible defaults for LLM
-    /// providers"): a time-based window of 30 s (Polly's 30 s window), at
+    /// The LLM defaults: a time-based window of 30 s (Polly's 30 s window), at
     /// least 20 calls before a rate is judged, trip at a 50 % failure rate
     /// (Resilience4j's default) or after 5 consecutive failures (Finagle's),
-    /// or at once on an exhausted quota or a refused credential (§1: "open
-    /// the breaker for that key for long"); open for 15 s, doubling on each
+    /// or at once on an exhausted quota or a refused credential (no call to
+    /// that key can succeed until billing or the credential is fixed, so the
+    /// breaker opens at once and for long); open for 15 s, doubling on each
     /// consecutive trip up to 5 min, shortened by up to 10 % jitter, and at
     /// least as long as a server hint (`retry-after`, rate-limit resets) up
     /// to one hour; 3 half-open probes, a probe held longer than 2 min gives
@@ -209,16 +211,16 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self
     }
 
-    /// How long the breaker stays open after a first trip (above zero).
-    /// Default 15 s.
+    /// How long the breaker stays open after a first trip (above zero, at
+    /// most one day). Default 15 s.
     pub fn open_duration(mut self, base: Duration) -> Self {
         self.open_base = base;
         self
     }
 
     /// Each consecutive trip (without closing in between) multiplies the open
-    /// period by `multiplier` (at least 1), up to `cap` (at least the base).
-    /// Default ×2 up to 5 min.
+    /// period by `multiplier` (at least 1), up to `cap` (at least the base,
+    /// at most one day). Default ×2 up to 5 min.
     pub fn open_growth(mut self, multiplier: f64, cap: Duration) -> Self {
         self.open_multiplier = multiplier;
         self.open_cap = cap;
@@ -243,7 +245,9 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     /// When a half-open period has lasted this long and every probe permit
     /// is still taken, the next caller starts a new half-open period with
     /// fresh permits (the late results of the old probes are ignored), so a
-    /// hung probe never leaves the breaker stuck. Above zero; default 2 min.
+    /// hung probe never leaves the breaker stuck. Above zero; a duration too
+    /// long for the breaker's clock (`Duration::MAX`) means no limit.
+    /// Default 2 min.
     pub fn probe_timeout(mut self, t: Duration) -> Self {
         self.probe_timeout = t;
         self
@@ -251,8 +255,8 @@ impl<C> CircuitBreakerLayerBuilder<C> {
 
     /// Stay open at least as long as the tripping failure's server hint
     /// (`retry-after-ms`, `retry-after`, rate-limit reset headers; see
-    /// [`hint`](crate::classify::hint)), up to `cap` (above zero). Default
-    /// one hour.
+    /// [`hint`](crate::classify::hint)), up to `cap` (above zero;
+    /// `Duration::MAX` honours every hint). Default one hour.
     pub fn server_hints(mut self, cap: Duration) -> Self {
         self.hint_cap = Some(cap);
         self
@@ -330,7 +334,9 @@ impl<C> CircuitBreakerLayerBuilder<C> {
                 return Err(ConfigError::new("time_window", "must be above zero"))
             }
             Window::Time(d) => {
-                let secs = d.as_nanos().div_ceil(1_000_000_000) as u64;
+                // Not `as u64`: `Duration::MAX` rounds up to 2^64 seconds,
+                // which would wrap to a zero-second window.
+                let secs = u64::try_from(d.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX);
                 if secs > MAX_TIME_WINDOW {
                     return Err(ConfigError::new("time_window", "must be at most one day"));
                 }
@@ -372,6 +378,9 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         if self.open_base.is_zero() {
             return Err(ConfigError::new("open_duration", "must be above zero"));
         }
+        if self.open_base > MAX_OPEN {
+            return Err(ConfigError::new("open_duration", "must be at most one day"));
+        }
         if !self.open_multiplier.is_finite() || self.open_multiplier < 1.0 {
             return Err(ConfigError::new(
                 "open_growth",
@@ -382,6 +391,12 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             return Err(ConfigError::new(
                 "open_growth",
                 "cap must be at least `open_duration`",
+            ));
+        }
+        if self.open_cap > MAX_OPEN {
+            return Err(ConfigError::new(
+                "open_growth",
+                "cap must be at most one day",
             ));
         }
         if !self.open_jitter.is_finite() || !(0.0..1.0).contains(&self.open_jitter) {

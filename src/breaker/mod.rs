@@ -133,9 +133,9 @@ mod handle;
 mod keyed;
 mod layer;
 mod state;
-mod sync;
 mod window;
 
+use crate::util::sync;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -253,14 +253,7 @@ where
             // inner service's readiness for a call that will not reach it.
             return Poll::Ready(Ok(()));
         }
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                self.ready = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::util::ready::poll_inner(&mut self.inner, &mut self.ready, cx)
     }
 
     #[inline]

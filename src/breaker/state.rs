@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::sync::{AtomicU32, AtomicU64, Ordering};
-use super::window::{Padded, Window, WindowCounts};
+use super::sync::{AtomicU32, AtomicU64, Ordering, Padded};
+use super::window::{Window, WindowCounts};
 use crate::classify::Reason;
+use crate::util::rng::{splitmix, unit};
 
 /// The state of one breaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -84,7 +85,7 @@ pub enum BreakerEvent {
     },
 }
 
-pub(crate) type Listener = Arc<dyn Fn(&BreakerEvent) + Send + Sync>;
+pub(crate) type Listener = crate::util::listener::Listener<BreakerEvent>;
 
 /// The window a breaker judges rates over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,13 +214,6 @@ pub(crate) struct Verdict {
 fn ms_ceil(d: Duration) -> u64 {
     let ms = d.as_nanos().div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(MS_MASK).min(MS_MASK)
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// One breaker's shared state. Time is passed in as milliseconds since the
@@ -652,8 +646,7 @@ impl Core {
                 .powi(n.saturating_sub(1).min(1_000) as i32);
         let capped = grown.min(st.open_cap.as_secs_f64());
         let d = if st.open_jitter > 0.0 {
-            let u =
-                (splitmix(st.seed ^ u64::from(n) << 32 ^ gen) >> 11) as f64 / (1u64 << 53) as f64;
+            let u = unit(splitmix(st.seed ^ u64::from(n) << 32 ^ gen));
             capped * (1.0 - st.open_jitter * u)
         } else {
             capped

@@ -9,7 +9,7 @@
 //! longer current, and are overwritten as new calls come in. A record that
 //! races a clear lands in the old epoch and is forgotten with it.
 
-use super::sync::{AtomicU32, AtomicU64, Mutex, Ordering};
+use super::sync::{AtomicU32, AtomicU64, Mutex, Ordering, Padded};
 
 /// Slot flags.
 const CALL: u32 = 1;
@@ -65,6 +65,7 @@ fn count_in(cell: &AtomicU64, epoch: u64) -> u64 {
 
 /// Counts over the window at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WindowCounts {
     /// Calls recorded in the window.
     pub calls: u64,
@@ -72,19 +73,6 @@ pub struct WindowCounts {
     pub failures: u64,
     /// Of which were slow.
     pub slow: u64,
-}
-
-/// Keeps a value on a cache line of its own, so that the atomics written on
-/// every call do not share a line with the ones read on every call.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-pub(crate) struct Padded<T>(pub(crate) T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
 }
 
 /// A sliding window over the last N calls or the last N seconds.

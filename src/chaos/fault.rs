@@ -43,15 +43,15 @@ impl Latency {
             Latency::Fixed(d) => d,
             Latency::Uniform { min, max } => {
                 let span = max.saturating_sub(min).as_secs_f64();
-                min + Duration::from_secs_f64(span * u)
+                let extra = Duration::try_from_secs_f64(span * u).unwrap_or(Duration::MAX);
+                min.saturating_add(extra).min(max)
             }
             Latency::Exponential { mean, max } => {
                 // Inverse CDF; 1 - u is in (0, 1], so the log is finite.
                 let x = -mean.as_secs_f64() * (1.0 - u).ln();
-                if x.is_finite() && x < max.as_secs_f64() {
-                    Duration::from_secs_f64(x.max(0.0))
-                } else {
-                    max
+                match Duration::try_from_secs_f64(x.max(0.0)) {
+                    Ok(d) if d < max => d,
+                    _ => max,
                 }
             }
         }
@@ -183,6 +183,7 @@ impl Fault {
 /// last [`ChaosHandle::restart_clock`](super::ChaosHandle::restart_clock)):
 /// `[from, until)`, open-ended without `until`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Window {
     /// Start, inclusive.
     pub from: Duration,

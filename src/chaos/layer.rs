@@ -11,6 +11,7 @@ use tower_layer::Layer;
 use super::fault::{Fault, Latency, Window};
 use super::Chaos;
 use crate::error::ConfigError;
+use crate::util::rng::{splitmix, SplitMix};
 
 #[derive(Clone, Debug)]
 enum Action {
@@ -51,23 +52,6 @@ pub(crate) struct Shared {
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// SplitMix64 draws for one call: a pure function of (seed, call number), so
-/// the same seed gives the same sequence whatever the clock or the tasks do.
-struct Draws(u64);
-
-impl Draws {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(GOLDEN);
-        (mix(self.0) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
 impl Shared {
     #[inline]
     pub(crate) fn enabled(&self) -> bool {
@@ -99,7 +83,11 @@ impl Shared {
             }
         }
         let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
-        let mut draws = Draws(self.seed ^ mix(seq.wrapping_mul(GOLDEN)));
+        // SplitMix64 draws for one call: a pure function of (seed, call
+        // number), so the same seed gives the same sequence whatever the
+        // clock or the tasks do.
+        let stream = splitmix(seq.wrapping_mul(GOLDEN).wrapping_sub(GOLDEN));
+        let mut draws = SplitMix(self.seed ^ stream);
         let elapsed = if self.timed {
             self.elapsed()
         } else {
@@ -116,7 +104,7 @@ impl Shared {
             }
             match &rule.action {
                 Action::Delay(l) => {
-                    delay += l.sample(sample);
+                    delay = delay.saturating_add(l.sample(sample));
                     delayed = true;
                 }
                 Action::Fail(f) => {
@@ -133,7 +121,7 @@ impl Shared {
             Some(f) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 Plan::Fail {
-                    wait: delay + f.wait(),
+                    wait: delay.saturating_add(f.wait()),
                     fault: f.clone(),
                 }
             }

@@ -57,10 +57,8 @@
 //! the inner call: no lock, no allocation, no clock read. Enabled, two
 //! atomic increments and a few arithmetic draws per call, plus a clock read
 //! when a rule is limited to a time window; only an injected delay or fault
-//! allocates (its timer). Measured by `cargo bench -p llm-resilience-bench --bench chaos` (2-core
-//! VM, an always-ready inner service): about 16 ns a call disabled, most of
-//! it moving the `Result<_, Error>` out of the future, and about 47 ns
-//! enabled without injecting; the inner service alone costs 1.4 ns.
+//! allocates (its timer). `cargo bench -p llm-resilience-bench --bench chaos` measures it; the
+//! figures are in `BENCHMARKS.md`.
 //!
 //! # Readiness
 //!
@@ -143,17 +141,7 @@ where
     type Future = ResponseFuture<S, Req>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.ready {
-            return Poll::Ready(Ok(()));
-        }
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                self.ready = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::util::ready::poll_inner(&mut self.inner, &mut self.ready, cx)
     }
 
     #[inline]

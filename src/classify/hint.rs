@@ -1,35 +1,45 @@
 //! Server wait hints: `retry-after-ms`, `retry-after`, `x-ratelimit-reset-*`,
 //! `anthropic-ratelimit-*-reset` and `x-should-retry`.
 //!
-//! Every parser takes untrusted header text and returns `None` for anything
-//! malformed or negative; it never panics. Huge values saturate at
-//! [`MAX_HINT`] (so a later cap turns them into a typed error instead of an
-//! hour-long sleep), and instants in the past mean "now" (zero).
+//! Every parser takes untrusted header text and never panics. A value that
+//! is malformed, negative, infinite, NaN or longer than [`MAX_HINT`] (one
+//! day) is no hint at all (`None`), whatever the size of the number: an
+//! integer too large for `u64`, `1e300` and `inf` are all `None`, never a
+//! saturated day-long sleep. An instant in the past parses as zero.
 //!
-//! Precedence (`REFERENCE.md` §2): `retry-after-ms` (and Azure's
+//! # Precedence
+//!
+//! [`server_hint`] reads, in order: `retry-after-ms` (and Azure's
 //! `x-ms-retry-after-ms`), then `retry-after` (seconds, fractional, or an
 //! HTTP-date), then, on a 429 only, OpenAI's `x-ratelimit-reset-{requests,
 //! tokens}` (Go durations) and Anthropic's `anthropic-ratelimit-*-reset`
-//! (RFC 3339 instants). Of the reset headers, those of an exhausted dimension
-//! (`remaining: 0`) count; when none says it is exhausted, the soonest reset
-//! does.
+//! (RFC 3339 instants). The first of `retry-after-ms` and `retry-after`
+//! that parses decides, as in the OpenAI SDK. Of the reset headers, those
+//! of an exhausted dimension (`remaining: 0`) count; when none says it is
+//! exhausted, the soonest reset does.
+//!
+//! # Zero is no hint
+//!
+//! A hint of zero (`retry-after: 0`, an HTTP-date or reset instant in the
+//! past) is not "retry at once": [`server_hint`] returns `None` for it, so
+//! the caller's normal jittered backoff applies. The OpenAI SDK does the
+//! same (it honours only hints above zero), and it keeps a fleet of clients
+//! that were all told "0" from retrying in the same instant.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::HttpView;
 
-/// The longest hint the parsers return: one day. Larger values saturate.
+/// The longest hint the parsers return: one day. A longer value is no hint.
 pub const MAX_HINT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Seconds as a hint: `None` unless finite and within `[0, MAX_HINT]`.
 fn from_secs_f64(secs: f64) -> Option<Duration> {
-    if !secs.is_finite() || secs < 0.0 {
+    // `!(x <= max)` is also true for NaN.
+    if !(0.0..=MAX_HINT.as_secs_f64()).contains(&secs) {
         return None;
     }
-    Some(if secs >= MAX_HINT.as_secs_f64() {
-        MAX_HINT
-    } else {
-        Duration::from_secs_f64(secs)
-    })
+    Some(Duration::from_secs_f64(secs))
 }
 
 fn plain_number(v: &str) -> Option<f64> {
@@ -48,23 +58,25 @@ pub fn retry_after_ms(v: &str) -> Option<Duration> {
 }
 
 /// `retry-after`: a non-negative number of seconds (possibly fractional) or an
-/// HTTP-date, relative to `now` (a past date gives zero).
+/// HTTP-date, relative to `now` (a past date gives zero; a date more than
+/// [`MAX_HINT`] ahead is `None`).
 pub fn retry_after(v: &str, now: SystemTime) -> Option<Duration> {
     if let Some(n) = plain_number(v) {
         return from_secs_f64(n);
     }
     let at = httpdate::parse_http_date(v.trim()).ok()?;
-    Some(until(at, now))
+    until(at, now)
 }
 
-fn until(at: SystemTime, now: SystemTime) -> Duration {
-    at.duration_since(now)
-        .unwrap_or(Duration::ZERO)
-        .min(MAX_HINT)
+/// The wait until `at`: zero when it is past, `None` beyond [`MAX_HINT`].
+fn until(at: SystemTime, now: SystemTime) -> Option<Duration> {
+    let d = at.duration_since(now).unwrap_or(Duration::ZERO);
+    (d <= MAX_HINT).then_some(d)
 }
 
 /// A Go duration (`1s`, `6m0s`, `12ms`, `1h2m3.5s`, `0`), as OpenAI's
-/// `x-ratelimit-reset-*` headers send it. Negative values are `None`.
+/// `x-ratelimit-reset-*` headers send it. Negative values and values above
+/// [`MAX_HINT`] are `None`.
 pub fn go_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
     if v == "0" {
@@ -104,10 +116,16 @@ pub fn go_duration(v: &str) -> Option<Duration> {
     from_secs_f64(total)
 }
 
-/// An RFC 3339 instant (`2026-11-28T16:00:05Z`, fractional seconds and
-/// `±HH:MM` offsets allowed), relative to `now` (a past instant gives zero).
+/// An RFC 3339 instant (`2026-11-28T16:00:05Z`), relative to `now`: a past
+/// instant gives zero, one more than [`MAX_HINT`] ahead is `None`.
+///
+/// Accepted as RFC 3339 allows: `T`, `t` or a space between date and time;
+/// `Z`, `z` or a `±HH:MM` offset (hours 0 to 23, minutes 0 to 59; `-00:00`
+/// is UTC); fractional seconds of any length (read to the nanosecond); a
+/// leap second `60`, read as the first second of the next minute. A day
+/// that its month does not have (`2026-02-30`) is `None`.
 pub fn rfc3339(v: &str, now: SystemTime) -> Option<Duration> {
-    Some(until(parse_rfc3339(v.trim())?, now))
+    until(parse_rfc3339(v.trim())?, now)
 }
 
 fn digits(s: &str, at: usize, len: usize) -> Option<i64> {
@@ -130,6 +148,15 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
 fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
@@ -140,7 +167,10 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     }
     let (y, mo, d) = (digits(s, 0, 4)?, digits(s, 5, 2)?, digits(s, 8, 2)?);
     let (h, mi, se) = (digits(s, 11, 2)?, digits(s, 14, 2)?, digits(s, 17, 2)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) {
+        return None;
+    }
+    if h > 23 || mi > 59 || se > 60 {
         return None;
     }
     let mut i = 19;
@@ -167,7 +197,11 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
             && (tz.starts_with('+') || tz.starts_with('-'))
             && tz.as_bytes()[3] == b':' =>
         {
-            let secs = digits(tz, 1, 2)? * 3600 + digits(tz, 4, 2)? * 60;
+            let (oh, om) = (digits(tz, 1, 2)?, digits(tz, 4, 2)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let secs = oh * 3600 + om * 60;
             if tz.starts_with('-') {
                 -secs
             } else {
@@ -200,8 +234,14 @@ fn exhausted(view: &dyn HttpView, remaining_header: &str) -> Option<bool> {
         .map(|n| n == 0)
 }
 
-/// The server's wait hint from `view`'s headers, by the precedence above.
+/// The server's wait hint from `view`'s headers, by the precedence in the
+/// [module docs](self); `None` when there is none or it is zero (see
+/// "Zero is no hint" there).
 pub fn server_hint(view: &dyn HttpView, now: SystemTime) -> Option<Duration> {
+    header_hint(view, now).filter(|d| !d.is_zero())
+}
+
+fn header_hint(view: &dyn HttpView, now: SystemTime) -> Option<Duration> {
     for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
         if let Some(d) = view.header(name).and_then(retry_after_ms) {
             return Some(d);
@@ -238,9 +278,12 @@ pub fn server_hint(view: &dyn HttpView, now: SystemTime) -> Option<Duration> {
     pick_reset(openai.iter().chain(anthropic.iter()).copied())
 }
 
+/// A reset that is zero (already past) says nothing about when to retry, so
+/// it is left out before picking.
 fn pick_reset(
     resets: impl Iterator<Item = (Option<Duration>, Option<bool>)> + Clone,
 ) -> Option<Duration> {
+    let resets = resets.map(|(d, ex)| (d.filter(|d| !d.is_zero()), ex));
     let of_exhausted = resets
         .clone()
         .filter(|(_, ex)| *ex == Some(true))
@@ -268,7 +311,15 @@ mod tests {
         assert_eq!(retry_after("-1", now()), None);
         assert_eq!(retry_after("nan", now()), None);
         assert_eq!(retry_after("1e9", now()), None);
-        assert_eq!(retry_after("99999999999999999999", now()), Some(MAX_HINT));
+        // Over a day is no hint, whatever the size of the number.
+        assert_eq!(retry_after("86400", now()), Some(MAX_HINT));
+        assert_eq!(retry_after("86400.5", now()), None);
+        assert_eq!(retry_after("99999999999999999999", now()), None);
+        assert_eq!(retry_after(&"9".repeat(400), now()), None);
+        assert_eq!(retry_after("inf", now()), None);
+        assert_eq!(retry_after("1e300", now()), None);
+        let far = httpdate::fmt_http_date(now() + MAX_HINT + Duration::from_secs(1));
+        assert_eq!(retry_after(&far, now()), None);
         let later = httpdate::fmt_http_date(now() + Duration::from_secs(30));
         assert_eq!(retry_after(&later, now()), Some(Duration::from_secs(30)));
         let past = httpdate::fmt_http_date(now() - Duration::from_secs(30));
@@ -295,11 +346,24 @@ mod tests {
         );
         assert_eq!(go_duration("0"), Some(Duration::ZERO));
         assert_eq!(go_duration("1.5µs"), Some(Duration::from_nanos(1500)));
+        // Every unit Go prints.
+        assert_eq!(go_duration("500ns"), Some(Duration::from_nanos(500)));
+        assert_eq!(go_duration("3us"), Some(Duration::from_micros(3)));
+        assert_eq!(go_duration("3μs"), Some(Duration::from_micros(3)));
+        assert_eq!(go_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(go_duration("+5s"), Some(Duration::from_secs(5)));
+        assert_eq!(go_duration(" 7m "), Some(Duration::from_secs(420)));
+        assert_eq!(go_duration("+"), None);
+        assert_eq!(go_duration(""), None);
+        assert_eq!(go_duration("1s2"), None);
         assert_eq!(go_duration("-1s"), None);
         assert_eq!(go_duration("1"), None);
         assert_eq!(go_duration("s"), None);
         assert_eq!(go_duration("1x"), None);
-        assert_eq!(go_duration("9999999999h"), Some(MAX_HINT));
+        assert_eq!(go_duration("24h"), Some(MAX_HINT));
+        assert_eq!(go_duration("24h1ns"), None);
+        assert_eq!(go_duration("9999999999h"), None);
+        assert_eq!(go_duration(&format!("{}h", "9".repeat(400))), None);
     }
 
     #[test]
@@ -323,6 +387,124 @@ mod tests {
         assert_eq!(rfc3339("garbage", now()), None);
         // Before 1970: not a plausible reset instant, ignored.
         assert_eq!(rfc3339("0000-01-01T00:00:00Z", now()), None);
+        // More than a day ahead: no hint.
+        assert_eq!(rfc3339("2026-05-29T20:26:41Z", now()), None);
+        assert_eq!(rfc3339("2026-05-29T20:26:40Z", now()), Some(MAX_HINT));
+    }
+
+    #[test]
+    fn rfc3339_edge_fields() {
+        let at = |s| rfc3339(s, now());
+        // Lowercase separators and a space, as RFC 3339 allows.
+        assert_eq!(at("2026-05-28t20:26:45z"), Some(Duration::from_secs(5)));
+        assert_eq!(at("2026-05-28 20:26:45Z"), Some(Duration::from_secs(5)));
+        // Fractions: one digit, nine, and more than nine (cut at the ns).
+        assert_eq!(
+            at("2026-05-28T20:26:45.5Z"),
+            Some(Duration::from_millis(5500))
+        );
+        assert_eq!(
+            at("2026-05-28T20:26:45.123456789Z"),
+            Some(Duration::new(5, 123_456_789))
+        );
+        assert_eq!(
+            at("2026-05-28T20:26:45.1234567891234Z"),
+            Some(Duration::new(5, 123_456_789))
+        );
+        assert_eq!(at("2026-05-28T20:26:45.Z"), None);
+        assert_eq!(at("2026-05-28T20:26:45,5Z"), None);
+        // Offsets: negative, half-hour, `-00:00`, out of range.
+        assert_eq!(
+            at("2026-05-28T15:26:45-05:00"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            at("2026-05-29T01:56:45+05:30"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            at("2026-05-28T20:26:45-00:00"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(at("2026-05-28T20:26:45+24:00"), None);
+        assert_eq!(at("2026-05-28T20:26:45+01:60"), None);
+        assert_eq!(at("2026-05-28T20:26:45+0100"), None);
+        assert_eq!(at("2026-05-28T20:26:45x01:00"), None);
+        assert_eq!(at("2026-05-28T20:26:45+01-00"), None);
+        assert_eq!(at("2026-05-28T20:26:45+1:00"), None);
+        // A leap second is the first second of the next minute.
+        assert_eq!(at("2026-05-28T20:26:60Z"), at("2026-05-28T20:27:00Z"));
+        assert_eq!(at("2026-05-28T20:27:00Z"), Some(Duration::from_secs(20)));
+        assert_eq!(at("2026-05-28T20:26:61Z"), None);
+        assert_eq!(at("2026-05-28T24:00:00Z"), None);
+        assert_eq!(at("2026-05-28T20:60:00Z"), None);
+        // Days the month has, and does not.
+        let leap_now = UNIX_EPOCH + Duration::from_secs(1_709_164_800); // 2024-02-29T00:00:00Z
+        assert_eq!(
+            rfc3339("2024-02-29T00:00:07Z", leap_now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(rfc3339("2024-02-30T00:00:07Z", leap_now), None);
+        assert_eq!(at("2026-02-29T00:00:00Z"), None);
+        assert_eq!(at("2026-04-31T00:00:00Z"), None);
+        assert_eq!(at("2026-05-00T00:00:00Z"), None);
+        assert_eq!(at("2026-00-10T00:00:00Z"), None);
+        // Century years are leap years only when divisible by 400.
+        let y2000 = UNIX_EPOCH + Duration::from_secs(951_782_399); // 2000-02-28T23:59:59Z
+        assert_eq!(
+            rfc3339("2000-02-29T00:00:00Z", y2000),
+            Some(Duration::from_secs(1))
+        );
+        let y2100 = UNIX_EPOCH + Duration::from_secs(4_107_542_399); // 2100-02-28T23:59:59Z
+        assert_eq!(rfc3339("2100-02-29T00:00:00Z", y2100), None);
+        assert_eq!(
+            rfc3339("2100-03-01T00:00:00Z", y2100),
+            Some(Duration::from_secs(1))
+        );
+        // Signs and stray bytes.
+        assert_eq!(at("+026-05-28T20:26:45Z"), None);
+        assert_eq!(at("2026-05-28T20:26:45Zjunk"), None);
+        assert_eq!(at("2026/05/28T20:26:45Z"), None);
+        assert_eq!(at("2026-05/28T20:26:45Z"), None);
+        assert_eq!(at("2026-05-28X20:26:45Z"), None);
+        assert_eq!(at("2026-05-28T20:26-45Z"), None);
+        assert_eq!(at("2026-05-28T20:26:45"), None);
+        assert_eq!(at("2026-05-28T20-26:45Z"), None);
+    }
+
+    #[test]
+    fn zero_and_past_hints_are_no_hint() {
+        let e = HttpError::new(429).with_header("retry-after", "0");
+        assert_eq!(server_hint(&e, now()), None);
+        let e = HttpError::new(503).with_header("retry-after-ms", "0");
+        assert_eq!(server_hint(&e, now()), None);
+        // The first header that parses decides, even when it says zero
+        // (as in the OpenAI SDK): a later one is not consulted.
+        let e = HttpError::new(503)
+            .with_header("retry-after-ms", "0")
+            .with_header("retry-after", "7");
+        assert_eq!(server_hint(&e, now()), None);
+        let past = httpdate::fmt_http_date(now() - Duration::from_secs(30));
+        let e = HttpError::new(503).with_header("retry-after", past);
+        assert_eq!(server_hint(&e, now()), None);
+        // An exhausted dimension whose reset is past says nothing; the
+        // other reset decides.
+        let e = HttpError::new(429)
+            .with_header("x-ratelimit-reset-requests", "0s")
+            .with_header("x-ratelimit-remaining-requests", "0")
+            .with_header("x-ratelimit-reset-tokens", "4s");
+        assert_eq!(server_hint(&e, now()), Some(Duration::from_secs(4)));
+        let e = HttpError::new(429)
+            .with_header("anthropic-ratelimit-tokens-reset", "2020-01-01T00:00:00Z");
+        assert_eq!(server_hint(&e, now()), None);
+        // A malformed retry-after-ms falls through to retry-after.
+        let e = HttpError::new(503)
+            .with_header("retry-after-ms", "soon")
+            .with_header("retry-after", "2");
+        assert_eq!(server_hint(&e, now()), Some(Duration::from_secs(2)));
+        // Azure's header.
+        let e = HttpError::new(503).with_header("x-ms-retry-after-ms", "1500");
+        assert_eq!(server_hint(&e, now()), Some(Duration::from_millis(1500)));
     }
 
     #[test]
@@ -343,6 +525,32 @@ mod tests {
             .with_header("anthropic-ratelimit-tokens-reset", "2026-05-28T20:26:50Z")
             .with_header("anthropic-ratelimit-tokens-remaining", "0");
         assert_eq!(server_hint(&e, now()), Some(Duration::from_secs(10)));
+        // Of several exhausted dimensions, the latest reset.
+        let e = HttpError::new(429)
+            .with_header("x-ratelimit-reset-requests", "2s")
+            .with_header("x-ratelimit-remaining-requests", "0")
+            .with_header("anthropic-ratelimit-requests-reset", "2026-05-28T20:26:43Z")
+            .with_header("anthropic-ratelimit-requests-remaining", "0")
+            .with_header("x-ratelimit-reset-tokens", "6m0s");
+        assert_eq!(server_hint(&e, now()), Some(Duration::from_secs(3)));
+        // Remaining but not zero is not exhausted: the soonest.
+        let e = HttpError::new(429)
+            .with_header("x-ratelimit-reset-requests", "2s")
+            .with_header("x-ratelimit-remaining-requests", "5")
+            .with_header("x-ratelimit-reset-tokens", "6m0s");
+        assert_eq!(server_hint(&e, now()), Some(Duration::from_secs(2)));
+        // Anthropic's other dimensions count too.
+        for dim in ["requests", "input-tokens", "output-tokens"] {
+            let e = HttpError::new(429).with_header(
+                &format!("anthropic-ratelimit-{dim}-reset"),
+                "2026-05-28T20:26:50Z",
+            );
+            assert_eq!(
+                server_hint(&e, now()),
+                Some(Duration::from_secs(10)),
+                "{dim}"
+            );
+        }
         // Reset headers are not wait hints on other statuses.
         let e = HttpError::new(500).with_header("x-ratelimit-reset-requests", "2s");
         assert_eq!(server_hint(&e, now()), None);

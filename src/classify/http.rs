@@ -21,7 +21,8 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// What the transport failure means (REFERENCE.md §1: all transient).
+    /// What the transport failure means: always transient (the request may
+    /// not have reached the server, or its answer was lost).
     pub const fn outcome(self) -> Outcome {
         Outcome::transient(match self {
             Transport::Connect => Reason::Connect,
@@ -305,8 +306,9 @@ impl std::error::Error for HttpError {
     }
 }
 
-/// Classifies an [`HttpView`] by the table of `REFERENCE.md` §1, with the
-/// server's wait hint (§2) read against the system clock.
+/// Classifies an [`HttpView`] by the table in the
+/// [module docs](crate::classify), with the server's wait hint
+/// ([`hint::server_hint`]) read against the system clock.
 pub fn classify_http(view: &dyn HttpView) -> Outcome {
     classify_http_at(view, SystemTime::now())
 }

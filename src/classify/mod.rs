@@ -23,10 +23,28 @@
 //!
 //! # The LLM preset
 //!
-//! [`LlmClassifier`] implements the table of `REFERENCE.md` §1 (what each
-//! status, provider error type and code means) and the server hints of §2
-//! over an [`HttpView`]: any error that exposes a status, headers and the
-//! provider's error type and code. The crate's [`HttpError`] is one; a
+//! [`LlmClassifier`] reads what the OpenAI, Anthropic and Gemini APIs and
+//! their SDKs say each failure means, over an [`HttpView`]: any error that
+//! exposes a status, headers and the provider's error type and code.
+//!
+//! | signal | outcome ([`Reason`]) |
+//! |---|---|
+//! | connect, DNS or TLS failure; reset before the response; transport timeout | transient (`Connect`, `Network`, `Timeout`) |
+//! | 408; 409 | transient (`Timeout`; `Conflict`) |
+//! | 429 `rate_limit_exceeded`, `rate_limit_error`, per-minute `RESOURCE_EXHAUSTED` | transient (`RateLimited`) |
+//! | 429 or 4xx `insufficient_quota`, `*_spend_limit_exceeded`, `credit_balance_exhausted`, `enforced_spend_limit_reached`, `billing_error`, daily `RESOURCE_EXHAUSTED`; 402 | permanent (`Quota`) |
+//! | 401, 403 | permanent (`Auth`) |
+//! | 404 | permanent (`NotFound`) |
+//! | 413; 4xx `context_length_exceeded` or "prompt is too long" | bad request (`ContextLength`) |
+//! | 4xx `content_policy_violation`, `content_filter` | bad request (`ContentPolicy`) |
+//! | other 400, 422 | bad request (`InvalidRequest`) |
+//! | 529 or `overloaded_error` | transient (`Overloaded`) |
+//! | 503; 500, 502, 504 and other 5xx | transient (`Unavailable`; `ServerError`) |
+//! | `x-should-retry: true` / `false` | overrides the status: transient / permanent (`ServerSaidNoRetry`) |
+//!
+//! A transient or permanent outcome carries the server's wait hint, read by
+//! [`hint::server_hint`] (`retry-after-ms`, `retry-after`, the rate-limit
+//! reset headers on a 429). The crate's [`HttpError`] is one; a
 //! client's own error type can be another ([`LlmClassifier::with_view`]).
 //! Transport failures (`std::io::Error`, timeouts) are recognised in the
 //! source chain, and with the `reqwest` feature so is a `reqwest::Error`:
@@ -88,7 +106,11 @@
 //! # Closures
 //!
 //! Any `Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static` is a
-//! classifier, so a one-off rule needs no type of its own.
+//! classifier, so a one-off rule needs no type of its own. Wrap the closure
+//! in [`classify_fn`]: it tells the compiler that the closure takes
+//! references of any lifetime, which it cannot guess when the closure is
+//! handed straight to a builder (it then fails with "implementation of
+//! `FnOnce` is not general enough").
 
 pub mod hint;
 mod http;
@@ -97,6 +119,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::Error;
+pub use crate::reason::Reason;
 
 pub use self::http::{
     classify_http, classify_http_at, header_matters, HttpError, HttpView, Transport,
@@ -181,95 +204,6 @@ impl Outcome {
     }
 }
 
-/// Why a call failed: a stable code shared by every layer and the metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Reason {
-    /// Not a failure.
-    Ok,
-    /// 429 rate limit (requests or tokens per minute).
-    RateLimited,
-    /// 529 or `overloaded_error`: the provider is overloaded for everyone.
-    Overloaded,
-    /// 503: the service is unavailable.
-    Unavailable,
-    /// 500, 502, 504 and other server errors.
-    ServerError,
-    /// A timeout: 408, an attempt timeout, a transport timeout.
-    Timeout,
-    /// The connection could not be made (connect, DNS, TLS).
-    Connect,
-    /// The connection broke (reset, closed before the response).
-    Network,
-    /// 409 conflict.
-    Conflict,
-    /// Quota or spend limit exhausted (429 `insufficient_quota`, 402, …).
-    Quota,
-    /// 401 or 403: the credential is wrong or lacks permission.
-    Auth,
-    /// 404: model or endpoint not found.
-    NotFound,
-    /// The prompt does not fit the model's context, or the body is too large.
-    ContextLength,
-    /// The content was refused by policy.
-    ContentPolicy,
-    /// Any other invalid request (400, 422).
-    InvalidRequest,
-    /// A streamed response broke off or carried an error event.
-    StreamInterrupted,
-    /// The server said `x-should-retry: false`.
-    ServerSaidNoRetry,
-    /// A circuit breaker below was open.
-    CircuitOpen,
-    /// A queue was full or timed out.
-    QueueFull,
-    /// A layer is shutting down or its worker is gone.
-    Shutdown,
-    /// Nothing recognised the error.
-    Unknown,
-}
-
-impl Reason {
-    /// The code as a lowercase `snake_case` string, for logs and metric labels.
-    pub const fn as_str(&self) -> &'static str {
-        match self {
-            Reason::Ok => "ok",
-            Reason::RateLimited => "rate_limited",
-            Reason::Overloaded => "overloaded",
-            Reason::Unavailable => "unavailable",
-            Reason::ServerError => "server_error",
-            Reason::Timeout => "timeout",
-            Reason::Connect => "connect",
-            Reason::Network => "network",
-            Reason::Conflict => "conflict",
-            Reason::Quota => "quota",
-            Reason::Auth => "auth",
-            Reason::NotFound => "not_found",
-            Reason::ContextLength => "context_length",
-            Reason::ContentPolicy => "content_policy",
-            Reason::InvalidRequest => "invalid_request",
-            Reason::StreamInterrupted => "stream_interrupted",
-            Reason::ServerSaidNoRetry => "server_said_no_retry",
-            Reason::CircuitOpen => "circuit_open",
-            Reason::QueueFull => "queue_full",
-            Reason::Shutdown => "shutdown",
-            Reason::Unknown => "unknown",
-        }
-    }
-
-    /// Whether this is throttling (rate limit or overload), which backs off
-    /// from a larger base than other transient failures (REFERENCE.md §3).
-    pub const fn is_throttling(&self) -> bool {
-        matches!(self, Reason::RateLimited | Reason::Overloaded)
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Decides what a call's result means. Shared by every layer.
 ///
 /// Implemented by [`LlmClassifier`] and by every
@@ -288,11 +222,45 @@ where
     }
 }
 
+/// Pins a closure's signature as a classifier, so that it compiles written
+/// the natural way.
+///
+/// ```
+/// use std::time::Duration;
+/// use llm_resilience::classify::{classify_fn, LlmClassifier, Outcome, Reason};
+/// use llm_resilience::retry::RetryLayer;
+/// use llm_resilience::Error;
+///
+/// // Retry only timeouts; everything else is final.
+/// let only_timeouts = classify_fn(|result: Result<&String, &Error>| match result {
+///     Ok(_) => Outcome::Success,
+///     Err(Error::Timeout { .. }) => Outcome::transient(Reason::Timeout),
+///     Err(_) => Outcome::permanent(Reason::Unknown),
+/// });
+/// let retry = RetryLayer::builder().classifier(only_timeouts).build()?;
+///
+/// // Or refine the preset: an empty answer is worth another try.
+/// let preset = LlmClassifier::new();
+/// let empty_is_transient = classify_fn(move |result: Result<&String, &Error>| match result {
+///     Ok(text) if text.is_empty() => Outcome::transient(Reason::Unknown),
+///     other => preset.classify(other),
+/// });
+/// # use llm_resilience::classify::Classify;
+/// # let _ = (retry, empty_is_transient);
+/// # Ok::<(), llm_resilience::ConfigError>(())
+/// ```
+pub fn classify_fn<Res, F>(f: F) -> F
+where
+    F: Fn(Result<&Res, &Error>) -> Outcome + Send + Sync + 'static,
+{
+    f
+}
+
 pub(crate) type ViewFn =
     for<'a> fn(&'a (dyn std::error::Error + 'static)) -> Option<&'a dyn HttpView>;
 
-/// The LLM preset: `REFERENCE.md` §1 and §2 over any error that exposes an
-/// [`HttpView`].
+/// The LLM preset: the table in the [module docs](self) and the server
+/// hints of [`hint`], over any error that exposes an [`HttpView`].
 ///
 /// Every `Ok` is a success (adapters turn non-2xx answers into errors, as the
 /// crate's client does). An error is looked at through the crate's
@@ -371,7 +339,7 @@ impl LlmClassifier {
                 Outcome::permanent(Reason::QueueFull)
             }
             Error::DeadlineExceeded { .. } => Outcome::permanent(Reason::Timeout),
-            Error::Shutdown | Error::WorkerGone { .. } => Outcome::permanent(Reason::Shutdown),
+            Error::Shutdown => Outcome::permanent(Reason::Shutdown),
             Error::RetriesExhausted { reason, .. }
             | Error::BudgetExhausted { reason, .. }
             | Error::NotCloneable { reason, .. } => Outcome::transient(*reason),
@@ -428,3 +396,6 @@ impl<Res> Classify<Res> for LlmClassifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -56,7 +56,7 @@
 //!   priority's list; the **response future** waits there for a permit,
 //!   then readies a clone of the inner service and calls it. The calls run
 //!   in the callers' futures: there is no worker task, so nothing can die
-//!   behind the callers' backs ([`Error::WorkerGone`] is never produced).
+//!   behind the callers' backs.
 //!
 //! A released permit is handed straight to the next queued request (waking
 //! it), never put back while someone waits, so newcomers cannot overtake the
@@ -149,7 +149,6 @@
 //! [`Error::QueueTimeout`]: crate::Error::QueueTimeout
 //! [`Error::QueueFull`]: crate::Error::QueueFull
 //! [`Error::DeadlineExceeded`]: crate::Error::DeadlineExceeded
-//! [`Error::WorkerGone`]: crate::Error::WorkerGone
 //! [`Error::Upstream`]: crate::Error::Upstream
 //! [`Error::Shutdown`]: crate::Error::Shutdown
 

@@ -18,6 +18,8 @@ use super::{CloneRequest, RetryEventKind};
 use crate::backoff::BackoffIter;
 use crate::classify::{Classify, Outcome, Reason};
 use crate::error::{BoxError, Error};
+use crate::util::rng::splitmix;
+use crate::util::time::after;
 
 pin_project! {
     #[project = StateProj]
@@ -354,7 +356,7 @@ where
             return hint;
         }
         let u = self.retrying().backoff.unit();
-        hint + hint.mul_f64(ratio * u)
+        hint.saturating_add(hint.mul_f64(ratio * u))
     }
 
     fn decide(&mut self, outcome: Outcome) -> Decision {
@@ -365,7 +367,7 @@ where
             Outcome::Transient {
                 reason,
                 retry_after,
-            } => (reason, retry_after),
+            } => (reason, retry_after.filter(|h| !h.is_zero())),
         };
         if self.request.is_none() {
             return Decision::Stop(if self.single_shot {
@@ -451,14 +453,6 @@ where
             },
         }
     }
-}
-
-/// SplitMix64: spreads consecutive request numbers into unrelated seeds.
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl<S, Req, C, K> Future for ResponseFuture<S, Req, C, K>
@@ -563,7 +557,7 @@ where
                                 Some(delay),
                             );
                             core.retrying().last_error = result.err().map(Error::into_cause);
-                            core.arm(Instant::now().checked_add(delay));
+                            core.arm(Some(after(Instant::now(), delay)));
                             this.state.set(State::Sleeping);
                         }
                         Decision::Stop(stop) => {

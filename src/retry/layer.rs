@@ -13,7 +13,14 @@ use crate::budget::RetryBudget;
 use crate::classify::LlmClassifier;
 use crate::error::ConfigError;
 
-pub(crate) type Listener = Arc<dyn Fn(&RetryEvent) + Send + Sync>;
+/// The attempt timeout of [`RetryLayer::llm_defaults`]: 120 s.
+pub const LLM_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The deadline of [`RetryLayer::llm_defaults`]: 5 min for a logical call,
+/// its attempts and its sleeps.
+pub const LLM_DEADLINE: Duration = Duration::from_secs(300);
+
+pub(crate) type Listener = crate::util::listener::Listener<RetryEvent>;
 
 /// Everything a [`Retry`] decides with; shared by every clone in one `Arc`.
 pub(crate) struct Config<C, K> {
@@ -68,8 +75,21 @@ impl RetryLayer {
     /// retries), [`Backoff::llm_defaults`], [`Backoff::llm_throttling`] for
     /// rate limits without a hint, server hints honoured up to 120 s (the
     /// OpenAI SDK's cap) with 10 % jitter, Finagle's default retry budget
-    /// (ratio 0.2, 10 per second, 10 s), no attempt timeout and no deadline
-    /// (the client's own timeouts apply), the [`LlmClassifier`].
+    /// (ratio 0.2, 10 per second, 10 s), the [`LlmClassifier`], and:
+    ///
+    /// - an attempt timeout of [`LLM_ATTEMPT_TIMEOUT`] (120 s): a
+    ///   non-streamed completion of a few thousand tokens at the 30 to 100
+    ///   tokens per second that hosted models generate fits in it, and a
+    ///   hung attempt is retried after 2 minutes instead of the 10 minutes
+    ///   of the OpenAI and Anthropic SDKs' request timeout;
+    /// - a deadline of [`LLM_DEADLINE`] (5 min) for the whole logical call,
+    ///   sleeps included: with the SDKs' 10-minute timeout and 2 retries one
+    ///   call can take half an hour, which an agent in a loop cannot wait.
+    ///   LiteLLM's router likewise bounds a call and its retries with one
+    ///   timeout.
+    ///
+    /// Reasoning models that think for minutes want a longer attempt
+    /// timeout (or streaming, whose attempt ends when the response starts).
     pub fn llm_defaults() -> Self {
         Self::builder()
             .build()
@@ -80,8 +100,9 @@ impl RetryLayer {
     pub fn builder() -> RetryLayerBuilder {
         RetryLayerBuilder {
             max_attempts: 3,
-            attempt_timeout: None,
-            deadline: None,
+            attempt_timeout: Some(LLM_ATTEMPT_TIMEOUT),
+            attempt_timeout_set: false,
+            deadline: Some(LLM_DEADLINE),
             classifier: LlmClassifier::new(),
             clone: UseClone,
             backoff: Backoff::llm_defaults(),
@@ -114,6 +135,9 @@ impl<S, C, K> Layer<S> for RetryLayer<C, K> {
 pub struct RetryLayerBuilder<C = LlmClassifier, K = UseClone> {
     max_attempts: u32,
     attempt_timeout: Option<Duration>,
+    // Whether `attempt_timeout` was chosen (else it is the default, which a
+    // shorter deadline lowers instead of being refused).
+    attempt_timeout_set: bool,
     deadline: Option<Duration>,
     classifier: C,
     clone: K,
@@ -145,18 +169,36 @@ impl<C, K> RetryLayerBuilder<C, K> {
     }
 
     /// Time allowed for each attempt; an attempt that takes longer is dropped
-    /// and counts as a transient [`Timeout`](crate::Error::Timeout). Default:
-    /// none.
+    /// and counts as a transient [`Timeout`](crate::Error::Timeout). Above
+    /// zero; a duration too long for the clock (`Duration::MAX`) means no
+    /// limit. Default [`LLM_ATTEMPT_TIMEOUT`] (120 s).
     pub fn attempt_timeout(mut self, t: Duration) -> Self {
         self.attempt_timeout = Some(t);
+        self.attempt_timeout_set = true;
+        self
+    }
+
+    /// No attempt timeout: an attempt takes as long as the inner service.
+    pub fn no_attempt_timeout(mut self) -> Self {
+        self.attempt_timeout = None;
+        self.attempt_timeout_set = true;
         self
     }
 
     /// Time allowed for the whole logical request: attempts and sleeps. A
     /// sleep or attempt that cannot finish before it is not started; the
-    /// last attempt is cut at it. Default: none.
+    /// last attempt is cut at it. Above zero and at least the attempt
+    /// timeout; a duration too long for the clock (`Duration::MAX`) means
+    /// no limit. Default [`LLM_DEADLINE`] (5 min).
     pub fn deadline(mut self, t: Duration) -> Self {
         self.deadline = Some(t);
+        self
+    }
+
+    /// No deadline: only the attempts, the attempt timeout and the sleeps
+    /// bound a request.
+    pub fn no_deadline(mut self) -> Self {
+        self.deadline = None;
         self
     }
 
@@ -186,7 +228,8 @@ impl<C, K> RetryLayerBuilder<C, K> {
 
     /// The longest server hint honoured; a longer one ends the request at
     /// once with [`RetryAfterTooLong`](crate::Error::RetryAfterTooLong).
-    /// Default 120 s (the OpenAI SDK's cap).
+    /// Any duration (`Duration::MAX` honours every hint). Default 120 s (the
+    /// OpenAI SDK's cap).
     pub fn hint_cap(mut self, cap: Duration) -> Self {
         self.hint_cap = cap;
         self
@@ -219,6 +262,7 @@ impl<C, K> RetryLayerBuilder<C, K> {
         RetryLayerBuilder {
             max_attempts: self.max_attempts,
             attempt_timeout: self.attempt_timeout,
+            attempt_timeout_set: self.attempt_timeout_set,
             deadline: self.deadline,
             classifier,
             clone: self.clone,
@@ -239,6 +283,7 @@ impl<C, K> RetryLayerBuilder<C, K> {
         RetryLayerBuilder {
             max_attempts: self.max_attempts,
             attempt_timeout: self.attempt_timeout,
+            attempt_timeout_set: self.attempt_timeout_set,
             deadline: self.deadline,
             classifier: self.classifier,
             clone,
@@ -253,7 +298,7 @@ impl<C, K> RetryLayerBuilder<C, K> {
     }
 
     /// Checks the values and creates the layer.
-    pub fn build(self) -> Result<RetryLayer<C, K>, ConfigError> {
+    pub fn build(mut self) -> Result<RetryLayer<C, K>, ConfigError> {
         if self.max_attempts == 0 {
             return Err(ConfigError::new("max_attempts", "must be at least 1"));
         }
@@ -265,10 +310,15 @@ impl<C, K> RetryLayerBuilder<C, K> {
                 return Err(ConfigError::new("deadline", "must be above zero"));
             }
             if self.attempt_timeout.is_some_and(|t| t > d) {
-                return Err(ConfigError::new(
-                    "deadline",
-                    "must be at least `attempt_timeout`",
-                ));
+                if self.attempt_timeout_set {
+                    return Err(ConfigError::new(
+                        "deadline",
+                        "must be at least `attempt_timeout`",
+                    ));
+                }
+                // The default attempt timeout never outlasts a shorter
+                // deadline the caller chose.
+                self.attempt_timeout = Some(d);
             }
         }
         if !self.hint_jitter.is_finite() || !(0.0..=1.0).contains(&self.hint_jitter) {

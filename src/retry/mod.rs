@@ -111,7 +111,7 @@ use tower_service::Service;
 pub use self::event::{RetryEvent, RetryEventKind};
 pub use self::future::ResponseFuture;
 use self::layer::Config;
-pub use self::layer::{RetryLayer, RetryLayerBuilder};
+pub use self::layer::{RetryLayer, RetryLayerBuilder, LLM_ATTEMPT_TIMEOUT, LLM_DEADLINE};
 use crate::budget::CLOCK_READ_EVERY;
 use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};
@@ -120,6 +120,51 @@ use crate::error::{BoxError, Error};
 ///
 /// Implemented by [`UseClone`] for every `Req: Clone` and by every
 /// `Fn(&Req) -> Option<Req> + Send + Sync + 'static`.
+///
+/// A request type that is not `Clone` does not compile under the default
+/// [`UseClone`], and wherever the compiler checks the bound it says why
+/// ("the retry layer cannot copy a `Prompt` for another attempt", with what
+/// to do). Through method syntax on a service whose request type is not
+/// known yet (`svc.oneshot(p)`), rustc only says that `Service`'s bounds
+/// are not met; `ServiceExt::<Prompt>::oneshot(svc, p)` shows the message.
+///
+/// ```compile_fail,E0277
+/// use llm_resilience::retry::RetryLayer;
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// struct Prompt(String); // not Clone
+///
+/// # async fn run() {
+/// let svc = RetryLayer::llm_defaults()
+///     .layer(service_fn(|p: Prompt| async move { Ok::<_, std::io::Error>(p.0) }));
+/// // error[E0277]: the retry layer cannot copy a `Prompt` for another attempt
+/// let _ = ServiceExt::<Prompt>::oneshot(svc, Prompt("hi".into())).await;
+/// # }
+/// ```
+///
+/// Derive `Clone` (keep it cheap: an `Arc` around a large body), or say how
+/// to copy it with [`clone_requests`](RetryLayerBuilder::clone_requests):
+///
+/// ```
+/// use llm_resilience::retry::RetryLayer;
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// struct Prompt(String); // not Clone
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let retry = RetryLayer::builder()
+///     .clone_requests(|p: &Prompt| Some(Prompt(p.0.clone())))
+///     .build()
+///     .unwrap();
+/// let svc = retry.layer(service_fn(|p: Prompt| async move { Ok::<_, std::io::Error>(p.0) }));
+/// assert_eq!(svc.oneshot(Prompt("hi".into())).await.unwrap(), "hi");
+/// # }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "the retry layer cannot copy a `{Req}` for another attempt with `{Self}`",
+    label = "`{Req}` needs `Clone` here, or a `clone_requests` function",
+    note = "derive or implement `Clone` for `{Req}` (an `Arc` around a large body keeps it cheap), or give the builder `.clone_requests(|req: &{Req}| Some(..))`"
+)]
 pub trait CloneRequest<Req>: Send + Sync + 'static {
     /// A copy of `req` for another attempt, or `None`.
     fn clone_request(&self, req: &Req) -> Option<Req>;
@@ -255,17 +300,7 @@ where
     type Future = ResponseFuture<S, Req, C, K>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.ready {
-            return Poll::Ready(Ok(()));
-        }
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                self.ready = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(Error::from_inner(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::util::ready::poll_inner(&mut self.inner, &mut self.ready, cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {

@@ -1,0 +1,281 @@
+//! Unit tests of the classifier: the crate's own errors, the source chain,
+//! `with_view`, and the outcome accessors.
+
+use super::*;
+use crate::error::BoxError;
+
+fn boom() -> BoxError {
+    "boom".into()
+}
+
+fn of(e: Error) -> Outcome {
+    Classify::<()>::classify(&LlmClassifier::new(), Err(&e))
+}
+
+#[test]
+fn the_crates_own_errors_keep_their_meaning() {
+    let s = Duration::from_secs(3);
+    assert_eq!(
+        Classify::<()>::classify(&LlmClassifier::new(), Ok(&())),
+        Outcome::Success
+    );
+    assert_eq!(
+        of(Error::Timeout { after: s }),
+        Outcome::transient(Reason::Timeout)
+    );
+    assert_eq!(
+        of(Error::CircuitOpen { retry_after: s }),
+        Outcome::Permanent {
+            reason: Reason::CircuitOpen,
+            retry_after: Some(s)
+        }
+    );
+    assert_eq!(
+        of(Error::RateLimited { retry_after: s }),
+        Outcome::Transient {
+            reason: Reason::RateLimited,
+            retry_after: Some(s)
+        }
+    );
+    assert_eq!(
+        of(Error::QueueFull { depth: 1 }),
+        Outcome::permanent(Reason::QueueFull)
+    );
+    assert_eq!(
+        of(Error::QueueTimeout { waited: s }),
+        Outcome::permanent(Reason::QueueFull)
+    );
+    assert_eq!(
+        of(Error::DeadlineExceeded {
+            attempts: 1,
+            source: None
+        }),
+        Outcome::permanent(Reason::Timeout)
+    );
+    assert_eq!(of(Error::Shutdown), Outcome::permanent(Reason::Shutdown));
+    for e in [
+        Error::RetriesExhausted {
+            attempts: 3,
+            reason: Reason::Overloaded,
+            source: boom(),
+        },
+        Error::BudgetExhausted {
+            attempts: 3,
+            reason: Reason::Overloaded,
+            source: boom(),
+        },
+        Error::NotCloneable {
+            reason: Reason::Overloaded,
+            source: boom(),
+        },
+    ] {
+        assert_eq!(of(e), Outcome::transient(Reason::Overloaded));
+    }
+    assert_eq!(
+        of(Error::RetryAfterTooLong {
+            retry_after: s,
+            limit: s,
+            attempts: 1,
+            source: boom()
+        }),
+        Outcome::Transient {
+            reason: Reason::RateLimited,
+            retry_after: Some(s)
+        }
+    );
+    assert_eq!(
+        of(Error::Permanent {
+            reason: Reason::Auth,
+            attempts: 1,
+            source: boom()
+        }),
+        Outcome::permanent(Reason::Auth)
+    );
+    assert_eq!(
+        of(Error::BadRequest {
+            reason: Reason::ContextLength,
+            attempts: 1,
+            source: boom()
+        }),
+        Outcome::BadRequest {
+            reason: Reason::ContextLength
+        }
+    );
+}
+
+#[test]
+fn the_source_chain_is_searched() {
+    use std::io::{Error as Io, ErrorKind as K};
+    let up = |e: BoxError| of(Error::Upstream { source: e });
+    assert_eq!(
+        up(Box::new(Io::from(K::ConnectionRefused))),
+        Outcome::transient(Reason::Connect)
+    );
+    assert_eq!(
+        up(Box::new(Io::from(K::TimedOut))),
+        Outcome::transient(Reason::Timeout)
+    );
+    assert_eq!(
+        up(Box::new(Io::from(K::ConnectionReset))),
+        Outcome::transient(Reason::Network)
+    );
+    assert_eq!(up(boom()), Outcome::transient(Reason::Unknown));
+    // An HttpError below a wrapper of ours, or below a foreign wrapper.
+    let wrapped = Error::Upstream {
+        source: Box::new(Error::Permanent {
+            reason: Reason::Auth,
+            attempts: 1,
+            source: Box::new(HttpError::new(401)),
+        }),
+    };
+    assert_eq!(of(wrapped), Outcome::permanent(Reason::Auth));
+    #[derive(Debug)]
+    struct Wrap(HttpError);
+    impl fmt::Display for Wrap {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrap")
+        }
+    }
+    impl std::error::Error for Wrap {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    assert_eq!(
+        up(Box::new(Wrap(HttpError::new(404)))),
+        Outcome::permanent(Reason::NotFound)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_elapsed_tokio_timeout_is_a_timeout() {
+    let elapsed = tokio::time::timeout(Duration::from_millis(1), std::future::pending::<()>())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        of(Error::Upstream {
+            source: Box::new(elapsed)
+        }),
+        Outcome::transient(Reason::Timeout)
+    );
+}
+
+/// A client's own error type, registered with `with_view`.
+#[derive(Debug)]
+struct Mine;
+impl fmt::Display for Mine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("mine")
+    }
+}
+impl std::error::Error for Mine {}
+impl HttpView for Mine {
+    fn status(&self) -> Option<u16> {
+        Some(529)
+    }
+    fn header(&self, _name: &str) -> Option<&str> {
+        None
+    }
+}
+
+#[test]
+fn with_view_recognises_a_clients_own_error() {
+    let e = Error::Upstream {
+        source: Box::new(Mine),
+    };
+    assert_eq!(
+        LlmClassifier::new().classify_error(&e),
+        Outcome::transient(Reason::Unknown)
+    );
+    // What a view does not override, it does not know.
+    assert_eq!(
+        (
+            Mine.error_type(),
+            Mine.error_code(),
+            Mine.error_message(),
+            Mine.transport()
+        ),
+        (None, None, None, None)
+    );
+    let c = LlmClassifier::default().with_view::<Mine>();
+    assert_eq!(c.classify_error(&e), Outcome::transient(Reason::Overloaded));
+    assert_eq!(format!("{c:?}"), "LlmClassifier { views: 2 }");
+}
+
+#[test]
+fn statuses_without_a_provider_code() {
+    let c = |e: HttpError| classify_http(&e);
+    assert_eq!(c(HttpError::new(402)), Outcome::permanent(Reason::Quota));
+    assert_eq!(
+        c(HttpError::new(400).with_error_code("insufficient_quota")),
+        Outcome::permanent(Reason::Quota)
+    );
+    assert_eq!(
+        c(HttpError::new(403).with_error_type("billing_error")),
+        Outcome::permanent(Reason::Auth)
+    );
+    assert_eq!(c(HttpError::new(200)), Outcome::Success);
+    assert_eq!(
+        c(HttpError::new(418)),
+        Outcome::BadRequest {
+            reason: Reason::InvalidRequest
+        }
+    );
+    assert_eq!(
+        c(HttpError::new(599)),
+        Outcome::transient(Reason::ServerError)
+    );
+    assert_eq!(
+        c(HttpError::new(500).with_error_type("overloaded_error")),
+        Outcome::transient(Reason::Overloaded)
+    );
+}
+
+#[test]
+fn outcome_accessors() {
+    let s = Some(Duration::from_secs(1));
+    let t = Outcome::Transient {
+        reason: Reason::RateLimited,
+        retry_after: s,
+    };
+    let p = Outcome::Permanent {
+        reason: Reason::Quota,
+        retry_after: s,
+    };
+    let b = Outcome::BadRequest {
+        reason: Reason::InvalidRequest,
+    };
+    assert_eq!(
+        (t.retry_after(), p.retry_after(), b.retry_after()),
+        (s, s, None)
+    );
+    assert_eq!(Outcome::Success.retry_after(), None);
+    assert_eq!(
+        [
+            t.reason(),
+            p.reason(),
+            b.reason(),
+            Outcome::Success.reason()
+        ],
+        [
+            Reason::RateLimited,
+            Reason::Quota,
+            Reason::InvalidRequest,
+            Reason::Ok
+        ]
+    );
+    assert_eq!(
+        [t, p, b, Outcome::Success].map(|o| o.is_target_failure()),
+        [true, true, false, false]
+    );
+    assert_eq!(
+        [t, p, b, Outcome::Success].map(|o| o.is_success()),
+        [false, false, false, true]
+    );
+    assert!(Reason::RateLimited.is_throttling() && Reason::Overloaded.is_throttling());
+    assert!(!Reason::ServerError.is_throttling());
+    assert_eq!(
+        Reason::ServerSaidNoRetry.to_string(),
+        "server_said_no_retry"
+    );
+}
