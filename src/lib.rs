@@ -24,6 +24,7 @@ pub mod error;
 pub mod fallback;
 pub mod pipeline;
 pub mod queue;
+pub mod ratelimit;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
