@@ -96,17 +96,28 @@ async fn simulate(seed: u64, minutes: u64) -> Vec<Rec> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let start = Instant::now();
     let horizon = Duration::from_secs(minutes * 60);
-    // Offered: about 1.3x the request limit per key, in clumps.
+    // Offered: busy spells at about three times the request limit, in
+    // clumps, between idle spells (so bursts follow quiet periods).
     let mut plan = Vec::new();
     for key in 0..3 {
         let mut t = Duration::ZERO;
         while t < horizon {
-            let clump = rng.random_range(1..=6);
-            for _ in 0..clump {
-                plan.push((t, key, rng.random_range(1..=250u32), rng.random_range(0.3..1.3f64), rng.random_range(0..3_000u64)));
+            let busy_until = t + Duration::from_secs_f64(rng.random_range(1.0..8.0));
+            while t < busy_until {
+                let clump = rng.random_range(1..=6);
+                for _ in 0..clump {
+                    plan.push((
+                        t,
+                        key,
+                        rng.random_range(1..=250u32),
+                        rng.random_range(0.3..1.3f64),
+                        rng.random_range(0..3_000u64),
+                    ));
+                }
+                let mean_gap = secs(WINDOW) / (L_REQ as f64 * 3.0) * clump as f64;
+                t += Duration::from_secs_f64(rng.random_range(0.0..2.0 * mean_gap));
             }
-            let mean_gap = secs(WINDOW) / (L_REQ as f64 * 1.3) * clump as f64;
-            t += Duration::from_secs_f64(rng.random_range(0.0..2.0 * mean_gap));
+            t += Duration::from_secs_f64(rng.random_range(0.0..20.0));
         }
     }
     let recs = Arc::new(Mutex::new(vec![Rec::default(); plan.len()]));
@@ -210,7 +221,14 @@ fn check(recs: &[Rec], origin: Instant) {
             // Nobody waits longer than the limit requires.
             let earliest_allowed = f(r.arrival.unwrap()).max(prev_admitted);
             let probe = a - tol;
-            if probe > earliest_allowed {
+            // An overrun charged between `probe` and the admission can delay
+            // it legitimately (the coarse log may make a call wait up to
+            // 1/128 of the window, and a charge in that gap counts).
+            let disturbed = mine.iter().any(|o| {
+                let s = f(o.settled.unwrap());
+                o.used > o.estimate && s >= probe && s < a
+            });
+            if probe > earliest_allowed && !disturbed {
                 let (n, tok) = sums(probe, true);
                 let log_fits = n < L_REQ && tok + r.estimate <= L_TOK;
                 let req_events: Vec<(f64, i8, f64)> = mine
@@ -223,8 +241,9 @@ fn check(recs: &[Rec], origin: Instant) {
                 assert!(
                     !fits,
                     "key {key}: a call admitted at {a} could have gone at {probe} \
-                     (arrived {:?}, predecessor admitted {prev_admitted})",
-                    f(r.arrival.unwrap())
+                     (arrived {:?}, predecessor admitted {prev_admitted}), n={n} tok={tok} est={}",
+                    f(r.arrival.unwrap()),
+                    r.estimate
                 );
             }
             prev_admitted = prev_admitted.max(a);
@@ -248,7 +267,7 @@ proptest! {
         rt.block_on(async {
             let origin = Instant::now();
             let recs = simulate(seed, 10).await;
-            assert!(recs.len() > 3 * 10 * 6 * 30, "{} calls offered", recs.len());
+            assert!(recs.len() > 3 * 10 * 6 * 20, "{} calls offered", recs.len());
             // The limiter's origin is a little after ours, never before.
             check(&recs, origin);
         });
