@@ -204,7 +204,11 @@ fn check(recs: &[Rec], origin: Instant) {
                 let inside = a > t - w && if strict_end { a < t } else { a <= t };
                 if inside {
                     n += 1;
-                    tok += if s <= t { r.used.min(r.estimate) } else { r.estimate };
+                    tok += if s <= t {
+                        r.used.min(r.estimate)
+                    } else {
+                        r.estimate
+                    };
                 }
                 if r.used > r.estimate && s > t - w && s <= t {
                     tok += r.used - r.estimate;
@@ -216,8 +220,14 @@ fn check(recs: &[Rec], origin: Instant) {
         for r in &mine {
             let a = f(r.admitted.unwrap());
             let (n, tok) = sums(a, false);
-            assert!(n <= L_REQ, "key {key}: {n} requests in the window ending at {a}");
-            assert!(tok <= L_TOK, "key {key}: {tok} tokens in the window ending at {a}");
+            assert!(
+                n <= L_REQ,
+                "key {key}: {n} requests in the window ending at {a}"
+            );
+            assert!(
+                tok <= L_TOK,
+                "key {key}: {tok} tokens in the window ending at {a}"
+            );
             // Nobody waits longer than the limit requires.
             let earliest_allowed = f(r.arrival.unwrap()).max(prev_admitted);
             let probe = a - tol;
@@ -324,7 +334,9 @@ async fn a_429_with_retry_after_pauses_its_key_once_and_leaves_others_alone() {
     };
     let svc = layer.layer(inner);
     // Three callers on key A are in flight together; all get the 429.
-    let first: Vec<_> = (0..3).map(|_| tokio::spawn(svc.clone().oneshot("a"))).collect();
+    let first: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(svc.clone().oneshot("a")))
+        .collect();
     for f in first {
         let err = f.await.unwrap().unwrap_err();
         assert!(err.upstream_ref::<HttpError>().is_some(), "{err:?}");
@@ -352,7 +364,11 @@ async fn a_429_with_retry_after_pauses_its_key_once_and_leaves_others_alone() {
             *t - paused_at
         );
     }
-    let b: Vec<Instant> = calls.iter().filter(|(k, _)| *k == "b").map(|(_, t)| *t).collect();
+    let b: Vec<Instant> = calls
+        .iter()
+        .filter(|(k, _)| *k == "b")
+        .map(|(_, t)| *t)
+        .collect();
     assert_eq!(b.len(), 3);
     for t in &b {
         assert_eq!(*t, paused_at, "key b was held back");
@@ -379,7 +395,9 @@ fn one_per_ten_seconds() -> llm_resilience::ratelimit::RateLimitLayerBuilder<
         .ignore_usage()
 }
 
-fn recorder(calls: Arc<Mutex<Vec<(u32, Instant)>>>) -> impl Service<u32, Response = u32, Error = HttpError, Future: Send> + Clone {
+fn recorder(
+    calls: Arc<Mutex<Vec<(u32, Instant)>>>,
+) -> impl Service<u32, Response = u32, Error = HttpError, Future: Send> + Clone {
     service_fn(move |x: u32| {
         calls.lock().unwrap().push((x, Instant::now()));
         async move { Ok::<_, HttpError>(x) }
@@ -389,7 +407,10 @@ fn recorder(calls: Arc<Mutex<Vec<(u32, Instant)>>>) -> impl Service<u32, Respons
 #[tokio::test(start_paused = true)]
 async fn a_dropped_waiter_gives_its_place_to_the_next() {
     let calls: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
-    let svc = one_per_ten_seconds().build().unwrap().layer(recorder(Arc::clone(&calls)));
+    let svc = one_per_ten_seconds()
+        .build()
+        .unwrap()
+        .layer(recorder(Arc::clone(&calls)));
     let t0 = Instant::now();
     svc.clone().oneshot(1).await.unwrap();
     // 2 waits for the next window's slot; 3 waits behind it.
@@ -405,13 +426,19 @@ async fn a_dropped_waiter_gives_its_place_to_the_next() {
     // 3 took 2's slot: sent at 10 s, not 20 s.
     let at = calls[1].1 - t0;
     assert_eq!(calls[1].0, 3);
-    assert!(at >= Duration::from_secs(10) && at < Duration::from_millis(10_100), "{at:?}");
+    assert!(
+        at >= Duration::from_secs(10) && at < Duration::from_millis(10_100),
+        "{at:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn waiters_go_in_arrival_order_at_the_pace() {
     let calls: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
-    let svc = one_per_ten_seconds().build().unwrap().layer(recorder(Arc::clone(&calls)));
+    let svc = one_per_ten_seconds()
+        .build()
+        .unwrap()
+        .layer(recorder(Arc::clone(&calls)));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..4 {
@@ -426,7 +453,10 @@ async fn waiters_go_in_arrival_order_at_the_pace() {
         assert_eq!(*x, i as u32);
         let at = *at - t0;
         let due = Duration::from_secs(10 * i as u64);
-        assert!(at >= due && at < due + Duration::from_millis(100), "{i}: {at:?}");
+        assert!(
+            at >= due && at < due + Duration::from_millis(100),
+            "{i}: {at:?}"
+        );
     }
 }
 
@@ -445,7 +475,11 @@ async fn reject_mode_and_max_wait_answer_rate_limited() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(calls.lock().unwrap().len(), 1, "a rejected call is not sent");
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "a rejected call is not sent"
+    );
 
     // Waiting, at most 15 s: 2 waits 10 s; 3 would wait 10 s alone but 20 s
     // behind 2, so it fails when its 15 s are up; 4 alone would wait longer
@@ -476,7 +510,10 @@ async fn reject_mode_and_max_wait_answer_rate_limited() {
         .layer(recorder(Arc::clone(&calls)));
     svc.clone().oneshot(1).await.unwrap();
     let t1 = Instant::now();
-    assert!(matches!(svc.clone().oneshot(2).await, Err(Error::RateLimited { .. })));
+    assert!(matches!(
+        svc.clone().oneshot(2).await,
+        Err(Error::RateLimited { .. })
+    ));
     assert_eq!(Instant::now(), t1);
 }
 
