@@ -22,22 +22,29 @@ pin_project! {
     enum State<S, Req, F> {
         // Refused: the answer is ready.
         Rejected { retry_after: Duration },
-        // In the key's waiting line.
-        Waiting {
-            id: u64,
-            sleep: Pin<Box<Sleep>>,
-            deadline: Instant,
-            since: Instant,
-            span: tracing::Span,
-            svc: Option<S>,
-            req: Option<Req>,
-        },
+        // In the key's waiting line (boxed: the slow path keeps the
+        // future small for the fast one).
+        Waiting { wait: Pin<Box<Wait<S, Req>>> },
         // Admitted; readying the owned (cloned) inner service.
         Readying { svc: S, req: Option<Req> },
         // The inner call is in flight.
         Calling { #[pin] fut: F },
         // Finished.
         Done,
+    }
+}
+
+pin_project! {
+    #[project = WaitProj]
+    struct Wait<S, Req> {
+        id: u64,
+        #[pin]
+        sleep: Sleep,
+        deadline: Instant,
+        since: Instant,
+        span: tracing::Span,
+        svc: Option<S>,
+        req: Option<Req>,
     }
 }
 
@@ -161,13 +168,15 @@ where
         );
         Self {
             state: State::Waiting {
-                id,
-                sleep: Box::pin(tokio::time::sleep_until(deadline)),
-                deadline,
-                since,
-                span,
-                svc: Some(svc),
-                req: Some(req),
+                wait: Box::pin(Wait {
+                    id,
+                    sleep: tokio::time::sleep_until(deadline),
+                    deadline,
+                    since,
+                    span,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
             },
             guard: Guard {
                 limiter: Some(limiter),
@@ -253,15 +262,16 @@ where
                         return Poll::Ready(Err(Error::from_inner(e)));
                     }
                 },
-                KindProj::Waiting {
-                    id,
-                    sleep,
-                    deadline,
-                    since,
-                    span,
-                    svc,
-                    req,
-                } => {
+                KindProj::Waiting { wait } => {
+                    let WaitProj {
+                        id,
+                        mut sleep,
+                        deadline,
+                        since,
+                        span,
+                        svc,
+                        req,
+                    } = wait.as_mut().project();
                     let _entered = span.enter();
                     let limiter = this.guard.limiter.as_ref().expect("a waiter has a limiter");
                     match limiter.poll_wait(*id, cx.waker()) {
