@@ -175,7 +175,7 @@ fn check(recs: &[Rec], origin: Instant) {
     let tol = w / 128.0 + 0.002;
     for key in 0..3 {
         let mut mine: Vec<&Rec> = recs.iter().filter(|r| r.key == key).collect();
-        mine.sort_by(|a, b| a.arrival.cmp(&b.arrival));
+        mine.sort_by_key(|r| r.arrival);
         // Bucket events: admissions and overruns add, refunds give back.
         let mut events: Vec<(f64, i8, f64)> = Vec::new();
         for r in &mine {

@@ -67,6 +67,8 @@ impl RateLimitEventKind {
 
 /// Reports `event`: a `tracing` debug event (target
 /// `llm_resilience::ratelimit`), the metrics, then the hook.
+// `&Cow`, not `&str`: the metrics labels clone it, free when it is borrowed.
+#[allow(clippy::ptr_arg)]
 pub(crate) fn emit(
     name: &Cow<'static, str>,
     listener: Option<&Listener>,

@@ -44,7 +44,7 @@ pub(crate) struct Dimension {
 }
 
 fn interval_fp(window: u64, limit: u64) -> u128 {
-    ((u128::from(window) << FP) + u128::from(limit) - 1) / u128::from(limit)
+    (u128::from(window) << FP).div_ceil(u128::from(limit))
 }
 
 impl Dimension {
@@ -84,7 +84,7 @@ impl Dimension {
     }
 
     /// The limit in force.
-    pub(crate) fn limit(&self) -> u64 {
+    pub(crate) fn effective_limit(&self) -> u64 {
         self.eff_limit
     }
 
@@ -306,11 +306,11 @@ mod tests {
         d.refund(seq, 40, 0);
         assert_eq!(d.remaining(0), 40);
         assert!(d.steer(Some(50), Some(10), 0));
-        assert_eq!(d.limit(), 50);
+        assert_eq!(d.effective_limit(), 50);
         assert!(d.remaining(0) <= 10);
         // Never above the configuration.
         d.steer(Some(1_000), None, 0);
-        assert_eq!(d.limit(), 100);
+        assert_eq!(d.effective_limit(), 100);
     }
 
     proptest! {

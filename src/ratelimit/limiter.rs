@@ -438,8 +438,8 @@ impl Limiter {
         Snapshot {
             requests: st.req.as_mut().map(|d| d.remaining(now)),
             tokens: st.tok.as_mut().map(|d| d.remaining(now)),
-            request_limit: st.req.as_ref().map(|d| d.limit()),
-            token_limit: st.tok.as_ref().map(|d| d.limit()),
+            request_limit: st.req.as_ref().map(|d| d.effective_limit()),
+            token_limit: st.tok.as_ref().map(|d| d.effective_limit()),
             paused_for: Duration::from_nanos(st.paused_until.saturating_sub(now)),
             waiting: st.waiters.len(),
         }
