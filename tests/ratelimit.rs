@@ -359,7 +359,7 @@ async fn a_429_with_retry_after_pauses_its_key_once_and_leaves_others_alone() {
     assert_eq!(a_after.len(), 2);
     for t in &a_after {
         assert!(
-            *t >= paused_at + Duration::from_secs(20) - Duration::from_millis(100),
+            *t >= paused_at + Duration::from_secs(20),
             "key a sent {:?} after the 429",
             *t - paused_at
         );
@@ -578,4 +578,45 @@ async fn usage_refunds_and_headers_lower_the_budget() {
     *reply.lock().unwrap() = Resp { used: None, server };
     svc.oneshot(3).await.unwrap();
     assert_eq!(handle.snapshot().request_limit, Some(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unbounded_max_wait_waits_without_overflow() {
+    let calls: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let svc = one_per_ten_seconds()
+        .max_wait(Duration::MAX)
+        .hint_cap(Duration::MAX)
+        .build()
+        .unwrap()
+        .layer(recorder(Arc::clone(&calls)));
+    svc.clone().oneshot(1).await.unwrap();
+    assert_eq!(svc.oneshot(2).await.unwrap(), 2);
+}
+
+#[test]
+fn bad_settings_are_typed_errors() {
+    let e = RateLimitLayer::builder().requests(0).build().unwrap_err();
+    assert_eq!(e.field, "requests");
+    let e = RateLimitLayer::builder().window(Duration::ZERO).build().unwrap_err();
+    assert_eq!(e.field, "window");
+    let e = RateLimitLayer::builder().window(Duration::MAX).build().unwrap_err();
+    assert_eq!(e.field, "window");
+    let e = RateLimitLayer::builder().burst(f64::NAN).build().unwrap_err();
+    assert_eq!(e.field, "burst");
+    let e = RateLimitLayer::builder().burst(1.5).build().unwrap_err();
+    assert_eq!(e.field, "burst");
+    let e = RateLimitLayer::builder()
+        .no_request_limit()
+        .no_token_limit()
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field, "requests");
+    let e = RateLimitLayer::builder().hint_cap(Duration::ZERO).build().unwrap_err();
+    assert_eq!(e.field, "hint_cap");
+    let e = RateLimitLayer::builder()
+        .key_by(|x: &u32| *x)
+        .max_keys(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field, "max_keys");
 }
