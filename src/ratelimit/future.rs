@@ -201,7 +201,11 @@ impl<U> Guard<U> {
             Ok(res) => {
                 let used = self.usage.tokens_used(res);
                 let server = self.usage.server_limits(res);
-                limiter.settle(ticket, used, &server);
+                // Nothing reported (always, with `IgnoreUsage`): nothing to
+                // settle, no lock.
+                if used.is_some() || !server.is_empty() {
+                    limiter.settle(ticket, used, &server);
+                }
             }
             Err(err) => {
                 let classifier = &limiter.settings.classifier;

@@ -83,6 +83,7 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 
 impl ServerLimits {
     /// Whether the server said nothing.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
