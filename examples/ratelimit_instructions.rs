@@ -63,10 +63,14 @@ fn main() {
             .window(Duration::from_secs(1))
             .estimate_tokens(|_: &u64| 100)
             .ignore_usage();
-        if tokens { b.tokens(1_000_000_000_000) } else { b.no_token_limit() }
-            .build()
-            .unwrap()
-            .layer(Always)
+        if tokens {
+            b.tokens(1_000_000_000_000)
+        } else {
+            b.no_token_limit()
+        }
+        .build()
+        .unwrap()
+        .layer(Always)
     };
     let acc = match variant.as_str() {
         "ours" => run(&mut ours(false), n),

@@ -597,11 +597,20 @@ async fn an_unbounded_max_wait_waits_without_overflow() {
 fn bad_settings_are_typed_errors() {
     let e = RateLimitLayer::builder().requests(0).build().unwrap_err();
     assert_eq!(e.field, "requests");
-    let e = RateLimitLayer::builder().window(Duration::ZERO).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .window(Duration::ZERO)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field, "window");
-    let e = RateLimitLayer::builder().window(Duration::MAX).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .window(Duration::MAX)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field, "window");
-    let e = RateLimitLayer::builder().burst(f64::NAN).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .burst(f64::NAN)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field, "burst");
     let e = RateLimitLayer::builder().burst(1.5).build().unwrap_err();
     assert_eq!(e.field, "burst");
@@ -611,7 +620,10 @@ fn bad_settings_are_typed_errors() {
         .build()
         .unwrap_err();
     assert_eq!(e.field, "requests");
-    let e = RateLimitLayer::builder().hint_cap(Duration::ZERO).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .hint_cap(Duration::ZERO)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field, "hint_cap");
     let e = RateLimitLayer::builder()
         .key_by(|x: &u32| *x)
