@@ -124,9 +124,7 @@ impl Service<u64> for Governor<DefaultDirectRateLimiter> {
 
     fn call(&mut self, x: u64) -> Self::Future {
         match self.limiter.check() {
-            Ok(()) => Either::Left(ready(
-                self.inner.call(x).into_inner().map_err(|e| match e {}),
-            )),
+            Ok(()) => ready(self.inner.call(x).into_inner().map_err(|e| match e {})),
             Err(_) => ready(Err(Limited)),
         }
     }
@@ -143,9 +141,7 @@ impl Service<u64> for Governor<DefaultKeyedRateLimiter<u64>> {
 
     fn call(&mut self, x: u64) -> Self::Future {
         match self.limiter.check_key(&(x % 4)) {
-            Ok(()) => Either::Left(ready(
-                self.inner.call(x).into_inner().map_err(|e| match e {}),
-            )),
+            Ok(()) => ready(self.inner.call(x).into_inner().map_err(|e| match e {})),
             Err(_) => ready(Err(Limited)),
         }
     }

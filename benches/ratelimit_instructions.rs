@@ -3,10 +3,10 @@
 //! tower layer the obvious way.
 //!
 //! ```text
-//! cargo build --release --example ratelimit_instructions
-//! for v in ours ours_tokens governor bare; do for n in 10000 20000; do
+//! cargo build --release -p llm-resilience-bench --bin ratelimit_instructions
+//! for v in ours ours_tokens governor bare; do for n in 100000 200000; do
 //!   valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-//!     target/release/examples/ratelimit_instructions $v $n 2>&1 | grep Collected
+//!     target/release/ratelimit_instructions $v $n 2>&1 | grep Collected
 //! done; done
 //! ```
 //!
@@ -23,9 +23,9 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use llm_resilience::ratelimit::RateLimitLayer;
 use tower::{Layer, Service};
 
-#[path = "../benches/support/instructions.rs"]
+#[path = "support/instructions.rs"]
 mod instructions;
-#[path = "../benches/support/peers.rs"]
+#[path = "support/peers.rs"]
 mod peers;
 use instructions::run;
 use peers::Always;
