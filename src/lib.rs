@@ -27,6 +27,7 @@ pub mod error;
 pub mod fallback;
 pub mod pipeline;
 pub mod queue;
+pub mod ratelimit;
 mod reason;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -29,3 +29,30 @@ async fn retry_layer_with_timeouts_keeps_the_tower_contract() {
 async fn the_suite_catches_a_layer_that_skips_readiness() {
     contract::check_layer(|| tower::util::MapResponseLayer::new(|r: u32| r)).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_layer_keeps_the_tower_contract() {
+    use llm_resilience::ratelimit::RateLimitLayer;
+    contract::check_layer(|| {
+        RateLimitLayer::builder()
+            .estimate_tokens(|_: &u32| 10)
+            .ignore_usage()
+            .build()
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_rate_limit_layer_keeps_the_tower_contract() {
+    use llm_resilience::ratelimit::RateLimitLayer;
+    contract::check_layer(|| {
+        RateLimitLayer::builder()
+            .estimate_tokens(|_: &u32| 10)
+            .ignore_usage()
+            .key_by(|x: &u32| x % 2)
+            .build()
+            .unwrap()
+    })
+    .await;
+}

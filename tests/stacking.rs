@@ -196,3 +196,102 @@ async fn chaos_faults_flow_through_retry_and_a_full_queue_rejects_flat() {
     assert!(matches!(err, Error::QueueFull { depth: 0, .. }), "{err:?}");
     assert_eq!(first.call(1).await.unwrap(), 1);
 }
+
+/// The rate limiter under a retry (the documented order) and over one: a
+/// 429 pauses the limiter and is retried after its hint; the limiter's own
+/// `RateLimited` and an exhausted retry both reach the caller flat.
+#[tokio::test(start_paused = true)]
+async fn rate_limit_under_and_over_retry_stays_flat() {
+    use llm_resilience::ratelimit::RateLimitLayer;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = {
+        let calls = calls.clone();
+        service_fn(move |x: u32| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(HttpError::new(429)
+                        .with_error_code("rate_limit_exceeded")
+                        .with_header("retry-after-ms", "50"))
+                } else {
+                    Ok(x)
+                }
+            }
+        })
+    };
+    let limit = || {
+        RateLimitLayer::builder()
+            .requests(2)
+            .no_token_limit()
+            .window(Duration::from_secs(10))
+            .burst(1.0)
+            .reject()
+            .estimate_tokens(|_: &u32| 0)
+            .ignore_usage()
+            .build()
+            .unwrap()
+    };
+    let svc = ServiceBuilder::new()
+        .layer(
+            RetryLayer::builder()
+                .max_attempts(2)
+                .backoff(fast())
+                .hint_cap(Duration::from_secs(1))
+                .seed(4)
+                .build()
+                .unwrap(),
+        )
+        .layer(limit())
+        .service(upstream);
+    // The 429 pauses the limiter for 50 ms and gives its charge back; the
+    // retry waits the same hint and goes through.
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The 429 cost nothing: one more call fits in the window, then the
+    // limiter refuses with a 10 s wait, beyond the retry's hint cap, which
+    // tells the caller at once, flat.
+    assert_eq!(svc.clone().oneshot(2).await.unwrap(), 2);
+    let err = svc.clone().oneshot(3).await.unwrap_err();
+    match &err {
+        Error::RetryAfterTooLong { retry_after, .. } => {
+            assert!(*retry_after > Duration::from_secs(9), "{err:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "a refused call is not sent"
+    );
+
+    // Over a retry: an exhausted retry passes the limiter unchanged.
+    let svc = ServiceBuilder::new()
+        .layer(limit())
+        .layer(
+            RetryLayer::builder()
+                .max_attempts(2)
+                .backoff(fast())
+                .seed(5)
+                .build()
+                .unwrap(),
+        )
+        .service(down(calls.clone()));
+    let err = svc.clone().oneshot(3).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RetriesExhausted {
+                attempts: 2,
+                reason: Reason::Unavailable,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.upstream_ref::<HttpError>().is_some());
+    svc.clone().oneshot(4).await.unwrap_err();
+    // Two calls in the window: the third is the limiter's, flat.
+    let err = svc.clone().oneshot(5).await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+}

@@ -352,6 +352,26 @@ impl LlmClassifier {
         }
     }
 
+    /// The [`HttpView`] of an upstream error (an [`HttpError`] or a type
+    /// registered with [`with_view`](Self::with_view), anywhere in the
+    /// source chain): its status and headers, for layers that read more
+    /// than the outcome (the rate limiter reads the `x-ratelimit-*` state).
+    pub fn http_view<'a>(&self, err: &'a Error) -> Option<&'a dyn HttpView> {
+        let Error::Upstream { source } = err else {
+            return None;
+        };
+        let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(&**source);
+        while let Some(e) = cur {
+            for view in &self.views {
+                if let Some(v) = view(e) {
+                    return Some(v);
+                }
+            }
+            cur = e.source();
+        }
+        None
+    }
+
     pub(crate) fn classify_chain(&self, source: &(dyn std::error::Error + 'static)) -> Outcome {
         let mut cur = Some(source);
         while let Some(e) = cur {

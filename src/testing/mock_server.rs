@@ -55,6 +55,7 @@
 
 mod agent;
 mod anthropic;
+mod limits;
 mod script;
 
 use std::collections::VecDeque;
@@ -78,6 +79,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use self::agent::{RecordedRequest, RECORDED_REQUESTS};
+pub use self::limits::MockLimits;
 pub use self::script::{ErrorReply, ErrorStyle, FaultScript, FaultWindow, MockFault, Served};
 
 const WORDS: [&str; 8] = [
@@ -102,6 +104,8 @@ struct Runtime {
     minute_requests: u64,
     minute_tokens: u64,
     started: Instant,
+    /// Continuously refilled request and token buckets, when set.
+    buckets: Option<limits::Buckets>,
 }
 
 struct Shared {
@@ -192,6 +196,7 @@ impl MockServer {
                 minute_requests: 0,
                 minute_tokens: 0,
                 started: now,
+                buckets: None,
             }),
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             total: AtomicU64::new(0),
@@ -278,6 +283,12 @@ impl MockServer {
         rt.started = Instant::now();
     }
 
+    /// Enforces `limits` from now on, with continuously refilled buckets
+    /// (see [`MockLimits`]), instead of the script's per-minute counters.
+    pub fn set_limits(&self, limits: MockLimits) {
+        lock(&self.shared.runtime).buckets = Some(limits::Buckets::new(limits, Instant::now()));
+    }
+
     /// Stops the server and releases held (hanging) requests.
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
@@ -325,8 +336,21 @@ fn decide(shared: &Shared, prompt: u64, completion: u64) -> Decision {
     let to_reset = MINUTE.saturating_sub(now.saturating_duration_since(rt.minute_start));
     let rpm = rt.script.rpm;
     let tpm = rt.script.tpm;
-    let over = rpm.is_some_and(|l| rt.minute_requests >= l)
+    let mut over = rpm.is_some_and(|l| rt.minute_requests >= l)
         || tpm.is_some_and(|l| rt.minute_tokens + prompt > l);
+    let mut to_reset = to_reset;
+    let bucket_limits = rt.buckets.as_mut().map(|b| {
+        let default = [
+            (DEFAULT_RPM, DEFAULT_RPM, to_reset),
+            (DEFAULT_TPM, DEFAULT_TPM, to_reset),
+        ];
+        let (limits, fits) = b.take(now, prompt + completion, default);
+        if let Err(wait) = fits {
+            over = true;
+            to_reset = wait;
+        }
+        limits
+    });
     let (fault, served) = if let Some(f) = rt.queue.pop_front() {
         let s = Served::of(&f);
         (f, s)
@@ -377,10 +401,10 @@ fn decide(shared: &Shared, prompt: u64, completion: u64) -> Decision {
         fault,
         served,
         latency,
-        limits: [
+        limits: bucket_limits.unwrap_or([
             (rpm_l, rpm_l.saturating_sub(rt.minute_requests), to_reset),
             (tpm_l, tpm_l.saturating_sub(rt.minute_tokens), to_reset),
-        ],
+        ]),
     }
 }
 

@@ -1,0 +1,327 @@
+//! The rate limiter's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::event::RateLimitEventKind as Kind;
+use super::limiter::{Limiter, Ticket, WaitPoll};
+use super::usage::{hint_of, ReadUsage, ServerLimits};
+use crate::classify::Reason;
+use crate::error::{BoxError, Error};
+
+pin_project! {
+    #[project = KindProj]
+    enum State<S, Req, F> {
+        // Refused: the answer is ready.
+        Rejected { retry_after: Duration },
+        // In the key's waiting line (boxed: the slow path keeps the
+        // future small for the fast one).
+        Waiting { wait: Pin<Box<Wait<S, Req>>> },
+        // Admitted; readying the owned (cloned) inner service.
+        Readying { svc: S, req: Option<Req> },
+        // The inner call is in flight.
+        Calling { #[pin] fut: F },
+        // Finished.
+        Done,
+    }
+}
+
+pin_project! {
+    #[project = WaitProj]
+    struct Wait<S, Req> {
+        id: u64,
+        #[pin]
+        sleep: Sleep,
+        deadline: Instant,
+        since: Instant,
+        span: tracing::Span,
+        svc: Option<S>,
+        req: Option<Req>,
+    }
+}
+
+pin_project! {
+    /// The future of [`RateLimit`](super::RateLimit) and
+    /// [`KeyedRateLimit`](super::KeyedRateLimit): the wait in line (if
+    /// any), then the inner call, then the settlement of its cost.
+    pub struct ResponseFuture<S, Req, U>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req, S::Future>,
+        guard: Guard<U>,
+    }
+}
+
+impl<S, Req, U> fmt::Debug for ResponseFuture<S, Req, U>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("admitted", &self.guard.ticket.is_some())
+            .field("waiting", &self.guard.waiting.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the call holds of its limiter: its place in line or its charges.
+struct Guard<U> {
+    limiter: Option<Arc<Limiter>>,
+    ticket: Option<Ticket>,
+    waiting: Option<u64>,
+    sent: bool,
+    usage: U,
+}
+
+impl<U> Drop for Guard<U> {
+    fn drop(&mut self) {
+        let Some(limiter) = &self.limiter else { return };
+        if let Some(id) = self.waiting.take() {
+            // Dropped in line: the next caller takes the place at once.
+            if limiter.leave(id).is_some() {
+                limiter.settings.emit(Kind::Cancelled, None, None);
+            }
+        } else if let (Some(ticket), false) = (self.ticket.take(), self.sent) {
+            // Admitted but never sent: nothing was used.
+            limiter.refund_all(ticket);
+        }
+    }
+}
+
+impl<S, Req, U> ResponseFuture<S, Req, U>
+where
+    S: Service<Req>,
+{
+    pub(crate) fn rejected(retry_after: Duration, usage: U) -> Self {
+        Self {
+            state: State::Rejected { retry_after },
+            guard: Guard {
+                limiter: None,
+                ticket: None,
+                waiting: None,
+                sent: false,
+                usage,
+            },
+        }
+    }
+
+    pub(crate) fn calling(fut: S::Future, limiter: Arc<Limiter>, ticket: Ticket, usage: U) -> Self {
+        Self {
+            state: State::Calling { fut },
+            guard: Guard {
+                limiter: Some(limiter),
+                ticket: Some(ticket),
+                waiting: None,
+                sent: true,
+                usage,
+            },
+        }
+    }
+
+    pub(crate) fn readying(
+        svc: S,
+        req: Req,
+        limiter: Arc<Limiter>,
+        ticket: Ticket,
+        usage: U,
+    ) -> Self {
+        Self {
+            state: State::Readying {
+                svc,
+                req: Some(req),
+            },
+            guard: Guard {
+                limiter: Some(limiter),
+                ticket: Some(ticket),
+                waiting: None,
+                sent: false,
+                usage,
+            },
+        }
+    }
+
+    #[cold]
+    pub(crate) fn waiting(
+        svc: S,
+        req: Req,
+        limiter: Arc<Limiter>,
+        id: u64,
+        max_wait: Duration,
+        usage: U,
+    ) -> Self {
+        let since = Instant::now();
+        let deadline = since.checked_add(max_wait).unwrap_or(since + super::FAR);
+        let span = tracing::debug_span!(
+            target: "llm_resilience::ratelimit",
+            "rate_limit_wait",
+            limiter = %limiter.settings.name
+        );
+        Self {
+            state: State::Waiting {
+                wait: Box::pin(Wait {
+                    id,
+                    sleep: tokio::time::sleep_until(deadline),
+                    deadline,
+                    since,
+                    span,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
+            },
+            guard: Guard {
+                limiter: Some(limiter),
+                ticket: None,
+                waiting: Some(id),
+                sent: false,
+                usage,
+            },
+        }
+    }
+}
+
+impl<U> Guard<U> {
+    fn finish<Res>(&mut self, result: Result<&Res, &Error>)
+    where
+        U: ReadUsage<Res>,
+    {
+        let (Some(limiter), Some(ticket)) = (&self.limiter, self.ticket.take()) else {
+            return;
+        };
+        match result {
+            Ok(res) => {
+                let used = self.usage.tokens_used(res);
+                let server = self.usage.server_limits(res);
+                // Nothing reported (always, with `IgnoreUsage`): nothing to
+                // settle, no lock.
+                if used.is_some() || !server.is_empty() {
+                    limiter.settle(ticket, used, &server);
+                }
+            }
+            Err(err) => {
+                let classifier = &limiter.settings.classifier;
+                match err {
+                    Error::Upstream { .. } => {
+                        let view = classifier.http_view(err);
+                        let server = view.map(ServerLimits::from_view).unwrap_or_default();
+                        let throttled = view.is_some_and(|v| v.status() == Some(429))
+                            && classifier.classify_error(err).reason() == Reason::RateLimited;
+                        if throttled {
+                            limiter.rate_limited(ticket, view.and_then(hint_of), &server);
+                        } else {
+                            limiter.settle(ticket, None, &server);
+                        }
+                    }
+                    // A layer below refused without sending anything.
+                    Error::CircuitOpen { .. }
+                    | Error::QueueFull { .. }
+                    | Error::QueueTimeout { .. }
+                    | Error::RateLimited { .. }
+                    | Error::Shutdown => limiter.refund_all(ticket),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl<S, Req, U> Future for ResponseFuture<S, Req, U>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    U: ReadUsage<S::Response>,
+{
+    type Output = Result<S::Response, Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                KindProj::Calling { fut } => {
+                    let result = ready!(fut.poll(cx)).map_err(Error::from_inner);
+                    this.guard.finish(result.as_ref());
+                    this.state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+                KindProj::Readying { svc, req } => match ready!(svc.poll_ready(cx)) {
+                    Ok(()) => {
+                        let req = req.take().expect("request taken once");
+                        let fut = svc.call(req);
+                        this.guard.sent = true;
+                        this.state.set(State::Calling { fut });
+                    }
+                    Err(e) => {
+                        // Never sent: the guard gives the charges back.
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(Error::from_inner(e)));
+                    }
+                },
+                KindProj::Waiting { wait } => {
+                    let WaitProj {
+                        id,
+                        mut sleep,
+                        deadline,
+                        since,
+                        span,
+                        svc,
+                        req,
+                    } = wait.as_mut().project();
+                    let _entered = span.enter();
+                    let limiter = this.guard.limiter.as_ref().expect("a waiter has a limiter");
+                    match limiter.poll_wait(*id, cx.waker()) {
+                        WaitPoll::Admitted(ticket) => {
+                            this.guard.waiting = None;
+                            this.guard.ticket = Some(ticket);
+                            limiter
+                                .settings
+                                .emit(Kind::Admitted, Some(since.elapsed()), None);
+                            let svc = svc.take().expect("service taken once");
+                            let req = req.take();
+                            drop(_entered);
+                            this.state.set(State::Readying { svc, req });
+                        }
+                        WaitPoll::Pending(at) => {
+                            let wake = at.map_or(*deadline, |at| at.min(*deadline));
+                            if sleep.deadline() != wake {
+                                sleep.as_mut().reset(wake);
+                            }
+                            if sleep.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            if Instant::now() < *deadline {
+                                // The head's time has come: check again.
+                                continue;
+                            }
+                            this.guard.waiting = None;
+                            let retry_after = limiter.leave(*id).unwrap_or_default();
+                            limiter.settings.emit(
+                                Kind::TimedOut,
+                                Some(since.elapsed()),
+                                Some(retry_after),
+                            );
+                            drop(_entered);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Error::RateLimited { retry_after }));
+                        }
+                    }
+                }
+                KindProj::Rejected { retry_after } => {
+                    let retry_after = *retry_after;
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(Error::RateLimited { retry_after }));
+                }
+                KindProj::Done => panic!("rate limit ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! One key's limiter: both dimensions, the pause, and the waiting line,
+//! under one short lock.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::event::{emit, Listener, RateLimitEventKind as Kind};
+use super::gcra::Dimension;
+use super::usage::ServerLimits;
+use crate::classify::LlmClassifier;
+
+/// What to do when a call cannot go at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenLimited {
+    /// Wait in line (first come, first served) for at most this long; a call
+    /// that would wait longer fails with
+    /// [`Error::RateLimited`](crate::Error::RateLimited).
+    Wait {
+        /// The longest a call waits.
+        max_wait: Duration,
+    },
+    /// Fail at once with [`Error::RateLimited`](crate::Error::RateLimited),
+    /// carrying the wait the call would have had.
+    Reject,
+}
+
+/// The validated configuration, shared by every key's limiter.
+pub(crate) struct Settings {
+    pub(crate) window: u64,
+    pub(crate) requests: Option<(u64, u64)>,
+    pub(crate) tokens: Option<(u64, u64)>,
+    pub(crate) when_limited: WhenLimited,
+    pub(crate) hint_cap: Duration,
+    pub(crate) server_window: Option<u64>,
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) listener: Option<Listener>,
+    pub(crate) classifier: LlmClassifier,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("window", &Duration::from_nanos(self.window))
+            .field("requests", &self.requests)
+            .field("tokens", &self.tokens)
+            .field("when_limited", &self.when_limited)
+            .field("hint_cap", &self.hint_cap)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    pub(crate) fn emit(&self, kind: Kind, waited: Option<Duration>, retry: Option<Duration>) {
+        emit(&self.name, self.listener.as_ref(), kind, waited, retry);
+    }
+}
+
+struct Waiter {
+    id: u64,
+    tokens: u64,
+    waker: Option<Waker>,
+}
+
+struct State {
+    req: Option<Dimension>,
+    tok: Option<Dimension>,
+    paused_until: u64,
+    waiters: VecDeque<Waiter>,
+    next_id: u64,
+    last_used: u64,
+}
+
+impl State {
+    #[inline]
+    fn fits(&mut self, tokens: u64, now: u64) -> bool {
+        self.req.as_mut().is_none_or(|d| d.fits(1, now))
+            && self.tok.as_mut().is_none_or(|d| d.fits(tokens, now))
+    }
+
+    #[inline]
+    fn admit(&mut self, tokens: u64, now: u64) -> Ticket {
+        self.last_used = now;
+        Ticket {
+            req_seq: self.req.as_mut().map_or(u64::MAX, |d| d.admit(1, now)),
+            tok_seq: self.tok.as_mut().map_or(u64::MAX, |d| d.admit(tokens, now)),
+            tokens,
+        }
+    }
+
+    /// When a call of `tokens` could go, with nobody ahead of it.
+    fn earliest(&mut self, tokens: u64, now: u64) -> Option<u64> {
+        let mut at = now.max(self.paused_until);
+        if let Some(d) = self.req.as_mut() {
+            at = at.max(d.earliest(1, now)?);
+        }
+        if let Some(d) = self.tok.as_mut() {
+            at = at.max(d.earliest(tokens, now)?);
+        }
+        Some(at)
+    }
+
+    fn head_waker(&mut self) -> Option<Waker> {
+        self.waiters.front_mut().and_then(|w| w.waker.take())
+    }
+}
+
+/// An admitted call's charges, for settling.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    req_seq: u64,
+    tok_seq: u64,
+    tokens: u64,
+}
+
+/// The answer to a call's arrival.
+pub(crate) enum Arrival {
+    Admitted(Ticket),
+    Queued(u64),
+    Rejected(Duration),
+}
+
+/// The answer to a waiting call's poll.
+pub(crate) enum WaitPoll {
+    Admitted(Ticket),
+    /// Not yet; check again at this instant (the head of the line), or when
+    /// woken (the others).
+    Pending(Option<Instant>),
+}
+
+/// One key's limiter.
+pub(crate) struct Limiter {
+    state: Mutex<State>,
+    /// No call waiting and no pause set: `poll_ready` may ready the inner
+    /// service. A hint only (read without the lock).
+    clear: AtomicBool,
+    origin: Instant,
+    pub(crate) settings: Arc<Settings>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("clear", &self.is_clear())
+            .finish_non_exhaustive()
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Limiter {
+    pub(crate) fn new(settings: Arc<Settings>, origin: Instant) -> Self {
+        let dim = |c: Option<(u64, u64)>| c.map(|(l, b)| Dimension::new(l, b, settings.window));
+        Self {
+            state: Mutex::new(State {
+                req: dim(settings.requests),
+                tok: dim(settings.tokens),
+                paused_until: 0,
+                waiters: VecDeque::new(),
+                next_id: 0,
+                last_used: 0,
+            }),
+            clear: AtomicBool::new(true),
+            origin,
+            settings,
+        }
+    }
+
+    #[inline]
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[inline]
+    fn now(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.origin))
+    }
+
+    fn instant(&self, at: u64) -> Instant {
+        self.origin + Duration::from_nanos(at)
+    }
+
+    fn update_clear(&self, st: &State, now: u64) {
+        let clear = st.waiters.is_empty() && st.paused_until <= now;
+        if self.clear.load(Ordering::Relaxed) != clear {
+            self.clear.store(clear, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn is_clear(&self) -> bool {
+        self.clear.load(Ordering::Relaxed)
+    }
+
+    /// A call of `tokens` arrives: admitted at once, queued, or refused.
+    #[inline]
+    pub(crate) fn arrive(&self, tokens: u64) -> Arrival {
+        let now = self.now();
+        let mut st = self.lock();
+        if st.waiters.is_empty() && st.paused_until <= now && st.fits(tokens, now) {
+            return Arrival::Admitted(st.admit(tokens, now));
+        }
+        self.arrive_slow(st, tokens, now)
+    }
+
+    #[cold]
+    fn arrive_slow(&self, mut st: MutexGuard<'_, State>, tokens: u64, now: u64) -> Arrival {
+        let window = Duration::from_nanos(self.settings.window);
+        let Some(at) = st.earliest(tokens, now) else {
+            drop(st);
+            // Above the limit itself: it can never go.
+            self.settings.emit(Kind::Rejected, None, Some(window));
+            return Arrival::Rejected(window);
+        };
+        let wait = Duration::from_nanos(at - now);
+        let queue = match self.settings.when_limited {
+            WhenLimited::Wait { max_wait } => wait <= max_wait,
+            WhenLimited::Reject => false,
+        };
+        if !queue {
+            drop(st);
+            self.settings.emit(Kind::Rejected, None, Some(wait));
+            return Arrival::Rejected(wait);
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.waiters.push_back(Waiter {
+            id,
+            tokens,
+            waker: None,
+        });
+        self.update_clear(&st, now);
+        drop(st);
+        self.settings.emit(Kind::Queued, None, None);
+        Arrival::Queued(id)
+    }
+
+    /// A waiting call is polled: the head of the line is admitted when its
+    /// time has come; the others wait to become the head.
+    pub(crate) fn poll_wait(&self, id: u64, waker: &Waker) -> WaitPoll {
+        let now = self.now();
+        let mut st = self.lock();
+        let is_head = st.waiters.front().is_some_and(|w| w.id == id);
+        if !is_head {
+            if let Some(w) = st.waiters.iter_mut().find(|w| w.id == id) {
+                if !w.waker.as_ref().is_some_and(|old| old.will_wake(waker)) {
+                    w.waker = Some(waker.clone());
+                }
+            }
+            return WaitPoll::Pending(None);
+        }
+        let tokens = st.waiters[0].tokens;
+        // `earliest` exists (checked on arrival) unless the server lowered
+        // the limit below this call's cost since: then it waits out its
+        // maximum wait.
+        let at = st
+            .earliest(tokens, now)
+            .unwrap_or(now.saturating_add(self.settings.window));
+        if at <= now && st.fits(tokens, now) {
+            let ticket = st.admit(tokens, now);
+            st.waiters.pop_front();
+            let next = st.head_waker();
+            self.update_clear(&st, now);
+            drop(st);
+            if let Some(w) = next {
+                w.wake();
+            }
+            return WaitPoll::Admitted(ticket);
+        }
+        if let Some(w) = st.waiters.front_mut() {
+            if !w.waker.as_ref().is_some_and(|old| old.will_wake(waker)) {
+                w.waker = Some(waker.clone());
+            }
+        }
+        WaitPoll::Pending(Some(self.instant(at.max(now + 1))))
+    }
+
+    /// Takes a waiting call out of line (its caller gave up, or its wait ran
+    /// out); the next in line takes its place at once. Returns the wait it
+    /// would still have had, when it was the head.
+    pub(crate) fn leave(&self, id: u64) -> Option<Duration> {
+        let now = self.now();
+        let mut st = self.lock();
+        let pos = st.waiters.iter().position(|w| w.id == id)?;
+        let tokens = st.waiters[pos].tokens;
+        let left = st
+            .earliest(tokens, now)
+            .map(|at| Duration::from_nanos(at - now));
+        st.waiters.remove(pos);
+        let next = if pos == 0 { st.head_waker() } else { None };
+        self.update_clear(&st, now);
+        drop(st);
+        if let Some(w) = next {
+            w.wake();
+        }
+        left
+    }
+
+    fn scale(&self, server_limit: Option<u64>) -> Option<u64> {
+        let server_window = self.settings.server_window?;
+        server_limit.map(|l| {
+            let scaled =
+                u128::from(l) * u128::from(self.settings.window) / u128::from(server_window);
+            u64::try_from(scaled).unwrap_or(u64::MAX)
+        })
+    }
+
+    fn steer(&self, st: &mut State, server: &ServerLimits, now: u64) -> bool {
+        if server.is_empty() || self.settings.server_window.is_none() {
+            return false;
+        }
+        let mut lowered = false;
+        if let Some(d) = st.req.as_mut() {
+            lowered |= d.steer(
+                self.scale(server.requests.limit),
+                server.requests.remaining,
+                now,
+            );
+        }
+        if let Some(d) = st.tok.as_mut() {
+            lowered |= d.steer(
+                self.scale(server.tokens.limit),
+                server.tokens.remaining,
+                now,
+            );
+        }
+        lowered
+    }
+
+    /// A call ended: refund or charge the difference between its estimate
+    /// and the tokens it used, and follow what the server said is left.
+    pub(crate) fn settle(&self, ticket: Ticket, used: Option<u64>, server: &ServerLimits) {
+        if used.is_none() && server.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let mut st = self.lock();
+        if let (Some(used), Some(d)) = (used, st.tok.as_mut()) {
+            if used < ticket.tokens {
+                d.refund(ticket.tok_seq, ticket.tokens - used, now);
+            } else {
+                d.overrun(used - ticket.tokens, now);
+            }
+        }
+        let lowered = self.steer(&mut st, server, now);
+        let head = st.head_waker();
+        drop(st);
+        if let Some(w) = head {
+            w.wake();
+        }
+        if lowered {
+            self.settings.emit(Kind::Steered, None, None);
+        }
+    }
+
+    /// An admitted call was never sent (or a layer below refused it without
+    /// sending): its charges come back.
+    pub(crate) fn refund_all(&self, ticket: Ticket) {
+        let now = self.now();
+        let mut st = self.lock();
+        if let Some(d) = st.req.as_mut() {
+            d.refund(ticket.req_seq, 1, now);
+        }
+        if let Some(d) = st.tok.as_mut() {
+            d.refund(ticket.tok_seq, ticket.tokens, now);
+        }
+        let head = st.head_waker();
+        drop(st);
+        if let Some(w) = head {
+            w.wake();
+        }
+    }
+
+    /// A call was refused with a 429: the server charged nothing, so the
+    /// call's charges come back; every call on this key waits for the hint
+    /// (capped), or, without one, the burst is gone.
+    pub(crate) fn rate_limited(
+        &self,
+        ticket: Ticket,
+        hint: Option<Duration>,
+        server: &ServerLimits,
+    ) {
+        let now = self.now();
+        let mut st = self.lock();
+        if let Some(d) = st.req.as_mut() {
+            d.refund(ticket.req_seq, 1, now);
+        }
+        if let Some(d) = st.tok.as_mut() {
+            d.refund(ticket.tok_seq, ticket.tokens, now);
+        }
+        self.steer(&mut st, server, now);
+        let mut paused = None;
+        match hint {
+            Some(h) => {
+                let h = h.min(self.settings.hint_cap);
+                let until = now.saturating_add(nanos(h));
+                if until > st.paused_until {
+                    if st.paused_until <= now {
+                        paused = Some(h);
+                    }
+                    st.paused_until = until;
+                }
+            }
+            None => {
+                if let Some(d) = st.req.as_mut() {
+                    d.drain(now);
+                }
+                if let Some(d) = st.tok.as_mut() {
+                    d.drain(now);
+                }
+            }
+        }
+        self.update_clear(&st, now);
+        let head = st.head_waker();
+        drop(st);
+        if let Some(w) = head {
+            w.wake();
+        }
+        if paused.is_some() {
+            self.settings.emit(Kind::Paused, None, paused);
+        }
+    }
+
+    /// Requests and tokens that could go at once now (`None` for an
+    /// unlimited dimension), and the pause left.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let now = self.now();
+        let mut st = self.lock();
+        Snapshot {
+            requests: st.req.as_mut().map(|d| d.remaining(now)),
+            tokens: st.tok.as_mut().map(|d| d.remaining(now)),
+            request_limit: st.req.as_ref().map(|d| d.effective_limit()),
+            token_limit: st.tok.as_ref().map(|d| d.effective_limit()),
+            paused_for: Duration::from_nanos(st.paused_until.saturating_sub(now)),
+            waiting: st.waiters.len(),
+        }
+    }
+
+    /// Whether nothing is waiting and the key's history has left the window
+    /// (evicting it loses nothing), and when it was last used.
+    pub(crate) fn idle(&self) -> (bool, u64) {
+        let now = self.now();
+        let st = self.lock();
+        let quiet = st.waiters.is_empty()
+            && st.paused_until <= now
+            && st.last_used.saturating_add(self.settings.window) <= now;
+        (quiet, st.last_used)
+    }
+}
+
+/// A limiter's state at one instant; see
+/// [`RateLimitHandle::snapshot`](super::RateLimitHandle::snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Requests that could go at once (`None`: no request limit).
+    pub requests: Option<u64>,
+    /// Tokens that could go at once (`None`: no token limit).
+    pub tokens: Option<u64>,
+    /// The request limit in force per window (the configured one, or lower
+    /// when the server's headers said so).
+    pub request_limit: Option<u64>,
+    /// The token limit in force per window.
+    pub token_limit: Option<u64>,
+    /// How long calls on this key are paused by a server's 429.
+    pub paused_for: Duration,
+    /// Calls waiting in line.
+    pub waiting: usize,
+}

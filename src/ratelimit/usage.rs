@@ -1,0 +1,259 @@
+//! What a request is expected to cost, what a response says it cost, and
+//! what the server says is left.
+
+use std::time::SystemTime;
+
+use crate::classify::{hint, HttpView};
+
+/// Estimates a request's token cost before the call.
+///
+/// Implemented by every `Fn(&Req) -> u32` and, with the `reqwest` feature,
+/// by [`ChatEstimate`] for the crate's
+/// [`ChatRequest`](crate::client::ChatRequest).
+pub trait EstimateTokens<Req>: Send + Sync + 'static {
+    /// The tokens `req` is expected to use (prompt and completion).
+    fn estimate(&self, req: &Req) -> u32;
+}
+
+impl<Req, F> EstimateTokens<Req> for F
+where
+    F: Fn(&Req) -> u32 + Send + Sync + 'static,
+{
+    #[inline]
+    fn estimate(&self, req: &Req) -> u32 {
+        self(req)
+    }
+}
+
+/// The default estimator: for the crate's
+/// [`ChatRequest`](crate::client::ChatRequest) (feature `reqwest`), its
+/// prompt estimate (4 bytes a token) plus its `max_tokens` (or, when unset,
+/// [`ChatEstimate::DEFAULT_MAX_TOKENS`]). Providers count the same way
+/// before a call: OpenAI charges `max_tokens` against the tokens-per-minute
+/// limit up front.
+///
+/// For other request types, give the builder a closure
+/// ([`estimate_tokens`](super::RateLimitLayerBuilder::estimate_tokens)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChatEstimate;
+
+impl ChatEstimate {
+    /// The completion allowance when a request sets no `max_tokens`.
+    pub const DEFAULT_MAX_TOKENS: u32 = 1_024;
+}
+
+#[cfg(feature = "reqwest")]
+impl EstimateTokens<crate::client::ChatRequest> for ChatEstimate {
+    #[inline]
+    fn estimate(&self, req: &crate::client::ChatRequest) -> u32 {
+        req.estimated_prompt_tokens()
+            .saturating_add(req.max_tokens_value().unwrap_or(Self::DEFAULT_MAX_TOKENS))
+    }
+}
+
+/// One dimension of the server's rate-limit state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerDimension {
+    /// The server's limit per its window.
+    pub limit: Option<u64>,
+    /// What the server says is left.
+    pub remaining: Option<u64>,
+}
+
+/// The rate-limit state a server reported, from OpenAI's
+/// `x-ratelimit-{limit,remaining}-{requests,tokens}` or Anthropic's
+/// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining}`
+/// headers. For tokens, the limit is the one on all tokens, and what is left
+/// is the least of Anthropic's token dimensions (an input- or output-token
+/// budget bounds the total a call can use).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Requests.
+    pub requests: ServerDimension,
+    /// Tokens.
+    pub tokens: ServerDimension,
+}
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl ServerLimits {
+    /// Whether the server said nothing.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Reads the headers of `view` (malformed values are ignored).
+    pub fn from_view(view: &dyn HttpView) -> Self {
+        let num = |name: &str| view.header(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let mut s = Self {
+            requests: ServerDimension {
+                limit: num("x-ratelimit-limit-requests"),
+                remaining: num("x-ratelimit-remaining-requests"),
+            },
+            tokens: ServerDimension {
+                limit: num("x-ratelimit-limit-tokens"),
+                remaining: num("x-ratelimit-remaining-tokens"),
+            },
+        };
+        const ANTHROPIC: [(&str, &str); 4] = [
+            (
+                "anthropic-ratelimit-tokens-limit",
+                "anthropic-ratelimit-tokens-remaining",
+            ),
+            (
+                "anthropic-ratelimit-input-tokens-limit",
+                "anthropic-ratelimit-input-tokens-remaining",
+            ),
+            (
+                "anthropic-ratelimit-output-tokens-limit",
+                "anthropic-ratelimit-output-tokens-remaining",
+            ),
+            (
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-requests-remaining",
+            ),
+        ];
+        for (i, (limit, remaining)) in ANTHROPIC.iter().enumerate() {
+            let dim = if i == 3 {
+                &mut s.requests
+            } else {
+                &mut s.tokens
+            };
+            if i == 0 || i == 3 {
+                dim.limit = min_opt(dim.limit, num(limit));
+            }
+            dim.remaining = min_opt(dim.remaining, num(remaining));
+        }
+        s
+    }
+}
+
+/// What a response tells the limiter after the call: the tokens it used and
+/// the server's rate-limit state. Both default to "not reported", so
+/// `impl ReportsUsage for MyResponse {}` is enough for a type that reports
+/// neither.
+pub trait ReportsUsage {
+    /// The tokens the call used, as the provider counted them.
+    fn tokens_used(&self) -> Option<u64> {
+        None
+    }
+
+    /// The rate-limit state the server reported with this response.
+    fn server_limits(&self) -> ServerLimits {
+        ServerLimits::default()
+    }
+}
+
+#[cfg(feature = "reqwest")]
+fn from_client_headers(h: &crate::client::RateLimitHeaders) -> ServerLimits {
+    ServerLimits {
+        requests: ServerDimension {
+            limit: h.limit_requests,
+            remaining: h.remaining_requests,
+        },
+        tokens: ServerDimension {
+            limit: h.limit_tokens,
+            remaining: h.remaining_tokens,
+        },
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl ReportsUsage for crate::client::ChatResponse {
+    #[inline]
+    fn tokens_used(&self) -> Option<u64> {
+        self.usage.map(|u| u64::from(u.total_tokens))
+    }
+
+    #[inline]
+    fn server_limits(&self) -> ServerLimits {
+        from_client_headers(&self.rate_limit)
+    }
+}
+
+/// A response the limiter does not look into: the estimate stands, and no
+/// server state is read. For services whose responses report no usage
+/// (use it with [`ignore_usage`](super::RateLimitLayerBuilder::ignore_usage)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IgnoreUsage;
+
+/// Reads a response's usage and server state for the limiter: the default
+/// ([`Reported`]) asks the response's [`ReportsUsage`]; [`IgnoreUsage`]
+/// reads nothing, for any response type.
+pub trait ReadUsage<Res>: Send + Sync + 'static {
+    /// The tokens used, if reported.
+    fn tokens_used(&self, res: &Res) -> Option<u64>;
+    /// The server's rate-limit state, if reported.
+    fn server_limits(&self, res: &Res) -> ServerLimits;
+}
+
+/// The default [`ReadUsage`]: the response's own [`ReportsUsage`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reported;
+
+impl<Res: ReportsUsage> ReadUsage<Res> for Reported {
+    #[inline]
+    fn tokens_used(&self, res: &Res) -> Option<u64> {
+        res.tokens_used()
+    }
+    #[inline]
+    fn server_limits(&self, res: &Res) -> ServerLimits {
+        res.server_limits()
+    }
+}
+
+impl<Res> ReadUsage<Res> for IgnoreUsage {
+    #[inline]
+    fn tokens_used(&self, _: &Res) -> Option<u64> {
+        None
+    }
+    #[inline]
+    fn server_limits(&self, _: &Res) -> ServerLimits {
+        ServerLimits::default()
+    }
+}
+
+/// The server's wait hint of a 429, from the same headers the classifier
+/// reads.
+pub(crate) fn hint_of(view: &dyn HttpView) -> Option<std::time::Duration> {
+    hint::server_hint(view, SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::HttpError;
+
+    #[test]
+    fn reads_openai_and_anthropic_headers() {
+        let e = HttpError::new(200)
+            .with_header("x-ratelimit-limit-requests", "500")
+            .with_header("x-ratelimit-remaining-requests", "499")
+            .with_header("x-ratelimit-limit-tokens", "30000")
+            .with_header("x-ratelimit-remaining-tokens", "bogus");
+        let s = ServerLimits::from_view(&e);
+        assert_eq!(s.requests.limit, Some(500));
+        assert_eq!(s.requests.remaining, Some(499));
+        assert_eq!(s.tokens.limit, Some(30_000));
+        assert_eq!(s.tokens.remaining, None);
+
+        let e = HttpError::new(200)
+            .with_header("anthropic-ratelimit-requests-limit", "50")
+            .with_header("anthropic-ratelimit-requests-remaining", "3")
+            .with_header("anthropic-ratelimit-input-tokens-limit", "30000")
+            .with_header("anthropic-ratelimit-input-tokens-remaining", "900")
+            .with_header("anthropic-ratelimit-output-tokens-limit", "8000")
+            .with_header("anthropic-ratelimit-output-tokens-remaining", "7000");
+        let s = ServerLimits::from_view(&e);
+        assert_eq!(s.requests.remaining, Some(3));
+        assert_eq!(s.tokens.limit, None);
+        assert_eq!(s.tokens.remaining, Some(900));
+        assert!(ServerLimits::from_view(&HttpError::new(200)).is_empty());
+    }
+}
