@@ -80,7 +80,9 @@ use tokio::time::Instant;
 
 pub use self::agent::{RecordedRequest, RECORDED_REQUESTS};
 pub use self::limits::MockLimits;
-pub use self::script::{ErrorReply, ErrorStyle, FaultScript, FaultWindow, MockFault, Served};
+pub use self::script::{
+    ErrorReply, ErrorStyle, FaultScript, FaultWindow, MockFault, MockStats, Served,
+};
 
 const WORDS: [&str; 8] = [
     "resilient",
@@ -134,32 +136,6 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A snapshot of what the server did with the requests it received.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MockStats {
-    /// Every request received (valid or not).
-    pub total: u64,
-    /// Prompt plus completion tokens of the completions served.
-    pub tokens: u64,
-    counts: [u64; Served::ALL.len()],
-}
-
-impl MockStats {
-    /// Requests answered as `served`.
-    pub fn get(&self, served: Served) -> u64 {
-        self.counts[served.index()]
-    }
-
-    /// Every non-zero count, in [`Served::ALL`] order.
-    pub fn nonzero(&self) -> Vec<(Served, u64)> {
-        Served::ALL
-            .iter()
-            .map(|s| (*s, self.get(*s)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
     }
 }
 

@@ -449,3 +449,29 @@ impl FaultScript {
         self
     }
 }
+
+/// A snapshot of what the server did with the requests it received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MockStats {
+    /// Every request received (valid or not).
+    pub total: u64,
+    /// Prompt plus completion tokens of the completions served.
+    pub tokens: u64,
+    pub(crate) counts: [u64; Served::ALL.len()],
+}
+
+impl MockStats {
+    /// Requests answered as `served`.
+    pub fn get(&self, served: Served) -> u64 {
+        self.counts[served.index()]
+    }
+
+    /// Every non-zero count, in [`Served::ALL`] order.
+    pub fn nonzero(&self) -> Vec<(Served, u64)> {
+        Served::ALL
+            .iter()
+            .map(|s| (*s, self.get(*s)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
