@@ -17,11 +17,16 @@ mod util {
     pub(crate) use super::{listener, rng};
 }
 
-// `state.rs` reaches its siblings as `super::sync` and `super::window`.
+// `state.rs` reaches its siblings as `super::sync`, `super::window`,
+// `super::event` and `super::settings`.
+#[path = "../src/breaker/event.rs"]
+mod event;
 #[path = "../src/util/listener.rs"]
 mod listener;
 #[path = "../src/util/rng.rs"]
 mod rng;
+#[path = "../src/breaker/settings.rs"]
+mod settings;
 #[path = "../src/breaker/state.rs"]
 mod state;
 #[path = "../src/util/sync.rs"]

@@ -128,10 +128,12 @@
 //! [`Outcome::retry_after`]: crate::classify::Outcome::retry_after
 //! [`LlmClassifier::with_view`]: crate::classify::LlmClassifier::with_view
 
+mod event;
 mod future;
 mod handle;
 mod keyed;
 mod layer;
+mod settings;
 mod state;
 mod window;
 
@@ -143,6 +145,7 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tower_service::Service;
 
+pub use self::event::{BreakerEvent, State};
 pub use self::future::ResponseFuture;
 pub use self::handle::BreakerHandle;
 pub use self::keyed::{KeyedBreakerHandle, KeyedCircuitBreaker, KeyedCircuitBreakerLayer};
@@ -150,7 +153,6 @@ pub use self::layer::{
     CircuitBreakerLayer, CircuitBreakerLayerBuilder, KeyedCircuitBreakerLayerBuilder,
 };
 use self::state::Core;
-pub use self::state::{BreakerEvent, State};
 pub use self::window::WindowCounts;
 use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};

@@ -13,123 +13,18 @@ use super::window::{Window, WindowCounts};
 use crate::classify::Reason;
 use crate::util::rng::{splitmix, unit};
 
-/// The state of one breaker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum State {
-    /// Calls pass and their results are recorded.
-    Closed,
-    /// Calls fail at once until the open period ends.
-    Open,
-    /// A few probe calls pass; everyone else fails at once.
-    HalfOpen,
-    /// Set by an operator: every call fails at once until reset.
-    ForcedOpen,
-    /// Set by an operator: every call passes and nothing is recorded.
-    ForcedClosed,
-    /// Set by an operator: every call passes and is recorded (metrics only),
-    /// the breaker never trips.
-    Disabled,
-}
+pub(crate) use super::event::{BreakerEvent, State};
+pub(crate) use super::settings::{Listener, Settings, WindowSpec};
 
-impl State {
-    /// The state as a lowercase `snake_case` string, for logs and metrics.
-    pub const fn as_str(&self) -> &'static str {
-        match self {
-            State::Closed => "closed",
-            State::Open => "open",
-            State::HalfOpen => "half_open",
-            State::ForcedOpen => "forced_open",
-            State::ForcedClosed => "forced_closed",
-            State::Disabled => "disabled",
-        }
-    }
-
-    fn from_mode(mode: u64) -> Self {
-        match mode {
-            CLOSED => State::Closed,
-            OPEN => State::Open,
-            HALF_OPEN => State::HalfOpen,
-            FORCED_OPEN => State::ForcedOpen,
-            FORCED_CLOSED => State::ForcedClosed,
-            _ => State::Disabled,
-        }
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a breaker did, for the [event hook](super::CircuitBreakerLayerBuilder::on_event).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BreakerEvent {
-    /// The state changed.
-    StateChanged {
-        /// The state before.
-        from: State,
-        /// The state after.
-        to: State,
-        /// For a transition to [`State::Open`]: how long it stays open.
-        open_for: Option<Duration>,
-    },
-    /// A call was refused without reaching the inner service.
-    Rejected {
-        /// The state that refused it.
-        state: State,
-        /// The time until the next probe, as the caller was told.
-        retry_after: Duration,
-    },
-}
-
-pub(crate) type Listener = crate::util::listener::Listener<BreakerEvent>;
-
-/// The window a breaker judges rates over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum WindowSpec {
-    Count(u32),
-    Time(u32),
-}
-
-/// Everything a breaker decides with (validated by the builder).
-pub(crate) struct Settings {
-    pub(crate) window: WindowSpec,
-    pub(crate) min_calls: u64,
-    pub(crate) failure_rate: Option<f64>,
-    pub(crate) slow_threshold: Option<Duration>,
-    pub(crate) slow_rate: f64,
-    pub(crate) consecutive: Option<u32>,
-    pub(crate) open_base: Duration,
-    pub(crate) open_multiplier: f64,
-    pub(crate) open_cap: Duration,
-    pub(crate) open_jitter: f64,
-    pub(crate) probes: u32,
-    pub(crate) probe_timeout: Duration,
-    pub(crate) hint_cap: Option<Duration>,
-    pub(crate) trip_on: Vec<Reason>,
-    pub(crate) seed: u64,
-    pub(crate) listener: Option<Listener>,
-}
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings")
-            .field("window", &self.window)
-            .field("min_calls", &self.min_calls)
-            .field("failure_rate", &self.failure_rate)
-            .field("slow_threshold", &self.slow_threshold)
-            .field("slow_rate", &self.slow_rate)
-            .field("consecutive", &self.consecutive)
-            .field("open_base", &self.open_base)
-            .field("open_multiplier", &self.open_multiplier)
-            .field("open_cap", &self.open_cap)
-            .field("probes", &self.probes)
-            .field("probe_timeout", &self.probe_timeout)
-            .field("hint_cap", &self.hint_cap)
-            .finish_non_exhaustive()
+/// The public state a mode of the state word stands for.
+fn state_of(mode: u64) -> State {
+    match mode {
+        CLOSED => State::Closed,
+        OPEN => State::Open,
+        HALF_OPEN => State::HalfOpen,
+        FORCED_OPEN => State::ForcedOpen,
+        FORCED_CLOSED => State::ForcedClosed,
+        _ => State::Disabled,
     }
 }
 
@@ -265,7 +160,7 @@ impl Core {
 
     /// The current state.
     pub(crate) fn state(&self) -> State {
-        State::from_mode(Word(self.state.load(Ordering::Acquire)).mode())
+        state_of(Word(self.state.load(Ordering::Acquire)).mode())
     }
 
     /// Probes issued in the current half-open period (0 in other states).
@@ -324,7 +219,7 @@ impl Core {
     }
 
     fn transitioned(&self, from: u64, to: u64, open_for: Option<Duration>) {
-        let (from, to) = (State::from_mode(from), State::from_mode(to));
+        let (from, to) = (state_of(from), state_of(to));
         tracing::info!(
             target: "llm_resilience::breaker",
             from = from.as_str(),
