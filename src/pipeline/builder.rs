@@ -219,7 +219,9 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         if self.deadline.is_zero() {
             return Err(ConfigError::new("deadline", "must be greater than zero"));
         }
-        let mut fallback = Fallback::builder().deadline(self.deadline);
+        // The deadline reaches the fallback from the pipeline's `call` (a
+        // task-local, queue wait included): no second timer of its own.
+        let mut fallback = Fallback::builder();
         let mut breakers = Vec::new();
         if self.targets.iter().filter(|t| t.larger).count() > 1 {
             return Err(ConfigError::new(
