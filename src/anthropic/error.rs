@@ -4,7 +4,6 @@
 use std::fmt;
 
 use reqwest::header::HeaderMap;
-use serde::Deserialize;
 
 use super::MessagesResponse;
 use crate::classify::{HttpError, HttpView, Transport};
@@ -75,49 +74,6 @@ struct Inner {
     verdict: Option<crate::Error>,
 }
 
-/// The response headers an error keeps: wait hints, rate-limit state,
-/// `x-should-retry` and request ids.
-fn header_matters(name: &str) -> bool {
-    matches!(
-        name,
-        "retry-after" | "retry-after-ms" | "x-should-retry" | "request-id" | "x-request-id"
-    ) || name.starts_with("anthropic-ratelimit-")
-}
-
-/// `{"type":"error","error":{"type","message"}}` (a gateway's OpenAI-style
-/// `{"error":{"type","code","message"}}` reads the same way).
-#[derive(Deserialize)]
-struct WireErrorBody {
-    error: Option<WireError>,
-}
-
-#[derive(Deserialize)]
-struct WireError {
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
-    #[serde(default)]
-    code: Option<serde_json::Value>,
-    #[serde(default)]
-    message: Option<String>,
-}
-
-fn with_error_body(mut http: HttpError, body: &[u8]) -> (HttpError, Option<String>) {
-    let mut kind = None;
-    if let Ok(WireErrorBody { error: Some(e) }) = serde_json::from_slice(body) {
-        if let Some(t) = e.kind {
-            kind = Some(t.clone());
-            http = http.with_error_type(t);
-        }
-        if let Some(serde_json::Value::String(c)) = e.code {
-            http = http.with_error_code(c);
-        }
-        if let Some(m) = e.message {
-            http = http.with_message(m);
-        }
-    }
-    (http, kind)
-}
-
 /// The HTTP status Anthropic documents for an error type.
 fn status_of(error_type: &str) -> Option<u16> {
     Some(match error_type {
@@ -150,15 +106,7 @@ impl AnthropicError {
     }
 
     pub(crate) fn status(status: u16, headers: &HeaderMap, body: &[u8]) -> Self {
-        let mut http = HttpError::new(status);
-        for (name, value) in headers {
-            if header_matters(name.as_str()) {
-                if let Ok(v) = value.to_str() {
-                    http = http.with_header(name.as_str(), v);
-                }
-            }
-        }
-        let (http, _) = with_error_body(http, body);
+        let http = HttpError::from_response(status, headers, body);
         Self::from_parts(AnthropicErrorKind::Status, http, Some(body))
     }
 
@@ -217,13 +165,9 @@ impl AnthropicError {
     /// An error object (`{"type":"error","error":{…}}`) where a message or
     /// an event was expected, given the status documented for its type.
     pub(crate) fn error_object(data: &[u8], kind: AnthropicErrorKind) -> Self {
-        let (http, error_type) =
-            with_error_body(HttpError::transport(Transport::StreamInterrupted), data);
-        let http = match error_type.as_deref().and_then(status_of) {
-            Some(status) => {
-                let (h, _) = with_error_body(HttpError::new(status), data);
-                h
-            }
+        let http = HttpError::transport(Transport::StreamInterrupted).with_error_body(data);
+        let http = match http.error_type().and_then(status_of) {
+            Some(status) => HttpError::new(status).with_error_body(data),
             None => http,
         };
         Self::from_parts(kind, http, Some(data))
