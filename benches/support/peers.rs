@@ -1,5 +1,5 @@
 //! Shared by the benches, `benches/instructions.rs` and
-//! `examples/queue_instructions.rs`: the always-ready inner service every
+//! `benches/queue_instructions.rs`: the always-ready inner service every
 //! variant wraps, and tower's retry policy written like tower's own example.
 
 #![allow(dead_code)]

@@ -8,10 +8,10 @@
 //! round trip, harness included:
 //!
 //! ```text
-//! cargo build --release --example queue_instructions
+//! cargo build --release -p llm-resilience-bench --bin queue_instructions
 //! for v in ours limit bare; do for n in 10000 20000; do
 //!   valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-//!     target/release/examples/queue_instructions $v $n 2>&1 | grep Collected
+//!     target/release/queue_instructions $v $n 2>&1 | grep Collected
 //! done; done
 //! ```
 //!
@@ -28,7 +28,7 @@
 //! ```text
 //! for v in queued-ours queued-limit; do for n in 20000 40000; do
 //!   valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-//!     target/release/examples/queue_instructions $v $n 50 2>&1 | grep Collected
+//!     target/release/queue_instructions $v $n 50 2>&1 | grep Collected
 //! done; done
 //! ```
 

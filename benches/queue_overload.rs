@@ -7,7 +7,7 @@
 //! costs nothing once answered and at most `concurrency + capacity`
 //! requests are ever held.
 //!
-//! Run: `cargo run --release --example queue_overload` (set `OFFERED` to
+//! Run: `cargo run --release -p llm-resilience-bench --bin queue_overload` (set `OFFERED` to
 //! offer another number, e.g. `OFFERED=10000000`).
 
 use std::time::{Duration, Instant};
