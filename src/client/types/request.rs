@@ -10,6 +10,9 @@ use serde_json::{Map, Value};
 
 use super::Message;
 
+// Reading a request from OpenAI's JSON (`Deserialize`), losslessly.
+mod de;
+
 /// A function the model may call: its name, what it does, and a JSON
 /// Schema of its parameters.
 #[derive(Clone, PartialEq, Serialize)]
