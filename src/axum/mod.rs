@@ -55,6 +55,9 @@
 //! assert_eq!(resp.headers()["retry-after"], "3");
 //! ```
 
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod gateway;
 mod mapping;
 mod response;
 

@@ -325,6 +325,17 @@ impl PipelineConfig {
     pub fn build(
         &self,
     ) -> Result<AgentPipeline<OpenAiClient, ChatRequest, ChatResponse>, ConfigFileError> {
+        self.build_with(|client| client)
+    }
+
+    /// Builds the pipeline over each target's client as `wrap` makes it
+    /// from the crate's OpenAI-compatible client (its streaming face, a
+    /// service that picks streamed or whole answers per request, a layer
+    /// of one's own).
+    pub fn build_with<C: Clone, Req: 'static, Res: 'static>(
+        &self,
+        wrap: impl Fn(OpenAiClient) -> C,
+    ) -> Result<AgentPipeline<C, Req, Res>, ConfigFileError> {
         let mut b = AgentPipeline::builder();
         if self.targets.is_empty() {
             return Err(ConfigFileError::new("targets", "needs at least one target"));
@@ -363,7 +374,7 @@ impl PipelineConfig {
             let client = client.build().map_err(|e| {
                 ConfigFileError::new(format!("targets[{i}].{}", e.field), e.problem)
             })?;
-            let mut spec = TargetSpec::new(t.name.as_str().into(), client);
+            let mut spec = TargetSpec::new(t.name.as_str().into(), wrap(client));
             spec.larger = t.larger_context;
             let own = t.breaker.clone();
             spec.breaker = Some(Box::new(move |r| own.apply(r)));
