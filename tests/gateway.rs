@@ -271,5 +271,26 @@ async fn metrics_are_served_in_the_prometheus_format() {
         })
     };
     assert!(line("secondary", "answered"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("llm_resilience_retry_")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("llm_resilience_retry_")),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_shipped_gateway_config_builds() {
+    let mut config = llm_resilience::pipeline::PipelineConfig::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/gateway.toml"
+    ))
+    .unwrap();
+    assert_eq!(config.targets.len(), 2);
+    // The keys are read from the environment; without them, none is sent.
+    for t in &mut config.targets {
+        assert!(t.api_key_env.is_some());
+        t.api_key_env = None;
+    }
+    let gateway = llm_resilience::axum::gateway::Gateway::from_config(&config).unwrap();
+    let names: Vec<&str> = gateway.pipeline().breakers().map(|(n, _)| n).collect();
+    assert_eq!(names, ["primary", "secondary"]);
 }

@@ -13,7 +13,6 @@
 //! fails: the SDK test must run in CI.
 #![cfg(all(feature = "axum", feature = "config", feature = "testing"))]
 
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,7 +69,10 @@ impl Setup {
     /// calls it made at the gateway.
     async fn sdk(&self, scenario: &str) -> Vec<(Instant, Option<String>)> {
         let out = tokio::process::Command::new(&self.python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_sdk.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/openai_sdk.py"
+            ))
             .arg(scenario)
             .env("GATEWAY_BASE_URL", &self.base_url)
             .env("GATEWAY_API_KEY", KEY)
@@ -197,7 +199,12 @@ async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
         // A lower bound the SDK's own sleep guarantees; never an upper one.
         assert!(pair[1].0 - pair[0].0 >= Duration::from_millis(1_950));
     }
-    assert_eq!(s.run("rate_limited_stream", throttled(), throttled()).await.len(), 1);
+    assert_eq!(
+        s.run("rate_limited_stream", throttled(), throttled())
+            .await
+            .len(),
+        1
+    );
 
     // Every breaker open: 503 with the time to the next probe (1 s); the
     // SDK (max_retries 1) calls twice and no target is called.
@@ -211,13 +218,17 @@ async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
     assert_eq!((s.primary.total(), s.secondary.total()), (p, q));
 
     // Both targets hang: the deadline answers 504 (max_retries 0: one call).
-    let calls = s.run("timeout", always(MockFault::Hang), always(MockFault::Hang)).await;
+    let calls = s
+        .run("timeout", always(MockFault::Hang), always(MockFault::Hang))
+        .await;
     assert_eq!(calls.len(), 1);
 
     // A request too long for the context: 400, never retried, never sent
     // to the other target.
     let before = s.secondary.total();
-    let calls = s.run("bad_request", always(MockFault::context_length()), ok()).await;
+    let calls = s
+        .run("bad_request", always(MockFault::context_length()), ok())
+        .await;
     assert_eq!(calls.len(), 1);
     assert_eq!(s.secondary.total(), before);
 

@@ -10,22 +10,27 @@ use serde_json::Value;
 use tower_service::Service;
 
 use crate::client::{
-    ChatRequest, ChatResponse, ChatStream, ClientError, OpenAiClient, ResponseFuture,
-    StreamFuture, StreamingClient,
+    ChatRequest, ChatResponse, ChatStream, ClientError, OpenAiClient, ResponseFuture, StreamFuture,
+    StreamingClient,
 };
 use crate::ratelimit::{ReportsUsage, ServerDimension, ServerLimits};
 
 /// What a target answered: a whole completion, or a stream whose first
 /// chunk has arrived.
+///
+/// The stream is boxed (one allocation per stream, which lives long); the
+/// whole answer is not, so a whole call costs no allocation more than the
+/// client's own.
 #[derive(Debug)]
 #[non_exhaustive]
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
     /// A whole completion (`"stream"` absent or `false`).
     Complete(ChatResponse),
     /// A stream (`"stream": true`), handed out once its first chunk
     /// arrived: a failure before it is an error of the call (retried or
     /// failed over), one after it an item of the stream.
-    Stream(ChatStream),
+    Stream(Box<ChatStream>),
 }
 
 impl ReportsUsage for Reply {
@@ -97,7 +102,7 @@ impl Future for ReplyFuture {
         // Both futures are `Unpin` (boxed inside).
         match self.get_mut() {
             ReplyFuture::Complete(f) => Pin::new(f).poll(cx).map_ok(Reply::Complete),
-            ReplyFuture::Stream(f) => Pin::new(f).poll(cx).map_ok(Reply::Stream),
+            ReplyFuture::Stream(f) => Pin::new(f).poll(cx).map_ok(|s| Reply::Stream(Box::new(s))),
         }
     }
 }

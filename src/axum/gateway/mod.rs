@@ -197,7 +197,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// An answer the gateway itself gives, in OpenAI's error shape.
-fn own_error(status: StatusCode, error_type: &'static str, code: &'static str, message: &'static str) -> Response {
+fn own_error(
+    status: StatusCode,
+    error_type: &'static str,
+    code: &'static str,
+    message: &'static str,
+) -> Response {
     ErrorResponse {
         status,
         retry_after: None,
@@ -218,11 +223,7 @@ fn read_request(body: &[u8]) -> Option<ChatRequest> {
     serde_json::from_value(Value::Object(map)).ok()
 }
 
-async fn chat_completions(
-    State(gw): State<Gateway>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn chat_completions(State(gw): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     if !gw.authorized(&headers) {
         return own_error(
             StatusCode::UNAUTHORIZED,
@@ -245,7 +246,7 @@ async fn chat_completions(
         Err(e) => Err(e),
     };
     match answer {
-        Ok(Reply::Stream(stream)) => sse::stream_response(stream),
+        Ok(Reply::Stream(stream)) => sse::stream_response(*stream),
         Ok(Reply::Complete(resp)) => {
             let body = if resp.raw_body().is_empty() {
                 // Collected or built (a degraded answer): its typed view.
@@ -278,11 +279,7 @@ async fn healthz(State(gw): State<Gateway>) -> Response {
             json!({"name": name, "breaker": state.as_str(), "takes_calls": takes_calls(state)})
         })
         .collect();
-    let up = gw
-        .pipeline
-        .breakers()
-        .any(|(_, b)| takes_calls(b.state()))
-        && !queue.is_closed();
+    let up = gw.pipeline.breakers().any(|(_, b)| takes_calls(b.state())) && !queue.is_closed();
     let body = json!({
         "status": if up { "ok" } else { "unavailable" },
         "queue": {

@@ -174,16 +174,20 @@ mod tests {
 
     #[test]
     fn chunks_keep_the_openai_shape() {
-        let mut d = ChoiceDelta::default();
-        d.content = Some("hi".into());
-        d.tool_calls = vec![ToolCallDelta::new(
-            0,
-            Some("call_1".into()),
-            Some("f".into()),
-            None,
-        )];
-        let mut c = ChatChunk::default();
-        c.choices = vec![d];
+        let d = ChoiceDelta {
+            content: Some("hi".into()),
+            tool_calls: vec![ToolCallDelta::new(
+                0,
+                Some("call_1".into()),
+                Some("f".into()),
+                None,
+            )],
+            ..ChoiceDelta::default()
+        };
+        let c = ChatChunk {
+            choices: vec![d],
+            ..ChatChunk::default()
+        };
         let head = Head {
             id: "chatcmpl-1".into(),
             model: "m".into(),
@@ -192,7 +196,10 @@ mod tests {
         let v = chunk_json(&c, &head);
         assert_eq!(v["object"], "chat.completion.chunk");
         assert_eq!(v["choices"][0]["delta"]["content"], "hi");
-        assert_eq!(v["choices"][0]["delta"]["tool_calls"][0]["type"], "function");
+        assert_eq!(
+            v["choices"][0]["delta"]["tool_calls"][0]["type"],
+            "function"
+        );
         assert_eq!(
             v["choices"][0]["delta"]["tool_calls"][0]["function"]["name"],
             "f"
