@@ -228,9 +228,14 @@ async fn bad_bodies_and_keys_are_answered_in_the_openai_shape() {
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["reason"], "invalid_request");
 
     let locked = gateway_support::start_with_key(FaultScript::new(), "sk-gw").await;
-    assert_eq!(post(&locked, &ask(false)).await.status(), 401);
+    let resp = post(&locked, &ask(false)).await;
+    assert_eq!(resp.status(), 401);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    assert_eq!(v["error"]["reason"], "auth");
     let ok = reqwest::Client::new()
         .post(format!("{}/chat/completions", locked.base_url))
         .bearer_auth("sk-gw")

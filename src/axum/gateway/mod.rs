@@ -70,6 +70,7 @@ use tower_service::Service;
 pub use self::client::{GatewayClient, Reply, ReplyFuture};
 use super::{ErrorMapping, ErrorResponse};
 use crate::breaker::State as BreakerState;
+use crate::classify::Reason;
 use crate::client::{ChatRequest, DEFAULT_MAX_BODY_BYTES};
 use crate::pipeline::{AgentPipeline, ConfigFileError, PipelineConfig};
 
@@ -199,16 +200,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// An answer the gateway itself gives, in OpenAI's error shape.
 fn own_error(
     status: StatusCode,
-    error_type: &'static str,
     code: &'static str,
+    reason: Reason,
     message: &'static str,
 ) -> Response {
     ErrorResponse {
         status,
         retry_after: None,
-        error_type: error_type.into(),
+        error_type: "invalid_request_error".into(),
         code: code.into(),
-        reason: "bad_request".into(),
+        reason: reason.as_str().into(),
         message: message.into(),
         param: None,
         kind: code,
@@ -227,16 +228,16 @@ async fn chat_completions(State(gw): State<Gateway>, headers: HeaderMap, body: B
     if !gw.authorized(&headers) {
         return own_error(
             StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
             "invalid_api_key",
+            Reason::Auth,
             "the API key is missing or wrong",
         );
     }
     let Some(req) = read_request(&body) else {
         return own_error(
             StatusCode::BAD_REQUEST,
-            "invalid_request_error",
             "invalid_json",
+            Reason::InvalidRequest,
             "the body is not a chat completion request (a JSON object)",
         );
     };
