@@ -19,7 +19,7 @@ use llm_resilience::testing::mock_server::{FaultScript, MockFault, Served};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use gateway_support::{start, Running};
+use gateway_support::{start, start_edited, Running};
 
 fn ask(stream: bool) -> Value {
     json!({
@@ -280,6 +280,79 @@ async fn metrics_are_served_in_the_prometheus_format() {
         text.lines().any(|l| l.starts_with("llm_resilience_retry_")),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_deadline_that_passes_answers_504() {
+    let hang = || FaultScript::new().rate(MockFault::Hang, 1.0);
+    let gw = start_edited(hang(), hang(), |c| {
+        c.deadline = Some(Duration::from_millis(600));
+        c.retry.attempt_timeout = Some(Duration::from_millis(300));
+    })
+    .await;
+    for stream in [false, true] {
+        let resp = post(&gw, &ask(stream)).await;
+        assert_eq!(resp.status(), 504);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "timeout");
+    }
+}
+
+#[tokio::test]
+async fn tool_calls_come_through_whole_and_streamed() {
+    let gw = start(FaultScript::new(), FaultScript::new()).await;
+    let weather = llm_resilience::client::Tool::function(
+        "get_weather",
+        "The weather in a city",
+        json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+    );
+    let req = ChatRequest::user("Weather in Paris?").tool(weather);
+    let client = crate_client(&gw);
+    let whole = client.clone().oneshot(req.clone()).await.unwrap();
+    let streamed = client
+        .streaming()
+        .oneshot(req)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    for reply in [whole, streamed] {
+        let calls = reply.tool_calls();
+        assert!(!calls.is_empty());
+        assert_eq!(calls[0].function.name, "get_weather");
+        assert!(!calls[0].id.is_empty());
+        let args: Value = serde_json::from_str(&calls[0].function.arguments).unwrap();
+        assert!(args["city"].is_string(), "{args}");
+    }
+}
+
+#[tokio::test]
+async fn many_concurrent_callers_each_get_one_whole_answer() {
+    // A flaky primary (30 % 503s, seeded): every caller still gets one
+    // complete answer, whole or streamed, from one target or the other.
+    let flaky = FaultScript::new()
+        .seed(5)
+        .rate(MockFault::server_error(503), 0.3);
+    let gw = start(flaky, FaultScript::new()).await;
+    let calls = (0..40).map(|i| {
+        let gw = &gw;
+        async move {
+            let resp = post(gw, &ask(i % 2 == 0)).await;
+            assert_eq!(resp.status(), 200);
+            let body = resp.text().await.unwrap();
+            if i % 2 == 0 {
+                assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+                assert!(!body.contains("\"error\""), "{body}");
+            } else {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert!(v["choices"][0]["message"]["content"].is_string());
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    let served = gw.primary.stats().get(Served::Ok) + gw.secondary.stats().get(Served::Ok);
+    assert_eq!(served, 40);
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! The official OpenAI Python SDK (`openai`, installed from PyPI in its own
 //! virtual environment by `.ci/run`) pointed at the gateway, which fronts
-//! two mock LLM servers: the SDK reads every error the gateway answers
-//! into its typed exceptions (`RateLimitError` 429, `InternalServerError`
-//! 503 and 504, `BadRequestError` 400, `AuthenticationError` 401, `APIError`
-//! for a stream cut off upstream), streams, and honours `Retry-After`: the
-//! test counts the calls the SDK makes at the gateway (its `max_retries`
-//! plus one where the error is retryable, one where it is not) and the
-//! waits between them.
+//! two mock LLM servers: the SDK reads every error the gateway answers into
+//! its typed exceptions (`RateLimitError` 429, `InternalServerError` 503 and
+//! 504, `BadRequestError` 400, `AuthenticationError` 401, `APIError` for a
+//! stream cut off upstream), streams text and tool calls, and honours
+//! `Retry-After`: the test counts the calls the SDK makes at the gateway
+//! (its `max_retries` plus one where the error is retryable, one where it
+//! is not) and the waits between them.
 //!
 //! `LLM_RESILIENCE_PYTHON` names the virtual environment's python. Without
 //! it the test prints a note and passes, except under `CI=true`, where it
@@ -182,6 +182,7 @@ async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
     assert_eq!(s.run("complete", ok(), ok()).await.len(), 1);
     assert_eq!(s.run("stream", ok().chunks(4), ok()).await.len(), 1);
     assert_eq!(s.primary.stats().get(Served::Ok), 2);
+    assert_eq!(s.run("tools", ok(), ok()).await.len(), 2);
 
     // A stream cut off after two chunks: the SDK raises the error event.
     let broken = ok()

@@ -76,10 +76,21 @@ async fn serve(gateway: Gateway, primary: MockServer, secondary: MockServer) -> 
 
 /// Two mock targets with these scripts and a gateway over them.
 pub async fn start(primary: FaultScript, secondary: FaultScript) -> Running {
+    start_edited(primary, secondary, |_| {}).await
+}
+
+/// The same, the config changed by `edit` first.
+pub async fn start_edited(
+    primary: FaultScript,
+    secondary: FaultScript,
+    edit: impl FnOnce(&mut PipelineConfig),
+) -> Running {
     let primary = MockServer::start(primary).await.unwrap();
     let secondary = MockServer::start(secondary).await.unwrap();
     let handle = prometheus();
-    let gateway = Gateway::from_config(&config(&primary, &secondary))
+    let mut config = config(&primary, &secondary);
+    edit(&mut config);
+    let gateway = Gateway::from_config(&config)
         .unwrap()
         .metrics(move || handle.render());
     serve(gateway, primary, secondary).await

@@ -9,6 +9,7 @@ the SDK does not see what the scenario expects.
     python openai_sdk.py SCENARIO
 """
 
+import json
 import os
 import sys
 
@@ -59,6 +60,40 @@ def stream():
         usage = c.usage or usage
     assert text, "no text streamed"
     assert usage is not None and usage.total_tokens > 0
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tools():
+    """A tool call, whole and streamed (pieces joined by index as the SDK's users do)."""
+    c = client(0)
+    r = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, tools=[WEATHER])
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather", call
+    assert "city" in json.loads(call.function.arguments), call
+    calls = {}
+    for chunk in c.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, tools=[WEATHER], stream=True
+    ):
+        for choice in chunk.choices:
+            for piece in choice.delta.tool_calls or []:
+                got = calls.setdefault(piece.index, {"id": None, "name": "", "arguments": ""})
+                got["id"] = piece.id or got["id"]
+                if piece.function is not None:
+                    got["name"] += piece.function.name or ""
+                    got["arguments"] += piece.function.arguments or ""
+    assert calls, "no tool call streamed"
+    first = calls[min(calls)]
+    assert first["id"] and first["name"] == "get_weather", first
+    assert "city" in json.loads(first["arguments"]), first
 
 
 def stream_broken():
@@ -118,7 +153,7 @@ def unauthorized():
 
 
 SCENARIOS = {f.__name__: f for f in (
-    complete, stream, stream_broken, rate_limited, rate_limited_stream,
+    complete, stream, tools, stream_broken, rate_limited, rate_limited_stream,
     unavailable, timeout, bad_request, unauthorized,
 )}
 
