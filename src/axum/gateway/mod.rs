@@ -27,7 +27,8 @@
 //!   state; 200 while some target takes calls, 503 when every breaker is
 //!   open.
 //! - `GET /metrics`: the Prometheus text the installed renderer gives
-//!   ([`Gateway::metrics`]); 404 without one.
+//!   ([`Gateway::metrics`]), which holds what the layers emit with the
+//!   crate's `metrics` feature; 404 without a renderer.
 //!
 //! # Errors
 //!
