@@ -152,9 +152,17 @@ def unauthorized():
     assert e.body["code"] == "invalid_api_key", e.body
 
 
+def example():
+    """The example gateway as the README runs it (`--mock`): answers come
+    whole and streamed although its primary fails a fifth of its calls."""
+    for _ in range(5):
+        complete()
+        stream()
+
+
 SCENARIOS = {f.__name__: f for f in (
     complete, stream, tools, stream_broken, rate_limited, rate_limited_stream,
-    unavailable, timeout, bad_request, unauthorized,
+    unavailable, timeout, bad_request, unauthorized, example,
 )}
 
 if __name__ == "__main__":
