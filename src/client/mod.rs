@@ -79,6 +79,10 @@
 //! Gateways that want their own headers get them with
 //! [`header`](OpenAiClientBuilder::header); a field the typed request does
 //! not have goes in [`ChatRequest::extra`].
+//! A gateway that receives OpenAI's request JSON reads it with serde
+//! (`ChatRequest: Deserialize`) without losing anything: a field the typed
+//! request does not model, or would not send back exactly, is kept beside
+//! it ([`ChatRequest::extra_field`]) and sent as it came.
 //!
 //! # Tool calls
 //!
