@@ -200,6 +200,11 @@ async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
         // A lower bound the SDK's own sleep guarantees; never an upper one.
         assert!(pair[1].0 - pair[0].0 >= Duration::from_millis(1_950));
     }
+    // Told to wait 300 s, past its 2-minute cap, the SDK does not retry:
+    // it read the gateway's Retry-After (a count, no clock involved).
+    let long = || always(MockFault::rate_limited(Some(Duration::from_secs(300))));
+    let calls = s.run("rate_limited_long", long(), long()).await;
+    assert_eq!(retry_counts(&calls), ["0"]);
     assert_eq!(
         s.run("rate_limited_stream", throttled(), throttled())
             .await

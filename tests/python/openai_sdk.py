@@ -121,6 +121,14 @@ def rate_limited():
     assert e.body["type"] == "rate_limit_error", e.body
 
 
+def rate_limited_long():
+    # A Retry-After past the SDK's 2-minute cap: it gives up at once (the
+    # test counts one call although max_retries is 2).
+    e = expect(openai.RateLimitError, 429, lambda: client(2).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES))
+    assert e.response.headers["retry-after"] == "300", e.response.headers
+
+
 def rate_limited_stream():
     e = expect(openai.RateLimitError, 429, lambda: client(0).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True))
@@ -161,7 +169,8 @@ def example():
 
 
 SCENARIOS = {f.__name__: f for f in (
-    complete, stream, tools, stream_broken, rate_limited, rate_limited_stream,
+    complete, stream, tools, stream_broken, rate_limited, rate_limited_long,
+    rate_limited_stream,
     unavailable, timeout, bad_request, unauthorized, example,
 )}
 
