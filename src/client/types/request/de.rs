@@ -95,6 +95,10 @@ impl<'de> Deserialize<'de> for ChatRequest {
                 "logprobs" => body.logprobs = typed(&key, v, x),
                 "top_logprobs" => body.top_logprobs = typed(&key, v, x),
                 "user" => body.user = typed(&key, v, x),
+                // An empty list is not sent by the typed view: kept as is.
+                "tools" if v.as_array().is_some_and(Vec::is_empty) => {
+                    x.insert(key, v);
+                }
                 "tools" => body.tools = typed(&key, v, x).unwrap_or_default(),
                 "tool_choice" => body.tool_choice = typed(&key, v, x),
                 "parallel_tool_calls" => body.parallel_tool_calls = typed(&key, v, x),
@@ -326,5 +330,124 @@ mod tests {
         let req: ChatRequest = serde_json::from_value(json!({"messages": "nope"})).unwrap();
         assert!(req.messages().is_empty());
         assert_eq!(sent(&req, false)["messages"], "nope");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                (0u32..300).prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                prop::sample::select(vec![0.0, 0.5, 0.7, 1.0, 2.0]).prop_map(Value::from),
+                "[a-z ]{0,8}".prop_map(Value::from),
+                prop::sample::select(vec!["none", "auto", "required", "function", "text"])
+                    .prop_map(Value::from),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            leaf().prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(key(), inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// The typed fields' names (and the ones of their insides) half of
+        /// the time, so that the typed paths are taken.
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "messages",
+                    "max_tokens",
+                    "max_completion_tokens",
+                    "temperature",
+                    "top_p",
+                    "n",
+                    "seed",
+                    "stop",
+                    "presence_penalty",
+                    "frequency_penalty",
+                    "logprobs",
+                    "top_logprobs",
+                    "user",
+                    "tools",
+                    "tool_choice",
+                    "parallel_tool_calls",
+                    "response_format",
+                    "role",
+                    "content",
+                    "type",
+                    "function",
+                    "name",
+                    "parameters",
+                    "json_schema",
+                    "schema",
+                    "tool_calls",
+                    "text",
+                    "image_url",
+                    "url",
+                ])
+                .prop_map(str::to_owned),
+                "[a-z_]{1,8}",
+            ]
+        }
+
+        fn message() -> impl Strategy<Value = Value> {
+            (
+                prop::sample::select(vec!["system", "developer", "user", "assistant", "tool"]),
+                prop_oneof!["[a-z ]{0,8}".prop_map(Value::from), value()],
+                prop::collection::btree_map(key(), value(), 0..3),
+            )
+                .prop_map(|(role, content, more)| {
+                    let mut m: Map<String, Value> = more.into_iter().collect();
+                    m.insert("role".into(), json!(role));
+                    m.insert("content".into(), content);
+                    Value::Object(m)
+                })
+        }
+
+        fn request() -> impl Strategy<Value = Value> {
+            (
+                prop::collection::vec(message(), 0..4),
+                prop::collection::btree_map(key(), value(), 0..8),
+                prop::option::of("[a-z0-9-]{1,10}"),
+            )
+                .prop_map(|(messages, fields, model)| {
+                    let mut m: Map<String, Value> = fields.into_iter().collect();
+                    m.insert("messages".into(), Value::Array(messages));
+                    m.insert(
+                        "model".into(),
+                        json!(model.unwrap_or_else(|| "default-model".into())),
+                    );
+                    // The stream flag is the client's to send.
+                    m.remove("stream");
+                    Value::Object(m)
+                })
+        }
+
+        proptest! {
+            /// Whatever a caller sends (well-typed or not), the body sent
+            /// upstream is what it sent.
+            #[test]
+            fn any_request_is_sent_as_it_came(original in request()) {
+                let req: ChatRequest = serde_json::from_value(original.clone()).unwrap();
+                // Both sides through one parse of the same text: serde_json
+                // reads some extreme floats a last digit off (its default,
+                // fast float parsing), on either side alike.
+                let text = serde_json::to_string(&original).unwrap();
+                let expected: Value = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(sent(&req, false), expected);
+            }
+        }
     }
 }
