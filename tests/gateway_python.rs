@@ -192,14 +192,11 @@ async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
     assert_eq!(s.secondary.total(), 0);
 
     // Every target throttles: 429 with Retry-After 2; the SDK (max_retries
-    // 2) calls three times, waiting the 2 s it was told between calls
-    // (its own backoff would wait 0.375-1 s).
+    // 2) calls three times. (No assertion on the time between its calls:
+    // tests never assert on durations; the next case proves by a count
+    // that the SDK reads the gateway's Retry-After.)
     let calls = s.run("rate_limited", throttled(), throttled()).await;
     assert_eq!(retry_counts(&calls), ["0", "1", "2"]);
-    for pair in calls.windows(2) {
-        // A lower bound the SDK's own sleep guarantees; never an upper one.
-        assert!(pair[1].0 - pair[0].0 >= Duration::from_millis(1_950));
-    }
     // Told to wait 300 s, past its 2-minute cap, the SDK does not retry:
     // it read the gateway's Retry-After (a count, no clock involved).
     let long = || always(MockFault::rate_limited(Some(Duration::from_secs(300))));
