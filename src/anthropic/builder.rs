@@ -8,6 +8,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 
 use super::{AnthropicClient, Config, Limits};
 use crate::client::builder::redact_url;
+use crate::client::idempotency::{AttemptHeaders, IDEMPOTENCY_KEY_HEADER, RETRY_COUNT_HEADER};
 use crate::error::ConfigError;
 
 /// Anthropic's API endpoint, the default base URL.
@@ -53,6 +54,7 @@ pub struct AnthropicClientBuilder {
     max_event_bytes: usize,
     root_certificates: Vec<Vec<u8>>,
     http: Option<reqwest::Client>,
+    attempt_headers: AttemptHeaders,
 }
 
 impl fmt::Debug for AnthropicClientBuilder {
@@ -86,6 +88,7 @@ impl Default for AnthropicClientBuilder {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             root_certificates: Vec::new(),
             http: None,
+            attempt_headers: AttemptHeaders::default(),
         }
     }
 }
@@ -258,6 +261,31 @@ impl AnthropicClientBuilder {
         self
     }
 
+    /// Whether every request carries an `Idempotency-Key`
+    /// ([`IDEMPOTENCY_KEY_HEADER`](crate::client::IDEMPOTENCY_KEY_HEADER));
+    /// default on. The key is one per logical request: the same on every
+    /// attempt the crate's retry layer makes of it, a new one for the next
+    /// call (see [`retry::attempt`](crate::retry::attempt)), or the
+    /// request's own ([`MessagesRequest::idempotency_key`](super::MessagesRequest::idempotency_key)).
+    /// A server that deduplicates (a gateway, a proxy with a response
+    /// cache) then runs a retried message once; one that does not ignores
+    /// the header. A [`header`](Self::header) of the same name replaces it.
+    pub fn send_idempotency_key(mut self, on: bool) -> Self {
+        self.attempt_headers.key = on;
+        self
+    }
+
+    /// Whether every request carries the retries taken before it, `0` on
+    /// the first attempt
+    /// ([`RETRY_COUNT_HEADER`](crate::client::RETRY_COUNT_HEADER),
+    /// `x-stainless-retry-count`, as the official SDKs send it); default on,
+    /// as in the SDKs. A [`header`](Self::header) of the same name replaces
+    /// it.
+    pub fn send_retry_count(mut self, on: bool) -> Self {
+        self.attempt_headers.retry_count = on;
+        self
+    }
+
     /// Use this reqwest client (its own TLS, proxy and pool settings)
     /// instead of building one; the connect and total timeouts and root
     /// certificates are then the client's.
@@ -325,6 +353,12 @@ impl AnthropicClientBuilder {
                 .map_err(|_| ConfigError::new("header", "name must be a valid header name"))?;
             headers.push((name, header_value(value, "header")?));
         }
+        // A default header of the same name is the caller's choice.
+        let named = |n: &str| headers.iter().any(|(h, _)| h == n);
+        let attempt_headers = AttemptHeaders {
+            key: self.attempt_headers.key && !named(IDEMPOTENCY_KEY_HEADER),
+            retry_count: self.attempt_headers.retry_count && !named(RETRY_COUNT_HEADER),
+        };
 
         let http = match self.http {
             Some(_) if !self.root_certificates.is_empty() => {
@@ -379,6 +413,7 @@ impl AnthropicClientBuilder {
                 connect_timeout,
                 limits,
                 error_body_timeout,
+                attempt_headers,
             }),
         })
     }

@@ -131,6 +131,7 @@ pub use self::types::{CacheControl, ContentBlock, ImageSource, Message, Role, To
 use crate::classify::Transport;
 use crate::client::body::{read_error_prefix, read_limited, BodyError};
 use crate::client::builder::redact_url;
+use crate::client::idempotency::AttemptHeaders;
 use crate::client::RateLimitHeaders;
 use crate::error::ConfigError;
 
@@ -147,6 +148,7 @@ struct Config {
     connect_timeout: Option<Duration>,
     limits: Limits,
     error_body_timeout: Option<Duration>,
+    attempt_headers: AttemptHeaders,
 }
 
 /// Anthropic's Messages API client; see the [module docs](crate::anthropic).
@@ -228,6 +230,7 @@ fn request_id(h: &HeaderMap) -> Option<String> {
 /// bounded read of the error body).
 async fn send(
     config: &Config,
+    req: &MessagesRequest,
     body: Bytes,
     stream: bool,
 ) -> Result<reqwest::Response, AnthropicError> {
@@ -242,6 +245,7 @@ async fn send(
     for (name, value) in &config.headers {
         rb = rb.header(name.clone(), value.clone());
     }
+    rb = config.attempt_headers.add(rb, req.idempotency_key_value());
     let sent = rb.send();
     let resp = match config.first_byte_timeout {
         Some(t) => tokio::time::timeout(t, sent)
@@ -289,7 +293,7 @@ async fn complete(
     req: MessagesRequest,
 ) -> Result<MessagesResponse, AnthropicError> {
     let body = req.body(&config.model, config.max_tokens, false);
-    let resp = send(&config, body, false).await?;
+    let resp = send(&config, &req, body, false).await?;
     let rate_limit = RateLimitHeaders::from_headers(resp.headers());
     let request_id = request_id(resp.headers());
     let body = read_body(resp, &config).await?;
@@ -322,7 +326,7 @@ async fn open_stream(
     req: MessagesRequest,
 ) -> Result<MessageStream, AnthropicError> {
     let body = req.body(&config.model, config.max_tokens, true);
-    let resp = send(&config, body, true).await?;
+    let resp = send(&config, &req, body, true).await?;
     let rate_limit = RateLimitHeaders::from_headers(resp.headers());
     let request_id = request_id(resp.headers());
     let stream = MessageStream::new(

@@ -74,6 +74,8 @@ struct Inner {
     // The full body of the first send: every retry of the same request
     // through the same client reuses these bytes (a reference count).
     full: OnceLock<Full>,
+    // The caller's own idempotency key; cleared by any change to the body.
+    idempotency_key: Option<reqwest::header::HeaderValue>,
 }
 
 /// A Messages API request: a system prompt, the conversation, tools, and
@@ -129,6 +131,7 @@ impl MessagesRequest {
                 },
                 encoded: OnceLock::new(),
                 full: OnceLock::new(),
+                idempotency_key: None,
             }),
         }
     }
@@ -142,6 +145,7 @@ impl MessagesRequest {
         let inner = Arc::make_mut(&mut self.inner);
         inner.encoded = OnceLock::new();
         inner.full = OnceLock::new();
+        inner.idempotency_key = None;
         &mut inner.body
     }
 
@@ -182,6 +186,7 @@ impl MessagesRequest {
         let inner = Arc::make_mut(&mut self.inner);
         inner.model = Some(model.into());
         inner.full = OnceLock::new();
+        inner.idempotency_key = None;
         self
     }
 
@@ -190,6 +195,7 @@ impl MessagesRequest {
         let inner = Arc::make_mut(&mut self.inner);
         inner.max_tokens = Some(n);
         inner.full = OnceLock::new();
+        inner.idempotency_key = None;
         self
     }
 
@@ -237,6 +243,23 @@ impl MessagesRequest {
             self.edit().extra.insert(name, value);
         }
         self
+    }
+
+    /// Sends this `Idempotency-Key` on every attempt of every call with this
+    /// request (or a clone of it), in place of the key the client draws per
+    /// logical request: for a caller that retries by hand, or a gateway
+    /// that forwards its own caller's key. Set it last: any later change to
+    /// the request drops it, so that one key never names two different
+    /// bodies. Ignored when the client does not send keys
+    /// ([`send_idempotency_key`](super::AnthropicClientBuilder::send_idempotency_key)).
+    pub fn idempotency_key(mut self, key: reqwest::header::HeaderValue) -> Self {
+        Arc::make_mut(&mut self.inner).idempotency_key = Some(key);
+        self
+    }
+
+    /// The key set with [`idempotency_key`](Self::idempotency_key), if any.
+    pub fn idempotency_key_value(&self) -> Option<&reqwest::header::HeaderValue> {
+        self.inner.idempotency_key.as_ref()
     }
 
     /// The messages.

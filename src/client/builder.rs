@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
+use super::idempotency::{AttemptHeaders, IDEMPOTENCY_KEY_HEADER, RETRY_COUNT_HEADER};
 use super::{Config, OpenAiClient};
 use crate::error::ConfigError;
 
@@ -57,6 +58,7 @@ pub struct OpenAiClientBuilder {
     max_event_bytes: usize,
     root_certificates: Vec<Vec<u8>>,
     http: Option<reqwest::Client>,
+    attempt_headers: AttemptHeaders,
 }
 
 impl fmt::Debug for OpenAiClientBuilder {
@@ -138,6 +140,7 @@ impl OpenAiClientBuilder {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             root_certificates: Vec::new(),
             http: None,
+            attempt_headers: AttemptHeaders::default(),
         }
     }
 
@@ -315,6 +318,31 @@ impl OpenAiClientBuilder {
         self
     }
 
+    /// Whether every request carries an `Idempotency-Key`
+    /// ([`IDEMPOTENCY_KEY_HEADER`](super::IDEMPOTENCY_KEY_HEADER)); default
+    /// on. The key is one per logical request: the same on every attempt
+    /// the crate's retry layer makes of it, a new one for the next call
+    /// (see [`retry::attempt`](crate::retry::attempt)), or the request's own
+    /// ([`ChatRequest::idempotency_key`](super::ChatRequest::idempotency_key)).
+    /// A server that deduplicates (a gateway, a proxy with a response
+    /// cache) then runs a retried completion once; one that does not
+    /// ignores the header. A [`header`](Self::header) of the same name
+    /// replaces it.
+    pub fn send_idempotency_key(mut self, on: bool) -> Self {
+        self.attempt_headers.key = on;
+        self
+    }
+
+    /// Whether every request carries the retries taken before it, `0` on
+    /// the first attempt ([`RETRY_COUNT_HEADER`](super::RETRY_COUNT_HEADER),
+    /// `x-stainless-retry-count`, as the official SDKs send it); default on,
+    /// as in the SDKs. A [`header`](Self::header) of the same name replaces
+    /// it.
+    pub fn send_retry_count(mut self, on: bool) -> Self {
+        self.attempt_headers.retry_count = on;
+        self
+    }
+
     /// Use this reqwest client (its own TLS, proxy and pool settings) instead
     /// of building one; the connect and total timeouts and root
     /// certificates are then the client's.
@@ -409,6 +437,12 @@ impl OpenAiClientBuilder {
         let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
         let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
         let headers = self.header_map()?;
+        // A default header of the same name is the caller's choice.
+        let attempt_headers = AttemptHeaders {
+            key: self.attempt_headers.key && !headers.contains_key(IDEMPOTENCY_KEY_HEADER),
+            retry_count: self.attempt_headers.retry_count
+                && !headers.contains_key(RETRY_COUNT_HEADER),
+        };
         let url = self.url(base)?;
         let http = match self.http {
             Some(_) if !self.root_certificates.is_empty() => {
@@ -460,6 +494,7 @@ impl OpenAiClientBuilder {
                 error_body_timeout,
                 max_body_bytes: self.max_body_bytes,
                 max_event_bytes: self.max_event_bytes,
+                attempt_headers,
             }),
         })
     }

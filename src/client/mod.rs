@@ -202,6 +202,7 @@ mod assemble;
 pub(crate) mod body;
 pub(crate) mod builder;
 mod error;
+pub(crate) mod idempotency;
 pub(crate) mod sse;
 mod stream;
 mod types;
@@ -222,6 +223,8 @@ pub use self::builder::{
 };
 pub(crate) use self::error::REQWEST_VIEW;
 pub use self::error::{ClientError, ClientErrorKind, BODY_EXCERPT_LIMIT};
+use self::idempotency::AttemptHeaders;
+pub use self::idempotency::{IDEMPOTENCY_KEY_HEADER, RETRY_COUNT_HEADER};
 pub use self::stream::ChatStream;
 use self::types::EncodeOptions;
 pub use self::types::{
@@ -248,6 +251,7 @@ struct Config {
     error_body_timeout: Option<Duration>,
     max_body_bytes: usize,
     max_event_bytes: usize,
+    attempt_headers: AttemptHeaders,
 }
 
 /// An OpenAI-compatible chat completions client; see the
@@ -277,6 +281,8 @@ impl fmt::Debug for OpenAiClient {
             .field("error_body_timeout", &c.error_body_timeout)
             .field("max_body_bytes", &c.max_body_bytes)
             .field("max_event_bytes", &c.max_event_bytes)
+            .field("send_idempotency_key", &c.attempt_headers.key)
+            .field("send_retry_count", &c.attempt_headers.retry_count)
             .finish()
     }
 }
@@ -348,6 +354,7 @@ async fn send(
     for (name, value) in &config.headers {
         rb = rb.header(name, value.clone());
     }
+    rb = config.attempt_headers.add(rb, req.idempotency_key_value());
     let sent = rb.send();
     // Armed when the request is sent; it bounds the wait for the headers
     // whatever the total timeout (which may be off for long streams).

@@ -12,6 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
+use super::attempt::{self, Slot};
 use super::event::{emit, stop_kind};
 use super::layer::Config;
 use super::{CloneRequest, RetryEventKind};
@@ -79,6 +80,9 @@ struct Core<S, Req, C, K> {
     // when someone listens), behind one pointer.
     extra: Option<Box<Extra>>,
     single_shot: bool,
+    // What the attempt's services see through `Attempt::current`: the
+    // retries taken and, once one of them asked, the idempotency key.
+    attempt: Slot,
 }
 
 /// Whether the timer was set for the current state.
@@ -157,6 +161,7 @@ where
             timer: None,
             armed: Armed::Unset,
             single_shot: false,
+            attempt: Slot::default(),
             extra: (!call.is_disabled()).then(|| {
                 Box::new(Extra {
                     spans: Some(Spans {
@@ -206,6 +211,7 @@ where
     #[inline]
     fn start_attempt(&mut self) -> S::Future {
         self.attempts += 1;
+        self.attempt.retries = self.attempts - 1;
         self.armed = Armed::Unset;
         let config = &self.config;
         let last_possible = self.attempts >= config.max_attempts;
@@ -495,8 +501,12 @@ where
                 }
                 StateProj::Calling { fut } => {
                     let polled = {
-                        let _a = core.spans().map(|s| s.attempt.enter());
-                        fut.poll(cx)
+                        let _a = core
+                            .extra
+                            .as_ref()
+                            .and_then(|e| e.spans.as_ref())
+                            .map(|s| s.attempt.enter());
+                        attempt::scope(&mut core.attempt, || fut.poll(cx))
                     };
                     let result = match polled {
                         Poll::Ready(r) => r.map_err(Error::from_inner),

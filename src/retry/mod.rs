@@ -96,6 +96,7 @@
 //! [`Error::BudgetExhausted`]: crate::Error::BudgetExhausted
 //! [`Error::NotCloneable`]: crate::Error::NotCloneable
 
+pub mod attempt;
 mod event;
 mod future;
 mod layer;
@@ -108,6 +109,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
+pub use self::attempt::{Attempt, IdempotencyKey};
 pub use self::event::{RetryEvent, RetryEventKind};
 pub use self::future::ResponseFuture;
 use self::layer::Config;

@@ -204,10 +204,12 @@ fn block_stop(index: usize) -> Part {
 
 pub(super) async fn messages(
     State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     shared.total.fetch_add(1, Ordering::SeqCst);
+    super::agent::record(&shared.recorded, &uri, &headers, &body);
     let _in_flight = InFlight::enter(&shared);
     let count = |s: Served| {
         shared.counts[s.index()].fetch_add(1, Ordering::SeqCst);
