@@ -82,6 +82,20 @@
 //! [`AnthropicErrorKind::TooLarge`], permanent. Zero is a configuration
 //! error; a duration of about 100 years or more means no limit.
 //!
+//! # Idempotency keys and retry counts
+//!
+//! As the OpenAI-compatible client, every request carries an
+//! `Idempotency-Key`, one per logical request and the same on every attempt
+//! the crate's retry layer makes of it, and `x-stainless-retry-count` (the
+//! retries taken, `0` first), as the official Anthropic SDKs send it; both
+//! on by default, switched off with
+//! [`send_idempotency_key`](AnthropicClientBuilder::send_idempotency_key)
+//! and [`send_retry_count`](AnthropicClientBuilder::send_retry_count). A
+//! caller's own key goes on the request
+//! ([`MessagesRequest::idempotency_key`]). The
+//! [client module](crate::client#idempotency-keys-and-retry-counts) says
+//! what a logical request is and why both are on.
+//!
 //! # Cloning, cost and secrets
 //!
 //! The client is an `Arc` inside (clones share the connection pool and

@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::RequestBuilder;
 
+use super::ChatRequest;
 use crate::retry::{Attempt, IdempotencyKey};
 
 /// The header that carries a logical request's idempotency key:
@@ -20,6 +21,20 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// provider-side logs and gateways that already read it understand the
 /// crate's clients the same way.
 pub const RETRY_COUNT_HEADER: &str = "x-stainless-retry-count";
+
+impl ChatRequest {
+    /// Sends this `Idempotency-Key` on every attempt of every call with this
+    /// request (or a clone of it), in place of the key the client draws per
+    /// logical request: for a caller that retries by hand, or a gateway
+    /// that forwards its own caller's key. Set it last: any later change to
+    /// the request drops it, so that one key never names two different
+    /// bodies. Ignored when the client does not send keys
+    /// ([`send_idempotency_key`](super::OpenAiClientBuilder::send_idempotency_key)).
+    pub fn idempotency_key(mut self, key: HeaderValue) -> Self {
+        *self.pinned_key() = Some(key);
+        self
+    }
+}
 
 /// Which of the two headers a client sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

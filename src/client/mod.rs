@@ -191,6 +191,40 @@
 //! Fields that providers send as `null` are read as absent, never
 //! rejected.
 //!
+//! # Idempotency keys and retry counts
+//!
+//! Every request carries an `Idempotency-Key` ([`IDEMPOTENCY_KEY_HEADER`])
+//! and the retries taken before it, `0` on the first attempt
+//! ([`RETRY_COUNT_HEADER`], `x-stainless-retry-count`). Under the crate's
+//! [`RetryLayer`](crate::retry::RetryLayer) the key is one per logical
+//! request, the same on every attempt (the retry layer tells the client
+//! which attempt it sends; see [`retry::attempt`](crate::retry::attempt)),
+//! so a server that deduplicates (a gateway, a proxy with a response
+//! cache) answers a retry of a completion it already ran without running
+//! it again. The key is a random UUID (v4) from a cryptographically secure
+//! generator: unguessable, and unique per logical request.
+//!
+//! A logical request is one call of the retry layer's service. Without a
+//! retry layer, each call of the client is one, and a caller that retries
+//! by hand makes a new one each time (count `0`, a new key), as calling an
+//! OpenAI SDK's `create` again does. To have the server see one request
+//! across hand-made retries (or to forward a key a gateway received), set
+//! it on the request: [`ChatRequest::idempotency_key`].
+//!
+//! Both are on by default. The retry count is what the official OpenAI and
+//! Anthropic SDKs send on every request, under the same name and with the
+//! same meaning. Those SDKs also keep one idempotency key per logical
+//! request across their retries, but attach it only for APIs that
+//! deduplicate on it, which OpenAI's and Anthropic's own do not; this
+//! client sends it because it fronts gateways and self-hosted servers as
+//! often as those APIs, and a server that does not deduplicate ignores it
+//! (a server can only match a retry to a first attempt that carried the
+//! key, so it goes on every attempt, the first included). Turn either off
+//! with [`send_idempotency_key`](OpenAiClientBuilder::send_idempotency_key)
+//! and [`send_retry_count`](OpenAiClientBuilder::send_retry_count); a
+//! [`header`](OpenAiClientBuilder::header) of the same name replaces the
+//! client's. Neither costs an allocation per call.
+//!
 //! # Cloning and cost
 //!
 //! The client is an `Arc` inside (clone it freely; every clone shares the

@@ -108,6 +108,10 @@ struct Spans {
     attempt: tracing::Span,
 }
 
+fn spans_of(extra: &Option<Box<Extra>>) -> Option<&Spans> {
+    extra.as_ref().and_then(|e| e.spans.as_ref())
+}
+
 impl<S, Req, C, K> fmt::Debug for ResponseFuture<S, Req, C, K>
 where
     S: Service<Req>,
@@ -223,11 +227,7 @@ where
                 Some(copy) => Some(copy),
                 None => {
                     self.single_shot = true;
-                    let _e = self
-                        .extra
-                        .as_ref()
-                        .and_then(|e| e.spans.as_ref())
-                        .map(|s| s.call.enter());
+                    let _e = spans_of(&self.extra).map(|s| s.call.enter());
                     tracing::warn!(
                         attempt = self.attempts,
                         "request cannot be cloned; it will be sent once"
@@ -252,16 +252,12 @@ where
                 reason = tracing::field::Empty,
             );
         }
-        let _a = self
-            .extra
-            .as_ref()
-            .and_then(|e| e.spans.as_ref())
-            .map(|s| s.attempt.enter());
+        let _a = spans_of(&self.extra).map(|s| s.attempt.enter());
         self.service.call(req)
     }
 
     fn spans(&self) -> Option<&Spans> {
-        self.extra.as_ref().and_then(|e| e.spans.as_ref())
+        spans_of(&self.extra)
     }
 
     fn record(&self, field: &str, value: impl tracing::Value) {
@@ -501,11 +497,7 @@ where
                 }
                 StateProj::Calling { fut } => {
                     let polled = {
-                        let _a = core
-                            .extra
-                            .as_ref()
-                            .and_then(|e| e.spans.as_ref())
-                            .map(|s| s.attempt.enter());
+                        let _a = spans_of(&core.extra).map(|s| s.attempt.enter());
                         attempt::scope(&mut core.attempt, || fut.poll(cx))
                     };
                     let result = match polled {

@@ -75,6 +75,20 @@
 //! as a [`RetryEventKind::NotCloneable`] event and a `tracing` warning, and a
 //! transient failure of that one attempt ends with [`Error::NotCloneable`].
 //!
+//! # Idempotency keys and attempt numbers
+//!
+//! While it polls an attempt, the retry layer makes that attempt current on
+//! the thread: a service below it reads [`Attempt::current`] for the
+//! retries taken so far (0 on the first attempt) and the logical request's
+//! [`IdempotencyKey`], drawn the first time it is asked for and then the
+//! same on every attempt. The crate's HTTP clients send both
+//! (`Idempotency-Key` and `x-stainless-retry-count`), so a server that
+//! deduplicates runs a retried completion once. One call of this service
+//! is one logical request; see [`attempt`] for what that means for a
+//! caller who retries by hand, for layers in between and for the cost (two
+//! small thread-local copies per poll of an attempt; no allocation, lock or
+//! atomic).
+//!
 //! # Observability
 //!
 //! A `tracing` span per logical call (`llm_resilience.retry`) and per attempt

@@ -219,8 +219,7 @@ struct Inner {
     // was built for: every retry of the same request to the same client
     // (and every clone of the request) reuses it without copying.
     full: OnceLock<(Arc<str>, u8, Bytes)>,
-    // The caller's own idempotency key; cleared by any change to the body.
-    idempotency_key: Option<reqwest::header::HeaderValue>,
+    idempotency_key: Option<reqwest::header::HeaderValue>, // cleared by `edit`
 }
 
 /// An OpenAI-compatible chat completion request: messages (text, images,
@@ -402,16 +401,9 @@ impl ChatRequest {
         self
     }
 
-    /// Sends this `Idempotency-Key` on every attempt of every call with this
-    /// request (or a clone of it), in place of the key the client draws per
-    /// logical request: for a caller that retries by hand, or a gateway
-    /// that forwards its own caller's key. Set it last: any later change to
-    /// the request drops it, so that one key never names two different
-    /// bodies. Ignored when the client does not send keys
-    /// ([`send_idempotency_key`](crate::client::OpenAiClientBuilder::send_idempotency_key)).
-    pub fn idempotency_key(mut self, key: reqwest::header::HeaderValue) -> Self {
-        Arc::make_mut(&mut self.inner).idempotency_key = Some(key);
-        self
+    /// The caller's own idempotency key (set in `client::idempotency`).
+    pub(crate) fn pinned_key(&mut self) -> &mut Option<reqwest::header::HeaderValue> {
+        &mut Arc::make_mut(&mut self.inner).idempotency_key
     }
 
     /// The key set with [`idempotency_key`](Self::idempotency_key), if any.
