@@ -359,6 +359,9 @@ impl AnthropicClientBuilder {
             key: self.attempt_headers.key && !named(IDEMPOTENCY_KEY_HEADER),
             retry_count: self.attempt_headers.retry_count && !named(RETRY_COUNT_HEADER),
         };
+        if attempt_headers.key || attempt_headers.retry_count {
+            crate::retry::Attempt::listen();
+        }
 
         let http = match self.http {
             Some(_) if !self.root_certificates.is_empty() => {

@@ -444,6 +444,9 @@ impl OpenAiClientBuilder {
                 && !headers.contains_key(RETRY_COUNT_HEADER),
         };
         let url = self.url(base)?;
+        if attempt_headers.key || attempt_headers.retry_count {
+            crate::retry::Attempt::listen();
+        }
         let http = match self.http {
             Some(_) if !self.root_certificates.is_empty() => {
                 return Err(ConfigError::new(

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower_service::Service;
 
-use super::attempt::{self, Slot};
+use super::attempt::{self, KeySlot};
 use super::event::{emit, stop_kind};
 use super::layer::Config;
 use super::{CloneRequest, RetryEventKind};
@@ -80,9 +80,8 @@ struct Core<S, Req, C, K> {
     // when someone listens), behind one pointer.
     extra: Option<Box<Extra>>,
     single_shot: bool,
-    // What the attempt's services see through `Attempt::current`: the
-    // retries taken and, once one of them asked, the idempotency key.
-    attempt: Slot,
+    // The key a service drew through `Attempt::current`.
+    key: KeySlot,
 }
 
 /// Whether the timer was set for the current state.
@@ -165,7 +164,7 @@ where
             timer: None,
             armed: Armed::Unset,
             single_shot: false,
-            attempt: Slot::default(),
+            key: KeySlot::default(),
             extra: (!call.is_disabled()).then(|| {
                 Box::new(Extra {
                     spans: Some(Spans {
@@ -215,7 +214,6 @@ where
     #[inline]
     fn start_attempt(&mut self) -> S::Future {
         self.attempts += 1;
-        self.attempt.retries = self.attempts - 1;
         self.armed = Armed::Unset;
         let config = &self.config;
         let last_possible = self.attempts >= config.max_attempts;
@@ -498,7 +496,12 @@ where
                 StateProj::Calling { fut } => {
                     let polled = {
                         let _a = spans_of(&core.extra).map(|s| s.attempt.enter());
-                        attempt::scope(&mut core.attempt, || fut.poll(cx))
+                        if attempt::listening() {
+                            let n = core.attempts.saturating_sub(1);
+                            attempt::scope(&mut core.key, n, || fut.poll(cx))
+                        } else {
+                            fut.poll(cx)
+                        }
                     };
                     let result = match polled {
                         Poll::Ready(r) => r.map_err(Error::from_inner),

@@ -85,9 +85,10 @@
 //! (`Idempotency-Key` and `x-stainless-retry-count`), so a server that
 //! deduplicates runs a retried completion once. One call of this service
 //! is one logical request; see [`attempt`] for what that means for a
-//! caller who retries by hand, for layers in between and for the cost (two
-//! small thread-local copies per poll of an attempt; no allocation, lock or
-//! atomic).
+//! caller who retries by hand, for layers in between and for the cost (a
+//! few word copies into a thread-local per poll of an attempt once
+//! something listens, one relaxed atomic load before; no allocation, lock
+//! or atomic write).
 //!
 //! # Observability
 //!

@@ -113,6 +113,7 @@ mod attempts {
     }
 
     fn layer() -> RetryLayer {
+        Attempt::listen();
         RetryLayer::builder()
             .max_attempts(3)
             .seed(1)
