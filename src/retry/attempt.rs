@@ -36,7 +36,10 @@
 //! another task (a `tower::buffer::Buffer` below the retry layer, a
 //! `tokio::spawn` inside a service) does not see it; put the retry layer
 //! below such a layer. With nested retry layers, the innermost one's
-//! logical request is the one a client sees.
+//! logical request is the one a client sees. Under the
+//! [agent pipeline](crate::pipeline), each target has its own retry layer,
+//! so a fallback target's attempts form a logical request of their own: a
+//! new key, counted from 0.
 //!
 //! ```
 //! use llm_resilience::classify::HttpError;
