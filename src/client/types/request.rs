@@ -401,7 +401,6 @@ impl ChatRequest {
         self
     }
 
-    /// The caller's own idempotency key (set in `client::idempotency`).
     pub(crate) fn pinned_key(&mut self) -> &mut Option<reqwest::header::HeaderValue> {
         &mut Arc::make_mut(&mut self.inner).idempotency_key
     }
