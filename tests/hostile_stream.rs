@@ -28,9 +28,16 @@ fn classify(err: ClientError) -> Outcome {
 /// A streaming client with no total timeout: only the first-byte, idle and
 /// size bounds hold it.
 fn client(url: &str) -> OpenAiClient {
+    client_idle(url, Duration::from_millis(400))
+}
+
+/// A client whose idle timer is `idle`: the tests about a cap use a long
+/// one, so that a slow (loaded) machine cannot end the stream by the idle
+/// timer before the cap is reached.
+fn client_idle(url: &str, idle: Duration) -> OpenAiClient {
     OpenAiClient::builder(url)
         .no_total_timeout()
-        .stream_idle_timeout(Duration::from_millis(400))
+        .stream_idle_timeout(idle)
         .build()
         .unwrap()
 }
@@ -117,14 +124,14 @@ async fn a_drip_before_the_first_chunk_fails_the_call() {
 }
 
 /// Keep-alive comments are progress: a stream that sends one every 100 ms
-/// between chunks outlives the 400 ms idle timeout.
+/// between chunks for 2.5 s outlives a 1 s idle timeout.
 #[tokio::test]
 async fn keep_alive_comments_count_as_progress() {
     let server = serve(|mut c| async move {
         if !(c.head("200 OK", SSE_HEAD).await && c.write(chunk("a").as_bytes()).await) {
             return;
         }
-        for _ in 0..8 {
+        for _ in 0..25 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             c.write(b": keep-alive\n").await;
         }
@@ -132,7 +139,9 @@ async fn keep_alive_comments_count_as_progress() {
             .await;
     })
     .await;
-    let s = open(&client(&server.url)).await.unwrap();
+    let s = open(&client_idle(&server.url, Duration::from_secs(1)))
+        .await
+        .unwrap();
     let (text, end) = drain(s).await;
     end.unwrap();
     assert_eq!(text, "ab");
@@ -150,7 +159,9 @@ async fn an_endless_line_stops_at_the_event_cap() {
         }
     })
     .await;
-    let s = open(&client(&server.url)).await.unwrap();
+    let s = open(&client_idle(&server.url, Duration::from_secs(20)))
+        .await
+        .unwrap();
     let (text, end) = drain(s).await;
     assert_eq!(text, "a");
     let err = end.unwrap_err();
