@@ -178,6 +178,54 @@ impl Dimension {
         self.head_seq + self.log.len() as u64 - 1
     }
 
+    /// Units that calls could take at once at `now`, and at any later
+    /// instant (the bucket only refills and the log only empties), with
+    /// nothing else admitted meanwhile: at most the burst.
+    pub(crate) fn allowance(&mut self, now: u64) -> u64 {
+        self.expire(now);
+        let log_left = self.eff_limit.saturating_sub(self.total);
+        let room = self.burst_time.saturating_sub(self.tat.saturating_sub(now));
+        // The most units whose `time_for` fits in `room`.
+        let bucket = (u128::from(room) << FP) / self.interval_fp.max(1);
+        let bucket = u64::try_from(bucket).unwrap_or(u64::MAX);
+        log_left.min(bucket).min(self.eff_burst)
+    }
+
+    /// The log entry that a lease opened at `now` books into, and the end
+    /// of the lease (the entry covers at most one granularity).
+    pub(crate) fn lease_entry(&mut self, now: u64) -> (u64, u64) {
+        let seq = self.book(0, now);
+        let first = self.log.back().map_or(now, |e| e.first);
+        (seq, first.saturating_add(self.granularity))
+    }
+
+    /// Books what calls took from a lease that booked into `seq`, taken
+    /// at or before `at`: the log entry lasts until `at`, and the bucket is
+    /// charged as if they all came at `at` (never less than the GCRA would
+    /// charge; exactly as much when the bucket was not full since the lease
+    /// opened).
+    pub(crate) fn fold(&mut self, seq: u64, used: u64, at: u64) {
+        if used == 0 {
+            return;
+        }
+        self.tat = self.tat.max(at).saturating_add(self.time_for(used));
+        match seq
+            .checked_sub(self.head_seq)
+            .and_then(|i| self.log.get_mut(i as usize))
+        {
+            Some(e) => {
+                e.cost += used;
+                e.last = e.last.max(at);
+                self.total += used;
+            }
+            // The entry is booked when the lease opens and nothing expires
+            // while it is open; should it be gone, book anew.
+            None => {
+                self.book(used, at);
+            }
+        }
+    }
+
     /// Gives back `amount` of a charge booked as `seq`: the bucket gets the
     /// time back (never beyond full), and the log entry, if still in its
     /// window, forgets that much.

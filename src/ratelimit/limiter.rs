@@ -1,5 +1,6 @@
 //! One key's limiter: both dimensions, the pause, and the waiting line,
-//! under one short lock.
+//! under one short lock, and the lease that calls admitted at once take
+//! from without it.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use super::event::{emit, Listener, RateLimitEventKind as Kind};
 use super::gcra::Dimension;
+use super::lease::{Grant, Lease, REQ_MAX, TOK_MAX};
 use super::usage::ServerLimits;
 use crate::classify::LlmClassifier;
 
@@ -76,6 +78,10 @@ struct State {
     waiters: VecDeque<Waiter>,
     next_id: u64,
     last_used: u64,
+    /// The open lease's grant (the lease is open exactly when this is set),
+    /// and the number of the last lease opened.
+    lease: Option<Grant>,
+    epoch: u64,
 }
 
 impl State {
@@ -137,6 +143,12 @@ pub(crate) enum WaitPoll {
 
 /// One key's limiter.
 pub(crate) struct Limiter {
+    /// The fast path (written on every admitted call).
+    lease: Lease,
+    /// A call's request cost (0 without a request limit), and whether
+    /// tokens are limited.
+    req_cost: u64,
+    tok_on: bool,
     state: Mutex<State>,
     /// No call waiting and no pause set: `poll_ready` may ready the inner
     /// service. A hint only (read without the lock).
@@ -168,21 +180,85 @@ impl Limiter {
                 waiters: VecDeque::new(),
                 next_id: 0,
                 last_used: 0,
+                lease: None,
+                epoch: 0,
             }),
+            lease: Lease::new(),
+            req_cost: u64::from(settings.requests.is_some()),
+            tok_on: settings.tokens.is_some(),
             clear: AtomicBool::new(true),
             origin,
             settings,
         }
     }
 
-    #[inline]
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks the state and closes the lease, folding what calls took from
+    /// it into the bucket and the log; returns the time, read after the
+    /// close (so at or after every call taken from the lease).
+    fn lock(&self) -> (MutexGuard<'_, State>, u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let grant = st.lease.take();
+        let left = self.lease.close();
+        let now = self.now();
+        if let (Some(g), Some(left)) = (grant, left) {
+            // Taken strictly before the end, and before now.
+            let at = now.min(g.end.saturating_sub(1));
+            let requests = g.requests - left.requests;
+            let tokens = g.tokens - left.tokens;
+            if let Some(d) = st.req.as_mut() {
+                d.fold(g.req_seq, requests, at);
+            }
+            if let Some(d) = st.tok.as_mut() {
+                d.fold(g.tok_seq, tokens, at);
+            }
+            if requests > 0 || tokens > 0 {
+                st.last_used = st.last_used.max(at);
+            }
+        }
+        (st, now)
     }
 
+    /// Opens a lease with what could go at once, when nobody waits and no
+    /// pause holds (under the lock, the lease closed).
+    fn reopen(&self, st: &mut State, now: u64) {
+        if !st.waiters.is_empty() || st.paused_until > now {
+            return;
+        }
+        let requests = st.req.as_mut().map_or(REQ_MAX, |d| d.allowance(now));
+        let tokens = st.tok.as_mut().map_or(TOK_MAX, |d| d.allowance(now));
+        if requests == 0 || tokens == 0 {
+            return;
+        }
+        let mut grant = Grant {
+            end: u64::MAX,
+            req_seq: u64::MAX,
+            tok_seq: u64::MAX,
+            requests: requests.min(REQ_MAX),
+            tokens: tokens.min(TOK_MAX),
+        };
+        if let Some(d) = st.req.as_mut() {
+            let (seq, end) = d.lease_entry(now);
+            grant.req_seq = seq;
+            grant.end = grant.end.min(end);
+        }
+        if let Some(d) = st.tok.as_mut() {
+            let (seq, end) = d.lease_entry(now);
+            grant.tok_seq = seq;
+            grant.end = grant.end.min(end);
+        }
+        st.epoch += 1;
+        self.lease.open(st.epoch, &grant);
+        st.lease = Some(grant);
+    }
+
+    /// The time in nanoseconds from the origin (tokio's clock: paused time
+    /// in tests).
     #[inline]
     fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.origin))
+        let d = Instant::now().saturating_duration_since(self.origin);
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
     }
 
     fn instant(&self, at: u64) -> Instant {
@@ -202,12 +278,27 @@ impl Limiter {
     }
 
     /// A call of `tokens` arrives: admitted at once, queued, or refused.
+    /// Admitted from the lease without the lock when it can be.
     #[inline]
     pub(crate) fn arrive(&self, tokens: u64) -> Arrival {
-        let now = self.now();
-        let mut st = self.lock();
+        let tok_cost = if self.tok_on { tokens } else { 0 };
+        if let Some((req_seq, tok_seq)) = self.lease.take(self.now(), self.req_cost, tok_cost) {
+            return Arrival::Admitted(Ticket {
+                req_seq,
+                tok_seq,
+                tokens,
+            });
+        }
+        self.arrive_locked(tokens)
+    }
+
+    #[inline(never)]
+    fn arrive_locked(&self, tokens: u64) -> Arrival {
+        let (mut st, now) = self.lock();
         if st.waiters.is_empty() && st.paused_until <= now && st.fits(tokens, now) {
-            return Arrival::Admitted(st.admit(tokens, now));
+            let ticket = st.admit(tokens, now);
+            self.reopen(&mut st, now);
+            return Arrival::Admitted(ticket);
         }
         self.arrive_slow(st, tokens, now)
     }
@@ -216,6 +307,7 @@ impl Limiter {
     fn arrive_slow(&self, mut st: MutexGuard<'_, State>, tokens: u64, now: u64) -> Arrival {
         let window = Duration::from_nanos(self.settings.window);
         let Some(at) = st.earliest(tokens, now) else {
+            self.reopen(&mut st, now);
             drop(st);
             // Above the limit itself: it can never go.
             self.settings.emit(Kind::Rejected, None, Some(window));
@@ -227,6 +319,7 @@ impl Limiter {
             WhenLimited::Reject => false,
         };
         if !queue {
+            self.reopen(&mut st, now);
             drop(st);
             self.settings.emit(Kind::Rejected, None, Some(wait));
             return Arrival::Rejected(wait);
@@ -247,8 +340,7 @@ impl Limiter {
     /// A waiting call is polled: the head of the line is admitted when its
     /// time has come; the others wait to become the head.
     pub(crate) fn poll_wait(&self, id: u64, waker: &Waker) -> WaitPoll {
-        let now = self.now();
-        let mut st = self.lock();
+        let (mut st, now) = self.lock();
         let is_head = st.waiters.front().is_some_and(|w| w.id == id);
         if !is_head {
             if let Some(w) = st.waiters.iter_mut().find(|w| w.id == id) {
@@ -270,6 +362,7 @@ impl Limiter {
             st.waiters.pop_front();
             let next = st.head_waker();
             self.update_clear(&st, now);
+            self.reopen(&mut st, now);
             drop(st);
             if let Some(w) = next {
                 w.wake();
@@ -288,9 +381,11 @@ impl Limiter {
     /// out); the next in line takes its place at once. Returns the wait it
     /// would still have had, when it was the head.
     pub(crate) fn leave(&self, id: u64) -> Option<Duration> {
-        let now = self.now();
-        let mut st = self.lock();
-        let pos = st.waiters.iter().position(|w| w.id == id)?;
+        let (mut st, now) = self.lock();
+        let Some(pos) = st.waiters.iter().position(|w| w.id == id) else {
+            self.reopen(&mut st, now);
+            return None;
+        };
         let tokens = st.waiters[pos].tokens;
         let left = st
             .earliest(tokens, now)
@@ -298,6 +393,7 @@ impl Limiter {
         st.waiters.remove(pos);
         let next = if pos == 0 { st.head_waker() } else { None };
         self.update_clear(&st, now);
+        self.reopen(&mut st, now);
         drop(st);
         if let Some(w) = next {
             w.wake();
@@ -342,8 +438,7 @@ impl Limiter {
         if used.is_none() && server.is_empty() {
             return;
         }
-        let now = self.now();
-        let mut st = self.lock();
+        let (mut st, now) = self.lock();
         if let (Some(used), Some(d)) = (used, st.tok.as_mut()) {
             if used < ticket.tokens {
                 d.refund(ticket.tok_seq, ticket.tokens - used, now);
@@ -352,6 +447,7 @@ impl Limiter {
             }
         }
         let lowered = self.steer(&mut st, server, now);
+        self.reopen(&mut st, now);
         let head = st.head_waker();
         drop(st);
         if let Some(w) = head {
@@ -365,14 +461,14 @@ impl Limiter {
     /// An admitted call was never sent (or a layer below refused it without
     /// sending): its charges come back.
     pub(crate) fn refund_all(&self, ticket: Ticket) {
-        let now = self.now();
-        let mut st = self.lock();
+        let (mut st, now) = self.lock();
         if let Some(d) = st.req.as_mut() {
             d.refund(ticket.req_seq, 1, now);
         }
         if let Some(d) = st.tok.as_mut() {
             d.refund(ticket.tok_seq, ticket.tokens, now);
         }
+        self.reopen(&mut st, now);
         let head = st.head_waker();
         drop(st);
         if let Some(w) = head {
@@ -389,8 +485,7 @@ impl Limiter {
         hint: Option<Duration>,
         server: &ServerLimits,
     ) {
-        let now = self.now();
-        let mut st = self.lock();
+        let (mut st, now) = self.lock();
         if let Some(d) = st.req.as_mut() {
             d.refund(ticket.req_seq, 1, now);
         }
@@ -420,6 +515,7 @@ impl Limiter {
             }
         }
         self.update_clear(&st, now);
+        self.reopen(&mut st, now);
         let head = st.head_waker();
         drop(st);
         if let Some(w) = head {
@@ -433,27 +529,29 @@ impl Limiter {
     /// Requests and tokens that could go at once now (`None` for an
     /// unlimited dimension), and the pause left.
     pub(crate) fn snapshot(&self) -> Snapshot {
-        let now = self.now();
-        let mut st = self.lock();
-        Snapshot {
+        let (mut st, now) = self.lock();
+        let snapshot = Snapshot {
             requests: st.req.as_mut().map(|d| d.remaining(now)),
             tokens: st.tok.as_mut().map(|d| d.remaining(now)),
             request_limit: st.req.as_ref().map(|d| d.effective_limit()),
             token_limit: st.tok.as_ref().map(|d| d.effective_limit()),
             paused_for: Duration::from_nanos(st.paused_until.saturating_sub(now)),
             waiting: st.waiters.len(),
-        }
+        };
+        self.reopen(&mut st, now);
+        snapshot
     }
 
     /// Whether nothing is waiting and the key's history has left the window
     /// (evicting it loses nothing), and when it was last used.
     pub(crate) fn idle(&self) -> (bool, u64) {
-        let now = self.now();
-        let st = self.lock();
+        let (mut st, now) = self.lock();
         let quiet = st.waiters.is_empty()
             && st.paused_until <= now
             && st.last_used.saturating_add(self.settings.window) <= now;
-        (quiet, st.last_used)
+        let last_used = st.last_used;
+        self.reopen(&mut st, now);
+        (quiet, last_used)
     }
 }
 

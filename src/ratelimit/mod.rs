@@ -167,8 +167,11 @@ mod gcra;
 mod handle;
 mod keyed;
 mod layer;
+mod lease;
 mod limiter;
 mod usage;
+
+use crate::util::sync;
 
 use std::fmt;
 use std::hash::Hash;
