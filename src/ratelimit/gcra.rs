@@ -396,5 +396,61 @@ mod tests {
                 hist.push((now, cost - r));
             }
         }
+
+        /// The lock-free path's arithmetic, mixed with calls admitted under
+        /// the lock: a lease granted with `allowance` and taken from in two
+        /// parts at any instants before its end, then folded at a later
+        /// close, never lets a window hold more than the limit.
+        #[test]
+        fn leases_never_break_the_window(
+            limit in 1u64..500,
+            burst_pct in 1u64..=100,
+            steps in prop::collection::vec(
+                (0u64..2_000_000_000, 0u64..120, any::<bool>(), 0u64..1_000, 0u64..1_000),
+                1..300,
+            ),
+        ) {
+            let window = 10 * S;
+            let burst = (limit * burst_pct / 100).max(1);
+            let mut d = Dimension::new(limit, burst, window);
+            let mut now = 0;
+            let mut hist: Vec<(u64, u64)> = Vec::new();
+            let in_window = |hist: &[(u64, u64)], t: u64| -> u64 {
+                hist.iter().filter(|(a, _)| a + window > t).map(|(_, c)| c).sum()
+            };
+            for (gap, cost, lease, p1, p2) in steps {
+                now += gap;
+                if lease {
+                    let allowed = d.allowance(now);
+                    prop_assert!(allowed <= burst);
+                    if allowed == 0 {
+                        continue;
+                    }
+                    let (seq, end) = d.lease_entry(now);
+                    prop_assert!(end > now && end - now <= window / LOG_SLOTS);
+                    let used = cost.min(allowed);
+                    let span = end - now;
+                    let t1 = now + span * p1 / 1_000;
+                    let t2 = t1 + (end - 1 - t1) * p2 / 1_000;
+                    for (t, part) in [(t1, used / 2), (t2, used - used / 2)] {
+                        prop_assert!(in_window(&hist, t) + part <= limit);
+                        hist.push((t, part));
+                    }
+                    // Closed at or after the last take; folded at most at
+                    // the end.
+                    let close = t2 + gap / 4;
+                    d.fold(seq, used, close.min(end - 1));
+                    now = close;
+                } else {
+                    let cost = cost.min(limit);
+                    let e = d.earliest(cost, now).unwrap();
+                    prop_assert!(d.fits(cost, e));
+                    d.admit(cost, e);
+                    now = e;
+                    prop_assert!(in_window(&hist, now) + cost <= limit);
+                    hist.push((now, cost));
+                }
+            }
+        }
     }
 }
