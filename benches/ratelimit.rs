@@ -7,8 +7,9 @@
 //!
 //! Every variant is driven the way a service is called (`ready().await`
 //! then `call().await` in an async loop inside a runtime); the variants run
-//! round-robin, many short rounds each, and the medians and ratios are
-//! printed (the machine is shared: load drift hits every variant alike).
+//! round-robin, 151 rounds of short samples, and the medians and the
+//! medians of the per-round ratios are printed (the machine is shared:
+//! load drift hits every variant of a round alike).
 //! Heap allocations per call are counted first with a counting allocator.
 //!
 //! What each side does that the other does not: ours checks a request
@@ -282,10 +283,21 @@ where
     })
 }
 
+/// The median of the per-round ratios `a[r] / b[r]`, with its quartiles.
+fn ratio(a: &[f64], b: &[f64]) -> String {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |f: f64| r[((r.len() - 1) as f64 * f) as usize];
+    format!("{:.2} ({:.2}–{:.2})", q(0.5), q(0.25), q(0.75))
+}
+
 fn main() {
     allocations();
-    const ROUNDS: usize = 31;
-    let n = 50_000;
+    // Many short samples, round-robin: on a shared machine most short
+    // samples run uninterrupted, and load drift hits every variant of a
+    // round alike; each ratio is the median of the per-round ratios.
+    const ROUNDS: usize = 151;
+    let n = 2_000;
     let rt = current();
     let (mut base, mut o, mut ot, mut ok) = (inner(), ours(), ours_tokens(), ours_keyed());
     let (mut gd, mut gk, mut tr) = (governor_direct(), governor_keyed(), tower_resilience());
@@ -311,29 +323,26 @@ fn main() {
         }
         start.elapsed().as_nanos() as f64 / n as f64
     });
-    let m = t.map(|mut v| median(&mut v));
-    let std_clock = {
-        let start = Instant::now();
-        for _ in 0..n {
-            black_box(Instant::now());
-        }
-        start.elapsed().as_nanos() as f64 / n as f64
-    };
-    println!("clock read (ns): tokio::time::Instant::now inside the runtime {clock:.1} (tokio test-util on), std::time::Instant::now {std_clock:.1}; future size: ours {} bytes", std::mem::size_of_val(&o.clone().call(0)));
+    let m = t.clone().map(|mut v| median(&mut v));
+    println!("clock read (ns): tokio::time::Instant::now inside the runtime {clock:.1}; future size: ours {} bytes", std::mem::size_of_val(&o.clone().call(0)));
     println!(
         "uncontended (median ns/call of {ROUNDS} rounds): baseline {:.1}, ours {:.1}, ours requests+tokens {:.1}, ours keyed {:.1}, governor direct {:.1}, governor keyed {:.1}, tower-resilience {:.1}",
         m[0], m[1], m[2], m[3], m[4], m[5], m[6]
     );
     println!(
-        "uncontended ratios: ours/governor {:.2}, ours+tokens/governor {:.2}, ours/tower-resilience {:.3}, keyed ours/governor keyed {:.2}",
-        m[1] / m[4],
-        m[2] / m[4],
-        m[1] / m[6],
-        m[3] / m[5]
+        "uncontended ratios (median of per-round ratios, quartiles): ours/governor {}, ours+tokens/governor {}, ours/tower-resilience {}, keyed ours/governor keyed {}",
+        ratio(&t[1], &t[4]),
+        ratio(&t[2], &t[4]),
+        ratio(&t[1], &t[6]),
+        ratio(&t[3], &t[5])
     );
     println!(
-        "clone per request (median ns/call): ours {:.1}, governor direct {:.1}, tower-resilience {:.1}; ours/governor {:.2}, ours/tower-resilience {:.3}",
-        m[7], m[8], m[9], m[7] / m[8], m[7] / m[9]
+        "clone per request (median ns/call): ours {:.1}, governor direct {:.1}, tower-resilience {:.1}; ours/governor {}, ours/tower-resilience {}",
+        m[7],
+        m[8],
+        m[9],
+        ratio(&t[7], &t[8]),
+        ratio(&t[7], &t[9])
     );
 
     let mt = tokio::runtime::Builder::new_multi_thread()
@@ -341,7 +350,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let per_task = 2_000u64;
+    let per_task = 200u64;
     let (o, ok, gd, gk, tr) = (
         ours(),
         ours_keyed(),
@@ -357,15 +366,15 @@ fn main() {
         c[3].push(contended_once(&mt, &gk, per_task));
         c[4].push(contended_once(&mt, &tr, per_task / 10));
     }
-    let m = c.map(|mut v| median(&mut v));
+    let m = c.clone().map(|mut v| median(&mut v));
     println!(
         "contended, 64 tasks on 2 workers (median ns/call): ours {:.1}, governor direct {:.1}, ours keyed {:.1}, governor keyed {:.1}, tower-resilience {:.1}",
         m[0], m[1], m[2], m[3], m[4]
     );
     println!(
-        "contended throughput (ours / theirs): vs governor {:.2}x, keyed vs governor keyed {:.2}x, vs tower-resilience {:.1}x",
-        m[1] / m[0],
-        m[3] / m[2],
-        m[4] / m[0]
+        "contended throughput (ours / theirs, median of per-round ratios): vs governor {}x, keyed vs governor keyed {}x, vs tower-resilience {}x",
+        ratio(&c[1], &c[0]),
+        ratio(&c[3], &c[2]),
+        ratio(&c[4], &c[0])
     );
 }
