@@ -14,9 +14,12 @@
 //!
 //! What each side does that the other does not: ours checks a request
 //! limit and (in `ours_tokens`) a token limit with an exact sliding window
-//! on top of the GCRA, keeps a waiting line, and settles each response;
-//! governor checks one GCRA cell with a compare-and-swap and a cheaper
-//! clock (quanta), refuses when over (no waiting) and reads nothing back;
+//! on top of the GCRA (an admitted call takes both from a lease with one
+//! compare-and-swap; the lock opens the lease and books it), keeps a
+//! waiting line, holds the limiter's `Arc` in the future to settle each
+//! response, and reads tokio's clock (`clock_gettime`); governor checks
+//! one GCRA cell with a compare-and-swap and reads quanta's TSC clock,
+//! refuses when over (no waiting) and reads nothing back;
 //! tower-resilience (default fixed window) readies the inner service,
 //! takes a permit and boxes its future.
 

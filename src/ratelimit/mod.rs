@@ -63,6 +63,22 @@
 //! A call costing more tokens than the whole token limit can never go: it
 //! fails at once with [`Error::RateLimited`] carrying one window.
 //!
+//! **Without the lock.** A call that finds nobody waiting and no pause is
+//! admitted with one compare-and-swap: under its lock the limiter grants a
+//! *lease* of what could go at once (the requests and tokens that fit the
+//! bucket and the log now, so at every later instant too, as the bucket
+//! only refills and the log only empties), booked into the log's current
+//! entry and valid until that entry's time is up (at most 1/128 of the
+//! window); calls take their cost from it until it runs out or its time
+//! is up. Everything else (a call that does not fit, the waiting line,
+//! settling, steering, a pause, a snapshot) first closes the lease under
+//! the lock and books what was taken, in the log and in the bucket, as if
+//! it had all come at the close (or at the lease's end, if sooner). That
+//! never admits anything early: the window stays exact. The trade is the
+//! coarse log's: a call may wait up to 1/128 of the window longer than the
+//! exact bucket alone would make it (when the bucket was full during a
+//! lease and is needed right after it).
+//!
 //! # Token cost: estimated, then settled
 //!
 //! Before the call, the estimator ([`EstimateTokens`]: [`ChatEstimate`] by
@@ -152,11 +168,14 @@
 //!
 //! # Cost
 //!
-//! An admitted call costs a clock read, one uncontended lock held for a
-//! few comparisons and additions, an `Arc` clone for the future, and no
-//! allocation; a response that reports no usage and no headers takes no
-//! second lock. A keyed limiter adds a read lock on its map and a hash of
-//! the key. See `BENCHMARKS.md` for the figures against `governor` and
+//! An admitted call costs a clock read (tokio's, so that a paused clock in
+//! tests is followed), one compare-and-swap on the lease, an `Arc` clone
+//! for the future, and no allocation; the lock is taken to open a lease
+//! (at most 128 times per window while calls keep coming under the
+//! limit), and on the slow paths. A response that reports no usage and no
+//! headers takes no lock; one that does takes it once to settle. A keyed
+//! limiter adds a read lock on its map and a hash of the key. See
+//! `BENCHMARKS.md` for the figures against `governor` and
 //! tower-resilience.
 //!
 //! [`Error::RateLimited`]: crate::Error::RateLimited
