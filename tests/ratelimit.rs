@@ -3,6 +3,7 @@
 //! pauses its key only, a dropped waiter's place is reused, rejection and
 //! sharing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +49,17 @@ struct Rec {
     estimate: u64,
     used: u64,
     latency: Duration,
+    /// The order of admissions and settlements (the paused clock gives
+    /// many events the same instant).
+    admitted_seq: u64,
+    settled_seq: u64,
+}
+
+/// Orders the events of one simulation (each runs on one thread).
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn next_seq() -> u64 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
 const WINDOW: Duration = Duration::from_secs(10);
@@ -130,10 +142,15 @@ async fn simulate(seed: u64, minutes: u64) -> Vec<Rec> {
                     let mut g = recs.lock().unwrap();
                     let rec = &mut g[r.id];
                     rec.admitted = Some(Instant::now());
+                    rec.admitted_seq = next_seq();
                     (rec.latency, rec.used)
                 };
                 tokio::time::sleep(latency).await;
-                recs.lock().unwrap()[r.id].settled = Some(Instant::now());
+                {
+                    let mut g = recs.lock().unwrap();
+                    g[r.id].settled = Some(Instant::now());
+                    g[r.id].settled_seq = next_seq();
+                }
                 Ok::<_, HttpError>(Resp {
                     used: Some(used),
                     server: ServerLimits::default(),
@@ -190,10 +207,13 @@ fn check(recs: &[Rec], origin: Instant) {
         events.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
         // Window sums at `t` (admissions in (t - w, t]), costs as known at
         // t; in integer nanoseconds (admissions exactly a window apart are
-        // common on a millisecond timer).
+        // common on a millisecond timer). Of the events at `t` itself, only
+        // admissions up to `upto` and settlements before it count (an
+        // overrun settled just after an admission at the same instant may
+        // take the window past the limit: it was spent already).
         let ns = |i: Instant| (i - origin).as_nanos() as i128;
         let wn = WINDOW.as_nanos() as i128;
-        let sums = |t: f64, strict_end: bool| {
+        let sums = |t: f64, strict_end: bool, upto: u64| {
             let t = (t * 1e9).round() as i128;
             let mut n = 0u64;
             let mut tok = 0u64;
@@ -201,16 +221,18 @@ fn check(recs: &[Rec], origin: Instant) {
                 let a = ns(r.admitted.unwrap());
                 let s = ns(r.settled.unwrap());
                 let (t, w) = (t, wn);
-                let inside = a > t - w && if strict_end { a < t } else { a <= t };
+                let inside =
+                    a > t - w && (a < t || (!strict_end && a == t && r.admitted_seq <= upto));
+                let known = s < t || (s == t && r.settled_seq < upto);
                 if inside {
                     n += 1;
-                    tok += if s <= t {
+                    tok += if known {
                         r.used.min(r.estimate)
                     } else {
                         r.estimate
                     };
                 }
-                if r.used > r.estimate && s > t - w && s <= t {
+                if r.used > r.estimate && s > t - w && known {
                     tok += r.used - r.estimate;
                 }
             }
@@ -219,7 +241,7 @@ fn check(recs: &[Rec], origin: Instant) {
         let mut prev_admitted = 0.0f64;
         for r in &mine {
             let a = f(r.admitted.unwrap());
-            let (n, tok) = sums(a, false);
+            let (n, tok) = sums(a, false, r.admitted_seq);
             assert!(
                 n <= L_REQ,
                 "key {key}: {n} requests in the window ending at {a}"
@@ -239,7 +261,7 @@ fn check(recs: &[Rec], origin: Instant) {
                 o.used > o.estimate && s >= probe && s < a
             });
             if probe > earliest_allowed && !disturbed {
-                let (n, tok) = sums(probe, true);
+                let (n, tok) = sums(probe, true, u64::MAX);
                 let log_fits = n < L_REQ && tok + r.estimate <= L_TOK;
                 let req_events: Vec<(f64, i8, f64)> = mine
                     .iter()
