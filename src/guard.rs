@@ -62,8 +62,8 @@
 //!   [`GuardedResponse`] by pushing to it, and call
 //!   [`complete`](StreamGuards::complete) or [`fail`](StreamGuards::fail)
 //!   where the stream ends; dropping the stream drops them. The crate's
-//!   [`ChatStream`](crate::client::ChatStream) and
-//!   [`MessageStream`](crate::anthropic::MessageStream) do this.
+//!   `ChatStream` (`[DONE]` completes it) and `MessageStream`
+//!   (`message_stop`) do this.
 //! - Implement [`GuardedResponse::attach`] any other way; a guard only needs
 //!   to be kept, and ended (or dropped) once.
 //!

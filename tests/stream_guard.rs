@@ -31,7 +31,12 @@ fn stream(first: &str) -> (mpsc::UnboundedSender<Item>, Chunks) {
     (tx, Guarded::new(rx))
 }
 
-fn queue(concurrency: usize) -> (QueueLayer<SamePriority, NoDeadline, AtStreamEnd>, QueueHandle) {
+fn queue(
+    concurrency: usize,
+) -> (
+    QueueLayer<SamePriority, NoDeadline, AtStreamEnd>,
+    QueueHandle,
+) {
     let layer = QueueLayer::builder()
         .concurrency(concurrency)
         .capacity(64)
@@ -81,7 +86,11 @@ async fn concurrency_two_lets_two_of_ten_streams_read_at_once() {
             // Both permits travel with open streams: nobody else is sent.
             no_request(&mut handle).await;
             assert_eq!(q.in_flight(), open.len());
-            assert_eq!(reading.load(Ordering::SeqCst), open.len(), "served {served}");
+            assert_eq!(
+                reading.load(Ordering::SeqCst),
+                open.len(),
+                "served {served}"
+            );
             // The oldest stream sends one more chunk and ends.
             let tx = open.pop_front().unwrap();
             tx.unbounded_send(Ok("more".into())).unwrap();
@@ -127,7 +136,8 @@ async fn permit_returns_when(end: End) {
             assert!(s.next().await.is_none());
         }
         End::Fails => {
-            tx.unbounded_send(Err(std::io::Error::other("cut"))).unwrap();
+            tx.unbounded_send(Err(std::io::Error::other("cut")))
+                .unwrap();
             assert!(s.next().await.unwrap().is_err());
         }
         End::IsDropped => drop(s),
@@ -244,7 +254,8 @@ async fn a_half_open_probe_is_the_whole_stream() {
     respond.send_response(s);
     let mut s = call.await.unwrap().unwrap();
     s.next().await;
-    tx.unbounded_send(Err(std::io::Error::other("cut"))).unwrap();
+    tx.unbounded_send(Err(std::io::Error::other("cut")))
+        .unwrap();
     s.next().await;
     assert_eq!(b.state(), State::Open);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -313,7 +324,10 @@ async fn a_users_own_stream_type_holds_the_slot_and_reports_its_end() {
         .build()
         .unwrap();
     let b = breaker.handle();
-    let svc = ServiceBuilder::new().layer(layer).layer(breaker).service(mock);
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(breaker)
+        .service(mock);
 
     let call = tokio::spawn(svc.clone().oneshot(1));
     let (_, respond) = handle.next_request().await.unwrap();

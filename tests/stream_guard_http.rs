@@ -43,7 +43,9 @@ async fn soon<F: std::future::Future>(f: F) -> F::Output {
 
 #[tokio::test]
 async fn a_queue_slot_is_held_until_the_stream_finishes() {
-    let server = MockServer::start(FaultScript::new().chunks(4)).await.unwrap();
+    let server = MockServer::start(FaultScript::new().chunks(4))
+        .await
+        .unwrap();
     let queue = QueueLayer::builder()
         .concurrency(2)
         .hold_until_stream_end()
@@ -55,8 +57,12 @@ async fn a_queue_slot_is_held_until_the_stream_finishes() {
         .service(client(&server).streaming());
 
     // Two streams answered and left unread hold both slots.
-    let mut a = soon(svc.clone().oneshot(ChatRequest::user("a"))).await.unwrap();
-    let b = soon(svc.clone().oneshot(ChatRequest::user("b"))).await.unwrap();
+    let mut a = soon(svc.clone().oneshot(ChatRequest::user("a")))
+        .await
+        .unwrap();
+    let b = soon(svc.clone().oneshot(ChatRequest::user("b")))
+        .await
+        .unwrap();
     assert_eq!(q.in_flight(), 2);
     let third = tokio::spawn(svc.clone().oneshot(ChatRequest::user("c")));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -163,7 +169,9 @@ async fn the_breaker_trips_after_three_streams_cut_mid_stream() {
         .service(client(&server).streaming());
 
     // A whole stream: one success, recorded at `[DONE]`.
-    let stream = soon(svc.clone().oneshot(ChatRequest::user("ok"))).await.unwrap();
+    let stream = soon(svc.clone().oneshot(ChatRequest::user("ok")))
+        .await
+        .unwrap();
     assert_eq!(b.counts().calls, 0, "nothing recorded before the end");
     soon(stream.collect_text()).await.unwrap();
     assert_eq!((b.counts().calls, b.counts().failures), (1, 0));
@@ -191,7 +199,9 @@ async fn the_breaker_trips_after_three_streams_cut_mid_stream() {
 
 #[tokio::test]
 async fn a_stream_dropped_by_the_caller_is_not_a_failure() {
-    let server = MockServer::start(FaultScript::new().chunks(6)).await.unwrap();
+    let server = MockServer::start(FaultScript::new().chunks(6))
+        .await
+        .unwrap();
     let breaker = CircuitBreakerLayer::builder()
         .consecutive_failures(1)
         .record_at_stream_end()

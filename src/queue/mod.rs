@@ -100,6 +100,23 @@
 //! is returned. When the runtime shuts down, the callers' futures are
 //! dropped and their places and permits are returned the same way.
 //!
+//! # Streamed responses
+//!
+//! A call's permit goes back when its response future completes. For a
+//! streamed response that is the first chunk: the upstream is still busy
+//! with the rest, so a queue of concurrency 2 would let any number of
+//! streams be read at once. Built with
+//! [`hold_until_stream_end`](QueueLayerBuilder::hold_until_stream_end), the
+//! queue hands the permit to the response instead (which must be a
+//! [`GuardedResponse`](crate::guard::GuardedResponse): the crate's
+//! `ChatStream` and `MessageStream` are, and any stream of `Result`s
+//! wrapped in [`Guarded`](crate::guard::Guarded)), and the permit comes
+//! back when the stream completes, fails or is dropped: concurrency bounds
+//! the streams being read. The next queued request is woken then, as for
+//! any released permit. This costs one allocation per stream; the default
+//! ([`AtResponse`]) costs nothing. See
+//! [`crate::guard`].
+//!
 //! # Shutdown
 //!
 //! [`QueueHandle::shutdown`] stops admitting ([`Error::Shutdown`] for new
