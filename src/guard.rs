@@ -98,7 +98,7 @@ use std::task::{ready, Context, Poll};
 use futures::Stream;
 use pin_project_lite::pin_project;
 
-use crate::classify::{Classify, Outcome};
+use crate::classify::{Classify, LlmClassifier, Outcome};
 use crate::error::Error;
 
 /// How a stream ended, as its guards learn it.
@@ -418,6 +418,32 @@ impl<R: GuardedResponse> Release<R> for AtStreamEnd {
     #[inline]
     fn attach(response: &mut R, guard: StreamGuard) {
         response.attach(guard);
+    }
+}
+
+/// [`AtResponse`] or [`AtStreamEnd`] for a whole
+/// [`AgentPipeline`](crate::pipeline::AgentPipeline): when its queue gives
+/// a permit back and when its breakers record. Sealed.
+pub trait Mode: sealed::Sealed + Send + Sync + 'static {
+    /// The breakers' classifier: the LLM preset, or the preset that waits
+    /// for the stream's end ([`StreamClassifier`]).
+    type Classifier: Send + Sync + 'static;
+    /// Wraps the preset as this mode needs.
+    #[doc(hidden)]
+    fn classifier(preset: LlmClassifier) -> Self::Classifier;
+}
+
+impl Mode for AtResponse {
+    type Classifier = LlmClassifier;
+    fn classifier(preset: LlmClassifier) -> LlmClassifier {
+        preset
+    }
+}
+
+impl Mode for AtStreamEnd {
+    type Classifier = StreamClassifier<LlmClassifier>;
+    fn classifier(preset: LlmClassifier) -> StreamClassifier<LlmClassifier> {
+        StreamClassifier(preset)
     }
 }
 

@@ -272,3 +272,50 @@ async fn the_anthropic_client_holds_the_slot_and_trips_the_breaker() {
     }
     assert_eq!(b.state(), State::Open);
 }
+
+#[tokio::test]
+async fn a_streaming_pipeline_holds_its_slot_and_its_breaker_sees_the_cut() {
+    use llm_resilience::client::{ChatStream, StreamingClient};
+    use llm_resilience::guard::AtStreamEnd;
+    use llm_resilience::pipeline::AgentPipeline;
+
+    let server = MockServer::start(
+        FaultScript::new()
+            .then(MockFault::Ok)
+            .then_n(2, MockFault::MidStreamDrop { after_chunks: 1 }),
+    )
+    .await
+    .unwrap();
+    let agent: AgentPipeline<StreamingClient, ChatRequest, ChatStream, AtStreamEnd> =
+        AgentPipeline::builder()
+            .target("mock", client(&server).streaming())
+            .queue(8, 1)
+            .breaker(|b| b.consecutive_failures(2))
+            .hold_until_stream_end()
+            .build()
+            .unwrap();
+    let breaker = agent.breaker("mock").unwrap().clone();
+
+    let mut first = soon(agent.clone().oneshot(ChatRequest::user("a")))
+        .await
+        .unwrap();
+    assert_eq!(agent.queue().in_flight(), 1, "the stream holds the slot");
+    let second = tokio::spawn(agent.clone().oneshot(ChatRequest::user("b")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.total(), 1, "the second call waits for the stream");
+    while let Some(chunk) = soon(first.next()).await {
+        chunk.unwrap();
+    }
+    assert_eq!((breaker.counts().calls, breaker.counts().failures), (1, 0));
+
+    // Two streams cut after their first chunk: the target's breaker opens.
+    let mut cut = soon(second).await.unwrap().unwrap();
+    while let Some(Ok(_)) = soon(cut.next()).await {}
+    let cut = soon(agent.clone().oneshot(ChatRequest::user("c")))
+        .await
+        .unwrap();
+    assert!(soon(cut.collect_text()).await.is_err());
+    assert_eq!(agent.queue().in_flight(), 0);
+    assert_eq!(breaker.state(), State::Open);
+    assert_eq!(server.total(), 3);
+}

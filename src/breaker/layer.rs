@@ -305,7 +305,10 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self.map_classifier(StreamClassifier)
     }
 
-    fn map_classifier<C2>(self, f: impl FnOnce(C) -> C2) -> CircuitBreakerLayerBuilder<C2> {
+    pub(crate) fn map_classifier<C2>(
+        self,
+        f: impl FnOnce(C) -> C2,
+    ) -> CircuitBreakerLayerBuilder<C2> {
         let classifier = f(self.classifier);
         CircuitBreakerLayerBuilder {
             window: self.window,

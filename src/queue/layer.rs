@@ -246,6 +246,11 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
     /// wrapped in [`Guarded`](crate::guard::Guarded)). See
     /// [`crate::guard`].
     pub fn hold_until_stream_end(self) -> QueueLayerBuilder<P, D, AtStreamEnd> {
+        self.release::<AtStreamEnd>()
+    }
+
+    /// The builder with release mode `H2`.
+    pub(crate) fn release<H2>(self) -> QueueLayerBuilder<P, D, H2> {
         QueueLayerBuilder {
             capacity: self.capacity,
             concurrency: self.concurrency,
