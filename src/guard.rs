@@ -187,6 +187,15 @@ impl Drop for StreamGuard {
 /// permit and a breaker its outcome until the stream ends; see the
 /// [module docs](self).
 pub trait GuardedResponse {
+    /// Whether this response is a stream still to be read, and so wants
+    /// guards. A response type that is sometimes whole (an enum of a whole
+    /// answer and a stream) answers `false` for a whole one: the layers
+    /// then settle at the response as usual, and allocate nothing. Default
+    /// `true`.
+    fn is_streaming(&self) -> bool {
+        true
+    }
+
     /// Keeps `guard` until the stream ends, then ends it with how it ended
     /// (or drops it, if the stream is dropped first). Guards attached by
     /// different layers are ended in the order they were attached (the
@@ -390,6 +399,9 @@ pub trait Release<R>: sealed::Sealed {
     /// Whether the layer keeps what it holds in the response.
     #[doc(hidden)]
     const HOLDS: bool;
+    /// Whether `response` wants a guard (only asked when `HOLDS`).
+    #[doc(hidden)]
+    fn wants_guard(response: &R) -> bool;
     /// Attaches `guard` to `response` (only called when `HOLDS`).
     #[doc(hidden)]
     fn attach(response: &mut R, guard: StreamGuard);
@@ -408,6 +420,10 @@ pub struct AtStreamEnd;
 impl<R> Release<R> for AtResponse {
     const HOLDS: bool = false;
     #[inline]
+    fn wants_guard(_: &R) -> bool {
+        false
+    }
+    #[inline]
     fn attach(_: &mut R, guard: StreamGuard) {
         drop(guard);
     }
@@ -415,6 +431,10 @@ impl<R> Release<R> for AtResponse {
 
 impl<R: GuardedResponse> Release<R> for AtStreamEnd {
     const HOLDS: bool = true;
+    #[inline]
+    fn wants_guard(response: &R) -> bool {
+        response.is_streaming()
+    }
     #[inline]
     fn attach(response: &mut R, guard: StreamGuard) {
         response.attach(guard);
@@ -465,7 +485,11 @@ impl<Res: GuardedResponse, C: Classify<Res>> Classify<Res> for StreamClassifier<
 
     #[inline]
     fn stream<'a>(&self, response: &'a mut Res) -> Option<&'a mut dyn GuardedResponse> {
-        Some(response)
+        if response.is_streaming() {
+            Some(response)
+        } else {
+            None
+        }
     }
 
     fn classify_stream_error(&self, err: &(dyn std::error::Error + 'static)) -> Outcome {

@@ -217,6 +217,11 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
     /// breaker records the outcome then, so a stream cut mid-way counts as
     /// a failure. See [`crate::guard`].
     pub fn hold_until_stream_end(self) -> AgentPipelineBuilder<C, Req, Res, AtStreamEnd> {
+        self.release()
+    }
+
+    /// The builder with release mode `H2`.
+    pub(crate) fn release<H2>(self) -> AgentPipelineBuilder<C, Req, Res, H2> {
         AgentPipelineBuilder {
             targets: self.targets,
             capacity: self.capacity,

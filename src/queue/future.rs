@@ -536,8 +536,11 @@ where
                     // its stream ends).
                     this.state.set(State::Done);
                     if H::HOLDS {
-                        if let (Ok(response), Some(permit)) = (&mut out, this.permit.take()) {
-                            H::attach(response, StreamGuard::hold(permit));
+                        if let Ok(response) = &mut out {
+                            if let Some(permit) = this.permit.take_if(|_| H::wants_guard(response))
+                            {
+                                H::attach(response, StreamGuard::hold(permit));
+                            }
                         }
                     }
                     *this.permit = None;
