@@ -67,6 +67,11 @@
 //! - Implement [`GuardedResponse::attach`] any other way; a guard only needs
 //!   to be kept, and ended (or dropped) once.
 //!
+//! A response type that is sometimes whole and sometimes a stream (an enum
+//! of both, as a gateway answers) says which with
+//! [`GuardedResponse::is_streaming`]: a whole answer then settles at the
+//! response, as in a layer left at the default, and allocates nothing.
+//!
 //! # Turning it on
 //!
 //! The layers give back what they hold when the response arrives unless

@@ -363,3 +363,59 @@ async fn a_users_own_stream_type_holds_the_slot_and_reports_its_end() {
     assert_eq!(q.in_flight(), 0);
     assert_eq!(b.state(), State::Open);
 }
+
+/// A response that is sometimes whole, sometimes a stream.
+enum Answer {
+    Whole(&'static str),
+    Streamed(Chunks),
+}
+
+impl GuardedResponse for Answer {
+    fn is_streaming(&self) -> bool {
+        matches!(self, Answer::Streamed(_))
+    }
+
+    fn attach(&mut self, guard: StreamGuard) {
+        match self {
+            Answer::Streamed(s) => s.attach(guard),
+            Answer::Whole(_) => panic!("a whole answer is never given a guard"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_answer_settles_at_the_response_and_a_streamed_one_at_its_end() {
+    let (mock, mut handle) = mock::pair::<u32, Answer>();
+    let (layer, q) = queue(1);
+    let breaker = CircuitBreakerLayer::builder()
+        .record_at_stream_end()
+        .build()
+        .unwrap();
+    let b = breaker.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(breaker)
+        .service(mock);
+
+    let call = tokio::spawn(svc.clone().oneshot(1));
+    let (_, respond) = handle.next_request().await.unwrap();
+    respond.send_response(Answer::Whole("done"));
+    assert!(matches!(
+        call.await.unwrap().unwrap(),
+        Answer::Whole("done")
+    ));
+    assert_eq!(q.in_flight(), 0);
+    assert_eq!(b.counts().calls, 1);
+
+    let call = tokio::spawn(svc.clone().oneshot(2));
+    let (_, respond) = handle.next_request().await.unwrap();
+    let (tx, s) = stream("a");
+    respond.send_response(Answer::Streamed(s));
+    let Answer::Streamed(mut s) = call.await.unwrap().unwrap() else {
+        panic!("a stream was sent")
+    };
+    assert_eq!((q.in_flight(), b.counts().calls), (1, 1));
+    drop(tx);
+    while s.next().await.is_some() {}
+    assert_eq!((q.in_flight(), b.counts().calls), (0, 2));
+}
