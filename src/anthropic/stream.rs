@@ -20,6 +20,7 @@ use super::types::ContentBlock;
 use super::MessagesResponse;
 use crate::client::sse::{SseDecoder, SseError};
 use crate::client::RateLimitHeaders;
+use crate::guard::{GuardedResponse, StreamGuard, StreamGuards};
 
 /// One event of a streamed message, as the caller sees it (`ping` and
 /// `message_stop` are handled by the stream itself).
@@ -372,6 +373,9 @@ pub(crate) struct Limits {
 /// The idle timeout counts from the last complete event (`ping` included)
 /// or keep-alive comment, not the last byte: a server dripping one byte at
 /// a time does not keep a stream alive.
+///
+/// A [`GuardedResponse`]: its guards complete at `message_stop`, fail at
+/// an error, and are dropped with it ([`crate::guard`]).
 pub struct MessageStream {
     body: Body,
     sse: SseDecoder,
@@ -382,6 +386,7 @@ pub struct MessageStream {
     max_bytes: usize,
     finished: bool,
     delivered: bool,
+    guards: StreamGuards,
 }
 
 impl fmt::Debug for MessageStream {
@@ -425,6 +430,7 @@ impl MessageStream {
             max_bytes: limits.max_bytes,
             finished: false,
             delivered: false,
+            guards: StreamGuards::new(),
         }
     }
 
@@ -454,8 +460,10 @@ impl MessageStream {
     fn fail(&mut self, err: AnthropicError) -> AnthropicError {
         self.finished = true;
         let request_id = self.assembly.message.request_id.clone();
-        err.with_partial(self.assembly.take(), self.delivered)
-            .with_request_id(request_id.as_deref())
+        let err = err.with_partial(self.assembly.take(), self.delivered);
+        let err = err.with_request_id(request_id.as_deref());
+        self.guards.fail(&err);
+        err
     }
 
     fn step(&mut self, data: &[u8], event: &[u8]) -> Result<Step, AnthropicError> {
@@ -504,6 +512,7 @@ impl MessageStream {
                     Ok(Step::Skip) => continue,
                     Ok(Step::Stop) => {
                         self.finished = true;
+                        self.guards.complete();
                         return Poll::Ready(None);
                     }
                     Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
@@ -562,6 +571,12 @@ impl MessageStream {
                 None => return Ok(self),
             }
         }
+    }
+}
+
+impl GuardedResponse for MessageStream {
+    fn attach(&mut self, guard: StreamGuard) {
+        self.guards.push(guard);
     }
 }
 

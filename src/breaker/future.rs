@@ -13,8 +13,9 @@ use tower_service::Service;
 
 use super::state::{Ticket, Verdict};
 use super::Shared;
-use crate::classify::Classify;
+use crate::classify::{Classify, Outcome};
 use crate::error::{BoxError, Error};
+use crate::guard::{StreamEnd, StreamGuard};
 
 pin_project! {
     #[project = KindProj]
@@ -72,19 +73,30 @@ impl<C> Guard<C> {
     where
         C: Classify<Res>,
     {
+        let outcome = self.shared.classifier.classify(result);
+        let slow = self.slow();
+        self.record(outcome, slow);
+    }
+
+    /// Whether the call took longer than the slow threshold (until now).
+    #[inline]
+    fn slow(&self) -> bool {
+        match (self.start, self.shared.core.settings().slow_threshold) {
+            (Some(start), Some(threshold)) => start.elapsed() > threshold,
+            _ => false,
+        }
+    }
+
+    #[inline]
+    fn record(&mut self, outcome: Outcome, slow: bool) {
         // Recorded here, one way or the other: nothing to give back on drop.
         self.armed = false;
-        let outcome = self.shared.classifier.classify(result);
         let core = &self.shared.core;
         if !outcome.is_success() && !outcome.is_target_failure() {
             // Neutral (a bad request): the target answered correctly.
             core.release(self.ticket);
             return;
         }
-        let slow = match (self.start, core.settings().slow_threshold) {
-            (Some(start), Some(threshold)) => start.elapsed() > threshold,
-            _ => false,
-        };
         let verdict = Verdict {
             failed: outcome.is_target_failure(),
             slow,
@@ -96,6 +108,69 @@ impl<C> Guard<C> {
             || core.now_ms(),
             || outcome.retry_after(),
         );
+    }
+}
+
+impl<C: Send + Sync + 'static> Guard<C> {
+    /// Records the call's result; a streamed response that the classifier
+    /// calls a success (so far) takes the guard along instead, to record
+    /// how its stream ends.
+    #[inline]
+    fn settle<Res>(slot: &mut Option<Self>, result: &mut Result<Res, Error>)
+    where
+        C: Classify<Res>,
+    {
+        let Some(g) = slot.as_mut() else { return };
+        if let Ok(response) = result {
+            if g.shared.classifier.stream(response).is_some() {
+                let outcome = g.shared.classifier.classify(Ok(response));
+                if outcome.is_success() {
+                    if let Some(g) = slot.take() {
+                        g.follow(response);
+                    }
+                    return;
+                }
+                let slow = g.slow();
+                return g.record(outcome, slow);
+            }
+        }
+        g.finish(result.as_ref());
+    }
+
+    /// Moves into the streamed response: the outcome is recorded when its
+    /// stream completes (a success) or fails (the error, classified); a
+    /// stream dropped before its end records nothing. The slow-call rule
+    /// judges the time to the response (the first chunk): a stream's
+    /// length follows its output's.
+    #[cold]
+    fn follow<Res>(self, response: &mut Res)
+    where
+        C: Classify<Res>,
+    {
+        let slow = self.slow();
+        let classify: fn(&C, &(dyn std::error::Error + 'static)) -> Outcome =
+            <C as Classify<Res>>::classify_stream_error;
+        let Some(stream) = self.shared.classifier.stream(response) else {
+            return;
+        };
+        let mut guard = self;
+        stream.attach(StreamGuard::on_end(move |end| match end {
+            StreamEnd::Completed => guard.record(Outcome::Success, slow),
+            StreamEnd::Failed(err) => {
+                let outcome = classify(&guard.shared.classifier, err);
+                // Whatever the classifier says, the stream broke: never a
+                // success.
+                let outcome = if outcome.is_success() {
+                    Outcome::transient(crate::classify::Reason::Unknown)
+                } else {
+                    outcome
+                };
+                guard.record(outcome, slow);
+            }
+            // Dropped by the caller: no outcome (`Drop` gives a probe's
+            // permit back).
+            _ => drop(guard),
+        }));
     }
 }
 
@@ -190,10 +265,8 @@ where
                     }
                 },
                 KindProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Error::from_inner);
-                    if let Some(g) = this.guard.as_mut() {
-                        g.finish(result.as_ref());
-                    }
+                    let mut result = ready!(fut.poll(cx)).map_err(Error::from_inner);
+                    Guard::settle(this.guard, &mut result);
                     this.kind.set(Kind::Done);
                     return Poll::Ready(result);
                 }

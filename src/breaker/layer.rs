@@ -14,6 +14,7 @@ use super::state::{BreakerEvent, Core, Listener, Settings, WindowSpec};
 use super::{CircuitBreaker, Shared};
 use crate::classify::{LlmClassifier, Reason};
 use crate::error::ConfigError;
+use crate::guard::StreamClassifier;
 
 /// The largest count window, in calls.
 const MAX_COUNT_WINDOW: u32 = 1_000_000;
@@ -288,6 +289,27 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     /// [`Outcome::is_target_failure`](crate::classify::Outcome::is_target_failure)
     /// holds; bad requests are neutral.
     pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerLayerBuilder<C2> {
+        self.map_classifier(|_| classifier)
+    }
+
+    /// A streamed response's outcome is recorded when its stream ends, not
+    /// when the response (its first chunk) arrives: a clean end is a
+    /// success, an error mid-stream a failure (classified by
+    /// [`Classify::classify_stream_error`](crate::classify::Classify::classify_stream_error)),
+    /// and a stream the caller drops before its end records nothing (a
+    /// half-open probe gives its permit back). The slow-call rule still
+    /// judges the time to the response. The inner service's response must
+    /// be a [`GuardedResponse`](crate::guard::GuardedResponse); see
+    /// [`crate::guard`].
+    pub fn record_at_stream_end(self) -> CircuitBreakerLayerBuilder<StreamClassifier<C>> {
+        self.map_classifier(StreamClassifier)
+    }
+
+    pub(crate) fn map_classifier<C2>(
+        self,
+        f: impl FnOnce(C) -> C2,
+    ) -> CircuitBreakerLayerBuilder<C2> {
+        let classifier = f(self.classifier);
         CircuitBreakerLayerBuilder {
             window: self.window,
             min_calls: self.min_calls,

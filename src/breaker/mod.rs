@@ -64,6 +64,28 @@
 //! neutral, since the target answered correctly; a caller that drops its
 //! future is neutral too.
 //!
+//! # Streamed responses
+//!
+//! A call's outcome is recorded when its response future completes; for a
+//! streamed response that is the first chunk, before the stream can break
+//! off. Built with
+//! [`record_at_stream_end`](CircuitBreakerLayerBuilder::record_at_stream_end),
+//! the breaker attaches its admission to the response (a
+//! [`GuardedResponse`](crate::guard::GuardedResponse), see
+//! [`crate::guard`]) and records it when the stream ends: a clean end is a
+//! success; an error after the response was delivered (an error event, a
+//! cut connection, an idle timeout) is classified by
+//! [`classify_stream_error`](crate::classify::Classify::classify_stream_error)
+//! and counts as a failure like any other (so a run of streams cut
+//! mid-stream trips the breaker); a stream the caller drops before its end
+//! records nothing (the caller's choice says nothing about the upstream; a
+//! half-open probe gives its permit back). A half-open probe lasts its
+//! whole stream, bounded by the
+//! [`probe_timeout`](CircuitBreakerLayerBuilder::probe_timeout). The
+//! slow-call rule judges the time to the response (the first chunk): a
+//! stream's length follows its output's. A response the classifier calls a
+//! failure is recorded at once.
+//!
 //! # How long it stays open
 //!
 //! The open period starts at

@@ -119,6 +119,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::guard::GuardedResponse;
 pub use crate::reason::Reason;
 
 pub use self::http::{
@@ -211,6 +212,23 @@ impl Outcome {
 pub trait Classify<Res>: Send + Sync + 'static {
     /// Classifies one result. Called once per attempt; keep it cheap on `Ok`.
     fn classify(&self, result: Result<&Res, &Error>) -> Outcome;
+
+    /// For a streamed response whose outcome is known only at the stream's
+    /// end: the response, to which a circuit breaker attaches the guard
+    /// that records that outcome ([`crate::guard`]). `None` (the default):
+    /// the response itself is the outcome.
+    #[inline]
+    fn stream<'a>(&self, response: &'a mut Res) -> Option<&'a mut dyn GuardedResponse> {
+        let _ = response;
+        None
+    }
+
+    /// Classifies the error a stream ended with after its response was
+    /// delivered (an error event, a cut connection, an idle timeout). The
+    /// default reads it as the [`LlmClassifier`] preset does.
+    fn classify_stream_error(&self, err: &(dyn std::error::Error + 'static)) -> Outcome {
+        LlmClassifier::new().classify_error(err)
+    }
 }
 
 impl<Res, F> Classify<Res> for F
@@ -414,6 +432,10 @@ impl<Res> Classify<Res> for LlmClassifier {
             Ok(_) => Outcome::Success,
             Err(e) => self.classify_ours(e),
         }
+    }
+
+    fn classify_stream_error(&self, err: &(dyn std::error::Error + 'static)) -> Outcome {
+        self.classify_error(err)
     }
 }
 

@@ -181,6 +181,13 @@
 //! ([`ClientError::partial`]) and the assembled response, tool calls cut
 //! short included ([`ClientError::partial_response`]).
 //!
+//! A [`ChatStream`] carries stream guards: behind a queue built with
+//! [`hold_until_stream_end`](crate::queue::QueueLayerBuilder::hold_until_stream_end)
+//! it keeps its slot until `[DONE]`, an error or its drop, and behind a
+//! breaker built with
+//! [`record_at_stream_end`](crate::breaker::CircuitBreakerLayerBuilder::record_at_stream_end)
+//! a break mid-stream counts as a failure ([`crate::guard`]).
+//!
 //! # Responses
 //!
 //! A [`ChatResponse`] has every choice (for `n > 1`) with its message (text,

@@ -14,6 +14,7 @@ use super::assemble::Assembler;
 use super::error::ClientError;
 use super::sse::{SseDecoder, SseError};
 use super::types::{decode_chunk, ChatChunk, ChatResponse, RateLimitHeaders, Usage};
+use crate::guard::{GuardedResponse, StreamGuard, StreamGuards};
 
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
@@ -35,6 +36,10 @@ type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 ///
 /// The idle timeout counts complete events (and keep-alive comments), not
 /// bytes: a server dripping a line one byte at a time cannot hold it open.
+///
+/// A [`GuardedResponse`]: its guards complete at `[DONE]`, fail at an
+/// error, and are dropped with it, so a queue can keep the call's permit
+/// and a breaker its outcome until the stream ends ([`crate::guard`]).
 pub struct ChatStream {
     body: Body,
     sse: SseDecoder,
@@ -45,6 +50,7 @@ pub struct ChatStream {
     assembled: Assembler,
     rate_limit: RateLimitHeaders,
     request_id: Option<String>,
+    guards: StreamGuards,
 }
 
 impl fmt::Debug for ChatStream {
@@ -82,6 +88,7 @@ impl ChatStream {
             assembled: Assembler::default(),
             rate_limit,
             request_id,
+            guards: StreamGuards::new(),
         }
     }
 
@@ -139,8 +146,11 @@ impl ChatStream {
     fn fail(&mut self, err: ClientError) -> ClientError {
         self.finished = true;
         let partial = self.snapshot();
-        err.with_partial(std::mem::take(&mut self.delivered))
-            .with_partial_response(partial)
+        let err = err
+            .with_partial(std::mem::take(&mut self.delivered))
+            .with_partial_response(partial);
+        self.guards.fail(&err);
+        err
     }
 
     /// Parses the next complete event of the buffered bytes, if there is
@@ -201,6 +211,7 @@ impl ChatStream {
                 Some(Ok(Some(Event::Chunk(c)))) => return Poll::Ready(Some(Ok(c))),
                 Some(Ok(Some(Event::Done))) => {
                     self.finished = true;
+                    self.guards.complete();
                     return Poll::Ready(None);
                 }
                 Some(Ok(None)) => continue,
@@ -242,6 +253,12 @@ impl ChatStream {
             Some(Err(e)) => Err(e),
             None => Ok(self),
         }
+    }
+}
+
+impl GuardedResponse for ChatStream {
+    fn attach(&mut self, guard: StreamGuard) {
+        self.guards.push(guard);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The builder of [`AgentPipeline`].
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use super::{AgentPipeline, Handles, PipelineQueue, PriorityFn, ReportQueued, Tar
 use crate::breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
 use crate::error::{ConfigError, Error};
 use crate::fallback::Fallback;
+use crate::guard::{AtResponse, AtStreamEnd, Mode};
 use crate::queue::{Priority, QueueLayer, WhenFull};
 use crate::retry::{RetryLayer, RetryLayerBuilder};
 
@@ -49,7 +51,7 @@ impl<C, Req> TargetSpec<C, Req> {
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Builds an [`AgentPipeline`]; every setting has an LLM default.
-pub struct AgentPipelineBuilder<C, Req, Res> {
+pub struct AgentPipelineBuilder<C, Req, Res, H = AtResponse> {
     targets: Vec<TargetSpec<C, Req>>,
     capacity: usize,
     concurrency: usize,
@@ -60,9 +62,10 @@ pub struct AgentPipelineBuilder<C, Req, Res> {
     retry: Option<RetrySettings>,
     breaker: Option<BreakerSettings>,
     degrade: Option<Degrade<Req, Res>>,
+    hold: PhantomData<fn() -> H>,
 }
 
-impl<C, Req, Res> fmt::Debug for AgentPipelineBuilder<C, Req, Res> {
+impl<C, Req, Res, H> fmt::Debug for AgentPipelineBuilder<C, Req, Res, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentPipelineBuilder")
             .field(
@@ -89,11 +92,12 @@ impl<C, Req, Res> Default for AgentPipelineBuilder<C, Req, Res> {
             retry: None,
             breaker: None,
             degrade: None,
+            hold: PhantomData,
         }
     }
 }
 
-impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
+impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
     /// The primary target (tried first): a name for reports, metrics and
     /// health, and its client.
     pub fn target(mut self, name: impl Into<Arc<str>>, client: C) -> Self {
@@ -206,12 +210,40 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         self
     }
 
+    /// For a client whose response is a stream (a
+    /// [`GuardedResponse`](crate::guard::GuardedResponse), such as
+    /// `OpenAiClient::streaming()`'s): the queue keeps a call's slot until
+    /// its stream ends (completes, fails or is dropped), and each target's
+    /// breaker records the outcome then, so a stream cut mid-way counts as
+    /// a failure. See [`crate::guard`].
+    pub fn hold_until_stream_end(self) -> AgentPipelineBuilder<C, Req, Res, AtStreamEnd> {
+        self.release()
+    }
+
+    /// The builder with release mode `H2`.
+    pub(crate) fn release<H2>(self) -> AgentPipelineBuilder<C, Req, Res, H2> {
+        AgentPipelineBuilder {
+            targets: self.targets,
+            capacity: self.capacity,
+            concurrency: self.concurrency,
+            when_full: self.when_full,
+            max_wait: self.max_wait,
+            deadline: self.deadline,
+            priority: self.priority,
+            retry: self.retry,
+            breaker: self.breaker,
+            degrade: self.degrade,
+            hold: PhantomData,
+        }
+    }
+
     /// The pipeline, or the first setting out of range.
-    pub fn build(self) -> Result<AgentPipeline<C, Req, Res>, ConfigError>
+    pub fn build(self) -> Result<AgentPipeline<C, Req, Res, H>, ConfigError>
     where
         C: Clone,
         Req: 'static,
         Res: 'static,
+        H: Mode,
     {
         if self.targets.iter().all(|t| t.larger) {
             return Err(ConfigError::new("targets", "needs at least one target"));
@@ -253,9 +285,9 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
             if let Some(f) = &target_breaker {
                 breaker = f(breaker);
             }
-            let breaker = breaker.build()?;
+            let breaker = breaker.map_classifier(H::classifier).build()?;
             breakers.push((name.clone(), breaker.handle()));
-            let stack: TargetStack<C> = retry.layer(breaker.layer(client));
+            let stack: TargetStack<C, H> = retry.layer(breaker.layer(client));
             fallback = if larger {
                 fallback.larger_context(name, stack, rewrite)
             } else {
@@ -270,7 +302,8 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
             .priority_by(PriorityFn(self.priority))
             .capacity(self.capacity)
             .concurrency(self.concurrency)
-            .when_full(self.when_full);
+            .when_full(self.when_full)
+            .release::<H>();
         // A request waits in the queue at most its deadline (or the shorter
         // max wait): one whose deadline passes there is never sent.
         let max_wait = self.max_wait.unwrap_or(self.deadline).min(self.deadline);
@@ -283,7 +316,7 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
             queue: queue.handle(),
             breakers,
         });
-        let inner: PipelineQueue<C, Req, Res> = queue.layer(ReportQueued { inner: fallback });
+        let inner: PipelineQueue<C, Req, Res, H> = queue.layer(ReportQueued { inner: fallback });
         Ok(AgentPipeline { inner, handles })
     }
 }

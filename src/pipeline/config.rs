@@ -38,6 +38,7 @@ use super::AgentPipeline;
 use crate::breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
 use crate::client::{ChatRequest, ChatResponse, OpenAiClient};
 use crate::error::ConfigError;
+use crate::guard::{AtStreamEnd, Mode};
 use crate::retry::{RetryLayer, RetryLayerBuilder};
 
 /// A pipeline's settings as read from a file.
@@ -336,6 +337,25 @@ impl PipelineConfig {
         &self,
         wrap: impl Fn(OpenAiClient) -> C,
     ) -> Result<AgentPipeline<C, Req, Res>, ConfigFileError> {
+        self.build_in(wrap)
+    }
+
+    /// [`build_with`](Self::build_with) for a client that streams: built
+    /// with
+    /// [`hold_until_stream_end`](super::AgentPipelineBuilder::hold_until_stream_end),
+    /// so a stream keeps its queue slot until it ends and each breaker
+    /// records how it ended.
+    pub fn build_streaming_with<C: Clone, Req: 'static, Res: 'static>(
+        &self,
+        wrap: impl Fn(OpenAiClient) -> C,
+    ) -> Result<AgentPipeline<C, Req, Res, AtStreamEnd>, ConfigFileError> {
+        self.build_in(wrap)
+    }
+
+    fn build_in<C: Clone, Req: 'static, Res: 'static, H: Mode>(
+        &self,
+        wrap: impl Fn(OpenAiClient) -> C,
+    ) -> Result<AgentPipeline<C, Req, Res, H>, ConfigFileError> {
         let mut b = AgentPipeline::builder();
         if self.targets.is_empty() {
             return Err(ConfigFileError::new("targets", "needs at least one target"));
@@ -397,7 +417,7 @@ impl PipelineConfig {
         if let Some(w) = q.max_wait {
             b = b.max_queue_wait(w);
         }
-        b.build().map_err(|e| {
+        b.release::<H>().build().map_err(|e| {
             let section = match e.field {
                 "capacity" | "concurrency" | "max_wait" => "queue.",
                 _ => "",

@@ -65,6 +65,18 @@
 //! with 32 in flight and waits when full; the deadline is
 //! [`DEFAULT_DEADLINE`].
 //!
+//! # Streaming
+//!
+//! A pipeline over a streaming client (`OpenAiClient::streaming()`,
+//! `AnthropicClient::streaming()`, or any service whose response is a
+//! [`GuardedResponse`](crate::guard::GuardedResponse)) is built with
+//! [`hold_until_stream_end`](AgentPipelineBuilder::hold_until_stream_end):
+//! a call keeps its queue slot until its stream ends or is dropped (so the
+//! concurrency bounds the streams being read, not only the calls waiting
+//! for a first chunk), and each target's breaker records how the stream
+//! ended (a cut mid-stream is a failure). Retries and fallback act only
+//! before the first chunk, as the clients answer only once it arrived.
+//!
 //! # The report
 //!
 //! Wrap a call in [`with_report`](crate::report::with_report) to learn what
@@ -89,7 +101,8 @@ use tower_service::Service;
 use crate::breaker::{BreakerHandle, CircuitBreaker};
 use crate::error::{BoxError, Error};
 use crate::fallback::{self, Fallback};
-use crate::queue::{Queue, QueueHandle};
+use crate::guard::{AtResponse, Mode};
+use crate::queue::{NoDeadline, Queue, QueueHandle};
 use crate::report;
 use crate::retry::Retry;
 
@@ -100,11 +113,13 @@ pub use self::config::{
     TargetConfig, WhenFullConfig,
 };
 
-/// One target's stack: retry over breaker over the client.
-pub type TargetStack<C> = Retry<CircuitBreaker<C>>;
+/// One target's stack: retry over breaker over the client (whose breaker
+/// records at the stream's end in
+/// [`AtStreamEnd`](crate::guard::AtStreamEnd) mode).
+pub type TargetStack<C, H = AtResponse> = Retry<CircuitBreaker<C, <H as Mode>::Classifier>>;
 
-type PipelineQueue<C, Req, Res> =
-    Queue<ReportQueued<Fallback<TargetStack<C>, Req, Res>>, PriorityFn<Req>>;
+type PipelineQueue<C, Req, Res, H> =
+    Queue<ReportQueued<Fallback<TargetStack<C, H>, Req, Res>>, PriorityFn<Req>, NoDeadline, H>;
 
 /// How the pipeline's queue reads a request's class: a plain function, or
 /// every request [`Priority::Normal`](crate::queue::Priority::Normal).
@@ -137,9 +152,11 @@ impl<Req: 'static> crate::queue::PriorityOf<Req> for PriorityFn<Req> {
 }
 
 /// The whole pipeline as one `Clone + Send` tower `Service`; see the
-/// [module docs](self).
-pub struct AgentPipeline<C, Req, Res> {
-    inner: PipelineQueue<C, Req, Res>,
+/// [module docs](self). `H` is [`AtResponse`], or
+/// [`AtStreamEnd`](crate::guard::AtStreamEnd) for a
+/// client that streams ([`AgentPipelineBuilder::hold_until_stream_end`]).
+pub struct AgentPipeline<C, Req, Res, H: Mode = AtResponse> {
+    inner: PipelineQueue<C, Req, Res, H>,
     handles: Arc<Handles>,
 }
 
@@ -149,7 +166,7 @@ struct Handles {
     breakers: Vec<(Arc<str>, BreakerHandle)>,
 }
 
-impl<C: Clone, Req, Res> Clone for AgentPipeline<C, Req, Res> {
+impl<C: Clone, Req, Res, H: Mode> Clone for AgentPipeline<C, Req, Res, H> {
     fn clone(&self) -> Self {
         AgentPipeline {
             inner: self.inner.clone(),
@@ -158,7 +175,7 @@ impl<C: Clone, Req, Res> Clone for AgentPipeline<C, Req, Res> {
     }
 }
 
-impl<C, Req, Res> fmt::Debug for AgentPipeline<C, Req, Res> {
+impl<C, Req, Res, H: Mode> fmt::Debug for AgentPipeline<C, Req, Res, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentPipeline")
             .field(
@@ -179,7 +196,9 @@ impl<C, Req, Res> AgentPipeline<C, Req, Res> {
     pub fn builder() -> AgentPipelineBuilder<C, Req, Res> {
         AgentPipelineBuilder::default()
     }
+}
 
+impl<C, Req, Res, H: Mode> AgentPipeline<C, Req, Res, H> {
     /// The queue's handle (depth, in flight, shutdown).
     pub fn queue(&self) -> &QueueHandle {
         &self.handles.queue
@@ -200,16 +219,16 @@ impl<C, Req, Res> AgentPipeline<C, Req, Res> {
     }
 }
 
-impl<C, Req, Res> Service<Req> for AgentPipeline<C, Req, Res>
+impl<C, Req, Res, H: Mode> Service<Req> for AgentPipeline<C, Req, Res, H>
 where
-    PipelineQueue<C, Req, Res>: Service<Req, Response = Res, Error = Error>,
+    PipelineQueue<C, Req, Res, H>: Service<Req, Response = Res, Error = Error>,
 {
     type Response = Res;
     type Error = Error;
     type Future = PipelineFuture<
         tokio::task::futures::TaskLocalFuture<
             tokio::time::Instant,
-            <PipelineQueue<C, Req, Res> as Service<Req>>::Future,
+            <PipelineQueue<C, Req, Res, H> as Service<Req>>::Future,
         >,
     >;
 

@@ -1,9 +1,9 @@
 //! [`ResponseFuture`]: waits in the queue when it has to, then calls the
 //! inner service in the caller's task.
 
-use std::any::Any;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,54 +16,11 @@ use tower_service::Service;
 
 use super::admit::{poll_admit, Admitted, Waiting};
 use super::event::QueueEventKind;
+use super::panicked::panicked;
 use super::state::{Core, Count, Enqueued, Entry, Grant, Permit, Shared, Slot};
 use super::Priority;
 use crate::error::{BoxError, Error};
-
-/// The inner service panicked in `call` or in its response future; the
-/// queue caught the panic and answered the caller with
-/// [`Error::Upstream`](crate::Error::Upstream) holding this.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InnerPanicked {
-    message: String,
-}
-
-impl InnerPanicked {
-    fn from_payload(payload: Box<dyn Any + Send>) -> Self {
-        let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
-            (*s).to_owned()
-        } else if let Some(s) = payload.downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "non-string panic payload".to_owned()
-        };
-        Self { message }
-    }
-
-    /// The panic's message, when it was a string.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for InnerPanicked {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "inner service panicked: {}", self.message)
-    }
-}
-
-impl std::error::Error for InnerPanicked {}
-
-fn panicked(payload: Box<dyn Any + Send>) -> Error {
-    let err = InnerPanicked::from_payload(payload);
-    tracing::warn!(
-        message = err.message(),
-        "inner service panicked; the caller gets an error"
-    );
-    Error::Upstream {
-        source: Box::new(err),
-    }
-}
+use crate::guard::{AtResponse, Release, StreamGuard};
 
 /// Which error the armed timer stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,8 +75,10 @@ impl From<Failure> for Error {
 }
 
 pin_project! {
-    /// The response future of [`Queue`](super::Queue).
-    pub struct ResponseFuture<S, Req>
+    /// The response future of [`Queue`](super::Queue). With
+    /// [`AtStreamEnd`](crate::guard::AtStreamEnd) (`H`) it hands its permit
+    /// to the response, which keeps it until its stream ends.
+    pub struct ResponseFuture<S, Req, H = AtResponse>
     where
         S: Service<Req>,
     {
@@ -130,6 +89,7 @@ pin_project! {
         // What waiting and readying need, boxed so that the future of a call
         // that went straight through stays small (and its drop cheap).
         slow: Option<Box<Slow<S, Req>>>,
+        hold: PhantomData<fn() -> H>,
     }
 }
 
@@ -177,7 +137,7 @@ enum Step<F> {
     Fail(Error),
 }
 
-impl<S, Req> fmt::Debug for ResponseFuture<S, Req>
+impl<S, Req, H> fmt::Debug for ResponseFuture<S, Req, H>
 where
     S: Service<Req>,
 {
@@ -213,7 +173,7 @@ fn deadline_exceeded() -> Error {
     }
 }
 
-impl<S, Req> ResponseFuture<S, Req>
+impl<S, Req, H> ResponseFuture<S, Req, H>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
@@ -226,6 +186,7 @@ where
                 state: State::Calling { fut },
                 permit: Some(permit),
                 slow: None,
+                hold: PhantomData,
             },
             Err(payload) => Self::failed(panicked(payload)),
         }
@@ -238,6 +199,7 @@ where
             },
             permit: None,
             slow: None,
+            hold: PhantomData,
         }
     }
 
@@ -251,6 +213,7 @@ where
             state: State::Slow,
             permit,
             slow: Some(Box::new(slow)),
+            hold: PhantomData,
         }
     }
 
@@ -550,10 +513,11 @@ where
     }
 }
 
-impl<S, Req> Future for ResponseFuture<S, Req>
+impl<S, Req, H> Future for ResponseFuture<S, Req, H>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    H: Release<S::Response>,
 {
     type Output = Result<S::Response, Error>;
 
@@ -562,13 +526,23 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
-                    let out = match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                    let mut out = match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
                         Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(r)) => r.map_err(Error::from_inner),
                         Err(payload) => Err(panicked(payload)),
                     };
-                    // Drop the inner future first, then hand the permit on.
+                    // Drop the inner future first, then hand the permit on
+                    // (or to the streamed response, which keeps it until
+                    // its stream ends).
                     this.state.set(State::Done);
+                    if H::HOLDS {
+                        if let Ok(response) = &mut out {
+                            if let Some(permit) = this.permit.take_if(|_| H::wants_guard(response))
+                            {
+                                H::attach(response, StreamGuard::hold(permit));
+                            }
+                        }
+                    }
                     *this.permit = None;
                     return Poll::Ready(out);
                 }

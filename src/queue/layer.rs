@@ -1,6 +1,7 @@
 //! [`QueueLayer`] and its validated builder.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use super::handle::QueueHandle;
 use super::state::Shared;
 use super::{NoDeadline, Queue, SamePriority};
 use crate::error::ConfigError;
+use crate::guard::{AtResponse, AtStreamEnd};
 
 /// The largest capacity and concurrency accepted: 2^30 (2^28 on targets
 /// with 32-bit pointers), so that a count times 4 plus the flags fits the
@@ -51,21 +53,23 @@ pub(crate) struct Policy<P, D> {
 /// The queue's state (permits, waiting requests, counters) is created with
 /// the layer and shared by every service it wraps and every clone of those:
 /// one layer, one queue. Build another layer for an independent queue.
-pub struct QueueLayer<P = SamePriority, D = NoDeadline> {
+pub struct QueueLayer<P = SamePriority, D = NoDeadline, H = AtResponse> {
     shared: Arc<Shared>,
     policy: Arc<Policy<P, D>>,
+    hold: PhantomData<fn() -> H>,
 }
 
-impl<P, D> Clone for QueueLayer<P, D> {
+impl<P, D, H> Clone for QueueLayer<P, D, H> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
             policy: Arc::clone(&self.policy),
+            hold: PhantomData,
         }
     }
 }
 
-impl<P, D> fmt::Debug for QueueLayer<P, D> {
+impl<P, D, H> fmt::Debug for QueueLayer<P, D, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueLayer")
             .field("capacity", &self.shared.capacity)
@@ -101,19 +105,20 @@ impl QueueLayer {
             priority: SamePriority,
             deadline: NoDeadline,
             listener: None,
+            hold: PhantomData,
         }
     }
 }
 
-impl<P, D> QueueLayer<P, D> {
+impl<P, D, H> QueueLayer<P, D, H> {
     /// A handle for depth queries, counters and shutdown.
     pub fn handle(&self) -> QueueHandle {
         QueueHandle::new(Arc::clone(&self.shared))
     }
 }
 
-impl<S, P, D> Layer<S> for QueueLayer<P, D> {
-    type Service = Queue<S, P, D>;
+impl<S, P, D, H> Layer<S> for QueueLayer<P, D, H> {
+    type Service = Queue<S, P, D, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Queue::from_parts(inner, Arc::clone(&self.shared), Arc::clone(&self.policy))
@@ -121,7 +126,7 @@ impl<S, P, D> Layer<S> for QueueLayer<P, D> {
 }
 
 /// Builds a [`QueueLayer`]; [`build`](Self::build) validates.
-pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline> {
+pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline, H = AtResponse> {
     capacity: usize,
     concurrency: usize,
     when_full: WhenFull,
@@ -130,9 +135,10 @@ pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline> {
     priority: P,
     deadline: D,
     listener: Option<Listener>,
+    hold: PhantomData<fn() -> H>,
 }
 
-impl<P, D> fmt::Debug for QueueLayerBuilder<P, D> {
+impl<P, D, H> fmt::Debug for QueueLayerBuilder<P, D, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueLayerBuilder")
             .field("capacity", &self.capacity)
@@ -144,7 +150,7 @@ impl<P, D> fmt::Debug for QueueLayerBuilder<P, D> {
     }
 }
 
-impl<P, D> QueueLayerBuilder<P, D> {
+impl<P, D, H> QueueLayerBuilder<P, D, H> {
     /// How many requests may **wait** (not counting those in flight). A
     /// place is taken when `poll_ready` finds no free permit and released
     /// when the request gets a permit, is cancelled, expires or is refused.
@@ -197,7 +203,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
     /// Reads each request's class: a closure `Fn(&Req) -> Priority` or any
     /// [`PriorityOf`](super::PriorityOf). Called only for requests that
     /// have to wait.
-    pub fn priority_by<P2>(self, priority: P2) -> QueueLayerBuilder<P2, D> {
+    pub fn priority_by<P2>(self, priority: P2) -> QueueLayerBuilder<P2, D, H> {
         QueueLayerBuilder {
             capacity: self.capacity,
             concurrency: self.concurrency,
@@ -207,6 +213,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
             priority,
             deadline: self.deadline,
             listener: self.listener,
+            hold: PhantomData,
         }
     }
 
@@ -216,7 +223,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
     /// before it is sent is answered with
     /// [`Error::DeadlineExceeded`](crate::Error::DeadlineExceeded) with
     /// `attempts: 0` and never sent.
-    pub fn deadline_by<D2>(self, deadline: D2) -> QueueLayerBuilder<P, D2> {
+    pub fn deadline_by<D2>(self, deadline: D2) -> QueueLayerBuilder<P, D2, H> {
         QueueLayerBuilder {
             capacity: self.capacity,
             concurrency: self.concurrency,
@@ -226,6 +233,34 @@ impl<P, D> QueueLayerBuilder<P, D> {
             priority: self.priority,
             deadline,
             listener: self.listener,
+            hold: PhantomData,
+        }
+    }
+
+    /// A call keeps its permit until its streamed response's stream ends
+    /// (completes, fails or is dropped) instead of until the response
+    /// arrives, so that `concurrency` bounds the streams being read, not
+    /// only the calls waiting for their first chunk. The inner service's
+    /// response must be a [`GuardedResponse`](crate::guard::GuardedResponse)
+    /// (the crate's streaming clients' are; any stream of `Result`s is,
+    /// wrapped in [`Guarded`](crate::guard::Guarded)). See
+    /// [`crate::guard`].
+    pub fn hold_until_stream_end(self) -> QueueLayerBuilder<P, D, AtStreamEnd> {
+        self.release::<AtStreamEnd>()
+    }
+
+    /// The builder with release mode `H2`.
+    pub(crate) fn release<H2>(self) -> QueueLayerBuilder<P, D, H2> {
+        QueueLayerBuilder {
+            capacity: self.capacity,
+            concurrency: self.concurrency,
+            when_full: self.when_full,
+            max_wait: self.max_wait,
+            age_after: self.age_after,
+            priority: self.priority,
+            deadline: self.deadline,
+            listener: self.listener,
+            hold: PhantomData,
         }
     }
 
@@ -239,7 +274,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
     }
 
     /// Validates and builds the layer.
-    pub fn build(self) -> Result<QueueLayer<P, D>, ConfigError> {
+    pub fn build(self) -> Result<QueueLayer<P, D, H>, ConfigError> {
         if self.concurrency == 0 {
             return Err(ConfigError::new("concurrency", "must be at least 1"));
         }
@@ -272,6 +307,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
                 deadline: self.deadline,
                 max_wait: self.max_wait,
             }),
+            hold: PhantomData,
         })
     }
 }

@@ -100,6 +100,23 @@
 //! is returned. When the runtime shuts down, the callers' futures are
 //! dropped and their places and permits are returned the same way.
 //!
+//! # Streamed responses
+//!
+//! A call's permit goes back when its response future completes. For a
+//! streamed response that is the first chunk: the upstream is still busy
+//! with the rest, so a queue of concurrency 2 would let any number of
+//! streams be read at once. Built with
+//! [`hold_until_stream_end`](QueueLayerBuilder::hold_until_stream_end), the
+//! queue hands the permit to the response instead (which must be a
+//! [`GuardedResponse`](crate::guard::GuardedResponse): the crate's
+//! `ChatStream` and `MessageStream` are, and any stream of `Result`s
+//! wrapped in [`Guarded`](crate::guard::Guarded)), and the permit comes
+//! back when the stream completes, fails or is dropped: concurrency bounds
+//! the streams being read. The next queued request is woken then, as for
+//! any released permit. This costs one allocation per stream; the default
+//! ([`AtResponse`]) costs nothing. See
+//! [`crate::guard`].
+//!
 //! # Shutdown
 //!
 //! [`QueueHandle::shutdown`] stops admitting ([`Error::Shutdown`] for new
@@ -157,11 +174,13 @@ mod event;
 mod future;
 mod handle;
 mod layer;
+mod panicked;
 mod policy;
 mod state;
 mod sync;
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -170,13 +189,15 @@ use tower_service::Service;
 
 use self::admit::{poll_admit, Admitted, Waiting};
 pub use self::event::{QueueEvent, QueueEventKind};
-pub use self::future::{InnerPanicked, ResponseFuture};
+pub use self::future::ResponseFuture;
 pub use self::handle::{QueueHandle, QueueStats, ShutdownReport};
 use self::layer::Policy;
 pub use self::layer::{QueueLayer, QueueLayerBuilder, WhenFull};
+pub use self::panicked::InnerPanicked;
 pub use self::policy::{DeadlineOf, NoDeadline, Priority, PriorityOf, SamePriority};
 use self::state::{Permit, Shared, Slot};
 use crate::error::{BoxError, Error};
+use crate::guard::{AtResponse, Release};
 
 /// What `poll_ready` reserved for the next `call`, on the slow path (a
 /// permit with a ready inner service is kept apart, in `Queue::ready`).
@@ -190,8 +211,11 @@ enum Reserved {
     Refused(Error),
 }
 
-/// The queue middleware; made by [`QueueLayer`].
-pub struct Queue<S, P = SamePriority, D = NoDeadline> {
+/// The queue middleware; made by [`QueueLayer`]. `H` says when a call's
+/// permit is given back: when its response arrives ([`AtResponse`]), or
+/// when the streamed response's stream ends
+/// ([`AtStreamEnd`](crate::guard::AtStreamEnd)).
+pub struct Queue<S, P = SamePriority, D = NoDeadline, H = AtResponse> {
     inner: S,
     shared: Arc<Shared>,
     policy: Arc<Policy<P, D>>,
@@ -199,9 +223,10 @@ pub struct Queue<S, P = SamePriority, D = NoDeadline> {
     ready: Option<Permit>,
     reserved: Reserved,
     wait: Option<Box<Waiting>>,
+    hold: PhantomData<fn() -> H>,
 }
 
-impl<S, P, D> Queue<S, P, D> {
+impl<S, P, D, H> Queue<S, P, D, H> {
     pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, policy: Arc<Policy<P, D>>) -> Self {
         Self {
             inner,
@@ -210,6 +235,7 @@ impl<S, P, D> Queue<S, P, D> {
             ready: None,
             reserved: Reserved::None,
             wait: None,
+            hold: PhantomData,
         }
     }
 
@@ -234,7 +260,7 @@ impl<S, P, D> Queue<S, P, D> {
     }
 }
 
-impl<S: Clone, P, D> Clone for Queue<S, P, D> {
+impl<S: Clone, P, D, H> Clone for Queue<S, P, D, H> {
     /// The clone shares the queue but not the reservation: it must be polled
     /// ready itself.
     fn clone(&self) -> Self {
@@ -246,7 +272,7 @@ impl<S: Clone, P, D> Clone for Queue<S, P, D> {
     }
 }
 
-impl<S: fmt::Debug, P, D> fmt::Debug for Queue<S, P, D> {
+impl<S: fmt::Debug, P, D, H> fmt::Debug for Queue<S, P, D, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let reserved = match self.reserved {
             _ if self.ready.is_some() => "ready",
@@ -263,16 +289,17 @@ impl<S: fmt::Debug, P, D> fmt::Debug for Queue<S, P, D> {
     }
 }
 
-impl<S, Req, P, D> Service<Req> for Queue<S, P, D>
+impl<S, Req, P, D, H> Service<Req> for Queue<S, P, D, H>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: PriorityOf<Req>,
     D: DeadlineOf<Req>,
+    H: Release<S::Response>,
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture<S, Req>;
+    type Future = ResponseFuture<S, Req, H>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
@@ -313,7 +340,7 @@ where
     }
 }
 
-impl<S, P, D> Queue<S, P, D> {
+impl<S, P, D, H> Queue<S, P, D, H> {
     /// `poll_ready` past the fast path: a permit whose inner service is not
     /// ready yet, a place, a refusal, or admission (possibly waiting for a
     /// place).
@@ -362,7 +389,7 @@ impl<S, P, D> Queue<S, P, D> {
 
     /// `call` past the fast path.
     #[cold]
-    fn call_slow<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
+    fn call_slow<Req>(&mut self, req: Req) -> ResponseFuture<S, Req, H>
     where
         S: Service<Req> + Clone,
         S::Error: Into<BoxError>,
@@ -406,7 +433,7 @@ impl<S, P, D> Queue<S, P, D> {
     }
 }
 
-impl<S: Clone, P, D> Queue<S, P, D> {
+impl<S: Clone, P, D, H> Queue<S, P, D, H> {
     /// Moves the inner service into a future, leaving a clone behind.
     fn take_inner(&mut self) -> S {
         let fresh = self.inner.clone();

@@ -13,6 +13,7 @@ use crate::client::{
     ChatRequest, ChatResponse, ChatStream, ClientError, OpenAiClient, ResponseFuture, StreamFuture,
     StreamingClient,
 };
+use crate::guard::{GuardedResponse, StreamEnd, StreamGuard};
 use crate::ratelimit::{ReportsUsage, ServerDimension, ServerLimits};
 
 /// What a target answered: a whole completion, or a stream whose first
@@ -58,6 +59,22 @@ impl ReportsUsage for Reply {
                     },
                 }
             }
+        }
+    }
+}
+
+/// A stream carries the guards of a pipeline built with
+/// [`hold_until_stream_end`](crate::pipeline::AgentPipelineBuilder::hold_until_stream_end);
+/// a whole completion is not a stream, and its layers settle at once.
+impl GuardedResponse for Reply {
+    fn is_streaming(&self) -> bool {
+        matches!(self, Reply::Stream(_))
+    }
+
+    fn attach(&mut self, guard: StreamGuard) {
+        match self {
+            Reply::Stream(s) => s.attach(guard),
+            Reply::Complete(_) => guard.end(StreamEnd::Completed),
         }
     }
 }

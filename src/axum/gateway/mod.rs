@@ -73,10 +73,14 @@ use super::{ErrorMapping, ErrorResponse};
 use crate::breaker::State as BreakerState;
 use crate::classify::Reason;
 use crate::client::{ChatRequest, DEFAULT_MAX_BODY_BYTES};
+use crate::guard::AtStreamEnd;
 use crate::pipeline::{AgentPipeline, ConfigFileError, PipelineConfig};
 
-/// The pipeline a gateway sends requests through.
-pub type GatewayPipeline = AgentPipeline<GatewayClient, ChatRequest, Reply>;
+/// The pipeline a gateway sends requests through: a streamed answer keeps
+/// its queue slot until its stream ends, and a break mid-stream counts
+/// against the target's breaker
+/// ([`hold_until_stream_end`](crate::pipeline::AgentPipelineBuilder::hold_until_stream_end)).
+pub type GatewayPipeline = AgentPipeline<GatewayClient, ChatRequest, Reply, AtStreamEnd>;
 
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -115,7 +119,7 @@ impl Gateway {
 
     /// A gateway over the pipeline `config` describes.
     pub fn from_config(config: &PipelineConfig) -> Result<Self, ConfigFileError> {
-        Ok(Self::new(config.build_with(GatewayClient::new)?))
+        Ok(Self::new(config.build_streaming_with(GatewayClient::new)?))
     }
 
     /// The pipeline (its queue and breakers).
