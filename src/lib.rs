@@ -25,6 +25,7 @@ pub mod client;
 pub mod error;
 
 pub mod fallback;
+pub mod observability;
 pub mod pipeline;
 pub mod queue;
 pub mod ratelimit;

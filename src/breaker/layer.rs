@@ -1,5 +1,6 @@
 //! [`CircuitBreakerLayer`], its builder and the keyed variant's builder.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tower_layer::Layer;
 
 use super::handle::BreakerHandle;
 use super::keyed::{KeyedCircuitBreakerLayer, KeyedShared};
+use super::event::Metrics;
 use super::state::{BreakerEvent, Core, Listener, Settings, WindowSpec};
 use super::{CircuitBreaker, Shared};
 use crate::classify::{LlmClassifier, Reason};
@@ -87,6 +89,7 @@ impl CircuitBreakerLayer {
             trip_on: vec![Reason::Quota, Reason::Auth],
             seed: None,
             listener: None,
+            name: Cow::Borrowed("default"),
             classifier: LlmClassifier::new(),
         }
     }
@@ -133,6 +136,7 @@ pub struct CircuitBreakerLayerBuilder<C = LlmClassifier> {
     trip_on: Vec<Reason>,
     seed: Option<u64>,
     listener: Option<Listener>,
+    name: Cow<'static, str>,
     classifier: C,
 }
 
@@ -282,6 +286,14 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self
     }
 
+    /// The breaker's name: the `breaker` label of its metrics (default
+    /// `"default"`; the agent pipeline names each target's breaker after
+    /// the target).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The classifier that decides what a failure is (any
     /// [`Classify`](crate::classify::Classify), or a closure). Failures are
     /// the outcomes for which
@@ -304,6 +316,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             trip_on: self.trip_on,
             seed: self.seed,
             listener: self.listener,
+            name: self.name,
             classifier,
         }
     }
@@ -323,7 +336,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         }
     }
 
-    pub(crate) fn settings(&self) -> Result<Settings, ConfigError> {
+    pub(crate) fn settings(&self, keyed: bool) -> Result<Settings, ConfigError> {
         let window = match self.window {
             Window::Count(0) => return Err(ConfigError::new("count_window", "must be at least 1")),
             Window::Count(n) if n > MAX_COUNT_WINDOW => {
@@ -431,12 +444,13 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             trip_on: self.trip_on.clone(),
             seed: self.seed.unwrap_or_else(rand::random),
             listener: self.listener.clone(),
+            metrics: Metrics::new(&self.name, keyed),
         })
     }
 
     /// Checks the values and creates the layer.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
-        let settings = Arc::new(self.settings()?);
+        let settings = Arc::new(self.settings(false)?);
         Ok(CircuitBreakerLayer {
             shared: Arc::new(Shared {
                 core: Core::new(settings, Instant::now()),
@@ -479,7 +493,7 @@ impl<C, F, K> KeyedCircuitBreakerLayerBuilder<C, F, K> {
         if self.max_keys == 0 {
             return Err(ConfigError::new("max_keys", "must be at least 1"));
         }
-        let settings = Arc::new(self.base.settings()?);
+        let settings = Arc::new(self.base.settings(true)?);
         Ok(KeyedCircuitBreakerLayer::from_shared(Arc::new(
             KeyedShared::new(
                 self.key,

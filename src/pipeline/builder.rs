@@ -246,7 +246,7 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
                 retry = f(retry);
             }
             let retry = retry.build()?;
-            let mut breaker = CircuitBreakerLayer::builder();
+            let mut breaker = CircuitBreakerLayer::builder().name(name.to_string());
             if let Some(f) = &self.breaker {
                 breaker = f(breaker);
             }
