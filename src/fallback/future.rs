@@ -30,6 +30,11 @@ pin_project! {
         state: State<S, Req>,
         #[pin]
         deadline: Option<Sleep>,
+        // One span per request, `llm_resilience.request{target_name}`: the
+        // target being tried; the retry's spans (attempts, and one per
+        // attempt with its number) open inside it. Disabled (no allocation,
+        // a load and a branch) when no subscriber listens.
+        span: tracing::Span,
     }
 }
 
@@ -92,6 +97,11 @@ where
             },
             state: State::Pick,
             deadline,
+            span: tracing::debug_span!(
+                target: "llm_resilience::fallback",
+                "llm_resilience.request",
+                target_name = tracing::field::Empty,
+            ),
         }
     }
 }
@@ -106,6 +116,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _span = this.span.enter();
+        let span = &*this.span;
         let shared = &**this.shared;
         let p = this.progress;
         loop {
@@ -134,7 +146,7 @@ where
                     let Some(idx) = shared.next_normal(p.next) else {
                         return Poll::Ready(finish(shared, &p.request, p.last.take()));
                     };
-                    start(shared, p, this.state.as_mut(), idx);
+                    start(shared, p, this.state.as_mut(), idx, span);
                 }
                 StateProj::Readying { service, request } => {
                     let svc = service.as_mut().expect("polled after the call was made");
@@ -149,7 +161,7 @@ where
                         Err(e) => {
                             this.state.set(State::Pick);
                             let err = Error::from_inner(e);
-                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err) {
+                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err, span) {
                                 return Poll::Ready(done);
                             }
                         }
@@ -173,7 +185,7 @@ where
                         }
                         Err(e) => {
                             let err = Error::from_inner(e);
-                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err) {
+                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err, span) {
                                 return Poll::Ready(done);
                             }
                         }
@@ -190,10 +202,12 @@ fn start<S, Req, Res>(
     p: &mut Progress<Req>,
     mut state: Pin<&mut State<S, Req>>,
     idx: usize,
+    span: &tracing::Span,
 ) where
     S: Service<Req> + Clone,
     Req: Clone,
 {
+    span.record("target_name", &*shared.targets[idx].0);
     p.next = idx + 1;
     let request = prepare(shared, idx, &p.request);
     report::record(|r| r.start_target(&shared.targets[idx].0));
@@ -209,6 +223,7 @@ fn on_failure<S, Req, Res>(
     p: &mut Progress<Req>,
     state: Pin<&mut State<S, Req>>,
     err: Error,
+    span: &tracing::Span,
 ) -> Option<Result<Res, Error>>
 where
     S: Service<Req> + Clone,
@@ -234,7 +249,7 @@ where
                 shared.emit(FallbackEventKind::ToLargerContext, current, reason);
                 p.larger_tried = true;
                 p.last = Some(err);
-                start(shared, p, state, larger);
+                start(shared, p, state, larger, span);
                 return None;
             }
             shared.emit(FallbackEventKind::Stopped, current, reason);

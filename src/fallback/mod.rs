@@ -102,6 +102,10 @@ pub(crate) struct Shared<S, Req, Res> {
     degrade: Option<Degrade<Req, Res>>,
     deadline: Option<Duration>,
     listener: Option<Listener>,
+    // `llm_resilience_fallback_decisions_total{decision="answered"}` per
+    // target, registered at build: a success formats no label.
+    #[cfg(feature = "metrics")]
+    answered: Vec<metrics::Counter>,
 }
 
 impl<S, Req, Res> Shared<S, Req, Res> {
@@ -121,13 +125,16 @@ impl<S, Req, Res> Shared<S, Req, Res> {
             "fallback decision"
         );
         #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "llm_resilience_fallback_decisions_total",
-            "target" => name.to_string(),
-            "decision" => kind.as_str(),
-            "reason" => reason.as_str(),
-        )
-        .increment(1);
+        match self.answered.get(target) {
+            Some(counter) if kind == FallbackEventKind::Answered => counter.increment(1),
+            _ => metrics::counter!(
+                "llm_resilience_fallback_decisions_total",
+                "target" => name.to_string(),
+                "decision" => kind.as_str(),
+                "reason" => reason.as_str(),
+            )
+            .increment(1),
+        }
         if let Some(listener) = &self.listener {
             listener(&FallbackEvent {
                 kind,
