@@ -177,8 +177,8 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
             "llm_resilience_chaos_",
         ],
     );
-    // The instance labels: the pipeline names each target's breaker after
-    // the target; the breaker alone and the chaos layers by their `name`.
+    // The instance labels: the pipeline names each target's retry and
+    // breaker after the target; the breaker alone and the chaos layers by their `name`.
     let values = |name: &str| -> Vec<String> {
         seen.series[name].iter().map(|s| s.2.clone()).collect()
     };
@@ -196,6 +196,9 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
     ] {
         assert!(transitions.contains(&t.to_owned()), "{t}: {transitions:?}");
     }
+    let retries = values("llm_resilience_retry_decisions_total");
+    let t = "retry=primary,decision=exhausted,reason=unavailable".to_owned();
+    assert!(retries.contains(&t), "{retries:?}");
     let injected = values("llm_resilience_chaos_injected_total");
     for i in ["chaos=errors,kind=error", "chaos=errors,kind=latency", "chaos=hangs,kind=timeout"] {
         assert!(injected.contains(&i.to_owned()), "{i}: {injected:?}");

@@ -238,7 +238,9 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
                 retry: target_retry,
                 breaker: target_breaker,
             } = spec;
-            let mut retry = RetryLayer::builder().on_event(crate::report::record_retry);
+            let mut retry = RetryLayer::builder()
+                .name(name.to_string())
+                .on_event(crate::report::record_retry);
             if let Some(f) = &self.retry {
                 retry = f(retry);
             }
