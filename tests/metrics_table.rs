@@ -26,6 +26,7 @@ type Client = BoxCloneSyncService<String, String, HttpError>;
 /// The queue: one call in flight and one waiting, then the snapshot gauges.
 async fn queue() {
     let layer = QueueLayer::builder()
+        .name("jobs")
         .concurrency(1)
         .capacity(4)
         .build()
@@ -178,7 +179,8 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
         ],
     );
     // The instance labels: the pipeline names each target's retry and
-    // breaker after the target; the breaker alone and the chaos layers by their `name`.
+    // breaker after the target; the queue, the breaker alone and the chaos
+    // layers are named by their `name`.
     let values = |name: &str| -> Vec<String> {
         seen.series[name].iter().map(|s| s.2.clone()).collect()
     };
@@ -196,6 +198,8 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
     ] {
         assert!(transitions.contains(&t.to_owned()), "{t}: {transitions:?}");
     }
+    let queued = values("llm_resilience_queue_events_total");
+    assert!(queued.contains(&"queue=jobs,kind=queued".to_owned()), "{queued:?}");
     let retries = values("llm_resilience_retry_decisions_total");
     let t = "retry=primary,decision=exhausted,reason=unavailable".to_owned();
     assert!(retries.contains(&t), "{retries:?}");

@@ -1,5 +1,6 @@
 //! [`QueueLayer`] and its validated builder.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +102,7 @@ impl QueueLayer {
             priority: SamePriority,
             deadline: NoDeadline,
             listener: None,
+            name: Cow::Borrowed("default"),
         }
     }
 }
@@ -130,6 +132,7 @@ pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline> {
     priority: P,
     deadline: D,
     listener: Option<Listener>,
+    name: Cow<'static, str>,
 }
 
 impl<P, D> fmt::Debug for QueueLayerBuilder<P, D> {
@@ -207,6 +210,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
             priority,
             deadline: self.deadline,
             listener: self.listener,
+            name: self.name,
         }
     }
 
@@ -226,7 +230,15 @@ impl<P, D> QueueLayerBuilder<P, D> {
             priority: self.priority,
             deadline,
             listener: self.listener,
+            name: self.name,
         }
+    }
+
+    /// The queue's name: the `queue` label of its metrics (default
+    /// `"default"`).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// An event hook, called (outside any lock) for every [`QueueEvent`].
@@ -258,12 +270,13 @@ impl<P, D> QueueLayerBuilder<P, D> {
         if self.max_wait.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait", "must be more than zero"));
         }
-        let shared = Shared::new(
+        let shared = Shared::named(
             self.concurrency,
             self.capacity,
             self.when_full == WhenFull::Reject,
             self.age_after,
             self.listener,
+            &self.name,
         );
         Ok(QueueLayer {
             shared: Arc::new(shared),
