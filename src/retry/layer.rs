@@ -36,6 +36,8 @@ pub(crate) struct Config<C, K> {
     pub(crate) hint_cap: Duration,
     pub(crate) hint_jitter: f64,
     pub(crate) listener: Option<Listener>,
+    // The `retry` label of the metrics.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) name: Cow<'static, str>,
     pub(crate) seed: u64,
     pub(crate) sequence: AtomicU64,
