@@ -42,7 +42,13 @@ fn main() {
     drive::floor(bare(), &rts.0, &rts.1);
     let count = alloc::allocations;
     for mode in [Mode::Reused, Mode::Cloned] {
-        drive::allocations("llm_resilience pipeline", &mut pipeline_ours(), mode, &rts.0, count);
+        drive::allocations(
+            "llm_resilience pipeline",
+            &mut pipeline_ours(),
+            mode,
+            &rts.0,
+            count,
+        );
         drive::allocations("tower pipeline", &mut pipeline_tower(), mode, &rts.0, count);
         let mut tr = pipeline_tower_resilience();
         drive::allocations("tower_resilience pipeline", &mut tr, mode, &rts.0, count);
@@ -54,8 +60,18 @@ fn main() {
     ] {
         let mut variants = vec![
             Variant::new("llm_resilience AgentPipeline", pipeline_ours(), mode, &rts),
-            Variant::new("tower_resilience stack", pipeline_tower_resilience(), mode, &rts),
-            Variant::new("tower stack (no breaker, no rate limit)", pipeline_tower(), mode, &rts),
+            Variant::new(
+                "tower_resilience stack",
+                pipeline_tower_resilience(),
+                mode,
+                &rts,
+            ),
+            Variant::new(
+                "tower stack (no breaker, no rate limit)",
+                pipeline_tower(),
+                mode,
+                &rts,
+            ),
             Variant::new("bare inner service", bare(), mode, &rts),
         ];
         drive::round_robin(

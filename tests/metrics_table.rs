@@ -181,9 +181,8 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
     // The instance labels: the pipeline names each target's retry and
     // breaker after the target; the queue, the breaker alone and the chaos
     // layers are named by their `name`.
-    let values = |name: &str| -> Vec<String> {
-        seen.series[name].iter().map(|s| s.2.clone()).collect()
-    };
+    let values =
+        |name: &str| -> Vec<String> { seen.series[name].iter().map(|s| s.2.clone()).collect() };
     let states = values("llm_resilience_breaker_state");
     for b in ["breaker=primary", "breaker=backup", "breaker=solo"] {
         assert!(states.contains(&b.to_owned()), "{states:?}");
@@ -199,12 +198,19 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
         assert!(transitions.contains(&t.to_owned()), "{t}: {transitions:?}");
     }
     let queued = values("llm_resilience_queue_events_total");
-    assert!(queued.contains(&"queue=jobs,kind=queued".to_owned()), "{queued:?}");
+    assert!(
+        queued.contains(&"queue=jobs,kind=queued".to_owned()),
+        "{queued:?}"
+    );
     let retries = values("llm_resilience_retry_decisions_total");
     let t = "retry=primary,decision=exhausted,reason=unavailable".to_owned();
     assert!(retries.contains(&t), "{retries:?}");
     let injected = values("llm_resilience_chaos_injected_total");
-    for i in ["chaos=errors,kind=error", "chaos=errors,kind=latency", "chaos=hangs,kind=timeout"] {
+    for i in [
+        "chaos=errors,kind=error",
+        "chaos=errors,kind=latency",
+        "chaos=hangs,kind=timeout",
+    ] {
         assert!(injected.contains(&i.to_owned()), "{i}: {injected:?}");
     }
 }
@@ -213,7 +219,13 @@ fn every_name_in_the_table_is_emitted_and_no_other() {
 fn the_table_parses_and_covers_every_layer() {
     let rows = table::rows();
     for prefix in [
-        "queue", "retry", "breaker", "ratelimit", "fallback", "chaos", "redis",
+        "queue",
+        "retry",
+        "breaker",
+        "ratelimit",
+        "fallback",
+        "chaos",
+        "redis",
     ] {
         let p = format!("llm_resilience_{prefix}_");
         assert!(rows.keys().any(|n| n.starts_with(&p)), "no {p} row");

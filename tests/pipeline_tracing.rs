@@ -40,9 +40,7 @@ async fn one_span_per_request_names_the_target_and_holds_the_attempts() {
     // The primary echoes the prompt and its key in its error message; the
     // backup answers with a completion. None of them may reach the logs.
     let primary: Client = BoxCloneSyncService::new(service_fn(|prompt: String| async move {
-        Err::<String, _>(
-            HttpError::new(503).with_message(format!("sk-SECRET-KEY echo: {prompt}")),
-        )
+        Err::<String, _>(HttpError::new(503).with_message(format!("sk-SECRET-KEY echo: {prompt}")))
     }));
     let backup: Client = BoxCloneSyncService::new(service_fn(|_: String| async move {
         Ok::<_, HttpError>("COMPLETION-TEXT".to_owned())
@@ -68,9 +66,10 @@ async fn one_span_per_request_names_the_target_and_holds_the_attempts() {
     // The fallback's decisions, inside the span naming the target they are
     // about: the primary given up, the backup answering.
     assert!(
-        logs.lines().any(|l| l
-            .contains("llm_resilience.request{target_name=\"primary\"}")
-            && l.contains("moved_on")),
+        logs.lines().any(
+            |l| l.contains("llm_resilience.request{target_name=\"primary\"}")
+                && l.contains("moved_on")
+        ),
         "{logs}"
     );
     // (A field recorded again is appended by the fmt subscriber: the

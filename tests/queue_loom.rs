@@ -47,7 +47,7 @@ fn queue(concurrency: usize, capacity: usize) -> Arc<Shared> {
         false,
         Duration::from_secs(10),
         None,
-        &std::borrow::Cow::Borrowed("loom"),
+        std::borrow::Cow::Borrowed("loom"),
     ))
 }
 

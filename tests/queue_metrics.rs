@@ -138,9 +138,20 @@ fn events_are_counted_and_the_snapshot_sets_the_gauges() {
 
     // The snapshot taken while four requests waited behind one call.
     let g = &during.gauges;
-    assert_eq!(g.get("llm_resilience_queue_depth/default"), Some(&4.0), "{g:?}");
-    assert_eq!(g.get("llm_resilience_queue_in_flight/default"), Some(&1.0), "{g:?}");
-    assert_eq!(g.get("llm_resilience_queue_waiting_for_place/default"), Some(&0.0));
+    assert_eq!(
+        g.get("llm_resilience_queue_depth/default"),
+        Some(&4.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("llm_resilience_queue_in_flight/default"),
+        Some(&1.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("llm_resilience_queue_waiting_for_place/default"),
+        Some(&0.0)
+    );
     for (class, n) in [("high", 1.0), ("normal", 1.0), ("low", 2.0)] {
         let name = format!("llm_resilience_queue_depth_by_priority/default/{class}");
         assert_eq!(g.get(&name), Some(&n), "{name}: {g:?}");
@@ -181,8 +192,16 @@ fn events_are_counted_and_the_snapshot_sets_the_gauges() {
 
     // The final snapshot: everything drained.
     let g = &after.gauges;
-    assert_eq!(g.get("llm_resilience_queue_depth/default"), Some(&0.0), "{g:?}");
-    assert_eq!(g.get("llm_resilience_queue_in_flight/default"), Some(&0.0), "{g:?}");
+    assert_eq!(
+        g.get("llm_resilience_queue_depth/default"),
+        Some(&0.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("llm_resilience_queue_in_flight/default"),
+        Some(&0.0),
+        "{g:?}"
+    );
     for class in ["high", "normal", "low"] {
         let name = format!("llm_resilience_queue_depth_by_priority/default/{class}");
         assert_eq!(g.get(&name), Some(&0.0), "{name}: {g:?}");

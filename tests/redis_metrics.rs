@@ -74,10 +74,7 @@ async fn counts_by_outcome_and_queue_gauges_under_stable_names() {
     // The names, types and labels are the Redis rows of the documented
     // table (docs/metrics.md), all of them, and nothing else.
     let snapshot = snapshotter.snapshot().into_vec();
-    table::check(
-        &table::read_snapshot(&snapshot),
-        &["llm_resilience_redis_"],
-    );
+    table::check(&table::read_snapshot(&snapshot), &["llm_resilience_redis_"]);
     let mut seen = BTreeMap::new();
     for (key, _, _, value) in snapshot {
         let key = key.key();

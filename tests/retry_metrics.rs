@@ -49,8 +49,16 @@ fn decisions_are_counted_by_kind_and_reason() {
             _ => {}
         }
     }
-    assert_eq!(counts.get("openai/retrying/unavailable"), Some(&2), "{counts:?}");
-    assert_eq!(counts.get("openai/exhausted/unavailable"), Some(&1), "{counts:?}");
+    assert_eq!(
+        counts.get("openai/retrying/unavailable"),
+        Some(&2),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.get("openai/exhausted/unavailable"),
+        Some(&1),
+        "{counts:?}"
+    );
     assert_eq!(counts.len(), 2, "{counts:?}");
     // 2 deposits × 0.2 + 10/s × 10 s − 2 withdrawals.
     assert_eq!(balance.map(|b| b.into_inner()), Some(98.4));

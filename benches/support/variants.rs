@@ -282,7 +282,11 @@ pub fn pipeline_tower_resilience() -> impl Bench {
                 .build()
                 .expect("valid"),
         )
-        .layer(TimeLimiterLayer::builder().timeout_duration(DEADLINE).build())
+        .layer(
+            TimeLimiterLayer::builder()
+                .timeout_duration(DEADLINE)
+                .build(),
+        )
         .layer(tower_resilience::retry::RetryLayer::<u64, u64, _>::builder().build())
         .layer(Tr::builder().build().expect("valid"))
         .layer(

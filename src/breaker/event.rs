@@ -83,7 +83,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Registers the handles of the breaker `name`; a keyed breaker (one
     /// state per key) gets no state gauge.
-    pub(crate) fn new(name: &std::borrow::Cow<'static, str>, keyed: bool) -> Self {
+    pub(crate) fn new(name: std::borrow::Cow<'static, str>, keyed: bool) -> Self {
         #[cfg(not(feature = "metrics"))]
         let _ = (name, keyed);
         #[cfg(feature = "metrics")]
@@ -94,7 +94,6 @@ impl Metrics {
                 g
             });
             Self {
-                name: name.clone(),
                 state,
                 rejected: [State::Open, State::HalfOpen, State::ForcedOpen].map(|s| {
                     metrics::counter!(
@@ -104,6 +103,7 @@ impl Metrics {
                     )
                 }),
                 probes: metrics::counter!("llm_resilience_breaker_probes_total", "breaker" => name.clone()),
+                name,
             }
         }
         #[cfg(not(feature = "metrics"))]

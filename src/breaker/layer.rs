@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_layer::Layer;
 
+use super::event::Metrics;
 use super::handle::BreakerHandle;
 use super::keyed::{KeyedCircuitBreakerLayer, KeyedShared};
-use super::event::Metrics;
 use super::state::{BreakerEvent, Core, Listener, Settings, WindowSpec};
 use super::{CircuitBreaker, Shared};
 use crate::classify::{LlmClassifier, Reason};
@@ -444,7 +444,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             trip_on: self.trip_on.clone(),
             seed: self.seed.unwrap_or_else(rand::random),
             listener: self.listener.clone(),
-            metrics: Metrics::new(&self.name, keyed),
+            metrics: Metrics::new(self.name.clone(), keyed),
         })
     }
 

@@ -300,7 +300,7 @@ impl Core {
                                 return Ok(Ticket {
                                     gen: gen as u32,
                                     kind: TicketKind::Probe,
-                                })
+                                });
                             }
                             Err(actual) => {
                                 s = actual;

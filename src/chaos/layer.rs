@@ -63,7 +63,7 @@ struct Metrics {
 impl Metrics {
     const KINDS: [&'static str; 3] = ["error", "timeout", "latency"];
 
-    fn new(name: &Cow<'static, str>) -> Self {
+    fn new(name: Cow<'static, str>) -> Self {
         #[cfg(not(feature = "metrics"))]
         let _ = name;
         Self {
@@ -344,7 +344,7 @@ impl ChaosLayerBuilder {
                 passed: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 delayed: AtomicU64::new(0),
-                metrics: Metrics::new(&self.name),
+                metrics: Metrics::new(self.name),
             }),
         })
     }

@@ -136,8 +136,7 @@ where
                     };
                     // Nothing is sent after the deadline: until the timer is
                     // armed, one clock read says whether it passed.
-                    if this.deadline.is_none()
-                        && p.deadline.is_some_and(|at| Instant::now() >= at)
+                    if this.deadline.is_none() && p.deadline.is_some_and(|at| Instant::now() >= at)
                     {
                         return Poll::Ready(deadline_exceeded(shared, p));
                     }
@@ -158,7 +157,9 @@ where
                         Err(e) => {
                             this.state.set(State::Pick);
                             let err = Error::from_inner(e);
-                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err, span) {
+                            if let Some(done) =
+                                on_failure(shared, p, this.state.as_mut(), err, span)
+                            {
                                 return Poll::Ready(done);
                             }
                         }
@@ -184,7 +185,9 @@ where
                         }
                         Err(e) => {
                             let err = Error::from_inner(e);
-                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err, span) {
+                            if let Some(done) =
+                                on_failure(shared, p, this.state.as_mut(), err, span)
+                            {
                                 return Poll::Ready(done);
                             }
                         }

@@ -95,7 +95,7 @@ impl QueueEventKind {
 }
 
 impl Metrics {
-    pub(crate) fn new(name: &std::borrow::Cow<'static, str>) -> Self {
+    pub(crate) fn new(name: std::borrow::Cow<'static, str>) -> Self {
         #[cfg(not(feature = "metrics"))]
         let _ = (name, QueueEventKind::ALL);
         Self {
@@ -137,7 +137,13 @@ impl Metrics {
 
     /// Sets the snapshot gauges.
     #[cfg(feature = "metrics")]
-    pub(crate) fn record(&self, depth: usize, by_class: [usize; 3], in_flight: usize, waiting: usize) {
+    pub(crate) fn record(
+        &self,
+        depth: usize,
+        by_class: [usize; 3],
+        in_flight: usize,
+        waiting: usize,
+    ) {
         self.depth.set(depth as f64);
         for (gauge, n) in self.by_priority.iter().zip(by_class) {
             gauge.set(n as f64);

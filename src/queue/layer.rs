@@ -276,7 +276,7 @@ impl<P, D> QueueLayerBuilder<P, D> {
             self.when_full == WhenFull::Reject,
             self.age_after,
             self.listener,
-            &self.name,
+            self.name,
         );
         Ok(QueueLayer {
             shared: Arc::new(shared),

@@ -111,8 +111,14 @@ pub fn check(seen: &Seen, prefixes: &[&str]) {
             .get(name)
             .unwrap_or_else(|| panic!("{name} is emitted but not in docs/metrics.md"));
         for (kind, labels, values) in series {
-            assert_eq!(*kind, row.kind, "{name}{{{values}}}: the table says {row:?}");
-            assert_eq!(labels, &row.labels, "{name}{{{values}}}: the table says {row:?}");
+            assert_eq!(
+                *kind, row.kind,
+                "{name}{{{values}}}: the table says {row:?}"
+            );
+            assert_eq!(
+                labels, &row.labels,
+                "{name}{{{values}}}: the table says {row:?}"
+            );
         }
     }
     for name in rows.keys() {

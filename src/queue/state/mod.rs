@@ -120,7 +120,7 @@ impl Core {
         reject: bool,
         age_after: Duration,
         listener: Option<Listener>,
-        name: &std::borrow::Cow<'static, str>,
+        name: std::borrow::Cow<'static, str>,
     ) -> Self {
         let shards = permits::shard_count(concurrency);
         Self {
@@ -279,7 +279,7 @@ impl Shared {
         reject: bool,
         age_after: Duration,
         listener: Option<Listener>,
-        name: &std::borrow::Cow<'static, str>,
+        name: std::borrow::Cow<'static, str>,
     ) -> Self {
         let core = Arc::new(Core::new(
             concurrency,

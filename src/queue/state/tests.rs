@@ -15,7 +15,7 @@ fn shared(concurrency: usize, capacity: usize, reject: bool) -> Shared {
         reject,
         Duration::from_secs(10),
         None,
-        &std::borrow::Cow::Borrowed("test"),
+        std::borrow::Cow::Borrowed("test"),
     )
 }
 
