@@ -59,6 +59,17 @@
 //! `poll_ready` is always ready: each target is readied inside the response
 //! future, only when it is its turn, so a busy secondary never holds up a
 //! healthy primary.
+//!
+//! # Observability
+//!
+//! One `tracing` span per request, `llm_resilience.request`, with the
+//! target being tried as `target_name`; each target's own spans (the
+//! retry's, with the attempts and one span per attempt with its number)
+//! open inside it. Each decision is a debug event (target
+//! `llm_resilience::fallback`) and, with the `metrics` feature,
+//! `llm_resilience_fallback_decisions_total{target, decision, reason}` (the
+//! `answered` counters registered when the fallback is built, so a success
+//! formats nothing). Requests and answers are never recorded.
 
 mod event;
 mod future;
