@@ -79,11 +79,14 @@ impl<S, Req, Res> ResponseFuture<S, Req, Res>
 where
     S: Service<Req>,
 {
-    pub(super) fn new(shared: Arc<Shared<S, Req, Res>>, request: Req) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared<S, Req, Res>>,
+        request: Req,
+        inherited: Option<Instant>,
+    ) -> Self {
         // The earlier of this fallback's own deadline and the one the caller
-        // set around it (the agent pipeline's, counted from its call).
+        // gave it (the agent pipeline's, counted from its call).
         let own = shared.deadline.and_then(|d| Instant::now().checked_add(d));
-        let inherited = super::DEADLINE.try_with(|d| *d).ok();
         let deadline = match (own, inherited) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

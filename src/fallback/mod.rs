@@ -87,12 +87,6 @@ use crate::error::{BoxError, Error};
 
 pub use self::event::{FallbackEvent, FallbackEventKind};
 
-tokio::task_local! {
-    /// A deadline set around a fallback by the layer that owns the whole
-    /// call (the agent pipeline, which counts it from its own `call`, queue
-    /// wait included); a fallback never runs past it.
-    pub(crate) static DEADLINE: tokio::time::Instant;
-}
 pub use self::future::ResponseFuture;
 pub use self::layer::FallbackBuilder;
 
@@ -246,6 +240,23 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        ResponseFuture::new(self.shared.clone(), req)
+        ResponseFuture::new(self.shared.clone(), req, None)
+    }
+}
+
+impl<S, Req, Res> Fallback<S, Req, Res> {
+    /// [`call`](Service::call) under a deadline set by the layer that owns
+    /// the whole call (the agent pipeline, which counts it from its own
+    /// `call`, queue wait included): the earlier of it and the fallback's
+    /// own holds.
+    pub(crate) fn call_until(
+        &mut self,
+        req: Req,
+        deadline: tokio::time::Instant,
+    ) -> ResponseFuture<S, Req, Res>
+    where
+        S: Service<Req>,
+    {
+        ResponseFuture::new(self.shared.clone(), req, Some(deadline))
     }
 }
