@@ -219,8 +219,8 @@ impl<C, Req, Res> AgentPipelineBuilder<C, Req, Res> {
         if self.deadline.is_zero() {
             return Err(ConfigError::new("deadline", "must be greater than zero"));
         }
-        // The deadline reaches the fallback from the pipeline's `call` (a
-        // task-local, queue wait included): no second timer of its own.
+        // The deadline reaches the fallback from the pipeline's `call`
+        // (with the request, queue wait included): no timer of its own.
         let mut fallback = Fallback::builder();
         let mut breakers = Vec::new();
         if self.targets.iter().filter(|t| t.larger).count() > 1 {
