@@ -64,6 +64,9 @@ fn main() {
         "stack_ours_count" => run(stack_ours_count(), cloned, n),
         "stack_tower" => run(stack_tower(), cloned, n),
         "stack_tower_resilience" => run(stack_tower_resilience(), cloned, n),
+        "pipeline_ours" => run(pipeline_ours(), cloned, n),
+        "pipeline_tower" => run(pipeline_tower(), cloned, n),
+        "pipeline_tower_resilience" => run(pipeline_tower_resilience(), cloned, n),
         other => panic!("unknown variant {other}; see support/variants.rs"),
     }
 }

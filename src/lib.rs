@@ -26,6 +26,7 @@ pub mod error;
 
 pub mod fallback;
 pub mod guard;
+pub mod observability;
 pub mod pipeline;
 pub mod queue;
 pub mod ratelimit;

@@ -80,6 +80,7 @@ fn settings() -> Settings {
         trip_on: Vec::new(),
         seed: 1,
         listener: None,
+        metrics: event::Metrics::new(std::borrow::Cow::Borrowed("loom"), false),
     }
 }
 

@@ -41,12 +41,13 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 }
 
 fn queue(concurrency: usize, capacity: usize) -> Arc<Shared> {
-    Arc::new(Shared::new(
+    Arc::new(Shared::named(
         concurrency,
         capacity,
         false,
         Duration::from_secs(10),
         None,
+        std::borrow::Cow::Borrowed("loom"),
     ))
 }
 

@@ -138,11 +138,22 @@ fn events_are_counted_and_the_snapshot_sets_the_gauges() {
 
     // The snapshot taken while four requests waited behind one call.
     let g = &during.gauges;
-    assert_eq!(g.get("llm_resilience_queue_depth"), Some(&4.0), "{g:?}");
-    assert_eq!(g.get("llm_resilience_queue_in_flight"), Some(&1.0), "{g:?}");
-    assert_eq!(g.get("llm_resilience_queue_waiting_for_place"), Some(&0.0));
+    assert_eq!(
+        g.get("llm_resilience_queue_depth/default"),
+        Some(&4.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("llm_resilience_queue_in_flight/default"),
+        Some(&1.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("llm_resilience_queue_waiting_for_place/default"),
+        Some(&0.0)
+    );
     for (class, n) in [("high", 1.0), ("normal", 1.0), ("low", 2.0)] {
-        let name = format!("llm_resilience_queue_depth_by_priority/{class}");
+        let name = format!("llm_resilience_queue_depth_by_priority/default/{class}");
         assert_eq!(g.get(&name), Some(&n), "{name}: {g:?}");
     }
 
@@ -157,7 +168,7 @@ fn events_are_counted_and_the_snapshot_sets_the_gauges() {
         w.entry(name.clone()).or_default().extend(vs);
     }
     let count = |kind: &str| {
-        c.get(&format!("llm_resilience_queue_events_total/{kind}"))
+        c.get(&format!("llm_resilience_queue_events_total/default/{kind}"))
             .copied()
     };
     assert_eq!(count("queued"), Some(4), "{c:?}");
@@ -169,22 +180,30 @@ fn events_are_counted_and_the_snapshot_sets_the_gauges() {
     // Wait times: the Lows waited 100 and 200 ms for their permits; the
     // expired one 10 ms.
     assert_eq!(
-        w.get("llm_resilience_queue_wait_seconds/dispatched"),
+        w.get("llm_resilience_queue_wait_seconds/default/dispatched"),
         Some(&vec![0.1, 0.2]),
         "{w:?}"
     );
     assert_eq!(
-        w.get("llm_resilience_queue_wait_seconds/expired"),
+        w.get("llm_resilience_queue_wait_seconds/default/expired"),
         Some(&vec![0.01]),
         "{w:?}"
     );
 
     // The final snapshot: everything drained.
     let g = &after.gauges;
-    assert_eq!(g.get("llm_resilience_queue_depth"), Some(&0.0), "{g:?}");
-    assert_eq!(g.get("llm_resilience_queue_in_flight"), Some(&0.0), "{g:?}");
+    assert_eq!(
+        g.get("llm_resilience_queue_depth/default"),
+        Some(&0.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("llm_resilience_queue_in_flight/default"),
+        Some(&0.0),
+        "{g:?}"
+    );
     for class in ["high", "normal", "low"] {
-        let name = format!("llm_resilience_queue_depth_by_priority/{class}");
+        let name = format!("llm_resilience_queue_depth_by_priority/default/{class}");
         assert_eq!(g.get(&name), Some(&0.0), "{name}: {g:?}");
     }
 }

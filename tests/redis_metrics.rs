@@ -4,6 +4,8 @@
 #![cfg(feature = "metrics")]
 
 mod redis_support;
+#[path = "support/metrics_table.rs"]
+mod table;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -69,8 +71,12 @@ async fn counts_by_outcome_and_queue_gauges_under_stable_names() {
     w.shutdown().await;
     q.record_metrics().await.unwrap();
 
+    // The names, types and labels are the Redis rows of the documented
+    // table (docs/metrics.md), all of them, and nothing else.
+    let snapshot = snapshotter.snapshot().into_vec();
+    table::check(&table::read_snapshot(&snapshot), &["llm_resilience_redis_"]);
     let mut seen = BTreeMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+    for (key, _, _, value) in snapshot {
         let key = key.key();
         let labels: Vec<_> = key.labels().map(|l| l.value().to_string()).collect();
         let v = match value {

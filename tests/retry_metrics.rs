@@ -24,7 +24,12 @@ fn decisions_are_counted_by_kind_and_reason() {
                     Ok(())
                 }
             });
-            let svc = RetryLayer::builder().seed(3).build().unwrap().layer(inner);
+            let svc = RetryLayer::builder()
+                .name("openai")
+                .seed(3)
+                .build()
+                .unwrap()
+                .layer(inner);
             // A first-attempt success records nothing; a failing call makes
             // two retries and is then exhausted.
             svc.clone().oneshot(false).await.unwrap();
@@ -44,8 +49,16 @@ fn decisions_are_counted_by_kind_and_reason() {
             _ => {}
         }
     }
-    assert_eq!(counts.get("retrying/unavailable"), Some(&2), "{counts:?}");
-    assert_eq!(counts.get("exhausted/unavailable"), Some(&1), "{counts:?}");
+    assert_eq!(
+        counts.get("openai/retrying/unavailable"),
+        Some(&2),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.get("openai/exhausted/unavailable"),
+        Some(&1),
+        "{counts:?}"
+    );
     assert_eq!(counts.len(), 2, "{counts:?}");
     // 2 deposits × 0.2 + 10/s × 10 s − 2 withdrawals.
     assert_eq!(balance.map(|b| b.into_inner()), Some(98.4));

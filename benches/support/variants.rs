@@ -244,3 +244,81 @@ where
         self.sm.call(self.inner.call(n))
     }
 }
+
+// ---- the agent pipeline --------------------------------------------------
+
+/// The whole pipeline's overall deadline.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Ours: `AgentPipeline` with one target: queue (capacity 1 000,
+/// concurrency 32) → deadline (60 s) → fallback over one target → retry (3
+/// attempts, 30 s attempt timeout, default budget) → breaker (LLM defaults:
+/// 30 s time window, minimum 20) → the client. The per-target rate limit
+/// goes in here, one line, once the pipeline takes one.
+pub fn pipeline_ours() -> impl Bench {
+    llm_resilience::pipeline::AgentPipeline::builder()
+        .target("primary", Always)
+        .queue(1_000, CONCURRENCY)
+        .deadline(DEADLINE)
+        .retry(|r| r.max_attempts(3).attempt_timeout(ATTEMPT_TIMEOUT))
+        .build()
+        .expect("valid")
+}
+
+/// tower-resilience 0.13, the same order: bulkhead (32 concurrent) → time
+/// limiter (the 60 s deadline) → retry (3 attempts, its defaults) → circuit
+/// breaker (its default count window of 100) → rate limiter (a limit no call
+/// reaches) → time limiter (the 30 s attempt timeout). It has no queue with
+/// a bounded wait list (the bulkhead waits unbounded) and no fallback layer.
+pub fn pipeline_tower_resilience() -> impl Bench {
+    use tower_resilience::bulkhead::BulkheadLayer;
+    use tower_resilience::circuitbreaker::CircuitBreakerLayer as Tr;
+    use tower_resilience::ratelimiter::RateLimiterLayer;
+    use tower_resilience::timelimiter::TimeLimiterLayer;
+    ServiceBuilder::new()
+        .layer(
+            BulkheadLayer::builder()
+                .max_concurrent_calls(CONCURRENCY)
+                .build()
+                .expect("valid"),
+        )
+        .layer(
+            TimeLimiterLayer::builder()
+                .timeout_duration(DEADLINE)
+                .build(),
+        )
+        .layer(tower_resilience::retry::RetryLayer::<u64, u64, _>::builder().build())
+        .layer(Tr::builder().build().expect("valid"))
+        .layer(
+            RateLimiterLayer::builder()
+                .limit_for_period(usize::MAX / 4)
+                .refresh_period(Duration::from_secs(1))
+                .timeout_duration(Duration::from_secs(1))
+                .build()
+                .expect("valid"),
+        )
+        .layer(
+            TimeLimiterLayer::builder()
+                .timeout_duration(ATTEMPT_TIMEOUT)
+                .build(),
+        )
+        .service(Always)
+}
+
+/// tower 0.5's own layers in the same order, where tower has one:
+/// `ConcurrencyLimit(32)` → `Timeout(60 s)` → `Retry` with the `TpsBudget`
+/// policy of the retry bench → `Timeout(30 s)`. tower has no breaker and no
+/// fallback, and its `RateLimit` is per service value (not `Clone`; sharing
+/// one takes a `Buffer`, a task and an allocation per call), so none here.
+pub fn pipeline_tower() -> impl Bench {
+    let policy = TowerPolicy {
+        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+        attempts_left: 3,
+    };
+    ServiceBuilder::new()
+        .concurrency_limit(CONCURRENCY)
+        .timeout(DEADLINE)
+        .layer(tower::retry::RetryLayer::new(policy))
+        .timeout(ATTEMPT_TIMEOUT)
+        .service(Always)
+}

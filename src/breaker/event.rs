@@ -63,3 +63,100 @@ pub enum BreakerEvent {
         retry_after: Duration,
     },
 }
+
+/// The breaker's `metrics` (feature `metrics`; the names and labels are in
+/// [the table](crate::observability)). The gauge and the rejection and
+/// probe counters are registered once, when the layer is built: install the
+/// recorder before building. Nothing is emitted on the closed path.
+pub(crate) struct Metrics {
+    #[cfg(feature = "metrics")]
+    name: std::borrow::Cow<'static, str>,
+    #[cfg(feature = "metrics")]
+    state: Option<metrics::Gauge>,
+    // Rejections by the state that refused: open, half-open, forced open.
+    #[cfg(feature = "metrics")]
+    rejected: [metrics::Counter; 3],
+    #[cfg(feature = "metrics")]
+    probes: metrics::Counter,
+}
+
+impl Metrics {
+    /// Registers the handles of the breaker `name`; a keyed breaker (one
+    /// state per key) gets no state gauge.
+    pub(crate) fn new(name: std::borrow::Cow<'static, str>, keyed: bool) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = (name, keyed);
+        #[cfg(feature = "metrics")]
+        {
+            let state = (!keyed).then(|| {
+                let g = metrics::gauge!("llm_resilience_breaker_state", "breaker" => name.clone());
+                g.set(0.0);
+                g
+            });
+            Self {
+                state,
+                rejected: [State::Open, State::HalfOpen, State::ForcedOpen].map(|s| {
+                    metrics::counter!(
+                        "llm_resilience_breaker_rejected_total",
+                        "breaker" => name.clone(),
+                        "state" => s.as_str()
+                    )
+                }),
+                probes: metrics::counter!("llm_resilience_breaker_probes_total", "breaker" => name.clone()),
+                name,
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        Self {}
+    }
+
+    /// The gauge's value of a state: its position in [`State`].
+    #[cfg(feature = "metrics")]
+    fn code(state: State) -> f64 {
+        match state {
+            State::Closed => 0.0,
+            State::Open => 1.0,
+            State::HalfOpen => 2.0,
+            State::ForcedOpen => 3.0,
+            State::ForcedClosed => 4.0,
+            State::Disabled => 5.0,
+        }
+    }
+
+    pub(crate) fn transitioned(&self, from: State, to: State) {
+        #[cfg(not(feature = "metrics"))]
+        let _ = (from, to);
+        #[cfg(feature = "metrics")]
+        {
+            if let Some(g) = &self.state {
+                g.set(Self::code(to));
+            }
+            metrics::counter!(
+                "llm_resilience_breaker_transitions_total",
+                "breaker" => self.name.clone(),
+                "from" => from.as_str(),
+                "to" => to.as_str()
+            )
+            .increment(1);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn rejected(&self, state: State) {
+        #[cfg(not(feature = "metrics"))]
+        let _ = state;
+        #[cfg(feature = "metrics")]
+        self.rejected[match state {
+            State::HalfOpen => 1,
+            State::ForcedOpen => 2,
+            _ => 0,
+        }]
+        .increment(1);
+    }
+
+    #[inline]
+    pub(crate) fn probe(&self) {
+        #[cfg(feature = "metrics")]
+        self.probes.increment(1);
+    }
+}

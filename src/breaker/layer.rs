@@ -1,5 +1,6 @@
 //! [`CircuitBreakerLayer`], its builder and the keyed variant's builder.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_layer::Layer;
 
+use super::event::Metrics;
 use super::handle::BreakerHandle;
 use super::keyed::{KeyedCircuitBreakerLayer, KeyedShared};
 use super::state::{BreakerEvent, Core, Listener, Settings, WindowSpec};
@@ -88,6 +90,7 @@ impl CircuitBreakerLayer {
             trip_on: vec![Reason::Quota, Reason::Auth],
             seed: None,
             listener: None,
+            name: Cow::Borrowed("default"),
             classifier: LlmClassifier::new(),
         }
     }
@@ -134,6 +137,7 @@ pub struct CircuitBreakerLayerBuilder<C = LlmClassifier> {
     trip_on: Vec<Reason>,
     seed: Option<u64>,
     listener: Option<Listener>,
+    name: Cow<'static, str>,
     classifier: C,
 }
 
@@ -283,6 +287,14 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self
     }
 
+    /// The breaker's name: the `breaker` label of its metrics (default
+    /// `"default"`; the agent pipeline names each target's breaker after
+    /// the target).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The classifier that decides what a failure is (any
     /// [`Classify`](crate::classify::Classify), or a closure). Failures are
     /// the outcomes for which
@@ -326,6 +338,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             trip_on: self.trip_on,
             seed: self.seed,
             listener: self.listener,
+            name: self.name,
             classifier,
         }
     }
@@ -345,7 +358,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         }
     }
 
-    pub(crate) fn settings(&self) -> Result<Settings, ConfigError> {
+    pub(crate) fn settings(&self, keyed: bool) -> Result<Settings, ConfigError> {
         let window = match self.window {
             Window::Count(0) => return Err(ConfigError::new("count_window", "must be at least 1")),
             Window::Count(n) if n > MAX_COUNT_WINDOW => {
@@ -453,12 +466,13 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             trip_on: self.trip_on.clone(),
             seed: self.seed.unwrap_or_else(rand::random),
             listener: self.listener.clone(),
+            metrics: Metrics::new(self.name.clone(), keyed),
         })
     }
 
     /// Checks the values and creates the layer.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
-        let settings = Arc::new(self.settings()?);
+        let settings = Arc::new(self.settings(false)?);
         Ok(CircuitBreakerLayer {
             shared: Arc::new(Shared {
                 core: Core::new(settings, Instant::now()),
@@ -501,7 +515,7 @@ impl<C, F, K> KeyedCircuitBreakerLayerBuilder<C, F, K> {
         if self.max_keys == 0 {
             return Err(ConfigError::new("max_keys", "must be at least 1"));
         }
-        let settings = Arc::new(self.base.settings()?);
+        let settings = Arc::new(self.base.settings(true)?);
         Ok(KeyedCircuitBreakerLayer::from_shared(Arc::new(
             KeyedShared::new(
                 self.key,

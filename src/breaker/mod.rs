@@ -131,7 +131,15 @@
 //! (target `llm_resilience::breaker`); an
 //! [event hook](CircuitBreakerLayerBuilder::on_event) sees both as
 //! [`BreakerEvent`]s, never under a lock. With no hook nothing is built,
-//! timestamped or allocated for it.
+//! timestamped or allocated for it. With the `metrics` feature, under the
+//! breaker's [`name`](CircuitBreakerLayerBuilder::name) as the `breaker`
+//! label: the gauge `llm_resilience_breaker_state`, and the counters
+//! `llm_resilience_breaker_transitions_total{from, to}`,
+//! `llm_resilience_breaker_rejected_total{state}` and
+//! `llm_resilience_breaker_probes_total` (all names:
+//! [the table](crate::observability)); the gauge and the rejection and
+//! probe counters are registered when the layer is built, and a closed
+//! breaker emits nothing.
 //!
 //! # Cost
 //!

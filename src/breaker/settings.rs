@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::event::BreakerEvent;
+use super::event::{BreakerEvent, Metrics};
 use crate::classify::Reason;
 
 pub(crate) type Listener = crate::util::listener::Listener<BreakerEvent>;
@@ -33,6 +33,7 @@ pub(crate) struct Settings {
     pub(crate) trip_on: Vec<Reason>,
     pub(crate) seed: u64,
     pub(crate) listener: Option<Listener>,
+    pub(crate) metrics: Metrics,
 }
 
 impl fmt::Debug for Settings {

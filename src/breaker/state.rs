@@ -227,6 +227,7 @@ impl Core {
             open_for_ms = open_for.map(|d| d.as_millis() as u64),
             "circuit breaker state changed"
         );
+        self.settings.metrics.transitioned(from, to);
         if let Some(listener) = &self.settings.listener {
             listener(&BreakerEvent::StateChanged { from, to, open_for });
         }
@@ -241,6 +242,7 @@ impl Core {
             retry_after_ms = retry_after.as_millis() as u64,
             "call rejected by circuit breaker"
         );
+        self.settings.metrics.rejected(state);
         // Nothing is built for a listener that does not exist.
         if let Some(listener) = &self.settings.listener {
             listener(&BreakerEvent::Rejected { state, retry_after });
@@ -294,10 +296,11 @@ impl Core {
                         let next = Word::new(HALF_OPEN, gen, w.issued() + 1, w.succ());
                         match self.cas(s, next.0) {
                             Ok(()) => {
+                                self.settings.metrics.probe();
                                 return Ok(Ticket {
                                     gen: gen as u32,
                                     kind: TicketKind::Probe,
-                                })
+                                });
                             }
                             Err(actual) => {
                                 s = actual;
@@ -346,6 +349,7 @@ impl Core {
             now_ms.saturating_add(ms_ceil(self.settings.probe_timeout)),
         );
         self.transitioned(w.mode(), HALF_OPEN, None);
+        self.settings.metrics.probe();
         Ok(Ticket {
             gen: gen as u32,
             kind: TicketKind::Probe,

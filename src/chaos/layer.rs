@@ -1,5 +1,6 @@
 //! [`ChaosLayer`], its builder and its run-time [`ChaosHandle`].
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,47 @@ pub(crate) struct Shared {
     passed: AtomicU64,
     failed: AtomicU64,
     delayed: AtomicU64,
+    metrics: Metrics,
+}
+
+/// `llm_resilience_chaos_injected_total{chaos, kind}` (feature `metrics`),
+/// one handle per kind registered when the layer is built: `error`,
+/// `timeout` (a [`Fault::Timeout`]) and `latency` (a call delayed).
+struct Metrics {
+    #[cfg(feature = "metrics")]
+    injected: [metrics::Counter; 3],
+}
+
+impl Metrics {
+    const KINDS: [&'static str; 3] = ["error", "timeout", "latency"];
+
+    fn new(name: Cow<'static, str>) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = name;
+        Self {
+            #[cfg(feature = "metrics")]
+            injected: Self::KINDS.map(|kind| {
+                metrics::counter!(
+                    "llm_resilience_chaos_injected_total",
+                    "chaos" => name.clone(),
+                    "kind" => kind
+                )
+            }),
+        }
+    }
+
+    /// Counts one injection: 0 error, 1 timeout, 2 latency.
+    #[inline]
+    fn injected(&self, kind: usize) {
+        #[cfg(feature = "metrics")]
+        self.injected[kind].increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = (kind, Self::KINDS);
+    }
+
+    fn failed(&self, fault: &Fault) {
+        self.injected(usize::from(matches!(fault, Fault::Timeout(_))));
+    }
 }
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -76,6 +118,7 @@ impl Shared {
                 .clone();
             if let Some(fault) = fault {
                 self.failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.failed(&fault);
                 return Plan::Fail {
                     wait: fault.wait(),
                     fault,
@@ -116,10 +159,12 @@ impl Shared {
         }
         if delayed {
             self.delayed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.injected(2);
         }
         match fail {
             Some(f) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.failed(f);
                 Plan::Fail {
                     wait: delay.saturating_add(f.wait()),
                     fault: f.clone(),
@@ -163,6 +208,7 @@ impl ChaosLayer {
             rules: Vec::new(),
             seed: 0,
             enabled: true,
+            name: Cow::Borrowed("default"),
         }
     }
 
@@ -197,6 +243,7 @@ pub struct ChaosLayerBuilder {
     rules: Vec<Rule>,
     seed: u64,
     enabled: bool,
+    name: Cow<'static, str>,
 }
 
 fn probability(p: f64) -> Result<f64, ConfigError> {
@@ -208,6 +255,13 @@ fn probability(p: f64) -> Result<f64, ConfigError> {
 }
 
 impl ChaosLayerBuilder {
+    /// The layer's name: the `chaos` label of its metrics (default
+    /// `"default"`).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The seed of every random decision; the same seed gives the same
     /// sequence of injections.
     pub fn seed(mut self, seed: u64) -> Self {
@@ -290,6 +344,7 @@ impl ChaosLayerBuilder {
                 passed: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 delayed: AtomicU64::new(0),
+                metrics: Metrics::new(self.name),
             }),
         })
     }

@@ -51,6 +51,13 @@
 //! outage now, restart the windows' clock, and read how many calls were
 //! failed, delayed or passed.
 //!
+//! # Metrics
+//!
+//! With the `metrics` feature, each injection counts in
+//! `llm_resilience_chaos_injected_total{chaos, kind}` (`chaos`: the layer's
+//! [`name`](ChaosLayerBuilder::name); `kind`: `error`, `timeout` or
+//! `latency`), through handles registered when the layer is built.
+//!
 //! # Cost
 //!
 //! Disabled, a call costs one relaxed atomic load and a branch on top of

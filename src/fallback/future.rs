@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -28,8 +28,15 @@ pin_project! {
         progress: Progress<Req>,
         #[pin]
         state: State<S, Req>,
+        // The deadline's timer, created only when a target makes the call
+        // wait: a call answered at once never touches the timer wheel.
         #[pin]
         deadline: Option<Sleep>,
+        // One span per request, `llm_resilience.request{target_name}`: the
+        // target being tried; the retry's spans (attempts, and one per
+        // attempt with its number) open inside it. Disabled (no allocation,
+        // a load and a branch) when no subscriber listens.
+        span: tracing::Span,
     }
 }
 
@@ -41,6 +48,7 @@ struct Progress<Req> {
     larger_tried: bool,
     tried: u32,
     last: Option<Error>,
+    deadline: Option<Instant>,
 }
 
 pin_project! {
@@ -71,16 +79,18 @@ impl<S, Req, Res> ResponseFuture<S, Req, Res>
 where
     S: Service<Req>,
 {
-    pub(super) fn new(shared: Arc<Shared<S, Req, Res>>, request: Req) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared<S, Req, Res>>,
+        request: Req,
+        inherited: Option<Instant>,
+    ) -> Self {
         // The earlier of this fallback's own deadline and the one the caller
-        // set around it (the agent pipeline's, counted from its call).
+        // gave it (the agent pipeline's, counted from its call).
         let own = shared.deadline.and_then(|d| Instant::now().checked_add(d));
-        let inherited = super::DEADLINE.try_with(|d| *d).ok();
         let deadline = match (own, inherited) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
-        .map(tokio::time::sleep_until);
+        };
         ResponseFuture {
             shared,
             progress: Progress {
@@ -89,9 +99,15 @@ where
                 larger_tried: false,
                 tried: 0,
                 last: None,
+                deadline,
             },
             state: State::Pick,
-            deadline,
+            deadline: None,
+            span: tracing::debug_span!(
+                target: "llm_resilience::fallback",
+                "llm_resilience.request",
+                target_name = tracing::field::Empty,
+            ),
         }
     }
 }
@@ -106,27 +122,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _span = this.span.enter();
+        let span = &*this.span;
         let shared = &**this.shared;
         let p = this.progress;
         loop {
             if let Some(sleep) = this.deadline.as_mut().as_pin_mut() {
                 if sleep.poll(cx).is_ready() {
-                    shared.emit(
-                        FallbackEventKind::DeadlineExceeded,
-                        p.next.saturating_sub(1),
-                        Reason::Timeout,
-                    );
-                    report::record(|r| {
-                        if let Some(t) = r.current() {
-                            if t.outcome == TargetOutcome::Pending {
-                                t.outcome = TargetOutcome::Failed(Reason::Timeout);
-                            }
-                        }
-                    });
-                    return Poll::Ready(Err(Error::DeadlineExceeded {
-                        attempts: p.tried,
-                        source: p.last.take().map(Error::into_cause),
-                    }));
+                    return Poll::Ready(deadline_exceeded(shared, p));
                 }
             }
             match this.state.as_mut().project() {
@@ -134,11 +137,19 @@ where
                     let Some(idx) = shared.next_normal(p.next) else {
                         return Poll::Ready(finish(shared, &p.request, p.last.take()));
                     };
-                    start(shared, p, this.state.as_mut(), idx);
+                    // Nothing is sent after the deadline: until the timer is
+                    // armed, one clock read says whether it passed.
+                    if this.deadline.is_none() && p.deadline.is_some_and(|at| Instant::now() >= at)
+                    {
+                        return Poll::Ready(deadline_exceeded(shared, p));
+                    }
+                    start(shared, p, this.state.as_mut(), idx, span);
                 }
                 StateProj::Readying { service, request } => {
                     let svc = service.as_mut().expect("polled after the call was made");
-                    let ready = ready!(svc.poll_ready(cx));
+                    let Poll::Ready(ready) = svc.poll_ready(cx) else {
+                        return wait(this.deadline.as_mut(), shared, p, cx);
+                    };
                     let fut = ready.map(|()| {
                         let req = request.take().expect("request taken once");
                         svc.call(req)
@@ -149,14 +160,18 @@ where
                         Err(e) => {
                             this.state.set(State::Pick);
                             let err = Error::from_inner(e);
-                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err) {
+                            if let Some(done) =
+                                on_failure(shared, p, this.state.as_mut(), err, span)
+                            {
                                 return Poll::Ready(done);
                             }
                         }
                     }
                 }
                 StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx));
+                    let Poll::Ready(result) = fut.poll(cx) else {
+                        return wait(this.deadline.as_mut(), shared, p, cx);
+                    };
                     this.state.set(State::Pick);
                     match result {
                         Ok(res) => {
@@ -173,7 +188,9 @@ where
                         }
                         Err(e) => {
                             let err = Error::from_inner(e);
-                            if let Some(done) = on_failure(shared, p, this.state.as_mut(), err) {
+                            if let Some(done) =
+                                on_failure(shared, p, this.state.as_mut(), err, span)
+                            {
                                 return Poll::Ready(done);
                             }
                         }
@@ -184,16 +201,61 @@ where
     }
 }
 
+/// The call waits on a target: arms the deadline's timer if it is not yet
+/// (polling it registers the waker); the deadline's error if it passed.
+fn wait<S, Req, Res>(
+    mut deadline: Pin<&mut Option<Sleep>>,
+    shared: &Shared<S, Req, Res>,
+    p: &mut Progress<Req>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Res, Error>> {
+    if deadline.is_none() {
+        let Some(at) = p.deadline else {
+            return Poll::Pending;
+        };
+        deadline.set(Some(tokio::time::sleep_until(at)));
+    }
+    match deadline.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+        Some(Poll::Ready(())) => Poll::Ready(deadline_exceeded(shared, p)),
+        _ => Poll::Pending,
+    }
+}
+
+/// The deadline passed: the event, the report, the error.
+fn deadline_exceeded<S, Req, Res>(
+    shared: &Shared<S, Req, Res>,
+    p: &mut Progress<Req>,
+) -> Result<Res, Error> {
+    shared.emit(
+        FallbackEventKind::DeadlineExceeded,
+        p.next.saturating_sub(1),
+        Reason::Timeout,
+    );
+    report::record(|r| {
+        if let Some(t) = r.current() {
+            if t.outcome == TargetOutcome::Pending {
+                t.outcome = TargetOutcome::Failed(Reason::Timeout);
+            }
+        }
+    });
+    Err(Error::DeadlineExceeded {
+        attempts: p.tried,
+        source: p.last.take().map(Error::into_cause),
+    })
+}
+
 /// Starts target `idx`: its request, its report line, its readiness.
 fn start<S, Req, Res>(
     shared: &Shared<S, Req, Res>,
     p: &mut Progress<Req>,
     mut state: Pin<&mut State<S, Req>>,
     idx: usize,
+    span: &tracing::Span,
 ) where
     S: Service<Req> + Clone,
     Req: Clone,
 {
+    span.record("target_name", &*shared.targets[idx].0);
     p.next = idx + 1;
     let request = prepare(shared, idx, &p.request);
     report::record(|r| r.start_target(&shared.targets[idx].0));
@@ -209,6 +271,7 @@ fn on_failure<S, Req, Res>(
     p: &mut Progress<Req>,
     state: Pin<&mut State<S, Req>>,
     err: Error,
+    span: &tracing::Span,
 ) -> Option<Result<Res, Error>>
 where
     S: Service<Req> + Clone,
@@ -234,7 +297,7 @@ where
                 shared.emit(FallbackEventKind::ToLargerContext, current, reason);
                 p.larger_tried = true;
                 p.last = Some(err);
-                start(shared, p, state, larger);
+                start(shared, p, state, larger, span);
                 return None;
             }
             shared.emit(FallbackEventKind::Stopped, current, reason);

@@ -139,6 +139,18 @@ impl<S, Req, Res> FallbackBuilder<S, Req, Res> {
             .into_iter()
             .map(|t| (t.service, (t.name, t.rewrite)))
             .unzip();
+        #[cfg(feature = "metrics")]
+        let answered = targets
+            .iter()
+            .map(|(name, _)| {
+                metrics::counter!(
+                    "llm_resilience_fallback_decisions_total",
+                    "target" => name.to_string(),
+                    "decision" => super::FallbackEventKind::Answered.as_str(),
+                    "reason" => crate::classify::Reason::Ok.as_str(),
+                )
+            })
+            .collect();
         Ok(Fallback {
             shared: Arc::new(Shared {
                 services,
@@ -147,6 +159,8 @@ impl<S, Req, Res> FallbackBuilder<S, Req, Res> {
                 degrade: self.degrade,
                 deadline: self.deadline.filter(|d| *d != Duration::MAX),
                 listener: self.listener,
+                #[cfg(feature = "metrics")]
+                answered,
             }),
         })
     }

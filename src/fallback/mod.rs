@@ -59,6 +59,17 @@
 //! `poll_ready` is always ready: each target is readied inside the response
 //! future, only when it is its turn, so a busy secondary never holds up a
 //! healthy primary.
+//!
+//! # Observability
+//!
+//! One `tracing` span per request, `llm_resilience.request`, with the
+//! target being tried as `target_name`; each target's own spans (the
+//! retry's, with the attempts and one span per attempt with its number)
+//! open inside it. Each decision is a debug event (target
+//! `llm_resilience::fallback`) and, with the `metrics` feature,
+//! `llm_resilience_fallback_decisions_total{target, decision, reason}` (the
+//! `answered` counters registered when the fallback is built, so a success
+//! formats nothing). Requests and answers are never recorded.
 
 mod event;
 mod future;
@@ -76,12 +87,6 @@ use crate::error::{BoxError, Error};
 
 pub use self::event::{FallbackEvent, FallbackEventKind};
 
-tokio::task_local! {
-    /// A deadline set around a fallback by the layer that owns the whole
-    /// call (the agent pipeline, which counts it from its own `call`, queue
-    /// wait included); a fallback never runs past it.
-    pub(crate) static DEADLINE: tokio::time::Instant;
-}
 pub use self::future::ResponseFuture;
 pub use self::layer::FallbackBuilder;
 
@@ -102,6 +107,10 @@ pub(crate) struct Shared<S, Req, Res> {
     degrade: Option<Degrade<Req, Res>>,
     deadline: Option<Duration>,
     listener: Option<Listener>,
+    // `llm_resilience_fallback_decisions_total{decision="answered"}` per
+    // target, registered at build: a success formats no label.
+    #[cfg(feature = "metrics")]
+    answered: Vec<metrics::Counter>,
 }
 
 impl<S, Req, Res> Shared<S, Req, Res> {
@@ -121,13 +130,16 @@ impl<S, Req, Res> Shared<S, Req, Res> {
             "fallback decision"
         );
         #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "llm_resilience_fallback_decisions_total",
-            "target" => name.to_string(),
-            "decision" => kind.as_str(),
-            "reason" => reason.as_str(),
-        )
-        .increment(1);
+        match self.answered.get(target) {
+            Some(counter) if kind == FallbackEventKind::Answered => counter.increment(1),
+            _ => metrics::counter!(
+                "llm_resilience_fallback_decisions_total",
+                "target" => name.to_string(),
+                "decision" => kind.as_str(),
+                "reason" => reason.as_str(),
+            )
+            .increment(1),
+        }
         if let Some(listener) = &self.listener {
             listener(&FallbackEvent {
                 kind,
@@ -228,6 +240,23 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        ResponseFuture::new(self.shared.clone(), req)
+        ResponseFuture::new(self.shared.clone(), req, None)
+    }
+}
+
+impl<S, Req, Res> Fallback<S, Req, Res> {
+    /// [`call`](Service::call) under a deadline set by the layer that owns
+    /// the whole call (the agent pipeline, which counts it from its own
+    /// `call`, queue wait included): the earlier of it and the fallback's
+    /// own holds.
+    pub(crate) fn call_until(
+        &mut self,
+        req: Req,
+        deadline: tokio::time::Instant,
+    ) -> ResponseFuture<S, Req, Res>
+    where
+        S: Service<Req>,
+    {
+        ResponseFuture::new(self.shared.clone(), req, Some(deadline))
     }
 }

@@ -251,8 +251,8 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
         if self.deadline.is_zero() {
             return Err(ConfigError::new("deadline", "must be greater than zero"));
         }
-        // The deadline reaches the fallback from the pipeline's `call` (a
-        // task-local, queue wait included): no second timer of its own.
+        // The deadline reaches the fallback from the pipeline's `call`
+        // (with the request, queue wait included): no timer of its own.
         let mut fallback = Fallback::builder();
         let mut breakers = Vec::new();
         if self.targets.iter().filter(|t| t.larger).count() > 1 {
@@ -270,7 +270,9 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
                 retry: target_retry,
                 breaker: target_breaker,
             } = spec;
-            let mut retry = RetryLayer::builder().on_event(crate::report::record_retry);
+            let mut retry = RetryLayer::builder()
+                .name(name.to_string())
+                .on_event(crate::report::record_retry);
             if let Some(f) = &self.retry {
                 retry = f(retry);
             }
@@ -278,7 +280,7 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
                 retry = f(retry);
             }
             let retry = retry.build()?;
-            let mut breaker = CircuitBreakerLayer::builder();
+            let mut breaker = CircuitBreakerLayer::builder().name(name.to_string());
             if let Some(f) = &self.breaker {
                 breaker = f(breaker);
             }

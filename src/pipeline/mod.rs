@@ -151,6 +151,21 @@ impl<Req: 'static> crate::queue::PriorityOf<Req> for PriorityFn<Req> {
     }
 }
 
+impl<Req: 'static> crate::queue::PriorityOf<Deadlined<Req>> for PriorityFn<Req> {
+    #[inline]
+    fn priority(&self, req: &Deadlined<Req>) -> crate::queue::Priority {
+        crate::queue::PriorityOf::<Req>::priority(self, &req.request)
+    }
+}
+
+/// A request on its way through the pipeline's queue, with the deadline
+/// the pipeline's `call` gave it (the fallback never runs past it).
+#[derive(Debug)]
+pub struct Deadlined<Req> {
+    request: Req,
+    deadline: tokio::time::Instant,
+}
+
 /// The whole pipeline as one `Clone + Send` tower `Service`; see the
 /// [module docs](self). `H` is [`AtResponse`], or
 /// [`AtStreamEnd`](crate::guard::AtStreamEnd) for a
@@ -221,31 +236,29 @@ impl<C, Req, Res, H: Mode> AgentPipeline<C, Req, Res, H> {
 
 impl<C, Req, Res, H: Mode> Service<Req> for AgentPipeline<C, Req, Res, H>
 where
-    PipelineQueue<C, Req, Res, H>: Service<Req, Response = Res, Error = Error>,
+    PipelineQueue<C, Req, Res, H>: Service<Deadlined<Req>, Response = Res, Error = Error>,
 {
     type Response = Res;
     type Error = Error;
-    type Future = PipelineFuture<
-        tokio::task::futures::TaskLocalFuture<
-            tokio::time::Instant,
-            <PipelineQueue<C, Req, Res, H> as Service<Req>>::Future,
-        >,
-    >;
+    type Future =
+        PipelineFuture<<PipelineQueue<C, Req, Res, H> as Service<Deadlined<Req>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        // The deadline counts from here: the queue's fast path calls the
-        // fallback inside `call`, the queued path later inside the future's
-        // polls, and both see it.
-        let at = tokio::time::Instant::now()
+        // The deadline counts from here and goes with the request through
+        // the queue to the fallback (the fast path calls it inside `call`,
+        // the queued path later): one clock read per call.
+        let deadline = tokio::time::Instant::now()
             .checked_add(self.handles.deadline)
             .unwrap_or_else(far_future);
-        let inner = fallback::DEADLINE.sync_scope(at, || self.inner.call(req));
         PipelineFuture {
-            inner: fallback::DEADLINE.scope(at, inner),
+            inner: self.inner.call(Deadlined {
+                request: req,
+                deadline,
+            }),
             started: false,
         }
     }
@@ -293,20 +306,21 @@ pub struct ReportQueued<S> {
     inner: S,
 }
 
-impl<S, Req> Service<Req> for ReportQueued<S>
+impl<S, Req, Res> Service<Deadlined<Req>> for ReportQueued<Fallback<S, Req, Res>>
 where
-    S: Service<Req>,
+    S: Service<Req, Response = Res> + Clone,
     S::Error: Into<BoxError>,
+    Req: Clone,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = Res;
+    type Error = Error;
+    type Future = fallback::ResponseFuture<S, Req, Res>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> S::Future {
+    fn call(&mut self, req: Deadlined<Req>) -> Self::Future {
         if report::active() {
             let now = tokio::time::Instant::now();
             report::record(|r| {
@@ -315,6 +329,6 @@ where
                 }
             });
         }
-        self.inner.call(req)
+        self.inner.call_until(req.request, req.deadline)
     }
 }

@@ -65,22 +65,115 @@ impl QueueEventKind {
     }
 }
 
-pub(crate) fn emit(listener: Option<&(dyn Fn(&QueueEvent) + Send + Sync)>, event: &QueueEvent) {
+/// The queue's `metrics` handles (feature `metrics`), registered once when
+/// the queue is built under its `queue` label: an event formats nothing.
+pub(crate) struct Metrics {
+    #[cfg(feature = "metrics")]
+    events: [metrics::Counter; 7],
+    #[cfg(feature = "metrics")]
+    waits: [metrics::Histogram; 7],
+    #[cfg(feature = "metrics")]
+    depth: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    by_priority: [metrics::Gauge; 3],
+    #[cfg(feature = "metrics")]
+    in_flight: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    waiting_for_place: metrics::Gauge,
+}
+
+impl QueueEventKind {
+    const ALL: [QueueEventKind; 7] = [
+        QueueEventKind::Queued,
+        QueueEventKind::Dispatched,
+        QueueEventKind::Rejected,
+        QueueEventKind::Expired,
+        QueueEventKind::TimedOut,
+        QueueEventKind::Cancelled,
+        QueueEventKind::Shutdown,
+    ];
+}
+
+impl Metrics {
+    pub(crate) fn new(name: std::borrow::Cow<'static, str>) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = (name, QueueEventKind::ALL);
+        Self {
+            #[cfg(feature = "metrics")]
+            events: QueueEventKind::ALL.map(|k| {
+                metrics::counter!(
+                    "llm_resilience_queue_events_total",
+                    "queue" => name.clone(),
+                    "kind" => k.as_str()
+                )
+            }),
+            #[cfg(feature = "metrics")]
+            waits: QueueEventKind::ALL.map(|k| {
+                metrics::histogram!(
+                    "llm_resilience_queue_wait_seconds",
+                    "queue" => name.clone(),
+                    "kind" => k.as_str()
+                )
+            }),
+            #[cfg(feature = "metrics")]
+            depth: metrics::gauge!("llm_resilience_queue_depth", "queue" => name.clone()),
+            #[cfg(feature = "metrics")]
+            by_priority: [Priority::High, Priority::Normal, Priority::Low].map(|p| {
+                metrics::gauge!(
+                    "llm_resilience_queue_depth_by_priority",
+                    "queue" => name.clone(),
+                    "priority" => p.as_str()
+                )
+            }),
+            #[cfg(feature = "metrics")]
+            in_flight: metrics::gauge!("llm_resilience_queue_in_flight", "queue" => name.clone()),
+            #[cfg(feature = "metrics")]
+            waiting_for_place: metrics::gauge!(
+                "llm_resilience_queue_waiting_for_place",
+                "queue" => name.clone()
+            ),
+        }
+    }
+
+    /// Sets the snapshot gauges.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn record(
+        &self,
+        depth: usize,
+        by_class: [usize; 3],
+        in_flight: usize,
+        waiting: usize,
+    ) {
+        self.depth.set(depth as f64);
+        for (gauge, n) in self.by_priority.iter().zip(by_class) {
+            gauge.set(n as f64);
+        }
+        self.in_flight.set(in_flight as f64);
+        self.waiting_for_place.set(waiting as f64);
+    }
+}
+
+pub(crate) fn emit(
+    metrics: &Metrics,
+    listener: Option<&(dyn Fn(&QueueEvent) + Send + Sync)>,
+    event: &QueueEvent,
+) {
     #[cfg(feature = "metrics")]
     {
-        metrics::counter!("llm_resilience_queue_events_total", "kind" => event.kind.as_str())
-            .increment(1);
+        let i = event.kind as usize;
+        metrics.events[i].increment(1);
         if let Some(waited) = event.waited {
-            metrics::histogram!("llm_resilience_queue_wait_seconds", "kind" => event.kind.as_str())
-                .record(waited.as_secs_f64());
+            metrics.waits[i].record(waited.as_secs_f64());
         }
         if matches!(
             event.kind,
             QueueEventKind::Queued | QueueEventKind::Dispatched
         ) {
-            metrics::gauge!("llm_resilience_queue_depth").set(event.depth as f64);
+            metrics.depth.set(event.depth as f64);
         }
     }
+    #[cfg(not(feature = "metrics"))]
+    let _ = metrics;
     if let Some(listener) = listener {
         listener(event);
     }

@@ -96,8 +96,8 @@ impl QueueHandle {
         self.shared.is_closed()
     }
 
-    /// Sets the `metrics` gauges from one snapshot of the queue:
-    /// `llm_resilience_queue_depth` (places taken),
+    /// Sets the `metrics` gauges (label `queue`, the layer's name) from one
+    /// snapshot of the queue: `llm_resilience_queue_depth` (places taken),
     /// `llm_resilience_queue_depth_by_priority{priority}` (requests queued
     /// per class), `llm_resilience_queue_in_flight` (permits in use) and
     /// `llm_resilience_queue_waiting_for_place`. Call it where the gauges are
@@ -108,16 +108,9 @@ impl QueueHandle {
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn record_metrics(&self) {
         let (depth, by_class, waiting) = self.shared.depths();
-        metrics::gauge!("llm_resilience_queue_depth").set(depth as f64);
-        for priority in [Priority::High, Priority::Normal, Priority::Low] {
-            metrics::gauge!(
-                "llm_resilience_queue_depth_by_priority",
-                "priority" => priority.as_str()
-            )
-            .set(by_class[priority as usize] as f64);
-        }
-        metrics::gauge!("llm_resilience_queue_in_flight").set(self.in_flight() as f64);
-        metrics::gauge!("llm_resilience_queue_waiting_for_place").set(waiting as f64);
+        self.shared
+            .metrics
+            .record(depth, by_class, self.in_flight(), waiting);
     }
 
     /// The counters.

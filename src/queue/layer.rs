@@ -1,5 +1,6 @@
 //! [`QueueLayer`] and its validated builder.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -106,6 +107,7 @@ impl QueueLayer {
             deadline: NoDeadline,
             listener: None,
             hold: PhantomData,
+            name: Cow::Borrowed("default"),
         }
     }
 }
@@ -136,6 +138,7 @@ pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline, H = AtResponse> {
     deadline: D,
     listener: Option<Listener>,
     hold: PhantomData<fn() -> H>,
+    name: Cow<'static, str>,
 }
 
 impl<P, D, H> fmt::Debug for QueueLayerBuilder<P, D, H> {
@@ -214,6 +217,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             deadline: self.deadline,
             listener: self.listener,
             hold: PhantomData,
+            name: self.name,
         }
     }
 
@@ -234,6 +238,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             deadline,
             listener: self.listener,
             hold: PhantomData,
+            name: self.name,
         }
     }
 
@@ -261,7 +266,15 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             deadline: self.deadline,
             listener: self.listener,
             hold: PhantomData,
+            name: self.name,
         }
+    }
+
+    /// The queue's name: the `queue` label of its metrics (default
+    /// `"default"`).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// An event hook, called (outside any lock) for every [`QueueEvent`].
@@ -293,12 +306,13 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
         if self.max_wait.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait", "must be more than zero"));
         }
-        let shared = Shared::new(
+        let shared = Shared::named(
             self.concurrency,
             self.capacity,
             self.when_full == WhenFull::Reject,
             self.age_after,
             self.listener,
+            self.name,
         );
         Ok(QueueLayer {
             shared: Arc::new(shared),

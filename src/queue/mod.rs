@@ -156,12 +156,14 @@
 //! debug events and [`QueueEvent`]s to the
 //! [hook](QueueLayerBuilder::on_event), with the wait time where it applies;
 //! with the `metrics` feature, the counter
-//! `llm_resilience_queue_events_total{kind}`, the histogram
-//! `llm_resilience_queue_wait_seconds{kind}` and the gauge
-//! `llm_resilience_queue_depth`, and `QueueHandle::record_metrics` sets the
-//! gauges of a snapshot (depth per priority, in flight, waiting for a
-//! place) when called, for example from a scrape handler. The uncontended
-//! path emits nothing.
+//! `llm_resilience_queue_events_total{queue, kind}`, the histogram
+//! `llm_resilience_queue_wait_seconds{queue, kind}` and the gauge
+//! `llm_resilience_queue_depth{queue}` (`queue`: the layer's
+//! [`name`](QueueLayerBuilder::name); handles registered when the layer is
+//! built), and `QueueHandle::record_metrics` sets the gauges of a snapshot
+//! (depth per priority, in flight, waiting for a place) when called, for
+//! example from a scrape handler. The uncontended path emits nothing. Every
+//! name: [the table](crate::observability).
 //!
 //! [`Error::QueueTimeout`]: crate::Error::QueueTimeout
 //! [`Error::QueueFull`]: crate::Error::QueueFull

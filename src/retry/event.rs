@@ -82,12 +82,14 @@ pub(super) fn emit<C, K>(
     {
         metrics::counter!(
             "llm_resilience_retry_decisions_total",
+            "retry" => config.name.clone(),
             "decision" => kind.as_str(),
             "reason" => reason.as_str()
         )
         .increment(1);
         if let Some(budget) = &config.budget {
-            metrics::gauge!("llm_resilience_retry_budget_balance").set(budget.balance());
+            metrics::gauge!("llm_resilience_retry_budget_balance", "retry" => config.name.clone())
+                .set(budget.balance());
         }
     }
 }

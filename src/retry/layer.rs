@@ -1,5 +1,6 @@
 //! [`RetryLayer`] and its builder.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -35,6 +36,9 @@ pub(crate) struct Config<C, K> {
     pub(crate) hint_cap: Duration,
     pub(crate) hint_jitter: f64,
     pub(crate) listener: Option<Listener>,
+    // The `retry` label of the metrics.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) name: Cow<'static, str>,
     pub(crate) seed: u64,
     pub(crate) sequence: AtomicU64,
 }
@@ -111,6 +115,7 @@ impl RetryLayer {
             hint_cap: Duration::from_secs(120),
             hint_jitter: 0.1,
             listener: None,
+            name: Cow::Borrowed("default"),
             seed: None,
         }
     }
@@ -147,6 +152,7 @@ pub struct RetryLayerBuilder<C = LlmClassifier, K = UseClone> {
     hint_cap: Duration,
     hint_jitter: f64,
     listener: Option<Listener>,
+    name: Cow<'static, str>,
     seed: Option<u64>,
 }
 
@@ -257,6 +263,14 @@ impl<C, K> RetryLayerBuilder<C, K> {
         self
     }
 
+    /// The layer's name: the `retry` label of its metrics (default
+    /// `"default"`; the agent pipeline names each target's retry after the
+    /// target).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The classifier that decides what to retry.
     pub fn classifier<C2>(self, classifier: C2) -> RetryLayerBuilder<C2, K> {
         RetryLayerBuilder {
@@ -272,6 +286,7 @@ impl<C, K> RetryLayerBuilder<C, K> {
             hint_cap: self.hint_cap,
             hint_jitter: self.hint_jitter,
             listener: self.listener,
+            name: self.name,
             seed: self.seed,
         }
     }
@@ -293,6 +308,7 @@ impl<C, K> RetryLayerBuilder<C, K> {
             hint_cap: self.hint_cap,
             hint_jitter: self.hint_jitter,
             listener: self.listener,
+            name: self.name,
             seed: self.seed,
         }
     }
@@ -338,6 +354,7 @@ impl<C, K> RetryLayerBuilder<C, K> {
                 hint_cap: self.hint_cap,
                 hint_jitter: self.hint_jitter,
                 listener: self.listener,
+                name: self.name,
                 seed,
                 sequence: AtomicU64::new(0),
             }),

@@ -96,9 +96,9 @@
 //! (`attempt`, with its number); a debug event per retry with the delay and
 //! the reason. An event hook ([`RetryLayerBuilder::on_event`]) sees every
 //! decision. With the `metrics` feature, every decision also increments
-//! `llm_resilience_retry_decisions_total{decision, reason}` (the names of
+//! `llm_resilience_retry_decisions_total{retry, decision, reason}` (`retry`: the layer's [`name`](RetryLayerBuilder::name)) (the names of
 //! [`RetryEventKind::as_str`] and [`Reason::as_str`](crate::classify::Reason::as_str)) and sets the gauge
-//! `llm_resilience_retry_budget_balance`. Nothing is formatted, timestamped,
+//! `llm_resilience_retry_budget_balance{retry}`. Nothing is formatted, timestamped,
 //! recorded or allocated on a first-attempt success.
 //!
 //! [`LlmClassifier`]: crate::classify::LlmClassifier

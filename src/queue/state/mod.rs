@@ -98,6 +98,7 @@ pub(crate) struct Core {
     /// Places taken in the queue (see [`places`]).
     places: Padded<AtomicUsize>,
     listener: Option<Listener>,
+    pub(crate) metrics: super::event::Metrics,
     pub(crate) counters: Counters,
     idle: Notify,
 }
@@ -119,6 +120,7 @@ impl Core {
         reject: bool,
         age_after: Duration,
         listener: Option<Listener>,
+        name: std::borrow::Cow<'static, str>,
     ) -> Self {
         let shards = permits::shard_count(concurrency);
         Self {
@@ -134,6 +136,7 @@ impl Core {
             lists: Padded(Mutex::new(Lists::new())),
             places: Padded(AtomicUsize::new(0)),
             listener,
+            metrics: super::event::Metrics::new(name),
             counters: Counters::default(),
             idle: Notify::new(),
         }
@@ -154,6 +157,7 @@ impl Core {
         waited: Option<Duration>,
     ) {
         super::event::emit(
+            &self.metrics,
             self.listener.as_deref(),
             &QueueEvent {
                 kind,
@@ -268,12 +272,14 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(
+    /// The queue's state; `name` is the `queue` label of its metrics.
+    pub(crate) fn named(
         concurrency: usize,
         capacity: usize,
         reject: bool,
         age_after: Duration,
         listener: Option<Listener>,
+        name: std::borrow::Cow<'static, str>,
     ) -> Self {
         let core = Arc::new(Core::new(
             concurrency,
@@ -281,6 +287,7 @@ impl Shared {
             reject,
             age_after,
             listener,
+            name,
         ));
         let stripes = (0..permits::cores())
             .map(|_| Stripe::new(Arc::clone(&core)))

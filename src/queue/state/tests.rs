@@ -9,7 +9,14 @@ use super::*;
 use crate::queue::Priority;
 
 fn shared(concurrency: usize, capacity: usize, reject: bool) -> Shared {
-    Shared::new(concurrency, capacity, reject, Duration::from_secs(10), None)
+    Shared::named(
+        concurrency,
+        capacity,
+        reject,
+        Duration::from_secs(10),
+        None,
+        std::borrow::Cow::Borrowed("test"),
+    )
 }
 
 #[tokio::test(start_paused = true)]

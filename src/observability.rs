@@ -1,0 +1,3 @@
+//! Metrics and tracing: the table of every metric name.
+//!
+#![doc = include_str!("../docs/metrics.md")]
