@@ -1,5 +1,6 @@
 //! The agent pipeline's tracing: one span per request
-//! (`llm_resilience.request`) naming the target being tried, the retry's
+//! (`llm_resilience.request`) naming the target being tried and the attempt
+//! being sent, the retry's
 //! spans inside it (the attempts, and one per attempt with its number), and
 //! never a prompt, a completion or a key.
 
@@ -56,27 +57,36 @@ async fn one_span_per_request_names_the_target_and_holds_the_attempts() {
 
     let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     // The primary's two attempts, inside the request's span naming it.
-    let primary_scope = "llm_resilience.request{target_name=\"primary\"}:llm_resilience.retry";
-    assert!(logs.contains(primary_scope), "{logs}");
-    assert!(
-        logs.lines()
-            .any(|l| l.contains(primary_scope) && l.contains("attempt{n=1")),
-        "{logs}"
-    );
-    // The fallback's decisions, inside the span naming the target they are
-    // about: the primary given up, the backup answering.
     assert!(
         logs.lines().any(
-            |l| l.contains("llm_resilience.request{target_name=\"primary\"}")
+            |l| l.contains("llm_resilience.request{target_name=\"primary\"")
+                && l.contains("}:llm_resilience.retry")
+                && l.contains("attempt{n=1")
+        ),
+        "{logs}"
+    );
+    // The request's own span carries the target and the attempt being sent
+    // (from 1; the fmt subscriber appends a field recorded again): the
+    // primary's first and second attempts ...
+    assert!(
+        logs.lines()
+            .any(|l| l
+                .contains("llm_resilience.request{target_name=\"primary\" attempt=1 attempt=2}")),
+        "{logs}"
+    );
+    // ... and the backup's first, with the fallback's decisions inside the
+    // span naming the target they are about: the primary given up, the
+    // backup answering.
+    assert!(
+        logs.lines().any(
+            |l| l.contains("llm_resilience.request{target_name=\"primary\"")
                 && l.contains("moved_on")
         ),
         "{logs}"
     );
-    // (A field recorded again is appended by the fmt subscriber: the
-    // request's span then reads `{target_name="primary" target_name="backup"}`.)
     assert!(
         logs.lines().any(|l| l.contains("llm_resilience.request{")
-            && l.contains("target_name=\"backup\"}:")
+            && l.contains("target_name=\"backup\" attempt=1}:")
             && l.contains("answered")),
         "{logs}"
     );

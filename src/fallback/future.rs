@@ -107,6 +107,7 @@ where
                 target: "llm_resilience::fallback",
                 "llm_resilience.request",
                 target_name = tracing::field::Empty,
+                attempt = tracing::field::Empty,
             ),
         }
     }

@@ -63,7 +63,9 @@
 //! # Observability
 //!
 //! One `tracing` span per request, `llm_resilience.request`, with the
-//! target being tried as `target_name`; each target's own spans (the
+//! target being tried as `target_name` and the attempt being sent to it as
+//! `attempt` (from 1, recorded by the target's retry layer); each target's
+//! own spans (the
 //! retry's, with the attempts and one span per attempt with its number)
 //! open inside it. Each decision is a debug event (target
 //! `llm_resilience::fallback`) and, with the `metrics` feature,

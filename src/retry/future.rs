@@ -249,6 +249,10 @@ where
                 n = self.attempts,
                 reason = tracing::field::Empty,
             );
+            // An enclosing span with an `attempt` field (the pipeline's
+            // `llm_resilience.request`) shows the attempt being sent too;
+            // for any other span this records nothing.
+            tracing::Span::current().record("attempt", self.attempts);
         }
         let _a = spans_of(&self.extra).map(|s| s.attempt.enter());
         self.service.call(req)
