@@ -65,9 +65,8 @@
 //! One `tracing` span per request, `llm_resilience.request`, with the
 //! target being tried as `target_name` and the attempt being sent to it as
 //! `attempt` (from 1, recorded by the target's retry layer); each target's
-//! own spans (the
-//! retry's, with the attempts and one span per attempt with its number)
-//! open inside it. Each decision is a debug event (target
+//! own spans (the retry's, with the attempts and one span per attempt with
+//! its number) open inside it. Each decision is a debug event (target
 //! `llm_resilience::fallback`) and, with the `metrics` feature,
 //! `llm_resilience_fallback_decisions_total{target, decision, reason}` (the
 //! `answered` counters registered when the fallback is built, so a success
