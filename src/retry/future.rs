@@ -108,7 +108,7 @@ struct Spans {
 }
 
 fn spans_of(extra: &Option<Box<Extra>>) -> Option<&Spans> {
-    extra.as_ref().and_then(|e| e.spans.as_ref())
+    extra.as_ref()?.spans.as_ref()
 }
 
 impl<S, Req, C, K> fmt::Debug for ResponseFuture<S, Req, C, K>
@@ -176,8 +176,7 @@ where
             }),
         };
         if ready {
-            // The service was readied by `poll_ready`: send the first attempt
-            // now.
+            // Readied by `poll_ready`: send the first attempt now.
             let fut = core.start_attempt();
             Self {
                 state: State::Calling { fut },
@@ -249,9 +248,7 @@ where
                 n = self.attempts,
                 reason = tracing::field::Empty,
             );
-            // An enclosing span with an `attempt` field (the pipeline's
-            // `llm_resilience.request`) shows the attempt being sent too;
-            // for any other span this records nothing.
+            // An enclosing `attempt` field (the pipeline's request span).
             tracing::Span::current().record("attempt", self.attempts);
         }
         let _a = spans_of(&self.extra).map(|s| s.attempt.enter());
