@@ -153,7 +153,7 @@ where
                     };
                     let fut = ready.map(|()| {
                         let req = request.take().expect("request taken once");
-                        svc.call(req)
+                        super::with_deadline(p.deadline, || svc.call(req))
                     });
                     p.tried += 1;
                     match fut {
@@ -170,7 +170,8 @@ where
                     }
                 }
                 StateProj::Calling { fut } => {
-                    let Poll::Ready(result) = fut.poll(cx) else {
+                    let Poll::Ready(result) = super::with_deadline(p.deadline, || fut.poll(cx))
+                    else {
                         return wait(this.deadline.as_mut(), shared, p, cx);
                     };
                     this.state.set(State::Pick);

@@ -88,6 +88,44 @@ use crate::error::{BoxError, Error};
 
 pub use self::event::{FallbackEvent, FallbackEventKind};
 
+thread_local! {
+    /// The deadline of the call whose target this thread is calling or
+    /// polling right now (set by the fallback around each target's `call`
+    /// and poll): layers inside a target read it, so the rate limiter
+    /// refuses at once a wait that would outlast it.
+    static CURRENT_DEADLINE: std::cell::Cell<Option<tokio::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `deadline` (when there is one) as the current call's
+/// deadline; the previous one is back afterwards, even on a panic.
+#[inline]
+pub(crate) fn with_deadline<T>(deadline: Option<tokio::time::Instant>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<tokio::time::Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = CURRENT_DEADLINE.try_with(|c| c.set(self.0));
+        }
+    }
+    if deadline.is_none() {
+        return f();
+    }
+    let _restore = CURRENT_DEADLINE
+        .try_with(|c| c.replace(deadline))
+        .map(Restore)
+        .ok();
+    f()
+}
+
+/// The deadline of the call whose target is being called or polled on this
+/// thread, if a fallback set one.
+pub(crate) fn current_deadline() -> Option<tokio::time::Instant> {
+    CURRENT_DEADLINE
+        .try_with(std::cell::Cell::get)
+        .ok()
+        .flatten()
+}
+
 pub use self::future::ResponseFuture;
 pub use self::layer::FallbackBuilder;
 

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::target::{AttemptTimeout, Estimate, TargetClassifier, Usage};
 use super::{AgentPipeline, Handles, PipelineQueue, PriorityFn, ReportQueued, TargetStack};
 use crate::breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
 use crate::error::{ConfigError, Error};
 use crate::fallback::Fallback;
 use crate::guard::{AtResponse, AtStreamEnd, Mode};
 use crate::queue::{Priority, QueueLayer, WhenFull};
+use crate::ratelimit::{EstimateTokens, RateLimitLayer, RateLimitLayerBuilder, ReadUsage};
 use crate::retry::{RetryLayer, RetryLayerBuilder};
 
 type Rewrite<Req> = Arc<dyn Fn(&mut Req) + Send + Sync + 'static>;
@@ -20,6 +22,12 @@ type Degrade<Req, Res> = Box<dyn Fn(&Req, &Error) -> Option<Res> + Send + Sync +
 pub(crate) type RetrySettings = Box<dyn Fn(RetryLayerBuilder) -> RetryLayerBuilder + Send + Sync>;
 pub(crate) type BreakerSettings =
     Box<dyn Fn(CircuitBreakerLayerBuilder) -> CircuitBreakerLayerBuilder + Send + Sync>;
+pub(crate) type RateLimitSettings =
+    Box<dyn Fn(RateLimitLayerBuilder) -> RateLimitLayerBuilder + Send + Sync>;
+
+/// What "no limit of its own" is: a limit no account has (10^12 a minute,
+/// the largest the rate limiter takes).
+const UNLIMITED: u64 = 1_000_000_000_000;
 
 /// One target as the builder holds it.
 pub(crate) struct TargetSpec<C, Req> {
@@ -30,6 +38,7 @@ pub(crate) struct TargetSpec<C, Req> {
     /// Per-target settings, applied after the pipeline-wide ones.
     pub(crate) retry: Option<RetrySettings>,
     pub(crate) breaker: Option<BreakerSettings>,
+    pub(crate) rate_limit: Option<RateLimitSettings>,
 }
 
 impl<C, Req> TargetSpec<C, Req> {
@@ -41,6 +50,7 @@ impl<C, Req> TargetSpec<C, Req> {
             larger: false,
             retry: None,
             breaker: None,
+            rate_limit: None,
         }
     }
 }
@@ -61,6 +71,10 @@ pub struct AgentPipelineBuilder<C, Req, Res, H = AtResponse> {
     priority: Option<fn(&Req) -> Priority>,
     retry: Option<RetrySettings>,
     breaker: Option<BreakerSettings>,
+    rate_limit: Option<RateLimitSettings>,
+    estimate: Estimate<Req>,
+    usage: Usage<Res>,
+    unknown_target: bool,
     degrade: Option<Degrade<Req, Res>>,
     hold: PhantomData<fn() -> H>,
 }
@@ -91,6 +105,10 @@ impl<C, Req, Res> Default for AgentPipelineBuilder<C, Req, Res> {
             priority: None,
             retry: None,
             breaker: None,
+            rate_limit: None,
+            estimate: Estimate(None),
+            usage: Usage(None),
+            unknown_target: false,
             degrade: None,
             hold: PhantomData,
         }
@@ -200,6 +218,68 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
         self
     }
 
+    /// Changes each target's rate limit. Each target gets its own limiter,
+    /// counted over its own window (a minute by default), starting from
+    /// **no limit of its own**: it then only pauses on a 429's hint (every
+    /// call to the target waits out the pause, instead of each caller
+    /// meeting its own 429) and follows the provider's `x-ratelimit-*`
+    /// headers when [`read_usage`](Self::read_usage) reads them. Set your
+    /// account's limits here (`r.requests(500).tokens(30_000)`: requests
+    /// and tokens per minute) to pace calls before the provider refuses
+    /// them; the other knobs keep
+    /// [`RateLimitLayer::builder`]'s LLM defaults (wait in line up to a
+    /// minute, a tenth of each limit as a burst, 429 hints honoured up to
+    /// two minutes). There is no default tier: a tier's limits that are not
+    /// your account's would either slow you down or not protect you.
+    ///
+    /// A call whose wait would outlast the pipeline's deadline (or the
+    /// limiter's maximum wait) is not queued: the target is skipped without
+    /// an upstream call, the fallback moves on, and the
+    /// [report](crate::report) records it as
+    /// [`Skipped(RateLimited)`](crate::report::TargetOutcome::Skipped).
+    pub fn rate_limit(
+        mut self,
+        f: impl Fn(RateLimitLayerBuilder) -> RateLimitLayerBuilder + Send + Sync + 'static,
+    ) -> Self {
+        self.rate_limit = Some(Box::new(f));
+        self
+    }
+
+    /// Changes the rate limit of the target named `name` (added before),
+    /// after the settings of [`rate_limit`](Self::rate_limit):
+    /// `.target_rate_limit("gpt-4o", |r| r.requests(500).tokens(30_000))`.
+    pub fn target_rate_limit(
+        mut self,
+        name: &str,
+        f: impl Fn(RateLimitLayerBuilder) -> RateLimitLayerBuilder + Send + Sync + 'static,
+    ) -> Self {
+        match self.targets.iter_mut().find(|t| &*t.name == name) {
+            Some(t) => t.rate_limit = Some(Box::new(f)),
+            None => self.unknown_target = true,
+        }
+        self
+    }
+
+    /// How the rate limiters estimate a request's tokens before it is sent
+    /// (for a token limit): any `Fn(&Req) -> u32`, or
+    /// [`ChatEstimate`](crate::ratelimit::ChatEstimate) for the crate's chat
+    /// requests. Default: none (a token limit then needs one, and
+    /// [`build`](Self::build) says so).
+    pub fn estimate_tokens(mut self, estimate: impl EstimateTokens<Req>) -> Self {
+        self.estimate = Estimate(Some(Arc::new(estimate)));
+        self
+    }
+
+    /// How the rate limiters read a response's reported token usage and the
+    /// provider's rate-limit headers:
+    /// [`Reported`](crate::ratelimit::Reported) for the crate's chat
+    /// responses. Default: nothing is read (estimates stand; a 429's hint
+    /// still pauses the target).
+    pub fn read_usage(mut self, usage: impl ReadUsage<Res>) -> Self {
+        self.usage = Usage(Some(Arc::new(usage)));
+        self
+    }
+
     /// The last resort when every target failed: see
     /// [`FallbackBuilder::degrade`](crate::fallback::FallbackBuilder::degrade).
     pub fn degrade(
@@ -232,6 +312,10 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
             priority: self.priority,
             retry: self.retry,
             breaker: self.breaker,
+            rate_limit: self.rate_limit,
+            estimate: self.estimate,
+            usage: self.usage,
+            unknown_target: self.unknown_target,
             degrade: self.degrade,
             hold: PhantomData,
         }
@@ -251,10 +335,17 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
         if self.deadline.is_zero() {
             return Err(ConfigError::new("deadline", "must be greater than zero"));
         }
+        if self.unknown_target {
+            return Err(ConfigError::new(
+                "target_rate_limit",
+                "names no target added before it",
+            ));
+        }
         // The deadline reaches the fallback from the pipeline's `call`
         // (with the request, queue wait included): no timer of its own.
         let mut fallback = Fallback::builder();
         let mut breakers = Vec::new();
+        let mut limits = Vec::new();
         if self.targets.iter().filter(|t| t.larger).count() > 1 {
             return Err(ConfigError::new(
                 "larger_context",
@@ -269,17 +360,33 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
                 larger,
                 retry: target_retry,
                 breaker: target_breaker,
+                rate_limit: target_limit,
             } = spec;
-            let mut retry = RetryLayer::builder()
-                .name(name.to_string())
-                .on_event(crate::report::record_retry);
-            if let Some(f) = &self.retry {
-                retry = f(retry);
+            let retry_settings = || {
+                let mut retry = RetryLayer::builder()
+                    .name(name.to_string())
+                    .on_event(crate::report::record_retry);
+                if let Some(f) = &self.retry {
+                    retry = f(retry);
+                }
+                if let Some(f) = &target_retry {
+                    retry = f(retry);
+                }
+                retry
+            };
+            // The attempt timeout moves under the rate limiter (a wait for
+            // the limiter's turn is not part of an attempt); the retry's
+            // own deadline never outlasts the pipeline's.
+            let (attempt_timeout, retry_deadline) = retry_settings().build()?.timeouts();
+            let mut retry = retry_settings().no_attempt_timeout();
+            let deadline = match retry_deadline {
+                Some(d) => Some(d.min(self.deadline)),
+                None => (self.deadline != Duration::MAX).then_some(self.deadline),
+            };
+            if let Some(d) = deadline {
+                retry = retry.deadline(d);
             }
-            if let Some(f) = &target_retry {
-                retry = f(retry);
-            }
-            let retry = retry.build()?;
+            let retry = retry.classifier(TargetClassifier::default()).build()?;
             let mut breaker = CircuitBreakerLayer::builder().name(name.to_string());
             if let Some(f) = &self.breaker {
                 breaker = f(breaker);
@@ -287,9 +394,39 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
             if let Some(f) = &target_breaker {
                 breaker = f(breaker);
             }
-            let breaker = breaker.map_classifier(H::classifier).build()?;
+            let breaker = breaker
+                .map_classifier(|c| TargetClassifier(H::classifier(c)))
+                .build()?;
+            let mut limit = RateLimitLayer::builder()
+                .requests(UNLIMITED)
+                .tokens(UNLIMITED)
+                .name(name.to_string());
+            if let Some(f) = &self.rate_limit {
+                limit = f(limit);
+            }
+            if let Some(f) = &target_limit {
+                limit = f(limit);
+            }
+            let limit = limit
+                .estimate_tokens(self.estimate.clone())
+                .read_usage(self.usage.clone())
+                .build()?;
+            let limited_tokens = limit
+                .handle()
+                .snapshot()
+                .token_limit
+                .is_some_and(|l| l < UNLIMITED);
+            if limited_tokens && self.estimate.0.is_none() {
+                return Err(ConfigError::new(
+                    "estimate_tokens",
+                    "must be set for a token limit (ChatEstimate for the crate's chat requests)",
+                ));
+            }
             breakers.push((name.clone(), breaker.handle()));
-            let stack: TargetStack<C, H> = retry.layer(breaker.layer(client));
+            limits.push((name.clone(), limit.handle()));
+            let client = AttemptTimeout::new(client, attempt_timeout);
+            let stack: TargetStack<C, Req, Res, H> =
+                retry.layer(breaker.layer(limit.layer(client)));
             fallback = if larger {
                 fallback.larger_context(name, stack, rewrite)
             } else {
@@ -317,6 +454,7 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
             deadline: self.deadline,
             queue: queue.handle(),
             breakers,
+            limits,
         });
         let inner: PipelineQueue<C, Req, Res, H> = queue.layer(ReportQueued { inner: fallback });
         Ok(AgentPipeline { inner, handles })

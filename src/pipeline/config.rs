@@ -23,8 +23,11 @@
 //! Durations are strings with a unit (`"250ms"`, `"30s"`, `"6m0s"`, `"1h"`)
 //! or a number of seconds. Every section and key is optional but `targets`
 //! (and each target's `name`, `base_url` and `model`); what is absent keeps
-//! the LLM default. A target's `retry` and `breaker` sections override the
-//! pipeline-wide ones key by key. `examples/pipeline.toml` is a commented
+//! the LLM default. A target's `retry`, `breaker` and `rate_limit` sections
+//! override the pipeline-wide ones key by key (each target has its own
+//! breaker and limiter either way). A target without `requests` or `tokens`
+//! has no rate limit of its own: it pauses on 429 hints and follows the
+//! provider's `x-ratelimit-*` headers. `examples/pipeline.toml` is a commented
 //! example.
 
 use std::fmt;
@@ -39,6 +42,9 @@ use crate::breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
 use crate::client::{ChatRequest, ChatResponse, OpenAiClient};
 use crate::error::ConfigError;
 use crate::guard::{AtStreamEnd, Mode};
+use crate::ratelimit::{
+    ChatEstimate, EstimateTokens, RateLimitLayer, RateLimitLayerBuilder, Reported,
+};
 use crate::retry::{RetryLayer, RetryLayerBuilder};
 
 /// A pipeline's settings as read from a file.
@@ -58,6 +64,10 @@ pub struct PipelineConfig {
     /// Breaker settings for every target.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Rate-limit settings for every target (each target has its own
+    /// limiter).
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
     /// The targets, in order.
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
@@ -129,6 +139,48 @@ pub struct BreakerConfig {
     pub half_open_probes: Option<u32>,
 }
 
+/// A `[rate_limit]` section (pipeline-wide or per target). Without
+/// `requests` and `tokens` a target's limiter has no limit of its own: it
+/// pauses on 429 hints and follows the provider's rate-limit headers.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RateLimitConfig {
+    /// Requests per window (your account's limit, e.g. requests per minute).
+    pub requests: Option<u64>,
+    /// Tokens per window (prompt plus completion, estimated then settled
+    /// with the reported usage).
+    pub tokens: Option<u64>,
+    /// The window the limits count over (default one minute).
+    #[serde(default, deserialize_with = "duration")]
+    pub window: Option<Duration>,
+    /// The share of each limit that may go at once (default 0.1).
+    pub burst: Option<f64>,
+    /// `"wait"` (default) or `"reject"`: what a call does when the limit is
+    /// reached. Rejected, the target is skipped and the next one tried.
+    pub when_limited: Option<WhenLimitedConfig>,
+    /// The longest a call waits in line (default one minute; never past
+    /// the deadline).
+    #[serde(default, deserialize_with = "duration")]
+    pub max_wait: Option<Duration>,
+    /// The longest pause a 429's hint imposes (default 2 minutes).
+    #[serde(default, deserialize_with = "duration")]
+    pub hint_cap: Option<Duration>,
+    /// Follow the provider's `x-ratelimit-*` headers (default true).
+    pub follow_server_headers: Option<bool>,
+}
+
+/// What a call does when its target's rate limit is reached.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WhenLimitedConfig {
+    /// Wait in line, up to `max_wait` and the deadline.
+    Wait,
+    /// Skip the target at once.
+    Reject,
+}
+
 /// One `[[targets]]` entry.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +211,9 @@ pub struct TargetConfig {
     /// Overrides of the pipeline-wide breaker settings.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Overrides of the pipeline-wide rate-limit settings.
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
 }
 
 /// The provider API a target speaks.
@@ -275,6 +330,36 @@ impl BreakerConfig {
     }
 }
 
+impl RateLimitConfig {
+    fn apply(&self, mut b: RateLimitLayerBuilder) -> RateLimitLayerBuilder {
+        if let Some(n) = self.requests {
+            b = b.requests(n);
+        }
+        if let Some(n) = self.tokens {
+            b = b.tokens(n);
+        }
+        if let Some(t) = self.window {
+            b = b.window(t);
+        }
+        if let Some(f) = self.burst {
+            b = b.burst(f);
+        }
+        if let Some(t) = self.max_wait {
+            b = b.max_wait(t);
+        }
+        if self.when_limited == Some(WhenLimitedConfig::Reject) {
+            b = b.reject();
+        }
+        if let Some(t) = self.hint_cap {
+            b = b.hint_cap(t);
+        }
+        if self.follow_server_headers == Some(false) {
+            b = b.ignore_server_headers();
+        }
+        b
+    }
+}
+
 /// `Err` with the path of the section whose settings are out of range: the
 /// pipeline-wide one when it alone fails, else the target's.
 fn check<T>(
@@ -322,22 +407,30 @@ impl PipelineConfig {
     }
 
     /// Builds the pipeline over the crate's OpenAI-compatible client, reading
-    /// each target's key from its environment variable.
+    /// each target's key from its environment variable. The rate limiters
+    /// estimate each request's tokens ([`ChatEstimate`]) and settle them
+    /// with the response's reported usage and rate-limit headers
+    /// ([`Reported`]).
     pub fn build(
         &self,
     ) -> Result<AgentPipeline<OpenAiClient, ChatRequest, ChatResponse>, ConfigFileError> {
-        self.build_with(|client| client)
+        finish(self.builder_with(|client| client)?.read_usage(Reported))
     }
 
     /// Builds the pipeline over each target's client as `wrap` makes it
     /// from the crate's OpenAI-compatible client (its streaming face, a
     /// service that picks streamed or whole answers per request, a layer
-    /// of one's own).
+    /// of one's own). The rate limiters estimate each request's tokens
+    /// ([`ChatEstimate`]); they read nothing from `Res` (estimates stand,
+    /// 429 pauses apply).
     pub fn build_with<C: Clone, Req: 'static, Res: 'static>(
         &self,
         wrap: impl Fn(OpenAiClient) -> C,
-    ) -> Result<AgentPipeline<C, Req, Res>, ConfigFileError> {
-        self.build_in(wrap)
+    ) -> Result<AgentPipeline<C, Req, Res>, ConfigFileError>
+    where
+        ChatEstimate: EstimateTokens<Req>,
+    {
+        finish(self.builder_with(wrap)?)
     }
 
     /// [`build_with`](Self::build_with) for a client that streams: built
@@ -348,14 +441,20 @@ impl PipelineConfig {
     pub fn build_streaming_with<C: Clone, Req: 'static, Res: 'static>(
         &self,
         wrap: impl Fn(OpenAiClient) -> C,
-    ) -> Result<AgentPipeline<C, Req, Res, AtStreamEnd>, ConfigFileError> {
-        self.build_in(wrap)
+    ) -> Result<AgentPipeline<C, Req, Res, AtStreamEnd>, ConfigFileError>
+    where
+        ChatEstimate: EstimateTokens<Req>,
+    {
+        finish(self.builder_with(wrap)?.release::<AtStreamEnd>())
     }
 
-    fn build_in<C: Clone, Req: 'static, Res: 'static, H: Mode>(
+    fn builder_with<C, Req: 'static, Res>(
         &self,
         wrap: impl Fn(OpenAiClient) -> C,
-    ) -> Result<AgentPipeline<C, Req, Res, H>, ConfigFileError> {
+    ) -> Result<super::AgentPipelineBuilder<C, Req, Res>, ConfigFileError>
+    where
+        ChatEstimate: EstimateTokens<Req>,
+    {
         let mut b = AgentPipeline::builder();
         if self.targets.is_empty() {
             return Err(ConfigFileError::new("targets", "needs at least one target"));
@@ -376,6 +475,13 @@ impl PipelineConfig {
                         .build()
                 },
                 "breaker",
+                i,
+            )?;
+            let (global, own) = (self.rate_limit.clone(), t.rate_limit.clone());
+            check(
+                || global.apply(RateLimitLayer::builder()).build(),
+                || own.apply(global.apply(RateLimitLayer::builder())).build(),
+                "rate_limit",
                 i,
             )?;
             let mut client = OpenAiClient::builder(t.base_url.clone()).model(t.model.as_str());
@@ -400,12 +506,18 @@ impl PipelineConfig {
             spec.breaker = Some(Box::new(move |r| own.apply(r)));
             let own = t.retry.clone();
             spec.retry = Some(Box::new(move |r| own.apply(r)));
+            let own = t.rate_limit.clone();
+            spec.rate_limit = Some(Box::new(move |r| own.apply(r)));
             b = b.target_spec(spec);
         }
         let global = self.retry.clone();
         b = b.retry(move |r| global.apply(r));
         let global = self.breaker.clone();
         b = b.breaker(move |r| global.apply(r));
+        let global = self.rate_limit.clone();
+        b = b
+            .rate_limit(move |r| global.apply(r))
+            .estimate_tokens(ChatEstimate);
         if let Some(d) = self.deadline {
             b = b.deadline(d);
         }
@@ -417,12 +529,18 @@ impl PipelineConfig {
         if let Some(w) = q.max_wait {
             b = b.max_queue_wait(w);
         }
-        b.release::<H>().build().map_err(|e| {
-            let section = match e.field {
-                "capacity" | "concurrency" | "max_wait" => "queue.",
-                _ => "",
-            };
-            ConfigFileError::new(format!("{section}{}", e.field), e.problem)
-        })
+        Ok(b)
     }
+}
+
+fn finish<C: Clone, Req: 'static, Res: 'static, H: Mode>(
+    b: super::AgentPipelineBuilder<C, Req, Res, H>,
+) -> Result<AgentPipeline<C, Req, Res, H>, ConfigFileError> {
+    b.build().map_err(|e| {
+        let section = match e.field {
+            "capacity" | "concurrency" | "max_wait" => "queue.",
+            _ => "",
+        };
+        ConfigFileError::new(format!("{section}{}", e.field), e.problem)
+    })
 }

@@ -1,5 +1,6 @@
 //! One agent pipeline: queue, deadline, fallback between targets, and per
-//! target retry and circuit breaker, in the order that makes them right.
+//! target retry, circuit breaker, rate limit and attempt timeout, in the
+//! order that makes them right.
 //!
 //! ```
 //! use std::time::Duration;
@@ -38,8 +39,10 @@
 //! Queue               admission: bounded, backpressure or reject; counts logical requests
 //!  └ Fallback         targets in order, one deadline across all of them
 //!     └ per target:
-//!        Retry          classify, backoff + jitter, server hints, budget, attempt timeout
+//!        Retry          classify, backoff + jitter, server hints, budget
 //!         └ Breaker     sees every attempt; fails fast while open
+//!          └ RateLimit  requests and tokens per minute, 429 pauses; charged per attempt
+//!           └ AttemptTimeout   one attempt, not the wait for the limiter's turn
 //!            └ client   the target's LLM client (any tower::Service)
 //! ```
 //!
@@ -53,7 +56,17 @@
 //! it is probed again. The breaker sits under the retry so that it sees every
 //! attempt (the true health of the upstream) and a retry never hammers an
 //! open circuit. There is exactly one retry layer per target: nested retries
-//! multiply (3 × 3 × 5 = 45 attempts has been seen in the wild).
+//! multiply (3 × 3 × 5 = 45 attempts has been seen in the wild). The rate
+//! limiter sits under the breaker, so it is charged per attempt but not while
+//! the circuit is open, and over the attempt timeout, so a call's wait for
+//! its turn is not taken from its attempt. Its own refusals (a wait longer
+//! than it allows) send nothing: the breaker does not count them and the
+//! retry does not repeat them ([`TargetClassifier`]); the fallback skips the
+//! target. A 429's `Retry-After` pauses every call to that target for the
+//! hinted time: callers wait in the limiter's line when the pause ends
+//! before their deadline and their maximum wait, and move on to the next
+//! target at once otherwise. Either way the target is sent nothing during
+//! the pause.
 //!
 //! # Defaults
 //!
@@ -61,7 +74,12 @@
 //! ([`RetryLayer::builder`](crate::retry::RetryLayer::builder),
 //! [`CircuitBreakerLayer::builder`](crate::breaker::CircuitBreakerLayer::builder)),
 //! changed with [`AgentPipelineBuilder::retry`] and
-//! [`AgentPipelineBuilder::breaker`]; the queue holds 1 000 waiting requests
+//! [`AgentPipelineBuilder::breaker`]; the attempt timeout is the retry's
+//! ([`LLM_ATTEMPT_TIMEOUT`](crate::retry::LLM_ATTEMPT_TIMEOUT)), applied
+//! under the rate limiter. Each target's rate limiter starts with **no
+//! limit of its own** ([`AgentPipelineBuilder::rate_limit`] says why and
+//! how to set your account's): it pauses on 429 hints and follows the
+//! provider's rate-limit headers. The queue holds 1 000 waiting requests
 //! with 32 in flight and waits when full; the deadline is
 //! [`DEFAULT_DEADLINE`].
 //!
@@ -88,6 +106,7 @@ mod builder;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 mod config;
+mod target;
 
 use std::fmt;
 use std::future::Future;
@@ -103,23 +122,35 @@ use crate::error::{BoxError, Error};
 use crate::fallback::{self, Fallback};
 use crate::guard::{AtResponse, Mode};
 use crate::queue::{NoDeadline, Queue, QueueHandle};
+use crate::ratelimit::{RateLimit, RateLimitHandle};
 use crate::report;
 use crate::retry::Retry;
 
 pub use self::builder::{AgentPipelineBuilder, DEFAULT_DEADLINE};
 #[cfg(feature = "config")]
 pub use self::config::{
-    BreakerConfig, ConfigFileError, PipelineConfig, ProviderConfig, QueueConfig, RetryConfig,
-    TargetConfig, WhenFullConfig,
+    BreakerConfig, ConfigFileError, PipelineConfig, ProviderConfig, QueueConfig, RateLimitConfig,
+    RetryConfig, TargetConfig, WhenFullConfig, WhenLimitedConfig,
 };
+pub use self::target::{AttemptFuture, AttemptTimeout, Estimate, TargetClassifier, Usage};
 
-/// One target's stack: retry over breaker over the client (whose breaker
-/// records at the stream's end in
+/// One target's stack: retry over breaker over rate limit over attempt
+/// timeout over the client (whose breaker records at the stream's end in
 /// [`AtStreamEnd`](crate::guard::AtStreamEnd) mode).
-pub type TargetStack<C, H = AtResponse> = Retry<CircuitBreaker<C, <H as Mode>::Classifier>>;
+pub type TargetStack<C, Req, Res, H = AtResponse> = Retry<
+    CircuitBreaker<
+        RateLimit<AttemptTimeout<C>, Estimate<Req>, Usage<Res>>,
+        TargetClassifier<<H as Mode>::Classifier>,
+    >,
+    TargetClassifier,
+>;
 
-type PipelineQueue<C, Req, Res, H> =
-    Queue<ReportQueued<Fallback<TargetStack<C, H>, Req, Res>>, PriorityFn<Req>, NoDeadline, H>;
+type PipelineQueue<C, Req, Res, H> = Queue<
+    ReportQueued<Fallback<TargetStack<C, Req, Res, H>, Req, Res>>,
+    PriorityFn<Req>,
+    NoDeadline,
+    H,
+>;
 
 /// How the pipeline's queue reads a request's class: a plain function, or
 /// every request [`Priority::Normal`](crate::queue::Priority::Normal).
@@ -179,6 +210,7 @@ struct Handles {
     deadline: std::time::Duration,
     queue: QueueHandle,
     breakers: Vec<(Arc<str>, BreakerHandle)>,
+    limits: Vec<(Arc<str>, RateLimitHandle)>,
 }
 
 impl<C: Clone, Req, Res, H: Mode> Clone for AgentPipeline<C, Req, Res, H> {
@@ -231,6 +263,16 @@ impl<C, Req, Res, H: Mode> AgentPipeline<C, Req, Res, H> {
     /// Every target's name and breaker, in order.
     pub fn breakers(&self) -> impl Iterator<Item = (&str, &BreakerHandle)> {
         self.handles.breakers.iter().map(|(n, h)| (&**n, h))
+    }
+
+    /// The rate limiter of the target named `name` (what it would admit
+    /// now, its 429 pause, its line).
+    pub fn rate_limit(&self, name: &str) -> Option<&RateLimitHandle> {
+        self.handles
+            .limits
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, h)| h)
     }
 }
 

@@ -316,8 +316,12 @@ impl Limiter {
             return Arrival::Rejected(window);
         };
         let wait = Duration::from_nanos(at - now);
+        // Under an agent pipeline, a wait that would outlast the call's
+        // deadline is refused at once: the fallback moves on.
+        let within_deadline =
+            crate::fallback::current_deadline().is_none_or(|d| self.instant(at) < d);
         let queue = match self.settings.when_limited {
-            WhenLimited::Wait { max_wait } => wait <= max_wait,
+            WhenLimited::Wait { max_wait } => wait <= max_wait && within_deadline,
             WhenLimited::Reject => false,
         };
         if !queue {

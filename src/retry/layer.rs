@@ -122,6 +122,12 @@ impl RetryLayer {
 }
 
 impl<C, K> RetryLayer<C, K> {
+    /// The attempt timeout and the deadline in force (for the agent
+    /// pipeline, which moves the attempt timeout under its rate limiter).
+    pub(crate) fn timeouts(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.config.attempt_timeout, self.config.deadline)
+    }
+
     /// The shared retry budget, if one is configured (to read its balance).
     pub fn budget(&self) -> Option<&RetryBudget> {
         self.config.budget.as_ref()

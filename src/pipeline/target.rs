@@ -1,0 +1,196 @@
+//! The parts of one target's stack that only the pipeline needs: the
+//! attempt timeout under the rate limiter, the classifier that keeps the
+//! limiter's own refusals out of the breaker and the retry, and the token
+//! estimate and usage reader the limiter is given.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::classify::{Classify, LlmClassifier, Outcome, Reason};
+use crate::error::{BoxError, Error};
+use crate::guard::GuardedResponse;
+use crate::ratelimit::{EstimateTokens, ReadUsage, ServerLimits};
+
+/// The limit on one attempt, under the rate limiter: the time a call waits
+/// for its turn at the limiter is not taken from its attempt.
+#[derive(Clone, Debug)]
+pub struct AttemptTimeout<S> {
+    inner: S,
+    after: Option<Duration>,
+}
+
+impl<S> AttemptTimeout<S> {
+    pub(crate) fn new(inner: S, after: Option<Duration>) -> Self {
+        AttemptTimeout { inner, after }
+    }
+
+    /// The wrapped client.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for AttemptTimeout<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = AttemptFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx).map_err(Error::from_inner)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        // A limit too long for the clock is none.
+        let sleep = self
+            .after
+            .and_then(|d| Instant::now().checked_add(d))
+            .map(tokio::time::sleep_until);
+        AttemptFuture {
+            inner: self.inner.call(req),
+            sleep,
+            after: self.after.unwrap_or_default(),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`AttemptTimeout`].
+    pub struct AttemptFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<Sleep>,
+        after: Duration,
+    }
+}
+
+impl<F> fmt::Debug for AttemptFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttemptFuture")
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for AttemptFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out.map_err(Error::from_inner));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            ready!(sleep.poll(cx));
+            return Poll::Ready(Err(Error::Timeout { after: *this.after }));
+        }
+        Poll::Pending
+    }
+}
+
+/// The classifier of a target's retry and breaker: `C` (the crate's
+/// [`LlmClassifier`], or for a breaker over a streaming client the preset
+/// that waits for the stream's end), except that the target's own rate
+/// limiter refusing a call ([`Error::RateLimited`]: nothing was sent) is
+/// neutral. The breaker does not count it against the provider's health,
+/// and the retry returns it at once: the limiter already waited as long as
+/// the settings and the deadline allow, so the fallback moves on to the
+/// next target instead.
+#[derive(Clone, Debug, Default)]
+pub struct TargetClassifier<C = LlmClassifier>(pub C);
+
+impl<Res, C: Classify<Res>> Classify<Res> for TargetClassifier<C> {
+    #[inline]
+    fn classify(&self, result: Result<&Res, &Error>) -> Outcome {
+        match result {
+            Err(Error::RateLimited { .. }) => Outcome::BadRequest {
+                reason: Reason::RateLimited,
+            },
+            other => self.0.classify(other),
+        }
+    }
+
+    #[inline]
+    fn stream<'a>(&self, response: &'a mut Res) -> Option<&'a mut dyn GuardedResponse> {
+        self.0.stream(response)
+    }
+
+    fn classify_stream_error(&self, err: &(dyn std::error::Error + 'static)) -> Outcome {
+        self.0.classify_stream_error(err)
+    }
+}
+
+/// How the pipeline's rate limiters estimate a request's tokens: the
+/// estimator given to
+/// [`AgentPipelineBuilder::estimate_tokens`](super::AgentPipelineBuilder::estimate_tokens),
+/// or none (every request costs no tokens before its usage is known).
+pub struct Estimate<Req>(pub(crate) Option<Arc<dyn EstimateTokens<Req>>>);
+
+impl<Req> Clone for Estimate<Req> {
+    fn clone(&self) -> Self {
+        Estimate(self.0.clone())
+    }
+}
+
+impl<Req> fmt::Debug for Estimate<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Estimate").field(&self.0.is_some()).finish()
+    }
+}
+
+impl<Req: 'static> EstimateTokens<Req> for Estimate<Req> {
+    #[inline]
+    fn estimate(&self, req: &Req) -> u32 {
+        self.0.as_ref().map_or(0, |e| e.estimate(req))
+    }
+}
+
+/// How the pipeline's rate limiters read a response: the reader given to
+/// [`AgentPipelineBuilder::read_usage`](super::AgentPipelineBuilder::read_usage),
+/// or nothing (estimates stand; 429 pauses still apply).
+pub struct Usage<Res>(pub(crate) Option<Arc<dyn ReadUsage<Res>>>);
+
+impl<Res> Clone for Usage<Res> {
+    fn clone(&self) -> Self {
+        Usage(self.0.clone())
+    }
+}
+
+impl<Res> fmt::Debug for Usage<Res> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Usage").field(&self.0.is_some()).finish()
+    }
+}
+
+impl<Res: 'static> ReadUsage<Res> for Usage<Res> {
+    #[inline]
+    fn tokens_used(&self, res: &Res) -> Option<u64> {
+        self.0.as_ref().and_then(|u| u.tokens_used(res))
+    }
+
+    #[inline]
+    fn server_limits(&self, res: &Res) -> ServerLimits {
+        self.0
+            .as_ref()
+            .map_or_else(ServerLimits::default, |u| u.server_limits(res))
+    }
+}
