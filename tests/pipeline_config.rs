@@ -62,6 +62,9 @@ fn the_shipped_example_and_json_parse() {
     let config = PipelineConfig::from_toml(&text).unwrap();
     assert_eq!(config.targets.len(), 3);
     assert_eq!(config.deadline, Some(Duration::from_secs(120)));
+    assert_eq!(config.targets[0].rate_limit.requests, Some(500));
+    assert_eq!(config.targets[0].rate_limit.tokens, Some(30_000));
+    assert_eq!(config.rate_limit.max_wait, Some(Duration::from_secs(20)));
     let json = r#"{"deadline": 60, "targets": [{"name": "a", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]}"#;
     let config = PipelineConfig::from_json(json).unwrap();
     assert_eq!(config.deadline, Some(Duration::from_secs(60)));
