@@ -18,15 +18,17 @@ mod storm {
     use plotters::prelude::*;
 
     const HELP: &str =
-        "storm: what queues, retries, budgets, breakers and fallback buy an LLM agent
+        "storm: what queues, retries, budgets, breakers, rate limits and fallback buy an LLM agent
 
 Starts two mock LLM providers on loopback with a seeded timeline (steady 10 %
-transient errors, a burst above the primary's rate limit, a 429 storm with
+transient errors, a burst above the primary's requests- and tokens-per-minute
+limits, which it enforces per second, a 429 storm with
 Retry-After, an outage of the primary and its recovery, a latency spike, an
 exhausted quota, a few context-length errors) and drives the same seeded
 workload through four configurations side by side: none (the bare client),
 naive (immediate retries, no budget), backoff (retry with backoff, jitter,
-server hints and a budget), pipeline (the whole AgentPipeline).
+server hints and a budget), pipeline (the whole AgentPipeline, with a
+token-aware rate limit at the primary's limits).
 
 Options:
   --seed N          the workload's and the faults' seed (default 1)

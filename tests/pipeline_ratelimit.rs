@@ -164,7 +164,10 @@ async fn a_429_storm_callers_wait_out_the_pause_and_the_primary_gets_nothing_dur
         assert_eq!(secondary.total(), 0, "nobody moved on");
         // Then the retry of the first call and the five waiting calls.
         assert_eq!(primary.total(), 7);
-        assert!(answers.iter().all(|a| a.starts_with("primary")), "{answers:?}");
+        assert!(
+            answers.iter().all(|a| a.starts_with("primary")),
+            "{answers:?}"
+        );
         results.push((answers, primary.total(), secondary.total()));
     }
     assert_eq!(results[0], results[1], "TOML and builder differ");
@@ -277,7 +280,9 @@ model = "m"
             .to_owned()
     };
     assert_eq!(
-        path(&format!("{target}{target}[targets.rate_limit]\nrequests = 0\n")),
+        path(&format!(
+            "{target}{target}[targets.rate_limit]\nrequests = 0\n"
+        )),
         "targets[1].rate_limit.requests"
     );
     assert_eq!(
@@ -292,7 +297,10 @@ model = "m"
         "{target}[targets.rate_limit]\nrequests_per_minute = 5\n"
     ))
     .unwrap_err();
-    assert!(unknown.to_string().contains("requests_per_minute"), "{unknown}");
+    assert!(
+        unknown.to_string().contains("requests_per_minute"),
+        "{unknown}"
+    );
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The storm demo's scenarios through the same code, compressed and seeded:
 //! the table's invariants hold (real HTTP on loopback, real time; nothing
-//! asserts on durations).
+//! asserts on durations), the rate-limit claim among them: the burst goes
+//! above the primary's own limits, and the pipeline's limiter avoids the
+//! 429s the others meet.
 #![cfg(all(feature = "reqwest", feature = "testing"))]
 
 use llm_resilience::testing::storm::{run, Phases, Scenario, StormConfig};
@@ -58,6 +60,23 @@ async fn the_storms_invariants_hold() {
     assert!(backoff.upstream_calls < naive.upstream_calls);
     // The pipeline answers more than the bare client.
     assert!(pipe.success_rate() > none.success_rate());
+    // The burst goes above the primary's own limits: the bare client meets
+    // its 429s, the pipeline's rate limiter (set to the same limits) keeps
+    // under them, its callers waiting or moving on instead.
+    assert!(none.limit_429s > 0, "the burst never reached the limits");
+    assert!(
+        pipe.limit_429s * 10 <= none.limit_429s,
+        "pipeline met {} of the primary's limit 429s, the bare client {}",
+        pipe.limit_429s,
+        none.limit_429s
+    );
+    assert!(naive.limit_429s > none.limit_429s, "naive retries pile on");
+    let claim = report
+        .claims()
+        .into_iter()
+        .find(|c| c.claim.starts_with("a rate limit"))
+        .unwrap();
+    assert!(claim.holds, "{}", claim.measured);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,7 +211,7 @@ where
                 at: sent.saturating_duration_since(start),
                 ..(*a).clone()
             });
-            let req = ChatRequest::user(format!("storm question {}", a.id)).max_tokens(24);
+            let req = ChatRequest::user(format!("storm question {}", a.id)).max_tokens(12);
             let limit = a.deadline + grace;
             let out = tokio::time::timeout(limit, agent.oneshot((a.clone(), req))).await;
             let took = sent.elapsed();

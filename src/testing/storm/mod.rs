@@ -15,8 +15,16 @@
 //! 3. `backoff`: the retry layer's LLM defaults (backoff with jitter,
 //!    server hints, retry budget);
 //! 4. `pipeline`: the whole [`AgentPipeline`](crate::pipeline)
-//!    (queue of 8 in flight, retry with budget, a breaker per provider,
-//!    fallback to the secondary, one deadline).
+//!    (queue of 16 in flight, retry with budget, a breaker per provider, a
+//!    token-aware rate limit at the primary's own limits, fallback to the
+//!    secondary, one deadline).
+//!
+//! The primary enforces requests- and tokens-per-minute limits the way
+//! providers describe theirs, with continuously refilled buckets
+//! ([`MockLimits`]) that hold [`StormConfig::limit_window`]'s share of a
+//! minute's limit, so the burst (three times the offered rate) goes above
+//! them within the run. The pipeline's limiter is set to the same limits
+//! over the same window, and the others meet the provider's 429s.
 //!
 //! Every configuration gets its own pair of servers with the same scripts,
 //! so each one's cost is counted exactly. [`run`] returns the measurements;
@@ -48,8 +56,11 @@ use crate::client::{ChatResponse, OpenAiClient};
 use crate::error::{BoxError, Error};
 use crate::pipeline::AgentPipeline;
 use crate::queue::Priority;
+use crate::ratelimit::{
+    ChatEstimate, EstimateTokens, RateLimitEvent, RateLimitEventKind, Reported,
+};
 use crate::retry::RetryLayer;
-use crate::testing::mock_server::MockServer;
+use crate::testing::mock_server::{MockLimits, MockServer, Served};
 
 type Agent = BoxCloneSyncService<StormRequest, ChatResponse, Error>;
 
@@ -69,12 +80,19 @@ pub struct StormConfig {
     pub deadline: Duration,
     /// The primary's own limit, requests per minute.
     pub primary_rpm: u64,
+    /// The primary's own limit, tokens (prompt and completion) per minute.
+    pub primary_tpm: u64,
+    /// The window the primary enforces its limits over: its buckets hold
+    /// this window's share of a minute's limits and refill continuously.
+    pub limit_window: Duration,
 }
 
 impl StormConfig {
     /// The demo's defaults: 30 s at 40 requests per second, every incident,
-    /// 8 s deadlines; the primary takes 3 600 requests per minute (60 per
-    /// second, so the burst at 120 per second goes over it).
+    /// 8 s deadlines; the primary takes 3 600 requests and 90 000 tokens per
+    /// minute, enforced per second (60 requests and 1 500 tokens, about 75
+    /// requests' worth, a second), so the burst at 120 per second goes over
+    /// both.
     pub fn new(seed: u64) -> Self {
         StormConfig {
             seed,
@@ -83,6 +101,8 @@ impl StormConfig {
             scenario: Scenario::All,
             deadline: Duration::from_secs(8),
             primary_rpm: 3_600,
+            primary_tpm: 90_000,
+            limit_window: Duration::from_secs(1),
         }
     }
 
@@ -95,6 +115,8 @@ impl StormConfig {
             scenario,
             deadline: Duration::from_secs(4),
             primary_rpm: 2_400,
+            primary_tpm: 72_000,
+            limit_window: Duration::from_millis(500),
         }
     }
 }
@@ -105,6 +127,15 @@ impl StormConfig {
     /// trip up to four times that).
     pub fn open_duration(&self) -> Duration {
         (self.duration / 15).max(Duration::from_millis(300))
+    }
+
+    /// The primary's limits per [`limit_window`](Self::limit_window):
+    /// requests and tokens (at least one of each).
+    pub fn window_limits(&self) -> (u64, u64) {
+        let share = |per_minute: u64| {
+            ((per_minute as f64 * self.limit_window.as_secs_f64() / 60.0).round() as u64).max(1)
+        };
+        (share(self.primary_rpm), share(self.primary_tpm))
     }
 }
 
@@ -138,15 +169,22 @@ pub async fn run(
             config.seed,
             config.duration,
             &phases,
-            config.primary_rpm,
         ))
         .await?;
+        let (requests, tokens) = config.window_limits();
+        primary.set_limits(
+            MockLimits::new(config.limit_window)
+                .requests(requests)
+                .tokens(tokens),
+        );
         let secondary = MockServer::start(timeline::secondary_script(config.seed)).await?;
         servers.push((primary, secondary));
     }
     let start = Instant::now() + Duration::from_millis(100);
     let mut runs = Vec::new();
     let breaker_flips = Arc::new(AtomicU64::new(0));
+    let limiter_waits = Arc::new(AtomicU64::new(0));
+    let limiter_skips = Arc::new(AtomicU64::new(0));
     let mut pipeline_handles = None;
     for (name, (primary, secondary)) in names.iter().zip(&servers) {
         let p_counts = Counts::new(start, config.duration, phases, true);
@@ -161,11 +199,14 @@ pub async fn run(
             }
             _ => {
                 let flips = breaker_flips.clone();
+                let (waits, skips) = (limiter_waits.clone(), limiter_skips.clone());
                 let open = config.open_duration();
+                let (requests, tokens) = config.window_limits();
+                let window = config.limit_window;
                 let pipeline = AgentPipeline::builder()
                     .target("primary", p)
                     .fallback("secondary", s)
-                    .queue(2_000, 8)
+                    .queue(2_000, 16)
                     .priority_by(|r: &StormRequest| match r.0.class {
                         0 => Priority::High,
                         1 => Priority::Normal,
@@ -183,6 +224,27 @@ pub async fn run(
                                 if matches!(e, BreakerEvent::StateChanged { .. }) {
                                     flips.fetch_add(1, Ordering::Relaxed);
                                 }
+                            })
+                    })
+                    // The primary's own limits, over the window it enforces
+                    // them in; its headers count over the same window.
+                    .estimate_tokens(|r: &StormRequest| ChatEstimate.estimate(&r.1))
+                    .read_usage(Reported)
+                    .target_rate_limit("primary", move |r| {
+                        let (waits, skips) = (waits.clone(), skips.clone());
+                        r.requests(requests)
+                            .tokens(tokens)
+                            .window(window)
+                            .server_window(window)
+                            .burst(0.5)
+                            .on_event(move |e: &RateLimitEvent| match e.kind {
+                                RateLimitEventKind::Queued => {
+                                    waits.fetch_add(1, Ordering::Relaxed);
+                                }
+                                RateLimitEventKind::Rejected => {
+                                    skips.fetch_add(1, Ordering::Relaxed);
+                                }
+                                _ => {}
                             })
                     })
                     .build()?;
@@ -250,7 +312,10 @@ pub async fn run(
             out,
             &p,
             &s,
-            primary.stats().tokens + secondary.stats().tokens,
+            (
+                primary.stats().tokens + secondary.stats().tokens,
+                primary.stats().get(Served::LimitExceeded),
+            ),
             if is_pipeline {
                 (depth.clone(), state.clone())
             } else {
@@ -263,6 +328,10 @@ pub async fn run(
             },
             config,
         ));
+    }
+    if let Some(pipe) = results.iter_mut().find(|r| r.name == "pipeline") {
+        pipe.limiter_waits = limiter_waits.load(Ordering::Relaxed);
+        pipe.limiter_skips = limiter_skips.load(Ordering::Relaxed);
     }
     Ok(StormReport::new(config, phases, arrivals.len(), results))
 }

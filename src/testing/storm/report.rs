@@ -48,6 +48,14 @@ pub struct ConfigResult {
     pub tokens: u64,
     /// Calls sent to the primary during its outage.
     pub outage_calls: u64,
+    /// 429s the primary answered because its own rate limits were
+    /// exceeded (not the scripted 429 storm).
+    pub limit_429s: u64,
+    /// Calls that waited in the pipeline's rate limiter (pipeline only).
+    pub limiter_waits: u64,
+    /// Calls the pipeline's rate limiter refused because the wait would
+    /// outlast the deadline: the secondary got them (pipeline only).
+    pub limiter_skips: u64,
     /// Calls sent after their request's deadline.
     pub late_calls: u64,
     /// Median latency of the answers.
@@ -85,7 +93,7 @@ impl ConfigResult {
         out: Outcomes,
         primary: &Counts,
         secondary: &Counts,
-        tokens: u64,
+        (tokens, limit_429s): (u64, u64),
         (depth, state): (Vec<u64>, Vec<u8>),
         transitions: u64,
         config: &StormConfig,
@@ -145,6 +153,9 @@ impl ConfigResult {
             primary_calls: primary.total(),
             tokens,
             outage_calls: primary.in_outage.load(Ordering::Relaxed),
+            limit_429s,
+            limiter_waits: 0,
+            limiter_skips: 0,
             late_calls: primary.late.load(Ordering::Relaxed)
                 + secondary.late.load(Ordering::Relaxed),
             p50: percentile(&lat, 0.5),
@@ -274,6 +285,21 @@ impl StormReport {
         });
         if self.phases.burst.is_some() {
             out.push(Claim {
+                claim: "a rate limit at the provider's RPM/TPM avoids its 429s (callers wait or move on)",
+                measured: format!(
+                    "429s for going over the primary's limits: {} bare, {} naive, {} with backoff, {} with the pipeline ({} calls waited at its limiter, {} moved on)",
+                    none.limit_429s,
+                    naive.limit_429s,
+                    backoff.limit_429s,
+                    pipe.limit_429s,
+                    pipe.limiter_waits,
+                    pipe.limiter_skips
+                ),
+                // The burst reached the limits (the bare client met them),
+                // and the pipeline met at most a tenth as many.
+                holds: none.limit_429s > 0 && pipe.limit_429s * 10 <= none.limit_429s,
+            });
+            out.push(Claim {
                 claim: "the queue turns bursts into waiting instead of errors",
                 measured: format!(
                     "largest queue depth {}, success {:.1} % with the pipeline vs {:.1} % bare",
@@ -301,13 +327,14 @@ impl StormReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<9} {:>7} {:>7} {:>5} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>6}",
+            "{:<9} {:>7} {:>7} {:>5} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>6} {:>6}",
             "config",
             "success",
             "errors",
             "lost",
             "upstream",
             "tokens",
+            "limit 429",
             "in outage",
             "p50",
             "p99",
@@ -317,13 +344,14 @@ impl StormReport {
         for r in &self.results {
             let _ = writeln!(
                 s,
-                "{:<9} {:>6.1}% {:>6.1}% {:>5} {:>9} {:>8} {:>9} {:>6}ms {:>6}ms {:>6} {:>6}",
+                "{:<9} {:>6.1}% {:>6.1}% {:>5} {:>9} {:>8} {:>9} {:>9} {:>6}ms {:>6}ms {:>6} {:>6}",
                 r.name,
                 r.success_rate() * 100.0,
                 r.errored() as f64 / r.requests.max(1) as f64 * 100.0,
                 r.lost,
                 r.upstream_calls,
                 r.tokens,
+                r.limit_429s,
                 r.outage_calls,
                 r.p50.as_millis(),
                 r.p99.as_millis(),
@@ -344,7 +372,8 @@ impl StormReport {
                 json!({
                     "config": r.name, "requests": r.requests, "ok": r.ok, "errors": r.errors,
                     "lost": r.lost, "upstream_calls": r.upstream_calls, "primary_calls": r.primary_calls,
-                    "tokens": r.tokens, "outage_calls": r.outage_calls, "late_calls": r.late_calls,
+                    "tokens": r.tokens, "limit_429s": r.limit_429s, "limiter_waits": r.limiter_waits,
+                    "limiter_skips": r.limiter_skips, "outage_calls": r.outage_calls, "late_calls": r.late_calls,
                     "p50_ms": r.p50.as_secs_f64() * 1e3, "p99_ms": r.p99.as_secs_f64() * 1e3,
                     "max_queue_depth": r.max_queue_depth, "breaker_transitions": r.breaker_transitions,
                     "series": {

@@ -74,7 +74,7 @@ impl Phases {
         let pick = |part, span| scenario.has(part).then_some(span);
         let all = scenario == Scenario::All;
         Phases {
-            burst: pick(Scenario::Burst, if all { (0.10, 0.20) } else { (0.3, 0.6) }),
+            burst: pick(Scenario::Burst, if all { (0.10, 0.22) } else { (0.3, 0.6) }),
             storm: pick(Scenario::Storm, if all { (0.25, 0.35) } else { (0.3, 0.6) }),
             outage: pick(
                 Scenario::Outage,
@@ -102,20 +102,12 @@ pub const TRANSIENT_SHARE: f64 = 0.10;
 pub const CONTEXT_LENGTH_SHARE: f64 = 0.01;
 
 /// The primary provider's script for a run of `duration`.
-pub(crate) fn primary_script(
-    seed: u64,
-    duration: Duration,
-    phases: &Phases,
-    rpm: u64,
-) -> FaultScript {
+pub(crate) fn primary_script(seed: u64, duration: Duration, phases: &Phases) -> FaultScript {
     let d = duration;
-    let mut script = FaultScript::new()
-        .seed(seed)
-        .requests_per_minute(rpm)
-        .latency(Latency::Uniform {
-            min: Duration::from_millis(20),
-            max: Duration::from_millis(80),
-        });
+    let mut script = FaultScript::new().seed(seed).latency(Latency::Uniform {
+        min: Duration::from_millis(20),
+        max: Duration::from_millis(80),
+    });
     if let Some(span) = phases.outage {
         script = script
             .window(FaultWindow::new(Phases::window(span, d)).outage(MockFault::server_error(503)));
