@@ -64,6 +64,9 @@ use crate::testing::mock_server::{MockLimits, MockServer, Served};
 
 type Agent = BoxCloneSyncService<StormRequest, ChatResponse, Error>;
 
+/// Requests the pipeline's queue lets through at once.
+pub const PIPELINE_CONCURRENCY: usize = 16;
+
 /// How a storm run goes.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -206,7 +209,7 @@ pub async fn run(
                 let pipeline = AgentPipeline::builder()
                     .target("primary", p)
                     .fallback("secondary", s)
-                    .queue(2_000, 16)
+                    .queue(2_000, PIPELINE_CONCURRENCY)
                     .priority_by(|r: &StormRequest| match r.0.class {
                         0 => Priority::High,
                         1 => Priority::Normal,
