@@ -1,5 +1,5 @@
 //! The client adapter over real HTTP on loopback, against the fault-injecting
-//! mock server: classification of every REFERENCE.md §1 row, errors, headers
+//! mock server: classification of every provider error class, errors, headers
 //! and usage, key redaction, seeded fault rates and the tower contract.
 //! Retries are in `http_client_retry.rs`, streams in `http_client_stream.rs`.
 //!
@@ -24,8 +24,8 @@ fn openai(status: u16, t: &str, code: Option<&str>) -> MockFault {
     MockFault::Error(ErrorReply::openai(status, t, code, "mock"))
 }
 
-/// Every row of REFERENCE.md §1 that an HTTP server can produce, through the
-/// real client and the LLM classifier.
+/// Every provider error class (status, type, code, hint) that an HTTP
+/// server can produce, through the real client and the LLM classifier.
 #[tokio::test]
 async fn reference_table_rows_from_real_http_responses() {
     let rows: Vec<(&str, MockFault, Outcome, Served)> = vec![

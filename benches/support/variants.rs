@@ -252,15 +252,18 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Ours: `AgentPipeline` with one target: queue (capacity 1 000,
 /// concurrency 32) → deadline (60 s) → fallback over one target → retry (3
-/// attempts, 30 s attempt timeout, default budget) → breaker (LLM defaults:
-/// 30 s time window, minimum 20) → the client. The per-target rate limit
-/// goes in here, one line, once the pipeline takes one.
+/// attempts, default budget) → breaker (LLM defaults: 30 s time window,
+/// minimum 20) → rate limit (a limit no call reaches) → attempt timeout
+/// (30 s) → the client.
 pub fn pipeline_ours() -> impl Bench {
     llm_resilience::pipeline::AgentPipeline::builder()
         .target("primary", Always)
         .queue(1_000, CONCURRENCY)
         .deadline(DEADLINE)
         .retry(|r| r.max_attempts(3).attempt_timeout(ATTEMPT_TIMEOUT))
+        // A limit no call reaches, as on tower-resilience's side: the
+        // limiter admits and counts every call.
+        .rate_limit(|r| r.requests(1_000_000_000_000))
         .build()
         .expect("valid")
 }

@@ -20,7 +20,9 @@ use crate::guard::GuardedResponse;
 use crate::ratelimit::{EstimateTokens, ReadUsage, ServerLimits};
 
 /// The limit on one attempt, under the rate limiter: the time a call waits
-/// for its turn at the limiter is not taken from its attempt.
+/// for its turn at the limiter is not taken from its attempt. It counts from
+/// the first time the attempt does not answer at once, as the retry layer's
+/// own attempt timeout does.
 #[derive(Clone, Debug)]
 pub struct AttemptTimeout<S> {
     inner: S,
@@ -54,15 +56,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        // A limit too long for the clock is none.
-        let sleep = self
-            .after
-            .and_then(|d| Instant::now().checked_add(d))
-            .map(tokio::time::sleep_until);
         AttemptFuture {
             inner: self.inner.call(req),
-            sleep,
-            after: self.after.unwrap_or_default(),
+            sleep: None,
+            after: self.after,
         }
     }
 }
@@ -72,9 +69,12 @@ pin_project! {
     pub struct AttemptFuture<F> {
         #[pin]
         inner: F,
-        #[pin]
-        sleep: Option<Sleep>,
-        after: Duration,
+        // Created the first time the attempt does not answer at once (the
+        // limit counts from then): an attempt that answers at once reads
+        // no clock and builds no timer. Boxed, so that the future every
+        // layer above moves stays small.
+        sleep: Option<Pin<Box<Sleep>>>,
+        after: Option<Duration>,
     }
 }
 
@@ -99,9 +99,22 @@ where
         if let Poll::Ready(out) = this.inner.poll(cx) {
             return Poll::Ready(out.map_err(Error::from_inner));
         }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            ready!(sleep.poll(cx));
-            return Poll::Ready(Err(Error::Timeout { after: *this.after }));
+        let Some(after) = *this.after else {
+            return Poll::Pending;
+        };
+        if this.sleep.is_none() {
+            // A limit too long for the clock is none.
+            match Instant::now().checked_add(after) {
+                Some(at) => *this.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                None => {
+                    *this.after = None;
+                    return Poll::Pending;
+                }
+            }
+        }
+        if let Some(sleep) = this.sleep.as_mut() {
+            ready!(sleep.as_mut().poll(cx));
+            return Poll::Ready(Err(Error::Timeout { after }));
         }
         Poll::Pending
     }
