@@ -434,4 +434,7 @@ impl TimeWindow {
 }
 
 #[cfg(all(test, not(loom)))]
+// A path from this file's directory, so that the loom model, which
+// compiles this file by its path, resolves it the same way.
+#[path = "window/tests.rs"]
 mod tests;
