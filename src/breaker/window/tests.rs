@@ -205,9 +205,15 @@ fn a_bucket_cell_claims_older_seconds_and_refuses_newer_ones() {
         let older = AtomicU64::new(tag(sec - 3) << 32 | 7);
         assert!(bump(&older, sec));
         assert_eq!(older.load(Ordering::Relaxed), tag(sec) << 32 | 1);
-        let newer = AtomicU64::new(tag(sec + 1) << 32 | 7);
-        assert!(!bump(&newer, sec));
-        assert_eq!(newer.load(Ordering::Relaxed), tag(sec + 1) << 32 | 7);
+        for ahead in [1, (1 << 31) - 1] {
+            let newer = AtomicU64::new(tag(sec + ahead) << 32 | 7);
+            assert!(!bump(&newer, sec), "{ahead} ahead");
+            assert_eq!(newer.load(Ordering::Relaxed), tag(sec + ahead) << 32 | 7);
+        }
+        // Half the tag space away counts as older.
+        let far = AtomicU64::new(tag(sec + (1 << 31)) << 32 | 7);
+        assert!(bump(&far, sec));
+        assert_eq!(far.load(Ordering::Relaxed), tag(sec) << 32 | 1);
     }
 }
 
