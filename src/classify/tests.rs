@@ -289,3 +289,77 @@ fn outcome_accessors() {
         "server_said_no_retry"
     );
 }
+
+#[test]
+fn only_hints_limits_and_request_ids_matter() {
+    for name in [
+        "retry-after",
+        "retry-after-ms",
+        "x-ms-retry-after-ms",
+        "x-should-retry",
+        "x-request-id",
+        "request-id",
+        "x-ratelimit-reset-tokens",
+        "anthropic-ratelimit-requests-remaining",
+    ] {
+        assert!(header_matters(name), "{name}");
+    }
+    for name in [
+        "authorization",
+        "x-api-key",
+        "set-cookie",
+        "content-type",
+        "x-ratelimit",
+        "retry",
+    ] {
+        assert!(!header_matters(name), "{name}");
+    }
+}
+
+/// `from_response` keeps the headers that matter (names lowercased) and
+/// nothing else (no credentials, cookies or content headers), and reads
+/// the provider's error from the body; `with_error_body` on its own keeps
+/// what the error already had, and a body that is no error object changes
+/// nothing.
+#[cfg(feature = "json")]
+#[test]
+fn from_response_keeps_what_matters_and_reads_the_body() {
+    let headers = [
+        ("Authorization", "Bearer sk-secret"),
+        ("Set-Cookie", "a=b"),
+        ("Content-Type", "application/json"),
+        ("Retry-After", "3"),
+        ("X-Request-Id", "req_1"),
+    ];
+    let body = br#"{"error":{"type":"invalid_request_error","code":"bad","message":"m"}}"#;
+    let e = HttpError::from_response(400, headers, body);
+    assert_eq!(
+        e.headers().collect::<Vec<_>>(),
+        [("retry-after", "3"), ("x-request-id", "req_1")]
+    );
+    assert_eq!(
+        (
+            e.status(),
+            e.error_type(),
+            e.error_code(),
+            e.error_message()
+        ),
+        (
+            Some(400),
+            Some("invalid_request_error"),
+            Some("bad"),
+            Some("m")
+        )
+    );
+    let anthropic = br#"{"type":"error","error":{"type":"overloaded_error","message":"m"}}"#;
+    let e = HttpError::new(529)
+        .with_header("Retry-After", "1")
+        .with_error_body(anthropic);
+    assert_eq!(e.status(), Some(529));
+    assert_eq!(e.header("retry-after"), Some("1"));
+    assert_eq!(e.error_type(), Some("overloaded_error"));
+    assert_eq!(
+        HttpError::new(500).with_error_body(b"<html>"),
+        HttpError::new(500)
+    );
+}
