@@ -363,3 +363,17 @@ fn from_response_keeps_what_matters_and_reads_the_body() {
         HttpError::new(500)
     );
 }
+
+/// The cause given to `with_source` is the error's `source()`, so reports
+/// show it; an error without one has none.
+#[test]
+fn with_source_is_the_source() {
+    use std::error::Error as _;
+    let cause = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+    let e = HttpError::transport(Transport::Reset).with_source(cause);
+    assert_eq!(
+        e.source().map(|s| s.to_string()).as_deref(),
+        Some("reset by peer")
+    );
+    assert!(HttpError::new(500).source().is_none());
+}
