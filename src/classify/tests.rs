@@ -365,7 +365,7 @@ fn from_response_keeps_what_matters_and_reads_the_body() {
 }
 
 /// The cause given to `with_source` is the error's `source()`, so reports
-/// show it; an error without one has none.
+/// show it; an error without one has none; `==` ignores it.
 #[test]
 fn with_source_is_the_source() {
     use std::error::Error as _;
@@ -376,4 +376,8 @@ fn with_source_is_the_source() {
         Some("reset by peer")
     );
     assert!(HttpError::new(500).source().is_none());
+    // The cause is not compared by `==`.
+    let other = HttpError::transport(Transport::Reset).with_source(std::fmt::Error);
+    assert_eq!(e, other);
+    assert_ne!(e, HttpError::transport(Transport::Timeout));
 }
