@@ -381,3 +381,34 @@ fn with_source_is_the_source() {
     assert_eq!(e, other);
     assert_ne!(e, HttpError::transport(Transport::Timeout));
 }
+
+/// `http_view` finds the `HttpError` anywhere in an upstream error's chain,
+/// and nothing in the crate's own errors.
+#[test]
+fn http_view_finds_the_http_error_in_the_chain() {
+    let c = LlmClassifier::new();
+    let direct = Error::Upstream {
+        source: Box::new(HttpError::new(429).with_header("x-ratelimit-remaining-requests", "0")),
+    };
+    let view = c.http_view(&direct).expect("a view");
+    assert_eq!(view.status(), Some(429));
+    assert_eq!(view.header("x-ratelimit-remaining-requests"), Some("0"));
+    #[derive(Debug)]
+    struct Wrapper(HttpError);
+    impl fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapper")
+        }
+    }
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    let wrapped = Error::Upstream {
+        source: Box::new(Wrapper(HttpError::new(503))),
+    };
+    assert_eq!(c.http_view(&wrapped).and_then(|v| v.status()), Some(503));
+    assert!(c.http_view(&Error::Upstream { source: boom() }).is_none());
+    assert!(c.http_view(&Error::Shutdown).is_none());
+}
