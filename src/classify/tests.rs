@@ -412,3 +412,23 @@ fn http_view_finds_the_http_error_in_the_chain() {
     assert!(c.http_view(&Error::Upstream { source: boom() }).is_none());
     assert!(c.http_view(&Error::Shutdown).is_none());
 }
+
+/// `Debug` shows the status, type and code, and neither the message nor
+/// the headers.
+#[test]
+fn debug_shows_the_status_type_and_code_only() {
+    let e = HttpError::new(429)
+        .with_error_type("rate_limit_error")
+        .with_error_code("rpm")
+        .with_message("the prompt was: secret")
+        .with_header("x-request-id", "req_secret");
+    let text = format!("{e:?}");
+    assert!(
+        text.starts_with("HttpError")
+            && text.contains("429")
+            && text.contains("rate_limit_error")
+            && text.contains("rpm"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "{text}");
+}
