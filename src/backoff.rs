@@ -320,6 +320,14 @@ mod tests {
         assert_eq!(b.max_delay(), Duration::from_secs(8));
         assert_eq!(b.jitter(), Jitter::Equal);
         assert_eq!(Backoff::default(), b);
+        for j in [
+            Jitter::None,
+            Jitter::Full,
+            Jitter::Equal,
+            Jitter::Decorrelated,
+        ] {
+            assert_eq!(Backoff::builder().jitter(j).build().unwrap().jitter(), j);
+        }
         let t = Backoff::llm_throttling();
         assert_eq!(
             (t.initial(), t.max_delay(), t.jitter()),

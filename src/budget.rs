@@ -459,6 +459,46 @@ mod tests {
         );
     }
 
+    /// A cell counts its own epoch, starts anew on an older one, and drops
+    /// an add dated before the epoch it holds: "newer" is less than half
+    /// the 32-bit tag space ahead, so the order survives the tags' wrap.
+    #[test]
+    fn a_cell_starts_anew_on_older_epochs_and_drops_older_adds() {
+        let half = COUNT_MASK / 2;
+        for epoch in [7u64, COUNT_MASK - 1, COUNT_MASK] {
+            let cell = |held: u64, n: u64| AtomicU64::new((held & COUNT_MASK) << 32 | n);
+            let own = cell(epoch, 2);
+            assert_eq!(add(&own, epoch, 3), Some(5));
+            for ahead in [1, half - 1] {
+                let newer = cell(epoch + ahead, 2);
+                assert_eq!(add(&newer, epoch, 3), None, "{ahead} ahead");
+                assert_eq!(newer.load(Ordering::Relaxed) & COUNT_MASK, 2);
+            }
+            for behind in [1, half + 2] {
+                let older = cell(epoch.wrapping_sub(behind), 9);
+                assert_eq!(add(&older, epoch, 3), Some(3), "{behind} behind");
+            }
+            // Half the tag space away counts as older.
+            let far = cell(epoch + half, 9);
+            assert_eq!(add(&far, epoch, 3), Some(3));
+        }
+    }
+
+    /// Giving a withdrawal back never takes a cell below zero (a borrow
+    /// would corrupt its epoch) and leaves a cell of another epoch alone.
+    #[test]
+    fn giving_back_stops_at_zero_and_at_another_epoch() {
+        let empty = AtomicU64::new(5 << 32);
+        sub(&empty, 5);
+        assert_eq!(empty.load(Ordering::Relaxed), 5 << 32);
+        let other = AtomicU64::new(6 << 32 | 2);
+        sub(&other, 5);
+        assert_eq!(other.load(Ordering::Relaxed), 6 << 32 | 2);
+        let own = AtomicU64::new(5 << 32 | 2);
+        sub(&own, 5);
+        assert_eq!(own.load(Ordering::Relaxed), 5 << 32 | 1);
+    }
+
     #[test]
     fn the_ranges_edges_are_allowed() {
         for ttl in [1, 60] {

@@ -412,6 +412,8 @@ mod tests {
             Some(Duration::new(5, 123_456_789))
         );
         assert_eq!(at("2026-05-28T20:26:45.Z"), None);
+        // A fraction that runs to the end: no zone, not RFC 3339.
+        assert_eq!(at("2026-05-28T20:26:45.5"), None);
         assert_eq!(at("2026-05-28T20:26:45,5Z"), None);
         // Offsets: negative, half-hour, `-00:00`, out of range.
         assert_eq!(

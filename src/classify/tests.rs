@@ -289,3 +289,146 @@ fn outcome_accessors() {
         "server_said_no_retry"
     );
 }
+
+#[test]
+fn only_hints_limits_and_request_ids_matter() {
+    for name in [
+        "retry-after",
+        "retry-after-ms",
+        "x-ms-retry-after-ms",
+        "x-should-retry",
+        "x-request-id",
+        "request-id",
+        "x-ratelimit-reset-tokens",
+        "anthropic-ratelimit-requests-remaining",
+    ] {
+        assert!(header_matters(name), "{name}");
+    }
+    for name in [
+        "authorization",
+        "x-api-key",
+        "set-cookie",
+        "content-type",
+        "x-ratelimit",
+        "retry",
+    ] {
+        assert!(!header_matters(name), "{name}");
+    }
+}
+
+/// `from_response` keeps the headers that matter (names lowercased) and
+/// nothing else (no credentials, cookies or content headers), and reads
+/// the provider's error from the body; `with_error_body` on its own keeps
+/// what the error already had, and a body that is no error object changes
+/// nothing.
+#[cfg(feature = "json")]
+#[test]
+fn from_response_keeps_what_matters_and_reads_the_body() {
+    let headers = [
+        ("Authorization", "Bearer sk-secret"),
+        ("Set-Cookie", "a=b"),
+        ("Content-Type", "application/json"),
+        ("Retry-After", "3"),
+        ("X-Request-Id", "req_1"),
+    ];
+    let body = br#"{"error":{"type":"invalid_request_error","code":"bad","message":"m"}}"#;
+    let e = HttpError::from_response(400, headers, body);
+    assert_eq!(
+        e.headers().collect::<Vec<_>>(),
+        [("retry-after", "3"), ("x-request-id", "req_1")]
+    );
+    assert_eq!(
+        (
+            e.status(),
+            e.error_type(),
+            e.error_code(),
+            e.error_message()
+        ),
+        (
+            Some(400),
+            Some("invalid_request_error"),
+            Some("bad"),
+            Some("m")
+        )
+    );
+    let anthropic = br#"{"type":"error","error":{"type":"overloaded_error","message":"m"}}"#;
+    let e = HttpError::new(529)
+        .with_header("Retry-After", "1")
+        .with_error_body(anthropic);
+    assert_eq!(e.status(), Some(529));
+    assert_eq!(e.header("retry-after"), Some("1"));
+    assert_eq!(e.error_type(), Some("overloaded_error"));
+    assert_eq!(
+        HttpError::new(500).with_error_body(b"<html>"),
+        HttpError::new(500)
+    );
+}
+
+/// The cause given to `with_source` is the error's `source()`, so reports
+/// show it; an error without one has none; `==` ignores it.
+#[test]
+fn with_source_is_the_source() {
+    use std::error::Error as _;
+    let cause = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+    let e = HttpError::transport(Transport::Reset).with_source(cause);
+    assert_eq!(
+        e.source().map(|s| s.to_string()).as_deref(),
+        Some("reset by peer")
+    );
+    assert!(HttpError::new(500).source().is_none());
+    // The cause is not compared by `==`.
+    let other = HttpError::transport(Transport::Reset).with_source(std::fmt::Error);
+    assert_eq!(e, other);
+    assert_ne!(e, HttpError::transport(Transport::Timeout));
+}
+
+/// `http_view` finds the `HttpError` anywhere in an upstream error's chain,
+/// and nothing in the crate's own errors.
+#[test]
+fn http_view_finds_the_http_error_in_the_chain() {
+    let c = LlmClassifier::new();
+    let direct = Error::Upstream {
+        source: Box::new(HttpError::new(429).with_header("x-ratelimit-remaining-requests", "0")),
+    };
+    let view = c.http_view(&direct).expect("a view");
+    assert_eq!(view.status(), Some(429));
+    assert_eq!(view.header("x-ratelimit-remaining-requests"), Some("0"));
+    #[derive(Debug)]
+    struct Wrapper(HttpError);
+    impl fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapper")
+        }
+    }
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    let wrapped = Error::Upstream {
+        source: Box::new(Wrapper(HttpError::new(503))),
+    };
+    assert_eq!(c.http_view(&wrapped).and_then(|v| v.status()), Some(503));
+    assert!(c.http_view(&Error::Upstream { source: boom() }).is_none());
+    assert!(c.http_view(&Error::Shutdown).is_none());
+}
+
+/// `Debug` shows the status, type and code, and neither the message nor
+/// the headers.
+#[test]
+fn debug_shows_the_status_type_and_code_only() {
+    let e = HttpError::new(429)
+        .with_error_type("rate_limit_error")
+        .with_error_code("rpm")
+        .with_message("the prompt was: secret")
+        .with_header("x-request-id", "req_secret");
+    let text = format!("{e:?}");
+    assert!(
+        text.starts_with("HttpError")
+            && text.contains("429")
+            && text.contains("rate_limit_error")
+            && text.contains("rpm"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "{text}");
+}
