@@ -14,6 +14,7 @@ use crate::classify::Reason;
 use crate::util::rng::{splitmix, unit};
 
 pub(crate) use super::event::{BreakerEvent, State};
+#[cfg_attr(loom, allow(unused_imports))] // the loom model has no listener
 pub(crate) use super::settings::{Listener, Settings, WindowSpec};
 
 /// The public state a mode of the state word stands for.

@@ -74,8 +74,13 @@ use super::event::{Listener, QueueEvent, QueueEventKind};
 use super::sync;
 use super::Priority;
 
+// The loom models compile this module without the layer that uses all
+// of these.
+#[cfg_attr(loom, allow(unused_imports))]
 pub(crate) use self::counters::{Count, Counters, Padded};
+#[cfg_attr(loom, allow(unused_imports))]
 pub(crate) use self::entry::{Admission, Enqueued, Entry, Grant};
+#[cfg_attr(loom, allow(unused_imports))]
 pub(crate) use self::permits::Permit;
 pub(crate) use self::places::Slot;
 
