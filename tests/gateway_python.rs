@@ -173,7 +173,7 @@ async fn setup(python: String) -> Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
     let Some(python) = python() else { return };
-    let s = setup(python).await;
+    let s = setup(python.clone()).await;
     let ok = FaultScript::new;
     let always = |fault: MockFault| FaultScript::new().rate(fault, 1.0);
     let throttled = || always(MockFault::rate_limited(Some(Duration::from_secs(2))));
@@ -197,17 +197,26 @@ async fn the_openai_python_sdk_reads_every_answer_of_the_gateway() {
     // that the SDK reads the gateway's Retry-After.)
     let calls = s.run("rate_limited", throttled(), throttled()).await;
     assert_eq!(retry_counts(&calls), ["0", "1", "2"]);
+    // A provider's 429 pauses its target's rate limiter for the hinted
+    // time (up to the limiter's 2-minute cap), which would answer the next
+    // scenario: each of the next ones gets gateways of its own.
     // Told to wait 300 s, past its 2-minute cap, the SDK does not retry:
     // it read the gateway's Retry-After (a count, no clock involved).
     let long = || always(MockFault::rate_limited(Some(Duration::from_secs(300))));
-    let calls = s.run("rate_limited_long", long(), long()).await;
+    let calls = setup(python.clone())
+        .await
+        .run("rate_limited_long", long(), long())
+        .await;
     assert_eq!(retry_counts(&calls), ["0"]);
     assert_eq!(
-        s.run("rate_limited_stream", throttled(), throttled())
+        setup(python.clone())
+            .await
+            .run("rate_limited_stream", throttled(), throttled())
             .await
             .len(),
         1
     );
+    let s = setup(python).await;
 
     // Every breaker open: 503 with the time to the next probe (1 s); the
     // SDK (max_retries 1) calls twice and no target is called.
