@@ -1,6 +1,6 @@
 //! The whole agent pipeline, a first-try success: `AgentPipeline` with one
-//! target (queue → deadline → fallback → retry with attempt timeout →
-//! breaker → client) against the same order of tower-resilience layers
+//! target (queue → deadline → fallback → retry → breaker → rate limit →
+//! attempt timeout → client) against the same order of tower-resilience layers
 //! (bulkhead → time limiter → retry → breaker → rate limiter → time
 //! limiter) and of tower's own (`ConcurrencyLimit` → `Timeout` → `Retry`
 //! → `Timeout`; no breaker, no shareable rate limit).
