@@ -8,7 +8,8 @@ use reqwest::header::{HeaderName, HeaderValue};
 
 use super::{AnthropicClient, Config, Limits};
 use crate::client::builder::redact_url;
-use crate::client::idempotency::{AttemptHeaders, IDEMPOTENCY_KEY_HEADER, RETRY_COUNT_HEADER};
+use crate::client::idempotency::AttemptHeaders;
+use crate::client::transport::{self, opt_limit, positive};
 use crate::error::ConfigError;
 
 /// Anthropic's API endpoint, the default base URL.
@@ -28,10 +29,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 /// The default cap on one server-sent event: 4 MiB (an Anthropic event is a
 /// delta, usually well under a kilobyte).
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 << 20;
-
-/// A duration at or above this (about 100 years) means "no limit": adding it
-/// to the clock could overflow, and no call waits that long anyway.
-const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Builds a validated [`AnthropicClient`]; from
 /// [`AnthropicClient::builder`] or [`AnthropicClient::builder_from_env`].
@@ -90,30 +87,6 @@ impl Default for AnthropicClientBuilder {
             http: None,
             attempt_headers: AttemptHeaders::default(),
         }
-    }
-}
-
-/// Zero is an error; from [`NO_LIMIT_FROM`] up, no limit (`None`).
-fn limit(d: Duration, field: &'static str) -> Result<Option<Duration>, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::new(field, "must be greater than zero"))
-    } else {
-        Ok((d < NO_LIMIT_FROM).then_some(d))
-    }
-}
-
-fn optional(d: Option<Duration>, field: &'static str) -> Result<Option<Duration>, ConfigError> {
-    Ok(match d {
-        Some(d) => limit(d, field)?,
-        None => None,
-    })
-}
-
-fn positive(n: usize, field: &'static str) -> Result<usize, ConfigError> {
-    if n == 0 {
-        Err(ConfigError::new(field, "must be greater than zero"))
-    } else {
-        Ok(n)
     }
 }
 
@@ -296,22 +269,7 @@ impl AnthropicClientBuilder {
 
     /// Validates and builds the client.
     pub fn build(self) -> Result<AnthropicClient, ConfigError> {
-        let parsed = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
-            .ok()
-            .filter(|u| {
-                matches!(u.scheme(), "http" | "https")
-                    && u.host_str().is_some_and(|h| !h.is_empty())
-            })
-            .ok_or(ConfigError::new(
-                "base_url",
-                "must be an http:// or https:// URL with a host",
-            ))?;
-        if parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err(ConfigError::new(
-                "base_url",
-                "must not have a query or fragment (the path is appended to it)",
-            ));
-        }
+        let parsed = transport::base_url(&self.base_url)?;
         // The URL as parsed (normalised), so the request goes where the
         // checks above looked.
         let base = parsed.as_str().trim_end_matches('/');
@@ -321,11 +279,11 @@ impl AnthropicClientBuilder {
         if self.max_tokens == 0 {
             return Err(ConfigError::new("max_tokens", "must be greater than zero"));
         }
-        let connect_timeout = limit(self.connect_timeout, "connect_timeout")?;
-        let first_byte_timeout = optional(self.first_byte_timeout, "first_byte_timeout")?;
-        let total_timeout = optional(self.total_timeout, "total_timeout")?;
-        let idle_timeout = optional(self.idle_timeout, "stream_idle_timeout")?;
-        let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
+        let connect_timeout = transport::limit(self.connect_timeout, "connect_timeout")?;
+        let first_byte_timeout = opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
+        let total_timeout = opt_limit(self.total_timeout, "total_timeout")?;
+        let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
+        let error_body_timeout = transport::limit(self.error_body_timeout, "error_body_timeout")?;
         let limits = Limits {
             idle_timeout,
             max_bytes: positive(self.max_body_bytes, "max_body_bytes")?,
@@ -354,49 +312,15 @@ impl AnthropicClientBuilder {
             headers.push((name, header_value(value, "header")?));
         }
         // A default header of the same name is the caller's choice.
-        let named = |n: &str| headers.iter().any(|(h, _)| h == n);
-        let attempt_headers = AttemptHeaders {
-            key: self.attempt_headers.key && !named(IDEMPOTENCY_KEY_HEADER),
-            retry_count: self.attempt_headers.retry_count && !named(RETRY_COUNT_HEADER),
-        };
-        if attempt_headers.key || attempt_headers.retry_count {
-            crate::retry::Attempt::listen();
-        }
-
-        let http = match self.http {
-            Some(_) if !self.root_certificates.is_empty() => {
-                return Err(ConfigError::new(
-                    "root_certificate",
-                    "add it to the reqwest client given to http_client instead",
-                ));
-            }
-            Some(c) => c,
-            None => {
-                let mut b = reqwest::Client::builder();
-                if let Some(t) = connect_timeout {
-                    b = b.connect_timeout(t);
-                }
-                if let Some(t) = total_timeout {
-                    b = b.timeout(t);
-                }
-                for pem in &self.root_certificates {
-                    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| {
-                        ConfigError::new("root_certificate", "must be PEM certificates")
-                    })?;
-                    if certs.is_empty() {
-                        return Err(ConfigError::new(
-                            "root_certificate",
-                            "holds no PEM certificate",
-                        ));
-                    }
-                    for c in certs {
-                        b = b.add_root_certificate(c);
-                    }
-                }
-                b.build()
-                    .map_err(|_| ConfigError::new("http_client", "could not be built"))?
-            }
-        };
+        let attempt_headers = transport::attempt_headers(self.attempt_headers, |n| {
+            headers.iter().any(|(h, _)| h == n)
+        });
+        let http = transport::http_client(
+            self.http,
+            &self.root_certificates,
+            connect_timeout,
+            total_timeout,
+        )?;
         let endpoint = if base.ends_with("/v1") {
             format!("{base}/messages")
         } else {

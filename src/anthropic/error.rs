@@ -265,26 +265,7 @@ fn excerpt(body: &[u8]) -> String {
     String::from_utf8_lossy(cut).into_owned()
 }
 
-impl HttpView for AnthropicError {
-    fn status(&self) -> Option<u16> {
-        self.inner.http.status()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.inner.http.header(name)
-    }
-    fn error_type(&self) -> Option<&str> {
-        self.inner.http.error_type()
-    }
-    fn error_code(&self) -> Option<&str> {
-        self.inner.http.error_code()
-    }
-    fn error_message(&self) -> Option<&str> {
-        self.inner.http.error_message()
-    }
-    fn transport(&self) -> Option<Transport> {
-        self.inner.http.transport()
-    }
-}
+crate::client::http_view_of_inner_http!(AnthropicError);
 
 impl fmt::Debug for AnthropicError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
-use super::idempotency::{AttemptHeaders, IDEMPOTENCY_KEY_HEADER, RETRY_COUNT_HEADER};
+use super::idempotency::AttemptHeaders;
+use super::transport::{self, positive};
 use super::{Config, OpenAiClient};
 use crate::error::ConfigError;
 
@@ -19,10 +20,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// chat stream is usually well under a kilobyte; a tool call's arguments
 /// arrive in many small deltas.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
-
-/// A duration at or above this (about 100 years) means "no limit": adding it
-/// to the clock could overflow, and no call waits that long anyway.
-const NO_LIMIT_FROM: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// How the API key is sent.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -104,21 +101,6 @@ fn sensitive(value: &str, field: &'static str) -> Result<HeaderValue, ConfigErro
         .map_err(|_| ConfigError::new(field, "must be visible ASCII without line breaks"))?;
     v.set_sensitive(true);
     Ok(v)
-}
-
-/// `Ok(None)` for "no limit", an error for zero.
-fn limit(d: Duration, field: &'static str) -> Result<Option<Duration>, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::new(field, "must be greater than zero"))
-    } else if d >= NO_LIMIT_FROM {
-        Ok(None)
-    } else {
-        Ok(Some(d))
-    }
-}
-
-fn opt_limit(d: Option<Duration>, field: &'static str) -> Result<Option<Duration>, ConfigError> {
-    d.map_or(Ok(None), |d| limit(d, field))
 }
 
 impl OpenAiClientBuilder {
@@ -395,92 +377,32 @@ impl OpenAiClientBuilder {
 
     /// Validates and builds the client.
     pub fn build(self) -> Result<OpenAiClient, ConfigError> {
-        let base = self.base_url.trim_end_matches('/');
-        let parsed = reqwest::Url::parse(base)
-            .map_err(|_| ConfigError::new("base_url", "must be an absolute http(s) URL"))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(ConfigError::new(
-                "base_url",
-                "scheme must be http or https (the only ones this client serves)",
-            ));
-        }
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err(ConfigError::new("base_url", "must name a host"));
-        }
-        if parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err(ConfigError::new(
-                "base_url",
-                "must not have a query or fragment (the path is appended to it)",
-            ));
-        }
+        let parsed = transport::base_url(&self.base_url)?;
         // The URL as parsed (normalised), so the request goes where the
         // checks above looked.
         let base = parsed.as_str().trim_end_matches('/');
         if self.model.is_empty() {
             return Err(ConfigError::new("model", "must not be empty"));
         }
-        if self.max_body_bytes == 0 {
-            return Err(ConfigError::new(
-                "max_body_bytes",
-                "must be greater than zero",
-            ));
-        }
-        if self.max_event_bytes == 0 {
-            return Err(ConfigError::new(
-                "max_event_bytes",
-                "must be greater than zero",
-            ));
-        }
-        let connect_timeout = limit(self.connect_timeout, "connect_timeout")?;
-        let first_byte_timeout = opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
-        let total_timeout = opt_limit(self.total_timeout, "total_timeout")?;
-        let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
-        let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
+        let max_body_bytes = positive(self.max_body_bytes, "max_body_bytes")?;
+        let max_event_bytes = positive(self.max_event_bytes, "max_event_bytes")?;
+        let connect_timeout = transport::limit(self.connect_timeout, "connect_timeout")?;
+        let first_byte_timeout =
+            transport::opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
+        let total_timeout = transport::opt_limit(self.total_timeout, "total_timeout")?;
+        let idle_timeout = transport::opt_limit(self.idle_timeout, "stream_idle_timeout")?;
+        let error_body_timeout = transport::limit(self.error_body_timeout, "error_body_timeout")?;
         let headers = self.header_map()?;
         // A default header of the same name is the caller's choice.
-        let attempt_headers = AttemptHeaders {
-            key: self.attempt_headers.key && !headers.contains_key(IDEMPOTENCY_KEY_HEADER),
-            retry_count: self.attempt_headers.retry_count
-                && !headers.contains_key(RETRY_COUNT_HEADER),
-        };
+        let attempt_headers =
+            transport::attempt_headers(self.attempt_headers, |n| headers.contains_key(n));
         let url = self.url(base)?;
-        if attempt_headers.key || attempt_headers.retry_count {
-            crate::retry::Attempt::listen();
-        }
-        let http = match self.http {
-            Some(_) if !self.root_certificates.is_empty() => {
-                return Err(ConfigError::new(
-                    "root_certificate",
-                    "add it to the reqwest client given to http_client instead",
-                ));
-            }
-            Some(c) => c,
-            None => {
-                let mut b = reqwest::Client::builder();
-                if let Some(t) = connect_timeout {
-                    b = b.connect_timeout(t);
-                }
-                if let Some(t) = total_timeout {
-                    b = b.timeout(t);
-                }
-                for pem in &self.root_certificates {
-                    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| {
-                        ConfigError::new("root_certificate", "must be PEM certificates")
-                    })?;
-                    if certs.is_empty() {
-                        return Err(ConfigError::new(
-                            "root_certificate",
-                            "holds no PEM certificate",
-                        ));
-                    }
-                    for c in certs {
-                        b = b.add_root_certificate(c);
-                    }
-                }
-                b.build()
-                    .map_err(|_| ConfigError::new("http_client", "could not be built"))?
-            }
-        };
+        let http = transport::http_client(
+            self.http,
+            &self.root_certificates,
+            connect_timeout,
+            total_timeout,
+        )?;
         Ok(OpenAiClient {
             config: Arc::new(Config {
                 http,
@@ -495,8 +417,8 @@ impl OpenAiClientBuilder {
                 connect_timeout,
                 total_timeout,
                 error_body_timeout,
-                max_body_bytes: self.max_body_bytes,
-                max_event_bytes: self.max_event_bytes,
+                max_body_bytes,
+                max_event_bytes,
                 attempt_headers,
             }),
         })
@@ -517,10 +439,10 @@ mod tests {
 
     #[test]
     fn durations_zero_is_an_error_and_huge_is_no_limit() {
-        assert!(limit(Duration::ZERO, "x").is_err());
-        assert_eq!(limit(Duration::MAX, "x").unwrap(), None);
+        assert!(transport::limit(Duration::ZERO, "x").is_err());
+        assert_eq!(transport::limit(Duration::MAX, "x").unwrap(), None);
         assert_eq!(
-            limit(Duration::from_secs(1), "x").unwrap(),
+            transport::limit(Duration::from_secs(1), "x").unwrap(),
             Some(Duration::from_secs(1))
         );
     }

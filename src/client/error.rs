@@ -324,26 +324,36 @@ pub(crate) fn implied_status(e: &WireError) -> u16 {
     }
 }
 
-impl HttpView for ClientError {
-    fn status(&self) -> Option<u16> {
-        self.inner.http.status()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.inner.http.header(name)
-    }
-    fn error_type(&self) -> Option<&str> {
-        self.inner.http.error_type()
-    }
-    fn error_code(&self) -> Option<&str> {
-        self.inner.http.error_code()
-    }
-    fn error_message(&self) -> Option<&str> {
-        self.inner.http.error_message()
-    }
-    fn transport(&self) -> Option<Transport> {
-        self.inner.http.transport()
-    }
+/// `HttpView` for a client error that keeps its [`HttpError`] in
+/// `self.inner.http`: every method reads that one (the OpenAI-compatible
+/// and the Anthropic client's errors).
+macro_rules! http_view_of_inner_http {
+    ($ty:ty) => {
+        impl $crate::classify::HttpView for $ty {
+            fn status(&self) -> Option<u16> {
+                self.inner.http.status()
+            }
+            fn header(&self, name: &str) -> Option<&str> {
+                self.inner.http.header(name)
+            }
+            fn error_type(&self) -> Option<&str> {
+                self.inner.http.error_type()
+            }
+            fn error_code(&self) -> Option<&str> {
+                self.inner.http.error_code()
+            }
+            fn error_message(&self) -> Option<&str> {
+                self.inner.http.error_message()
+            }
+            fn transport(&self) -> Option<$crate::classify::Transport> {
+                self.inner.http.transport()
+            }
+        }
+    };
 }
+pub(crate) use http_view_of_inner_http;
+
+http_view_of_inner_http!(ClientError);
 
 impl fmt::Debug for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -244,9 +244,11 @@ mod assemble;
 pub(crate) mod body;
 pub(crate) mod builder;
 mod error;
+pub(crate) use error::http_view_of_inner_http;
 pub(crate) mod idempotency;
 pub(crate) mod sse;
 mod stream;
+pub(crate) mod transport;
 mod types;
 
 use std::fmt;
