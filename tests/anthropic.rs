@@ -15,43 +15,16 @@ use llm_resilience::anthropic::{
 };
 use llm_resilience::backoff::{Backoff, Jitter};
 use llm_resilience::breaker::{CircuitBreakerLayer, State};
-use llm_resilience::classify::{Classify, LlmClassifier, Outcome, Reason};
+use llm_resilience::classify::{Outcome, Reason};
 use llm_resilience::retry::{RetryEvent, RetryEventKind, RetryLayer};
 use llm_resilience::testing::contract;
-use llm_resilience::testing::mock_server::{
-    ErrorReply, FaultScript, MockFault, MockServer, Served,
-};
+use llm_resilience::testing::mock_server::{ErrorReply, FaultScript, MockFault, Served};
 use llm_resilience::Error;
 use serde_json::json;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
-const KEY: &str = "sk-ant-test-DO-NOT-LEAK-0987654321";
-
-fn builder(server: &MockServer) -> llm_resilience::anthropic::AnthropicClientBuilder {
-    AnthropicClient::builder()
-        .base_url(server.anthropic_base_url())
-        .api_key(KEY)
-        .model("claude-mock")
-        .connect_timeout(Duration::from_secs(2))
-        .first_byte_timeout(Duration::from_secs(2))
-        .total_timeout(Duration::from_secs(5))
-        .stream_idle_timeout(Duration::from_secs(2))
-}
-
-fn client(server: &MockServer) -> AnthropicClient {
-    builder(server).build().unwrap()
-}
-
-async fn keyed_server(script: FaultScript) -> MockServer {
-    MockServer::start(script.require_api_key(KEY))
-        .await
-        .unwrap()
-}
-
-fn classify(err: AnthropicError) -> Outcome {
-    let err = Error::from_inner(err);
-    Classify::<()>::classify(&LlmClassifier::new(), Err(&err))
-}
+mod anthropic_support;
+use anthropic_support::{builder, classify, client, keyed_server};
 
 fn weather_tool() -> Tool {
     Tool::new(

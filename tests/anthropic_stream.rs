@@ -9,44 +9,16 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use llm_resilience::anthropic::{
-    AnthropicClient, AnthropicError, AnthropicErrorKind, MessagesRequest, StreamEvent, Tool,
-};
+use llm_resilience::anthropic::{AnthropicErrorKind, MessagesRequest, StreamEvent, Tool};
 use llm_resilience::backoff::{Backoff, Jitter};
-use llm_resilience::classify::{Classify, LlmClassifier, Outcome, Reason};
+use llm_resilience::classify::{Outcome, Reason};
 use llm_resilience::retry::RetryLayer;
 use llm_resilience::testing::mock_server::{FaultScript, MockFault, MockServer, Served};
-use llm_resilience::Error;
 use serde_json::json;
 use tower::{Layer, ServiceExt};
 
-const KEY: &str = "sk-ant-stream-DO-NOT-LEAK";
-
-fn builder(server: &MockServer) -> llm_resilience::anthropic::AnthropicClientBuilder {
-    AnthropicClient::builder()
-        .base_url(server.anthropic_base_url())
-        .api_key(KEY)
-        .model("claude-mock")
-        .connect_timeout(Duration::from_secs(2))
-        .first_byte_timeout(Duration::from_secs(2))
-        .total_timeout(Duration::from_secs(5))
-        .stream_idle_timeout(Duration::from_secs(2))
-}
-
-fn client(server: &MockServer) -> AnthropicClient {
-    builder(server).build().unwrap()
-}
-
-async fn server(script: FaultScript) -> MockServer {
-    MockServer::start(script.require_api_key(KEY))
-        .await
-        .unwrap()
-}
-
-fn classify(err: AnthropicError) -> Outcome {
-    let err = Error::from_inner(err);
-    Classify::<()>::classify(&LlmClassifier::new(), Err(&err))
-}
+mod anthropic_support;
+use anthropic_support::{builder, classify, client, keyed_server as server};
 
 fn fast_retry() -> RetryLayer {
     let fast = Backoff::builder()
