@@ -8,11 +8,10 @@
 
 use llm_resilience::client::{ChatRequest, OpenAiClient};
 use llm_resilience::testing::mock_server::{FaultScript, MockServer};
-use tower::{Service, ServiceExt};
 
 #[path = "support/thread_alloc.rs"]
 mod thread_alloc;
-use thread_alloc::allocations;
+use thread_alloc::{allocations, median_per_call};
 
 #[global_allocator]
 static GLOBAL: thread_alloc::Counting = thread_alloc::Counting;
@@ -42,30 +41,9 @@ fn plain_text_request_allocations() {
     let req = ChatRequest::user(PROMPT).max_tokens(64);
     let building = allocations() - before;
     drop(req);
-    let mut per_call = Vec::new();
-    rt.block_on(async {
-        for i in 0..40 {
-            let req = ChatRequest::user(PROMPT).max_tokens(64);
-            let svc = client.ready().await.unwrap();
-            let before = allocations();
-            let resp = svc.call(req).await.unwrap();
-            let n = allocations() - before;
-            drop(resp);
-            // The first calls open the connection and warm reqwest's pool.
-            if i >= 10 {
-                per_call.push(n);
-            }
-        }
+    let median = median_per_call(&rt, &mut client, building, || {
+        ChatRequest::user(PROMPT).max_tokens(64)
     });
-    per_call.sort_unstable();
-    let median = per_call[per_call.len() / 2];
-    println!(
-        "building a plain request: {building} allocations; a whole call \
-         (encode, send, receive, decode) on the calling thread: median {median}, \
-         min {}, max {}",
-        per_call[0],
-        per_call[per_call.len() - 1]
-    );
     assert!(building <= 3, "building took {building} allocations");
     // Before the agent fields (tools, parts, extra, …) a call took 73 on
     // this path (reqwest 0.12, hyper 1); encoding straight into one buffer

@@ -42,3 +42,47 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
 }
+
+/// Allocations made on this thread by each call of `svc` (`ready`, then
+/// `call` and its answer), sorted: 40 calls of which the first 10 open the
+/// connection and warm the client's pool and are not counted. Prints the
+/// median, minimum and maximum, and `building` (what making one request
+/// took), and returns the median.
+// Not every test that counts allocations measures a client call.
+#[allow(dead_code)]
+pub fn median_per_call<S, Req>(
+    rt: &tokio::runtime::Runtime,
+    svc: &mut S,
+    building: u64,
+    mut make: impl FnMut() -> Req,
+) -> u64
+where
+    S: tower::Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    use tower::ServiceExt;
+    let mut per_call = Vec::new();
+    rt.block_on(async {
+        for i in 0..40 {
+            let req = make();
+            let ready = svc.ready().await.unwrap();
+            let before = allocations();
+            let resp = ready.call(req).await.unwrap();
+            let n = allocations() - before;
+            drop(resp);
+            if i >= 10 {
+                per_call.push(n);
+            }
+        }
+    });
+    per_call.sort_unstable();
+    let median = per_call[per_call.len() / 2];
+    println!(
+        "building a plain request: {building} allocations; a whole call \
+         (encode, send, receive, decode) on the calling thread: median {median}, \
+         min {}, max {}",
+        per_call[0],
+        per_call[per_call.len() - 1]
+    );
+    median
+}
