@@ -221,7 +221,8 @@ impl WorkerConfigBuilder {
     }
 
     /// Most jobs this worker runs at once (default 8). The worker reads only
-    /// as many jobs as it has free slots.
+    /// as many jobs as it has free slots; a slot is free again once the
+    /// job's outcome is queued for writing.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.0.max_in_flight = n;
         self

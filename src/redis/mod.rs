@@ -79,7 +79,11 @@
 //!
 //! A worker runs at most `max_in_flight` jobs and takes only as many jobs
 //! as it has free slots, so what it cannot start stays in Redis for other
-//! workers. An idle worker blocks on `XREAD` (a connection of its own) and
+//! workers. A job's slot is free again once its outcome is queued for
+//! writing (that queue holds at most `max_in_flight` outcomes, and one
+//! script call writes up to 64 of them), so taking the next jobs overlaps
+//! with writing the last ones' outcomes: a worker holds at most
+//! `2 × max_in_flight + 64` jobs not yet acknowledged. An idle worker blocks on `XREAD` (a connection of its own) and
 //! wakes on a new entry, on a due delayed job, or after `idle_wait`.
 //! [`WorkerHandle::shutdown`] stops taking, lets in-flight jobs finish
 //! within `shutdown_grace`, and releases the rest to the queue without

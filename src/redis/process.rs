@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::poll_fn;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tower_service::Service;
 
 use super::config::ms;
@@ -57,11 +57,16 @@ fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// Runs one job and records its outcome. `slot` is the job's place among
+/// the worker's jobs in flight; it is freed once the outcome is queued for
+/// writing (the write queue is bounded too), so the worker can take the
+/// next jobs while the outcomes are on their way.
 pub(crate) async fn process<S, T>(
     ctx: &Ctx,
     job: Delivery,
     service: S,
     release: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
 ) where
     T: DeserializeOwned,
     S: Service<T>,
@@ -69,7 +74,7 @@ pub(crate) async fn process<S, T>(
     S::Error: Into<BoxError>,
 {
     let verdict = decide(ctx, &job, service, release).await;
-    record(ctx, &job, verdict).await;
+    record(ctx, &job, verdict, slot).await;
 }
 
 async fn decide<S, T>(
@@ -151,11 +156,12 @@ where
 
 /// Writes the verdict, retrying while Redis is unreachable, for up to the
 /// visibility timeout (after which another worker reclaims the job anyway).
-async fn record(ctx: &Ctx, job: &Delivery, verdict: Verdict) {
+async fn record(ctx: &Ctx, job: &Delivery, verdict: Verdict, slot: OwnedSemaphorePermit) {
     let start = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(20);
+    let mut slot = Some(slot);
     loop {
-        match write(ctx, job, &verdict).await {
+        match write(ctx, job, &verdict, &mut slot).await {
             Ok(written) => {
                 emit(ctx, job, &verdict, written);
                 return;
@@ -200,7 +206,12 @@ fn emit(ctx: &Ctx, job: &Delivery, verdict: &Verdict, written: bool) {
     ctx.events.emit(event);
 }
 
-async fn write(ctx: &Ctx, job: &Delivery, verdict: &Verdict) -> Result<bool, RedisQueueError> {
+async fn write(
+    ctx: &Ctx,
+    job: &Delivery,
+    verdict: &Verdict,
+    slot: &mut Option<OwnedSemaphorePermit>,
+) -> Result<bool, RedisQueueError> {
     let (target, stored) = match verdict {
         Verdict::Retry(e) => {
             let delay = ctx.config.requeue_delay(job.deliveries);
@@ -250,14 +261,17 @@ async fn write(ctx: &Ctx, job: &Delivery, verdict: &Verdict) -> Result<bool, Red
         _ => fields.extend([b"status".to_vec(), b"expired".to_vec()]),
     }
     ctx.writer
-        .write(Outcome {
-            source: ctx.keys.stream(job.class),
-            target,
-            result_key: ctx.keys.result(&job.job),
-            entry: job.entry.clone(),
-            stored,
-            fields,
-        })
+        .write(
+            Outcome {
+                source: ctx.keys.stream(job.class),
+                target,
+                result_key: ctx.keys.result(&job.job),
+                entry: job.entry.clone(),
+                stored,
+                fields,
+            },
+            || drop(slot.take()),
+        )
         .await
 }
 

@@ -315,6 +315,9 @@ async fn run<S, T>(
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.changed() => break,
         };
+        // Jobs that just finished free their slots in a burst: let them,
+        // so one take fills several slots instead of one each.
+        tokio::task::yield_now().await;
         let mut permits = vec![first];
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
@@ -329,10 +332,7 @@ async fn run<S, T>(
                 let idle = taken.jobs.is_empty();
                 for (job, permit) in taken.jobs.into_iter().zip(permits.drain(..)) {
                     let (ctx, svc, rel) = (ctx.clone(), service.clone(), release_rx.clone());
-                    jobs.spawn(async move {
-                        process::<S, T>(&ctx, job, svc, rel).await;
-                        drop(permit);
-                    });
+                    jobs.spawn(async move { process::<S, T>(&ctx, job, svc, rel, permit).await });
                 }
                 drop(permits);
                 if idle {

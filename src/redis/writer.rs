@@ -44,12 +44,22 @@ impl Writer {
     }
 
     /// Records one outcome; `Ok(false)` when the job already had one.
-    pub(crate) async fn write(&self, outcome: Outcome) -> Result<bool, RedisQueueError> {
+    ///
+    /// `handed_off` runs once the outcome is in the writer's queue (bounded
+    /// by the capacity given to [`spawn`](Self::spawn)), before the write
+    /// itself: the worker frees the job's slot there, so the next take
+    /// overlaps with this write.
+    pub(crate) async fn write(
+        &self,
+        outcome: Outcome,
+        handed_off: impl FnOnce(),
+    ) -> Result<bool, RedisQueueError> {
         let (tx, rx) = oneshot::channel();
         let gone = || RedisQueueError::Redis {
             source: redis::RedisError::from((redis::ErrorKind::Client, "worker stopped")),
         };
         self.0.send((outcome, tx)).await.map_err(|_| gone())?;
+        handed_off();
         rx.await.map_err(|_| gone())?
     }
 }
