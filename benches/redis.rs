@@ -100,8 +100,21 @@ const OUR_CMDS: &[&str] = &[
 ];
 
 /// Measured: (enqueue jobs/s, end-to-end jobs/s, round trips per job,
-/// Redis CPU µs per job).
-type Figures = (f64, f64, f64, f64);
+/// Redis CPU µs per job, this process's CPU µs per job, both over the
+/// whole run: enqueue and end to end).
+type Figures = (f64, f64, f64, f64, f64);
+
+/// CPU time of every thread of this process so far, in µs (the first field
+/// of each thread's `schedstat`, in ns; Linux).
+fn client_cpu_us() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>()
+        / 1000
+}
 
 async fn floor(url: &str, jobs: u64, workers: usize, with_output: bool) -> Figures {
     let mut admin = conn(url).await;
@@ -117,6 +130,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, with_output: bool) -> Figur
         .await
         .unwrap();
     let before = command_counts(&mut admin).await;
+    let client_before = client_cpu_us();
     let producer = conn(url).await;
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -208,6 +222,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, with_output: bool) -> Figur
     }
     tasks.join_all().await;
     let e2e = jobs as f64 / t.elapsed().as_secs_f64();
+    let client = (client_cpu_us() - client_before) as f64 / jobs as f64;
     let after = command_counts(&mut admin).await;
     let cmds = if with_output {
         FLOOR_OUTPUT_CMDS
@@ -222,7 +237,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, with_output: bool) -> Figur
         .query_async(&mut admin)
         .await
         .unwrap();
-    (enqueue, e2e, rt, cpu)
+    (enqueue, e2e, rt, cpu, client)
 }
 
 async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
@@ -234,6 +249,7 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
         .unwrap();
     let queue = JobQueue::connect(url, config).await.unwrap();
     let before = command_counts(&mut admin).await;
+    let client_before = client_cpu_us();
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for p in 0..PRODUCERS {
@@ -273,6 +289,7 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let e2e = jobs as f64 / t.elapsed().as_secs_f64();
+    let client = (client_cpu_us() - client_before) as f64 / jobs as f64;
     for w in handles {
         w.shutdown().await;
     }
@@ -289,13 +306,12 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
         "output",
         "dead",
         "seq",
-        "turn",
         "delayed",
     ] {
         del.arg(format!("llmq:{{{name}}}:{k}"));
     }
     let _: Value = del.query_async(&mut admin).await.unwrap();
-    (enqueue, e2e, rt, cpu)
+    (enqueue, e2e, rt, cpu, client)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -328,7 +344,7 @@ fn main() {
                     results
                         .entry((workers, side))
                         .or_default()
-                        .push((1.0, 1.0, 0.0, 0.0));
+                        .push((1.0, 1.0, 0.0, 0.0, 0.0));
                     continue;
                 }
                 let f = rt.block_on(async {
@@ -344,31 +360,32 @@ fn main() {
     }
     println!("{jobs} jobs, {rounds} rounds (medians), {PRODUCERS} producer tasks, {IN_FLIGHT} jobs in flight per worker");
     println!(
-        "{:<8} {:<14} {:>12} {:>14} {:>12} {:>14}",
-        "workers", "side", "enqueue/s", "end-to-end/s", "round trips", "redis µs/job"
+        "{:<8} {:<14} {:>10} {:>12} {:>7} {:>9} {:>10}",
+        "workers", "side", "enqueue/s", "end-to-end/s", "trips", "redis µs", "client µs"
     );
     for workers in [1, 4] {
-        let mut floor_e2e = 0.0;
-        let mut floor_enq = 0.0;
+        let mut floor = (0.0, 0.0, 0.0);
         for side in sides {
             let r = &results[&(workers, side)];
-            let enq = median(&mut r.iter().map(|f| f.0).collect::<Vec<_>>());
-            let e2e = median(&mut r.iter().map(|f| f.1).collect::<Vec<_>>());
-            let rts = median(&mut r.iter().map(|f| f.2).collect::<Vec<_>>());
-            let cpu = median(&mut r.iter().map(|f| f.3).collect::<Vec<_>>());
+            let med = |f: fn(&Figures) -> f64| median(&mut r.iter().map(f).collect::<Vec<_>>());
+            let (enq, e2e, rts) = (med(|f| f.0), med(|f| f.1), med(|f| f.2));
+            let (cpu, client) = (med(|f| f.3), med(|f| f.4));
             if side == "floor" {
-                (floor_e2e, floor_enq) = (e2e, enq);
+                floor = (enq, e2e, cpu + client);
             }
             let vs = if side == "floor" {
                 String::new()
             } else {
                 format!(
-                    "  time/job vs floor: enqueue {:+.0} %, end-to-end {:+.0} %",
-                    (floor_enq / enq - 1.0) * 100.0,
-                    (floor_e2e / e2e - 1.0) * 100.0
+                    "  vs floor: enqueue time {:+.0} %, end-to-end time {:+.0} %, CPU {:+.0} %",
+                    (floor.0 / enq - 1.0) * 100.0,
+                    (floor.1 / e2e - 1.0) * 100.0,
+                    ((cpu + client) / floor.2 - 1.0) * 100.0
                 )
             };
-            println!("{workers:<8} {side:<14} {enq:>12.0} {e2e:>14.0} {rts:>12.2} {cpu:>14.1}{vs}");
+            println!(
+                "{workers:<8} {side:<14} {enq:>10.0} {e2e:>12.0} {rts:>7.2} {cpu:>9.1} {client:>10.1}{vs}"
+            );
         }
     }
 }

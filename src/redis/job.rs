@@ -220,9 +220,6 @@ impl Keys {
     pub(crate) fn dead(&self) -> String {
         format!("{}:dead", self.prefix)
     }
-    pub(crate) fn turn(&self) -> String {
-        format!("{}:turn", self.prefix)
-    }
     pub(crate) fn retried(&self) -> String {
         format!("{}:retried", self.prefix)
     }
@@ -285,20 +282,37 @@ pub(crate) fn parse_delivery(v: &Value) -> Result<Delivery, RedisQueueError> {
             "take reply has the wrong arity",
         ));
     };
+    let class = int(class).and_then(Priority::from_index).ok_or_else(|| {
+        RedisQueueError::malformed(
+            bytes(entry)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or("?"),
+            "unknown class",
+        )
+    })?;
+    let deliveries = int(pel).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
+    parse_entry(class, entry, fields, deliveries)
+}
+
+/// Parses one stream entry (`id`, `[field, value, ...]`) of `class`,
+/// delivered `deliveries` times by the group so far (this one included).
+pub(crate) fn parse_entry(
+    class: Priority,
+    entry: &Value,
+    fields: &Value,
+    deliveries: u32,
+) -> Result<Delivery, RedisQueueError> {
     let entry = bytes(entry)
         .and_then(|b| std::str::from_utf8(b).ok())
         .ok_or_else(|| RedisQueueError::malformed("?", "entry id is not text"))?
         .to_owned();
-    let class = int(class)
-        .and_then(Priority::from_index)
-        .ok_or_else(|| RedisQueueError::malformed(&entry, "unknown class"))?;
     let mut d = Delivery {
         class,
         job: format!("{}-{entry}", class.as_str()),
         entry,
         payload: Vec::new(),
         deadline_ms: None,
-        deliveries: int(pel).and_then(|n| u32::try_from(n).ok()).unwrap_or(1),
+        deliveries,
         last_error: String::new(),
         malformed: None,
     };

@@ -58,7 +58,8 @@
 //! A transient failure (after the pipeline's own retries) re-queues the job
 //! in a delayed set (sorted by due time) for `retry_delay` doubling per
 //! delivery up to `max_retry_delay`; workers move due jobs back to their
-//! stream. After `max_deliveries` deliveries, or on a permanent failure, the
+//! stream (a busy worker looks at the due time of the first delayed job it
+//! last saw, and at least every `idle_wait`). After `max_deliveries` deliveries, or on a permanent failure, the
 //! job goes to the dead-letter stream with its last error. A crashed or
 //! hung delivery counts too, so a job that kills its worker ends in dead
 //! letters instead of killing every worker in turn. A stored entry that is
@@ -67,11 +68,11 @@
 //!
 //! # Priorities and deadlines
 //!
-//! Each [`Priority`] class has its own stream. Workers take by weighted
-//! round robin over a fleet-wide turn counter (default weights 4:2:1): when
-//! every class has work, of 7 jobs taken 4 are high, 2 normal, 1 low; a turn
-//! whose class is empty goes to the others in priority order. So the low
-//! class is never starved. A job past its deadline is not run: it is
+//! Each [`Priority`] class has its own stream. Each worker takes by
+//! weighted round robin over its own turn counter (default weights 4:2:1):
+//! when every class has work, of 7 jobs a worker takes 4 are high, 2
+//! normal, 1 low; a turn whose class is empty goes to the others in
+//! priority order. So the low class is never starved. A job past its deadline is not run: it is
 //! recorded as `expired` in the output stream; a job still running at its
 //! deadline is cancelled and recorded the same way.
 //!
@@ -94,7 +95,7 @@
 //! For a queue named `q`: streams `llmq:{q}:jobs:high|normal|low` (group
 //! `llm-resilience`), `llmq:{q}:output`, `llmq:{q}:dead`; sorted set
 //! `llmq:{q}:delayed`; strings `llmq:{q}:result:<id>`, `llmq:{q}:idem:<key>`,
-//! `llmq:{q}:turn`, `llmq:{q}:retried`. The hash tag `{q}`
+//! `llmq:{q}:retried`. The hash tag `{q}`
 //! keeps a queue in one Redis Cluster slot. Output entries have fields
 //! `job`, `deliveries`, `status` (`ok` or `expired`) and `result` (the
 //! answer as JSON); dead letters `job`, `deliveries`, `error`, `priority`,
@@ -128,6 +129,7 @@ mod job;
 mod process;
 mod producer;
 mod scripts;
+mod take;
 mod worker;
 mod writer;
 

@@ -311,5 +311,7 @@ async fn requeue(
         .arg(member)
         .arg(if count_retry { "1" } else { "0" });
     let n: i64 = inv.invoke_async(&mut ctx.conn.clone()).await?;
+    ctx.requeued
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(n == 1)
 }

@@ -33,9 +33,10 @@ return {id, 1}
 
 /// Take up to `n` jobs for one worker.
 ///
-/// `KEYS` = high, normal, low streams, delayed set, turn counter;
+/// `KEYS` = high, normal, low streams, delayed set;
 /// `ARGV` = group, consumer, n, weight high, weight normal, weight low,
-/// reclaim (`1`/`0`), visibility timeout (ms), most delayed jobs to promote.
+/// reclaim (`1`/`0`), visibility timeout (ms), most delayed jobs to promote,
+/// the worker's turn counter.
 ///
 /// 1. Due delayed jobs move back to their class stream.
 /// 2. If `reclaim`: each stream is trimmed (`XTRIM MINID ~`) below its
@@ -45,13 +46,14 @@ return {id, 1}
 ///    Then entries pending longer than the visibility timeout (a
 ///    worker died or hung) are claimed with `XAUTOCLAIM`, oldest class first;
 ///    their delivery count comes from `XPENDING`.
-/// 3. New entries by weighted round robin over a fleet-wide turn counter:
+/// 3. New entries by weighted round robin over the worker's turn counter
+///    (the same rule as the worker's plain reads, `take.rs`):
 ///    turn `t` belongs to high if `t mod W < wh`, normal if `< wh + wn`, low
 ///    otherwise; a turn whose class is empty goes to the others in priority
 ///    order.
 ///
-/// Returns `{now ms, next due ms or -1 (looked up only when nothing was
-/// taken), {class, entry id, fields, pending deliveries}...}`.
+/// Returns `{now ms, due time of the first delayed job (ms) or -1,
+/// {class, entry id, fields, pending deliveries}...}`.
 pub(crate) static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -113,7 +115,7 @@ end
 if n > 0 then
   local w = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
   local total = w[1] + w[2] + w[3]
-  local turn = redis.call('INCRBY', KEYS[5], n) - n
+  local turn = tonumber(ARGV[10])
   local want = {0, 0, 0}
   for i = 0, n - 1 do
     local s = (turn + i) % total
@@ -125,10 +127,8 @@ if n > 0 then
   for c = 1, 3 do read(c, n) end
 end
 local next_due = -1
-if #out == 0 then
-  local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  if first[2] then next_due = math.floor(tonumber(first[2])) end
-end
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if first[2] then next_due = math.floor(tonumber(first[2])) end
 return {now, next_due, out}
 "#,
     )

@@ -3,25 +3,24 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::Value;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::config::{ms, WorkerConfig};
 use super::error::RedisQueueError;
 use super::event::{Events, Hook, WorkerEvent};
-use super::job::{parse_delivery, Delivery, Keys, Priority, GROUP};
+use super::job::Keys;
 use super::process::{process, Failure};
 use super::producer::{connect, ensure_groups, JobQueue};
-use super::scripts;
+use super::take::{wait_for_new, Taker};
 use super::writer::Writer;
 use crate::error::BoxError;
 
@@ -132,6 +131,7 @@ where
             classify: self.classify,
             consumer: consumer.clone(),
             config: self.config,
+            requeued: AtomicBool::new(false),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (release_tx, release_rx) = watch::channel(false);
@@ -199,80 +199,9 @@ pub(crate) struct Ctx {
     pub(crate) events: Events,
     pub(crate) classify: Classifier,
     pub(crate) consumer: String,
-}
-
-/// One answer of the take script.
-struct Taken {
-    now_ms: u64,
-    next_due_ms: Option<u64>,
-    jobs: Vec<Delivery>,
-}
-
-async fn take(ctx: &Ctx, n: usize, reclaim: bool) -> Result<Taken, RedisQueueError> {
-    let mut inv = scripts::TAKE.prepare_invoke();
-    for p in Priority::ALL {
-        inv.key(ctx.keys.stream(p));
-    }
-    inv.key(ctx.keys.delayed()).key(ctx.keys.turn());
-    let w = ctx.config.weights;
-    inv.arg(GROUP)
-        .arg(&ctx.consumer)
-        .arg(n)
-        .arg(w[0])
-        .arg(w[1])
-        .arg(w[2])
-        .arg(if reclaim { "1" } else { "0" })
-        .arg(ms(ctx.config.visibility_timeout))
-        .arg(1000);
-    let v: Value = inv.invoke_async(&mut ctx.conn.clone()).await?;
-    let Value::Array(parts) = v else {
-        return Err(RedisQueueError::malformed("take", "reply is not an array"));
-    };
-    let [Value::Int(now), Value::Int(next), Value::Array(entries)] = parts.as_slice() else {
-        return Err(RedisQueueError::malformed(
-            "take",
-            "reply has the wrong shape",
-        ));
-    };
-    let mut jobs = Vec::with_capacity(entries.len());
-    for e in entries {
-        jobs.push(parse_delivery(e)?);
-    }
-    Ok(Taken {
-        now_ms: u64::try_from(*now).unwrap_or(0),
-        next_due_ms: u64::try_from(*next).ok(),
-        jobs,
-    })
-}
-
-/// Waits (up to `wait`) for a new entry in any class stream, without taking
-/// it: the take script then takes it under the priority rule.
-async fn wait_for_new(
-    ctx: &Ctx,
-    conn: &mut ConnectionManager,
-    now_ms: u64,
-    wait: Duration,
-) -> Result<(), RedisQueueError> {
-    let block = ms(wait);
-    if block == 0 {
-        return Ok(());
-    }
-    // Any entry added after the take script ran has an id above this one.
-    let after = format!("{}-{}", now_ms.saturating_sub(1), u64::MAX);
-    let mut cmd = redis::cmd("XREAD");
-    cmd.arg("COUNT")
-        .arg(1)
-        .arg("BLOCK")
-        .arg(block)
-        .arg("STREAMS");
-    for p in Priority::ALL {
-        cmd.arg(ctx.keys.stream(p));
-    }
-    for _ in Priority::ALL {
-        cmd.arg(&after);
-    }
-    let _: Value = cmd.query_async(conn).await?;
-    Ok(())
+    /// Set when a job of this worker went to the delayed set, so the next
+    /// take runs the script (which knows when it is due).
+    pub(crate) requeued: AtomicBool,
 }
 
 /// Stops the outcome writer when the worker's task ends or is aborted.
@@ -301,8 +230,7 @@ async fn run<S, T>(
 {
     let slots = Arc::new(Semaphore::new(ctx.config.max_in_flight));
     let mut jobs = JoinSet::new();
-    let reclaim_every = ctx.config.idle_wait.min(ctx.config.visibility_timeout / 2);
-    let mut last_reclaim: Option<Instant> = None;
+    let mut taker = Taker::new(ctx.config.idle_wait.min(ctx.config.visibility_timeout / 2));
     let mut backoff = Duration::from_millis(50);
     loop {
         while jobs.try_join_next().is_some() {}
@@ -322,13 +250,9 @@ async fn run<S, T>(
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
         }
-        let reclaim = last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every);
-        match take(&ctx, permits.len(), reclaim).await {
+        match taker.take(&ctx, permits.len()).await {
             Ok(taken) => {
                 backoff = Duration::from_millis(50);
-                if reclaim {
-                    last_reclaim = Some(Instant::now());
-                }
                 let idle = taken.jobs.is_empty();
                 for (job, permit) in taken.jobs.into_iter().zip(permits.drain(..)) {
                     let (ctx, svc, rel) = (ctx.clone(), service.clone(), release_rx.clone());
