@@ -13,14 +13,21 @@
 //! - floor + output: as the floor, but the ack is a `MULTI` of `XADD` to an
 //!   output stream and `XACK` (the least a queue with results must do).
 //! - ours: enqueue = one `XADD` (a script with an idempotency key, not
-//!   measured here); worker = one take
-//!   script per batch of free slots (due delayed jobs, weighted round robin
-//!   over three class streams), JSON decode of the job, a tower service
-//!   call, JSON encode of the answer, one finish script per job (`XACK`,
-//!   `XDEL`, `SET NX` result marker, `XADD` output).
+//!   measured here); worker = per batch of free slots, pipelined
+//!   `XREADGROUP`s by weighted round robin over three class streams (the
+//!   take script instead every `idle_wait`, when a delayed job is due and
+//!   when idle), JSON decode of the job, a tower service call, JSON encode
+//!   of the answer; per batch of finished jobs one finish script (per job
+//!   `SET NX` result marker and `XADD` output; one `XACK` per stream).
 //!
 //! Round trips per job are counted by the server (`INFO commandstats`,
-//! top-level commands only: scripts' inner commands are not round trips).
+//! top-level commands; scripts' inner commands are not round trips, but the
+//! server counts them too, so for ours only `XREADGROUP` among the stream
+//! commands is summed: the take script's own, rare, are counted, and the up
+//! to three `XREADGROUP`s of one pipeline count as up to three). The CPU
+//! columns are the server's (`INFO cpu`) and this process's (every
+//! thread's `schedstat`) per job over the run, enqueue included; they move
+//! much less with the machine's load than the rates do.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +98,7 @@ fn delta(a: &HashMap<String, u64>, b: &HashMap<String, u64>, names: &[&str]) -> 
 const FLOOR_CMDS: &[&str] = &["xadd", "xreadgroup", "xack"];
 const FLOOR_OUTPUT_CMDS: &[&str] = &["xadd", "xreadgroup"];
 const OUR_CMDS: &[&str] = &[
+    "xreadgroup",
     "evalsha",
     "eval",
     "script|load",

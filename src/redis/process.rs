@@ -14,7 +14,7 @@ use super::event::WorkerEvent;
 use super::job::{unix_ms, Delivery, GROUP};
 use super::scripts;
 use super::worker::Ctx;
-use super::writer::Outcome;
+use super::writer::{Kind, Outcome};
 use crate::error::BoxError;
 
 /// Whether a failed job is worth another delivery.
@@ -212,7 +212,7 @@ async fn write(
     verdict: &Verdict,
     slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<bool, RedisQueueError> {
-    let (target, stored) = match verdict {
+    let kind = match verdict {
         Verdict::Retry(e) => {
             let delay = ctx.config.requeue_delay(job.deliveries);
             return requeue(ctx, job, job.deliveries, delay, e, true).await;
@@ -222,53 +222,49 @@ async fn write(
             let prior = job.deliveries.saturating_sub(1);
             return requeue(ctx, job, prior, Duration::ZERO, &job.last_error, false).await;
         }
-        Verdict::Ok(json) => {
-            let mut stored = b"ok:".to_vec();
-            stored.extend_from_slice(json);
-            (ctx.keys.output(), stored)
-        }
-        Verdict::Expired => (ctx.keys.output(), b"expired:".to_vec()),
-        Verdict::Dead(e) => (
-            ctx.keys.dead(),
-            format!("dead:{}:{e}", job.deliveries).into_bytes(),
-        ),
-    };
-    let mut fields: Vec<Vec<u8>> = vec![
-        b"job".to_vec(),
-        job.job.as_bytes().to_vec(),
-        b"deliveries".to_vec(),
-        job.deliveries.to_string().into_bytes(),
-    ];
-    match verdict {
-        Verdict::Ok(json) => {
-            fields.extend([
+        Verdict::Ok(json) => Kind::Completed {
+            job: job.job.clone(),
+            deliveries: job.deliveries,
+            answer: json.clone(),
+        },
+        Verdict::Expired => Kind::Other {
+            dead: false,
+            stored: b"expired:".to_vec(),
+            fields: vec![
+                b"job".to_vec(),
+                job.job.as_bytes().to_vec(),
+                b"deliveries".to_vec(),
+                job.deliveries.to_string().into_bytes(),
                 b"status".to_vec(),
-                b"ok".to_vec(),
-                b"result".to_vec(),
-                json.clone(),
-            ]);
-        }
-        Verdict::Dead(e) => fields.extend([
-            b"error".to_vec(),
-            e.as_bytes().to_vec(),
-            b"priority".to_vec(),
-            job.class.as_str().as_bytes().to_vec(),
-            b"entry".to_vec(),
-            job.entry.as_bytes().to_vec(),
-            b"payload".to_vec(),
-            job.payload.clone(),
-        ]),
-        _ => fields.extend([b"status".to_vec(), b"expired".to_vec()]),
-    }
+                b"expired".to_vec(),
+            ],
+        },
+        Verdict::Dead(e) => Kind::Other {
+            dead: true,
+            stored: format!("dead:{}:{e}", job.deliveries).into_bytes(),
+            fields: vec![
+                b"job".to_vec(),
+                job.job.as_bytes().to_vec(),
+                b"deliveries".to_vec(),
+                job.deliveries.to_string().into_bytes(),
+                b"error".to_vec(),
+                e.as_bytes().to_vec(),
+                b"priority".to_vec(),
+                job.class.as_str().as_bytes().to_vec(),
+                b"entry".to_vec(),
+                job.entry.as_bytes().to_vec(),
+                b"payload".to_vec(),
+                job.payload.clone(),
+            ],
+        },
+    };
     ctx.writer
         .write(
             Outcome {
-                source: ctx.keys.stream(job.class),
-                target,
+                class: job.class,
                 result_key: ctx.keys.result(&job.job),
                 entry: job.entry.clone(),
-                stored,
-                fields,
+                kind,
             },
             || drop(slot.take()),
         )

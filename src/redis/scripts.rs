@@ -138,30 +138,53 @@ return {now, next_due, out}
 /// batch too): a worker writes the outcomes of the jobs that finished while
 /// its previous write was on its way in one call.
 ///
-/// `KEYS` = for each job its source stream, target stream (output or dead
-/// letters) and result key; `ARGV` = group, result TTL (ms), target max
-/// length, then for each job its entry id, stored outcome, number of target
-/// fields, and those fields.
+/// `KEYS` = high, normal, low streams, output stream, dead-letter stream,
+/// then each job's result key; `ARGV` = group, result TTL (ms), target max
+/// length, then for each job its class (1 to 3), its kind and entry id, and
+/// - kind `o` (a completed job): job id, deliveries, the answer (JSON): the
+///   output entry is `job`, `deliveries`, `status ok`, `result`, and the
+///   stored outcome `ok:` and the answer;
+/// - kind `x` (to the output stream) or `d` (to dead letters): the stored
+///   outcome, the number of entry fields, and those fields.
 ///
 /// The result key is the job's "done" marker: `SET NX` fails when an outcome
 /// is already recorded (another worker finished a reclaimed copy first), and
-/// then nothing is written. Returns 1 (written) or 0 (a duplicate) per job.
+/// then nothing is written. The batch's entries are acknowledged with one
+/// `XACK` per stream. Returns 1 (written) or 0 (a duplicate) per job.
 pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
+local acks = {{}, {}, {}}
 local a = 4
-for i = 0, #KEYS / 3 - 1 do
-  local entry, stored, nf = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+for i = 1, #KEYS - 5 do
+  local c, kind, entry = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  redis.call('XACK', KEYS[3 * i + 1], ARGV[1], entry)
-  if redis.call('SET', KEYS[3 * i + 3], stored, 'NX', 'PX', ARGV[2]) then
-    redis.call('XADD', KEYS[3 * i + 2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, a, a + nf - 1))
-    out[#out + 1] = 1
+  local l = acks[c]
+  l[#l + 1] = entry
+  if kind == 'o' then
+    if redis.call('SET', KEYS[5 + i], 'ok:' .. ARGV[a + 2], 'NX', 'PX', ARGV[2]) then
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'job', ARGV[a], 'deliveries', ARGV[a + 1], 'status', 'ok', 'result', ARGV[a + 2])
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+    a = a + 3
   else
-    out[#out + 1] = 0
+    local nf = tonumber(ARGV[a + 1])
+    local target = KEYS[4]
+    if kind == 'd' then target = KEYS[5] end
+    if redis.call('SET', KEYS[5 + i], ARGV[a], 'NX', 'PX', ARGV[2]) then
+      redis.call('XADD', target, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, a + 2, a + 1 + nf))
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+    a = a + 2 + nf
   end
-  a = a + nf
+end
+for c = 1, 3 do
+  if #acks[c] > 0 then redis.call('XACK', KEYS[c], ARGV[1], unpack(acks[c])) end
 end
 return out
 "#,

@@ -118,6 +118,7 @@ where
             .unwrap_or_else(|| format!("worker-{:016x}", rand::random::<u64>()));
         let (writer, writer_task) = Writer::spawn(
             conn.clone(),
+            &self.queue.keys,
             ms(self.queue.config.result_ttl),
             self.queue.config.output_max_len,
             self.config.max_in_flight,

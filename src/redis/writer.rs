@@ -6,7 +6,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::RedisQueueError;
-use super::job::GROUP;
+use super::job::{Keys, Priority, GROUP};
 use super::scripts;
 
 /// Most outcomes written by one script call.
@@ -14,13 +14,28 @@ const MAX_BATCH: usize = 64;
 
 /// One outcome to record.
 pub(crate) struct Outcome {
-    pub(crate) source: String,
-    pub(crate) target: String,
+    pub(crate) class: Priority,
     pub(crate) result_key: String,
     pub(crate) entry: String,
-    pub(crate) stored: Vec<u8>,
-    /// The output or dead-letter entry's fields and values.
-    pub(crate) fields: Vec<Vec<u8>>,
+    pub(crate) kind: Kind,
+}
+
+/// What an outcome writes.
+pub(crate) enum Kind {
+    /// A completed job: the script builds the output entry and the stored
+    /// outcome from these.
+    Completed {
+        job: String,
+        deliveries: u32,
+        answer: Vec<u8>,
+    },
+    /// Any other outcome, to the output stream or (`dead`) the dead-letter
+    /// stream: the stored outcome and the entry's fields and values.
+    Other {
+        dead: bool,
+        stored: Vec<u8>,
+        fields: Vec<Vec<u8>>,
+    },
 }
 
 type Reply = oneshot::Sender<Result<bool, RedisQueueError>>;
@@ -34,12 +49,20 @@ impl Writer {
     /// Returns the task's handle so a crash (abort) can stop it too.
     pub(crate) fn spawn(
         conn: ConnectionManager,
+        keys: &Keys,
         result_ttl_ms: u64,
         max_len: u64,
         capacity: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let task = tokio::spawn(run(conn, rx, result_ttl_ms, max_len));
+        let fixed = [
+            keys.stream(Priority::High),
+            keys.stream(Priority::Normal),
+            keys.stream(Priority::Low),
+            keys.output(),
+            keys.dead(),
+        ];
+        let task = tokio::spawn(run(conn, rx, fixed, result_ttl_ms, max_len));
         (Self(tx), task)
     }
 
@@ -67,20 +90,45 @@ impl Writer {
 async fn run(
     mut conn: ConnectionManager,
     mut rx: mpsc::Receiver<(Outcome, Reply)>,
+    fixed: [String; 5],
     ttl_ms: u64,
     max_len: u64,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut inv = scripts::FINISH_MANY.prepare_invoke();
+        for k in &fixed {
+            inv.key(k);
+        }
         inv.arg(GROUP).arg(ttl_ms).arg(max_len);
         for (o, _) in &batch {
-            inv.key(&o.source).key(&o.target).key(&o.result_key);
-            inv.arg(&o.entry)
-                .arg(o.stored.as_slice())
-                .arg(o.fields.len());
-            for f in &o.fields {
-                inv.arg(f.as_slice());
+            inv.key(&o.result_key);
+            inv.arg(o.class.index() + 1);
+            match &o.kind {
+                Kind::Completed {
+                    job,
+                    deliveries,
+                    answer,
+                } => {
+                    inv.arg("o")
+                        .arg(&o.entry)
+                        .arg(job)
+                        .arg(deliveries)
+                        .arg(answer.as_slice());
+                }
+                Kind::Other {
+                    dead,
+                    stored,
+                    fields,
+                } => {
+                    inv.arg(if *dead { "d" } else { "x" })
+                        .arg(&o.entry)
+                        .arg(stored.as_slice())
+                        .arg(fields.len());
+                    for f in fields {
+                        inv.arg(f.as_slice());
+                    }
+                }
             }
         }
         let written: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
