@@ -128,6 +128,7 @@ mod event;
 mod job;
 mod process;
 mod producer;
+pub mod ratelimit;
 mod scripts;
 mod take;
 mod worker;

@@ -32,6 +32,8 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The JSON body (`Null` if it was not JSON).
     pub body: Value,
+    /// When the server received it (its body read).
+    pub received: std::time::Instant,
 }
 
 impl std::fmt::Debug for RecordedRequest {
@@ -39,6 +41,7 @@ impl std::fmt::Debug for RecordedRequest {
         f.debug_struct("RecordedRequest")
             .field("path", &self.path)
             .field("query", &self.query)
+            .field("received", &self.received)
             .field(
                 "headers",
                 &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -76,6 +79,7 @@ pub(super) fn record(
             })
             .collect(),
         body: serde_json::from_slice(body).unwrap_or(Value::Null),
+        received: std::time::Instant::now(),
     };
     let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
     if log.len() == RECORDED_REQUESTS {

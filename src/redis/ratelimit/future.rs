@@ -1,0 +1,166 @@
+//! The fleet rate limiter's response future, and what an admitted call
+//! settles on the shared limit when it ends.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use super::event::FleetRateLimitEventKind as Kind;
+use super::script::Settle;
+use super::Fleet;
+use crate::classify::Reason;
+use crate::error::Error;
+use crate::ratelimit::{hint_of, ReadUsage, ServerLimits};
+
+/// The future of [`FleetRateLimit`](super::FleetRateLimit): the shared
+/// admission (and any wait), then the inner call, then the settlement of
+/// its cost on the shared limit.
+///
+/// Boxed: the admission is a Redis round trip, next to which one allocation
+/// per call is noise.
+pub struct ResponseFuture<T> {
+    pub(super) inner: Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>,
+}
+
+impl<T> fmt::Debug for ResponseFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<T> Future for ResponseFuture<T> {
+    type Output = Result<T, Error>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// An admitted call's charge on the shared limit. Dropped before the call
+/// was sent (the caller gave up, or the inner service failed to become
+/// ready), it gives the charge back in a task of its own.
+pub(super) struct Charge<E: Send + Sync + 'static, U: Send + Sync + 'static> {
+    fleet: Arc<Fleet<E, U>>,
+    slot: i64,
+    tokens: u64,
+    open: bool,
+}
+
+impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
+    pub(super) fn new(fleet: Arc<Fleet<E, U>>, slot: i64, tokens: u64) -> Self {
+        Self {
+            fleet,
+            slot,
+            tokens,
+            open: true,
+        }
+    }
+
+    fn all_back(&self) -> Settle {
+        Settle {
+            requests_back: 1,
+            tokens_back: i64::try_from(self.tokens).unwrap_or(i64::MAX),
+            ..Settle::default()
+        }
+    }
+
+    /// What the provider charged for a call that ended with `result` (the
+    /// same rules as the local limiter's); `None`: nothing to settle.
+    pub(super) fn settlement<Res>(&self, result: Result<&Res, &Error>) -> Option<Settle>
+    where
+        U: ReadUsage<Res>,
+    {
+        let fleet = &*self.fleet;
+        Some(match result {
+            Ok(res) => {
+                let used = fleet.usage.tokens_used(res);
+                let server = fleet.usage.server_limits(res);
+                if used.is_none() && server.is_empty() {
+                    return None;
+                }
+                let tokens_back = used.map_or(0, |u| {
+                    let diff = i128::from(self.tokens) - i128::from(u);
+                    i64::try_from(diff).unwrap_or(if diff < 0 { i64::MIN + 1 } else { i64::MAX })
+                });
+                Settle {
+                    tokens_back,
+                    server: fleet.scaled(&server),
+                    ..Settle::default()
+                }
+            }
+            Err(err @ Error::Upstream { .. }) => {
+                let classifier = &fleet.settings.classifier;
+                let view = classifier.http_view(err);
+                let server = view.map(ServerLimits::from_view).unwrap_or_default();
+                let throttled = view.is_some_and(|v| v.status() == Some(429))
+                    && classifier.classify_error(err).reason() == Reason::RateLimited;
+                if throttled {
+                    let hint = view
+                        .and_then(hint_of)
+                        .map(|h| h.min(fleet.settings.hint_cap));
+                    Settle {
+                        throttled: Some(hint),
+                        server: fleet.scaled(&server),
+                        ..self.all_back()
+                    }
+                } else if server.is_empty() {
+                    return None;
+                } else {
+                    Settle {
+                        server: fleet.scaled(&server),
+                        ..Settle::default()
+                    }
+                }
+            }
+            // A layer below refused without sending anything.
+            Err(
+                Error::CircuitOpen { .. }
+                | Error::QueueFull { .. }
+                | Error::QueueTimeout { .. }
+                | Error::RateLimited { .. }
+                | Error::Shutdown,
+            ) => self.all_back(),
+            Err(_) => return None,
+        })
+    }
+
+    /// Settles the call on the shared limit (nothing when `settle` is
+    /// `None`).
+    pub(super) async fn finish(mut self, settle: Option<Settle>) {
+        self.open = false;
+        let Some(settle) = settle else { return };
+        let fleet = &*self.fleet;
+        match fleet.store.settle(self.slot, &settle).await {
+            Ok((lowered, paused)) => {
+                if lowered {
+                    fleet.emit(Kind::Steered, None, None);
+                }
+                if paused.is_some() {
+                    fleet.emit(Kind::Paused, None, paused);
+                }
+            }
+            Err(e) => fleet.redis_failed(false, &e),
+        }
+    }
+}
+
+impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Drop for Charge<E, U> {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(&self.fleet);
+        let (slot, settle) = (self.slot, self.all_back());
+        rt.spawn(async move {
+            if let Err(e) = fleet.store.settle(slot, &settle).await {
+                fleet.redis_failed(false, &e);
+            }
+        });
+    }
+}

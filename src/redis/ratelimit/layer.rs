@@ -1,0 +1,440 @@
+//! [`FleetRateLimitLayer`] and its builder.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::event::{FleetRateLimitEvent, Listener};
+use super::script::{Limits, Store};
+use super::{ArcEstimate, ArcUsage, Fleet, FleetRateLimit, FleetSettings};
+use crate::classify::LlmClassifier;
+use crate::error::ConfigError;
+use crate::ratelimit::{ChatEstimate, IgnoreUsage, RateLimitLayer, Reported, WhenLimited};
+
+/// The longest window and server window: one day.
+const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+/// The largest limit per window.
+const MAX_LIMIT: u64 = 1_000_000_000_000;
+/// The largest fleet.
+const MAX_FLEET: u64 = 10_000;
+
+/// Puts a fleet-wide rate limiter in front of a service: every process
+/// with a layer for the same key and Redis shares one limit; see the
+/// [module docs](crate::redis::ratelimit).
+pub struct FleetRateLimitLayer<E = ChatEstimate, U = Reported> {
+    fleet: Arc<Fleet<E, U>>,
+    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
+}
+
+impl<E, U> Clone for FleetRateLimitLayer<E, U> {
+    fn clone(&self) -> Self {
+        Self {
+            fleet: Arc::clone(&self.fleet),
+            local: self.local.clone(),
+        }
+    }
+}
+
+impl<E, U> fmt::Debug for FleetRateLimitLayer<E, U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetRateLimitLayer")
+            .field("name", &self.fleet.settings.name)
+            .field("local", &self.fleet.is_local())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetRateLimitLayer {
+    /// The LLM defaults for the shared limit named `key` on the Redis at
+    /// `url`: those of [`RateLimitLayer::llm_defaults`] (500 requests and
+    /// 200,000 tokens a minute, a burst of a tenth, wait up to a minute,
+    /// 429 pauses capped at 2 minutes, per-minute server headers), shared
+    /// by the whole fleet; a fleet of one for the fallback (set
+    /// [`fleet_size`](FleetRateLimitLayerBuilder::fleet_size)); Redis
+    /// calls bounded by 250 ms; a probe of Redis every 5 s while it is
+    /// unreachable. Fails only on a bad URL or key.
+    pub fn llm_defaults(
+        url: impl Into<String>,
+        key: impl Into<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::builder(url, key).build()
+    }
+
+    /// A builder for the shared limit named `key` (the same in every
+    /// process that shares it; never logged) on the Redis at `url`
+    /// (`redis://host:port/db`, `rediss://` for TLS), starting from
+    /// [`llm_defaults`](Self::llm_defaults).
+    pub fn builder(url: impl Into<String>, key: impl Into<String>) -> FleetRateLimitLayerBuilder {
+        FleetRateLimitLayerBuilder {
+            url: url.into(),
+            key: key.into(),
+            requests: Some(500),
+            tokens: Some(200_000),
+            window: Duration::from_secs(60),
+            burst: 0.1,
+            when_limited: WhenLimited::Wait {
+                max_wait: Duration::from_secs(60),
+            },
+            hint_cap: Duration::from_secs(120),
+            server_window: Some(Duration::from_secs(60)),
+            name: Cow::Borrowed("default"),
+            listener: None,
+            classifier: LlmClassifier::new(),
+            fleet_size: 1,
+            send_margin: None,
+            redis_timeout: Duration::from_millis(250),
+            probe_interval: Duration::from_secs(5),
+            estimate: ChatEstimate,
+            usage: Reported,
+        }
+    }
+}
+
+impl<E, U> FleetRateLimitLayer<E, U> {
+    /// Whether calls go through the local fallback now (Redis was
+    /// unreachable and no probe has found it since).
+    pub fn is_local(&self) -> bool {
+        self.fleet.is_local()
+    }
+}
+
+impl<S: Clone, E, U> Layer<S> for FleetRateLimitLayer<E, U> {
+    type Service = FleetRateLimit<S, E, U>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FleetRateLimit {
+            local: self.local.layer(inner.clone()),
+            inner,
+            fleet: Arc::clone(&self.fleet),
+        }
+    }
+}
+
+/// Builds a validated [`FleetRateLimitLayer`]; every knob starts at its LLM
+/// default.
+pub struct FleetRateLimitLayerBuilder<E = ChatEstimate, U = Reported> {
+    url: String,
+    key: String,
+    requests: Option<u64>,
+    tokens: Option<u64>,
+    window: Duration,
+    burst: f64,
+    when_limited: WhenLimited,
+    hint_cap: Duration,
+    server_window: Option<Duration>,
+    name: Cow<'static, str>,
+    listener: Option<Listener>,
+    classifier: LlmClassifier,
+    fleet_size: u64,
+    send_margin: Option<Duration>,
+    redis_timeout: Duration,
+    probe_interval: Duration,
+    estimate: E,
+    usage: U,
+}
+
+impl<E, U> fmt::Debug for FleetRateLimitLayerBuilder<E, U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetRateLimitLayerBuilder")
+            .field("requests", &self.requests)
+            .field("tokens", &self.tokens)
+            .field("window", &self.window)
+            .field("burst", &self.burst)
+            .field("when_limited", &self.when_limited)
+            .field("fleet_size", &self.fleet_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E, U> FleetRateLimitLayerBuilder<E, U> {
+    /// Requests allowed per window across the fleet (1 to 10^12). Default 500.
+    pub fn requests(mut self, n: u64) -> Self {
+        self.requests = Some(n);
+        self
+    }
+
+    /// No request limit (tokens only).
+    pub fn no_request_limit(mut self) -> Self {
+        self.requests = None;
+        self
+    }
+
+    /// Tokens allowed per window across the fleet (1 to 10^12). Default
+    /// 200,000.
+    pub fn tokens(mut self, n: u64) -> Self {
+        self.tokens = Some(n);
+        self
+    }
+
+    /// No token limit (requests only; the estimator is still called).
+    pub fn no_token_limit(mut self) -> Self {
+        self.tokens = None;
+        self
+    }
+
+    /// The window the limits are counted over (1 ms to one day; any length,
+    /// e.g. 10 requests per 2 s). Default one minute.
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// The share of each limit that may go at once, before the pace applies
+    /// (above 0, at most 1; at least one request and one token). Default 0.1.
+    pub fn burst(mut self, fraction: f64) -> Self {
+        self.burst = fraction;
+        self
+    }
+
+    /// What a call does when the limit is reached. Default: wait up to one
+    /// minute.
+    pub fn when_limited(mut self, w: WhenLimited) -> Self {
+        self.when_limited = w;
+        self
+    }
+
+    /// Wait for at most `max_wait` (any duration).
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.when_limited = WhenLimited::Wait { max_wait };
+        self
+    }
+
+    /// Fail at once with [`Error::RateLimited`](crate::Error::RateLimited)
+    /// instead of waiting.
+    pub fn reject(mut self) -> Self {
+        self.when_limited = WhenLimited::Reject;
+        self
+    }
+
+    /// The longest pause a 429's hint imposes on the key (above zero, at
+    /// most a day). Default 2 minutes.
+    pub fn hint_cap(mut self, cap: Duration) -> Self {
+        self.hint_cap = cap;
+        self
+    }
+
+    /// The window the server's limit headers count over (above zero, at
+    /// most a day). Default one minute.
+    pub fn server_window(mut self, window: Duration) -> Self {
+        self.server_window = Some(window);
+        self
+    }
+
+    /// Do not follow the servers' rate-limit headers (429 pauses still
+    /// apply).
+    pub fn ignore_server_headers(mut self) -> Self {
+        self.server_window = None;
+        self
+    }
+
+    /// The layer's name: the `limiter` label of its metrics and logs (and
+    /// of the local fallback's). Default `"default"`.
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Called on every slow-path event. Runs on the caller's task; keep it
+    /// short.
+    pub fn on_event(mut self, f: impl Fn(&FleetRateLimitEvent) + Send + Sync + 'static) -> Self {
+        self.listener = Some(Arc::new(f));
+        self
+    }
+
+    /// The classifier that finds a failure's 429, hint and headers.
+    pub fn classifier(mut self, classifier: LlmClassifier) -> Self {
+        self.classifier = classifier;
+        self
+    }
+
+    /// How many processes share the limit (1 to 10,000). Default 1. Only
+    /// the fallback uses it: while Redis is unreachable each process limits
+    /// itself to the limits divided by this (at least one request and one
+    /// token), so the fleet stays within the limit.
+    pub fn fleet_size(mut self, n: u64) -> Self {
+        self.fleet_size = n;
+        self
+    }
+
+    /// How much longer than the window each admitted call stays counted
+    /// (at most the window). Default 1/64 of the window (about 1 s for a
+    /// minute). The decision is made on the Redis server; the request
+    /// reaches the provider a little later, by a delay that varies from
+    /// call to call (scheduling, connection setup). Without a margin, a
+    /// call admitted exactly one window after another could reach the
+    /// provider less than a window after it. The margin covers that
+    /// variation; the price is a rate lower by the same share.
+    pub fn send_margin(mut self, margin: Duration) -> Self {
+        self.send_margin = Some(margin);
+        self
+    }
+
+    /// Bound on connecting to Redis and on each script's answer (1 ms to
+    /// 60 s). Default 250 ms: past it the call goes through the fallback.
+    pub fn redis_timeout(mut self, d: Duration) -> Self {
+        self.redis_timeout = d;
+        self
+    }
+
+    /// While Redis is unreachable, how often one call tries it again (1 ms
+    /// to one hour); the others use the fallback without waiting. Default
+    /// 5 s.
+    pub fn probe_interval(mut self, d: Duration) -> Self {
+        self.probe_interval = d;
+        self
+    }
+
+    /// The token estimator: any `Fn(&Req) -> u32` (or
+    /// [`EstimateTokens`](crate::ratelimit::EstimateTokens)).
+    pub fn estimate_tokens<E2>(self, estimate: E2) -> FleetRateLimitLayerBuilder<E2, U> {
+        self.map(|_| estimate, |u| u)
+    }
+
+    /// Read nothing from responses: estimates stand.
+    pub fn ignore_usage(self) -> FleetRateLimitLayerBuilder<E, IgnoreUsage> {
+        self.read_usage(IgnoreUsage)
+    }
+
+    /// How responses are read ([`ReadUsage`](crate::ratelimit::ReadUsage));
+    /// default [`Reported`].
+    pub fn read_usage<U2>(self, usage: U2) -> FleetRateLimitLayerBuilder<E, U2> {
+        self.map(|e| e, |_| usage)
+    }
+
+    fn map<E2, U2>(
+        self,
+        estimate: impl FnOnce(E) -> E2,
+        usage: impl FnOnce(U) -> U2,
+    ) -> FleetRateLimitLayerBuilder<E2, U2> {
+        FleetRateLimitLayerBuilder {
+            url: self.url,
+            key: self.key,
+            requests: self.requests,
+            tokens: self.tokens,
+            window: self.window,
+            burst: self.burst,
+            when_limited: self.when_limited,
+            hint_cap: self.hint_cap,
+            server_window: self.server_window,
+            name: self.name,
+            listener: self.listener,
+            classifier: self.classifier,
+            fleet_size: self.fleet_size,
+            send_margin: self.send_margin,
+            redis_timeout: self.redis_timeout,
+            probe_interval: self.probe_interval,
+            estimate: estimate(self.estimate),
+            usage: usage(self.usage),
+        }
+    }
+
+    /// Checks the values and creates the layer. Does not connect: the first
+    /// call does (and falls back if Redis cannot be reached).
+    pub fn build(self) -> Result<FleetRateLimitLayer<E, U>, ConfigError> {
+        let key_ok = !self.key.is_empty()
+            && self.key.len() <= 256
+            && !self.key.contains(['{', '}'])
+            && !self.key.chars().any(char::is_control);
+        if !key_ok {
+            return Err(ConfigError::new(
+                "key",
+                "must be 1 to 256 characters without braces or control characters",
+            ));
+        }
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|_| ConfigError::new("url", "must be a redis:// or rediss:// URL"))?;
+        if self.window < Duration::from_millis(1) || self.window > MAX_WINDOW {
+            return Err(ConfigError::new(
+                "window",
+                "must be at least 1 ms and at most one day",
+            ));
+        }
+        for (field, limit) in [("requests", self.requests), ("tokens", self.tokens)] {
+            if limit.is_some_and(|l| l == 0 || l > MAX_LIMIT) {
+                return Err(ConfigError::new(field, "must be from 1 to 10^12"));
+            }
+        }
+        if self.fleet_size == 0 || self.fleet_size > MAX_FLEET {
+            return Err(ConfigError::new("fleet_size", "must be from 1 to 10000"));
+        }
+        if self.hint_cap > MAX_WINDOW {
+            return Err(ConfigError::new(
+                "hint_cap",
+                "must be above zero and at most one day",
+            ));
+        }
+        let margin = self.send_margin.unwrap_or(self.window / 64);
+        if margin > self.window {
+            return Err(ConfigError::new(
+                "send_margin",
+                "must be at most the window",
+            ));
+        }
+        let ms = Duration::from_millis(1);
+        if self.redis_timeout < ms || self.redis_timeout > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "redis_timeout",
+                "must be from 1 ms to 60 s",
+            ));
+        }
+        if self.probe_interval < ms || self.probe_interval > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "probe_interval",
+                "must be from 1 ms to one hour",
+            ));
+        }
+        let estimate = Arc::new(self.estimate);
+        let usage = Arc::new(self.usage);
+        // The fallback: the in-process limiter with the fleet's share; it
+        // checks the remaining settings (burst, hint cap, server window).
+        let share = |l: u64| (l / self.fleet_size).max(1);
+        let mut local = RateLimitLayer::builder()
+            .window(self.window)
+            .burst(self.burst)
+            .when_limited(self.when_limited)
+            .hint_cap(self.hint_cap)
+            .name(self.name.clone())
+            .classifier(self.classifier.clone());
+        local = match self.requests {
+            Some(n) => local.requests(share(n)),
+            None => local.no_request_limit(),
+        };
+        local = match self.tokens {
+            Some(n) => local.tokens(share(n)),
+            None => local.no_token_limit(),
+        };
+        local = match self.server_window {
+            Some(w) => local.server_window(w),
+            None => local.ignore_server_headers(),
+        };
+        let local = local
+            .estimate_tokens(ArcEstimate(Arc::clone(&estimate)))
+            .read_usage(ArcUsage(Arc::clone(&usage)))
+            .build()?;
+        let burst = |l: u64| ((l as f64 * self.burst).floor() as u64).clamp(1, l);
+        let limits = Limits {
+            window_us: self.window.as_micros() as u64,
+            hold_us: (self.window + margin).as_micros() as u64,
+            requests: self.requests.map(|l| (l, burst(l))),
+            tokens: self.tokens.map(|l| (l, burst(l))),
+        };
+        let store = Store::new(client, &self.key, self.redis_timeout, limits);
+        let settings = FleetSettings {
+            name: self.name,
+            listener: self.listener,
+            classifier: self.classifier,
+            when_limited: self.when_limited,
+            hint_cap: self.hint_cap,
+            window: self.window,
+            server_window: self.server_window,
+            probe_interval: self.probe_interval,
+        };
+        Ok(FleetRateLimitLayer {
+            fleet: Arc::new(Fleet::new(store, settings, estimate, usage)),
+            local,
+        })
+    }
+}
