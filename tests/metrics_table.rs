@@ -226,6 +226,7 @@ fn the_table_parses_and_covers_every_layer() {
         "fallback",
         "chaos",
         "redis",
+        "fleet_ratelimit",
     ] {
         let p = format!("llm_resilience_{prefix}_");
         assert!(rows.keys().any(|n| n.starts_with(&p)), "no {p} row");

@@ -8,6 +8,9 @@
 //! Real time, short windows; nothing asserts on durations.
 
 mod redis_support;
+#[cfg(feature = "metrics")]
+#[path = "support/metrics_table.rs"]
+mod table;
 
 use std::net::TcpListener;
 use std::process::{Child, Stdio};
@@ -507,4 +510,66 @@ async fn bad_settings_are_config_errors_and_extreme_ones_still_answer() {
     // u32::MAX tokens exceed even the whole token limit: refused at once.
     assert!(matches!(r, Err(Error::RateLimited { .. })), "{r:?}");
     assert!(layer.is_local());
+}
+
+/// The documented metrics (docs/metrics.md): the fallback gauge and the
+/// event counter, with their labels, through a fall back and a recovery.
+#[cfg(feature = "metrics")]
+#[test]
+fn fallback_and_recovery_are_counted_under_the_documented_names() {
+    let Some(bin) = OwnServer::binary() else {
+        return;
+    };
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut server = OwnServer::new(bin);
+            let layer = FleetRateLimitLayer::builder(server.url(), unique("metrics"))
+                .name("fleet")
+                .requests(1)
+                .no_token_limit()
+                .window(Duration::from_secs(60))
+                .reject()
+                .redis_timeout(Duration::from_millis(200))
+                .probe_interval(Duration::from_millis(50))
+                .estimate_tokens(|_: &u32| 1)
+                .ignore_usage()
+                .build()
+                .unwrap();
+            let svc = layer.layer(service_fn(|n: u32| async move { Ok::<_, HttpError>(n) }));
+            svc.clone().oneshot(1).await.unwrap();
+            assert!(layer.is_local());
+            server.start().await;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                let _ = svc.clone().oneshot(2).await;
+                if !layer.is_local() {
+                    break;
+                }
+            }
+            assert!(!layer.is_local());
+            // The shared limit (1) is spent: refused.
+            let err = svc.oneshot(3).await.unwrap_err();
+            assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let seen = table::read_snapshot(&snapshot);
+    table::check(&seen, &["llm_resilience_fleet_ratelimit_"]);
+    let events: Vec<_> = seen.series["llm_resilience_fleet_ratelimit_events_total"]
+        .iter()
+        .map(|s| s.2.clone())
+        .collect();
+    for e in ["fell_back", "recovered", "rejected"] {
+        assert!(
+            events.contains(&format!("kind={e},limiter=fleet"))
+                || events.contains(&format!("limiter=fleet,kind={e}")),
+            "{e}: {events:?}"
+        );
+    }
 }

@@ -59,6 +59,13 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
         }
     }
 
+    /// The call was sent: from now on only [`finish`](Self::finish) settles
+    /// it (a caller that drops it in flight gets nothing back: the provider
+    /// may have charged it).
+    pub(super) fn sent(&mut self) {
+        self.open = false;
+    }
+
     fn all_back(&self) -> Settle {
         Settle {
             requests_back: 1,
@@ -129,8 +136,7 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
 
     /// Settles the call on the shared limit (nothing when `settle` is
     /// `None`).
-    pub(super) async fn finish(mut self, settle: Option<Settle>) {
-        self.open = false;
+    pub(super) async fn finish(self, settle: Option<Settle>) {
         let Some(settle) = settle else { return };
         let fleet = &*self.fleet;
         match fleet.store.settle(self.slot, &settle).await {

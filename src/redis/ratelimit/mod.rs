@@ -452,11 +452,12 @@ where
     }
     // Dropped before the call is sent (an error readying the inner
     // service, or the caller gave up), the charge goes back.
-    let charge = Charge::new(Arc::clone(&fleet), slot, tokens);
+    let mut charge = Charge::new(Arc::clone(&fleet), slot, tokens);
     poll_fn(|cx| svc.poll_ready(cx))
         .await
         .map_err(Error::from_inner)?;
     let fut = svc.call(req);
+    charge.sent();
     let result = fut.await.map_err(Error::from_inner);
     let settle = charge.settlement(result.as_ref());
     charge.finish(settle).await;
