@@ -29,6 +29,7 @@ use redis_support::{unique, url};
 use tower::{service_fn, Layer, ServiceExt};
 
 type Events = Arc<Mutex<Vec<FleetRateLimitEvent>>>;
+type Hook = Box<dyn Fn(&FleetRateLimitEvent) + Send + Sync>;
 
 fn recorder() -> (
     Events,
@@ -234,7 +235,7 @@ async fn a_429_pauses_the_key_for_every_limiter() {
     let Some(url) = url() else { return };
     let key = unique("pause");
     let (events, hook) = recorder();
-    let layer = |hook: Option<Box<dyn Fn(&FleetRateLimitEvent) + Send + Sync>>| {
+    let layer = |hook: Option<Hook>| {
         let mut b = FleetRateLimitLayer::builder(url.clone(), key.clone())
             .requests(1000)
             .no_token_limit()

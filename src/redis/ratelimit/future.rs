@@ -88,10 +88,7 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
                 if used.is_none() && server.is_empty() {
                     return None;
                 }
-                let tokens_back = used.map_or(0, |u| {
-                    let diff = i128::from(self.tokens) - i128::from(u);
-                    i64::try_from(diff).unwrap_or(if diff < 0 { i64::MIN + 1 } else { i64::MAX })
-                });
+                let tokens_back = used.map_or(0, |u| tokens_back(self.tokens, u));
                 Settle {
                     tokens_back,
                     server: fleet.scaled(&server),
@@ -153,6 +150,13 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
     }
 }
 
+/// Tokens to give back when a call estimated at `estimate` used `used`
+/// (negative: to charge on top), saturated to what the script takes.
+pub(super) fn tokens_back(estimate: u64, used: u64) -> i64 {
+    let diff = i128::from(estimate) - i128::from(used);
+    i64::try_from(diff).unwrap_or(if diff < 0 { -i64::MAX } else { i64::MAX })
+}
+
 impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Drop for Charge<E, U> {
     fn drop(&mut self) {
         if !self.open {
@@ -168,5 +172,28 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Drop for Charge<E, U> {
                 fleet.redis_failed(false, &e);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokens_back;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn tokens_back_is_the_difference_saturated(e in any::<u64>(), u in any::<u64>()) {
+            let exact = i128::from(e) - i128::from(u);
+            let got = i128::from(tokens_back(e, u));
+            prop_assert_eq!(got, exact.clamp(-i128::from(i64::MAX), i128::from(i64::MAX)));
+        }
+    }
+
+    #[test]
+    fn tokens_back_examples() {
+        assert_eq!(tokens_back(60, 10), 50);
+        assert_eq!(tokens_back(10, 60), -50);
+        assert_eq!(tokens_back(0, u64::MAX), -i64::MAX);
+        assert_eq!(tokens_back(u64::MAX, 0), i64::MAX);
     }
 }

@@ -316,12 +316,7 @@ impl<E, U> Fleet<E, U> {
         let Some(server_window) = self.settings.server_window else {
             return [None; 4];
         };
-        let scale = |l: Option<u64>| {
-            l.map(|l| {
-                let s = u128::from(l) * self.settings.window.as_nanos() / server_window.as_nanos();
-                u64::try_from(s).unwrap_or(u64::MAX)
-            })
-        };
+        let scale = |l: Option<u64>| l.map(|l| scale(l, self.settings.window, server_window));
         [
             scale(server.requests.limit),
             server.requests.remaining,
@@ -329,6 +324,13 @@ impl<E, U> Fleet<E, U> {
             server.tokens.remaining,
         ]
     }
+}
+
+/// A server's limit per `server_window`, as a limit per `window` (rounded
+/// down; saturated).
+fn scale(limit: u64, window: Duration, server_window: Duration) -> u64 {
+    let s = u128::from(limit) * window.as_nanos() / server_window.as_nanos().max(1);
+    u64::try_from(s).unwrap_or(u64::MAX)
 }
 
 /// The fleet rate-limit middleware; made by [`FleetRateLimitLayer`].
@@ -493,6 +495,41 @@ where
         );
         ResponseFuture {
             inner: Box::pin(fut),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scale;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    #[test]
+    fn scales_the_servers_limit_to_our_window() {
+        let min = Duration::from_secs(60);
+        assert_eq!(scale(600, Duration::from_secs(1), min), 10);
+        assert_eq!(scale(10_000, Duration::from_secs(1), min), 166);
+        assert_eq!(scale(59, Duration::from_secs(1), min), 0);
+        assert_eq!(
+            scale(
+                u64::MAX,
+                Duration::from_secs(86_400),
+                Duration::from_nanos(1)
+            ),
+            u64::MAX
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn scaling_never_raises_a_limit_per_unit_of_time(
+            l in any::<u64>(), w in 1u64..86_400_000, sw in 1u64..86_400_000,
+        ) {
+            let (w, sw) = (Duration::from_millis(w), Duration::from_millis(sw));
+            let got = u128::from(scale(l, w, sw));
+            // got / w <= l / sw
+            prop_assert!(got * sw.as_nanos() <= u128::from(l) * w.as_nanos());
         }
     }
 }
