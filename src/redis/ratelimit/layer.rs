@@ -101,12 +101,12 @@ impl<E, U> FleetRateLimitLayer<E, U> {
     }
 }
 
-impl<S: Clone, E, U> Layer<S> for FleetRateLimitLayer<E, U> {
+impl<S, E, U> Layer<S> for FleetRateLimitLayer<E, U> {
     type Service = FleetRateLimit<S, E, U>;
 
     fn layer(&self, inner: S) -> Self::Service {
         FleetRateLimit {
-            local: self.local.layer(inner.clone()),
+            local: self.local.clone(),
             inner,
             fleet: Arc::clone(&self.fleet),
         }

@@ -96,7 +96,8 @@
 //! fleet's limit again ([`Recovered`](FleetRateLimitEventKind::Recovered),
 //! gauge 0). What the fallback admitted is not known to Redis. The
 //! connection reconnects by itself (and reloads the scripts after a Redis
-//! restart).
+//! restart). A Redis that restarts without persistence has forgotten the
+//! window: the limit starts afresh.
 //!
 //! # Readiness
 //!
@@ -159,6 +160,7 @@ use std::time::Duration;
 
 use futures::future::poll_fn;
 use tokio::time::Instant;
+use tower_layer::Layer;
 use tower_service::Service;
 
 pub use self::event::{FleetRateLimitEvent, FleetRateLimitEventKind};
@@ -171,7 +173,7 @@ use self::script::{Admit, Store};
 use crate::classify::LlmClassifier;
 use crate::error::{BoxError, Error};
 use crate::ratelimit::{
-    ChatEstimate, EstimateTokens, RateLimit, ReadUsage, Reported, ServerLimits, WhenLimited,
+    ChatEstimate, EstimateTokens, RateLimitLayer, ReadUsage, Reported, ServerLimits, WhenLimited,
 };
 
 /// The estimator, shared by the fleet limiter and its local fallback.
@@ -336,7 +338,8 @@ fn scale(limit: u64, window: Duration, server_window: Duration) -> u64 {
 /// The fleet rate-limit middleware; made by [`FleetRateLimitLayer`].
 pub struct FleetRateLimit<S, E = ChatEstimate, U = Reported> {
     inner: S,
-    local: RateLimit<S, ArcEstimate<E>, ArcUsage<U>>,
+    /// The fallback, put around a clone of `inner` only when needed.
+    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
     fleet: Arc<Fleet<E, U>>,
 }
 
@@ -386,7 +389,7 @@ where
 async fn run<S, Req, E, U>(
     fleet: Arc<Fleet<E, U>>,
     mut svc: S,
-    local: RateLimit<S, ArcEstimate<E>, ArcUsage<U>>,
+    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
     req: Req,
 ) -> Result<S::Response, Error>
 where
@@ -398,7 +401,7 @@ where
     let mut probing = match fleet.mode() {
         Mode::Redis => false,
         Mode::Probe => true,
-        Mode::Local => return call_ready(local, req).await,
+        Mode::Local => return call_ready(local.layer(svc), req).await,
     };
     let tokens = u64::from(fleet.estimate.estimate(&req));
     let since = Instant::now();
@@ -408,7 +411,7 @@ where
             Ok(a) => a,
             Err(e) => {
                 fleet.redis_failed(probing, &e);
-                return call_ready(local, req).await;
+                return call_ready(local.layer(svc), req).await;
             }
         };
         if std::mem::take(&mut probing) {
