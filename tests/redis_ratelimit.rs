@@ -7,13 +7,13 @@
 //!
 //! Real time, short windows; nothing asserts on durations.
 
+#[path = "redis_support/own_server.rs"]
+mod own_server;
 mod redis_support;
 #[cfg(feature = "metrics")]
 #[path = "support/metrics_table.rs"]
 mod table;
 
-use std::net::TcpListener;
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use llm_resilience::redis::ratelimit::{
 };
 use llm_resilience::testing::mock_server::{FaultScript, MockServer};
 use llm_resilience::Error;
+use own_server::OwnServer;
 use redis_support::{unique, url};
 use tower::{service_fn, Layer, ServiceExt};
 
@@ -277,91 +278,6 @@ async fn a_429_pauses_the_key_for_every_limiter() {
     }
 }
 
-/// A `redis-server` of the test's own on a free port, started and stopped
-/// at will.
-struct OwnServer {
-    child: Option<Child>,
-    bin: String,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnServer {
-    fn binary() -> Option<String> {
-        let bin =
-            std::env::var("LLM_RESILIENCE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        match std::process::Command::new(&bin).arg("--version").output() {
-            Ok(o) if o.status.success() => Some(bin),
-            _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!("CI=true but `{bin}` cannot run: the fallback test must run in CI")
-            }
-            _ => {
-                eprintln!("skipping: no `{bin}` to start (set LLM_RESILIENCE_REDIS_SERVER)");
-                None
-            }
-        }
-    }
-
-    /// A free port, nothing listening on it yet.
-    fn new(bin: String) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(unique("llmrl-redis"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self {
-            child: None,
-            bin,
-            port,
-            dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    async fn start(&mut self) {
-        let child = std::process::Command::new(&self.bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        for _ in 0..200 {
-            if let Ok(c) = redis::Client::open(self.url()) {
-                if let Ok(mut conn) = c.get_multiplexed_async_connection().await {
-                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-                    if pong.is_ok() {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("redis-server on port {} did not come up", self.port);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_redis_falls_back_to_the_local_share_and_recovers() {
     let Some(bin) = OwnServer::binary() else {
@@ -573,4 +489,45 @@ fn fallback_and_recovery_are_counted_under_the_documented_names() {
             "{e}: {events:?}"
         );
     }
+}
+
+/// A "Redis" that accepts connections and never answers: every Redis call
+/// is bounded by the timeout, and each call is answered by the fallback.
+#[tokio::test]
+async fn a_silent_redis_is_bounded_by_the_timeout_and_falls_back() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    // Accept and hold the connections, answering nothing.
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let (events, hook) = recorder();
+    let layer = FleetRateLimitLayer::builder(format!("redis://127.0.0.1:{port}/"), "silent")
+        .requests(20)
+        .no_token_limit()
+        .burst(1.0)
+        .fleet_size(2)
+        .redis_timeout(Duration::from_millis(100))
+        .probe_interval(Duration::from_millis(50))
+        .on_event(hook)
+        .estimate_tokens(|_: &u32| 1)
+        .ignore_usage()
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|n: u32| async move { Ok::<_, HttpError>(n) }));
+    let calls: Vec<_> = (0..5)
+        .map(|n| tokio::spawn(svc.clone().oneshot(n)))
+        .collect();
+    for (n, c) in calls.into_iter().enumerate() {
+        assert_eq!(c.await.unwrap().unwrap(), n as u32);
+    }
+    // A probe later: still silent, still answered, no second fall back.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(svc.oneshot(9).await.unwrap(), 9);
+    assert!(layer.is_local());
+    assert_eq!(kinds(&events), [Kind::FellBack]);
+    held.abort();
 }
