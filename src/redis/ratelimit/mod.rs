@@ -1,6 +1,8 @@
 //! A rate limit shared by a whole fleet: requests and tokens per window
 //! per key, held in Redis and decided on the server, so every process with
-//! the same key draws from one limit (feature `redis`; Redis 6.2 or later).
+//! the same key draws from one limit (feature `redis`; Redis 5 or later:
+//! the scripts read `TIME` before writing, which Redis replicates by
+//! effects since version 5).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -38,9 +40,10 @@
 //! window of the configured length admits more than the limit**, across
 //! every process sharing the key. The log holds each call a
 //! [`send_margin`](FleetRateLimitLayerBuilder::send_margin) longer than the
-//! window (1/64 of it by default), so that the varying delay between the
-//! decision and the request's arrival at the provider does not put more
-//! than the limit into one of the provider's windows either.
+//! window (1/64 of it by default), so that the delay between the decision
+//! and the request's arrival at the provider, which varies from call to
+//! call, does not put more than the limit into one of the provider's
+//! windows either, as long as it varies by less than the margin.
 //!
 //! Each decision is **one Lua script** run atomically by Redis, on the
 //! server's own clock (`TIME`): the clients' clocks never matter. The
@@ -110,9 +113,10 @@
 //! For the key `k`: the hash `llmrl:{k}:state` (per dimension the
 //! theoretical arrival time, the total in the window and the limit the
 //! server's headers set; the pause), and per dimension (`req`, `tok`) the
-//! sorted set `llmrl:{k}:req:log` and the hash `llmrl:{k}:req:cost` (at
-//! most ~130 fields each). All expire a window after the last use (or
-//! the pause's end). The hash tag `{k}` keeps them in one Redis Cluster
+//! sorted set `llmrl:{k}:req:log` and the hash `llmrl:{k}:req:cost` (one
+//! entry per 1/128 of the window held: about 130 with the default margin).
+//! All expire a second after the log's last call has left it (or after the
+//! pause's end). The hash tag `{k}` keeps them in one Redis Cluster
 //! slot. The key is never logged or exported.
 //!
 //! # Observability
