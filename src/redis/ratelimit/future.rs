@@ -89,9 +89,14 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
                     return None;
                 }
                 let tokens_back = used.map_or(0, |u| tokens_back(self.tokens, u));
+                let server = fleet.scaled(&server);
+                if tokens_back == 0 && server == [None; 4] {
+                    // Used as estimated, nothing to steer by.
+                    return None;
+                }
                 Settle {
                     tokens_back,
-                    server: fleet.scaled(&server),
+                    server,
                     ..Settle::default()
                 }
             }

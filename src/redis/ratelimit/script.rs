@@ -74,7 +74,13 @@ local function keep(r, k)
   end
   horizon = math.max(horizon, tonumber(redis.call('HGET', st, 'paused') or 0))
   local ms = fmt(math.ceil((horizon - now) / 1000) + 1000)
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ms) end
+  redis.call('PEXPIRE', st, ms)
+  for _, d in ipairs({r or false, k or false}) do
+    if d then
+      redis.call('PEXPIRE', d.log, ms)
+      redis.call('PEXPIRE', d.cost, ms)
+    end
+  end
 end
 local r = dim(1, ARGV[2], ARGV[3])
 local k = dim(2, ARGV[4], ARGV[5])
