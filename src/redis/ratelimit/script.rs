@@ -32,18 +32,20 @@ local hold = tonumber(ARGV[6])
 local gran = math.max(math.floor(window / 128), 1)
 local st = KEYS[1]
 local function fmt(x) return string.format('%.0f', x) end
+local saved = redis.call('HMGET', st, 'lim1', 'tat1', 'tot1', 'lim2', 'tat2', 'tot2', 'paused')
+local paused = tonumber(saved[7] or 0)
 local function dim(i, limit, burst)
   limit = tonumber(limit)
   if limit <= 0 then return nil end
   burst = tonumber(burst)
   local d = {i = i, log = KEYS[2 * i], cost = KEYS[2 * i + 1], cfg = limit, cfg_burst = burst}
-  local eff = tonumber(redis.call('HGET', st, 'lim' .. i) or limit)
+  local eff = tonumber(saved[3 * i - 2] or limit)
   if eff > limit or eff < 1 then eff = limit end
   d.limit = eff
   d.burst = math.min(burst, eff)
   d.iv = window / eff
-  d.tat = tonumber(redis.call('HGET', st, 'tat' .. i) or 0)
-  d.total = tonumber(redis.call('HGET', st, 'tot' .. i) or 0)
+  d.tat = tonumber(saved[3 * i - 1] or 0)
+  d.total = tonumber(saved[3 * i] or 0)
   local old = redis.call('ZRANGEBYSCORE', d.log, '-inf', fmt(now - hold))
   if #old > 0 then
     for _, s in ipairs(old) do
@@ -55,32 +57,38 @@ local function dim(i, limit, burst)
   if d.total < 0 then d.total = 0 end
   return d
 end
-local function save(d)
-  if d then
-    redis.call('HSET', st, 'tat' .. d.i, fmt(math.ceil(d.tat)), 'tot' .. d.i, fmt(d.total))
+local function save(r, k)
+  local args = {}
+  for _, d in ipairs({r or false, k or false}) do
+    if d then
+      args[#args + 1] = 'tat' .. d.i
+      args[#args + 1] = fmt(math.ceil(d.tat))
+      args[#args + 1] = 'tot' .. d.i
+      args[#args + 1] = fmt(d.total)
+    end
   end
+  if #args > 0 then redis.call('HSET', st, unpack(args)) end
 end
+-- A new slot outlives every call it will hold: it expires (key TTL) no
+-- sooner than a slot's length plus the hold after its first call.
+local slot_ms = fmt(math.ceil((hold + gran) / 1000) + 1000)
 local function charge(d, c, slot)
   if c <= 0 then return end
   d.tat = math.max(d.tat, now) + c * d.iv
   d.total = d.total + c
-  redis.call('ZADD', d.log, fmt(now), fmt(slot))
+  local new = redis.call('ZADD', d.log, fmt(now), fmt(slot))
   redis.call('HINCRBY', d.cost, fmt(slot), fmt(c))
+  if new == 1 then
+    redis.call('PEXPIRE', d.log, slot_ms)
+    redis.call('PEXPIRE', d.cost, slot_ms)
+  end
 end
 local function keep(r, k)
-  local horizon = now + hold
+  local horizon = math.max(now + hold, paused)
   for _, d in ipairs({r or false, k or false}) do
     if d then horizon = math.max(horizon, d.tat + hold) end
   end
-  horizon = math.max(horizon, tonumber(redis.call('HGET', st, 'paused') or 0))
-  local ms = fmt(math.ceil((horizon - now) / 1000) + 1000)
-  redis.call('PEXPIRE', st, ms)
-  for _, d in ipairs({r or false, k or false}) do
-    if d then
-      redis.call('PEXPIRE', d.log, ms)
-      redis.call('PEXPIRE', d.cost, ms)
-    end
-  end
+  redis.call('PEXPIRE', st, fmt(math.ceil((horizon - now) / 1000) + 1000))
 end
 local r = dim(1, ARGV[2], ARGV[3])
 local k = dim(2, ARGV[4], ARGV[5])
@@ -118,7 +126,6 @@ local function earliest(d, cost)
   return math.ceil(at)
 end
 local at = now
-local paused = tonumber(redis.call('HGET', st, 'paused') or 0)
 if paused > at then at = paused end
 local never = false
 if r then
@@ -130,17 +137,17 @@ if k then
   if e then at = math.max(at, e) else never = true end
 end
 if never then
-  save(r) save(k)
+  save(r, k)
   return {-1, 0}
 end
 if at <= now then
   local slot = math.floor(now / gran)
   if r then charge(r, 1, slot) end
   if k then charge(k, c, slot) end
-  save(r) save(k) keep(r, k)
+  save(r, k) keep(r, k)
   return {1, slot}
 end
-save(r) save(k)
+save(r, k)
 return {0, at - now}
 "#;
 
@@ -197,10 +204,10 @@ local started = 0
 if ARGV[14] == '1' then
   local hint = tonumber(ARGV[15])
   if hint >= 0 then
-    local paused = tonumber(redis.call('HGET', st, 'paused') or 0)
     local untl = now + hint
     if untl > paused then
       if paused <= now then started = hint end
+      paused = untl
       redis.call('HSET', st, 'paused', fmt(untl))
     end
   else
@@ -209,7 +216,7 @@ if ARGV[14] == '1' then
     end
   end
 end
-save(r) save(k) keep(r, k)
+save(r, k) keep(r, k)
 return {lowered, started}
 "#;
 
