@@ -47,15 +47,19 @@ fn kinds(events: &Events) -> Vec<Kind> {
     events.lock().unwrap().iter().map(|e| e.kind).collect()
 }
 
-/// N requests per window, shared by two pipelines (each in its own thread
-/// with its own tokio runtime, as two processes would be).
-const N: u64 = 10;
-const WINDOW: Duration = Duration::from_secs(1);
-const PER_PIPELINE: usize = 15;
+type Builder = llm_resilience::redis::ratelimit::FleetRateLimitLayerBuilder;
 
-#[test]
-fn two_runtimes_sharing_a_limit_never_exceed_it_in_any_window() {
-    let Some(url) = url() else { return };
+/// Two pipelines (each in its own thread with its own tokio runtime, as two
+/// processes would be: own connections to Redis, own HTTP clients) sharing
+/// the limit `configure` sets on one key, each offering `per_pipeline`
+/// calls at once to the mock LLM server. Returns how many calls were
+/// admitted, how many refused with `Error::RateLimited`, and the server's
+/// arrival times, sorted.
+fn two_pipelines(
+    configure: fn(Builder) -> Builder,
+    per_pipeline: usize,
+) -> Option<(usize, usize, Vec<std::time::Instant>)> {
+    let url = url()?;
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -75,16 +79,7 @@ fn two_runtimes_sharing_a_limit_never_exceed_it_in_any_window() {
                     .build()
                     .unwrap();
                 rt.block_on(async move {
-                    let limit = FleetRateLimitLayer::builder(url, key)
-                        .requests(N)
-                        .no_token_limit()
-                        .window(WINDOW)
-                        .burst(0.3)
-                        // The default margin is 1/64 of the window (16 ms
-                        // here); a loaded CI machine can delay one request
-                        // more than another by more than that.
-                        .send_margin(Duration::from_millis(60))
-                        .max_wait(Duration::from_secs(60))
+                    let limit = configure(FleetRateLimitLayer::builder(url, key))
                         .redis_timeout(Duration::from_secs(2))
                         .fleet_size(2)
                         .build()
@@ -96,61 +91,98 @@ fn two_runtimes_sharing_a_limit_never_exceed_it_in_any_window() {
                         .total_timeout(Duration::from_secs(30))
                         .build()
                         .unwrap();
-                    let sent = Arc::new(Mutex::new(Vec::new()));
-                    let s2 = sent.clone();
-                    // The client, counting what the limiter lets through.
-                    let svc = limit.layer(service_fn(move |req: ChatRequest| {
-                        s2.lock().unwrap().push(());
-                        client.clone().oneshot(req)
-                    }));
-                    let calls: Vec<_> = (0..PER_PIPELINE)
+                    let svc = limit.layer(client);
+                    let calls: Vec<_> = (0..per_pipeline)
                         .map(|i| {
                             let req = ChatRequest::user(format!("question {i}")).max_tokens(8);
                             tokio::spawn(svc.clone().oneshot(req))
                         })
                         .collect();
-                    let mut ok = 0;
+                    let (mut ok, mut limited) = (0, 0);
                     for c in calls {
-                        c.await.unwrap().unwrap();
-                        ok += 1;
+                        match c.await.unwrap() {
+                            Ok(_) => ok += 1,
+                            Err(Error::RateLimited { .. }) => limited += 1,
+                            Err(e) => panic!("{e:?}"),
+                        }
                     }
                     assert!(!limit.is_local(), "Redis was reachable throughout");
-                    let sent = sent.lock().unwrap().clone();
-                    (ok, sent)
+                    (ok, limited)
                 })
             })
         })
         .collect();
-    let mut ok = 0;
-    let mut sent = Vec::new();
+    let (mut ok, mut limited) = (0, 0);
     for p in pipelines {
-        let (n, s) = p.join().unwrap();
-        ok += n;
-        sent.extend(s);
+        let (o, l) = p.join().unwrap();
+        ok += o;
+        limited += l;
     }
-    assert_eq!(sent.len(), 2 * PER_PIPELINE);
-    assert_eq!(ok, 2 * PER_PIPELINE, "every call answered and admitted");
-
     let mut arrivals: Vec<_> = server.requests().iter().map(|r| r.received).collect();
-    assert_eq!(arrivals.len(), 2 * PER_PIPELINE);
     arrivals.sort();
-    // Every window [t_i, t_i + WINDOW) starting at an arrival (the fullest
-    // windows start at one) holds at most N.
-    let most = (0..arrivals.len())
+    Some((ok, limited, arrivals))
+}
+
+/// The most arrivals in any window `[t_i, t_i + window)` starting at an
+/// arrival (the fullest windows start at one).
+fn most_in_a_window(arrivals: &[std::time::Instant], window: Duration) -> usize {
+    (0..arrivals.len())
         .map(|i| {
             arrivals[i..]
                 .iter()
-                .take_while(|t| t.duration_since(arrivals[i]) < WINDOW)
+                .take_while(|t| t.duration_since(arrivals[i]) < window)
                 .count()
         })
         .max()
-        .unwrap();
+        .unwrap_or(0)
+}
+
+/// N requests per second, 30 calls offered at once: they wait their turn.
+#[test]
+fn two_runtimes_sharing_a_limit_never_exceed_it_in_any_window() {
+    const N: u64 = 10;
+    const WINDOW: Duration = Duration::from_secs(1);
+    let configure = |b: Builder| {
+        b.requests(N)
+            .no_token_limit()
+            .window(WINDOW)
+            .burst(0.3)
+            // The default margin is 1/64 of the window (16 ms here); a
+            // loaded CI machine can delay one request more than another by
+            // more than that.
+            .send_margin(Duration::from_millis(60))
+            .max_wait(Duration::from_secs(60))
+    };
+    let Some((ok, limited, arrivals)) = two_pipelines(configure, 15) else {
+        return;
+    };
+    assert_eq!((ok, limited), (30, 0), "every call waited its turn");
+    assert_eq!(arrivals.len(), 30);
+    let most = most_in_a_window(&arrivals, WINDOW);
     println!("most arrivals in any {WINDOW:?} window: {most} (limit {N})");
     assert!(most as u64 <= N, "{most} arrivals in one window, limit {N}");
     // 30 calls offered at once: the limit was reached, not merely unneeded.
     assert_eq!(most as u64, N);
-    drop(server);
-    drop(server_rt);
+}
+
+/// N requests per minute, refused beyond: of 16 calls offered at once, N
+/// go and the others are refused; the server sees N.
+#[test]
+fn two_runtimes_sharing_a_per_minute_limit_admit_n_in_the_minute() {
+    const N: u64 = 6;
+    let configure = |b: Builder| {
+        b.requests(N)
+            .no_token_limit()
+            .window(Duration::from_secs(60))
+            .burst(1.0)
+            .reject()
+    };
+    let Some((ok, limited, arrivals)) = two_pipelines(configure, 8) else {
+        return;
+    };
+    assert_eq!((ok as u64, limited), (N, 16 - N as usize));
+    assert_eq!(arrivals.len() as u64, N);
+    assert!(most_in_a_window(&arrivals, Duration::from_secs(60)) as u64 <= N);
 }
 
 /// A response reporting what the limiter settles.
