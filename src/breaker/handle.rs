@@ -28,7 +28,7 @@ impl BreakerHandle {
         Self { shared }
     }
 
-    fn core(&self) -> &Core {
+    pub(crate) fn core(&self) -> &Core {
         self.shared.core()
     }
 
@@ -52,6 +52,15 @@ impl BreakerHandle {
     /// Half-open probe permits held now (0 outside half-open).
     pub fn probes_in_flight(&self) -> u32 {
         self.core().probes_in_flight()
+    }
+
+    /// Opens the breaker as a tripping failure would: for the open period
+    /// its schedule gives (growing with consecutive trips), then half-open
+    /// probes decide, as after any trip. Unlike [`force_open`](Self::force_open)
+    /// it recovers by itself. A breaker already open stays as it is; an
+    /// operator's state (forced open or closed, disabled) is left alone.
+    pub fn trip(&self) {
+        let _ = self.core().trip_now(std::time::Duration::ZERO);
     }
 
     /// Refuses every call until [`reset`](Self::reset) (or another manual

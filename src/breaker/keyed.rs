@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::handle::BreakerHandle;
-use super::state::{Core, Settings, State};
+use super::state::{Core, Link, Settings, State};
 use super::{start, HasCore, Shared};
 use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};
@@ -36,6 +36,8 @@ pub(crate) struct KeyedShared<K, F, C> {
     origin: Instant,
     max_keys: usize,
     map: RwLock<Map<K, C>>,
+    // A shared coordination's link, given to every breaker the map makes.
+    link: std::sync::OnceLock<Arc<Link>>,
 }
 
 impl<K, F, C> KeyedShared<K, F, C> {
@@ -55,6 +57,7 @@ impl<K, F, C> KeyedShared<K, F, C> {
                 entries: HashMap::new(),
                 next: 0,
             }),
+            link: std::sync::OnceLock::new(),
         }
     }
 }
@@ -100,6 +103,10 @@ impl<K: Hash + Eq + Clone, F, C> KeyedShared<K, F, C> {
                 order,
             },
         );
+        if let Some(link) = self.link.get() {
+            shared.core.attach(Arc::clone(link));
+            link.notify.notify_one();
+        }
         shared
     }
 }
@@ -108,6 +115,8 @@ trait KeyedAccess<K>: Send + Sync {
     fn get(&self, key: &K) -> Option<BreakerHandle>;
     fn get_or_insert(&self, key: K) -> BreakerHandle;
     fn keys(&self) -> Vec<K>;
+    fn entries(&self) -> Vec<(K, BreakerHandle)>;
+    fn attach(&self, link: Arc<Link>) -> bool;
 }
 
 impl<K, F, C> KeyedAccess<K> for KeyedShared<K, F, C>
@@ -127,6 +136,29 @@ where
     fn keys(&self) -> Vec<K> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         map.entries.keys().cloned().collect()
+    }
+
+    fn entries(&self) -> Vec<(K, BreakerHandle)> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.entries
+            .iter()
+            .map(|(k, e)| {
+                let shared = Arc::clone(&e.shared) as Arc<dyn HasCore>;
+                (k.clone(), BreakerHandle::new(shared))
+            })
+            .collect()
+    }
+
+    fn attach(&self, link: Arc<Link>) -> bool {
+        // Under the write lock, so that no breaker is added unlinked.
+        let map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.link.set(Arc::clone(&link)).is_err() {
+            return false;
+        }
+        for e in map.entries.values() {
+            e.shared.core.attach(Arc::clone(&link));
+        }
+        true
     }
 }
 
@@ -230,6 +262,19 @@ impl<K> KeyedBreakerHandle<K> {
     /// The keys that have a breaker now.
     pub fn keys(&self) -> Vec<K> {
         self.shared.keys()
+    }
+
+    /// Every key's breaker now.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn entries(&self) -> Vec<(K, BreakerHandle)> {
+        self.shared.entries()
+    }
+
+    /// Links every breaker of the map, now and to come, to a coordination;
+    /// false if one already is.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn attach(&self, link: Arc<Link>) -> bool {
+        self.shared.attach(link)
     }
 }
 

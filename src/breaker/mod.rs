@@ -183,6 +183,8 @@ pub use self::layer::{
     CircuitBreakerLayer, CircuitBreakerLayerBuilder, KeyedCircuitBreakerLayerBuilder,
 };
 use self::state::Core;
+#[cfg(feature = "redis")]
+pub(crate) use self::state::{Core as SharedCore, Link};
 pub use self::window::WindowCounts;
 use crate::classify::{Classify, LlmClassifier};
 use crate::error::{BoxError, Error};

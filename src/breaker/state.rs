@@ -11,11 +11,14 @@ use tokio::time::Instant;
 use super::sync::{AtomicU32, AtomicU64, Ordering, Padded};
 use super::window::{Window, WindowCounts};
 use crate::classify::Reason;
-use crate::util::rng::{splitmix, unit};
 
 pub(crate) use super::event::{BreakerEvent, State};
 #[cfg_attr(loom, allow(unused_imports))] // the loom model has no listener
 pub(crate) use super::settings::{Listener, Settings, WindowSpec};
+#[path = "remote.rs"]
+mod remote;
+pub(crate) use remote::Link;
+use remote::{NO_GRANT, PROBE_DECISION_WAIT};
 
 /// The public state a mode of the state word stands for.
 fn state_of(mode: u64) -> State {
@@ -123,6 +126,10 @@ pub(crate) struct Core {
     window: Window,
     settings: Arc<Settings>,
     origin: Instant,
+    // The shared coordination, if one is attached (`remote.rs`): read only
+    // on transitions and when an open period ends, never when closed.
+    link: std::sync::OnceLock<std::sync::Arc<Link>>,
+    grant: AtomicU64,
 }
 
 impl fmt::Debug for Core {
@@ -148,6 +155,8 @@ impl Core {
             window,
             settings,
             origin,
+            link: std::sync::OnceLock::new(),
+            grant: AtomicU64::new(NO_GRANT),
         }
     }
 
@@ -232,6 +241,7 @@ impl Core {
         if let Some(listener) = &self.settings.listener {
             listener(&BreakerEvent::StateChanged { from, to, open_for });
         }
+        self.notify_link();
     }
 
     #[cold]
@@ -282,6 +292,9 @@ impl Core {
                     let t = now();
                     if t < at {
                         return Err(Duration::from_millis(at - t));
+                    }
+                    if self.gate_closed(gen) {
+                        return Err(PROBE_DECISION_WAIT);
                     }
                     match self.begin_half_open(s, t) {
                         Ok(ticket) => return Ok(ticket),
@@ -535,55 +548,5 @@ impl Core {
         self.set_deadline(gen, now_ms.saturating_add(ms_ceil(open_for)));
         self.transitioned(w.mode(), OPEN, Some(open_for));
         Ok(())
-    }
-
-    /// The open period after the `n`-th consecutive trip: the base grown by
-    /// the multiplier, capped, then shortened by up to the jitter fraction.
-    pub(crate) fn open_duration(&self, n: u32, gen: u64) -> Duration {
-        let st = &self.settings;
-        let grown = st.open_base.as_secs_f64()
-            * st.open_multiplier
-                .powi(n.saturating_sub(1).min(1_000) as i32);
-        let capped = grown.min(st.open_cap.as_secs_f64());
-        let d = if st.open_jitter > 0.0 {
-            let u = unit(splitmix(st.seed ^ u64::from(n) << 32 ^ gen));
-            capped * (1.0 - st.open_jitter * u)
-        } else {
-            capped
-        };
-        Duration::from_secs_f64(d.max(0.001))
-    }
-
-    /// Sets an operator state; returns whether it changed.
-    pub(crate) fn set_mode(&self, mode: State) {
-        let m = match mode {
-            State::Closed => CLOSED,
-            State::ForcedOpen => FORCED_OPEN,
-            State::ForcedClosed => FORCED_CLOSED,
-            _ => DISABLED,
-        };
-        let mut s = self.state.load(Ordering::Acquire);
-        loop {
-            let w = Word(s);
-            match self.cas(s, Word::new(m, w.next_gen(), 0, 0).0) {
-                Ok(()) => {
-                    if m == CLOSED {
-                        self.window.clear();
-                        self.consecutive.store(0, Ordering::Release);
-                        self.trips.store(0, Ordering::Release);
-                    }
-                    if w.mode() != m {
-                        self.transitioned(w.mode(), m, None);
-                    }
-                    return;
-                }
-                Err(actual) => s = actual,
-            }
-        }
-    }
-
-    /// Consecutive trips since the breaker last closed.
-    pub(crate) fn trips(&self) -> u32 {
-        self.trips.load(Ordering::Acquire)
     }
 }

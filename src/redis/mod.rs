@@ -122,6 +122,7 @@
 //! `llm_resilience_redis_queue_dead_letters` and
 //! `llm_resilience_redis_queue_retried` (label `queue`).
 
+pub mod breaker;
 mod config;
 mod error;
 mod event;

@@ -1,0 +1,418 @@
+//! The coordination task of one attachment: subscribes to the namespace's
+//! channel, publishes local trips and closes, applies the others', and
+//! takes the probe permit when an open period ends. It never runs on a
+//! call's path: the breakers wake it through their link on transitions.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+use tokio::time::{sleep, timeout};
+
+use super::event::SharedBreakerEvent;
+use super::scripts::{CLOSE, PROBE, READ, TRIP};
+use super::Inner;
+use crate::breaker::{BreakerHandle, State};
+use crate::breaker::Link;
+use crate::breaker::SharedCore as Core;
+
+/// The longest the task sleeps without checking the connection (a `PING`
+/// on the subscription) and the open periods.
+const TICK: Duration = Duration::from_secs(1);
+/// The first reconnection delay, doubled per failure up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest reconnection delay: after Redis answers again, the breakers
+/// are shared again within about a second.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The breakers an attachment covers, by shared name.
+pub(super) trait Source: Send + Sync + 'static {
+    fn list(&self, out: &mut Vec<(String, BreakerHandle)>);
+}
+
+/// One key's breaker and what the coordination knows of it.
+struct Slot {
+    handle: BreakerHandle,
+    /// The open generation published (or applied from another process).
+    known_open: Option<u64>,
+    /// The newest epoch seen for the key.
+    epoch: u64,
+    /// This process holds the key's probe permit.
+    prober: bool,
+    /// The shared state is still to be read (new breaker, or resubscribed).
+    fresh: bool,
+}
+
+impl Slot {
+    fn new(handle: BreakerHandle) -> Self {
+        Self {
+            handle,
+            known_open: None,
+            epoch: 0,
+            prober: false,
+            fresh: true,
+        }
+    }
+}
+
+/// What the task decides with: everything but the slots.
+pub(super) struct Ctx {
+    pub(super) inner: Arc<Inner>,
+    pub(super) client: redis::Client,
+    pub(super) link: Arc<Link>,
+    pub(super) source: Box<dyn Source>,
+    /// This attachment's id in the published messages and the permits.
+    pub(super) origin: String,
+}
+
+impl Ctx {
+    fn record(&self, name: &str) -> String {
+        format!("llmbrk:{{{}}}:key:{name}", self.inner.namespace)
+    }
+
+    fn emit(&self, event: SharedBreakerEvent) {
+        self.inner.metrics.record(&event);
+        if let Some(listener) = &self.inner.listener {
+            listener(&event);
+        }
+    }
+}
+
+/// Sets the link down when the task ends (aborted, or its runtime shut
+/// down): the breakers go back to working alone.
+struct Down(Arc<Link>);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.0.connected.store(false, Ordering::Release);
+    }
+}
+
+pub(super) async fn run(ctx: Ctx) {
+    let _down = Down(Arc::clone(&ctx.link));
+    let mut task = Task {
+        ctx,
+        slots: HashMap::new(),
+    };
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let error = task.session(&mut backoff).await;
+        let was_up = task.ctx.link.connected.swap(false, Ordering::AcqRel);
+        tracing::warn!(
+            target: "llm_resilience::redis::breaker",
+            error = %error,
+            was_connected = was_up,
+            "shared breaker coordination down; breakers work locally"
+        );
+        task.ctx.emit(SharedBreakerEvent::Disconnected {
+            error: error.to_string(),
+        });
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+struct Task {
+    ctx: Ctx,
+    slots: HashMap<String, Slot>,
+}
+
+fn io_error(what: &'static str) -> RedisError {
+    RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+}
+
+impl Task {
+    /// One connection's life: returns the error that ended it.
+    async fn session(&mut self, backoff: &mut Duration) -> RedisError {
+        let inner = Arc::clone(&self.ctx.inner);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(inner.connect_timeout))
+            .set_response_timeout(Some(inner.response_timeout));
+        let mut conn = match self
+            .ctx
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let pubsub = match timeout(inner.connect_timeout, self.ctx.client.get_async_pubsub()).await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return e,
+            Err(_) => return io_error("connecting the subscription timed out"),
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        match timeout(inner.response_timeout, sink.subscribe(&inner.channel)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return e,
+            Err(_) => return io_error("SUBSCRIBE timed out"),
+        }
+        self.ctx.link.connected.store(true, Ordering::Release);
+        *backoff = MIN_BACKOFF;
+        self.ctx.emit(SharedBreakerEvent::Connected);
+        // Whatever was missed while unsubscribed is read from the records.
+        for slot in self.slots.values_mut() {
+            slot.fresh = true;
+        }
+        if let Err(e) = self.sync(&mut conn, true).await {
+            return e;
+        }
+        let link = Arc::clone(&self.ctx.link);
+        loop {
+            let wait = self.next_decision().min(TICK);
+            let result = tokio::select! {
+                msg = stream.next() => match msg {
+                    None => return io_error("the subscription's connection closed"),
+                    Some(msg) => self.on_message(&mut conn, &msg).await,
+                },
+                () = link.notify.notified() => self.sync(&mut conn, true).await,
+                () = sleep(wait) => {
+                    match timeout(inner.response_timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => self.sync(&mut conn, false).await,
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(io_error("PING timed out")),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                return e;
+            }
+        }
+    }
+
+    /// The time until the first open period that needs the probe permit
+    /// ends.
+    fn next_decision(&self) -> Duration {
+        self.slots
+            .values()
+            .filter_map(|slot| {
+                let snap = slot.handle.core().snapshot();
+                (snap.state == State::Open && !snap.granted).then_some(snap.remaining)
+            })
+            .min()
+            .unwrap_or(TICK)
+    }
+
+    /// The slots for the breakers the source has now.
+    fn refresh(&mut self) {
+        let mut list = Vec::new();
+        self.ctx.source.list(&mut list);
+        let mut slots = HashMap::with_capacity(list.len());
+        for (name, handle) in list {
+            let slot = match self.slots.remove(&name) {
+                // The same breaker (a keyed breaker evicted and made again
+                // is a new one).
+                Some(slot) if std::ptr::eq(slot.handle.core(), handle.core()) => slot,
+                _ => Slot::new(handle),
+            };
+            slots.insert(name, slot);
+        }
+        self.slots = slots;
+    }
+
+    /// Publishes local trips and closes, reads the shared state of new
+    /// breakers, and asks for the probe permit where an open period ended.
+    async fn sync(&mut self, conn: &mut MultiplexedConnection, refresh: bool) -> RedisResult<()> {
+        if refresh {
+            self.refresh();
+        }
+        let ctx = &self.ctx;
+        for (name, slot) in &mut self.slots {
+            let record = ctx.record(name);
+            let core = slot.handle.core();
+            if slot.fresh {
+                let (epoch, remaining_ms): (u64, u64) =
+                    READ.key(&record).invoke_async(conn).await?;
+                slot.fresh = false;
+                if epoch > slot.epoch {
+                    slot.epoch = epoch;
+                    let at_least = Duration::from_millis(remaining_ms.max(1));
+                    if let Some(gen) = core.trip_now(at_least) {
+                        slot.known_open = Some(gen);
+                        slot.prober = false;
+                        ctx.emit(SharedBreakerEvent::TripReceived);
+                    }
+                }
+            }
+            let snap = core.snapshot();
+            match snap.state {
+                State::Open if slot.known_open != Some(snap.gen) => {
+                    let open_ms = snap.remaining.as_millis().max(1) as u64;
+                    let (epoch, _): (u64, u64) = TRIP
+                        .key(&record)
+                        .key(&ctx.inner.epoch_key)
+                        .arg(open_ms)
+                        .arg(&ctx.origin)
+                        .arg(&ctx.inner.channel)
+                        .arg(name.as_str())
+                        .arg(retain_ms(core))
+                        .invoke_async(conn)
+                        .await?;
+                    slot.epoch = slot.epoch.max(epoch);
+                    slot.known_open = Some(snap.gen);
+                    slot.prober = false;
+                    ctx.emit(SharedBreakerEvent::TripPublished);
+                }
+                State::Open if snap.remaining.is_zero() && !snap.granted => {
+                    let lease = lease_ms(core);
+                    let (granted, wait_ms, epoch): (u8, u64, u64) = PROBE
+                        .key(&record)
+                        .arg(&ctx.origin)
+                        .arg(lease)
+                        .invoke_async(conn)
+                        .await?;
+                    slot.epoch = slot.epoch.max(epoch);
+                    if granted == 1 {
+                        slot.prober = true;
+                        core.grant_probes(snap.gen);
+                        ctx.emit(SharedBreakerEvent::ProbeGranted);
+                    } else {
+                        let wait = Duration::from_millis(wait_ms.clamp(10, lease));
+                        core.hold_open(snap.gen, wait);
+                        ctx.emit(SharedBreakerEvent::ProbeDenied { wait });
+                    }
+                }
+                State::Closed if slot.prober => {
+                    slot.prober = false;
+                    let published: u8 = CLOSE
+                        .key(&record)
+                        .arg(&ctx.origin)
+                        .arg(&ctx.inner.channel)
+                        .arg(name.as_str())
+                        .invoke_async(conn)
+                        .await?;
+                    if published == 1 {
+                        ctx.emit(SharedBreakerEvent::ClosePublished);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Another process's trip or close.
+    async fn on_message(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        msg: &redis::Msg,
+    ) -> RedisResult<()> {
+        let Ok(payload) = msg.get_payload::<String>() else {
+            return Ok(());
+        };
+        let Some(message) = Message::parse(&payload) else {
+            return Ok(());
+        };
+        if message.origin == self.ctx.origin {
+            return Ok(());
+        }
+        if !self.slots.contains_key(message.name) {
+            // A breaker made since the last look (keyed).
+            self.refresh();
+        }
+        let Some(slot) = self.slots.get_mut(message.name) else {
+            return Ok(());
+        };
+        let core = slot.handle.core();
+        match message.kind {
+            Kind::Trip { remaining } => {
+                if message.epoch <= slot.epoch {
+                    return Ok(());
+                }
+                slot.epoch = message.epoch;
+                slot.prober = false;
+                if let Some(gen) = core.trip_now(remaining) {
+                    slot.known_open = Some(gen);
+                    self.ctx.emit(SharedBreakerEvent::TripReceived);
+                }
+            }
+            Kind::Close => {
+                if message.epoch < slot.epoch {
+                    return Ok(());
+                }
+                slot.epoch = message.epoch;
+                slot.prober = false;
+                if core.close_now() {
+                    self.ctx.emit(SharedBreakerEvent::CloseReceived);
+                }
+            }
+        }
+        // A breaker that is now open or closed may need nothing more, but
+        // a fresh one is read here rather than on the next wake-up.
+        self.sync(conn, false).await
+    }
+}
+
+/// How long a probe permit holds: the breaker's probe timeout, after which
+/// a hung probe frees its permit locally too.
+fn lease_ms(core: &Core) -> u64 {
+    (core.settings().probe_timeout.as_millis() as u64).max(1)
+}
+
+/// How long a key's record outlives its open period: two probe leases.
+fn retain_ms(core: &Core) -> u64 {
+    lease_ms(core).saturating_mul(2)
+}
+
+enum Kind {
+    Trip { remaining: Duration },
+    Close,
+}
+
+/// A published message: `trip <epoch> <remaining ms> <origin> <name>` or
+/// `close <epoch> <origin> <name>` (the name last: it may hold spaces).
+struct Message<'a> {
+    kind: Kind,
+    epoch: u64,
+    origin: &'a str,
+    name: &'a str,
+}
+
+impl<'a> Message<'a> {
+    fn parse(s: &'a str) -> Option<Self> {
+        let (verb, rest) = s.split_once(' ')?;
+        let (epoch, rest) = rest.split_once(' ')?;
+        let epoch = epoch.parse().ok()?;
+        let (kind, rest) = match verb {
+            "trip" => {
+                let (ms, rest) = rest.split_once(' ')?;
+                let ms: u64 = ms.parse().ok()?;
+                let remaining = Duration::from_millis(ms.clamp(1, 365 * 24 * 3_600_000));
+                (Kind::Trip { remaining }, rest)
+            }
+            "close" => (Kind::Close, rest),
+            _ => return None,
+        };
+        let (origin, name) = rest.split_once(' ')?;
+        Some(Self {
+            kind,
+            epoch,
+            origin,
+            name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse_and_garbage_does_not() {
+        let m = Message::parse("trip 7 1500 abc openai gpt-4o").unwrap();
+        assert!(matches!(m.kind, Kind::Trip { remaining } if remaining == Duration::from_millis(1500)));
+        assert_eq!((m.epoch, m.origin, m.name), (7, "abc", "openai gpt-4o"));
+        let m = Message::parse("close 8 abc k").unwrap();
+        assert!(matches!(m.kind, Kind::Close));
+        assert_eq!((m.epoch, m.origin, m.name), (8, "abc", "k"));
+        for bad in ["", "trip", "trip x 1 a b", "trip 1 -5 a b", "close 1 a", "open 1 a b"] {
+            assert!(Message::parse(bad).is_none(), "{bad}");
+        }
+    }
+}
