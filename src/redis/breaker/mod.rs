@@ -106,8 +106,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::event::SharedBreakerEvent;
 use self::event::Metrics;
+pub use self::event::SharedBreakerEvent;
 use self::task::{Ctx, Source};
 use crate::breaker::{BreakerHandle, KeyedBreakerHandle, Link};
 use crate::error::ConfigError;

@@ -16,9 +16,9 @@ use tokio::time::{sleep, timeout};
 use super::event::SharedBreakerEvent;
 use super::scripts::{CLOSE, PROBE, READ, TRIP};
 use super::Inner;
-use crate::breaker::{BreakerHandle, State};
 use crate::breaker::Link;
 use crate::breaker::SharedCore as Core;
+use crate::breaker::{BreakerHandle, State};
 
 /// The longest the task sleeps without checking the connection (a `PING`
 /// on the subscription) and the open periods.
@@ -406,12 +406,21 @@ mod tests {
     #[test]
     fn messages_parse_and_garbage_does_not() {
         let m = Message::parse("trip 7 1500 abc openai gpt-4o").unwrap();
-        assert!(matches!(m.kind, Kind::Trip { remaining } if remaining == Duration::from_millis(1500)));
+        assert!(
+            matches!(m.kind, Kind::Trip { remaining } if remaining == Duration::from_millis(1500))
+        );
         assert_eq!((m.epoch, m.origin, m.name), (7, "abc", "openai gpt-4o"));
         let m = Message::parse("close 8 abc k").unwrap();
         assert!(matches!(m.kind, Kind::Close));
         assert_eq!((m.epoch, m.origin, m.name), (8, "abc", "k"));
-        for bad in ["", "trip", "trip x 1 a b", "trip 1 -5 a b", "close 1 a", "open 1 a b"] {
+        for bad in [
+            "",
+            "trip",
+            "trip x 1 a b",
+            "trip 1 -5 a b",
+            "close 1 a",
+            "open 1 a b",
+        ] {
             assert!(Message::parse(bad).is_none(), "{bad}");
         }
     }

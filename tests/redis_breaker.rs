@@ -1,0 +1,413 @@
+//! Shared breaker state across processes (feature `redis`) against a real
+//! `redis-server` (`LLM_RESILIENCE_REDIS_URL`): each "process" is its own
+//! tokio runtime (its own worker thread) with its own breaker and its own
+//! coordination, calling the mock LLM server over loopback HTTP. Real time
+//! with generous timeouts for waiting; nothing asserts on a duration.
+
+mod redis_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use llm_resilience::breaker::{BreakerHandle, CircuitBreakerLayer, KeyedBreakerHandle, State};
+use llm_resilience::classify::HttpError;
+use llm_resilience::client::{ChatRequest, OpenAiClient};
+use llm_resilience::redis::breaker::{SharedBreaker, SharedBreakerConfig, SharedBreakerEvent};
+use llm_resilience::testing::mock_server::{FaultScript, MockFault, MockServer};
+use llm_resilience::Error;
+use tokio::runtime::Runtime;
+use tokio::time::{sleep, timeout, Instant};
+use tower::util::BoxCloneSyncService;
+use tower::{service_fn, Layer, ServiceExt};
+
+use redis_support::{unique, url};
+
+/// The probes a breaker sends per half-open period (the shared budget).
+const PROBES: u32 = 2;
+/// Generous bound on any wait (never asserted as a duration).
+const PATIENCE: Duration = Duration::from_secs(10);
+
+type Events = Arc<Mutex<Vec<SharedBreakerEvent>>>;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config(ns: &str, events: &Events) -> SharedBreakerConfig {
+    let events = Arc::clone(events);
+    SharedBreakerConfig::builder(ns)
+        .connect_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(2))
+        .on_event(move |e| events.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap()
+}
+
+fn breaker_layer() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::builder()
+        .consecutive_failures(3)
+        .no_failure_rate()
+        .open_duration(Duration::from_millis(500))
+        .open_growth(1.0, Duration::from_millis(500))
+        .open_jitter(0.0)
+        .half_open_probes(PROBES)
+        .build()
+        .unwrap()
+}
+
+type Client = BoxCloneSyncService<ChatRequest, llm_resilience::client::ChatResponse, Error>;
+
+/// One process: a runtime of its own, a breaker around an OpenAI client of
+/// the mock server, and (maybe) its coordination.
+struct Proc {
+    rt: Option<Runtime>,
+    svc: Client,
+    breaker: BreakerHandle,
+    shared: Option<SharedBreaker>,
+    events: Events,
+}
+
+impl Proc {
+    fn new(server: &MockServer, redis: &str, ns: &str) -> Self {
+        let rt = runtime();
+        let layer = breaker_layer();
+        let breaker = layer.handle();
+        let client = OpenAiClient::builder(server.base_url())
+            .api_key("sk-test")
+            .model("mock-model")
+            .connect_timeout(Duration::from_secs(2))
+            .total_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let svc = BoxCloneSyncService::new(layer.layer(client));
+        let events = Events::default();
+        let shared = {
+            let _in = rt.enter();
+            SharedBreaker::attach(redis, &config(ns, &events), "openai", &breaker).unwrap()
+        };
+        Self {
+            rt: Some(rt),
+            svc,
+            breaker,
+            shared: Some(shared),
+            events,
+        }
+    }
+
+    /// One call, run on this process's runtime.
+    async fn call(&self) -> Result<(), Error> {
+        let svc = self.svc.clone();
+        let req = ChatRequest::user("hello").max_tokens(8);
+        let rt = self.rt.as_ref().unwrap();
+        rt.spawn(async move { svc.oneshot(req).await.map(drop) })
+            .await
+            .unwrap()
+    }
+
+    fn count(&self, kind: &str) -> usize {
+        let events = self.events.lock().unwrap();
+        events.iter().filter(|e| e.kind() == kind).count()
+    }
+
+    async fn connected(&self) {
+        let shared = self.shared.as_ref().unwrap();
+        wait_for(|| shared.is_connected(), "connected").await;
+    }
+
+    /// Calls until this process's breaker is closed; returns the calls the
+    /// breaker let through.
+    async fn call_until_closed(&self) -> u32 {
+        let mut through = 0;
+        let deadline = Instant::now() + PATIENCE;
+        while self.breaker.state() != State::Closed {
+            assert!(
+                Instant::now() < deadline,
+                "never closed: {:?}",
+                self.breaker.state()
+            );
+            match self.call().await {
+                Err(Error::CircuitOpen { .. }) => sleep(Duration::from_millis(5)).await,
+                _ => through += 1,
+            }
+        }
+        through
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        drop(self.shared.take());
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    timeout(PATIENCE, async {
+        while !cond() {
+            sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
+}
+
+async fn failing_server() -> MockServer {
+    MockServer::start(FaultScript::new().rate(MockFault::server_error(503), 1.0))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_opens_the_other_and_both_send_one_probe_budget() {
+    let Some(redis) = url() else { return };
+    let server = failing_server().await;
+    let ns = unique("brk");
+    let a = Proc::new(&server, &redis, &ns);
+    let b = Proc::new(&server, &redis, &ns);
+    a.connected().await;
+    b.connected().await;
+
+    // A trips on the upstream's failures; B has sent nothing.
+    for _ in 0..3 {
+        assert!(a.call().await.is_err());
+    }
+    assert_eq!(a.breaker.state(), State::Open);
+    let tripped = Instant::now();
+    wait_for(|| b.breaker.state() == State::Open, "B open").await;
+    // Printed, not asserted: the documented bound is one second.
+    eprintln!("trip reached the other process in {:?}", tripped.elapsed());
+    assert_eq!(server.total(), 3, "B sent nothing");
+    assert!(matches!(b.call().await, Err(Error::CircuitOpen { .. })));
+    assert_eq!(a.count("trip_published"), 1);
+    assert_eq!(b.count("trip_received"), 1);
+
+    // The upstream recovers; both call until their breaker closes: the
+    // upstream sees the probes of one half-open budget, not one per process.
+    server.set_script(FaultScript::new());
+    let before = server.total();
+    let (through_a, through_b) = tokio::join!(a.call_until_closed(), b.call_until_closed());
+    let probes = server.total() - before;
+    eprintln!("probes: A {through_a}, B {through_b}, upstream {probes}");
+    assert_eq!(probes, u64::from(through_a + through_b));
+    assert!(
+        probes <= u64::from(PROBES),
+        "{probes} probes for a budget of {PROBES}"
+    );
+    assert!(probes >= 1);
+    assert_eq!(a.breaker.state(), State::Closed);
+    assert_eq!(b.breaker.state(), State::Closed);
+    // One process probed and published; the other was told.
+    assert_eq!(a.count("probe_granted") + b.count("probe_granted"), 1);
+    assert_eq!(a.count("close_published") + b.count("close_published"), 1);
+    assert_eq!(a.count("close_received") + b.count("close_received"), 1);
+
+    // And again the other way round: B trips, A opens.
+    server.set_script(FaultScript::new().rate(MockFault::server_error(503), 1.0));
+    for _ in 0..3 {
+        assert!(b.call().await.is_err());
+    }
+    wait_for(|| a.breaker.state() == State::Open, "A open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_attaches_late_reads_the_open_state() {
+    let Some(redis) = url() else { return };
+    let server = failing_server().await;
+    let ns = unique("brk-late");
+    let a = Proc::new(&server, &redis, &ns);
+    a.connected().await;
+    for _ in 0..3 {
+        assert!(a.call().await.is_err());
+    }
+    wait_for(|| a.count("trip_published") == 1, "published").await;
+    // B starts after the trip was published: it missed the message.
+    let b = Proc::new(&server, &redis, &ns);
+    wait_for(
+        || b.breaker.state() == State::Open,
+        "B open from the record",
+    )
+    .await;
+    assert_eq!(server.total(), 3);
+}
+
+/// A keyed "process": a breaker per key in front of a service that fails
+/// when asked to.
+struct KeyedProc {
+    rt: Option<Runtime>,
+    svc: BoxCloneSyncService<(&'static str, bool), (), Error>,
+    breakers: KeyedBreakerHandle<&'static str>,
+    _shared: SharedBreaker,
+}
+
+impl KeyedProc {
+    fn new(redis: &str, ns: &str) -> Self {
+        let rt = runtime();
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(3)
+            .no_failure_rate()
+            .open_duration(Duration::from_secs(60))
+            .key_by(|req: &(&'static str, bool)| req.0)
+            .build()
+            .unwrap();
+        let breakers = layer.handle();
+        let svc = BoxCloneSyncService::new(layer.layer(service_fn(
+            |(_, fail): (&'static str, bool)| async move {
+                if fail {
+                    Err(HttpError::new(503))
+                } else {
+                    Ok(())
+                }
+            },
+        )));
+        let shared = {
+            let _in = rt.enter();
+            let events = Events::default();
+            SharedBreaker::attach_keyed(redis, &config(ns, &events), &breakers, |k: &&str| {
+                (*k).to_owned()
+            })
+            .unwrap()
+        };
+        Self {
+            rt: Some(rt),
+            svc,
+            breakers,
+            _shared: shared,
+        }
+    }
+
+    async fn call(&self, key: &'static str, fail: bool) -> Result<(), Error> {
+        let svc = self.svc.clone();
+        let rt = self.rt.as_ref().unwrap();
+        rt.spawn(svc.oneshot((key, fail))).await.unwrap()
+    }
+
+    fn state(&self, key: &'static str) -> Option<State> {
+        self.breakers.state(&key)
+    }
+}
+
+impl Drop for KeyedProc {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_breakers_share_only_the_same_key() {
+    let Some(redis) = url() else { return };
+    let ns = unique("brk-keyed");
+    let a = KeyedProc::new(&redis, &ns);
+    let b = KeyedProc::new(&redis, &ns);
+    wait_for(
+        || a._shared.is_connected() && b._shared.is_connected(),
+        "connected",
+    )
+    .await;
+    // B has breakers for both keys.
+    b.call("gpt", false).await.unwrap();
+    b.call("claude", false).await.unwrap();
+    // A's "gpt" trips.
+    for _ in 0..3 {
+        assert!(a.call("gpt", true).await.is_err());
+    }
+    assert_eq!(a.state("gpt"), Some(State::Open));
+    wait_for(|| b.state("gpt") == Some(State::Open), "B's gpt open").await;
+    // Only that key: B's other key was never tripped by anyone.
+    assert_eq!(b.state("claude"), Some(State::Closed));
+    b.call("claude", false).await.unwrap();
+    assert!(matches!(
+        b.call("gpt", false).await,
+        Err(Error::CircuitOpen { .. })
+    ));
+
+    // A key B has no breaker for yet: B's breaker, once made, reads the
+    // shared state.
+    for _ in 0..3 {
+        assert!(a.call("mistral", true).await.is_err());
+    }
+    assert_eq!(b.state("mistral"), None);
+    let _ = b.breakers.breaker("mistral");
+    wait_for(
+        || b.state("mistral") == Some(State::Open),
+        "B's new key open",
+    )
+    .await;
+    assert_eq!(b.state("claude"), Some(State::Closed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_leaves_the_breaker_working_alone() {
+    // A port nothing listens on (taken, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("redis://127.0.0.1:{port}/");
+    let server = failing_server().await;
+    let a = Proc::new(&server, &dead, &unique("brk-down"));
+    wait_for(|| a.count("disconnected") >= 1, "disconnected event").await;
+    assert!(!a.shared.as_ref().unwrap().is_connected());
+    // Trips, opens, probes and closes by itself, as an unshared breaker.
+    for _ in 0..3 {
+        assert!(a.call().await.is_err());
+    }
+    assert_eq!(a.breaker.state(), State::Open);
+    assert!(matches!(a.call().await, Err(Error::CircuitOpen { .. })));
+    server.set_script(FaultScript::new());
+    let before = server.total();
+    let through = a.call_until_closed().await;
+    assert_eq!(through, PROBES);
+    assert_eq!(server.total() - before, u64::from(PROBES));
+    assert_eq!(a.count("connected"), 0);
+    // It keeps trying to reconnect.
+    wait_for(|| a.count("disconnected") >= 2, "a second attempt").await;
+}
+
+#[tokio::test]
+async fn bad_settings_are_config_errors() {
+    for ns in ["", "a{b}", "a b", "a\nb"] {
+        let err = SharedBreakerConfig::builder(ns).build().unwrap_err();
+        assert_eq!(err.field, "namespace");
+    }
+    for d in [Duration::ZERO, Duration::MAX] {
+        let err = SharedBreakerConfig::builder("ns")
+            .response_timeout(d)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "response_timeout");
+        let err = SharedBreakerConfig::builder("ns")
+            .connect_timeout(d)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field, "connect_timeout");
+    }
+    let config = SharedBreakerConfig::builder("ns").build().unwrap();
+    let breaker = breaker_layer().handle();
+    let err = SharedBreaker::attach("not a url", &config, "k", &breaker).unwrap_err();
+    assert_eq!(err.field, "url");
+    for name in ["", "a\nb"] {
+        let err =
+            SharedBreaker::attach("redis://127.0.0.1:1/", &config, name, &breaker).unwrap_err();
+        assert_eq!(err.field, "name");
+    }
+    let _first = SharedBreaker::attach("redis://127.0.0.1:1/", &config, "k", &breaker).unwrap();
+    let err = SharedBreaker::attach("redis://127.0.0.1:1/", &config, "k", &breaker).unwrap_err();
+    assert_eq!(err.field, "breaker");
+    // Outside a runtime.
+    let other = breaker_layer().handle();
+    let err = std::thread::spawn(move || {
+        SharedBreaker::attach("redis://127.0.0.1:1/", &config, "k", &other).unwrap_err()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(err.field, "runtime");
+}
