@@ -60,7 +60,7 @@ impl BreakerHandle {
     /// it recovers by itself. A breaker already open stays as it is; an
     /// operator's state (forced open or closed, disabled) is left alone.
     pub fn trip(&self) {
-        let _ = self.core().trip_now(std::time::Duration::ZERO);
+        let _ = self.core().trip_now();
     }
 
     /// Refuses every call until [`reset`](Self::reset) (or another manual

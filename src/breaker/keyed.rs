@@ -105,6 +105,8 @@ impl<K: Hash + Eq + Clone, F, C> KeyedShared<K, F, C> {
         );
         if let Some(link) = self.link.get() {
             shared.core.attach(Arc::clone(link));
+            link.changed
+                .store(true, std::sync::atomic::Ordering::Release);
             link.notify.notify_one();
         }
         shared

@@ -25,8 +25,11 @@ pub(super) const PROBE_DECISION_WAIT: Duration = Duration::from_millis(50);
 /// the breaker behaves exactly as a local one).
 #[derive(Debug, Default)]
 pub(crate) struct Link {
-    /// Woken on every transition (and when a keyed breaker adds a key).
+    /// Woken on every transition, when a keyed breaker adds a key, and when
+    /// a call finds an ended open period waiting for the probe permit.
     pub(crate) notify: tokio::sync::Notify,
+    /// A transition or a new key since the coordination last looked.
+    pub(crate) changed: AtomicBool,
     /// The coordination reaches Redis: open periods end only with its
     /// probe permit.
     pub(crate) connected: AtomicBool,
@@ -45,6 +48,8 @@ pub(crate) struct Snapshot {
     /// While open: whether this generation holds the coordination's probe
     /// permit.
     pub(crate) granted: bool,
+    /// While open: whether a call is waiting for the probe permit.
+    pub(crate) wanted: bool,
 }
 
 impl Core {
@@ -53,20 +58,28 @@ impl Core {
         self.link.set(link).is_ok()
     }
 
-    /// Wakes the coordination, if any.
+    /// Wakes the coordination, if any, after a transition.
     pub(super) fn notify_link(&self) {
         if let Some(link) = self.link.get() {
+            link.changed.store(true, Ordering::Release);
             link.notify.notify_one();
         }
     }
 
     /// Whether the open period of `gen`, now over, must wait for the
-    /// coordination's probe permit.
+    /// coordination's probe permit; if so, the coordination is asked for it
+    /// (a call is waiting: the permit goes to a process with traffic).
     #[cold]
     pub(super) fn gate_closed(&self, gen: u64) -> bool {
         match self.link.get() {
             Some(link) if link.connected.load(Ordering::Acquire) => {
-                self.grant.load(Ordering::Acquire) != gen
+                if self.grant.load(Ordering::Acquire) == gen {
+                    return false;
+                }
+                if self.want.swap(gen, Ordering::AcqRel) != gen {
+                    link.notify.notify_one();
+                }
+                true
             }
             _ => false,
         }
@@ -88,6 +101,7 @@ impl Core {
             gen,
             remaining,
             granted: self.grant.load(Ordering::Acquire) == gen,
+            wanted: self.want.load(Ordering::Acquire) == gen,
         }
     }
 
@@ -111,27 +125,53 @@ impl Core {
     }
 
     /// Opens a closed or half-open breaker as a tripping failure would (the
-    /// open period on its schedule), for at least `at_least`; an open one
-    /// stays open at least that long. Returns the open generation; `None` in
-    /// an operator's state, which this leaves alone.
-    pub(crate) fn trip_now(&self, at_least: Duration) -> Option<u64> {
+    /// open period on its schedule). Returns whether it did; an open
+    /// breaker or an operator's state is left alone.
+    pub(crate) fn trip_now(&self) -> bool {
+        let mut s = self.state.load(Ordering::Acquire);
+        while matches!(Word(s).mode(), CLOSED | HALF_OPEN) {
+            match self.trip(s, self.now_ms(), &mut None::<fn() -> Option<Duration>>) {
+                Ok(()) => return true,
+                Err(actual) => s = actual,
+            }
+        }
+        false
+    }
+
+    /// Opens the breaker until `d` from now (another process's trip: the
+    /// shared open period), counting a trip; an open breaker's period is
+    /// set to end then. Returns the open generation; `None` in an
+    /// operator's state, which this leaves alone.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn trip_until(&self, d: Duration) -> Option<u64> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             let w = Word(s);
+            let at = self.now_ms().saturating_add(ms_ceil(d));
             match w.mode() {
                 CLOSED | HALF_OPEN => {
-                    let t = self.now_ms();
-                    match self.trip(s, t, &mut None::<fn() -> Option<Duration>>) {
-                        Ok(()) => {
-                            let gen = w.next_gen();
-                            self.hold_open(gen, at_least);
-                            return Some(gen);
-                        }
-                        Err(actual) => s = actual,
+                    let gen = w.next_gen();
+                    if let Err(actual) = self.cas(s, Word::new(OPEN, gen, 0, 0).0) {
+                        s = actual;
+                        continue;
                     }
+                    self.window.clear();
+                    self.consecutive.store(0, Ordering::Release);
+                    let _ = self.trips.fetch_add(1, Ordering::AcqRel);
+                    self.set_deadline(gen, at);
+                    self.transitioned(w.mode(), OPEN, Some(d));
+                    return Some(gen);
                 }
                 OPEN => {
-                    self.hold_open(w.gen(), at_least);
+                    // A probe permit taken for this period is void: the
+                    // trip freed it for everyone.
+                    let _ = self.grant.compare_exchange(
+                        w.gen(),
+                        NO_GRANT,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    self.set_deadline(w.gen(), at);
                     return Some(w.gen());
                 }
                 _ => return None,

@@ -130,6 +130,7 @@ pub(crate) struct Core {
     // on transitions and when an open period ends, never when closed.
     link: std::sync::OnceLock<std::sync::Arc<Link>>,
     grant: AtomicU64,
+    want: AtomicU64,
 }
 
 impl fmt::Debug for Core {
@@ -157,6 +158,7 @@ impl Core {
             origin,
             link: std::sync::OnceLock::new(),
             grant: AtomicU64::new(NO_GRANT),
+            want: AtomicU64::new(NO_GRANT),
         }
     }
 

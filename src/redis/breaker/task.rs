@@ -97,17 +97,19 @@ pub(super) async fn run(ctx: Ctx) {
     let mut task = Task {
         ctx,
         slots: HashMap::new(),
+        warned: false,
     };
     let mut backoff = MIN_BACKOFF;
     loop {
         let error = task.session(&mut backoff).await;
-        let was_up = task.ctx.link.connected.swap(false, Ordering::AcqRel);
-        tracing::warn!(
-            target: "llm_resilience::redis::breaker",
-            error = %error,
-            was_connected = was_up,
-            "shared breaker coordination down; breakers work locally"
-        );
+        if task.ctx.link.connected.swap(false, Ordering::AcqRel) || !task.warned {
+            task.warned = true;
+            tracing::warn!(
+                target: "llm_resilience::redis::breaker",
+                error = %error,
+                "shared breaker coordination cannot reach Redis; breakers work alone until it can"
+            );
+        }
         task.ctx.emit(SharedBreakerEvent::Disconnected {
             error: error.to_string(),
         });
@@ -119,6 +121,8 @@ pub(super) async fn run(ctx: Ctx) {
 struct Task {
     ctx: Ctx,
     slots: HashMap<String, Slot>,
+    /// The first failure was logged (then one warning per outage).
+    warned: bool,
 }
 
 fn io_error(what: &'static str) -> RedisError {
@@ -165,14 +169,19 @@ impl Task {
         }
         let link = Arc::clone(&self.ctx.link);
         loop {
-            let wait = self.next_decision().min(TICK);
             let result = tokio::select! {
                 msg = stream.next() => match msg {
                     None => return io_error("the subscription's connection closed"),
-                    Some(msg) => self.on_message(&mut conn, &msg).await,
+                    Some(msg) => {
+                        self.on_message(&msg);
+                        Ok(())
+                    }
                 },
-                () = link.notify.notified() => self.sync(&mut conn, true).await,
-                () = sleep(wait) => {
+                () = link.notify.notified() => {
+                    let changed = link.changed.swap(false, Ordering::AcqRel);
+                    self.sync(&mut conn, changed).await
+                }
+                () = sleep(TICK) => {
                     match timeout(inner.response_timeout, sink.ping::<redis::Value>()).await {
                         Ok(Ok(_)) => self.sync(&mut conn, false).await,
                         Ok(Err(e)) => Err(e),
@@ -184,19 +193,6 @@ impl Task {
                 return e;
             }
         }
-    }
-
-    /// The time until the first open period that needs the probe permit
-    /// ends.
-    fn next_decision(&self) -> Duration {
-        self.slots
-            .values()
-            .filter_map(|slot| {
-                let snap = slot.handle.core().snapshot();
-                (snap.state == State::Open && !snap.granted).then_some(snap.remaining)
-            })
-            .min()
-            .unwrap_or(TICK)
     }
 
     /// The slots for the breakers the source has now.
@@ -233,7 +229,7 @@ impl Task {
                 if epoch > slot.epoch {
                     slot.epoch = epoch;
                     let at_least = Duration::from_millis(remaining_ms.max(1));
-                    if let Some(gen) = core.trip_now(at_least) {
+                    if let Some(gen) = core.trip_until(at_least) {
                         slot.known_open = Some(gen);
                         slot.prober = false;
                         ctx.emit(SharedBreakerEvent::TripReceived);
@@ -259,7 +255,7 @@ impl Task {
                     slot.prober = false;
                     ctx.emit(SharedBreakerEvent::TripPublished);
                 }
-                State::Open if snap.remaining.is_zero() && !snap.granted => {
+                State::Open if snap.remaining.is_zero() && snap.wanted && !snap.granted => {
                     let lease = lease_ms(core);
                     let (granted, wait_ms, epoch): (u8, u64, u64) = PROBE
                         .key(&record)
@@ -298,43 +294,38 @@ impl Task {
     }
 
     /// Another process's trip or close.
-    async fn on_message(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        msg: &redis::Msg,
-    ) -> RedisResult<()> {
+    fn on_message(&mut self, msg: &redis::Msg) {
         let Ok(payload) = msg.get_payload::<String>() else {
-            return Ok(());
+            return;
         };
         let Some(message) = Message::parse(&payload) else {
-            return Ok(());
+            return;
         };
         if message.origin == self.ctx.origin {
-            return Ok(());
+            return;
         }
-        if !self.slots.contains_key(message.name) {
-            // A breaker made since the last look (keyed).
-            self.refresh();
-        }
+        // A name without a breaker here: nothing to do. A keyed breaker
+        // made since the last look reads the record when its wake-up is
+        // handled (the record is written before the message is sent).
         let Some(slot) = self.slots.get_mut(message.name) else {
-            return Ok(());
+            return;
         };
         let core = slot.handle.core();
         match message.kind {
             Kind::Trip { remaining } => {
                 if message.epoch <= slot.epoch {
-                    return Ok(());
+                    return;
                 }
                 slot.epoch = message.epoch;
                 slot.prober = false;
-                if let Some(gen) = core.trip_now(remaining) {
+                if let Some(gen) = core.trip_until(remaining) {
                     slot.known_open = Some(gen);
                     self.ctx.emit(SharedBreakerEvent::TripReceived);
                 }
             }
             Kind::Close => {
                 if message.epoch < slot.epoch {
-                    return Ok(());
+                    return;
                 }
                 slot.epoch = message.epoch;
                 slot.prober = false;
@@ -343,9 +334,6 @@ impl Task {
                 }
             }
         }
-        // A breaker that is now open or closed may need nothing more, but
-        // a fresh one is read here rather than on the next wake-up.
-        self.sync(conn, false).await
     }
 }
 
