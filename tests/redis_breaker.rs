@@ -48,11 +48,15 @@ fn config(ns: &str, events: &Events) -> SharedBreakerConfig {
 }
 
 fn breaker_layer() -> CircuitBreakerLayer {
+    breaker_open_for(Duration::from_millis(500))
+}
+
+fn breaker_open_for(open: Duration) -> CircuitBreakerLayer {
     CircuitBreakerLayer::builder()
         .consecutive_failures(3)
         .no_failure_rate()
-        .open_duration(Duration::from_millis(500))
-        .open_growth(1.0, Duration::from_millis(500))
+        .open_duration(open)
+        .open_growth(1.0, open)
         .open_jitter(0.0)
         .half_open_probes(PROBES)
         .build()
@@ -73,8 +77,12 @@ struct Proc {
 
 impl Proc {
     fn new(server: &MockServer, redis: &str, ns: &str) -> Self {
+        Self::open_for(server, redis, ns, Duration::from_millis(500))
+    }
+
+    fn open_for(server: &MockServer, redis: &str, ns: &str, open: Duration) -> Self {
         let rt = runtime();
-        let layer = breaker_layer();
+        let layer = breaker_open_for(open);
         let breaker = layer.handle();
         let client = OpenAiClient::builder(server.base_url())
             .api_key("sk-test")
@@ -184,8 +192,9 @@ async fn a_trip_opens_the_other_and_both_send_one_probe_budget() {
     eprintln!("trip reached the other process in {:?}", tripped.elapsed());
     assert_eq!(server.total(), 3, "B sent nothing");
     assert!(matches!(b.call().await, Err(Error::CircuitOpen { .. })));
-    assert_eq!(a.count("trip_published"), 1);
-    assert_eq!(b.count("trip_received"), 1);
+    // (The events follow the state changes on the coordination's task.)
+    wait_for(|| a.count("trip_published") == 1, "A's trip published").await;
+    wait_for(|| b.count("trip_received") == 1, "B's trip received").await;
 
     // The upstream recovers; both call until their breaker closes: the
     // upstream sees the probes of one half-open budget, not one per process.
@@ -203,9 +212,10 @@ async fn a_trip_opens_the_other_and_both_send_one_probe_budget() {
     assert_eq!(a.breaker.state(), State::Closed);
     assert_eq!(b.breaker.state(), State::Closed);
     // One process probed and published; the other was told.
-    assert_eq!(a.count("probe_granted") + b.count("probe_granted"), 1);
-    assert_eq!(a.count("close_published") + b.count("close_published"), 1);
-    assert_eq!(a.count("close_received") + b.count("close_received"), 1);
+    let sum = |kind: &str| a.count(kind) + b.count(kind);
+    wait_for(|| sum("close_published") == 1, "close published").await;
+    wait_for(|| sum("close_received") == 1, "close received").await;
+    assert_eq!(sum("probe_granted"), 1);
 
     // And again the other way round: B trips, A opens.
     server.set_script(FaultScript::new().rate(MockFault::server_error(503), 1.0));
@@ -213,6 +223,55 @@ async fn a_trip_opens_the_other_and_both_send_one_probe_budget() {
         assert!(b.call().await.is_err());
     }
     wait_for(|| a.breaker.state() == State::Open, "A open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_trips_both_again_and_each_open_period_gets_one_budget() {
+    let Some(redis) = url() else { return };
+    let server = failing_server().await;
+    let ns = unique("brk-retrip");
+    let a = Proc::new(&server, &redis, &ns);
+    let b = Proc::new(&server, &redis, &ns);
+    a.connected().await;
+    b.connected().await;
+    for _ in 0..3 {
+        assert!(a.call().await.is_err());
+    }
+    wait_for(|| b.breaker.state() == State::Open, "B open").await;
+
+    // Three open periods end while the upstream still fails: in each, one
+    // process sends one probe, it fails, and its breaker trips again,
+    // which reopens the other's.
+    for period in 1..=3u64 {
+        let before = server.total();
+        let trips_before = a.count("trip_published") + b.count("trip_published");
+        let deadline = Instant::now() + PATIENCE;
+        // Both call until one of them has re-tripped (and published it).
+        while a.count("trip_published") + b.count("trip_published") == trips_before {
+            assert!(Instant::now() < deadline, "period {period}: no re-trip");
+            let (ra, rb) = tokio::join!(a.call(), b.call());
+            for r in [ra, rb] {
+                if !matches!(r, Err(Error::CircuitOpen { .. })) {
+                    assert!(r.is_err(), "the upstream fails");
+                }
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+        let probes = server.total() - before;
+        assert_eq!(probes, 1, "period {period}: one failed probe ends it");
+        wait_for(
+            || a.breaker.state() == State::Open && b.breaker.state() == State::Open,
+            "both open again",
+        )
+        .await;
+    }
+
+    // Then it recovers: one budget closes both.
+    server.set_script(FaultScript::new());
+    let before = server.total();
+    let (through_a, through_b) = tokio::join!(a.call_until_closed(), b.call_until_closed());
+    assert!(server.total() - before <= u64::from(PROBES));
+    assert_eq!(server.total() - before, u64::from(through_a + through_b));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,4 +469,83 @@ async fn bad_settings_are_config_errors() {
     .join()
     .unwrap();
     assert_eq!(err.field, "runtime");
+}
+
+/// A `redis-server` of this test's own (the shared one must not be
+/// stopped under the other tests), on `port`.
+struct OwnRedis(std::process::Child);
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (the Redis tests need it)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        timeout(PATIENCE, async {
+            while client.get_multiplexed_async_connection().await.is_err() {
+                sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("own redis-server up");
+        Self(child)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_both_reconnect_and_a_trip_made_meanwhile_is_shared() {
+    // Runs with the other Redis tests (it needs `redis-server` on PATH).
+    if url().is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = format!("redis://127.0.0.1:{port}/");
+    let server_proc = OwnRedis::start(port).await;
+    let upstream = failing_server().await;
+    let ns = unique("brk-restart");
+    // Open long enough that A is still open when Redis is back.
+    let open = Duration::from_secs(60);
+    let a = Proc::open_for(&upstream, &redis, &ns, open);
+    let b = Proc::open_for(&upstream, &redis, &ns, open);
+    a.connected().await;
+    b.connected().await;
+
+    drop(server_proc);
+    wait_for(
+        || a.count("disconnected") >= 1 && b.count("disconnected") >= 1,
+        "both see Redis go",
+    )
+    .await;
+    // While Redis is down, A trips alone: B cannot hear of it.
+    for _ in 0..3 {
+        assert!(a.call().await.is_err());
+    }
+    assert_eq!(a.breaker.state(), State::Open);
+    assert_eq!(b.breaker.state(), State::Closed);
+
+    // Redis comes back (empty: no AOF here): both reconnect by themselves,
+    // and A publishes the trip it made meanwhile.
+    let _back = OwnRedis::start(port).await;
+    wait_for(
+        || b.breaker.state() == State::Open,
+        "B open after the restart",
+    )
+    .await;
+    assert!(a.count("connected") >= 2 && b.count("connected") >= 2);
+    assert_eq!(upstream.total(), 3, "B sent nothing");
 }

@@ -121,6 +121,8 @@ impl Core {
             if self.deadline_for(open_gen).is_none_or(|cur| cur < at) {
                 self.set_deadline(open_gen, at);
             }
+            // The next call after the new end asks again.
+            self.want.store(NO_GRANT, Ordering::Release);
         }
     }
 
@@ -171,6 +173,7 @@ impl Core {
                         Ordering::AcqRel,
                         Ordering::Acquire,
                     );
+                    self.want.store(NO_GRANT, Ordering::Release);
                     self.set_deadline(w.gen(), at);
                     return Some(w.gen());
                 }

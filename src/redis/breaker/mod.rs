@@ -83,8 +83,10 @@
 //!
 //! For a namespace `ns`: the channel `llmbrk:{ns}`, the epoch counter
 //! `llmbrk:{ns}:epoch`, and per name a hash `llmbrk:{ns}:key:<name>`
-//! (`epoch`, `until`, `prober`, `lease`) that expires two probe timeouts
-//! after its open period, and is deleted when the prober's breaker closes.
+//! (`epoch`, `until`, `prober`, `lease`, `closed`) that expires two probe
+//! timeouts after its open period ends or the prober's breaker closes (a
+//! process that asks for the permit after the close, having missed the
+//! message, closes instead of probing).
 //! Names are stored and published in clear: name a key after a credential's
 //! id or a digest, never the credential.
 //!

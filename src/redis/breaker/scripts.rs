@@ -6,7 +6,9 @@
 //! A key's record is a hash: `epoch` (the trip's number, from the
 //! namespace's counter, so it only grows), `until` (server milliseconds at
 //! which the open period ends), `prober` (the process holding the probe
-//! permit, or empty) and `lease` (when that permit lapses).
+//! permit, or empty), `lease` (when that permit lapses) and `closed` (1
+//! once the prober's breaker closed: kept, so that a process asking for
+//! the permit after the close learns of it instead of probing again).
 
 use std::sync::LazyLock;
 
@@ -35,7 +37,8 @@ pub(super) static TRIP: LazyLock<Script> = LazyLock::new(|| {
          local cur = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
          if cur > untl then untl = cur end
          local epoch = redis.call('INCR', KEYS[2])
-         redis.call('HSET', KEYS[1], 'epoch', epoch, 'until', untl, 'prober', '', 'lease', 0)
+         redis.call('HSET', KEYS[1], 'epoch', epoch, 'until', untl, 'prober', '', 'lease', 0,
+           'closed', 0)
          redis.call('PEXPIRE', KEYS[1], untl - now + tonumber(ARGV[5]))
          redis.call('PUBLISH', ARGV[3],
            'trip ' .. epoch .. ' ' .. (untl - now) .. ' ' .. ARGV[2] .. ' ' .. ARGV[4])
@@ -45,17 +48,19 @@ pub(super) static TRIP: LazyLock<Script> = LazyLock::new(|| {
 
 /// The probe permit of an ended open period: granted to the first process
 /// that asks (or to the holder again, or to anyone once the holder's lease
-/// lapsed), refused to the others with the time to wait. No record (the
-/// key closed, or it expired): granted, there is nothing to share.
+/// lapsed), refused to the others with the time to wait. A closed record:
+/// the asker should close too. No record (it expired, long after its open
+/// period): granted, there is nothing to share.
 ///
 /// KEYS: record. ARGV: origin, lease_ms. Returns
-/// `{granted (0/1), wait_ms, epoch}`.
+/// `{answer, wait_ms, epoch}`, the answer 1 granted, 0 refused, 2 closed.
 pub(super) static PROBE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         now_ms!(),
         "local h = redis.call('HMGET', KEYS[1], 'epoch', 'until', 'prober', 'lease')
          if not h[1] then return {1, 0, 0} end
          local epoch = tonumber(h[1])
+         if redis.call('HGET', KEYS[1], 'closed') == '1' then return {2, 0, epoch} end
          local untl = tonumber(h[2] or '0')
          if now < untl then return {0, untl - now, epoch} end
          local lease = tonumber(h[4] or '0')
@@ -71,17 +76,19 @@ pub(super) static PROBE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// The prober's breaker closed: the record goes and
-/// `close <epoch> <origin> <name>` is published, only if this process
-/// still holds the permit (otherwise a newer trip or another prober owns
-/// the key's state).
+/// The prober's breaker closed: the record is marked closed (kept
+/// `retain_ms`) and `close <epoch> <origin> <name>` is published, only if
+/// this process still holds the permit (otherwise a newer trip or another
+/// prober owns the key's state).
 ///
-/// KEYS: record. ARGV: origin, channel, name. Returns 1 if published.
+/// KEYS: record. ARGV: origin, channel, name, retain_ms. Returns 1 if
+/// published.
 pub(super) static CLOSE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        "local h = redis.call('HMGET', KEYS[1], 'epoch', 'prober')
-         if (not h[1]) or h[2] ~= ARGV[1] then return 0 end
-         redis.call('DEL', KEYS[1])
+        "local h = redis.call('HMGET', KEYS[1], 'epoch', 'prober', 'closed')
+         if (not h[1]) or h[2] ~= ARGV[1] or h[3] == '1' then return 0 end
+         redis.call('HSET', KEYS[1], 'closed', 1, 'until', 0, 'prober', '', 'lease', 0)
+         redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
          redis.call('PUBLISH', ARGV[2], 'close ' .. h[1] .. ' ' .. ARGV[1] .. ' ' .. ARGV[3])
          return 1",
     )
@@ -90,12 +97,13 @@ pub(super) static CLOSE: LazyLock<Script> = LazyLock::new(|| {
 /// A key's shared state, for a process that (re)subscribed or has just
 /// created the key's breaker.
 ///
-/// KEYS: record. Returns `{epoch, remaining_ms}`, `{0, 0}` without a record.
+/// KEYS: record. Returns `{epoch, remaining_ms}`, `{0, 0}` without a record
+/// or with a closed one.
 pub(super) static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         now_ms!(),
-        "local h = redis.call('HMGET', KEYS[1], 'epoch', 'until')
-         if not h[1] then return {0, 0} end
+        "local h = redis.call('HMGET', KEYS[1], 'epoch', 'until', 'closed')
+         if (not h[1]) or h[3] == '1' then return {0, 0} end
          local r = tonumber(h[2] or '0') - now
          if r < 0 then r = 0 end
          return {tonumber(h[1]), r}"

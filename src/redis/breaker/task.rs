@@ -257,21 +257,31 @@ impl Task {
                 }
                 State::Open if snap.remaining.is_zero() && snap.wanted && !snap.granted => {
                     let lease = lease_ms(core);
-                    let (granted, wait_ms, epoch): (u8, u64, u64) = PROBE
+                    let (answer, wait_ms, epoch): (u8, u64, u64) = PROBE
                         .key(&record)
                         .arg(&ctx.origin)
                         .arg(lease)
                         .invoke_async(conn)
                         .await?;
                     slot.epoch = slot.epoch.max(epoch);
-                    if granted == 1 {
-                        slot.prober = true;
-                        core.grant_probes(snap.gen);
-                        ctx.emit(SharedBreakerEvent::ProbeGranted);
-                    } else {
-                        let wait = Duration::from_millis(wait_ms.clamp(10, lease));
-                        core.hold_open(snap.gen, wait);
-                        ctx.emit(SharedBreakerEvent::ProbeDenied { wait });
+                    match answer {
+                        1 => {
+                            slot.prober = true;
+                            core.grant_probes(snap.gen);
+                            ctx.emit(SharedBreakerEvent::ProbeGranted);
+                        }
+                        // The prober closed (its message is on its way, or
+                        // was missed): close too, without probing.
+                        2 => {
+                            if core.close_now() {
+                                ctx.emit(SharedBreakerEvent::CloseReceived);
+                            }
+                        }
+                        _ => {
+                            let wait = Duration::from_millis(wait_ms.clamp(10, lease));
+                            core.hold_open(snap.gen, wait);
+                            ctx.emit(SharedBreakerEvent::ProbeDenied { wait });
+                        }
                     }
                 }
                 State::Closed if slot.prober => {
@@ -281,6 +291,7 @@ impl Task {
                         .arg(&ctx.origin)
                         .arg(&ctx.inner.channel)
                         .arg(name.as_str())
+                        .arg(retain_ms(core))
                         .invoke_async(conn)
                         .await?;
                     if published == 1 {
