@@ -114,6 +114,7 @@ impl Core {
 
     /// Keeps the open period of `open_gen` (if still current) open for at
     /// least `d` from now.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn hold_open(&self, open_gen: u64, d: Duration) {
         let w = Word(self.state.load(Ordering::Acquire));
         if w.mode() == OPEN && w.gen() == open_gen {
