@@ -1,5 +1,7 @@
 //! A durable job queue on Redis Streams, for agent workers on any number of
-//! machines (feature `redis`; Redis 7.0 or later).
+//! machines (feature `redis`; Redis 7.0 or later); and circuit breakers
+//! whose trips and half-open probes are shared across processes
+//! ([`breaker`]).
 //!
 //! Producers [`enqueue`](JobQueue::enqueue_with) serde-serializable jobs and
 //! get a [`JobId`]; [`Worker`]s in any number of processes take them through
