@@ -256,3 +256,7 @@ impl Core {
         self.trips.load(Ordering::Acquire)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+#[path = "remote_tests.rs"]
+mod tests;
