@@ -70,6 +70,7 @@ impl Core {
     /// coordination's probe permit; if so, the coordination is asked for it
     /// (a call is waiting: the permit goes to a process with traffic).
     #[cold]
+    #[inline(never)]
     pub(super) fn gate_closed(&self, gen: u64) -> bool {
         match self.link.get() {
             Some(link) if link.connected.load(Ordering::Acquire) => {
