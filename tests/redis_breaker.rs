@@ -3,195 +3,20 @@
 //! tokio runtime (its own worker thread) with its own breaker and its own
 //! coordination, calling the mock LLM server over loopback HTTP. Real time
 //! with generous timeouts for waiting; nothing asserts on a duration.
-
+mod redis_breaker_support;
 mod redis_support;
 
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use llm_resilience::breaker::{BreakerHandle, CircuitBreakerLayer, KeyedBreakerHandle, State};
-use llm_resilience::classify::HttpError;
-use llm_resilience::client::{ChatRequest, OpenAiClient};
-use llm_resilience::redis::breaker::{SharedBreaker, SharedBreakerConfig, SharedBreakerEvent};
-use llm_resilience::testing::mock_server::{FaultScript, MockFault, MockServer};
+use llm_resilience::breaker::State;
+use llm_resilience::redis::breaker::{SharedBreaker, SharedBreakerConfig};
+use llm_resilience::testing::mock_server::{FaultScript, MockFault};
 use llm_resilience::Error;
-use tokio::runtime::Runtime;
-use tokio::time::{sleep, timeout, Instant};
-use tower::util::BoxCloneSyncService;
-use tower::{service_fn, Layer, ServiceExt};
+use tokio::time::{sleep, Instant};
 
+use redis_breaker_support::*;
 use redis_support::{unique, url};
-
-/// The probes a breaker sends per half-open period (the shared budget).
-const PROBES: u32 = 2;
-/// Generous bound on any wait (never asserted as a duration).
-const PATIENCE: Duration = Duration::from_secs(10);
-
-type Events = Arc<Mutex<Vec<SharedBreakerEvent>>>;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn config(ns: &str, events: &Events) -> SharedBreakerConfig {
-    let events = Arc::clone(events);
-    SharedBreakerConfig::builder(ns)
-        .connect_timeout(Duration::from_secs(2))
-        .response_timeout(Duration::from_secs(2))
-        .on_event(move |e| events.lock().unwrap().push(e.clone()))
-        .build()
-        .unwrap()
-}
-
-fn breaker_layer() -> CircuitBreakerLayer {
-    breaker_open_for(Duration::from_millis(500))
-}
-
-fn breaker_open_for(open: Duration) -> CircuitBreakerLayer {
-    CircuitBreakerLayer::builder()
-        .consecutive_failures(3)
-        .no_failure_rate()
-        .open_duration(open)
-        .open_growth(1.0, open)
-        .open_jitter(0.0)
-        .half_open_probes(PROBES)
-        .build()
-        .unwrap()
-}
-
-type Client = BoxCloneSyncService<ChatRequest, llm_resilience::client::ChatResponse, Error>;
-
-/// One process: a runtime of its own, a breaker around an OpenAI client of
-/// the mock server, and (maybe) its coordination.
-struct Proc {
-    rt: Option<Runtime>,
-    svc: Client,
-    breaker: BreakerHandle,
-    shared: Option<SharedBreaker>,
-    events: Events,
-    /// Calls the breaker let through while half-open: its probes.
-    probes: Arc<AtomicU32>,
-    /// Calls it let through otherwise.
-    closed_calls: Arc<AtomicU32>,
-}
-
-impl Proc {
-    fn new(server: &MockServer, redis: &str, ns: &str) -> Self {
-        Self::open_for(server, redis, ns, Duration::from_millis(500))
-    }
-
-    fn open_for(server: &MockServer, redis: &str, ns: &str, open: Duration) -> Self {
-        let rt = runtime();
-        let layer = breaker_open_for(open);
-        let breaker = layer.handle();
-        let client = OpenAiClient::builder(server.base_url())
-            .api_key("sk-test")
-            .model("mock-model")
-            .connect_timeout(Duration::from_secs(2))
-            .total_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap();
-        // Below the breaker: each call it lets through, sorted by the
-        // breaker's state then (a probe while half-open; a call admitted
-        // closed, e.g. just after another process's close arrived).
-        let (probes, closed_calls) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-        let (p, c, h) = (
-            Arc::clone(&probes),
-            Arc::clone(&closed_calls),
-            breaker.clone(),
-        );
-        let counted = service_fn(move |req: ChatRequest| {
-            match h.state() {
-                State::HalfOpen => p.fetch_add(1, SeqCst),
-                _ => c.fetch_add(1, SeqCst),
-            };
-            client.clone().oneshot(req)
-        });
-        let svc = BoxCloneSyncService::new(layer.layer(counted));
-        let events = Events::default();
-        let shared = {
-            let _in = rt.enter();
-            SharedBreaker::attach(redis, &config(ns, &events), "openai", &breaker).unwrap()
-        };
-        Self {
-            rt: Some(rt),
-            svc,
-            breaker,
-            shared: Some(shared),
-            events,
-            probes,
-            closed_calls,
-        }
-    }
-
-    /// One call, run on this process's runtime.
-    async fn call(&self) -> Result<(), Error> {
-        let svc = self.svc.clone();
-        let req = ChatRequest::user("hello").max_tokens(8);
-        let rt = self.rt.as_ref().unwrap();
-        rt.spawn(async move { svc.oneshot(req).await.map(drop) })
-            .await
-            .unwrap()
-    }
-
-    fn count(&self, kind: &str) -> usize {
-        let events = self.events.lock().unwrap();
-        events.iter().filter(|e| e.kind() == kind).count()
-    }
-
-    async fn connected(&self) {
-        let shared = self.shared.as_ref().unwrap();
-        wait_for(|| shared.is_connected(), "connected").await;
-    }
-
-    /// Calls until this process's breaker is closed; returns the probes it
-    /// sent meanwhile.
-    async fn call_until_closed(&self) -> u32 {
-        let before = self.probes.load(SeqCst);
-        let deadline = Instant::now() + PATIENCE;
-        while self.breaker.state() != State::Closed {
-            assert!(
-                Instant::now() < deadline,
-                "never closed: {:?}",
-                self.breaker.state()
-            );
-            if let Err(Error::CircuitOpen { .. }) = self.call().await {
-                sleep(Duration::from_millis(5)).await;
-            }
-        }
-        self.probes.load(SeqCst) - before
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        drop(self.shared.take());
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    timeout(PATIENCE, async {
-        while !cond() {
-            sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
-}
-
-async fn failing_server() -> MockServer {
-    MockServer::start(FaultScript::new().rate(MockFault::server_error(503), 1.0))
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_opens_the_other_and_both_send_one_probe_budget() {
@@ -341,68 +166,6 @@ async fn a_process_that_attaches_late_reads_the_open_state() {
 
 /// A keyed "process": a breaker per key in front of a service that fails
 /// when asked to.
-struct KeyedProc {
-    rt: Option<Runtime>,
-    svc: BoxCloneSyncService<(&'static str, bool), (), Error>,
-    breakers: KeyedBreakerHandle<&'static str>,
-    _shared: SharedBreaker,
-}
-
-impl KeyedProc {
-    fn new(redis: &str, ns: &str) -> Self {
-        let rt = runtime();
-        let layer = CircuitBreakerLayer::builder()
-            .consecutive_failures(3)
-            .no_failure_rate()
-            .open_duration(Duration::from_secs(60))
-            .key_by(|req: &(&'static str, bool)| req.0)
-            .build()
-            .unwrap();
-        let breakers = layer.handle();
-        let svc = BoxCloneSyncService::new(layer.layer(service_fn(
-            |(_, fail): (&'static str, bool)| async move {
-                if fail {
-                    Err(HttpError::new(503))
-                } else {
-                    Ok(())
-                }
-            },
-        )));
-        let shared = {
-            let _in = rt.enter();
-            let events = Events::default();
-            SharedBreaker::attach_keyed(redis, &config(ns, &events), &breakers, |k: &&str| {
-                (*k).to_owned()
-            })
-            .unwrap()
-        };
-        Self {
-            rt: Some(rt),
-            svc,
-            breakers,
-            _shared: shared,
-        }
-    }
-
-    async fn call(&self, key: &'static str, fail: bool) -> Result<(), Error> {
-        let svc = self.svc.clone();
-        let rt = self.rt.as_ref().unwrap();
-        rt.spawn(svc.oneshot((key, fail))).await.unwrap()
-    }
-
-    fn state(&self, key: &'static str) -> Option<State> {
-        self.breakers.state(&key)
-    }
-}
-
-impl Drop for KeyedProc {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_breakers_share_only_the_same_key() {
     let Some(redis) = url() else { return };
@@ -517,53 +280,6 @@ async fn bad_settings_are_config_errors() {
 
 /// A `redis-server` of this test's own (the shared one must not be
 /// stopped under the other tests), on `port`.
-struct OwnRedis(std::process::Child);
-
-impl OwnRedis {
-    /// The server binary (`LLM_RESILIENCE_REDIS_SERVER`, or `redis-server`
-    /// on `PATH`): a failure under `CI=true` without it, a skip otherwise.
-    fn binary() -> Option<String> {
-        let bin =
-            std::env::var("LLM_RESILIENCE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        match std::process::Command::new(&bin).arg("--version").output() {
-            Ok(o) if o.status.success() => Some(bin),
-            _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!("CI=true but `{bin}` cannot run: the breaker restart test must run in CI")
-            }
-            _ => {
-                eprintln!("skipping: no `{bin}` to start (set LLM_RESILIENCE_REDIS_SERVER)");
-                None
-            }
-        }
-    }
-
-    async fn start(bin: &str, port: u16) -> Self {
-        let child = std::process::Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("the redis-server binary starts");
-        let url = format!("redis://127.0.0.1:{port}/");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        timeout(PATIENCE, async {
-            while client.get_multiplexed_async_connection().await.is_err() {
-                sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("own redis-server up");
-        Self(child)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_redis_restarts_both_reconnect_and_a_trip_made_meanwhile_is_shared() {
     let Some(bin) = OwnRedis::binary() else {
