@@ -13,7 +13,7 @@ use llm_resilience::breaker::State;
 use llm_resilience::redis::breaker::{SharedBreaker, SharedBreakerConfig};
 use llm_resilience::testing::mock_server::{FaultScript, MockFault};
 use llm_resilience::Error;
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep, timeout, Instant};
 
 use redis_breaker_support::*;
 use redis_support::{unique, url};
@@ -173,7 +173,7 @@ async fn keyed_breakers_share_only_the_same_key() {
     let a = KeyedProc::new(&redis, &ns);
     let b = KeyedProc::new(&redis, &ns);
     wait_for(
-        || a._shared.is_connected() && b._shared.is_connected(),
+        || a.shared.is_connected() && b.shared.is_connected(),
         "connected",
     )
     .await;
@@ -207,6 +207,59 @@ async fn keyed_breakers_share_only_the_same_key() {
     )
     .await;
     assert_eq!(b.state("claude"), Some(State::Closed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_keys_made_after_a_trip_read_it_from_the_record() {
+    let Some(redis) = url() else { return };
+    let ns = unique("brk-many");
+    let a = KeyedProc::new(&redis, &ns);
+    let b = KeyedProc::new(&redis, &ns);
+    wait_for(
+        || a.shared.is_connected() && b.shared.is_connected(),
+        "connected",
+    )
+    .await;
+    // A name with a space, tripped in A and written to its record before
+    // B has a breaker for it (so B cannot learn it from the message).
+    for _ in 0..3 {
+        assert!(a.call("hot key", true).await.is_err());
+    }
+    let mut raw = redis_support::raw(&redis).await;
+    let record = format!("llmbrk:{{{ns}}}:key:hot key");
+    timeout(PATIENCE, async {
+        loop {
+            let epoch: Option<u64> = redis::cmd("HGET")
+                .arg(&record)
+                .arg("epoch")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            if epoch.is_some() {
+                break;
+            }
+            sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("A's record written");
+    // B makes 600 breakers at once (more than one read batch), the tripped
+    // one among the last.
+    let keys: Vec<&'static str> = (0..600)
+        .map(|i| &*Box::leak(format!("model {i}").into_boxed_str()))
+        .chain(["hot key"])
+        .collect();
+    for k in &keys {
+        let _ = b.breakers.breaker(*k);
+    }
+    wait_for(
+        || b.state("hot key") == Some(State::Open),
+        "B's hot key open",
+    )
+    .await;
+    for k in &keys[..600] {
+        assert_eq!(b.state(k), Some(State::Closed), "{k}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,7 +193,7 @@ pub struct KeyedProc {
     pub rt: Option<Runtime>,
     pub svc: BoxCloneSyncService<(&'static str, bool), (), Error>,
     pub breakers: KeyedBreakerHandle<&'static str>,
-    pub _shared: SharedBreaker,
+    pub shared: SharedBreaker,
 }
 
 impl KeyedProc {
@@ -228,7 +228,7 @@ impl KeyedProc {
             rt: Some(rt),
             svc,
             breakers,
-            _shared: shared,
+            shared,
         }
     }
 

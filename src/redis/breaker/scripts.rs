@@ -93,19 +93,3 @@ pub(super) static CLOSE: LazyLock<Script> = LazyLock::new(|| {
          return 1",
     )
 });
-
-/// A key's shared state, for a process that (re)subscribed or has just
-/// created the key's breaker.
-///
-/// KEYS: record. Returns `{epoch, remaining_ms}`, `{0, 0}` without a record
-/// or with a closed one.
-pub(super) static READ: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        now_ms!(),
-        "local h = redis.call('HMGET', KEYS[1], 'epoch', 'until', 'closed')
-         if (not h[1]) or h[3] == '1' then return {0, 0} end
-         local r = tonumber(h[2] or '0') - now
-         if r < 0 then r = 0 end
-         return {tonumber(h[1]), r}"
-    ))
-});

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, RedisResult};
 use tokio::time::{sleep, timeout};
 
 use super::event::SharedBreakerEvent;
-use super::scripts::{CLOSE, PROBE, READ, TRIP};
+use super::scripts::{CLOSE, PROBE, TRIP};
 use super::Inner;
 use crate::breaker::Link;
 use crate::breaker::SharedCore as Core;
@@ -23,6 +23,10 @@ use crate::breaker::{BreakerHandle, State};
 /// The longest the task sleeps without checking the connection (a `PING`
 /// on the subscription) and the open periods.
 const TICK: Duration = Duration::from_secs(1);
+/// Names read per pipeline when breakers are (re)read.
+const READ_BATCH: usize = 256;
+/// The longest shared open period taken from Redis (a year).
+const MAX_OPEN_MS: u64 = 365 * 24 * 3_600_000;
 /// The first reconnection delay, doubled per failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest reconnection delay: after Redis answers again, the breakers
@@ -212,30 +216,73 @@ impl Task {
         self.slots = slots;
     }
 
+    /// Reads the shared state of the breakers not read yet (new ones, or
+    /// all after a resubscription): the server's clock and each record, in
+    /// one pipeline (one round trip) per [`READ_BATCH`] names.
+    async fn read_fresh(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+        let fresh: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.fresh)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for chunk in fresh.chunks(READ_BATCH) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("TIME");
+            for name in chunk {
+                pipe.cmd("HMGET")
+                    .arg(self.ctx.record(name))
+                    .arg("epoch")
+                    .arg("until")
+                    .arg("closed");
+            }
+            let mut values = pipe
+                .query_async::<Vec<redis::Value>>(conn)
+                .await?
+                .into_iter();
+            let (secs, micros): (u64, u64) =
+                FromRedisValue::from_redis_value(values.next().unwrap_or(redis::Value::Nil))?;
+            let now = secs.saturating_mul(1_000).saturating_add(micros / 1_000);
+            for (name, value) in chunk.iter().zip(values) {
+                let (epoch, until, closed): (Option<u64>, Option<u64>, Option<String>) =
+                    FromRedisValue::from_redis_value(value)?;
+                let Some(slot) = self.slots.get_mut(name) else {
+                    continue;
+                };
+                slot.fresh = false;
+                let Some(epoch) = epoch.filter(|&e| e > slot.epoch) else {
+                    continue;
+                };
+                if closed.as_deref() == Some("1") {
+                    continue;
+                }
+                slot.epoch = epoch;
+                let remaining = until.unwrap_or(0).saturating_sub(now).clamp(1, MAX_OPEN_MS);
+                if let Some(gen) = slot
+                    .handle
+                    .core()
+                    .trip_until(Duration::from_millis(remaining))
+                {
+                    slot.known_open = Some(gen);
+                    slot.prober = false;
+                    self.ctx.emit(SharedBreakerEvent::TripReceived);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes local trips and closes, reads the shared state of new
     /// breakers, and asks for the probe permit where an open period ended.
     async fn sync(&mut self, conn: &mut MultiplexedConnection, refresh: bool) -> RedisResult<()> {
         if refresh {
             self.refresh();
         }
+        self.read_fresh(conn).await?;
         let ctx = &self.ctx;
         for (name, slot) in &mut self.slots {
             let record = ctx.record(name);
             let core = slot.handle.core();
-            if slot.fresh {
-                let (epoch, remaining_ms): (u64, u64) =
-                    READ.key(&record).invoke_async(conn).await?;
-                slot.fresh = false;
-                if epoch > slot.epoch {
-                    slot.epoch = epoch;
-                    let at_least = Duration::from_millis(remaining_ms.max(1));
-                    if let Some(gen) = core.trip_until(at_least) {
-                        slot.known_open = Some(gen);
-                        slot.prober = false;
-                        ctx.emit(SharedBreakerEvent::TripReceived);
-                    }
-                }
-            }
             let snap = core.snapshot();
             match snap.state {
                 State::Open if slot.known_open != Some(snap.gen) => {
@@ -382,7 +429,7 @@ impl<'a> Message<'a> {
             "trip" => {
                 let (ms, rest) = rest.split_once(' ')?;
                 let ms: u64 = ms.parse().ok()?;
-                let remaining = Duration::from_millis(ms.clamp(1, 365 * 24 * 3_600_000));
+                let remaining = Duration::from_millis(ms.clamp(1, MAX_OPEN_MS));
                 (Kind::Trip { remaining }, rest)
             }
             "close" => (Kind::Close, rest),
