@@ -165,7 +165,8 @@ impl Core {
     /// Milliseconds since the breaker's origin on the tokio clock.
     #[inline]
     pub(crate) fn now_ms(&self) -> u64 {
-        let d = Instant::now().saturating_duration_since(self.origin);
+        // Inside an agent pipeline's poll, the reading its layers share.
+        let d = crate::util::time::now().saturating_duration_since(self.origin);
         // Not `as_millis()`: that divides a `u128`.
         d.as_secs() * 1_000 + u64::from(d.subsec_millis())
     }

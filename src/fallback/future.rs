@@ -30,13 +30,15 @@ pin_project! {
         state: State<S, Req>,
         // The deadline's timer, created only when a target makes the call
         // wait: a call answered at once never touches the timer wheel.
-        #[pin]
-        deadline: Option<Sleep>,
+        // Boxed, as the other layers' timers: the future every layer above
+        // moves stays small.
+        deadline: Option<Pin<Box<Sleep>>>,
         // One span per request, `llm_resilience.request{target_name}`: the
         // target being tried; the retry's spans (attempts, and one per
-        // attempt with its number) open inside it. Disabled (no allocation,
-        // a load and a branch) when no subscriber listens.
-        span: tracing::Span,
+        // attempt with its number) open inside it. Only when a subscriber
+        // listens (which allocates for it anyway): otherwise nothing, not
+        // even a disabled span to enter on every poll.
+        span: Option<Box<tracing::Span>>,
     }
 }
 
@@ -47,7 +49,8 @@ struct Progress<Req> {
     next: usize,
     larger_tried: bool,
     tried: u32,
-    last: Option<Error>,
+    // Boxed: set only once a target failed.
+    last: Option<Box<Error>>,
     deadline: Option<Instant>,
 }
 
@@ -79,6 +82,7 @@ impl<S, Req, Res> ResponseFuture<S, Req, Res>
 where
     S: Service<Req>,
 {
+    #[inline]
     pub(super) fn new(
         shared: Arc<Shared<S, Req, Res>>,
         request: Req,
@@ -103,14 +107,21 @@ where
             },
             state: State::Pick,
             deadline: None,
-            span: tracing::debug_span!(
-                target: "llm_resilience::fallback",
-                "llm_resilience.request",
-                target_name = tracing::field::Empty,
-                attempt = tracing::field::Empty,
-            ),
+            span: request_span(),
         }
     }
+}
+
+/// The request's span, when a subscriber listens.
+#[inline]
+fn request_span() -> Option<Box<tracing::Span>> {
+    let span = tracing::debug_span!(
+        target: "llm_resilience::fallback",
+        "llm_resilience.request",
+        target_name = tracing::field::Empty,
+        attempt = tracing::field::Empty,
+    );
+    (!span.is_disabled()).then(|| Box::new(span))
 }
 
 impl<S, Req, Res> Future for ResponseFuture<S, Req, Res>
@@ -123,24 +134,28 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _span = this.span.enter();
-        let span = &*this.span;
+        let _span = this.span.as_deref().map(tracing::Span::enter);
+        let span = this.span.as_deref();
         let shared = &**this.shared;
         let p = this.progress;
         loop {
-            if let Some(sleep) = this.deadline.as_mut().as_pin_mut() {
-                if sleep.poll(cx).is_ready() {
+            if let Some(sleep) = this.deadline.as_mut() {
+                if sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(deadline_exceeded(shared, p));
                 }
             }
             match this.state.as_mut().project() {
                 StateProj::Pick => {
                     let Some(idx) = shared.next_normal(p.next) else {
-                        return Poll::Ready(finish(shared, &p.request, p.last.take()));
+                        let last = p.last.take().map(|e| *e);
+                        return Poll::Ready(finish(shared, &p.request, last));
                     };
                     // Nothing is sent after the deadline: until the timer is
                     // armed, one clock read says whether it passed.
-                    if this.deadline.is_none() && p.deadline.is_some_and(|at| Instant::now() >= at)
+                    // (Inside an agent pipeline's poll, the reading its
+                    // layers share.)
+                    if this.deadline.is_none()
+                        && p.deadline.is_some_and(|at| crate::util::time::now() >= at)
                     {
                         return Poll::Ready(deadline_exceeded(shared, p));
                     }
@@ -149,7 +164,7 @@ where
                 StateProj::Readying { service, request } => {
                     let svc = service.as_mut().expect("polled after the call was made");
                     let Poll::Ready(ready) = svc.poll_ready(cx) else {
-                        return wait(this.deadline.as_mut(), shared, p, cx);
+                        return wait(this.deadline, shared, p, cx);
                     };
                     let fut = ready.map(|()| {
                         let req = request.take().expect("request taken once");
@@ -172,7 +187,7 @@ where
                 StateProj::Calling { fut } => {
                     let Poll::Ready(result) = super::with_deadline(p.deadline, || fut.poll(cx))
                     else {
-                        return wait(this.deadline.as_mut(), shared, p, cx);
+                        return wait(this.deadline, shared, p, cx);
                     };
                     this.state.set(State::Pick);
                     match result {
@@ -206,7 +221,7 @@ where
 /// The call waits on a target: arms the deadline's timer if it is not yet
 /// (polling it registers the waker); the deadline's error if it passed.
 fn wait<S, Req, Res>(
-    mut deadline: Pin<&mut Option<Sleep>>,
+    deadline: &mut Option<Pin<Box<Sleep>>>,
     shared: &Shared<S, Req, Res>,
     p: &mut Progress<Req>,
     cx: &mut Context<'_>,
@@ -215,9 +230,9 @@ fn wait<S, Req, Res>(
         let Some(at) = p.deadline else {
             return Poll::Pending;
         };
-        deadline.set(Some(tokio::time::sleep_until(at)));
+        *deadline = Some(Box::pin(tokio::time::sleep_until(at)));
     }
-    match deadline.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+    match deadline.as_mut().map(|sleep| sleep.as_mut().poll(cx)) {
         Some(Poll::Ready(())) => Poll::Ready(deadline_exceeded(shared, p)),
         _ => Poll::Pending,
     }
@@ -242,7 +257,7 @@ fn deadline_exceeded<S, Req, Res>(
     });
     Err(Error::DeadlineExceeded {
         attempts: p.tried,
-        source: p.last.take().map(Error::into_cause),
+        source: p.last.take().map(|e| e.into_cause()),
     })
 }
 
@@ -252,12 +267,14 @@ fn start<S, Req, Res>(
     p: &mut Progress<Req>,
     mut state: Pin<&mut State<S, Req>>,
     idx: usize,
-    span: &tracing::Span,
+    span: Option<&tracing::Span>,
 ) where
     S: Service<Req> + Clone,
     Req: Clone,
 {
-    span.record("target_name", &*shared.targets[idx].0);
+    if let Some(span) = span {
+        span.record("target_name", &*shared.targets[idx].0);
+    }
     p.next = idx + 1;
     let request = prepare(shared, idx, &p.request);
     report::record(|r| r.start_target(&shared.targets[idx].0));
@@ -273,7 +290,7 @@ fn on_failure<S, Req, Res>(
     p: &mut Progress<Req>,
     state: Pin<&mut State<S, Req>>,
     err: Error,
-    span: &tracing::Span,
+    span: Option<&tracing::Span>,
 ) -> Option<Result<Res, Error>>
 where
     S: Service<Req> + Clone,
@@ -298,7 +315,7 @@ where
             if let Some(larger) = shared.larger {
                 shared.emit(FallbackEventKind::ToLargerContext, current, reason);
                 p.larger_tried = true;
-                p.last = Some(err);
+                p.last = Some(Box::new(err));
                 start(shared, p, state, larger, span);
                 return None;
             }
@@ -316,7 +333,7 @@ where
         }
         Decision::Next => {
             shared.emit(FallbackEventKind::MovedOn, current, reason);
-            p.last = Some(err);
+            p.last = Some(Box::new(err));
             None
         }
     }

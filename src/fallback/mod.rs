@@ -288,6 +288,7 @@ impl<S, Req, Res> Fallback<S, Req, Res> {
     /// the whole call (the agent pipeline, which counts it from its own
     /// `call`, queue wait included): the earlier of it and the fallback's
     /// own holds.
+    #[inline]
     pub(crate) fn call_until(
         &mut self,
         req: Req,

@@ -125,6 +125,7 @@ use crate::queue::{NoDeadline, Queue, QueueHandle};
 use crate::ratelimit::{RateLimit, RateLimitHandle};
 use crate::report;
 use crate::retry::Retry;
+use crate::util::time;
 
 pub use self::builder::{AgentPipelineBuilder, DEFAULT_DEADLINE};
 #[cfg(feature = "config")]
@@ -289,6 +290,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         // The deadline counts from here and goes with the request through
         // the queue to the fallback (the fast path calls it inside `call`,
@@ -326,14 +328,19 @@ impl<F: Future> Future for PipelineFuture<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if !*this.started {
-            *this.started = true;
-            if report::active() {
-                let now = tokio::time::Instant::now();
-                report::record(|r| r.started = Some(now));
+        // Every layer below runs inside this poll without waiting: they
+        // share one clock reading (the deadline check before sending, the
+        // rate limiter's admission, the breaker's time window).
+        time::one_reading(|| {
+            if !*this.started {
+                *this.started = true;
+                if report::active() {
+                    let now = time::now();
+                    report::record(|r| r.started = Some(now));
+                }
             }
-        }
-        this.inner.poll(cx)
+            this.inner.poll(cx)
+        })
     }
 }
 
@@ -362,6 +369,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Deadlined<Req>) -> Self::Future {
         if report::active() {
             let now = tokio::time::Instant::now();

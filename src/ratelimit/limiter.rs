@@ -254,10 +254,15 @@ impl Limiter {
     }
 
     /// The time in nanoseconds from the origin (tokio's clock: paused time
-    /// in tests).
+    /// in tests), read now.
     #[inline]
     fn now(&self) -> u64 {
-        let d = Instant::now().saturating_duration_since(self.origin);
+        self.since_origin(Instant::now())
+    }
+
+    #[inline]
+    fn since_origin(&self, at: Instant) -> u64 {
+        let d = at.saturating_duration_since(self.origin);
         d.as_secs()
             .saturating_mul(1_000_000_000)
             .saturating_add(u64::from(d.subsec_nanos()))
@@ -284,7 +289,12 @@ impl Limiter {
     #[inline]
     pub(crate) fn arrive(&self, tokens: u64) -> Arrival {
         let tok_cost = if self.tok_on { tokens } else { 0 };
-        if let Some((req_seq, tok_seq)) = self.lease.take(self.now(), self.req_cost, tok_cost) {
+        // Inside an agent pipeline's poll, the reading its layers share (a
+        // reading that is a little behind is one taken just before a
+        // preemption: the lease's end is checked against it all the same);
+        // the locked path reads afresh.
+        let now = self.since_origin(crate::util::time::now());
+        if let Some((req_seq, tok_seq)) = self.lease.take(now, self.req_cost, tok_cost) {
             return Arrival::Admitted(Ticket {
                 req_seq,
                 tok_seq,

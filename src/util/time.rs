@@ -2,7 +2,12 @@
 //! accepts (up to `Duration::MAX`) must work, so no layer writes
 //! `Instant::now() + d`: a limit uses `checked_add` (too far to represent
 //! is no limit), a sleep uses [`after`].
+//!
+//! And one clock reading per poll of a whole pipeline: [`one_reading`]
+//! runs one synchronous poll during which [`now`] reads the clock the
+//! first time it is asked and gives that reading to every later asker.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,6 +25,68 @@ pub(crate) fn after(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
+/// Whether a poll shares one reading, and the reading once taken.
+#[derive(Clone, Copy)]
+enum Reading {
+    /// No poll shares one: [`now`] reads the clock.
+    Off,
+    /// Shared, not yet read.
+    Unread,
+    /// Shared, read.
+    Read(Instant),
+}
+
+thread_local! {
+    static READING: Cell<Reading> = const { Cell::new(Reading::Off) };
+}
+
+/// Runs `poll` (one synchronous poll of a whole stack, which never waits
+/// inside) with one clock reading shared by every layer that asks [`now`]
+/// during it: the first asker reads the clock, the others reuse its
+/// reading, which is then behind the clock by the work done since inside
+/// the same poll (as a thread preempted between reading the clock and using
+/// it would be). Nothing is kept across polls: the next poll (after the
+/// task waited) reads afresh. Nested, the outermost poll's reading is
+/// shared.
+#[inline]
+pub(crate) fn one_reading<T>(poll: impl FnOnce() -> T) -> T {
+    struct End;
+    impl Drop for End {
+        #[inline]
+        fn drop(&mut self) {
+            let _ = READING.try_with(|r| r.set(Reading::Off));
+        }
+    }
+    let outermost = READING
+        .try_with(|r| match r.get() {
+            Reading::Off => {
+                r.set(Reading::Unread);
+                true
+            }
+            _ => false,
+        })
+        .unwrap_or(false);
+    let _end = outermost.then_some(End);
+    poll()
+}
+
+/// tokio's clock (paused time in tests): the reading shared by the
+/// current [`one_reading`] poll, or a fresh one outside any.
+#[inline]
+pub(crate) fn now() -> Instant {
+    READING
+        .try_with(|r| match r.get() {
+            Reading::Read(at) => at,
+            Reading::Unread => {
+                let at = Instant::now();
+                r.set(Reading::Read(at));
+                at
+            }
+            Reading::Off => Instant::now(),
+        })
+        .unwrap_or_else(|_| Instant::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +99,28 @@ mod tests {
             after(now, Duration::from_secs(5)),
             now + Duration::from_secs(5)
         );
+    }
+
+    #[test]
+    fn one_reading_per_poll_fresh_outside() {
+        let outside = now();
+        let (a, b, inner) = one_reading(|| {
+            let a = now();
+            let inner = one_reading(now);
+            (a, now(), inner)
+        });
+        assert_eq!(a, b, "shared within the poll");
+        assert_eq!(a, inner, "a nested poll shares the outer reading");
+        assert!(a >= outside);
+        let next = one_reading(now);
+        assert!(next >= a, "the next poll reads afresh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_poll_sees_the_time_that_passed() {
+        let first = one_reading(now);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(one_reading(now), first + Duration::from_secs(3));
+        assert_eq!(now(), first + Duration::from_secs(3));
     }
 }
