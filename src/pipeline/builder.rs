@@ -8,7 +8,9 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::target::{AttemptTimeout, Estimate, TargetClassifier, Usage};
-use super::{AgentPipeline, Handles, PipelineQueue, PriorityFn, ReportQueued, TargetStack};
+use super::{
+    AgentPipeline, Handles, PipelineQueue, PriorityFn, ReportQueued, TargetService, TargetStack,
+};
 use crate::breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
 use crate::error::{ConfigError, Error};
 use crate::fallback::Fallback;
@@ -426,7 +428,7 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
             limits.push((name.clone(), limit.handle()));
             let client = AttemptTimeout::new(client, attempt_timeout);
             let stack: TargetStack<C, Req, Res, H> =
-                retry.layer(breaker.layer(limit.layer(client)));
+                TargetService::new(retry.layer(breaker.layer(limit.layer(client))));
             fallback = if larger {
                 fallback.larger_context(name, stack, rewrite)
             } else {

@@ -133,17 +133,22 @@ pub use self::config::{
     BreakerConfig, ConfigFileError, PipelineConfig, ProviderConfig, QueueConfig, RateLimitConfig,
     RetryConfig, TargetConfig, WhenFullConfig, WhenLimitedConfig,
 };
-pub use self::target::{AttemptFuture, AttemptTimeout, Estimate, TargetClassifier, Usage};
+pub use self::target::{
+    AttemptFuture, AttemptTimeout, Estimate, TargetClassifier, TargetService, Usage,
+};
 
 /// One target's stack: retry over breaker over rate limit over attempt
 /// timeout over the client (whose breaker records at the stream's end in
-/// [`AtStreamEnd`](crate::guard::AtStreamEnd) mode).
-pub type TargetStack<C, Req, Res, H = AtResponse> = Retry<
-    CircuitBreaker<
-        RateLimit<AttemptTimeout<C>, Estimate<Req>, Usage<Res>>,
-        TargetClassifier<<H as Mode>::Classifier>,
+/// [`AtStreamEnd`](crate::guard::AtStreamEnd) mode), shared by the
+/// fallback and cloned for a call when it is its turn.
+pub type TargetStack<C, Req, Res, H = AtResponse> = TargetService<
+    Retry<
+        CircuitBreaker<
+            RateLimit<AttemptTimeout<C>, Estimate<Req>, Usage<Res>>,
+            TargetClassifier<<H as Mode>::Classifier>,
+        >,
+        TargetClassifier,
     >,
-    TargetClassifier,
 >;
 
 type PipelineQueue<C, Req, Res, H> = Queue<

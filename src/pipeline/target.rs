@@ -1,7 +1,8 @@
 //! The parts of one target's stack that only the pipeline needs: the
-//! attempt timeout under the rate limiter, the classifier that keeps the
-//! limiter's own refusals out of the breaker and the retry, and the token
-//! estimate and usage reader the limiter is given.
+//! stack as the fallback holds it, the attempt timeout under the rate
+//! limiter, the classifier that keeps the limiter's own refusals out of the
+//! breaker and the retry, and the token estimate and usage reader the
+//! limiter is given.
 
 use std::fmt;
 use std::future::Future;
@@ -18,6 +19,81 @@ use crate::classify::{Classify, LlmClassifier, Outcome, Reason};
 use crate::error::{BoxError, Error};
 use crate::guard::GuardedResponse;
 use crate::ratelimit::{EstimateTokens, ReadUsage, ServerLimits};
+use crate::retry::{CloneRequest, Retry};
+
+/// One target's stack (its retry over the rest) as the fallback holds it:
+/// a clone costs one reference count, and the stack itself is cloned only
+/// when it is readied for a call, which then takes it whole (the retry's
+/// readied service moves into the call's future, with no clone left in
+/// its place, where a plain retry keeps one for its next call).
+pub struct TargetService<R> {
+    stack: Arc<R>,
+    readied: Option<R>,
+}
+
+impl<R> TargetService<R> {
+    pub(crate) fn new(stack: R) -> Self {
+        TargetService {
+            stack: Arc::new(stack),
+            readied: None,
+        }
+    }
+
+    /// The target's stack.
+    pub fn get_ref(&self) -> &R {
+        self.readied.as_ref().unwrap_or(&self.stack)
+    }
+}
+
+impl<R> Clone for TargetService<R> {
+    /// Shares the stack; not the readiness.
+    fn clone(&self) -> Self {
+        TargetService {
+            stack: Arc::clone(&self.stack),
+            readied: None,
+        }
+    }
+}
+
+impl<R: fmt::Debug> fmt::Debug for TargetService<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetService")
+            .field("stack", &self.stack)
+            .field("readied", &self.readied.is_some())
+            .finish()
+    }
+}
+
+impl<S, Req, C, K> Service<Req> for TargetService<Retry<S, C, K>>
+where
+    Retry<S, C, K>: Service<Req, Error = Error> + Clone,
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    K: CloneRequest<Req>,
+{
+    type Response = S::Response;
+    type Error = Error;
+    type Future = crate::retry::ResponseFuture<S, Req, C, K>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let stack = &self.stack;
+        let readied = self.readied.get_or_insert_with(|| Retry::clone(stack));
+        Service::<Req>::poll_ready(readied, cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        // Without `poll_ready` first: a fresh clone, which the retry's
+        // future readies.
+        let retry = self
+            .readied
+            .take()
+            .unwrap_or_else(|| Retry::clone(&self.stack));
+        retry.call_once(req)
+    }
+}
 
 /// The limit on one attempt, under the rate limiter: the time a call waits
 /// for its turn at the limiter is not taken from its attempt. It counts from

@@ -221,15 +221,22 @@ pub struct Retry<S, C = LlmClassifier, K = UseClone> {
 /// budget's mark at the first of them (never later than any), so a service
 /// that is reused pays one shared atomic per batch instead of per call.
 struct Deposits<C, K> {
-    config: Arc<Config<C, K>>,
+    // Always set, except in a value given up by `into_config`.
+    config: Option<Arc<Config<C, K>>>,
     unsent: u64,
     mark: u64,
 }
 
 impl<C, K> Deposits<C, K> {
     #[inline]
+    fn config(&self) -> &Arc<Config<C, K>> {
+        self.config.as_ref().expect("set until given up")
+    }
+
+    #[inline]
     fn record(&mut self) {
-        if let Some(budget) = &self.config.budget {
+        let budget = self.config.as_ref().and_then(|c| c.budget.as_ref());
+        if let Some(budget) = budget {
             if self.unsent == 0 {
                 self.mark = budget.mark();
             }
@@ -242,9 +249,22 @@ impl<C, K> Deposits<C, K> {
     }
 }
 
+impl<C, K> Deposits<C, K> {
+    /// Tells the budget what it has not been told yet and gives up the
+    /// configuration (no reference count touched).
+    #[inline]
+    fn into_config(mut self) -> Arc<Config<C, K>> {
+        let config = self.config.take().expect("set until given up");
+        if let Some(budget) = &config.budget {
+            budget.deposit_at(self.mark, self.unsent);
+        }
+        config
+    }
+}
+
 impl<C, K> Drop for Deposits<C, K> {
     fn drop(&mut self) {
-        if let Some(budget) = &self.config.budget {
+        if let Some(budget) = self.config.as_ref().and_then(|c| c.budget.as_ref()) {
             budget.deposit_at(self.mark, self.unsent);
         }
     }
@@ -255,7 +275,7 @@ impl<S, C, K> Retry<S, C, K> {
         Self {
             inner,
             shared: Deposits {
-                config,
+                config: Some(config),
                 unsent: 0,
                 mark: 0,
             },
@@ -286,7 +306,7 @@ impl<S: Clone, C, K> Clone for Retry<S, C, K> {
         Self {
             inner: self.inner.clone(),
             shared: Deposits {
-                config: Arc::clone(&self.shared.config),
+                config: Some(Arc::clone(self.shared.config())),
                 unsent: 0,
                 mark: 0,
             },
@@ -299,7 +319,7 @@ impl<S: fmt::Debug, C, K> fmt::Debug for Retry<S, C, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("max_attempts", &self.shared.config.max_attempts)
+            .field("max_attempts", &self.shared.config().max_attempts)
             .field("ready", &self.ready)
             .finish_non_exhaustive()
     }
@@ -325,6 +345,29 @@ where
         let fresh = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, fresh);
         self.shared.record();
-        ResponseFuture::new(service, ready, req, Arc::clone(&self.shared.config))
+        ResponseFuture::new(service, ready, req, Arc::clone(self.shared.config()))
+    }
+}
+
+impl<S, C, K> Retry<S, C, K> {
+    /// [`call`](Service::call) on a value that is then done with: its
+    /// (readied) inner service and its configuration move into the future,
+    /// with no clone left in their place. The agent pipeline's fallback
+    /// calls each target's stack this way, on a clone made for that call.
+    #[inline]
+    pub(crate) fn call_once<Req>(self, req: Req) -> ResponseFuture<S, Req, C, K>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+        C: Classify<S::Response>,
+        K: CloneRequest<Req>,
+    {
+        let Retry {
+            inner,
+            mut shared,
+            ready,
+        } = self;
+        shared.record();
+        ResponseFuture::new(inner, ready, req, shared.into_config())
     }
 }

@@ -66,7 +66,7 @@ pub(crate) fn one_reading<T>(poll: impl FnOnce() -> T) -> T {
             _ => false,
         })
         .unwrap_or(false);
-    let _end = outermost.then_some(End);
+    let _end = outermost.then(|| End);
     poll()
 }
 
