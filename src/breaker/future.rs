@@ -105,7 +105,8 @@ impl<C> Guard<C> {
         core.complete(
             self.ticket,
             verdict,
-            || core.now_ms(),
+            // Inside an agent pipeline's poll, the reading its layers share.
+            || core.ms_at(crate::util::time::now()),
             || outcome.retry_after(),
         );
     }

@@ -309,7 +309,8 @@ where
     S: Service<Req> + Clone,
 {
     let core = &shared.core;
-    let ticket = match core.acquire(|| core.now_ms()) {
+    // Inside an agent pipeline's poll, the reading its layers share.
+    let ticket = match core.acquire(|| core.ms_at(crate::util::time::now())) {
         Ok(ticket) => ticket,
         // Refused: the readied inner service (if any) stays ready for the
         // next call.

@@ -165,8 +165,13 @@ impl Core {
     /// Milliseconds since the breaker's origin on the tokio clock.
     #[inline]
     pub(crate) fn now_ms(&self) -> u64 {
-        // Inside an agent pipeline's poll, the reading its layers share.
-        let d = crate::util::time::now().saturating_duration_since(self.origin);
+        self.ms_at(Instant::now())
+    }
+
+    /// Milliseconds from the breaker's origin to `at`.
+    #[inline]
+    pub(crate) fn ms_at(&self, at: Instant) -> u64 {
+        let d = at.saturating_duration_since(self.origin);
         // Not `as_millis()`: that divides a `u128`.
         d.as_secs() * 1_000 + u64::from(d.subsec_millis())
     }

@@ -159,21 +159,46 @@ where
                     {
                         return Poll::Ready(deadline_exceeded(shared, p));
                     }
-                    start(shared, p, this.state.as_mut(), idx, span);
+                    // A target ready at once is called from here (the
+                    // common case), without a pass through `Readying`.
+                    let (mut svc, req) = begin(shared, p, idx, span);
+                    let Poll::Ready(ready) = svc.poll_ready(cx) else {
+                        this.state.set(State::Readying {
+                            service: Some(svc),
+                            request: Some(req),
+                        });
+                        return wait(this.deadline, shared, p, cx);
+                    };
+                    p.tried += 1;
+                    match ready {
+                        Ok(()) => {
+                            let fut = super::with_deadline(p.deadline, || svc.call(req));
+                            this.state.set(State::Calling { fut });
+                        }
+                        Err(e) => {
+                            let err = Error::from_inner(e);
+                            if let Some(done) =
+                                on_failure(shared, p, this.state.as_mut(), err, span)
+                            {
+                                return Poll::Ready(done);
+                            }
+                        }
+                    }
                 }
                 StateProj::Readying { service, request } => {
                     let svc = service.as_mut().expect("polled after the call was made");
                     let Poll::Ready(ready) = svc.poll_ready(cx) else {
                         return wait(this.deadline, shared, p, cx);
                     };
-                    let fut = ready.map(|()| {
-                        let req = request.take().expect("request taken once");
-                        super::with_deadline(p.deadline, || svc.call(req))
-                    });
-                    p.tried += 1;
-                    match fut {
-                        Ok(fut) => this.state.set(State::Calling { fut }),
+                    match ready {
+                        Ok(()) => {
+                            let req = request.take().expect("request taken once");
+                            let fut = super::with_deadline(p.deadline, || svc.call(req));
+                            p.tried += 1;
+                            this.state.set(State::Calling { fut });
+                        }
                         Err(e) => {
+                            p.tried += 1;
                             this.state.set(State::Pick);
                             let err = Error::from_inner(e);
                             if let Some(done) =
@@ -261,7 +286,7 @@ fn deadline_exceeded<S, Req, Res>(
     })
 }
 
-/// Starts target `idx`: its request, its report line, its readiness.
+/// Starts target `idx`, to be readied in the `Readying` state.
 fn start<S, Req, Res>(
     shared: &Shared<S, Req, Res>,
     p: &mut Progress<Req>,
@@ -272,16 +297,32 @@ fn start<S, Req, Res>(
     S: Service<Req> + Clone,
     Req: Clone,
 {
+    let (service, request) = begin(shared, p, idx, span);
+    state.set(State::Readying {
+        service: Some(service),
+        request: Some(request),
+    });
+}
+
+/// Target `idx`'s turn: its service, its request, its report line.
+#[inline]
+fn begin<S, Req, Res>(
+    shared: &Shared<S, Req, Res>,
+    p: &mut Progress<Req>,
+    idx: usize,
+    span: Option<&tracing::Span>,
+) -> (S, Req)
+where
+    S: Service<Req> + Clone,
+    Req: Clone,
+{
     if let Some(span) = span {
         span.record("target_name", &*shared.targets[idx].0);
     }
     p.next = idx + 1;
     let request = prepare(shared, idx, &p.request);
     report::record(|r| r.start_target(&shared.targets[idx].0));
-    state.set(State::Readying {
-        service: Some(shared.services[idx].clone()),
-        request: Some(request),
-    });
+    (shared.services[idx].clone(), request)
 }
 
 /// Decides what a target's failure means; `Some` ends the call.
