@@ -290,7 +290,7 @@ impl<S, Req, Res> Fallback<S, Req, Res> {
     /// own holds.
     #[inline]
     pub(crate) fn call_until(
-        &mut self,
+        &self,
         req: Req,
         deadline: tokio::time::Instant,
     ) -> ResponseFuture<S, Req, Res>

@@ -452,13 +452,13 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
             queue = queue.max_wait(max_wait);
         }
         let queue = queue.build()?;
-        let handles = Arc::new(Handles {
+        let handles = Handles {
             deadline: self.deadline,
             queue: queue.handle(),
             breakers,
             limits,
-        });
-        let inner: PipelineQueue<C, Req, Res, H> = queue.layer(ReportQueued { inner: fallback });
-        Ok(AgentPipeline { inner, handles })
+        };
+        let inner: PipelineQueue<C, Req, Res, H> = queue.layer(ReportQueued::new(fallback, handles));
+        Ok(AgentPipeline { inner })
     }
 }

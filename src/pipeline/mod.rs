@@ -208,11 +208,12 @@ pub struct Deadlined<Req> {
 /// [`AtStreamEnd`](crate::guard::AtStreamEnd) for a
 /// client that streams ([`AgentPipelineBuilder::hold_until_stream_end`]).
 pub struct AgentPipeline<C, Req, Res, H: Mode = AtResponse> {
+    // The handles live with the fallback, behind the same reference count
+    // (a clone per request touches one count fewer).
     inner: PipelineQueue<C, Req, Res, H>,
-    handles: Arc<Handles>,
 }
 
-struct Handles {
+pub(crate) struct Handles {
     deadline: std::time::Duration,
     queue: QueueHandle,
     breakers: Vec<(Arc<str>, BreakerHandle)>,
@@ -223,7 +224,6 @@ impl<C: Clone, Req, Res, H: Mode> Clone for AgentPipeline<C, Req, Res, H> {
     fn clone(&self) -> Self {
         AgentPipeline {
             inner: self.inner.clone(),
-            handles: self.handles.clone(),
         }
     }
 }
@@ -234,7 +234,7 @@ impl<C, Req, Res, H: Mode> fmt::Debug for AgentPipeline<C, Req, Res, H> {
             .field(
                 "targets",
                 &self
-                    .handles
+                    .handles()
                     .breakers
                     .iter()
                     .map(|b| &*b.0)
@@ -252,14 +252,18 @@ impl<C, Req, Res> AgentPipeline<C, Req, Res> {
 }
 
 impl<C, Req, Res, H: Mode> AgentPipeline<C, Req, Res, H> {
+    fn handles(&self) -> &Handles {
+        &self.inner.get_ref().inner.handles
+    }
+
     /// The queue's handle (depth, in flight, shutdown).
     pub fn queue(&self) -> &QueueHandle {
-        &self.handles.queue
+        &self.handles().queue
     }
 
     /// The breaker of the target named `name`.
     pub fn breaker(&self, name: &str) -> Option<&BreakerHandle> {
-        self.handles
+        self.handles()
             .breakers
             .iter()
             .find(|(n, _)| &**n == name)
@@ -268,13 +272,13 @@ impl<C, Req, Res, H: Mode> AgentPipeline<C, Req, Res, H> {
 
     /// Every target's name and breaker, in order.
     pub fn breakers(&self) -> impl Iterator<Item = (&str, &BreakerHandle)> {
-        self.handles.breakers.iter().map(|(n, h)| (&**n, h))
+        self.handles().breakers.iter().map(|(n, h)| (&**n, h))
     }
 
     /// The rate limiter of the target named `name` (what it would admit
     /// now, its 429 pause, its line).
     pub fn rate_limit(&self, name: &str) -> Option<&RateLimitHandle> {
-        self.handles
+        self.handles()
             .limits
             .iter()
             .find(|(n, _)| &**n == name)
@@ -301,7 +305,7 @@ where
         // the queue to the fallback (the fast path calls it inside `call`,
         // the queued path later): one clock read per call.
         let deadline = tokio::time::Instant::now()
-            .checked_add(self.handles.deadline)
+            .checked_add(self.handles().deadline)
             .unwrap_or_else(far_future);
         PipelineFuture {
             inner: self.inner.call(Deadlined {
@@ -354,10 +358,40 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30)
 }
 
-/// Records, at the moment the queue admits a request, how long it waited.
-#[derive(Clone, Debug)]
+/// Records, at the moment the queue admits a request, how long it waited,
+/// and calls the fallback under the request's deadline. Holds the
+/// pipeline's handles too.
 pub struct ReportQueued<S> {
-    inner: S,
+    inner: Arc<Glue<S>>,
+}
+
+struct Glue<S> {
+    fallback: S,
+    handles: Handles,
+}
+
+impl<S> ReportQueued<S> {
+    pub(crate) fn new(fallback: S, handles: Handles) -> Self {
+        ReportQueued {
+            inner: Arc::new(Glue { fallback, handles }),
+        }
+    }
+}
+
+impl<S> Clone for ReportQueued<S> {
+    fn clone(&self) -> Self {
+        ReportQueued {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ReportQueued<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReportQueued")
+            .field("inner", &self.inner.fallback)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S, Req, Res> Service<Deadlined<Req>> for ReportQueued<Fallback<S, Req, Res>>
@@ -370,8 +404,10 @@ where
     type Error = Error;
     type Future = fallback::ResponseFuture<S, Req, Res>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // The fallback is always ready: each target is readied in the
+        // response future, when it is its turn.
+        Poll::Ready(Ok(()))
     }
 
     #[inline]
@@ -384,6 +420,6 @@ where
                 }
             });
         }
-        self.inner.call_until(req.request, req.deadline)
+        self.inner.fallback.call_until(req.request, req.deadline)
     }
 }
