@@ -458,7 +458,8 @@ impl<C, Req, Res, H> AgentPipelineBuilder<C, Req, Res, H> {
             breakers,
             limits,
         };
-        let inner: PipelineQueue<C, Req, Res, H> = queue.layer(ReportQueued::new(fallback, handles));
+        let inner: PipelineQueue<C, Req, Res, H> =
+            queue.layer(ReportQueued::new(fallback, handles));
         Ok(AgentPipeline { inner })
     }
 }
