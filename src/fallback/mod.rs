@@ -103,6 +103,7 @@ thread_local! {
 pub(crate) fn with_deadline<T>(deadline: Option<tokio::time::Instant>, f: impl FnOnce() -> T) -> T {
     struct Restore(Option<tokio::time::Instant>);
     impl Drop for Restore {
+        #[inline]
         fn drop(&mut self) {
             let _ = CURRENT_DEADLINE.try_with(|c| c.set(self.0));
         }
