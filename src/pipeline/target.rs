@@ -21,45 +21,58 @@ use crate::guard::GuardedResponse;
 use crate::ratelimit::{EstimateTokens, ReadUsage, ServerLimits};
 use crate::retry::{CloneRequest, Retry};
 
-/// One target's stack (its retry over the rest) as the fallback holds it:
-/// a clone costs one reference count, and the stack itself is cloned only
-/// when it is readied for a call, which then takes it whole (the retry's
-/// readied service moves into the call's future, with no clone left in
-/// its place, where a plain retry keeps one for its next call).
+/// One target's stack (its retry over the rest) as the fallback holds it.
+/// The fallback keeps one, shared, and clones it for each call it sends to
+/// the target: such a clone is the stack itself, made for that one call,
+/// which takes it whole (the retry's readied service moves into the call's
+/// future, with no clone left in its place, where a plain retry keeps one
+/// for its next call). The shared one can be readied and called any number
+/// of times; a clone is for one call: readied again after it, it answers
+/// [`Error::Shutdown`].
 pub struct TargetService<R> {
-    stack: Arc<R>,
-    readied: Option<R>,
+    inner: Inner<R>,
+}
+
+enum Inner<R> {
+    /// The fallback's own: cloned for every call.
+    Shared { stack: Arc<R>, readied: Option<R> },
+    /// A clone for one call (taken by it).
+    Once(Option<R>),
 }
 
 impl<R> TargetService<R> {
     pub(crate) fn new(stack: R) -> Self {
         TargetService {
-            stack: Arc::new(stack),
-            readied: None,
+            inner: Inner::Shared {
+                stack: Arc::new(stack),
+                readied: None,
+            },
         }
-    }
-
-    /// The target's stack.
-    pub fn get_ref(&self) -> &R {
-        self.readied.as_ref().unwrap_or(&self.stack)
     }
 }
 
-impl<R> Clone for TargetService<R> {
-    /// Shares the stack; not the readiness.
+impl<R: Clone> Clone for TargetService<R> {
+    /// A stack for one call (not the readiness).
     fn clone(&self) -> Self {
+        let stack = match &self.inner {
+            Inner::Shared { stack, .. } => Some(R::clone(stack)),
+            Inner::Once(stack) => stack.clone(),
+        };
         TargetService {
-            stack: Arc::clone(&self.stack),
-            readied: None,
+            inner: Inner::Once(stack),
         }
     }
 }
 
 impl<R: fmt::Debug> fmt::Debug for TargetService<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (stack, shared) = match &self.inner {
+            Inner::Shared { stack, .. } => (Some(&**stack), true),
+            Inner::Once(stack) => (stack.as_ref(), false),
+        };
         f.debug_struct("TargetService")
-            .field("stack", &self.stack)
-            .field("readied", &self.readied.is_some())
+            .field("stack", &stack)
+            .field("shared", &shared)
             .finish()
     }
 }
@@ -78,20 +91,28 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let stack = &self.stack;
-        let readied = self.readied.get_or_insert_with(|| Retry::clone(stack));
+        let readied = match &mut self.inner {
+            Inner::Once(Some(retry)) => retry,
+            Inner::Shared { stack, readied } => readied.get_or_insert_with(|| Retry::clone(stack)),
+            Inner::Once(None) => return Poll::Ready(Err(Error::Shutdown)),
+        };
         Service::<Req>::poll_ready(readied, cx)
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        // Without `poll_ready` first: a fresh clone, which the retry's
-        // future readies.
-        let retry = self
-            .readied
-            .take()
-            .unwrap_or_else(|| Retry::clone(&self.stack));
-        retry.call_once(req)
+        // Without `poll_ready` first: the retry's future readies it.
+        let retry = match &mut self.inner {
+            Inner::Once(retry) => retry.take(),
+            Inner::Shared { stack, readied } => {
+                Some(readied.take().unwrap_or_else(|| Retry::clone(stack)))
+            }
+        };
+        // A clone called twice: its `poll_ready` answered an error, so
+        // calling it breaks the `Service` contract (the fallback never does).
+        retry
+            .expect("a TargetService clone is for one call")
+            .call_once(req)
     }
 }
 
@@ -281,5 +302,39 @@ impl<Res: 'static> ReadUsage<Res> for Usage<Res> {
         self.0
             .as_ref()
             .map_or_else(ServerLimits::default, |u| u.server_limits(res))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::{ready, Ready};
+
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::classify::HttpError;
+    use crate::retry::RetryLayer;
+
+    type Client = tower::util::ServiceFn<fn(u64) -> Ready<Result<u64, HttpError>>>;
+
+    fn target() -> TargetService<Retry<Client>> {
+        let client: Client = tower::service_fn(|x: u64| ready(Ok(x + 1)));
+        TargetService::new(RetryLayer::builder().build().unwrap().layer(client))
+    }
+
+    #[tokio::test]
+    async fn the_shared_one_serves_every_call_a_clone_one() {
+        let mut shared = target();
+        for i in 0..3 {
+            assert_eq!(shared.ready().await.unwrap().call(i).await.unwrap(), i + 1);
+        }
+        // Called without `poll_ready` first: readied in its future.
+        assert_eq!(shared.call(7).await.unwrap(), 8);
+
+        let mut once = shared.clone();
+        assert_eq!(once.ready().await.unwrap().call(1).await.unwrap(), 2);
+        assert!(matches!(once.ready().await, Err(Error::Shutdown)));
+        // A clone of the shared one again serves one call.
+        assert_eq!(shared.clone().oneshot(2).await.unwrap(), 3);
     }
 }
