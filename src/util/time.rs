@@ -74,17 +74,16 @@ pub(crate) fn one_reading<T>(poll: impl FnOnce() -> T) -> T {
 /// current [`one_reading`] poll, or a fresh one outside any.
 #[inline]
 pub(crate) fn now() -> Instant {
-    READING
-        .try_with(|r| match r.get() {
-            Reading::Read(at) => at,
-            Reading::Unread => {
-                let at = Instant::now();
-                r.set(Reading::Read(at));
-                at
-            }
-            Reading::Off => Instant::now(),
-        })
-        .unwrap_or_else(|_| Instant::now())
+    // A `const` thread-local without a destructor: always accessible.
+    READING.with(|r| match r.get() {
+        Reading::Read(at) => at,
+        Reading::Unread => {
+            let at = Instant::now();
+            r.set(Reading::Read(at));
+            at
+        }
+        Reading::Off => Instant::now(),
+    })
 }
 
 #[cfg(test)]
