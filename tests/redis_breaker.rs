@@ -3,6 +3,8 @@
 //! tokio runtime (its own worker thread) with its own breaker and its own
 //! coordination, calling the mock LLM server over loopback HTTP. Real time
 //! with generous timeouts for waiting; nothing asserts on a duration.
+#[path = "redis_support/own_server.rs"]
+mod own_server;
 mod redis_breaker_support;
 mod redis_support;
 
@@ -15,6 +17,7 @@ use llm_resilience::testing::mock_server::{FaultScript, MockFault};
 use llm_resilience::Error;
 use tokio::time::{sleep, timeout, Instant};
 
+use own_server::OwnServer;
 use redis_breaker_support::*;
 use redis_support::{unique, url};
 
@@ -335,16 +338,12 @@ async fn bad_settings_are_config_errors() {
 /// stopped under the other tests), on `port`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_redis_restarts_both_reconnect_and_a_trip_made_meanwhile_is_shared() {
-    let Some(bin) = OwnRedis::binary() else {
+    let Some(bin) = OwnServer::binary() else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let redis = format!("redis://127.0.0.1:{port}/");
-    let server_proc = OwnRedis::start(&bin, port).await;
+    let mut own = OwnServer::new(bin);
+    let redis = own.url();
+    own.start().await;
     let upstream = failing_server().await;
     let ns = unique("brk-restart");
     // Open long enough that A is still open when Redis is back.
@@ -354,7 +353,7 @@ async fn after_redis_restarts_both_reconnect_and_a_trip_made_meanwhile_is_shared
     a.connected().await;
     b.connected().await;
 
-    drop(server_proc);
+    own.stop();
     wait_for(
         || a.count("disconnected") >= 1 && b.count("disconnected") >= 1,
         "both see Redis go",
@@ -369,7 +368,7 @@ async fn after_redis_restarts_both_reconnect_and_a_trip_made_meanwhile_is_shared
 
     // Redis comes back (empty: no AOF here): both reconnect by themselves,
     // and A publishes the trip it made meanwhile.
-    let _back = OwnRedis::start(&bin, port).await;
+    own.start().await;
     wait_for(
         || b.breaker.state() == State::Open,
         "B open after the restart",

@@ -1,6 +1,7 @@
 //! A `redis-server` of a test's own, on a free loopback port, started and
 //! stopped at will (no persistence): for the fleet rate limiter's fallback
-//! and recovery tests. From `PATH` or `LLM_RESILIENCE_REDIS_SERVER`.
+//! and recovery tests and the shared breaker's restart test. From `PATH` or
+//! `LLM_RESILIENCE_REDIS_SERVER`.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
@@ -23,7 +24,7 @@ impl OwnServer {
         match std::process::Command::new(&bin).arg("--version").output() {
             Ok(o) if o.status.success() => Some(bin),
             _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!("CI=true but `{bin}` cannot run: the fallback test must run in CI")
+                panic!("CI=true but `{bin}` cannot run: the Redis restart tests must run in CI")
             }
             _ => {
                 eprintln!("skipping: no `{bin}` to start (set LLM_RESILIENCE_REDIS_SERVER)");
