@@ -450,3 +450,83 @@ async fn waiting_for_an_unknown_job_times_out_with_a_typed_error() {
         "{e:?}"
     );
 }
+
+/// A busy worker reads with plain `XREADGROUP`s; a job another worker
+/// delayed must still come back while it is busy (its take script runs at
+/// least every `idle_wait`), not only once it runs out of work; and a class
+/// it found empty is read again (a high-priority job is not stuck behind
+/// the normal ones it is busy with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_another_worker_delayed_comes_back_while_this_one_is_busy() {
+    let Some(url) = url() else { return };
+    let q = fresh_queue(&url, "busy-delayed").await;
+    let (x, _) = q
+        .enqueue_with(&Job { n: 0 }, &Enqueue::new().priority(Priority::High))
+        .await
+        .unwrap();
+    // B fails the job once, delaying it by 300 ms, and stops.
+    let retried = Arc::new(tokio::sync::Notify::new());
+    let r = retried.clone();
+    let b = Worker::new(
+        &q,
+        tower::service_fn(|_: Job| async { Err::<u32, _>(Transient) }),
+        fast()
+            .max_in_flight(1)
+            .retry_delay(Duration::from_millis(300))
+            .max_retry_delay(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    )
+    .on_event(move |e| {
+        if let WorkerEvent::Retried { .. } = e {
+            r.notify_one();
+        }
+    })
+    .spawn()
+    .await
+    .unwrap();
+    tokio::time::timeout(WAIT, retried.notified())
+        .await
+        .expect("B delays the job");
+    b.shutdown().await;
+    // A starts before the job is due, then gets 5 000 other jobs, each
+    // 1 ms, 4 at a time: over a second of work, so it is busy reading
+    // normal jobs when the delayed one falls due.
+    const FILLERS: u32 = 5_000;
+    let done = Arc::new(AtomicU32::new(0));
+    let at_x = Arc::new(AtomicU32::new(u32::MAX));
+    let (d, ax) = (done.clone(), at_x.clone());
+    let a = Worker::new(
+        &q,
+        tower::service_fn(move |j: Job| {
+            let (d, ax) = (d.clone(), ax.clone());
+            async move {
+                if j.n == 0 {
+                    ax.store(d.load(Ordering::SeqCst), Ordering::SeqCst);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    d.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, Transient>(j.n)
+            }
+        }),
+        fast().max_in_flight(4).build().unwrap(),
+    )
+    .spawn()
+    .await
+    .unwrap();
+    for n in 1..=FILLERS {
+        q.enqueue(&Job { n }).await.unwrap();
+    }
+    assert_eq!(
+        q.wait_for::<u32>(&x, WAIT).await.unwrap(),
+        JobOutcome::Completed(0)
+    );
+    let before = at_x.load(Ordering::SeqCst);
+    assert!(
+        before < FILLERS,
+        "the delayed job ran only after all {FILLERS} other jobs ({before} done)"
+    );
+    eprintln!("the delayed job ran after {before} of {FILLERS} other jobs");
+    a.abort();
+}
