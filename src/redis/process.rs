@@ -230,32 +230,24 @@ async fn write(
         Verdict::Expired => Kind::Other {
             dead: false,
             stored: b"expired:".to_vec(),
-            fields: vec![
-                b"job".to_vec(),
-                job.job.as_bytes().to_vec(),
-                b"deliveries".to_vec(),
-                job.deliveries.to_string().into_bytes(),
-                b"status".to_vec(),
-                b"expired".to_vec(),
-            ],
+            fields: entry_fields(job, [&b"status"[..], b"expired"]),
         },
         Verdict::Dead(e) => Kind::Other {
             dead: true,
             stored: format!("dead:{}:{e}", job.deliveries).into_bytes(),
-            fields: vec![
-                b"job".to_vec(),
-                job.job.as_bytes().to_vec(),
-                b"deliveries".to_vec(),
-                job.deliveries.to_string().into_bytes(),
-                b"error".to_vec(),
-                e.as_bytes().to_vec(),
-                b"priority".to_vec(),
-                job.class.as_str().as_bytes().to_vec(),
-                b"entry".to_vec(),
-                job.entry.as_bytes().to_vec(),
-                b"payload".to_vec(),
-                job.payload.clone(),
-            ],
+            fields: entry_fields(
+                job,
+                [
+                    &b"error"[..],
+                    e.as_bytes(),
+                    b"priority",
+                    job.class.as_str().as_bytes(),
+                    b"entry",
+                    job.entry.as_bytes(),
+                    b"payload",
+                    &job.payload,
+                ],
+            ),
         },
     };
     ctx.writer
@@ -269,6 +261,22 @@ async fn write(
             || drop(slot.take()),
         )
         .await
+}
+
+/// An output or dead-letter entry's fields: `job`, `deliveries`, then
+/// `rest` (field, value, ...).
+fn entry_fields<const N: usize>(job: &Delivery, rest: [&[u8]; N]) -> Vec<Vec<u8>> {
+    let deliveries = job.deliveries.to_string();
+    [
+        b"job",
+        job.job.as_bytes(),
+        b"deliveries",
+        deliveries.as_bytes(),
+    ]
+    .into_iter()
+    .chain(rest)
+    .map(<[u8]>::to_vec)
+    .collect()
 }
 
 /// Moves the job to the delayed set, to come back after `delay`.
