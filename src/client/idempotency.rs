@@ -87,6 +87,10 @@ fn key_value(key: IdempotencyKey) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(text).ok()
 }
 
+/// The header names, made once (not parsed per request).
+const KEY_NAME: HeaderName = HeaderName::from_static(IDEMPOTENCY_KEY_HEADER);
+const COUNT_NAME: HeaderName = HeaderName::from_static(RETRY_COUNT_HEADER);
+
 impl AttemptHeaders {
     /// The headers' values for the attempt being sent: the caller's own key
     /// (`pinned`) or the logical request's (drawn here, per call, when no
@@ -123,10 +127,10 @@ impl AttemptHeaders {
         let (key, count) = self.values(pinned);
         let mut rb = rb;
         if let Some(key) = key {
-            rb = rb.header(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key);
+            rb = rb.header(KEY_NAME, key);
         }
         if let Some(count) = count {
-            rb = rb.header(HeaderName::from_static(RETRY_COUNT_HEADER), count);
+            rb = rb.header(COUNT_NAME, count);
         }
         rb
     }

@@ -304,9 +304,7 @@ where
         // The deadline counts from here and goes with the request through
         // the queue to the fallback (the fast path calls it inside `call`,
         // the queued path later): one clock read per call.
-        let deadline = tokio::time::Instant::now()
-            .checked_add(self.handles().deadline)
-            .unwrap_or_else(far_future);
+        let deadline = time::after(tokio::time::Instant::now(), self.handles().deadline);
         PipelineFuture {
             inner: self.inner.call(Deadlined {
                 request: req,
@@ -351,11 +349,6 @@ impl<F: Future> Future for PipelineFuture<F> {
             this.inner.poll(cx)
         })
     }
-}
-
-/// About 30 years from now: what a deadline too far for the clock becomes.
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30)
 }
 
 /// Records, at the moment the queue admits a request, how long it waited,

@@ -22,58 +22,30 @@ use crate::ratelimit::{EstimateTokens, ReadUsage, ServerLimits};
 use crate::retry::{CloneRequest, Retry};
 
 /// One target's stack (its retry over the rest) as the fallback holds it.
-/// The fallback keeps one, shared, and clones it for each call it sends to
-/// the target: such a clone is the stack itself, made for that one call,
-/// which takes it whole (the retry's readied service moves into the call's
+/// The fallback keeps one and clones it for each call it sends to the
+/// target: such a clone is the stack itself, made for that one call, which
+/// takes it whole (the retry's readied service moves into the call's
 /// future, with no clone left in its place, where a plain retry keeps one
-/// for its next call). The shared one can be readied and called any number
-/// of times; a clone is for one call: readied again after it, it answers
+/// for its next call). Readied again after its call, it answers
 /// [`Error::Shutdown`].
-pub struct TargetService<R> {
-    inner: Inner<R>,
-}
-
-enum Inner<R> {
-    /// The fallback's own: cloned for every call.
-    Shared { stack: Arc<R>, readied: Option<R> },
-    /// A clone for one call (taken by it).
-    Once(Option<R>),
-}
+pub struct TargetService<R>(Option<R>);
 
 impl<R> TargetService<R> {
     pub(crate) fn new(stack: R) -> Self {
-        TargetService {
-            inner: Inner::Shared {
-                stack: Arc::new(stack),
-                readied: None,
-            },
-        }
+        TargetService(Some(stack))
     }
 }
 
 impl<R: Clone> Clone for TargetService<R> {
-    /// A stack for one call (not the readiness).
+    /// A stack for one call.
     fn clone(&self) -> Self {
-        let stack = match &self.inner {
-            Inner::Shared { stack, .. } => Some(R::clone(stack)),
-            Inner::Once(stack) => stack.clone(),
-        };
-        TargetService {
-            inner: Inner::Once(stack),
-        }
+        TargetService(self.0.clone())
     }
 }
 
 impl<R: fmt::Debug> fmt::Debug for TargetService<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (stack, shared) = match &self.inner {
-            Inner::Shared { stack, .. } => (Some(&**stack), true),
-            Inner::Once(stack) => (stack.as_ref(), false),
-        };
-        f.debug_struct("TargetService")
-            .field("stack", &stack)
-            .field("shared", &shared)
-            .finish()
+        f.debug_tuple("TargetService").field(&self.0).finish()
     }
 }
 
@@ -91,27 +63,20 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        let readied = match &mut self.inner {
-            Inner::Once(Some(retry)) => retry,
-            Inner::Shared { stack, readied } => readied.get_or_insert_with(|| Retry::clone(stack)),
-            Inner::Once(None) => return Poll::Ready(Err(Error::Shutdown)),
-        };
-        Service::<Req>::poll_ready(readied, cx)
+        match &mut self.0 {
+            Some(retry) => Service::<Req>::poll_ready(retry, cx),
+            None => Poll::Ready(Err(Error::Shutdown)),
+        }
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        // Without `poll_ready` first: the retry's future readies it.
-        let retry = match &mut self.inner {
-            Inner::Once(retry) => retry.take(),
-            Inner::Shared { stack, readied } => {
-                Some(readied.take().unwrap_or_else(|| Retry::clone(stack)))
-            }
-        };
-        // A clone called twice: its `poll_ready` answered an error, so
-        // calling it breaks the `Service` contract (the fallback never does).
-        retry
-            .expect("a TargetService clone is for one call")
+        // Without `poll_ready` first: the retry's future readies it. Called
+        // twice, its `poll_ready` answered an error, so calling it breaks
+        // the `Service` contract (the fallback never does).
+        self.0
+            .take()
+            .expect("a TargetService is for one call")
             .call_once(req)
     }
 }
@@ -323,18 +288,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_shared_one_serves_every_call_a_clone_one() {
-        let mut shared = target();
+    async fn each_clone_serves_one_call() {
+        let kept = target();
         for i in 0..3 {
-            assert_eq!(shared.ready().await.unwrap().call(i).await.unwrap(), i + 1);
+            let mut once = kept.clone();
+            assert_eq!(once.ready().await.unwrap().call(i).await.unwrap(), i + 1);
+            assert!(matches!(once.ready().await, Err(Error::Shutdown)));
         }
         // Called without `poll_ready` first: readied in its future.
-        assert_eq!(shared.call(7).await.unwrap(), 8);
-
-        let mut once = shared.clone();
-        assert_eq!(once.ready().await.unwrap().call(1).await.unwrap(), 2);
-        assert!(matches!(once.ready().await, Err(Error::Shutdown)));
-        // A clone of the shared one again serves one call.
-        assert_eq!(shared.clone().oneshot(2).await.unwrap(), 3);
+        assert_eq!(kept.clone().call(7).await.unwrap(), 8);
+        assert_eq!(kept.clone().oneshot(2).await.unwrap(), 3);
     }
 }

@@ -420,9 +420,11 @@ impl Limiter {
     fn scale(&self, server_limit: Option<u64>) -> Option<u64> {
         let server_window = self.settings.server_window?;
         server_limit.map(|l| {
-            let scaled =
-                u128::from(l) * u128::from(self.settings.window) / u128::from(server_window);
-            u64::try_from(scaled).unwrap_or(u64::MAX)
+            super::scale_limit(
+                l,
+                Duration::from_nanos(self.settings.window),
+                Duration::from_nanos(server_window),
+            )
         })
     }
 

@@ -219,6 +219,18 @@ impl<Res> ReadUsage<Res> for IgnoreUsage {
     }
 }
 
+/// A server's limit per `server_window`, as a limit per `window` (rounded
+/// down; saturated): how a limit from the provider's headers compares with
+/// ours.
+pub(crate) fn scale_limit(
+    limit: u64,
+    window: std::time::Duration,
+    server_window: std::time::Duration,
+) -> u64 {
+    let s = u128::from(limit) * window.as_nanos() / server_window.as_nanos().max(1);
+    u64::try_from(s).unwrap_or(u64::MAX)
+}
+
 /// The server's wait hint of a 429, from the same headers the classifier
 /// reads.
 pub(crate) fn hint_of(view: &dyn HttpView) -> Option<std::time::Duration> {

@@ -100,9 +100,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn one_reading_per_poll_fresh_outside() {
+    #[tokio::test(start_paused = true)]
+    async fn one_reading_per_poll_fresh_outside() {
         let outside = now();
+        tokio::time::advance(Duration::from_secs(1)).await;
         let (a, b, inner) = one_reading(|| {
             let a = now();
             let inner = one_reading(now);
@@ -110,9 +111,14 @@ mod tests {
         });
         assert_eq!(a, b, "shared within the poll");
         assert_eq!(a, inner, "a nested poll shares the outer reading");
-        assert!(a >= outside);
+        assert_eq!(a, outside + Duration::from_secs(1), "read afresh");
+        tokio::time::advance(Duration::from_secs(1)).await;
         let next = one_reading(now);
-        assert!(next >= a, "the next poll reads afresh");
+        assert_eq!(
+            next,
+            a + Duration::from_secs(1),
+            "the next poll reads afresh"
+        );
     }
 
     #[tokio::test(start_paused = true)]

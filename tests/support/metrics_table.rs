@@ -40,7 +40,14 @@ pub fn rows() -> BTreeMap<String, Row> {
         // "", name, type, labels, meaning, ""
         assert_eq!(cells.len(), 6, "a row has four cells: {line}");
         let name = cells[1].trim_matches('`').to_owned();
-        assert!(name.starts_with("llm_resilience_") && !rest.is_empty());
+        assert!(
+            rest.starts_with(&name["llm_resilience_".len()..])
+                && name.len() > "llm_resilience_".len()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "bad metric name {name:?} in: {line}"
+        );
         let kind = match cells[2] {
             "counter" => Kind::Counter,
             "gauge" => Kind::Gauge,

@@ -65,7 +65,8 @@
 //! - **How fast.** A trip is published as soon as the task runs after the
 //!   state change (one script round trip) and reaches the subscribers in
 //!   one more hop: milliseconds on a healthy network (2.6 to 3.9 ms between
-//!   two runtimes on one machine over loopback). The bound this module
+//!   two runtimes on one machine over loopback, as printed by `cargo test
+//!   --all-features --test redis_breaker -- --nocapture`). The bound this module
 //!   documents is **one second** from the trip to the other processes'
 //!   breakers being open, while both are connected. A
 //!   process that was disconnected catches up when it resubscribes: it

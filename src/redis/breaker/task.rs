@@ -281,14 +281,16 @@ impl Task {
         self.read_fresh(conn).await?;
         let ctx = &self.ctx;
         for (name, slot) in &mut self.slots {
-            let record = ctx.record(name);
+            // Formatted only in the arms that talk to Redis: most breakers
+            // are closed and untouched on most syncs.
+            let record = || ctx.record(name);
             let core = slot.handle.core();
             let snap = core.snapshot();
             match snap.state {
                 State::Open if slot.known_open != Some(snap.gen) => {
                     let open_ms = snap.remaining.as_millis().max(1) as u64;
                     let (epoch, _): (u64, u64) = TRIP
-                        .key(&record)
+                        .key(record())
                         .key(&ctx.inner.epoch_key)
                         .arg(open_ms)
                         .arg(&ctx.origin)
@@ -305,7 +307,7 @@ impl Task {
                 State::Open if snap.remaining.is_zero() && snap.wanted && !snap.granted => {
                     let lease = lease_ms(core);
                     let (answer, wait_ms, epoch): (u8, u64, u64) = PROBE
-                        .key(&record)
+                        .key(record())
                         .arg(&ctx.origin)
                         .arg(lease)
                         .invoke_async(conn)
@@ -334,7 +336,7 @@ impl Task {
                 State::Closed if slot.prober => {
                     slot.prober = false;
                     let published: u8 = CLOSE
-                        .key(&record)
+                        .key(record())
                         .arg(&ctx.origin)
                         .arg(&ctx.inner.channel)
                         .arg(name.as_str())

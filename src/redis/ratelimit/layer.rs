@@ -26,14 +26,12 @@ const MAX_FLEET: u64 = 10_000;
 /// [module docs](crate::redis::ratelimit).
 pub struct FleetRateLimitLayer<E = ChatEstimate, U = Reported> {
     fleet: Arc<Fleet<E, U>>,
-    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
 }
 
 impl<E, U> Clone for FleetRateLimitLayer<E, U> {
     fn clone(&self) -> Self {
         Self {
             fleet: Arc::clone(&self.fleet),
-            local: self.local.clone(),
         }
     }
 }
@@ -106,7 +104,6 @@ impl<S, E, U> Layer<S> for FleetRateLimitLayer<E, U> {
 
     fn layer(&self, inner: S) -> Self::Service {
         FleetRateLimit {
-            local: self.local.clone(),
             inner,
             fleet: Arc::clone(&self.fleet),
         }
@@ -433,8 +430,7 @@ impl<E, U> FleetRateLimitLayerBuilder<E, U> {
             probe_interval: self.probe_interval,
         };
         Ok(FleetRateLimitLayer {
-            fleet: Arc::new(Fleet::new(store, settings, estimate, usage)),
-            local,
+            fleet: Arc::new(Fleet::new(store, settings, estimate, usage, local)),
         })
     }
 }

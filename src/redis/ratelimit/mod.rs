@@ -143,9 +143,9 @@
 //! expiring old log slots (each slot once) and, on a wait, reading the
 //! log (about 130 entries). On a loaded 2-core machine an admission took
 //! 2.3 times one bare `EVALSHA` round trip serially and 3.8 times it with
-//! 64 tasks, where the Redis server is the bottleneck (27 to 46 µs of its
-//! CPU per admission: one core decides some 20,000 calls a second for a
-//! key); see `BENCHMARKS.md`.
+//! 64 tasks, where the Redis server is the bottleneck (46.8 µs per
+//! admitted call: some 20,000 decisions a second for one key); the
+//! figures and their command are in `BENCHMARKS.md`.
 //!
 //! [`Error::RateLimited`]: crate::Error::RateLimited
 //! [`RateLimitLayer`]: crate::ratelimit::RateLimitLayer
@@ -182,7 +182,8 @@ use self::script::{Admit, Store};
 use crate::classify::LlmClassifier;
 use crate::error::{BoxError, Error};
 use crate::ratelimit::{
-    ChatEstimate, EstimateTokens, RateLimitLayer, ReadUsage, Reported, ServerLimits, WhenLimited,
+    scale_limit, ChatEstimate, EstimateTokens, RateLimitLayer, ReadUsage, Reported, ServerLimits,
+    WhenLimited,
 };
 
 /// The estimator, shared by the fleet limiter and its local fallback.
@@ -245,10 +246,19 @@ pub(crate) struct Fleet<E, U> {
     /// probe of Redis is due.
     probe_at: AtomicU64,
     origin: Instant,
+    /// The fallback, put around a clone of the inner service only when a
+    /// call needs it.
+    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
 }
 
 impl<E, U> Fleet<E, U> {
-    fn new(store: Store, settings: FleetSettings, estimate: Arc<E>, usage: Arc<U>) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        settings: FleetSettings,
+        estimate: Arc<E>,
+        usage: Arc<U>,
+        local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
+    ) -> Self {
         Self {
             store,
             settings,
@@ -256,6 +266,7 @@ impl<E, U> Fleet<E, U> {
             usage,
             probe_at: AtomicU64::new(0),
             origin: Instant::now(),
+            local,
         }
     }
 
@@ -327,7 +338,7 @@ impl<E, U> Fleet<E, U> {
         let Some(server_window) = self.settings.server_window else {
             return [None; 4];
         };
-        let scale = |l: Option<u64>| l.map(|l| scale(l, self.settings.window, server_window));
+        let scale = |l: Option<u64>| l.map(|l| scale_limit(l, self.settings.window, server_window));
         [
             scale(server.requests.limit),
             server.requests.remaining,
@@ -337,18 +348,9 @@ impl<E, U> Fleet<E, U> {
     }
 }
 
-/// A server's limit per `server_window`, as a limit per `window` (rounded
-/// down; saturated).
-fn scale(limit: u64, window: Duration, server_window: Duration) -> u64 {
-    let s = u128::from(limit) * window.as_nanos() / server_window.as_nanos().max(1);
-    u64::try_from(s).unwrap_or(u64::MAX)
-}
-
 /// The fleet rate-limit middleware; made by [`FleetRateLimitLayer`].
 pub struct FleetRateLimit<S, E = ChatEstimate, U = Reported> {
     inner: S,
-    /// The fallback, put around a clone of `inner` only when needed.
-    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
     fleet: Arc<Fleet<E, U>>,
 }
 
@@ -356,7 +358,6 @@ impl<S: Clone, E, U> Clone for FleetRateLimit<S, E, U> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            local: self.local.clone(),
             fleet: Arc::clone(&self.fleet),
         }
     }
@@ -398,7 +399,6 @@ where
 async fn run<S, Req, E, U>(
     fleet: Arc<Fleet<E, U>>,
     mut svc: S,
-    local: RateLimitLayer<ArcEstimate<E>, ArcUsage<U>>,
     req: Req,
 ) -> Result<S::Response, Error>
 where
@@ -410,7 +410,7 @@ where
     let mut probing = match fleet.mode() {
         Mode::Redis => false,
         Mode::Probe => true,
-        Mode::Local => return call_ready(local.layer(svc), req).await,
+        Mode::Local => return call_ready(fleet.local.layer(svc), req).await,
     };
     let tokens = u64::from(fleet.estimate.estimate(&req));
     let since = Instant::now();
@@ -420,7 +420,7 @@ where
             Ok(a) => a,
             Err(e) => {
                 fleet.redis_failed(probing, &e);
-                return call_ready(local.layer(svc), req).await;
+                return call_ready(fleet.local.layer(svc), req).await;
             }
         };
         if std::mem::take(&mut probing) {
@@ -499,12 +499,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let fut = run(
-            Arc::clone(&self.fleet),
-            self.inner.clone(),
-            self.local.clone(),
-            req,
-        );
+        let fut = run(Arc::clone(&self.fleet), self.inner.clone(), req);
         ResponseFuture {
             inner: Box::pin(fut),
         }
@@ -513,7 +508,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::scale;
+    use crate::ratelimit::scale_limit as scale;
     use proptest::prelude::*;
     use std::time::Duration;
 
