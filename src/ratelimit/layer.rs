@@ -68,18 +68,8 @@ impl RateLimitLayer {
     /// A builder starting from [`RateLimitLayer::llm_defaults`].
     pub fn builder() -> RateLimitLayerBuilder {
         RateLimitLayerBuilder {
-            requests: Some(500),
-            tokens: Some(200_000),
-            window: Duration::from_secs(60),
-            burst: 0.1,
-            when_limited: WhenLimited::Wait {
-                max_wait: Duration::from_secs(60),
-            },
-            hint_cap: Duration::from_secs(120),
-            server_window: Some(Duration::from_secs(60)),
-            name: Cow::Borrowed("default"),
+            knobs: Knobs::llm_defaults(),
             listener: None,
-            classifier: LlmClassifier::new(),
             estimate: ChatEstimate,
             usage: Reported,
         }
@@ -169,198 +159,52 @@ impl<S, K, F, E, U> Layer<S> for KeyedRateLimitLayer<K, F, E, U> {
     }
 }
 
-/// Builds a validated [`RateLimitLayer`] (or, after
-/// [`key_by`](Self::key_by), a [`KeyedRateLimitLayer`]); every knob starts
-/// at its LLM default.
-pub struct RateLimitLayerBuilder<E = ChatEstimate, U = Reported> {
-    requests: Option<u64>,
-    tokens: Option<u64>,
-    window: Duration,
-    burst: f64,
-    when_limited: WhenLimited,
-    hint_cap: Duration,
-    server_window: Option<Duration>,
-    name: Cow<'static, str>,
-    listener: Option<Listener>,
-    classifier: LlmClassifier,
-    estimate: E,
-    usage: U,
+/// The knobs both rate-limit builders share (this module's and the fleet's
+/// on Redis), at their LLM defaults until set.
+#[derive(Clone)]
+pub(crate) struct Knobs {
+    pub(crate) requests: Option<u64>,
+    pub(crate) tokens: Option<u64>,
+    pub(crate) window: Duration,
+    pub(crate) burst: f64,
+    pub(crate) when_limited: WhenLimited,
+    pub(crate) hint_cap: Duration,
+    pub(crate) server_window: Option<Duration>,
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) classifier: LlmClassifier,
 }
 
-impl<E, U> fmt::Debug for RateLimitLayerBuilder<E, U> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimitLayerBuilder")
-            .field("requests", &self.requests)
-            .field("tokens", &self.tokens)
-            .field("window", &self.window)
-            .field("burst", &self.burst)
-            .field("when_limited", &self.when_limited)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<E, U> RateLimitLayerBuilder<E, U> {
-    /// Requests allowed per window (1 to 10^12). Default 500.
-    pub fn requests(mut self, n: u64) -> Self {
-        self.requests = Some(n);
-        self
-    }
-
-    /// No request limit (tokens only).
-    pub fn no_request_limit(mut self) -> Self {
-        self.requests = None;
-        self
-    }
-
-    /// Tokens allowed per window (1 to 10^12). Default 200,000.
-    pub fn tokens(mut self, n: u64) -> Self {
-        self.tokens = Some(n);
-        self
-    }
-
-    /// No token limit (requests only; the estimator is still called).
-    pub fn no_token_limit(mut self) -> Self {
-        self.tokens = None;
-        self
-    }
-
-    /// The window the limits are counted over (above zero, at most a day).
-    /// Default one minute.
-    pub fn window(mut self, window: Duration) -> Self {
-        self.window = window;
-        self
-    }
-
-    /// The share of each limit that may go at once, before the pace applies
-    /// (above 0, at most 1; at least one request and one token). Default 0.1.
-    pub fn burst(mut self, fraction: f64) -> Self {
-        self.burst = fraction;
-        self
-    }
-
-    /// What a call does when the limit is reached. Default: wait up to one
-    /// minute.
-    pub fn when_limited(mut self, w: WhenLimited) -> Self {
-        self.when_limited = w;
-        self
-    }
-
-    /// Wait in line for at most `max_wait` (any duration).
-    pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.when_limited = WhenLimited::Wait { max_wait };
-        self
-    }
-
-    /// Fail at once with [`Error::RateLimited`](crate::Error::RateLimited)
-    /// instead of waiting.
-    pub fn reject(mut self) -> Self {
-        self.when_limited = WhenLimited::Reject;
-        self
-    }
-
-    /// The longest pause a 429's hint imposes on a key (above zero).
-    /// Default 2 minutes.
-    pub fn hint_cap(mut self, cap: Duration) -> Self {
-        self.hint_cap = cap;
-        self
-    }
-
-    /// The window the server's limit headers count over (above zero, at
-    /// most a day): their limits are scaled from it to ours. Default one
-    /// minute (OpenAI's and Anthropic's limits are per minute).
-    pub fn server_window(mut self, window: Duration) -> Self {
-        self.server_window = Some(window);
-        self
-    }
-
-    /// Do not follow the servers' rate-limit headers (429 pauses still
-    /// apply).
-    pub fn ignore_server_headers(mut self) -> Self {
-        self.server_window = None;
-        self
-    }
-
-    /// The layer's name: the `limiter` label of its metrics and logs.
-    /// Default `"default"`.
-    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Called on every slow-path event, never under a lock. Runs on the
-    /// caller's task; keep it short.
-    pub fn on_event(mut self, f: impl Fn(&RateLimitEvent) + Send + Sync + 'static) -> Self {
-        self.listener = Some(Arc::new(f));
-        self
-    }
-
-    /// The classifier that finds a failure's 429, hint and headers
-    /// ([`LlmClassifier::with_view`] for a client's own error type).
-    pub fn classifier(mut self, classifier: LlmClassifier) -> Self {
-        self.classifier = classifier;
-        self
-    }
-
-    /// The token estimator: any `Fn(&Req) -> u32` (or
-    /// [`EstimateTokens`](super::EstimateTokens)).
-    pub fn estimate_tokens<E2>(self, estimate: E2) -> RateLimitLayerBuilder<E2, U> {
-        RateLimitLayerBuilder {
-            requests: self.requests,
-            tokens: self.tokens,
-            window: self.window,
-            burst: self.burst,
-            when_limited: self.when_limited,
-            hint_cap: self.hint_cap,
-            server_window: self.server_window,
-            name: self.name,
-            listener: self.listener,
-            classifier: self.classifier,
-            estimate,
-            usage: self.usage,
+impl Knobs {
+    /// The LLM defaults (see [`RateLimitLayer::llm_defaults`]).
+    pub(crate) fn llm_defaults() -> Self {
+        Self {
+            requests: Some(500),
+            tokens: Some(200_000),
+            window: Duration::from_secs(60),
+            burst: 0.1,
+            when_limited: WhenLimited::Wait {
+                max_wait: Duration::from_secs(60),
+            },
+            hint_cap: Duration::from_secs(120),
+            server_window: Some(Duration::from_secs(60)),
+            name: Cow::Borrowed("default"),
+            classifier: LlmClassifier::new(),
         }
     }
 
-    /// Read nothing from responses (for response types that do not
-    /// implement [`ReportsUsage`](super::ReportsUsage)): estimates stand.
-    pub fn ignore_usage(self) -> RateLimitLayerBuilder<E, IgnoreUsage> {
-        self.read_usage(IgnoreUsage)
+    /// `(limit, burst)` of a limit: the burst is the configured share of it,
+    /// at least 1 and at most the limit.
+    pub(crate) fn with_burst(&self, limit: u64) -> (u64, u64) {
+        (
+            limit,
+            ((limit as f64 * self.burst).floor() as u64).clamp(1, limit),
+        )
     }
 
-    /// How responses are read ([`ReadUsage`](super::ReadUsage)); default
-    /// [`Reported`].
-    pub fn read_usage<U2>(self, usage: U2) -> RateLimitLayerBuilder<E, U2> {
-        RateLimitLayerBuilder {
-            requests: self.requests,
-            tokens: self.tokens,
-            window: self.window,
-            burst: self.burst,
-            when_limited: self.when_limited,
-            hint_cap: self.hint_cap,
-            server_window: self.server_window,
-            name: self.name,
-            listener: self.listener,
-            classifier: self.classifier,
-            estimate: self.estimate,
-            usage,
-        }
-    }
-
-    /// One limiter per key that `key` extracts from the request (provider,
-    /// model, credential), each with this configuration, in a map bounded
-    /// by [`max_keys`](KeyedRateLimitLayerBuilder::max_keys).
-    pub fn key_by<Req, K, F>(self, key: F) -> KeyedRateLimitLayerBuilder<E, U, F, K>
-    where
-        F: Fn(&Req) -> K,
-    {
-        KeyedRateLimitLayerBuilder {
-            base: self,
-            key,
-            max_keys: 1_024,
-            _key: PhantomData,
-        }
-    }
-
-    fn settings(&self) -> Result<Settings, ConfigError> {
+    /// Checks the shared knobs; the request and token limits with their
+    /// bursts.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn check(&self) -> Result<(Option<(u64, u64)>, Option<(u64, u64)>), ConfigError> {
         if self.window.is_zero() || self.window > MAX_WINDOW {
             return Err(ConfigError::new(
                 "window",
@@ -375,10 +219,7 @@ impl<E, U> RateLimitLayerBuilder<E, U> {
             Some(l) if l == 0 || l > MAX_LIMIT => {
                 Err(ConfigError::new(field, "must be from 1 to 10^12"))
             }
-            Some(l) => {
-                let burst = ((l as f64 * self.burst).floor() as u64).clamp(1, l);
-                Ok(Some((l, burst)))
-            }
+            Some(l) => Ok(Some(self.with_burst(l))),
         };
         let requests = dim(self.requests, "requests")?;
         let tokens = dim(self.tokens, "tokens")?;
@@ -400,16 +241,214 @@ impl<E, U> RateLimitLayerBuilder<E, U> {
                 "must be above zero and at most one day",
             ));
         }
+        Ok((requests, tokens))
+    }
+}
+
+/// The setters of the [`Knobs`] both rate-limit builders share, on a
+/// builder with a `knobs` field.
+macro_rules! knob_setters {
+    () => {
+        /// Requests allowed per window (1 to 10^12). Default 500.
+        pub fn requests(mut self, n: u64) -> Self {
+            self.knobs.requests = Some(n);
+            self
+        }
+
+        /// No request limit (tokens only).
+        pub fn no_request_limit(mut self) -> Self {
+            self.knobs.requests = None;
+            self
+        }
+
+        /// Tokens allowed per window (1 to 10^12). Default 200,000.
+        pub fn tokens(mut self, n: u64) -> Self {
+            self.knobs.tokens = Some(n);
+            self
+        }
+
+        /// No token limit (requests only; the estimator is still called).
+        pub fn no_token_limit(mut self) -> Self {
+            self.knobs.tokens = None;
+            self
+        }
+
+        /// The window the limits are counted over (above zero, at most a
+        /// day; any length, e.g. 10 requests per 2 s). Default one minute.
+        pub fn window(mut self, window: ::std::time::Duration) -> Self {
+            self.knobs.window = window;
+            self
+        }
+
+        /// The share of each limit that may go at once, before the pace
+        /// applies (above 0, at most 1; at least one request and one token).
+        /// Default 0.1.
+        pub fn burst(mut self, fraction: f64) -> Self {
+            self.knobs.burst = fraction;
+            self
+        }
+
+        /// What a call does when the limit is reached. Default: wait up to
+        /// one minute.
+        pub fn when_limited(mut self, w: $crate::ratelimit::WhenLimited) -> Self {
+            self.knobs.when_limited = w;
+            self
+        }
+
+        /// Wait in line for at most `max_wait` (any duration).
+        pub fn max_wait(mut self, max_wait: ::std::time::Duration) -> Self {
+            self.knobs.when_limited = $crate::ratelimit::WhenLimited::Wait { max_wait };
+            self
+        }
+
+        /// Fail at once with [`Error::RateLimited`](crate::Error::RateLimited)
+        /// instead of waiting.
+        pub fn reject(mut self) -> Self {
+            self.knobs.when_limited = $crate::ratelimit::WhenLimited::Reject;
+            self
+        }
+
+        /// The longest pause a 429's hint imposes on a key (above zero, at
+        /// most a day). Default 2 minutes (the longest hint the OpenAI SDK
+        /// honours).
+        pub fn hint_cap(mut self, cap: ::std::time::Duration) -> Self {
+            self.knobs.hint_cap = cap;
+            self
+        }
+
+        /// The window the server's limit headers count over (above zero, at
+        /// most a day): their limits are scaled from it to ours. Default one
+        /// minute (OpenAI's and Anthropic's limits are per minute).
+        pub fn server_window(mut self, window: ::std::time::Duration) -> Self {
+            self.knobs.server_window = Some(window);
+            self
+        }
+
+        /// Do not follow the servers' rate-limit headers (429 pauses still
+        /// apply).
+        pub fn ignore_server_headers(mut self) -> Self {
+            self.knobs.server_window = None;
+            self
+        }
+
+        /// The layer's name: the `limiter` label of its metrics and logs.
+        /// Default `"default"`.
+        pub fn name(mut self, name: impl Into<::std::borrow::Cow<'static, str>>) -> Self {
+            self.knobs.name = name.into();
+            self
+        }
+
+        /// The classifier that finds a failure's 429, hint and headers
+        /// ([`LlmClassifier::with_view`](crate::classify::LlmClassifier::with_view)
+        /// for a client's own error type).
+        pub fn classifier(mut self, classifier: $crate::classify::LlmClassifier) -> Self {
+            self.knobs.classifier = classifier;
+            self
+        }
+    };
+}
+#[cfg(feature = "redis")]
+pub(crate) use knob_setters;
+
+/// Builds a validated [`RateLimitLayer`] (or, after
+/// [`key_by`](Self::key_by), a [`KeyedRateLimitLayer`]); every knob starts
+/// at its LLM default.
+pub struct RateLimitLayerBuilder<E = ChatEstimate, U = Reported> {
+    knobs: Knobs,
+    listener: Option<Listener>,
+    estimate: E,
+    usage: U,
+}
+
+impl<E, U> fmt::Debug for RateLimitLayerBuilder<E, U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("requests", &self.knobs.requests)
+            .field("tokens", &self.knobs.tokens)
+            .field("window", &self.knobs.window)
+            .field("burst", &self.knobs.burst)
+            .field("when_limited", &self.knobs.when_limited)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayerBuilder {
+    /// A builder with these knobs (the fleet limiter's local fallback).
+    #[cfg(feature = "redis")]
+    pub(crate) fn from_knobs(knobs: Knobs) -> Self {
+        Self {
+            knobs,
+            ..RateLimitLayer::builder()
+        }
+    }
+}
+
+impl<E, U> RateLimitLayerBuilder<E, U> {
+    knob_setters!();
+
+    /// Called on every slow-path event, never under a lock. Runs on the
+    /// caller's task; keep it short.
+    pub fn on_event(mut self, f: impl Fn(&RateLimitEvent) + Send + Sync + 'static) -> Self {
+        self.listener = Some(Arc::new(f));
+        self
+    }
+
+    /// The token estimator: any `Fn(&Req) -> u32` (or
+    /// [`EstimateTokens`](super::EstimateTokens)).
+    pub fn estimate_tokens<E2>(self, estimate: E2) -> RateLimitLayerBuilder<E2, U> {
+        RateLimitLayerBuilder {
+            knobs: self.knobs,
+            listener: self.listener,
+            estimate,
+            usage: self.usage,
+        }
+    }
+
+    /// Read nothing from responses (for response types that do not
+    /// implement [`ReportsUsage`](super::ReportsUsage)): estimates stand.
+    pub fn ignore_usage(self) -> RateLimitLayerBuilder<E, IgnoreUsage> {
+        self.read_usage(IgnoreUsage)
+    }
+
+    /// How responses are read ([`ReadUsage`](super::ReadUsage)); default
+    /// [`Reported`].
+    pub fn read_usage<U2>(self, usage: U2) -> RateLimitLayerBuilder<E, U2> {
+        RateLimitLayerBuilder {
+            knobs: self.knobs,
+            listener: self.listener,
+            estimate: self.estimate,
+            usage,
+        }
+    }
+
+    /// One limiter per key that `key` extracts from the request (provider,
+    /// model, credential), each with this configuration, in a map bounded
+    /// by [`max_keys`](KeyedRateLimitLayerBuilder::max_keys).
+    pub fn key_by<Req, K, F>(self, key: F) -> KeyedRateLimitLayerBuilder<E, U, F, K>
+    where
+        F: Fn(&Req) -> K,
+    {
+        KeyedRateLimitLayerBuilder {
+            base: self,
+            key,
+            max_keys: 1_024,
+            _key: PhantomData,
+        }
+    }
+
+    fn settings(&self) -> Result<Settings, ConfigError> {
+        let (requests, tokens) = self.knobs.check()?;
+        let k = &self.knobs;
         Ok(Settings {
-            window: self.window.as_nanos() as u64,
+            window: k.window.as_nanos() as u64,
             requests,
             tokens,
-            when_limited: self.when_limited,
-            hint_cap: self.hint_cap,
-            server_window: self.server_window.map(|w| w.as_nanos() as u64),
-            name: self.name.clone(),
+            when_limited: k.when_limited,
+            hint_cap: k.hint_cap,
+            server_window: k.server_window.map(|w| w.as_nanos() as u64),
+            name: k.name.clone(),
             listener: self.listener.clone(),
-            classifier: self.classifier.clone(),
+            classifier: k.classifier.clone(),
         })
     }
 

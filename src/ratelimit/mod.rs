@@ -204,6 +204,8 @@ pub use self::event::{RateLimitEvent, RateLimitEventKind};
 pub use self::future::ResponseFuture;
 pub use self::handle::{KeyedRateLimitHandle, RateLimitHandle};
 use self::keyed::Keyed;
+#[cfg(feature = "redis")]
+pub(crate) use self::layer::{knob_setters, Knobs};
 pub use self::layer::{
     KeyedRateLimitLayer, KeyedRateLimitLayerBuilder, RateLimitLayer, RateLimitLayerBuilder,
 };

@@ -1,6 +1,5 @@
 //! [`FleetRateLimitLayer`] and its builder.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +9,13 @@ use tower_layer::Layer;
 use super::event::{FleetRateLimitEvent, Listener};
 use super::script::{Limits, Store};
 use super::{ArcEstimate, ArcUsage, Fleet, FleetRateLimit, FleetSettings};
-use crate::classify::LlmClassifier;
 use crate::error::ConfigError;
-use crate::ratelimit::{ChatEstimate, IgnoreUsage, RateLimitLayer, Reported, WhenLimited};
+use crate::ratelimit::{
+    knob_setters, ChatEstimate, IgnoreUsage, Knobs, RateLimitLayerBuilder, Reported,
+};
 
 /// The longest window and server window: one day.
 const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
-/// The largest limit per window.
-const MAX_LIMIT: u64 = 1_000_000_000_000;
 /// The largest fleet.
 const MAX_FLEET: u64 = 10_000;
 
@@ -69,18 +67,8 @@ impl FleetRateLimitLayer {
         FleetRateLimitLayerBuilder {
             url: url.into(),
             key: key.into(),
-            requests: Some(500),
-            tokens: Some(200_000),
-            window: Duration::from_secs(60),
-            burst: 0.1,
-            when_limited: WhenLimited::Wait {
-                max_wait: Duration::from_secs(60),
-            },
-            hint_cap: Duration::from_secs(120),
-            server_window: Some(Duration::from_secs(60)),
-            name: Cow::Borrowed("default"),
+            knobs: Knobs::llm_defaults(),
             listener: None,
-            classifier: LlmClassifier::new(),
             fleet_size: 1,
             send_margin: None,
             redis_timeout: Duration::from_millis(250),
@@ -111,20 +99,14 @@ impl<S, E, U> Layer<S> for FleetRateLimitLayer<E, U> {
 }
 
 /// Builds a validated [`FleetRateLimitLayer`]; every knob starts at its LLM
-/// default.
+/// default. The limits are the whole fleet's (every process sharing the
+/// key draws from them); the name labels the local fallback's metrics and
+/// logs too; the window is at least 1 ms.
 pub struct FleetRateLimitLayerBuilder<E = ChatEstimate, U = Reported> {
     url: String,
     key: String,
-    requests: Option<u64>,
-    tokens: Option<u64>,
-    window: Duration,
-    burst: f64,
-    when_limited: WhenLimited,
-    hint_cap: Duration,
-    server_window: Option<Duration>,
-    name: Cow<'static, str>,
+    knobs: Knobs,
     listener: Option<Listener>,
-    classifier: LlmClassifier,
     fleet_size: u64,
     send_margin: Option<Duration>,
     redis_timeout: Duration,
@@ -136,114 +118,23 @@ pub struct FleetRateLimitLayerBuilder<E = ChatEstimate, U = Reported> {
 impl<E, U> fmt::Debug for FleetRateLimitLayerBuilder<E, U> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FleetRateLimitLayerBuilder")
-            .field("requests", &self.requests)
-            .field("tokens", &self.tokens)
-            .field("window", &self.window)
-            .field("burst", &self.burst)
-            .field("when_limited", &self.when_limited)
+            .field("requests", &self.knobs.requests)
+            .field("tokens", &self.knobs.tokens)
+            .field("window", &self.knobs.window)
+            .field("burst", &self.knobs.burst)
+            .field("when_limited", &self.knobs.when_limited)
             .field("fleet_size", &self.fleet_size)
             .finish_non_exhaustive()
     }
 }
 
 impl<E, U> FleetRateLimitLayerBuilder<E, U> {
-    /// Requests allowed per window across the fleet (1 to 10^12). Default 500.
-    pub fn requests(mut self, n: u64) -> Self {
-        self.requests = Some(n);
-        self
-    }
-
-    /// No request limit (tokens only).
-    pub fn no_request_limit(mut self) -> Self {
-        self.requests = None;
-        self
-    }
-
-    /// Tokens allowed per window across the fleet (1 to 10^12). Default
-    /// 200,000.
-    pub fn tokens(mut self, n: u64) -> Self {
-        self.tokens = Some(n);
-        self
-    }
-
-    /// No token limit (requests only; the estimator is still called).
-    pub fn no_token_limit(mut self) -> Self {
-        self.tokens = None;
-        self
-    }
-
-    /// The window the limits are counted over (1 ms to one day; any length,
-    /// e.g. 10 requests per 2 s). Default one minute.
-    pub fn window(mut self, window: Duration) -> Self {
-        self.window = window;
-        self
-    }
-
-    /// The share of each limit that may go at once, before the pace applies
-    /// (above 0, at most 1; at least one request and one token). Default 0.1.
-    pub fn burst(mut self, fraction: f64) -> Self {
-        self.burst = fraction;
-        self
-    }
-
-    /// What a call does when the limit is reached. Default: wait up to one
-    /// minute.
-    pub fn when_limited(mut self, w: WhenLimited) -> Self {
-        self.when_limited = w;
-        self
-    }
-
-    /// Wait for at most `max_wait` (any duration).
-    pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.when_limited = WhenLimited::Wait { max_wait };
-        self
-    }
-
-    /// Fail at once with [`Error::RateLimited`](crate::Error::RateLimited)
-    /// instead of waiting.
-    pub fn reject(mut self) -> Self {
-        self.when_limited = WhenLimited::Reject;
-        self
-    }
-
-    /// The longest pause a 429's hint imposes on the key (above zero, at
-    /// most a day). Default 2 minutes.
-    pub fn hint_cap(mut self, cap: Duration) -> Self {
-        self.hint_cap = cap;
-        self
-    }
-
-    /// The window the server's limit headers count over (above zero, at
-    /// most a day). Default one minute.
-    pub fn server_window(mut self, window: Duration) -> Self {
-        self.server_window = Some(window);
-        self
-    }
-
-    /// Do not follow the servers' rate-limit headers (429 pauses still
-    /// apply).
-    pub fn ignore_server_headers(mut self) -> Self {
-        self.server_window = None;
-        self
-    }
-
-    /// The layer's name: the `limiter` label of its metrics and logs (and
-    /// of the local fallback's). Default `"default"`.
-    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
+    knob_setters!();
 
     /// Called on every slow-path event. Runs on the caller's task; keep it
     /// short.
     pub fn on_event(mut self, f: impl Fn(&FleetRateLimitEvent) + Send + Sync + 'static) -> Self {
         self.listener = Some(Arc::new(f));
-        self
-    }
-
-    /// The classifier that finds a failure's 429, hint and headers.
-    pub fn classifier(mut self, classifier: LlmClassifier) -> Self {
-        self.classifier = classifier;
         self
     }
 
@@ -309,16 +200,8 @@ impl<E, U> FleetRateLimitLayerBuilder<E, U> {
         FleetRateLimitLayerBuilder {
             url: self.url,
             key: self.key,
-            requests: self.requests,
-            tokens: self.tokens,
-            window: self.window,
-            burst: self.burst,
-            when_limited: self.when_limited,
-            hint_cap: self.hint_cap,
-            server_window: self.server_window,
-            name: self.name,
+            knobs: self.knobs,
             listener: self.listener,
-            classifier: self.classifier,
             fleet_size: self.fleet_size,
             send_margin: self.send_margin,
             redis_timeout: self.redis_timeout,
@@ -343,28 +226,27 @@ impl<E, U> FleetRateLimitLayerBuilder<E, U> {
         }
         let client = redis::Client::open(self.url.as_str())
             .map_err(|_| ConfigError::new("url", "must be a redis:// or rediss:// URL"))?;
-        if self.window < Duration::from_millis(1) || self.window > MAX_WINDOW {
+        // What the local builder checks too (limits, burst, windows, the
+        // hint cap), then what only the fleet has.
+        let (requests, tokens) = self.knobs.check()?;
+        let k = &self.knobs;
+        if k.window < Duration::from_millis(1) {
             return Err(ConfigError::new(
                 "window",
                 "must be at least 1 ms and at most one day",
             ));
         }
-        for (field, limit) in [("requests", self.requests), ("tokens", self.tokens)] {
-            if limit.is_some_and(|l| l == 0 || l > MAX_LIMIT) {
-                return Err(ConfigError::new(field, "must be from 1 to 10^12"));
-            }
-        }
-        if self.fleet_size == 0 || self.fleet_size > MAX_FLEET {
-            return Err(ConfigError::new("fleet_size", "must be from 1 to 10000"));
-        }
-        if self.hint_cap > MAX_WINDOW {
+        if k.hint_cap > MAX_WINDOW {
             return Err(ConfigError::new(
                 "hint_cap",
                 "must be above zero and at most one day",
             ));
         }
-        let margin = self.send_margin.unwrap_or(self.window / 64);
-        if margin > self.window {
+        if self.fleet_size == 0 || self.fleet_size > MAX_FLEET {
+            return Err(ConfigError::new("fleet_size", "must be from 1 to 10000"));
+        }
+        let margin = self.send_margin.unwrap_or(k.window / 64);
+        if margin > k.window {
             return Err(ConfigError::new(
                 "send_margin",
                 "must be at most the window",
@@ -385,48 +267,31 @@ impl<E, U> FleetRateLimitLayerBuilder<E, U> {
         }
         let estimate = Arc::new(self.estimate);
         let usage = Arc::new(self.usage);
-        // The fallback: the in-process limiter with the fleet's share; it
-        // checks the remaining settings (burst, hint cap, server window).
+        // The fallback: the in-process limiter with the fleet's share.
         let share = |l: u64| (l / self.fleet_size).max(1);
-        let mut local = RateLimitLayer::builder()
-            .window(self.window)
-            .burst(self.burst)
-            .when_limited(self.when_limited)
-            .hint_cap(self.hint_cap)
-            .name(self.name.clone())
-            .classifier(self.classifier.clone());
-        local = match self.requests {
-            Some(n) => local.requests(share(n)),
-            None => local.no_request_limit(),
-        };
-        local = match self.tokens {
-            Some(n) => local.tokens(share(n)),
-            None => local.no_token_limit(),
-        };
-        local = match self.server_window {
-            Some(w) => local.server_window(w),
-            None => local.ignore_server_headers(),
-        };
-        let local = local
-            .estimate_tokens(ArcEstimate(Arc::clone(&estimate)))
-            .read_usage(ArcUsage(Arc::clone(&usage)))
-            .build()?;
-        let burst = |l: u64| ((l as f64 * self.burst).floor() as u64).clamp(1, l);
+        let local = RateLimitLayerBuilder::from_knobs(Knobs {
+            requests: k.requests.map(share),
+            tokens: k.tokens.map(share),
+            ..k.clone()
+        })
+        .estimate_tokens(ArcEstimate(Arc::clone(&estimate)))
+        .read_usage(ArcUsage(Arc::clone(&usage)))
+        .build()?;
         let limits = Limits {
-            window_us: self.window.as_micros() as u64,
-            hold_us: (self.window + margin).as_micros() as u64,
-            requests: self.requests.map(|l| (l, burst(l))),
-            tokens: self.tokens.map(|l| (l, burst(l))),
+            window_us: k.window.as_micros() as u64,
+            hold_us: (k.window + margin).as_micros() as u64,
+            requests,
+            tokens,
         };
         let store = Store::new(client, &self.key, self.redis_timeout, limits);
         let settings = FleetSettings {
-            name: self.name,
+            name: self.knobs.name,
             listener: self.listener,
-            classifier: self.classifier,
-            when_limited: self.when_limited,
-            hint_cap: self.hint_cap,
-            window: self.window,
-            server_window: self.server_window,
+            classifier: self.knobs.classifier,
+            when_limited: self.knobs.when_limited,
+            hint_cap: self.knobs.hint_cap,
+            window: self.knobs.window,
+            server_window: self.knobs.server_window,
             probe_interval: self.probe_interval,
         };
         Ok(FleetRateLimitLayer {
