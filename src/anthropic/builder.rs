@@ -2,14 +2,12 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::header::{HeaderName, HeaderValue};
 
 use super::{AnthropicClient, Config, Limits};
 use crate::client::builder::redact_url;
-use crate::client::idempotency::AttemptHeaders;
-use crate::client::transport::{self, opt_limit, positive};
+use crate::client::transport::{self, transport_setters, Knobs};
 use crate::error::ConfigError;
 
 /// Anthropic's API endpoint, the default base URL.
@@ -42,16 +40,7 @@ pub struct AnthropicClientBuilder {
     version: String,
     betas: Vec<String>,
     headers: Vec<(String, String)>,
-    connect_timeout: Duration,
-    first_byte_timeout: Option<Duration>,
-    total_timeout: Option<Duration>,
-    idle_timeout: Option<Duration>,
-    error_body_timeout: Duration,
-    max_body_bytes: usize,
-    max_event_bytes: usize,
-    root_certificates: Vec<Vec<u8>>,
-    http: Option<reqwest::Client>,
-    attempt_headers: AttemptHeaders,
+    transport: Knobs,
 }
 
 impl fmt::Debug for AnthropicClientBuilder {
@@ -76,16 +65,7 @@ impl Default for AnthropicClientBuilder {
             version: DEFAULT_VERSION.to_owned(),
             betas: Vec::new(),
             headers: Vec::new(),
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Some(Duration::from_secs(600)),
-            total_timeout: Some(Duration::from_secs(600)),
-            idle_timeout: Some(Duration::from_secs(60)),
-            error_body_timeout: Duration::from_secs(5),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            root_certificates: Vec::new(),
-            http: None,
-            attempt_headers: AttemptHeaders::default(),
+            transport: Knobs::default(),
         }
     }
 }
@@ -158,114 +138,11 @@ impl AnthropicClientBuilder {
         self
     }
 
-    /// Time to establish a connection; default 5 s (Anthropic's SDKs).
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
-
-    /// Time from sending the request to the response headers, streamed or
-    /// not; default 10 minutes. A non-streamed message's headers come only
-    /// once the whole answer is generated, so the default is the SDKs'
-    /// request timeout; a stream's headers come at once, so a
-    /// streaming-only client may set it lower. It holds even with
-    /// [`no_total_timeout`](Self::no_total_timeout).
-    pub fn first_byte_timeout(mut self, t: Duration) -> Self {
-        self.first_byte_timeout = Some(t);
-        self
-    }
-
-    /// Time for the whole request, body and stream included; default 10
-    /// minutes (Anthropic's SDKs).
-    pub fn total_timeout(mut self, t: Duration) -> Self {
-        self.total_timeout = Some(t);
-        self
-    }
-
-    /// No total timeout (streams that may run for long; the first-byte and
-    /// idle timeouts still hold).
-    pub fn no_total_timeout(mut self) -> Self {
-        self.total_timeout = None;
-        self
-    }
-
-    /// The longest a stream may go without a complete event (`ping`
-    /// included), and a non-streamed body may take once its headers
-    /// arrived; default 60 s. Bytes that do not complete an event do not
-    /// count, so a server dripping one byte at a time cannot hold a stream
-    /// open.
-    pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
-        self.idle_timeout = Some(t);
-        self
-    }
-
-    /// How long the body of an error response (4xx, 5xx) may take once its
-    /// headers arrived; default 5 s. Past it the error is reported with
-    /// what the headers say (status, `retry-after`), so a 429 whose body
-    /// never comes does not hold the caller. At most 64 KiB of it is read.
-    pub fn error_body_timeout(mut self, t: Duration) -> Self {
-        self.error_body_timeout = t;
-        self
-    }
-
-    /// The largest 2xx body, or whole stream, accepted, in bytes; default
-    /// [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). Past it the call fails with
-    /// [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge)
-    /// (permanent: the same request would get the same answer), found while
-    /// the body arrives, never after buffering it.
-    pub fn max_body_bytes(mut self, n: usize) -> Self {
-        self.max_body_bytes = n;
-        self
-    }
-
-    /// The largest single server-sent event, in bytes; default
-    /// [`DEFAULT_MAX_EVENT_BYTES`] (4 MiB). A larger one ends the stream
-    /// with [`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge).
-    pub fn max_event_bytes(mut self, n: usize) -> Self {
-        self.max_event_bytes = n;
-        self
-    }
-
-    /// Also trust this PEM-encoded root certificate (one or more
-    /// certificates) for `https://`, e.g. a private gateway's CA. Checked
-    /// at [`build`](Self::build).
-    pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.root_certificates.push(pem.into());
-        self
-    }
-
-    /// Whether every request carries an `Idempotency-Key`
-    /// ([`IDEMPOTENCY_KEY_HEADER`](crate::client::IDEMPOTENCY_KEY_HEADER));
-    /// default on. The key is one per logical request: the same on every
-    /// attempt the crate's retry layer makes of it, a new one for the next
-    /// call (see [`retry::attempt`](crate::retry::attempt)), or the
-    /// request's own ([`MessagesRequest::idempotency_key`](super::MessagesRequest::idempotency_key)).
-    /// A server that deduplicates (a gateway, a proxy with a response
-    /// cache) then runs a retried message once; one that does not ignores
-    /// the header. A [`header`](Self::header) of the same name replaces it.
-    pub fn send_idempotency_key(mut self, on: bool) -> Self {
-        self.attempt_headers.key = on;
-        self
-    }
-
-    /// Whether every request carries the retries taken before it, `0` on
-    /// the first attempt
-    /// ([`RETRY_COUNT_HEADER`](crate::client::RETRY_COUNT_HEADER),
-    /// `x-stainless-retry-count`, as the official SDKs send it); default on,
-    /// as in the SDKs. A [`header`](Self::header) of the same name replaces
-    /// it.
-    pub fn send_retry_count(mut self, on: bool) -> Self {
-        self.attempt_headers.retry_count = on;
-        self
-    }
-
-    /// Use this reqwest client (its own TLS, proxy and pool settings)
-    /// instead of building one; the connect and total timeouts and root
-    /// certificates are then the client's.
-    pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.http = Some(client);
-        self
-    }
+    transport_setters!(
+        idle: "The longest a stream may go without a complete event (`ping` included), and a non-streamed body may take once its headers arrived; default 60 s. Bytes that do not complete an event do not count, so a server dripping one byte at a time cannot hold a stream open.",
+        too_large: "[`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge)",
+        own_key: "([`MessagesRequest::idempotency_key`](super::MessagesRequest::idempotency_key)).",
+    );
 
     /// Validates and builds the client.
     pub fn build(self) -> Result<AnthropicClient, ConfigError> {
@@ -279,15 +156,12 @@ impl AnthropicClientBuilder {
         if self.max_tokens == 0 {
             return Err(ConfigError::new("max_tokens", "must be greater than zero"));
         }
-        let connect_timeout = transport::limit(self.connect_timeout, "connect_timeout")?;
-        let first_byte_timeout = opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
-        let total_timeout = opt_limit(self.total_timeout, "total_timeout")?;
-        let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
-        let error_body_timeout = transport::limit(self.error_body_timeout, "error_body_timeout")?;
+        let attempt_headers = self.transport.attempt_headers;
+        let t = self.transport.check()?;
         let limits = Limits {
-            idle_timeout,
-            max_bytes: positive(self.max_body_bytes, "max_body_bytes")?,
-            max_event_bytes: positive(self.max_event_bytes, "max_event_bytes")?,
+            idle_timeout: t.idle_timeout,
+            max_bytes: t.max_body_bytes,
+            max_event_bytes: t.max_event_bytes,
         };
 
         let mut headers = Vec::new();
@@ -312,15 +186,8 @@ impl AnthropicClientBuilder {
             headers.push((name, header_value(value, "header")?));
         }
         // A default header of the same name is the caller's choice.
-        let attempt_headers = transport::attempt_headers(self.attempt_headers, |n| {
-            headers.iter().any(|(h, _)| h == n)
-        });
-        let http = transport::http_client(
-            self.http,
-            &self.root_certificates,
-            connect_timeout,
-            total_timeout,
-        )?;
+        let attempt_headers =
+            transport::attempt_headers(attempt_headers, |n| headers.iter().any(|(h, _)| h == n));
         let endpoint = if base.ends_with("/v1") {
             format!("{base}/messages")
         } else {
@@ -328,18 +195,18 @@ impl AnthropicClientBuilder {
         };
         Ok(AnthropicClient {
             config: Arc::new(Config {
-                http,
+                http: t.http,
                 url: endpoint,
                 base_url: redact_url(base),
                 model: self.model,
                 max_tokens: self.max_tokens,
                 headers,
                 has_key: self.api_key.is_some(),
-                first_byte_timeout,
-                total_timeout,
-                connect_timeout,
+                first_byte_timeout: t.first_byte_timeout,
+                total_timeout: t.total_timeout,
+                connect_timeout: t.connect_timeout,
                 limits,
-                error_body_timeout,
+                error_body_timeout: t.error_body_timeout,
                 attempt_headers,
             }),
         })

@@ -2,12 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
-use super::idempotency::AttemptHeaders;
-use super::transport::{self, positive};
+use super::transport::{self, transport_setters, Knobs};
 use super::{Config, OpenAiClient};
 use crate::error::ConfigError;
 
@@ -35,8 +33,8 @@ pub enum Auth {
 
 /// Builds a validated [`OpenAiClient`].
 ///
-/// Every duration knob takes any [`Duration`]: zero is a [`ConfigError`],
-/// and anything from about 100 years up (including [`Duration::MAX`])
+/// Every duration knob takes any [`Duration`](std::time::Duration): zero is a [`ConfigError`],
+/// and anything from about 100 years up (including [`Duration::MAX`](std::time::Duration::MAX))
 /// means "no limit".
 pub struct OpenAiClientBuilder {
     base_url: String,
@@ -46,16 +44,7 @@ pub struct OpenAiClientBuilder {
     query: Vec<(String, String)>,
     include_usage: bool,
     model: Arc<str>,
-    connect_timeout: Duration,
-    first_byte_timeout: Option<Duration>,
-    total_timeout: Option<Duration>,
-    idle_timeout: Option<Duration>,
-    error_body_timeout: Duration,
-    max_body_bytes: usize,
-    max_event_bytes: usize,
-    root_certificates: Vec<Vec<u8>>,
-    http: Option<reqwest::Client>,
-    attempt_headers: AttemptHeaders,
+    transport: Knobs,
 }
 
 impl fmt::Debug for OpenAiClientBuilder {
@@ -113,16 +102,7 @@ impl OpenAiClientBuilder {
             query: Vec::new(),
             include_usage: true,
             model: "gpt-4o-mini".into(),
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Some(Duration::from_secs(600)),
-            total_timeout: Some(Duration::from_secs(600)),
-            idle_timeout: Some(Duration::from_secs(60)),
-            error_body_timeout: Duration::from_secs(5),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            root_certificates: Vec::new(),
-            http: None,
-            attempt_headers: AttemptHeaders::default(),
+            transport: Knobs::default(),
         }
     }
 
@@ -224,114 +204,11 @@ impl OpenAiClientBuilder {
         self
     }
 
-    /// Time to establish a connection; default 5 s.
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
-
-    /// Time from sending the request to the response headers, for streamed
-    /// and non-streamed calls alike; default 10 minutes. A non-streamed
-    /// completion's headers come only once the whole answer is generated,
-    /// so the default is the OpenAI SDK's request timeout; a stream's
-    /// headers come at once, so a streaming-only client may set it lower.
-    /// It holds even with [`no_total_timeout`](Self::no_total_timeout).
-    pub fn first_byte_timeout(mut self, t: Duration) -> Self {
-        self.first_byte_timeout = Some(t);
-        self
-    }
-
-    /// Time for the whole request, body included; default 10 minutes (the
-    /// OpenAI and Anthropic SDKs' request timeout).
-    pub fn total_timeout(mut self, t: Duration) -> Self {
-        self.total_timeout = Some(t);
-        self
-    }
-
-    /// No total timeout (streams that may run for long). The first-byte
-    /// and stream idle timeouts still hold.
-    pub fn no_total_timeout(mut self) -> Self {
-        self.total_timeout = None;
-        self
-    }
-
-    /// The longest a stream may go without a complete event (a chunk, or a
-    /// keep-alive comment); default 60 s. Bytes that do not complete an
-    /// event do not count, so a server dripping one byte at a time cannot
-    /// hold the stream open.
-    pub fn stream_idle_timeout(mut self, t: Duration) -> Self {
-        self.idle_timeout = Some(t);
-        self
-    }
-
-    /// How long the body of an error response (4xx, 5xx) may take once its
-    /// headers arrived; default 5 s. Past it the error is reported with
-    /// what the headers say (status, `retry-after`), so a 429 whose body
-    /// never comes does not hold the caller.
-    pub fn error_body_timeout(mut self, t: Duration) -> Self {
-        self.error_body_timeout = t;
-        self
-    }
-
-    /// The largest 2xx completion body accepted, in bytes; default
-    /// [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). A larger body is a
-    /// [`ClientErrorKind::BodyTooLarge`](super::ClientErrorKind::BodyTooLarge)
-    /// error (permanent: the same request would get the same body), found
-    /// while the body arrives, never after buffering it.
-    pub fn max_body_bytes(mut self, n: usize) -> Self {
-        self.max_body_bytes = n;
-        self
-    }
-
-    /// The largest single server-sent event of a stream, in bytes; default
-    /// [`DEFAULT_MAX_EVENT_BYTES`] (4 MiB). A larger one ends the stream with
-    /// a [`ClientErrorKind::BodyTooLarge`](super::ClientErrorKind::BodyTooLarge)
-    /// error.
-    pub fn max_event_bytes(mut self, n: usize) -> Self {
-        self.max_event_bytes = n;
-        self
-    }
-
-    /// Also trust this PEM-encoded root certificate (one or more
-    /// certificates) for `https://`, e.g. a private gateway's CA.
-    /// Checked at [`build`](Self::build).
-    pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.root_certificates.push(pem.into());
-        self
-    }
-
-    /// Whether every request carries an `Idempotency-Key`
-    /// ([`IDEMPOTENCY_KEY_HEADER`](super::IDEMPOTENCY_KEY_HEADER)); default
-    /// on. The key is one per logical request: the same on every attempt
-    /// the crate's retry layer makes of it, a new one for the next call
-    /// (see [`retry::attempt`](crate::retry::attempt)), or the request's own
-    /// ([`ChatRequest::idempotency_key`](super::ChatRequest::idempotency_key)).
-    /// A server that deduplicates (a gateway, a proxy with a response
-    /// cache) then runs a retried completion once; one that does not
-    /// ignores the header. A [`header`](Self::header) of the same name
-    /// replaces it.
-    pub fn send_idempotency_key(mut self, on: bool) -> Self {
-        self.attempt_headers.key = on;
-        self
-    }
-
-    /// Whether every request carries the retries taken before it, `0` on
-    /// the first attempt ([`RETRY_COUNT_HEADER`](super::RETRY_COUNT_HEADER),
-    /// `x-stainless-retry-count`, as the official SDKs send it); default on,
-    /// as in the SDKs. A [`header`](Self::header) of the same name replaces
-    /// it.
-    pub fn send_retry_count(mut self, on: bool) -> Self {
-        self.attempt_headers.retry_count = on;
-        self
-    }
-
-    /// Use this reqwest client (its own TLS, proxy and pool settings) instead
-    /// of building one; the connect and total timeouts and root
-    /// certificates are then the client's.
-    pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.http = Some(client);
-        self
-    }
+    transport_setters!(
+        idle: "The longest a stream may go without a complete event (a chunk, or a keep-alive comment); default 60 s. Bytes that do not complete an event do not count, so a server dripping one byte at a time cannot hold the stream open.",
+        too_large: "[`ClientErrorKind::BodyTooLarge`](crate::client::ClientErrorKind::BodyTooLarge)",
+        own_key: "([`ChatRequest::idempotency_key`](crate::client::ChatRequest::idempotency_key)).",
+    );
 
     /// `{base}/chat/completions` with the query parameters.
     fn url(&self, base: &str) -> Result<String, ConfigError> {
@@ -384,41 +261,28 @@ impl OpenAiClientBuilder {
         if self.model.is_empty() {
             return Err(ConfigError::new("model", "must not be empty"));
         }
-        let max_body_bytes = positive(self.max_body_bytes, "max_body_bytes")?;
-        let max_event_bytes = positive(self.max_event_bytes, "max_event_bytes")?;
-        let connect_timeout = transport::limit(self.connect_timeout, "connect_timeout")?;
-        let first_byte_timeout =
-            transport::opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
-        let total_timeout = transport::opt_limit(self.total_timeout, "total_timeout")?;
-        let idle_timeout = transport::opt_limit(self.idle_timeout, "stream_idle_timeout")?;
-        let error_body_timeout = transport::limit(self.error_body_timeout, "error_body_timeout")?;
         let headers = self.header_map()?;
         // A default header of the same name is the caller's choice.
         let attempt_headers =
-            transport::attempt_headers(self.attempt_headers, |n| headers.contains_key(n));
+            transport::attempt_headers(self.transport.attempt_headers, |n| headers.contains_key(n));
         let url = self.url(base)?;
-        let http = transport::http_client(
-            self.http,
-            &self.root_certificates,
-            connect_timeout,
-            total_timeout,
-        )?;
+        let t = self.transport.check()?;
         Ok(OpenAiClient {
             config: Arc::new(Config {
-                http,
+                http: t.http,
                 url,
                 base_url: redact_url(base),
                 model: self.model,
                 has_key: self.api_key.is_some(),
                 headers,
                 include_usage: self.include_usage,
-                first_byte_timeout,
-                idle_timeout,
-                connect_timeout,
-                total_timeout,
-                error_body_timeout,
-                max_body_bytes,
-                max_event_bytes,
+                first_byte_timeout: t.first_byte_timeout,
+                idle_timeout: t.idle_timeout,
+                connect_timeout: t.connect_timeout,
+                total_timeout: t.total_timeout,
+                error_body_timeout: t.error_body_timeout,
+                max_body_bytes: t.max_body_bytes,
+                max_event_bytes: t.max_event_bytes,
                 attempt_headers,
             }),
         })
@@ -428,6 +292,7 @@ impl OpenAiClientBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn credentials_are_redacted() {

@@ -122,3 +122,196 @@ pub(crate) fn attempt_headers(
     }
     headers
 }
+
+/// The transport knobs both clients' builders share, at their defaults:
+/// connect 5 s; first byte and total 10 minutes (the OpenAI and Anthropic
+/// SDKs' request timeout); 60 s between stream events; 5 s for an error
+/// body; 32 MiB bodies and 4 MiB events; both attempt headers on.
+pub(crate) struct Knobs {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) first_byte_timeout: Option<Duration>,
+    pub(crate) total_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) error_body_timeout: Duration,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_event_bytes: usize,
+    pub(crate) root_certificates: Vec<Vec<u8>>,
+    pub(crate) http: Option<reqwest::Client>,
+    pub(crate) attempt_headers: AttemptHeaders,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Some(Duration::from_secs(600)),
+            total_timeout: Some(Duration::from_secs(600)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            error_body_timeout: Duration::from_secs(5),
+            max_body_bytes: super::DEFAULT_MAX_BODY_BYTES,
+            max_event_bytes: super::DEFAULT_MAX_EVENT_BYTES,
+            root_certificates: Vec::new(),
+            http: None,
+            attempt_headers: AttemptHeaders::default(),
+        }
+    }
+}
+
+/// The checked [`Knobs`]: each limit `None` when too long to matter.
+pub(crate) struct Checked {
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) first_byte_timeout: Option<Duration>,
+    pub(crate) total_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) error_body_timeout: Option<Duration>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_event_bytes: usize,
+    pub(crate) http: reqwest::Client,
+}
+
+impl Knobs {
+    /// Checks the knobs and builds (or takes) the HTTP client.
+    pub(crate) fn check(self) -> Result<Checked, ConfigError> {
+        let max_body_bytes = positive(self.max_body_bytes, "max_body_bytes")?;
+        let max_event_bytes = positive(self.max_event_bytes, "max_event_bytes")?;
+        let connect_timeout = limit(self.connect_timeout, "connect_timeout")?;
+        let first_byte_timeout = opt_limit(self.first_byte_timeout, "first_byte_timeout")?;
+        let total_timeout = opt_limit(self.total_timeout, "total_timeout")?;
+        let idle_timeout = opt_limit(self.idle_timeout, "stream_idle_timeout")?;
+        let error_body_timeout = limit(self.error_body_timeout, "error_body_timeout")?;
+        let http = http_client(
+            self.http,
+            &self.root_certificates,
+            connect_timeout,
+            total_timeout,
+        )?;
+        Ok(Checked {
+            connect_timeout,
+            first_byte_timeout,
+            total_timeout,
+            idle_timeout,
+            error_body_timeout,
+            max_body_bytes,
+            max_event_bytes,
+            http,
+        })
+    }
+}
+
+/// The setters of the [`Knobs`] both clients' builders share, on a builder
+/// with a `transport` field; the docs that differ are arguments.
+macro_rules! transport_setters {
+    (idle: $idle:literal, too_large: $too_large:literal, own_key: $own_key:literal $(,)?) => {
+        /// Time to establish a connection; default 5 s (the official
+        /// SDKs').
+        pub fn connect_timeout(mut self, t: ::std::time::Duration) -> Self {
+            self.transport.connect_timeout = t;
+            self
+        }
+
+        /// Time from sending the request to the response headers, streamed
+        /// or not; default 10 minutes. A non-streamed answer's headers come
+        /// only once the whole answer is generated, so the default is the
+        /// official SDKs' request timeout; a stream's headers come at once,
+        /// so a streaming-only client may set it lower. It holds even with
+        /// [`no_total_timeout`](Self::no_total_timeout).
+        pub fn first_byte_timeout(mut self, t: ::std::time::Duration) -> Self {
+            self.transport.first_byte_timeout = Some(t);
+            self
+        }
+
+        /// Time for the whole request, body and stream included; default 10
+        /// minutes (the OpenAI and Anthropic SDKs' request timeout).
+        pub fn total_timeout(mut self, t: ::std::time::Duration) -> Self {
+            self.transport.total_timeout = Some(t);
+            self
+        }
+
+        /// No total timeout (streams that may run for long). The first-byte
+        /// and stream idle timeouts still hold.
+        pub fn no_total_timeout(mut self) -> Self {
+            self.transport.total_timeout = None;
+            self
+        }
+
+        #[doc = $idle]
+        pub fn stream_idle_timeout(mut self, t: ::std::time::Duration) -> Self {
+            self.transport.idle_timeout = Some(t);
+            self
+        }
+
+        /// How long the body of an error response (4xx, 5xx) may take once
+        /// its headers arrived; default 5 s. Past it the error is reported
+        /// with what the headers say (status, `retry-after`), so a 429 whose
+        /// body never comes does not hold the caller. At most 64 KiB of it
+        /// is read.
+        pub fn error_body_timeout(mut self, t: ::std::time::Duration) -> Self {
+            self.transport.error_body_timeout = t;
+            self
+        }
+
+        /// The largest 2xx body, or whole stream, accepted, in bytes;
+        /// default [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). Past it the call
+        /// fails with
+        #[doc = $too_large]
+        /// (permanent: the same request would get the same answer), found
+        /// while the body arrives, never after buffering it.
+        pub fn max_body_bytes(mut self, n: usize) -> Self {
+            self.transport.max_body_bytes = n;
+            self
+        }
+
+        /// The largest single server-sent event of a stream, in bytes;
+        /// default [`DEFAULT_MAX_EVENT_BYTES`] (4 MiB). A larger one ends
+        /// the stream with
+        #[doc = $too_large]
+        pub fn max_event_bytes(mut self, n: usize) -> Self {
+            self.transport.max_event_bytes = n;
+            self
+        }
+
+        /// Also trust this PEM-encoded root certificate (one or more
+        /// certificates) for `https://`, e.g. a private gateway's CA.
+        /// Checked at [`build`](Self::build).
+        pub fn add_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+            self.transport.root_certificates.push(pem.into());
+            self
+        }
+
+        /// Whether every request carries an `Idempotency-Key`
+        /// ([`IDEMPOTENCY_KEY_HEADER`](crate::client::IDEMPOTENCY_KEY_HEADER));
+        /// default on. The key is one per logical request: the same on every
+        /// attempt the crate's retry layer makes of it, a new one for the
+        /// next call (see [`retry::attempt`](crate::retry::attempt)), or the
+        /// request's own
+        #[doc = $own_key]
+        /// A server that deduplicates (a gateway, a proxy with a response
+        /// cache) then runs a retried request once; one that does not
+        /// ignores the header. A [`header`](Self::header) of the same name
+        /// replaces it.
+        pub fn send_idempotency_key(mut self, on: bool) -> Self {
+            self.transport.attempt_headers.key = on;
+            self
+        }
+
+        /// Whether every request carries the retries taken before it, `0`
+        /// on the first attempt
+        /// ([`RETRY_COUNT_HEADER`](crate::client::RETRY_COUNT_HEADER),
+        /// `x-stainless-retry-count`, as the official SDKs send it); default
+        /// on, as in the SDKs. A [`header`](Self::header) of the same name
+        /// replaces it.
+        pub fn send_retry_count(mut self, on: bool) -> Self {
+            self.transport.attempt_headers.retry_count = on;
+            self
+        }
+
+        /// Use this reqwest client (its own TLS, proxy and pool settings)
+        /// instead of building one; the connect and total timeouts and root
+        /// certificates are then the client's.
+        pub fn http_client(mut self, client: reqwest::Client) -> Self {
+            self.transport.http = Some(client);
+            self
+        }
+    };
+}
+pub(crate) use transport_setters;

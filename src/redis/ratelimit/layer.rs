@@ -45,7 +45,7 @@ impl<E, U> fmt::Debug for FleetRateLimitLayer<E, U> {
 
 impl FleetRateLimitLayer {
     /// The LLM defaults for the shared limit named `key` on the Redis at
-    /// `url`: those of [`RateLimitLayer::llm_defaults`] (500 requests and
+    /// `url`: those of [`RateLimitLayer::llm_defaults`](crate::ratelimit::RateLimitLayer::llm_defaults) (500 requests and
     /// 200,000 tokens a minute, a burst of a tenth, wait up to a minute,
     /// 429 pauses capped at 2 minutes, per-minute server headers), shared
     /// by the whole fleet; a fleet of one for the fallback (set
