@@ -75,12 +75,7 @@
 //! bytes more for the key; until something listens, a poll of an attempt
 //! pays one relaxed atomic load; once something does, a few word copies
 //! into and out of a thread-local. The key costs one draw of the thread's
-//! random generator, only when a service asks for it. Measured with
-//! callgrind on the retry benchmark's first-try success (always-ready
-//! inner service, one service value reused): 18 instructions per call more
-//! than before the feature when nothing listens (294 to 312), 42 when
-//! something does (336); 54 and 78 on the queue, retry and breaker stack
-//! (993 to 1 047 and 1 071), where the larger future is copied too.
+//! random generator, only when a service asks for it.
 
 use std::cell::Cell;
 use std::fmt;
