@@ -13,8 +13,7 @@ use tower_service::Service;
 
 use super::event::RateLimitEventKind as Kind;
 use super::limiter::{Limiter, Ticket, WaitPoll};
-use super::usage::{hint_of, ReadUsage, ServerLimits};
-use crate::classify::Reason;
+use super::usage::{Outcome, ReadUsage};
 use crate::error::{BoxError, Error};
 
 pin_project! {
@@ -197,39 +196,14 @@ impl<U> Guard<U> {
         let (Some(limiter), Some(ticket)) = (&self.limiter, self.ticket.take()) else {
             return;
         };
-        match result {
-            Ok(res) => {
-                let used = self.usage.tokens_used(res);
-                let server = self.usage.server_limits(res);
-                // Nothing reported (always, with `IgnoreUsage`): nothing to
-                // settle, no lock.
-                if used.is_some() || !server.is_empty() {
-                    limiter.settle(ticket, used, &server);
-                }
-            }
-            Err(err) => {
-                let classifier = &limiter.settings.classifier;
-                match err {
-                    Error::Upstream { .. } => {
-                        let view = classifier.http_view(err);
-                        let server = view.map(ServerLimits::from_view).unwrap_or_default();
-                        let throttled = view.is_some_and(|v| v.status() == Some(429))
-                            && classifier.classify_error(err).reason() == Reason::RateLimited;
-                        if throttled {
-                            limiter.rate_limited(ticket, view.and_then(hint_of), &server);
-                        } else {
-                            limiter.settle(ticket, None, &server);
-                        }
-                    }
-                    // A layer below refused without sending anything.
-                    Error::CircuitOpen { .. }
-                    | Error::QueueFull { .. }
-                    | Error::QueueTimeout { .. }
-                    | Error::RateLimited { .. }
-                    | Error::Shutdown => limiter.refund_all(ticket),
-                    _ => {}
-                }
-            }
+        match Outcome::of(&self.usage, &limiter.settings.classifier, result) {
+            // Nothing reported (always, with `IgnoreUsage`): nothing to
+            // settle, no lock.
+            Outcome::Nothing => {}
+            Outcome::Reported { used, server } => limiter.settle(ticket, used, &server),
+            Outcome::Throttled { hint, server } => limiter.rate_limited(ticket, hint, &server),
+            Outcome::Failed { server } => limiter.settle(ticket, None, &server),
+            Outcome::NotSent => limiter.refund_all(ticket),
         }
     }
 }

@@ -211,9 +211,9 @@ pub use self::layer::{
 };
 use self::limiter::{Arrival, Limiter};
 pub use self::limiter::{Snapshot, WhenLimited};
-#[cfg(feature = "redis")]
-pub(crate) use self::usage::hint_of;
 pub(crate) use self::usage::scale_limit;
+#[cfg(feature = "redis")]
+pub(crate) use self::usage::Outcome;
 pub use self::usage::{
     ChatEstimate, EstimateTokens, IgnoreUsage, ReadUsage, Reported, ReportsUsage, ServerDimension,
     ServerLimits,

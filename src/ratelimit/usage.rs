@@ -3,7 +3,8 @@
 
 use std::time::SystemTime;
 
-use crate::classify::{hint, HttpView};
+use crate::classify::{hint, HttpView, LlmClassifier, Reason};
+use crate::error::Error;
 
 /// Estimates a request's token cost before the call.
 ///
@@ -233,8 +234,79 @@ pub(crate) fn scale_limit(
 
 /// The server's wait hint of a 429, from the same headers the classifier
 /// reads.
-pub(crate) fn hint_of(view: &dyn HttpView) -> Option<std::time::Duration> {
+fn hint_of(view: &dyn HttpView) -> Option<std::time::Duration> {
     hint::server_hint(view, SystemTime::now())
+}
+
+/// What an admitted call that ended with a result means for its limit: the
+/// rules the in-process and the fleet limiters share.
+pub(crate) enum Outcome {
+    /// Answered, with usage or limit headers to settle by.
+    Reported {
+        used: Option<u64>,
+        server: ServerLimits,
+    },
+    /// A 429 the classifier reads as a rate limit: the provider charged
+    /// nothing; pause the key for the hint (uncapped), if any.
+    Throttled {
+        hint: Option<std::time::Duration>,
+        server: ServerLimits,
+    },
+    /// Another upstream failure: charged as estimated; its headers (maybe
+    /// none) still steer.
+    Failed { server: ServerLimits },
+    /// A layer below refused without sending anything: give it all back.
+    NotSent,
+    /// Nothing to settle (answered without usage or headers, or a failure
+    /// that says nothing of the provider).
+    Nothing,
+}
+
+impl Outcome {
+    /// The outcome of a call that ended with `result`, read with `usage`
+    /// and `classifier`. Cheap for an answer without usage or headers.
+    #[inline]
+    pub(crate) fn of<Res, U: ReadUsage<Res>>(
+        usage: &U,
+        classifier: &LlmClassifier,
+        result: Result<&Res, &Error>,
+    ) -> Self {
+        match result {
+            Ok(res) => {
+                let used = usage.tokens_used(res);
+                let server = usage.server_limits(res);
+                if used.is_none() && server.is_empty() {
+                    return Self::Nothing;
+                }
+                Self::Reported { used, server }
+            }
+            Err(err @ Error::Upstream { .. }) => Self::upstream(classifier, err),
+            Err(
+                Error::CircuitOpen { .. }
+                | Error::QueueFull { .. }
+                | Error::QueueTimeout { .. }
+                | Error::RateLimited { .. }
+                | Error::Shutdown,
+            ) => Self::NotSent,
+            Err(_) => Self::Nothing,
+        }
+    }
+
+    #[cold]
+    fn upstream(classifier: &LlmClassifier, err: &Error) -> Self {
+        let view = classifier.http_view(err);
+        let server = view.map(ServerLimits::from_view).unwrap_or_default();
+        let throttled = view.is_some_and(|v| v.status() == Some(429))
+            && classifier.classify_error(err).reason() == Reason::RateLimited;
+        if throttled {
+            Self::Throttled {
+                hint: view.and_then(hint_of),
+                server,
+            }
+        } else {
+            Self::Failed { server }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,9 +10,8 @@ use std::task::{Context, Poll};
 use super::event::FleetRateLimitEventKind as Kind;
 use super::script::Settle;
 use super::Fleet;
-use crate::classify::Reason;
 use crate::error::Error;
-use crate::ratelimit::{hint_of, ReadUsage, ServerLimits};
+use crate::ratelimit::{Outcome, ReadUsage};
 
 /// The future of [`FleetRateLimit`](super::FleetRateLimit): the shared
 /// admission (and any wait), then the inner call, then the settlement of
@@ -81,59 +80,35 @@ impl<E: Send + Sync + 'static, U: Send + Sync + 'static> Charge<E, U> {
         U: ReadUsage<Res>,
     {
         let fleet = &*self.fleet;
-        Some(match result {
-            Ok(res) => {
-                let used = fleet.usage.tokens_used(res);
-                let server = fleet.usage.server_limits(res);
-                if used.is_none() && server.is_empty() {
-                    return None;
-                }
-                let tokens_back = used.map_or(0, |u| tokens_back(self.tokens, u));
-                let server = fleet.scaled(&server);
-                if tokens_back == 0 && server == [None; 4] {
-                    // Used as estimated, nothing to steer by.
-                    return None;
-                }
-                Settle {
-                    tokens_back,
-                    server,
-                    ..Settle::default()
-                }
-            }
-            Err(err @ Error::Upstream { .. }) => {
-                let classifier = &fleet.settings.classifier;
-                let view = classifier.http_view(err);
-                let server = view.map(ServerLimits::from_view).unwrap_or_default();
-                let throttled = view.is_some_and(|v| v.status() == Some(429))
-                    && classifier.classify_error(err).reason() == Reason::RateLimited;
-                if throttled {
-                    let hint = view
-                        .and_then(hint_of)
-                        .map(|h| h.min(fleet.settings.hint_cap));
-                    Settle {
-                        throttled: Some(hint),
-                        server: fleet.scaled(&server),
-                        ..self.all_back()
+        Some(
+            match Outcome::of(&*fleet.usage, &fleet.settings.classifier, result) {
+                Outcome::Nothing => return None,
+                Outcome::Reported { used, server } => {
+                    let tokens_back = used.map_or(0, |u| tokens_back(self.tokens, u));
+                    let server = fleet.scaled(&server);
+                    if tokens_back == 0 && server == [None; 4] {
+                        // Used as estimated, nothing to steer by.
+                        return None;
                     }
-                } else if server.is_empty() {
-                    return None;
-                } else {
                     Settle {
-                        server: fleet.scaled(&server),
+                        tokens_back,
+                        server,
                         ..Settle::default()
                     }
                 }
-            }
-            // A layer below refused without sending anything.
-            Err(
-                Error::CircuitOpen { .. }
-                | Error::QueueFull { .. }
-                | Error::QueueTimeout { .. }
-                | Error::RateLimited { .. }
-                | Error::Shutdown,
-            ) => self.all_back(),
-            Err(_) => return None,
-        })
+                Outcome::Throttled { hint, server } => Settle {
+                    throttled: Some(hint.map(|h| h.min(fleet.settings.hint_cap))),
+                    server: fleet.scaled(&server),
+                    ..self.all_back()
+                },
+                Outcome::Failed { server } if server.is_empty() => return None,
+                Outcome::Failed { server } => Settle {
+                    server: fleet.scaled(&server),
+                    ..Settle::default()
+                },
+                Outcome::NotSent => self.all_back(),
+            },
+        )
     }
 
     /// Settles the call on the shared limit (nothing when `settle` is
