@@ -207,8 +207,9 @@ enum Reserved {
     None,
     /// A permit; the inner service is not ready yet.
     Permit(Permit),
-    /// A place in the queue, and when the wait for it began.
-    Slot(Slot, Instant),
+    /// A place in the queue, and when the wait for it began (if something
+    /// needs to know).
+    Slot(Slot, Option<Instant>),
     /// The answer for the next call (queue full, timed out, shut down).
     Refused(Error),
 }
@@ -352,6 +353,16 @@ impl<S, P, D, H> Queue<S, P, D, H> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
+        if matches!(self.reserved, Reserved::None) && self.wait.is_none() {
+            // The queued path: no permit was free (the fast path just
+            // looked), so a place, in one compare-and-swap while there is
+            // room and nobody waits for one. Admission below otherwise.
+            if let Some(Ok(())) = self.shared.try_place() {
+                let since = self.policy.stamp.then(Instant::now);
+                self.reserved = Reserved::Slot(Slot::new(self.shared.link()), since);
+                return Poll::Ready(Ok(()));
+            }
+        }
         loop {
             match &mut self.reserved {
                 Reserved::Slot(..) | Reserved::Refused(_) => return Poll::Ready(Ok(())),
@@ -375,7 +386,13 @@ impl<S, P, D, H> Queue<S, P, D, H> {
                 }
                 Reserved::None => {
                     let admitted =
-                        match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {
+                        match poll_admit(
+                            &self.shared,
+                            &mut self.wait,
+                            self.policy.max_wait,
+                            self.policy.stamp,
+                            cx,
+                        ) {
                             Poll::Ready(a) => a,
                             Poll::Pending => return Poll::Pending,
                         };
@@ -429,6 +446,7 @@ impl<S, P, D, H> Queue<S, P, D, H> {
                     priority,
                     deadline,
                     self.policy.max_wait,
+                    self.policy.stamp,
                 )
             }
         }
