@@ -86,9 +86,7 @@ pub(crate) fn poll_admit(
         };
         match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
-            Admission::Slot(s) => {
-                return Poll::Ready(Admitted::Slot(s, stamp.then(Instant::now)))
-            }
+            Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, stamp.then(Instant::now))),
             Admission::Full { depth } => {
                 shared.counters.add(Count::Rejected);
                 tracing::debug!(depth, "queue full, request rejected");

@@ -74,7 +74,9 @@ pub(super) const CHUNK: usize = 4;
 pub(super) type Chunk = [AtomicU8; CHUNK];
 
 fn new_chunk() -> Arc<Chunk> {
-    Arc::new(std::array::from_fn(|_| AtomicU8::new(NodeState::Free.code())))
+    Arc::new(std::array::from_fn(|_| {
+        AtomicU8::new(NodeState::Free.code())
+    }))
 }
 
 /// Reads a node's state, with the grant's writes visible (acquire).
@@ -175,7 +177,7 @@ impl Lists {
                     self.nodes.reserve_exact(self.nodes.len() / 4 + 8);
                 }
                 let i = self.nodes.len();
-                if i % CHUNK == 0 {
+                if i.is_multiple_of(CHUNK) {
                     self.chunks.push(new_chunk());
                 }
                 self.nodes.push(Node {
