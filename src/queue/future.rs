@@ -379,7 +379,7 @@ where
                 }
                 Phase::Queued(e) => match e.poll(cx) {
                     Poll::Ready(Grant::Permit(p)) => {
-                        let shared = e.shared();
+                        let shared = p.core();
                         shared.counters.add(Count::DispatchedAfterWait);
                         if shared.observed() {
                             let waited = e

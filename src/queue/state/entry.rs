@@ -64,7 +64,7 @@ impl Shared {
         let (idx, chunk) = l.push(SLOT_LIST, 0, waker.clone());
         drop(l);
         Admission::Waiting(Entry {
-            shared: this.link(),
+            shared: Some(this.link()),
             chunk,
             idx,
             priority: None,
@@ -102,12 +102,15 @@ impl Slot {
             .saturating_add(class.saturating_mul(q.age_after));
         let waker = waker.clone();
         let queued = {
-            let mut l = q.locked();
+            // A plain guard: the common case only adds a node (no waker to
+            // wake or drop, no flag to restore: a list is non-empty after
+            // it); the others go through `Locked`.
+            let mut l = q.lock();
             if l.drained_out {
-                q.release_slot_locked(&mut l);
+                q.release_slot_locked(&mut q.locked_from(l));
                 None
             } else if q.take_permit_or_flag(&mut l) {
-                q.release_slot_locked(&mut l);
+                q.release_slot_locked(&mut q.locked_from(l));
                 Some(None)
             } else {
                 let entry = l.push(priority as usize, vt, waker);
@@ -135,7 +138,7 @@ impl Slot {
                     q.emit(QueueEventKind::Queued, Some(priority), q.depth(), None);
                 }
                 Enqueued::Entry(Entry {
-                    shared: link,
+                    shared: Some(link),
                     chunk,
                     idx,
                     priority: Some(priority),
@@ -150,7 +153,8 @@ impl Slot {
 /// withdraws the request (a cancellation): the node leaves its list, its
 /// place is freed, and anything it had been granted is passed on.
 pub(crate) struct Entry {
-    shared: Link,
+    /// Its reference to the queue, until it goes to the grant.
+    shared: Option<Link>,
     /// The chunk holding its node's state byte.
     chunk: Arc<Chunk>,
     /// The node, until this entry has read its outcome (`NIL` after).
@@ -171,11 +175,19 @@ impl std::fmt::Debug for Entry {
 
 impl Entry {
     pub(crate) fn shared(&self) -> &Link {
-        &self.shared
+        self.shared
+            .as_ref()
+            .expect("an entry keeps its link until it takes its grant")
     }
 
     pub(crate) fn since(&self) -> Option<Instant> {
         self.since
+    }
+
+    fn take_link(&mut self) -> Link {
+        self.shared
+            .take()
+            .expect("an entry keeps its link until it takes its grant")
     }
 
     /// Checks for a grant (without the lock when there is one); registers
@@ -184,7 +196,7 @@ impl Entry {
         debug_assert!(self.idx != NIL, "entry polled after its grant");
         let mut state = state_of(&self.chunk, self.idx);
         if state == NodeState::Waiting {
-            let mut l = self.shared.locked();
+            let mut l = self.shared().locked();
             // Nodes are settled under the lock (invariant 5): while the flag
             // says waiting, the node is still ours.
             state = state_of(&self.chunk, self.idx);
@@ -205,11 +217,12 @@ impl Entry {
                 if self.priority.is_some() {
                     // A queued request leaves the queue: its place frees
                     // (invariant 6).
-                    self.shared.release_place();
+                    self.shared().release_place();
                 }
-                Grant::Permit(Permit::new(Arc::clone(&self.shared)))
+                // The entry's reference goes to the grant.
+                Grant::Permit(Permit::new(self.take_link()))
             }
-            NodeState::Slot => Grant::Slot(Slot::new(Arc::clone(&self.shared))),
+            NodeState::Slot => Grant::Slot(Slot::new(self.take_link())),
             _ => Grant::Closed,
         })
     }
@@ -226,7 +239,7 @@ impl Entry {
             return None;
         }
         let idx = std::mem::replace(&mut self.idx, NIL);
-        let q: &Core = &self.shared;
+        let q: &Core = self.shared();
         let mut l = q.locked();
         let state = state_of(&self.chunk, idx);
         if state != NodeState::Waiting {
@@ -258,10 +271,16 @@ impl Entry {
 }
 
 impl Drop for Entry {
+    #[inline]
     fn drop(&mut self) {
+        if self.idx == NIL {
+            // It took its grant (or was withdrawn): nothing to undo.
+            return;
+        }
         if self.remove() == Some(NodeState::Waiting) {
             if let Some(priority) = self.priority {
-                self.shared.counters.add(Count::Cancelled);
+                let shared = self.shared();
+                shared.counters.add(Count::Cancelled);
                 let waited = self
                     .since
                     .map(|s| Instant::now().saturating_duration_since(s));
@@ -270,8 +289,7 @@ impl Drop for Entry {
                     waited_ms = waited.map(|w| w.as_millis() as u64),
                     "queued request cancelled by its caller"
                 );
-                self.shared
-                    .emit(QueueEventKind::Cancelled, Some(priority), 0, waited);
+                shared.emit(QueueEventKind::Cancelled, Some(priority), 0, waited);
             }
         }
     }

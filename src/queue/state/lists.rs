@@ -201,18 +201,33 @@ impl Lists {
     }
 
     /// Writes a node's state byte (under the lock).
+    #[inline]
     fn set(&self, idx: u32, state: NodeState, order: Ordering) {
         self.chunks[idx as usize / CHUNK][idx as usize % CHUNK].store(state.code(), order);
     }
 
     /// A free node whose last owner has read its outcome (made `Waiting`
-    /// for the next one), looking at a few of the oldest.
+    /// for the next one): the oldest, which usually is.
+    #[inline]
     fn reusable(&mut self) -> Option<u32> {
+        let &i = self.free.front()?;
+        if state_of(&self.chunks[i as usize / CHUNK], i) == NodeState::Free {
+            // Acquire above: the last owner is done; the next one takes the
+            // node through the lock.
+            self.free.pop_front();
+            self.set(i, NodeState::Waiting, Ordering::Relaxed);
+            return Some(i);
+        }
+        self.reusable_later()
+    }
+
+    /// The oldest free node's owner has not read its outcome yet: looks at
+    /// a few more.
+    #[cold]
+    fn reusable_later(&mut self) -> Option<u32> {
         for _ in 0..self.free.len().min(4) {
             let i = self.free.pop_front()?;
             if state_of(&self.chunks[i as usize / CHUNK], i) == NodeState::Free {
-                // Acquire above: the last owner is done; the next one takes
-                // the node through the lock.
                 self.set(i, NodeState::Waiting, Ordering::Relaxed);
                 return Some(i);
             }
@@ -221,6 +236,7 @@ impl Lists {
         None
     }
 
+    #[inline]
     pub(super) fn unlink(&mut self, idx: u32) {
         let (prev, next, list) = {
             let n = &self.nodes[idx as usize];
@@ -245,6 +261,7 @@ impl Lists {
     /// free at once). Returns its waker, for the caller to wake or drop
     /// after the lock is released (either can run a task's code).
     #[must_use]
+    #[inline]
     pub(super) fn release_node(&mut self, idx: u32, state: Option<NodeState>) -> Option<Waker> {
         self.set(idx, state.unwrap_or(NodeState::Free), Ordering::Release);
         let waker = self.nodes[idx as usize].waker.take();

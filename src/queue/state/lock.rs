@@ -66,6 +66,16 @@ impl Core {
         }
     }
 
+    /// Turns a plain guard (taken for a critical section that usually wakes
+    /// nobody) into a [`Locked`], for the branch that may.
+    pub(super) fn locked_from<'a>(&'a self, guard: MutexGuard<'a, Lists>) -> Locked<'a> {
+        Locked {
+            core: self,
+            lists: Some(guard),
+            wakes: Wakes::default(),
+        }
+    }
+
     /// Takes the lock to read.
     pub(super) fn lock(&self) -> MutexGuard<'_, Lists> {
         // Nothing that can panic runs under the lock; recover anyway.
