@@ -206,6 +206,7 @@ where
         Self::failed(deadline_exceeded())
     }
 
+    #[inline]
     fn waiting(wait: Wait<S, Req>, permit: Option<Permit>) -> Self {
         Self {
             state: State::Waiting { wait },
@@ -227,6 +228,7 @@ where
 
     /// A place in the queue: enqueue on the first poll, then wait.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub(super) fn queue(
         service: S,
         req: Req,
@@ -286,6 +288,7 @@ where
     S::Error: Into<BoxError>,
 {
     /// With its timer armed for the deadline.
+    #[inline]
     fn new(
         phase: Phase,
         service: S,
@@ -365,7 +368,8 @@ where
                     };
                     match slot.enqueue(self.priority, since, cx.waker()) {
                         Enqueued::Entry(e) => {
-                            self.phase = Phase::Queued(e);
+                            // The placeholder holds nothing: no drop to run.
+                            std::mem::forget(std::mem::replace(&mut self.phase, Phase::Queued(e)));
                             // Its waker is registered: only the timer is
                             // left to register.
                             return self.poll_timer(cx);

@@ -368,7 +368,9 @@ impl<S, P, D, H> Queue<S, P, D, H> {
             // room and nobody waits for one. Admission below otherwise.
             if let Some(Ok(())) = self.shared.try_place() {
                 let since = self.policy.stamp.then(Instant::now);
-                self.reserved = Reserved::Slot(Slot::new(self.shared.link()), since);
+                let slot = Reserved::Slot(Slot::new(self.shared.link()), since);
+                // It was `None` (checked above): no drop to run.
+                std::mem::forget(std::mem::replace(&mut self.reserved, slot));
                 return Poll::Ready(Ok(()));
             }
         }
