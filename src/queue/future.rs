@@ -444,10 +444,17 @@ where
 
     /// Queued, no grant yet: pending, unless the timer fired (then the
     /// request leaves the queue with the timer's error).
+    #[inline]
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Step<S::Future> {
-        if !fired(&mut self.timer, cx) {
+        if self.timer.is_none() || !fired(&mut self.timer, cx) {
             return Step::Pending;
         }
+        self.leave()
+    }
+
+    /// The timer fired while queued: the request leaves the queue.
+    #[cold]
+    fn leave(&mut self) -> Step<S::Future> {
         let Phase::Queued(entry) = std::mem::replace(&mut self.phase, Phase::Readying) else {
             unreachable!("only a queued request polls its wait timer")
         };
