@@ -17,7 +17,8 @@
 //!   alternating rounds: uncontended round trip vs `ConcurrencyLimit(32)`
 //!   and `Buffer`; 64 tasks on 2 workers vs `Buffer`; the queued path (16
 //!   permits, an inner that yields, 50 and 1 000 callers) vs
-//!   `ConcurrencyLimit(16)`.
+//!   `ConcurrencyLimit(16)`. On the two workers, each side goes first in
+//!   every other round.
 //!
 //! Run: `cargo bench --bench queue -- --warm-up-time 1 --measurement-time 3`;
 //! only the printed figures (no criterion groups):
@@ -403,12 +404,18 @@ fn paired_ratios() {
     let q = queue(16, 1_000, false);
     let buf = rt.block_on(async { Buffer::new(Echo { yields: false }, 1_000) });
     let mut ratios = Vec::new();
-    for _ in 0..ROUNDS {
+    for round in 0..ROUNDS {
+        // Each side goes first in every other round, so that whatever
+        // the first batch of a round pays (idle workers waking up) is paid
+        // by both alike.
         let (tq, tb) = rt.block_on(async {
-            (
-                batch(&q, TASKS, PER_TASK).await.as_secs_f64(),
-                batch(&buf, TASKS, PER_TASK).await.as_secs_f64(),
-            )
+            if round % 2 == 0 {
+                let tq = batch(&q, TASKS, PER_TASK).await.as_secs_f64();
+                (tq, batch(&buf, TASKS, PER_TASK).await.as_secs_f64())
+            } else {
+                let tb = batch(&buf, TASKS, PER_TASK).await.as_secs_f64();
+                (batch(&q, TASKS, PER_TASK).await.as_secs_f64(), tb)
+            }
         });
         ratios.push(tb / tq);
     }
@@ -424,12 +431,16 @@ fn paired_ratios() {
         let q = queue(16, 1_000, true);
         let limit = ConcurrencyLimit::new(Echo { yields: true }, 16);
         let mut ratios = Vec::new();
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
+            // Alternating which side goes first, as above.
             let (tq, tl) = rt.block_on(async {
-                (
-                    batch(&q, waiters, per_task).await.as_secs_f64(),
-                    batch(&limit, waiters, per_task).await.as_secs_f64(),
-                )
+                if round % 2 == 0 {
+                    let tq = batch(&q, waiters, per_task).await.as_secs_f64();
+                    (tq, batch(&limit, waiters, per_task).await.as_secs_f64())
+                } else {
+                    let tl = batch(&limit, waiters, per_task).await.as_secs_f64();
+                    (batch(&q, waiters, per_task).await.as_secs_f64(), tl)
+                }
             });
             ratios.push(tq / tl);
         }

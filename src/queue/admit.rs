@@ -23,17 +23,20 @@ pub(crate) struct Waiting {
 /// What admission decided for one request.
 pub(crate) enum Admitted {
     Permit(Permit),
-    Slot(Slot, Instant),
+    /// A place, and when the wait began if the clock was read for it.
+    Slot(Slot, Option<Instant>),
     Refused(Error),
 }
 
 /// Admission, shared by `poll_ready` and a future whose `call` came without
 /// `poll_ready`: a permit, a place, a refusal, or pending (waiting for a
-/// place, bounded by `max_wait`).
+/// place, bounded by `max_wait`). `stamp`: read the clock for a place
+/// (something needs the wait's start: aging, `max_wait`, or events).
 pub(crate) fn poll_admit(
     shared: &Shared,
     wait: &mut Option<Box<Waiting>>,
     max_wait: Option<Duration>,
+    stamp: bool,
     cx: &mut Context<'_>,
 ) -> Poll<Admitted> {
     loop {
@@ -45,7 +48,7 @@ pub(crate) fn poll_admit(
                         *wait = None;
                         return Poll::Ready(match grant {
                             Grant::Permit(p) => Admitted::Permit(p),
-                            Grant::Slot(s) => Admitted::Slot(s, since),
+                            Grant::Slot(s) => Admitted::Slot(s, Some(since)),
                             Grant::Closed => refuse_closed(shared),
                         });
                     }
@@ -83,7 +86,7 @@ pub(crate) fn poll_admit(
         };
         match admission {
             Admission::Permit(p) => return Poll::Ready(Admitted::Permit(p)),
-            Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, Instant::now())),
+            Admission::Slot(s) => return Poll::Ready(Admitted::Slot(s, stamp.then(Instant::now))),
             Admission::Full { depth } => {
                 shared.counters.add(Count::Rejected);
                 tracing::debug!(depth, "queue full, request rejected");
@@ -92,7 +95,7 @@ pub(crate) fn poll_admit(
             }
             Admission::Closed => return Poll::Ready(refuse_closed(shared)),
             Admission::Waiting(entry) => {
-                let since = entry.since();
+                let since = entry.since().unwrap_or_else(Instant::now);
                 let timer = max_wait
                     .and_then(|d| since.checked_add(d))
                     .map(|at| Box::pin(sleep_until(at)));

@@ -29,15 +29,6 @@ enum Expiry {
     MaxWait,
 }
 
-/// Per-request facts the slow path needs.
-#[derive(Debug)]
-struct Meta {
-    priority: Priority,
-    deadline: Option<Instant>,
-    since: Option<Instant>,
-    expiry: Expiry,
-}
-
 /// Why a future failed, kept small so that the future of a call that went
 /// straight through stays small: the common refusals inline, the rest
 /// boxed (they are rare, and most already allocate).
@@ -83,49 +74,56 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, Wait<S, Req>>,
         // Held while the inner future runs, and from the grant on.
         permit: Option<Permit>,
-        // What waiting and readying need, boxed so that the future of a call
-        // that went straight through stays small (and its drop cheap).
-        slow: Option<Box<Slow<S, Req>>>,
         hold: PhantomData<fn() -> H>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, W> {
         Calling { #[pin] fut: F },
         Failed { error: Option<Failure> },
-        // Admitting, queued or readying: the work is in `slow`.
-        Slow,
+        // Admitting, queued or readying: a call that is not running yet,
+        // kept inline (a waiting request allocates nothing of its own but
+        // its timer, if it has one).
+        Waiting { wait: W },
         Done,
     }
 }
 
 /// A call that is not (yet) running: its service, its request, its timer.
-struct Slow<S, Req> {
+struct Wait<S, Req> {
     phase: Phase,
-    service: Option<S>,
+    service: S,
     req: Option<Req>,
+    /// Armed for the deadline (`expiry` says `Deadline`) or for the end of
+    /// the maximum wait when that comes first.
     timer: Option<Pin<Box<Sleep>>>,
-    meta: Meta,
+    deadline: Option<Instant>,
+    priority: Priority,
+    expiry: Expiry,
+}
+
+/// `call` came without `poll_ready`: admission happens in `poll` (rare:
+/// boxed, so that it does not make every future larger).
+struct Admitting {
+    shared: Arc<Shared>,
+    wait: Option<Box<Waiting>>,
+    max_wait: Option<Duration>,
+    stamp: bool,
 }
 
 enum Phase {
-    /// `call` came without `poll_ready`: admission happens in `poll`.
-    Admitting {
-        shared: Arc<Shared>,
-        wait: Option<Box<Waiting>>,
-        max_wait: Option<Duration>,
-    },
+    Admitting(Box<Admitting>),
     /// Holds a place; the first poll puts the request in its list (with the
-    /// task's waker, in one critical section).
-    Queued {
-        slot: Option<Slot>,
-        entry: Option<Entry>,
-    },
+    /// task's waker, in one critical section). With when the wait began,
+    /// if the clock was read for it.
+    Placed(Slot, Option<Instant>),
+    /// In its list, waiting for a permit.
+    Queued(Entry),
     /// Holds a permit; the inner service is being readied.
     Readying,
 }
@@ -142,13 +140,15 @@ where
     S: Service<Req>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match (&self.state, self.slow.as_deref().map(|s| &s.phase)) {
-            (State::Calling { .. }, _) => "calling",
-            (State::Failed { .. }, _) => "failed",
-            (State::Done, _) => "done",
-            (State::Slow, Some(Phase::Admitting { .. })) => "admitting",
-            (State::Slow, Some(Phase::Queued { .. })) => "queued",
-            (State::Slow, _) => "readying",
+        let state = match &self.state {
+            State::Calling { .. } => "calling",
+            State::Failed { .. } => "failed",
+            State::Done => "done",
+            State::Waiting { wait } => match wait.phase {
+                Phase::Admitting(_) => "admitting",
+                Phase::Placed(..) | Phase::Queued(_) => "queued",
+                Phase::Readying => "readying",
+            },
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -185,7 +185,6 @@ where
             Ok(fut) => Self {
                 state: State::Calling { fut },
                 permit: Some(permit),
-                slow: None,
                 hold: PhantomData,
             },
             Err(payload) => Self::failed(panicked(payload)),
@@ -198,7 +197,6 @@ where
                 error: Some(error.into()),
             },
             permit: None,
-            slow: None,
             hold: PhantomData,
         }
     }
@@ -208,11 +206,11 @@ where
         Self::failed(deadline_exceeded())
     }
 
-    fn slow(slow: Slow<S, Req>, permit: Option<Permit>) -> Self {
+    #[inline]
+    fn waiting(wait: Wait<S, Req>, permit: Option<Permit>) -> Self {
         Self {
-            state: State::Slow,
+            state: State::Waiting { wait },
             permit,
-            slow: Some(Box::new(slow)),
             hold: PhantomData,
         }
     }
@@ -224,27 +222,18 @@ where
         permit: Permit,
         deadline: Option<Instant>,
     ) -> Self {
-        let slow = Slow {
-            phase: Phase::Readying,
-            service: Some(service),
-            req: Some(req),
-            timer: timer_at(deadline),
-            meta: Meta {
-                priority: Priority::Normal,
-                deadline,
-                since: None,
-                expiry: Expiry::Deadline,
-            },
-        };
-        Self::slow(slow, Some(permit))
+        let wait = Wait::new(Phase::Readying, service, req, Priority::Normal, deadline);
+        Self::waiting(wait, Some(permit))
     }
 
     /// A place in the queue: enqueue on the first poll, then wait.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub(super) fn queue(
         service: S,
         req: Req,
         slot: Slot,
-        since: Instant,
+        since: Option<Instant>,
         priority: Priority,
         deadline: Option<Instant>,
         max_wait: Option<Duration>,
@@ -254,25 +243,9 @@ where
             drop(slot);
             return Self::expired(&shared, Some(priority));
         }
-        let mut meta = Meta {
-            priority,
-            deadline,
-            since: Some(since),
-            expiry: Expiry::Deadline,
-        };
-        let (at, expiry) = wait_limit(deadline, max_wait.and_then(|d| since.checked_add(d)));
-        meta.expiry = expiry;
-        let slow = Slow {
-            phase: Phase::Queued {
-                slot: Some(slot),
-                entry: None,
-            },
-            service: Some(service),
-            req: Some(req),
-            timer: timer_at(at),
-            meta,
-        };
-        Self::slow(slow, None)
+        let mut wait = Wait::new(Phase::Placed(slot, since), service, req, priority, deadline);
+        wait.arm_wait(since, max_wait);
+        Self::waiting(wait, None)
     }
 
     /// `call` came without `poll_ready`: admission happens in `poll`.
@@ -285,24 +258,15 @@ where
         priority: Priority,
         deadline: Option<Instant>,
         max_wait: Option<Duration>,
+        stamp: bool,
     ) -> Self {
-        let slow = Slow {
-            phase: Phase::Admitting {
-                shared,
-                wait,
-                max_wait,
-            },
-            service: Some(service),
-            req: Some(req),
-            timer: timer_at(deadline),
-            meta: Meta {
-                priority,
-                deadline,
-                since: None,
-                expiry: Expiry::Deadline,
-            },
-        };
-        Self::slow(slow, None)
+        let phase = Phase::Admitting(Box::new(Admitting {
+            shared,
+            wait,
+            max_wait,
+            stamp,
+        }));
+        Self::waiting(Wait::new(phase, service, req, priority, deadline), None)
     }
 }
 
@@ -318,38 +282,63 @@ fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
         .is_some_and(|t| t.as_mut().poll(cx).is_ready())
 }
 
-/// The earlier of the deadline and the end of the maximum wait, and which
-/// one it is.
-fn wait_limit(deadline: Option<Instant>, wait_end: Option<Instant>) -> (Option<Instant>, Expiry) {
-    match (deadline, wait_end) {
-        (None, None) => (None, Expiry::Deadline),
-        (Some(d), None) => (Some(d), Expiry::Deadline),
-        (None, Some(w)) => (Some(w), Expiry::MaxWait),
-        (Some(d), Some(w)) if d <= w => (Some(d), Expiry::Deadline),
-        (Some(_), Some(w)) => (Some(w), Expiry::MaxWait),
-    }
-}
-
-impl<S, Req> Slow<S, Req>
+impl<S, Req> Wait<S, Req>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
+    /// With its timer armed for the deadline.
+    #[inline]
+    fn new(
+        phase: Phase,
+        service: S,
+        req: Req,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Self {
+        Self {
+            phase,
+            service,
+            req: Some(req),
+            timer: timer_at(deadline),
+            deadline,
+            priority,
+            expiry: Expiry::Deadline,
+        }
+    }
+
+    /// Arms the timer for the wait in the queue: the end of the maximum
+    /// wait, if it comes before the deadline (whose timer is armed
+    /// otherwise).
+    fn arm_wait(&mut self, since: Option<Instant>, max_wait: Option<Duration>) {
+        let Some(end) = max_wait.zip(since).and_then(|(d, s)| s.checked_add(d)) else {
+            return;
+        };
+        if self.deadline.is_none_or(|d| end < d) {
+            self.timer = timer_at(Some(end));
+            self.expiry = Expiry::MaxWait;
+        }
+    }
+
+    /// The wait is over: only the deadline applies from here on.
+    fn arm_deadline(&mut self) {
+        if self.expiry == Expiry::MaxWait {
+            self.timer = timer_at(self.deadline);
+            self.expiry = Expiry::Deadline;
+        }
+    }
+
     /// Runs the waiting and readying until the inner service is called, an
     /// error is the answer, or nothing can happen until a wake-up.
     fn poll(&mut self, permit: &mut Option<Permit>, cx: &mut Context<'_>) -> Step<S::Future> {
         loop {
             match &mut self.phase {
-                Phase::Admitting {
-                    shared,
-                    wait,
-                    max_wait,
-                } => {
-                    let max_wait = *max_wait;
-                    match poll_admit(shared, wait, max_wait, cx) {
+                Phase::Admitting(a) => {
+                    let (max_wait, stamp) = (a.max_wait, a.stamp);
+                    match poll_admit(&a.shared, &mut a.wait, max_wait, stamp, cx) {
                         Poll::Pending => {
                             if fired(&mut self.timer, cx) {
-                                count_expired(shared, Some(self.meta.priority), None);
+                                count_expired(&a.shared, Some(self.priority), None);
                                 return Step::Fail(deadline_exceeded());
                             }
                             return Step::Pending;
@@ -360,122 +349,71 @@ where
                             self.phase = Phase::Readying;
                         }
                         Poll::Ready(Admitted::Slot(slot, since)) => {
-                            let meta = &mut self.meta;
-                            if meta.deadline.is_some_and(|d| d <= Instant::now()) {
+                            if self.deadline.is_some_and(|d| d <= Instant::now()) {
                                 let shared = Arc::clone(slot.shared());
                                 drop(slot);
-                                count_expired(&shared, Some(meta.priority), None);
+                                count_expired(&shared, Some(self.priority), None);
                                 return Step::Fail(deadline_exceeded());
                             }
-                            meta.since = Some(since);
-                            let (at, expiry) = wait_limit(
-                                meta.deadline,
-                                max_wait.and_then(|d| since.checked_add(d)),
-                            );
-                            meta.expiry = expiry;
-                            self.timer = timer_at(at);
-                            self.phase = Phase::Queued {
-                                slot: Some(slot),
-                                entry: None,
-                            };
+                            self.arm_wait(since, max_wait);
+                            self.phase = Phase::Placed(slot, since);
                         }
                     }
                 }
-                Phase::Queued { slot, entry } => {
-                    let meta = &mut self.meta;
-                    let mut fresh = false;
-                    if let Some(slot) = slot.take() {
-                        let since = meta.since.unwrap_or_else(Instant::now);
-                        match slot.enqueue(meta.priority, since, cx.waker()) {
-                            Enqueued::Entry(e) => {
-                                *entry = Some(e);
-                                // Its waker is registered: no need to look again.
-                                fresh = true;
-                            }
-                            Enqueued::Permit(p) => {
-                                *permit = Some(p);
-                                self.timer = timer_at(meta.deadline);
-                                meta.expiry = Expiry::Deadline;
-                                self.phase = Phase::Readying;
-                                continue;
-                            }
-                            Enqueued::Closed => return Step::Fail(Error::Shutdown),
+                Phase::Placed(..) => {
+                    let Phase::Placed(slot, since) =
+                        std::mem::replace(&mut self.phase, Phase::Readying)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    match slot.enqueue(self.priority, since, cx.waker()) {
+                        Enqueued::Entry(e) => {
+                            // The placeholder holds nothing: no drop to run.
+                            std::mem::forget(std::mem::replace(&mut self.phase, Phase::Queued(e)));
+                            // Its waker is registered: only the timer is
+                            // left to register.
+                            return self.poll_timer(cx);
                         }
-                    }
-                    let e = entry.as_mut().expect("a queued future keeps its entry");
-                    let polled = if fresh { Poll::Pending } else { e.poll(cx) };
-                    match polled {
-                        Poll::Ready(Grant::Permit(p)) => {
-                            let shared = e.shared();
-                            shared.counters.add(Count::DispatchedAfterWait);
-                            if shared.observed() {
-                                let waited = meta
-                                    .since
-                                    .map(|s| Instant::now().saturating_duration_since(s));
-                                shared.emit(
-                                    QueueEventKind::Dispatched,
-                                    Some(meta.priority),
-                                    shared.depth(),
-                                    waited,
-                                );
-                            }
-                            *entry = None;
+                        Enqueued::Permit(p) => {
                             *permit = Some(p);
-                            // Only the deadline applies from here on.
-                            self.timer = timer_at(meta.deadline);
-                            meta.expiry = Expiry::Deadline;
-                            self.phase = Phase::Readying;
+                            self.arm_deadline();
                         }
-                        Poll::Ready(Grant::Closed | Grant::Slot(_)) => {
-                            // A queued entry is only ever granted a permit or
-                            // failed by shutdown.
-                            e.shared().counters.add(Count::ShutOut);
-                            *entry = None;
-                            return Step::Fail(Error::Shutdown);
-                        }
-                        Poll::Pending => {
-                            if !fired(&mut self.timer, cx) {
-                                return Step::Pending;
-                            }
-                            let entry = entry.take().expect("a queued future keeps its entry");
-                            let shared = Arc::clone(entry.shared());
-                            entry.withdraw();
-                            let waited = meta
-                                .since
-                                .map(|s| Instant::now().saturating_duration_since(s))
-                                .unwrap_or_default();
-                            return Step::Fail(match meta.expiry {
-                                Expiry::Deadline => {
-                                    count_expired(&shared, Some(meta.priority), Some(waited));
-                                    deadline_exceeded()
-                                }
-                                Expiry::MaxWait => {
-                                    shared.counters.add(Count::TimedOut);
-                                    tracing::debug!(
-                                        priority = meta.priority.as_str(),
-                                        waited_ms = waited.as_millis() as u64,
-                                        "queue wait exceeded"
-                                    );
-                                    shared.emit(
-                                        QueueEventKind::TimedOut,
-                                        Some(meta.priority),
-                                        0,
-                                        Some(waited),
-                                    );
-                                    Error::QueueTimeout { waited }
-                                }
-                            });
-                        }
+                        Enqueued::Closed => return Step::Fail(Error::Shutdown),
                     }
                 }
+                Phase::Queued(e) => match e.poll(cx) {
+                    Poll::Ready(Grant::Permit(p)) => {
+                        let shared = p.core();
+                        shared.counters.add(Count::DispatchedAfterWait);
+                        if shared.observed() {
+                            let waited = e
+                                .since()
+                                .map(|s| Instant::now().saturating_duration_since(s));
+                            shared.emit(
+                                QueueEventKind::Dispatched,
+                                Some(self.priority),
+                                shared.depth(),
+                                waited,
+                            );
+                        }
+                        self.phase = Phase::Readying;
+                        *permit = Some(p);
+                        self.arm_deadline();
+                    }
+                    Poll::Ready(Grant::Closed | Grant::Slot(_)) => {
+                        // A queued entry is only ever granted a permit or
+                        // failed by shutdown.
+                        e.shared().counters.add(Count::ShutOut);
+                        self.phase = Phase::Readying;
+                        return Step::Fail(Error::Shutdown);
+                    }
+                    Poll::Pending => return self.poll_timer(cx),
+                },
                 Phase::Readying => {
-                    let svc = self
-                        .service
-                        .as_mut()
-                        .expect("a readying future keeps its service");
+                    let svc = &mut self.service;
                     match svc.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
-                            if self.meta.deadline.is_some_and(|d| d <= Instant::now()) {
+                            if self.deadline.is_some_and(|d| d <= Instant::now()) {
                                 // Never send a request nobody waits for.
                                 return Step::Fail(self.expire(permit));
                             }
@@ -504,10 +442,55 @@ where
         }
     }
 
+    /// Queued, no grant yet: pending, unless the timer fired (then the
+    /// request leaves the queue with the timer's error).
+    #[inline]
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Step<S::Future> {
+        if self.timer.is_none() || !fired(&mut self.timer, cx) {
+            return Step::Pending;
+        }
+        self.leave()
+    }
+
+    /// The timer fired while queued: the request leaves the queue.
+    #[cold]
+    fn leave(&mut self) -> Step<S::Future> {
+        let Phase::Queued(entry) = std::mem::replace(&mut self.phase, Phase::Readying) else {
+            unreachable!("only a queued request polls its wait timer")
+        };
+        let shared = Arc::clone(entry.shared());
+        let since = entry.since();
+        entry.withdraw();
+        let waited = since.map(|s| Instant::now().saturating_duration_since(s));
+        Step::Fail(match self.expiry {
+            Expiry::Deadline => {
+                count_expired(&shared, Some(self.priority), waited);
+                deadline_exceeded()
+            }
+            Expiry::MaxWait => {
+                // The maximum wait is armed only with a start.
+                let waited = waited.unwrap_or_default();
+                shared.counters.add(Count::TimedOut);
+                tracing::debug!(
+                    priority = self.priority.as_str(),
+                    waited_ms = waited.as_millis() as u64,
+                    "queue wait exceeded"
+                );
+                shared.emit(
+                    QueueEventKind::TimedOut,
+                    Some(self.priority),
+                    0,
+                    Some(waited),
+                );
+                Error::QueueTimeout { waited }
+            }
+        })
+    }
+
     /// The deadline passed while readying: the permit goes back unused.
     fn expire(&mut self, permit: &mut Option<Permit>) -> Error {
         if let Some(p) = permit.take() {
-            count_expired(p.core(), Some(self.meta.priority), None);
+            count_expired(p.core(), Some(self.priority), None);
         }
         deadline_exceeded()
     }
@@ -552,20 +535,16 @@ where
                     *this.permit = None;
                     return Poll::Ready(Err(error.map_or(Error::Shutdown, Error::from)));
                 }
-                StateProj::Slow => {
-                    let slow = this
-                        .slow
-                        .as_mut()
-                        .expect("a slow future keeps its slow part");
-                    match slow.poll(this.permit, cx) {
+                StateProj::Waiting { wait } => {
+                    // The service, the request and the timer are done with
+                    // once the next state is set.
+                    match wait.poll(this.permit, cx) {
                         Step::Pending => return Poll::Pending,
                         Step::Call(fut) => this.state.set(State::Calling { fut }),
                         Step::Fail(error) => this.state.set(State::Failed {
                             error: Some(error.into()),
                         }),
                     }
-                    // The service, the request and the timer are done with.
-                    *this.slow = None;
                 }
                 StateProj::Done => panic!("queue ResponseFuture polled after completion"),
             }

@@ -46,6 +46,10 @@ pub(crate) struct Policy<P, D> {
     pub(crate) priority: P,
     pub(crate) deadline: D,
     pub(crate) max_wait: Option<Duration>,
+    /// Something needs the time a queued request began waiting: aging
+    /// (requests of several classes), `max_wait`, or events. Otherwise a
+    /// queued request reads no clock.
+    pub(crate) stamp: bool,
 }
 
 /// Applies the [`Queue`] middleware; every service it makes shares one
@@ -103,6 +107,7 @@ impl QueueLayer {
             when_full: WhenFull::Wait,
             max_wait: None,
             age_after: Duration::from_secs(10),
+            classes: false,
             priority: SamePriority,
             deadline: NoDeadline,
             listener: None,
@@ -134,6 +139,8 @@ pub struct QueueLayerBuilder<P = SamePriority, D = NoDeadline, H = AtResponse> {
     when_full: WhenFull,
     max_wait: Option<Duration>,
     age_after: Duration,
+    /// A priority reader was set: requests may come in several classes.
+    classes: bool,
     priority: P,
     deadline: D,
     listener: Option<Listener>,
@@ -213,6 +220,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             when_full: self.when_full,
             max_wait: self.max_wait,
             age_after: self.age_after,
+            classes: true,
             priority,
             deadline: self.deadline,
             listener: self.listener,
@@ -234,6 +242,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             when_full: self.when_full,
             max_wait: self.max_wait,
             age_after: self.age_after,
+            classes: self.classes,
             priority: self.priority,
             deadline,
             listener: self.listener,
@@ -262,6 +271,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             when_full: self.when_full,
             max_wait: self.max_wait,
             age_after: self.age_after,
+            classes: self.classes,
             priority: self.priority,
             deadline: self.deadline,
             listener: self.listener,
@@ -306,6 +316,10 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
         if self.max_wait.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait", "must be more than zero"));
         }
+        let stamp = self.classes
+            || self.max_wait.is_some()
+            || self.listener.is_some()
+            || cfg!(feature = "metrics");
         let shared = Shared::named(
             self.concurrency,
             self.capacity,
@@ -320,6 +334,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
                 priority: self.priority,
                 deadline: self.deadline,
                 max_wait: self.max_wait,
+                stamp,
             }),
             hold: PhantomData,
         })

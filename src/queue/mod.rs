@@ -66,7 +66,8 @@
 //!
 //! Three classes, read from the request by
 //! [`priority_by`](QueueLayerBuilder::priority_by). Order is strict with
-//! **aging**: each queued request gets a virtual time, its enqueue time
+//! **aging**: each queued request gets a virtual time, the time it began
+//! waiting
 //! minus [`age_after`](QueueLayerBuilder::age_after) for every class it is
 //! above [`Priority::Low`], and the smallest virtual time is served first.
 //! A `High` request therefore goes ahead of `Normal` and `Low` requests that
@@ -144,9 +145,17 @@
 //! Reserving a place in the queue, and a rejection in reject mode, are one
 //! compare-and-swap too. A queued request takes the lock twice (entering
 //! its list on its first poll, and when a releasing caller hands it the
-//! permit) and allocates its bookkeeping (one box) and its grant flag (one
-//! small `Arc` shared with its node); the wait lists reuse their nodes.
-//! Every reference is counted; there is no raw pointer.
+//! permit) and allocates nothing: what it needs while it waits (its
+//! service, request, class and deadline, and its place in the list) is
+//! kept in its response future, the wait lists reuse their nodes, and the
+//! state a releasing caller writes for it is a byte in a chunk the queue
+//! shares among 64 nodes. It reads the clock only when something needs
+//! the time it began waiting: aging (a queue built with
+//! [`priority_by`](QueueLayerBuilder::priority_by)), a
+//! [`max_wait`](QueueLayerBuilder::max_wait), or events (a hook or the
+//! `metrics` feature); otherwise one class means one list, served in
+//! arrival order. A deadline or a maximum wait arms a timer (one
+//! allocation). Every reference is counted; there is no raw pointer.
 //!
 //! # Observability
 //!
@@ -207,8 +216,9 @@ enum Reserved {
     None,
     /// A permit; the inner service is not ready yet.
     Permit(Permit),
-    /// A place in the queue, and when the wait for it began.
-    Slot(Slot, Instant),
+    /// A place in the queue, and when the wait for it began (if something
+    /// needs to know).
+    Slot(Slot, Option<Instant>),
     /// The answer for the next call (queue full, timed out, shut down).
     Refused(Error),
 }
@@ -352,6 +362,18 @@ impl<S, P, D, H> Queue<S, P, D, H> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
+        if matches!(self.reserved, Reserved::None) && self.wait.is_none() {
+            // The queued path: no permit was free (the fast path just
+            // looked), so a place, in one compare-and-swap while there is
+            // room and nobody waits for one. Admission below otherwise.
+            if let Some(Ok(())) = self.shared.try_place() {
+                let since = self.policy.stamp.then(Instant::now);
+                let slot = Reserved::Slot(Slot::new(self.shared.link()), since);
+                // It was `None` (checked above): no drop to run.
+                std::mem::forget(std::mem::replace(&mut self.reserved, slot));
+                return Poll::Ready(Ok(()));
+            }
+        }
         loop {
             match &mut self.reserved {
                 Reserved::Slot(..) | Reserved::Refused(_) => return Poll::Ready(Ok(())),
@@ -374,11 +396,16 @@ impl<S, P, D, H> Queue<S, P, D, H> {
                     };
                 }
                 Reserved::None => {
-                    let admitted =
-                        match poll_admit(&self.shared, &mut self.wait, self.policy.max_wait, cx) {
-                            Poll::Ready(a) => a,
-                            Poll::Pending => return Poll::Pending,
-                        };
+                    let admitted = match poll_admit(
+                        &self.shared,
+                        &mut self.wait,
+                        self.policy.max_wait,
+                        self.policy.stamp,
+                        cx,
+                    ) {
+                        Poll::Ready(a) => a,
+                        Poll::Pending => return Poll::Pending,
+                    };
                     self.reserved = match admitted {
                         Admitted::Permit(p) => Reserved::Permit(p),
                         Admitted::Slot(s, since) => Reserved::Slot(s, since),
@@ -429,6 +456,7 @@ impl<S, P, D, H> Queue<S, P, D, H> {
                     priority,
                     deadline,
                     self.policy.max_wait,
+                    self.policy.stamp,
                 )
             }
         }

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 use tokio::time::Instant;
 
 use super::counters::Count;
-use super::lists::{Flag, NodeState, NIL, SLOT_LIST};
+use super::lists::{acknowledge, state_of, Chunk, NodeState, NIL, SLOT_LIST};
 use super::permits::Permit;
 use super::places::Slot;
 use super::sync::Arc;
@@ -61,14 +61,14 @@ impl Shared {
         if this.take_permit_or_flag(&mut l) {
             return Admission::Permit(this.permit());
         }
-        let (idx, flag) = l.push(SLOT_LIST, 0, waker.clone());
+        let (idx, chunk) = l.push(SLOT_LIST, 0, waker.clone());
         drop(l);
         Admission::Waiting(Entry {
-            shared: this.link(),
+            shared: Some(this.link()),
+            chunk,
             idx,
-            flag,
             priority: None,
-            since: Instant::now(),
+            since: Some(Instant::now()),
         })
     }
 }
@@ -76,7 +76,16 @@ impl Shared {
 impl Slot {
     /// Puts the request that holds this place into its priority list, unless
     /// a permit is free (then it takes the permit and the place is freed).
-    pub(crate) fn enqueue(mut self, priority: Priority, since: Instant, waker: &Waker) -> Enqueued {
+    /// `since`, when the wait began, gives the aging order; a queue whose
+    /// requests all have one class passes `None` (one list: the order is
+    /// the arrival order, and no clock needs reading).
+    pub(crate) fn enqueue(
+        mut self,
+        priority: Priority,
+        since: impl Into<Option<Instant>>,
+        waker: &Waker,
+    ) -> Enqueued {
+        let since = since.into();
         let link = self
             .shared
             .take()
@@ -85,17 +94,23 @@ impl Slot {
         // Made before the lock is taken, to keep the critical section short
         // (wasted in the rare case that a permit is free after all).
         let class = priority as u64;
-        let vt = u64::try_from(since.saturating_duration_since(q.base).as_nanos())
-            .unwrap_or(u64::MAX / 2)
+        let vt = since
+            .map_or(0, |s| {
+                u64::try_from(s.saturating_duration_since(q.base).as_nanos())
+                    .unwrap_or(u64::MAX / 2)
+            })
             .saturating_add(class.saturating_mul(q.age_after));
         let waker = waker.clone();
         let queued = {
-            let mut l = q.locked();
+            // A plain guard: the common case only adds a node (no waker to
+            // wake or drop, no flag to restore: a list is non-empty after
+            // it); the others go through `Locked`.
+            let mut l = q.lock();
             if l.drained_out {
-                q.release_slot_locked(&mut l);
+                q.release_slot_locked(&mut q.locked_from(l));
                 None
             } else if q.take_permit_or_flag(&mut l) {
-                q.release_slot_locked(&mut l);
+                q.release_slot_locked(&mut q.locked_from(l));
                 Some(None)
             } else {
                 let entry = l.push(priority as usize, vt, waker);
@@ -111,7 +126,7 @@ impl Slot {
                 Enqueued::Closed
             }
             Some(None) => Enqueued::Permit(Permit::new(link)),
-            Some(Some((idx, flag))) => {
+            Some(Some((idx, chunk))) => {
                 // The depth is read only for someone who looks (tracing
                 // evaluates its fields only when the event is enabled).
                 tracing::debug!(
@@ -123,9 +138,9 @@ impl Slot {
                     q.emit(QueueEventKind::Queued, Some(priority), q.depth(), None);
                 }
                 Enqueued::Entry(Entry {
-                    shared: link,
+                    shared: Some(link),
+                    chunk,
                     idx,
-                    flag,
                     priority: Some(priority),
                     since,
                 })
@@ -138,13 +153,16 @@ impl Slot {
 /// withdraws the request (a cancellation): the node leaves its list, its
 /// place is freed, and anything it had been granted is passed on.
 pub(crate) struct Entry {
-    shared: Link,
-    /// The node, while this entry waits (`NIL` once it took its grant).
+    /// Its reference to the queue, until it goes to the grant.
+    shared: Option<Link>,
+    /// The chunk holding its node's state byte.
+    chunk: Arc<Chunk>,
+    /// The node, until this entry has read its outcome (`NIL` after).
     idx: u32,
-    flag: Flag,
     /// `None` for a caller waiting for a place.
     priority: Option<Priority>,
-    since: Instant,
+    /// When the wait began, if the clock was read for it.
+    since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -157,23 +175,31 @@ impl std::fmt::Debug for Entry {
 
 impl Entry {
     pub(crate) fn shared(&self) -> &Link {
-        &self.shared
+        self.shared
+            .as_ref()
+            .expect("an entry keeps its link until it takes its grant")
     }
 
-    pub(crate) fn since(&self) -> Instant {
+    pub(crate) fn since(&self) -> Option<Instant> {
         self.since
+    }
+
+    fn take_link(&mut self) -> Link {
+        self.shared
+            .take()
+            .expect("an entry keeps its link until it takes its grant")
     }
 
     /// Checks for a grant (without the lock when there is one); registers
     /// the task's waker otherwise.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Grant> {
         debug_assert!(self.idx != NIL, "entry polled after its grant");
-        let mut state = self.flag.get();
+        let mut state = state_of(&self.chunk, self.idx);
         if state == NodeState::Waiting {
-            let mut l = self.shared.locked();
+            let mut l = self.shared().locked();
             // Nodes are settled under the lock (invariant 5): while the flag
             // says waiting, the node is still ours.
-            state = self.flag.get();
+            state = state_of(&self.chunk, self.idx);
             if state == NodeState::Waiting {
                 let n = &mut l.nodes[self.idx as usize];
                 let stale = match &mut n.waker {
@@ -184,17 +210,19 @@ impl Entry {
                 return Poll::Pending;
             }
         }
+        acknowledge(&self.chunk, self.idx);
         self.idx = NIL;
         Poll::Ready(match state {
             NodeState::Permit => {
                 if self.priority.is_some() {
                     // A queued request leaves the queue: its place frees
                     // (invariant 6).
-                    self.shared.release_place();
+                    self.shared().release_place();
                 }
-                Grant::Permit(Permit::new(Arc::clone(&self.shared)))
+                // The entry's reference goes to the grant.
+                Grant::Permit(Permit::new(self.take_link()))
             }
-            NodeState::Slot => Grant::Slot(Slot::new(Arc::clone(&self.shared))),
+            NodeState::Slot => Grant::Slot(Slot::new(self.take_link())),
             _ => Grant::Closed,
         })
     }
@@ -211,9 +239,12 @@ impl Entry {
             return None;
         }
         let idx = std::mem::replace(&mut self.idx, NIL);
-        let q: &Core = &self.shared;
+        let q: &Core = self.shared();
         let mut l = q.locked();
-        let state = self.flag.get();
+        let state = state_of(&self.chunk, idx);
+        if state != NodeState::Waiting {
+            acknowledge(&self.chunk, idx);
+        }
         match state {
             NodeState::Waiting => {
                 let list = l.nodes[idx as usize].list as usize;
@@ -240,18 +271,25 @@ impl Entry {
 }
 
 impl Drop for Entry {
+    #[inline]
     fn drop(&mut self) {
+        if self.idx == NIL {
+            // It took its grant (or was withdrawn): nothing to undo.
+            return;
+        }
         if self.remove() == Some(NodeState::Waiting) {
             if let Some(priority) = self.priority {
-                self.shared.counters.add(Count::Cancelled);
-                let waited = Instant::now().saturating_duration_since(self.since);
+                let shared = self.shared();
+                shared.counters.add(Count::Cancelled);
+                let waited = self
+                    .since
+                    .map(|s| Instant::now().saturating_duration_since(s));
                 tracing::debug!(
                     priority = priority.as_str(),
-                    waited_ms = waited.as_millis() as u64,
+                    waited_ms = waited.map(|w| w.as_millis() as u64),
                     "queued request cancelled by its caller"
                 );
-                self.shared
-                    .emit(QueueEventKind::Cancelled, Some(priority), 0, Some(waited));
+                shared.emit(QueueEventKind::Cancelled, Some(priority), 0, waited);
             }
         }
     }

@@ -14,10 +14,11 @@ pub(super) const NIL: u32 = u32::MAX;
 pub(super) const SLOT_LIST: usize = 3;
 const LISTS: usize = 4;
 
-/// A node's state, as its owner reads it from the [`Flag`].
+/// A node's state, as its owner reads it from its [`Chunk`] byte.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
 pub(super) enum NodeState {
+    /// Not in use, and its last owner is done with it.
     Free = 0,
     Waiting,
     /// Granted a permit (handed over, not taken from the count).
@@ -44,54 +45,51 @@ impl NodeState {
     }
 }
 
+/// How many node flags share one [`Chunk`].
+#[cfg(not(all(loom, test)))]
+pub(super) const CHUNK: usize = 64;
+/// Small chunks under loom, so that the models stay small.
+#[cfg(all(loom, test))]
+pub(super) const CHUNK: usize = 4;
+
 /// What an entry's owner reads without the lock: its node's state, one byte
-/// holding a [`NodeState`] code,
+/// in a chunk of [`CHUNK`] nodes' bytes (node `i` is byte `i % CHUNK` of
+/// chunk `i / CHUNK`), each holding a [`NodeState`] code,
 ///
 /// ```text
 ///  7                                    0
 /// +--------------------------------------+
-/// |  NodeState (Waiting, Permit, Slot,   |
-/// |  Closed; Free never stored)          |
+/// |  NodeState (Free, Waiting, Permit,   |
+/// |  Slot, Closed)                       |
 /// +--------------------------------------+
 /// ```
 ///
-/// written once, `Waiting` to the outcome, by whoever settles the node
-/// (under the lock). Shared by the entry and its node (an `Arc`), so that
-/// it lives as long as either does. A node keeps its flag when it is freed,
-/// and reuses it for its next entry if the last one has let go of it (the
-/// `Arc` is unique again), so that a queued request allocates no flag.
-#[derive(Debug)]
-pub(super) struct Flag(Arc<AtomicU8>);
+/// `Free` to `Waiting` when the node is handed to an entry (under the
+/// lock), `Waiting` to the outcome by whoever settles the node (under the
+/// lock), and the outcome back to `Free` by the owner once it has read it
+/// (its acknowledgement: from then on the node may be reused). An entry
+/// holds an `Arc` of its node's chunk, so that the byte lives as long as
+/// the entry does; the chunks are made as the arena grows and never
+/// freed before the queue, so that a queued request allocates nothing.
+pub(super) type Chunk = [AtomicU8; CHUNK];
 
-impl Flag {
-    fn new() -> Self {
-        Self(Arc::new(AtomicU8::new(NodeState::Waiting.code())))
-    }
+fn new_chunk() -> Arc<Chunk> {
+    Arc::new(std::array::from_fn(|_| {
+        AtomicU8::new(NodeState::Free.code())
+    }))
+}
 
-    fn share(&self) -> Self {
-        Self(Arc::clone(&self.0))
-    }
+/// Reads a node's state, with the grant's writes visible (acquire).
+#[inline]
+pub(super) fn state_of(chunk: &Chunk, idx: u32) -> NodeState {
+    NodeState::from_code(chunk[idx as usize % CHUNK].load(Ordering::Acquire))
+}
 
-    /// Makes this flag read `Waiting` for a new entry if nobody else holds
-    /// it (an entry that has not yet read its outcome still may); returns
-    /// whether it did.
-    fn renew(&mut self) -> bool {
-        if Arc::get_mut(&mut self.0).is_none() {
-            return false;
-        }
-        // Unique (checked with acquire ordering): the previous owner is done.
-        self.0.store(NodeState::Waiting.code(), Ordering::Relaxed);
-        true
-    }
-
-    /// The state, with the grant's writes visible (acquire).
-    pub(super) fn get(&self) -> NodeState {
-        NodeState::from_code(self.0.load(Ordering::Acquire))
-    }
-
-    fn set(&self, state: NodeState) {
-        self.0.store(state.code(), Ordering::Release);
-    }
+/// The owner read its outcome (or removed its node): the node may be
+/// reused.
+#[inline]
+pub(super) fn acknowledge(chunk: &Chunk, idx: u32) {
+    chunk[idx as usize % CHUNK].store(NodeState::Free.code(), Ordering::Release);
 }
 
 #[derive(Debug)]
@@ -99,8 +97,6 @@ pub(super) struct Node {
     prev: u32,
     next: u32,
     pub(super) list: u8,
-    /// Its entry's flag (kept for the next entry once the node is freed).
-    flag: Flag,
     pub(super) waker: Option<Waker>,
     /// Virtual time: the earliest wins. Enqueue time plus the class offset.
     vt: u64,
@@ -112,10 +108,11 @@ pub(super) struct Node {
 #[derive(Debug)]
 pub(crate) struct Lists {
     pub(super) nodes: Vec<Node>,
+    /// The nodes' state bytes, [`CHUNK`] nodes to a chunk.
+    chunks: Vec<Arc<Chunk>>,
     /// Free nodes, reused oldest first and only once the entry a node was
-    /// settled for has let go of its flag, which the next entry then reuses
-    /// (so the arena holds at most about twice the most requests that ever
-    /// waited at once).
+    /// settled for has read its outcome (so the arena holds at most about
+    /// twice the most requests that ever waited at once).
     free: VecDeque<u32>,
     pub(super) head: [u32; LISTS],
     tail: [u32; LISTS],
@@ -141,6 +138,7 @@ impl Lists {
     pub(super) fn new() -> Self {
         Self {
             nodes: Vec::new(),
+            chunks: Vec::new(),
             free: VecDeque::new(),
             head: [NIL; LISTS],
             tail: [NIL; LISTS],
@@ -158,9 +156,9 @@ impl Lists {
         self.len.iter().all(|&n| n == 0)
     }
 
-    /// Appends a node to `list`; returns its index and the flag its entry
-    /// reads.
-    pub(super) fn push(&mut self, list: usize, vt: u64, waker: Waker) -> (u32, Flag) {
+    /// Appends a node to `list`; returns its index and the chunk holding
+    /// the state byte its entry reads.
+    pub(super) fn push(&mut self, list: usize, vt: u64, waker: Waker) -> (u32, Arc<Chunk>) {
         let prev = self.tail[list];
         let idx = match self.reusable() {
             Some(i) => {
@@ -178,15 +176,19 @@ impl Lists {
                     // quarter of the arena's memory is ever unused.
                     self.nodes.reserve_exact(self.nodes.len() / 4 + 8);
                 }
+                let i = self.nodes.len();
+                if i.is_multiple_of(CHUNK) {
+                    self.chunks.push(new_chunk());
+                }
                 self.nodes.push(Node {
                     prev,
                     next: NIL,
                     list: list as u8,
-                    flag: Flag::new(),
                     waker: Some(waker),
                     vt,
                 });
-                (self.nodes.len() - 1) as u32
+                self.set(i as u32, NodeState::Waiting, Ordering::Relaxed);
+                i as u32
             }
         };
         match self.tail[list] {
@@ -195,15 +197,38 @@ impl Lists {
         }
         self.tail[list] = idx;
         self.len[list] += 1;
-        (idx, self.nodes[idx as usize].flag.share())
+        (idx, Arc::clone(&self.chunks[idx as usize / CHUNK]))
     }
 
-    /// A free node whose flag is back in the arena's hands alone (renewed
-    /// to `Waiting`), looking at a few of the oldest.
+    /// Writes a node's state byte (under the lock).
+    #[inline]
+    fn set(&self, idx: u32, state: NodeState, order: Ordering) {
+        self.chunks[idx as usize / CHUNK][idx as usize % CHUNK].store(state.code(), order);
+    }
+
+    /// A free node whose last owner has read its outcome (made `Waiting`
+    /// for the next one): the oldest, which usually is.
+    #[inline]
     fn reusable(&mut self) -> Option<u32> {
+        let &i = self.free.front()?;
+        if state_of(&self.chunks[i as usize / CHUNK], i) == NodeState::Free {
+            // Acquire above: the last owner is done; the next one takes the
+            // node through the lock.
+            self.free.pop_front();
+            self.set(i, NodeState::Waiting, Ordering::Relaxed);
+            return Some(i);
+        }
+        self.reusable_later()
+    }
+
+    /// The oldest free node's owner has not read its outcome yet: looks at
+    /// a few more.
+    #[cold]
+    fn reusable_later(&mut self) -> Option<u32> {
         for _ in 0..self.free.len().min(4) {
             let i = self.free.pop_front()?;
-            if self.nodes[i as usize].flag.renew() {
+            if state_of(&self.chunks[i as usize / CHUNK], i) == NodeState::Free {
+                self.set(i, NodeState::Waiting, Ordering::Relaxed);
                 return Some(i);
             }
             self.free.push_back(i);
@@ -211,6 +236,7 @@ impl Lists {
         None
     }
 
+    #[inline]
     pub(super) fn unlink(&mut self, idx: u32) {
         let (prev, next, list) = {
             let n = &self.nodes[idx as usize];
@@ -230,17 +256,15 @@ impl Lists {
         n.next = NIL;
     }
 
-    /// Frees an unlinked node, first telling its owner `state` through the
-    /// flag (`None` when the owner itself removes it). Returns its waker,
-    /// for the caller to wake or drop after the lock is released (either
-    /// can run a task's code).
+    /// Frees an unlinked node, telling its owner `state` through its state
+    /// byte (`None` when the owner itself removes it: then the node is
+    /// free at once). Returns its waker, for the caller to wake or drop
+    /// after the lock is released (either can run a task's code).
     #[must_use]
+    #[inline]
     pub(super) fn release_node(&mut self, idx: u32, state: Option<NodeState>) -> Option<Waker> {
-        let n = &mut self.nodes[idx as usize];
-        if let Some(state) = state {
-            n.flag.set(state);
-        }
-        let waker = n.waker.take();
+        self.set(idx, state.unwrap_or(NodeState::Free), Ordering::Release);
+        let waker = self.nodes[idx as usize].waker.take();
         self.free.push_back(idx);
         waker
     }

@@ -13,49 +13,38 @@ use super::sync::MutexGuard;
 use super::Core;
 
 /// Wakers collected under the lock, woken (or just dropped) after it is
-/// released. A release hands on one grant, rarely two: those stay inline,
-/// so that a handoff does not allocate.
+/// released. A critical section settles one node, rarely more: the first
+/// waker to wake and the first to drop stay inline, so that a handoff does
+/// not allocate, and nothing is moved or zeroed on the way out.
 #[derive(Default)]
 struct Wakes {
-    wake: [Option<Waker>; 2],
-    more: Vec<Waker>,
+    wake: Option<Waker>,
     /// Wakers replaced or freed, to be dropped (dropping one can cancel
     /// another queued call, which takes the lock).
-    stale: [Option<Waker>; 2],
+    stale: Option<Waker>,
+    /// The rest (shutdown settles every node at once), woken; a stale one
+    /// that lands here is woken rather than dropped under the lock (a
+    /// spurious wake-up is harmless).
+    more: Vec<Waker>,
 }
 
 impl Wakes {
     fn push(&mut self, w: Option<Waker>) {
         let Some(w) = w else { return };
-        match self.wake.iter_mut().find(|slot| slot.is_none()) {
-            Some(slot) => *slot = Some(w),
-            None => self.more.push(w),
+        if self.wake.is_none() {
+            self.wake = Some(w);
+        } else {
+            self.more.push(w);
         }
     }
 
     fn discard(&mut self, w: Option<Waker>) {
         let Some(w) = w else { return };
-        match self.stale.iter_mut().find(|slot| slot.is_none()) {
-            Some(slot) => *slot = Some(w),
-            // Never more than two per critical section; wake it rather than
-            // drop it under the lock (a spurious wake-up is harmless).
-            None => self.more.push(w),
+        if self.stale.is_none() {
+            self.stale = Some(w);
+        } else {
+            self.more.push(w);
         }
-    }
-
-    #[inline]
-    fn run(self) {
-        let [a, b] = self.wake;
-        if let Some(w) = a {
-            w.wake();
-        }
-        if let Some(w) = b {
-            w.wake();
-        }
-        if !self.more.is_empty() {
-            self.more.into_iter().for_each(Waker::wake);
-        }
-        drop(self.stale);
     }
 }
 
@@ -73,6 +62,16 @@ impl Core {
         Locked {
             core: self,
             lists: Some(self.lock()),
+            wakes: Wakes::default(),
+        }
+    }
+
+    /// Turns a plain guard (taken for a critical section that usually wakes
+    /// nobody) into a [`Locked`], for the branch that may.
+    pub(super) fn locked_from<'a>(&'a self, guard: MutexGuard<'a, Lists>) -> Locked<'a> {
+        Locked {
+            core: self,
+            lists: Some(guard),
             wakes: Wakes::default(),
         }
     }
@@ -115,10 +114,17 @@ impl DerefMut for Locked<'_> {
 }
 
 impl Drop for Locked<'_> {
+    #[inline]
     fn drop(&mut self) {
         if let Some(mut lists) = self.lists.take() {
             self.core.after_change(&mut lists);
         }
-        std::mem::take(&mut self.wakes).run();
+        // Unlocked. The stale waker is dropped with `self`, after this.
+        if let Some(w) = self.wakes.wake.take() {
+            w.wake();
+        }
+        if !self.wakes.more.is_empty() {
+            self.wakes.more.drain(..).for_each(Waker::wake);
+        }
     }
 }

@@ -30,12 +30,14 @@
 //!    (mirrored in `Lists::place_waiters`, restored on every unlock); while
 //!    it or `PLACES_CLOSED` is up, places are taken and freed under the
 //!    lock, where a freed place goes to the first caller waiting for one.
-//! 5. **A node is in a list exactly while its flag reads `Waiting`.** Only
-//!    the lock holder settles a node: unlinks it, writes the outcome to the
-//!    flag, frees the node and queues its waker. The owner reads a settled
-//!    flag without the lock; an owner that drops its entry removes the
-//!    node (still waiting) or passes on its grant (settled), under the
-//!    lock.
+//! 5. **A node is in a list exactly while its state byte reads
+//!    `Waiting`.** Only the lock holder settles a node: unlinks it, writes
+//!    the outcome to its byte, frees the node and queues its waker. The
+//!    owner reads a settled byte without the lock and then writes it back
+//!    to `Free`; a freed node is reused only once its byte reads `Free`
+//!    (its last owner is done with it). An owner that drops its entry
+//!    removes the node (still waiting) or passes on its grant (settled),
+//!    under the lock.
 //! 6. **A queued request holds its place until it takes its permit**, and
 //!    frees it then, outside the critical section that granted the permit;
 //!    the depth never exceeds the capacity.
@@ -47,8 +49,8 @@
 //! 9. **Ownership is reference counted**: the core is freed when the last
 //!    `Arc` goes; a permit, a place or an entry keeps it alive through its
 //!    thread's [`Stripe`] (a [`Link`]), so that callers on different cores
-//!    do not share one count's cache line; a wait-list node shares its
-//!    entry's flag through an `Arc`.
+//!    do not share one count's cache line; an entry holds an `Arc` of the
+//!    chunk of state bytes its node's byte is in.
 //!
 //! `tests/queue_loom.rs` checks these with loom (this module is compiled
 //! into that test crate, with loom's atomics, lock and `Arc`).

@@ -270,10 +270,25 @@ impl Core {
         false
     }
 
-    /// Returns a permit through the lock (a flag is up).
+    /// Returns a permit through the lock (a flag is up). The common case,
+    /// a queued request to hand it to, is written out: one node settled,
+    /// the flags restored, the lock released, then its owner woken
+    /// (invariant 8), without collecting wakers.
     #[cold]
     fn release_permit_slow(&self) {
-        let mut l = self.locked();
+        let mut l = self.lock();
+        if let Some(i) = l.pick() {
+            // It keeps its place until it takes the grant (`Entry::poll`).
+            l.unlink(i);
+            let waker = l.release_node(i, Some(NodeState::Permit));
+            self.after_change(&mut l);
+            drop(l);
+            if let Some(w) = waker {
+                w.wake();
+            }
+            return;
+        }
+        let mut l = self.locked_from(l);
         self.release_permit_locked(&mut l);
     }
 
