@@ -369,7 +369,9 @@ where
                     match slot.enqueue(self.priority, since, cx.waker()) {
                         Enqueued::Entry(e) => {
                             // The placeholder holds nothing: no drop to run.
-                            std::mem::forget(std::mem::replace(&mut self.phase, Phase::Queued(e)));
+                            let old = std::mem::replace(&mut self.phase, Phase::Queued(e));
+                            debug_assert!(matches!(old, Phase::Readying));
+                            std::mem::forget(old);
                             // Its waker is registered: only the timer is
                             // left to register.
                             return self.poll_timer(cx);

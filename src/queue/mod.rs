@@ -370,7 +370,9 @@ impl<S, P, D, H> Queue<S, P, D, H> {
                 let since = self.policy.stamp.then(Instant::now);
                 let slot = Reserved::Slot(Slot::new(self.shared.link()), since);
                 // It was `None` (checked above): no drop to run.
-                std::mem::forget(std::mem::replace(&mut self.reserved, slot));
+                let old = std::mem::replace(&mut self.reserved, slot);
+                debug_assert!(matches!(old, Reserved::None));
+                std::mem::forget(old);
                 return Poll::Ready(Ok(()));
             }
         }
