@@ -168,31 +168,43 @@ pub enum JobOutcome<R> {
     },
 }
 
-/// The stored form of an outcome in the per-job result key (which also
-/// serves as the "done" marker): `ok:<json>`, `expired:`, `dead:<n>:<error>`.
+/// The stored form of an outcome in a results hash (which also serves as
+/// the job's "done" marker): a completed job's answer as it is (JSON, which
+/// never starts with `!`), `!expired`, `!dead:<n>:<error>`.
 pub(crate) fn decode_outcome<'a>(
     job: &str,
     raw: &'a [u8],
 ) -> Result<JobOutcome<&'a [u8]>, RedisQueueError> {
     let bad = || RedisQueueError::malformed(format!("result of job {job}"), "unknown status");
-    let colon = raw.iter().position(|&b| b == b':').ok_or_else(bad)?;
-    let (status, rest) = (&raw[..colon], &raw[colon + 1..]);
-    match status {
-        b"ok" => Ok(JobOutcome::Completed(rest)),
-        b"expired" => Ok(JobOutcome::Expired),
-        b"dead" => {
-            let c = rest.iter().position(|&b| b == b':').ok_or_else(bad)?;
-            let deliveries = std::str::from_utf8(&rest[..c])
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(bad)?;
-            Ok(JobOutcome::DeadLettered {
-                error: String::from_utf8_lossy(&rest[c + 1..]).into_owned(),
-                deliveries,
-            })
-        }
-        _ => Err(bad()),
+    let Some(rest) = raw.strip_prefix(b"!") else {
+        return Ok(JobOutcome::Completed(raw));
+    };
+    if rest == b"expired" {
+        return Ok(JobOutcome::Expired);
     }
+    let rest = rest.strip_prefix(b"dead:").ok_or_else(bad)?;
+    let c = rest.iter().position(|&b| b == b':').ok_or_else(bad)?;
+    let deliveries = std::str::from_utf8(&rest[..c])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok(JobOutcome::DeadLettered {
+        error: String::from_utf8_lossy(&rest[c + 1..]).into_owned(),
+        deliveries,
+    })
+}
+
+/// How much enqueue time one results hash covers: a job's outcome is a
+/// field of the hash of the minute its id was made in (ids are
+/// `<class>-<ms>-<seq>`; an id of any other form goes to hash 0).
+pub(crate) const RESULT_BUCKET_MS: u64 = 60_000;
+
+/// The results hash (its number) that holds job `job`'s outcome.
+pub(crate) fn result_bucket(job: &str) -> u64 {
+    job.split('-')
+        .nth(1)
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(0, |ms| ms / RESULT_BUCKET_MS)
 }
 
 /// Key names of one queue. Every key carries the hash tag `{name}`, so a
@@ -226,8 +238,9 @@ impl Keys {
     pub(crate) fn idempotency(&self, key: &str) -> String {
         format!("{}:idem:{key}", self.prefix)
     }
-    pub(crate) fn result(&self, job: &str) -> String {
-        format!("{}:result:{job}", self.prefix)
+    /// The results hash of bucket `bucket` (see [`result_bucket`]).
+    pub(crate) fn results(&self, bucket: u64) -> String {
+        format!("{}:results:{bucket}", self.prefix)
     }
 }
 
@@ -425,20 +438,30 @@ mod tests {
     #[test]
     fn outcomes_round_trip_their_stored_form() {
         assert_eq!(
-            decode_outcome("1", b"ok:{\"a\":1}").unwrap(),
+            decode_outcome("1", b"{\"a\":1}").unwrap(),
             JobOutcome::Completed(&b"{\"a\":1}"[..])
         );
         assert_eq!(
-            decode_outcome("1", b"expired:").unwrap(),
+            decode_outcome("1", b"!expired").unwrap(),
             JobOutcome::Expired
         );
         assert_eq!(
-            decode_outcome("1", b"dead:3:bad: thing").unwrap(),
+            decode_outcome("1", b"!dead:3:bad: thing").unwrap(),
             JobOutcome::DeadLettered {
                 error: "bad: thing".into(),
                 deliveries: 3
             }
         );
-        assert!(decode_outcome("1", b"nonsense").is_err());
+        assert!(decode_outcome("1", b"!nonsense").is_err());
+        assert!(decode_outcome("1", b"!dead:x:e").is_err());
+    }
+
+    #[test]
+    fn a_jobs_results_hash_is_the_minute_of_its_id() {
+        assert_eq!(result_bucket("normal-1764500000000-0"), 1_764_500_000_000 / 60_000);
+        assert_eq!(result_bucket("high-59999-3"), 0);
+        assert_eq!(result_bucket("low-60000-0"), 1);
+        assert_eq!(result_bucket("404"), 0);
+        assert_eq!(result_bucket("normal-x-0"), 0);
     }
 }

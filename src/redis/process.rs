@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::config::ms;
 use super::error::RedisQueueError;
 use super::event::WorkerEvent;
-use super::job::{unix_ms, Delivery, GROUP};
+use super::job::{result_bucket, unix_ms, Delivery, GROUP};
 use super::scripts;
 use super::worker::Ctx;
 use super::writer::{Kind, Outcome};
@@ -223,18 +223,17 @@ async fn write(
             return requeue(ctx, job, prior, Duration::ZERO, &job.last_error, false).await;
         }
         Verdict::Ok(json) => Kind::Completed {
-            job: job.job.clone(),
             deliveries: job.deliveries,
             answer: json.clone(),
         },
         Verdict::Expired => Kind::Other {
             dead: false,
-            stored: b"expired:".to_vec(),
+            stored: b"!expired".to_vec(),
             fields: entry_fields(job, [&b"status"[..], b"expired"]),
         },
         Verdict::Dead(e) => Kind::Other {
             dead: true,
-            stored: format!("dead:{}:{e}", job.deliveries).into_bytes(),
+            stored: format!("!dead:{}:{e}", job.deliveries).into_bytes(),
             fields: entry_fields(
                 job,
                 [
@@ -254,8 +253,9 @@ async fn write(
         .write(
             Outcome {
                 class: job.class,
-                result_key: ctx.keys.result(&job.job),
+                bucket: result_bucket(&job.job),
                 entry: job.entry.clone(),
+                job: job.job.clone(),
                 kind,
             },
             || drop(slot.take()),
@@ -307,13 +307,14 @@ async fn requeue(
     let mut inv = scripts::REQUEUE.prepare_invoke();
     inv.key(ctx.keys.stream(job.class))
         .key(ctx.keys.delayed())
-        .key(ctx.keys.result(&job.job))
+        .key(ctx.keys.results(result_bucket(&job.job)))
         .key(ctx.keys.retried());
     inv.arg(GROUP)
         .arg(&job.entry)
         .arg(ms(delay))
         .arg(member)
-        .arg(if count_retry { "1" } else { "0" });
+        .arg(if count_retry { "1" } else { "0" })
+        .arg(&job.job);
     let n: i64 = inv.invoke_async(&mut ctx.conn.clone()).await?;
     ctx.requeued
         .store(true, std::sync::atomic::Ordering::Relaxed);

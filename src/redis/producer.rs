@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::config::{ms, QueueConfig};
 use super::error::RedisQueueError;
-use super::job::{decode_outcome, Enqueue, JobId, JobOutcome, Keys, Priority, GROUP};
+use super::job::{decode_outcome, result_bucket, Enqueue, JobId, JobOutcome, Keys, Priority, GROUP};
 use super::scripts;
 
 /// Opens a self-reconnecting connection. `response_timeout` bounds every
@@ -166,7 +166,8 @@ impl JobQueue {
         &self,
         id: &JobId,
     ) -> Result<Option<JobOutcome<R>>, RedisQueueError> {
-        let raw: Option<Vec<u8>> = self.conn.clone().get(self.keys.result(id.as_str())).await?;
+        let hash = self.keys.results(result_bucket(id.as_str()));
+        let raw: Option<Vec<u8>> = self.conn.clone().hget(hash, id.as_str()).await?;
         let Some(raw) = raw else { return Ok(None) };
         let outcome = match decode_outcome(id.as_str(), &raw)? {
             JobOutcome::Completed(bytes) => {
@@ -185,7 +186,7 @@ impl JobQueue {
         Ok(Some(outcome))
     }
 
-    /// Waits up to `timeout` for job `id`'s outcome, polling its result key
+    /// Waits up to `timeout` for job `id`'s outcome, polling its field in the queue's results hash
     /// (every 2 ms at first, backing off to every 100 ms).
     ///
     /// # Errors

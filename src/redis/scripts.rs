@@ -139,42 +139,46 @@ return {now, next_due, out}
 /// its previous write was on its way in one call.
 ///
 /// `KEYS` = high, normal, low streams, output stream, dead-letter stream,
-/// then each job's result key; `ARGV` = group, result TTL (ms), target max
-/// length, then for each job its class (1 to 3), its kind and entry id, and
-/// - kind `o` (a completed job): job id, deliveries, the answer (JSON): the
-///   output entry is `job`, `deliveries`, `status ok`, `result`, and the
-///   stored outcome `ok:` and the answer;
+/// then the results hashes the batch's jobs belong to; `ARGV` = group,
+/// result TTL (ms), target max length, then for each job its class (1 to
+/// 3), its results hash (1 = the first after the dead-letter stream), its
+/// kind, entry id and job id, and
+/// - kind `o` (a completed job): deliveries, the answer (JSON): the output
+///   entry is `job`, `deliveries`, `status ok`, `result`, and the stored
+///   outcome the answer itself;
 /// - kind `x` (to the output stream) or `d` (to dead letters): the stored
 ///   outcome, the number of entry fields, and those fields.
 ///
-/// The result key is the job's "done" marker: `SET NX` fails when an outcome
-/// is already recorded (another worker finished a reclaimed copy first), and
-/// then nothing is written. The batch's entries are acknowledged with one
-/// `XACK` per stream. Returns 1 (written) or 0 (a duplicate) per job.
+/// The job's field in its results hash is its "done" marker: `HSETNX` fails
+/// when an outcome is already recorded (another worker finished a reclaimed
+/// copy first), and then nothing is written. A results hash lives at least
+/// the result TTL after its last write. The batch's entries are
+/// acknowledged with one `XACK` per stream. Returns 1 (written) or 0 (a
+/// duplicate) per job.
 pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
 local acks = {{}, {}, {}}
 local a = 4
-for i = 1, #KEYS - 5 do
-  local c, kind, entry = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
-  a = a + 3
+while a <= #ARGV do
+  local c, h, kind, entry, job = tonumber(ARGV[a]), KEYS[5 + tonumber(ARGV[a + 1])], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 5
   local l = acks[c]
   l[#l + 1] = entry
   if kind == 'o' then
-    if redis.call('SET', KEYS[5 + i], 'ok:' .. ARGV[a + 2], 'NX', 'PX', ARGV[2]) then
-      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'job', ARGV[a], 'deliveries', ARGV[a + 1], 'status', 'ok', 'result', ARGV[a + 2])
+    if redis.call('HSETNX', h, job, ARGV[a + 1]) == 1 then
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'job', job, 'deliveries', ARGV[a], 'status', 'ok', 'result', ARGV[a + 1])
       out[#out + 1] = 1
     else
       out[#out + 1] = 0
     end
-    a = a + 3
+    a = a + 2
   else
     local nf = tonumber(ARGV[a + 1])
     local target = KEYS[4]
     if kind == 'd' then target = KEYS[5] end
-    if redis.call('SET', KEYS[5 + i], ARGV[a], 'NX', 'PX', ARGV[2]) then
+    if redis.call('HSETNX', h, job, ARGV[a]) == 1 then
       redis.call('XADD', target, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, a + 2, a + 1 + nf))
       out[#out + 1] = 1
     else
@@ -182,6 +186,10 @@ for i = 1, #KEYS - 5 do
     end
     a = a + 2 + nf
   end
+end
+local ttl = tonumber(ARGV[2])
+for i = 6, #KEYS do
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 for c = 1, 3 do
   if #acks[c] > 0 then redis.call('XACK', KEYS[c], ARGV[1], unpack(acks[c])) end
@@ -192,9 +200,10 @@ return out
 });
 
 /// Put a job back for a later attempt, in one step: `KEYS` = source stream,
-/// delayed set, result key, re-queue counter; `ARGV` = group, entry id, delay (ms), the
-/// delayed member (`[class + 1, [field, value, ...]]` as JSON), `1` to
-/// count a retry (`0` for a job released at shutdown).
+/// delayed set, the job's results hash, re-queue counter; `ARGV` = group,
+/// entry id, delay (ms), the delayed member (`[class + 1, [field, value,
+/// ...]]` as JSON), `1` to count a retry (`0` for a job released at
+/// shutdown), job id.
 ///
 /// Nothing is re-queued when the job already has an outcome. Returns 1 if
 /// re-queued, 0 if not.
@@ -202,7 +211,7 @@ pub(crate) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])

@@ -15,8 +15,10 @@ const MAX_BATCH: usize = 64;
 /// One outcome to record.
 pub(crate) struct Outcome {
     pub(crate) class: Priority,
-    pub(crate) result_key: String,
+    /// The job's results hash ([`result_bucket`](super::job::result_bucket)).
+    pub(crate) bucket: u64,
     pub(crate) entry: String,
+    pub(crate) job: String,
     pub(crate) kind: Kind,
 }
 
@@ -24,11 +26,7 @@ pub(crate) struct Outcome {
 pub(crate) enum Kind {
     /// A completed job: the script builds the output entry and the stored
     /// outcome from these.
-    Completed {
-        job: String,
-        deliveries: u32,
-        answer: Vec<u8>,
-    },
+    Completed { deliveries: u32, answer: Vec<u8> },
     /// Any other outcome, to the output stream or (`dead`) the dead-letter
     /// stream: the stored outcome and the entry's fields and values.
     Other {
@@ -62,7 +60,8 @@ impl Writer {
             keys.output(),
             keys.dead(),
         ];
-        let task = tokio::spawn(run(conn, rx, fixed, result_ttl_ms, max_len));
+        let results = keys.clone();
+        let task = tokio::spawn(run(conn, rx, fixed, results, result_ttl_ms, max_len));
         (Self(tx), task)
     }
 
@@ -91,28 +90,36 @@ async fn run(
     mut conn: ConnectionManager,
     mut rx: mpsc::Receiver<(Outcome, Reply)>,
     fixed: [String; 5],
+    keys: Keys,
     ttl_ms: u64,
     max_len: u64,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The results hashes of one batch: nearly always one (the jobs of one
+    // minute of enqueues), so a list.
+    let mut buckets: Vec<u64> = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut inv = scripts::FINISH_MANY.prepare_invoke();
         for k in &fixed {
             inv.key(k);
         }
         inv.arg(GROUP).arg(ttl_ms).arg(max_len);
+        buckets.clear();
         for (o, _) in &batch {
-            inv.key(&o.result_key);
-            inv.arg(o.class.index() + 1);
+            let hash = match buckets.iter().position(|&b| b == o.bucket) {
+                Some(i) => i + 1,
+                None => {
+                    buckets.push(o.bucket);
+                    inv.key(keys.results(o.bucket));
+                    buckets.len()
+                }
+            };
+            inv.arg(o.class.index() + 1).arg(hash);
             match &o.kind {
-                Kind::Completed {
-                    job,
-                    deliveries,
-                    answer,
-                } => {
+                Kind::Completed { deliveries, answer } => {
                     inv.arg("o")
                         .arg(&o.entry)
-                        .arg(job)
+                        .arg(&o.job)
                         .arg(deliveries)
                         .arg(answer.as_slice());
                 }
@@ -123,6 +130,7 @@ async fn run(
                 } => {
                     inv.arg(if *dead { "d" } else { "x" })
                         .arg(&o.entry)
+                        .arg(&o.job)
                         .arg(stored.as_slice())
                         .arg(fields.len());
                     for f in fields {
