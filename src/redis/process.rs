@@ -74,7 +74,7 @@ pub(crate) async fn process<S, T>(
     S::Error: Into<BoxError>,
 {
     let verdict = decide(ctx, &job, service, release).await;
-    record(ctx, &job, verdict, slot).await;
+    record(ctx, job, verdict, slot).await;
 }
 
 async fn decide<S, T>(
@@ -154,16 +154,83 @@ where
     }
 }
 
-/// Writes the verdict, retrying while Redis is unreachable, for up to the
-/// visibility timeout (after which another worker reclaims the job anyway).
-async fn record(ctx: &Ctx, job: &Delivery, verdict: Verdict, slot: OwnedSemaphorePermit) {
+/// Records the verdict. An outcome (completed, expired, dead) is handed to
+/// the worker's writer, which writes it with others and reports it; the
+/// job's slot is free once it is queued. A re-queue is written here,
+/// retried while Redis is unreachable for up to the visibility timeout
+/// (after which another worker reclaims the job anyway).
+async fn record(ctx: &Ctx, job: Delivery, verdict: Verdict, slot: OwnedSemaphorePermit) {
+    let kind = match verdict {
+        Verdict::Ok(json) => Kind::Completed(json),
+        Verdict::Expired => Kind::Other {
+            error: None,
+            stored: b"!expired".to_vec(),
+            fields: entry_fields(&job, [&b"status"[..], b"expired"]),
+        },
+        Verdict::Dead(e) => Kind::Other {
+            stored: format!("!dead:{}:{e}", job.deliveries).into_bytes(),
+            fields: entry_fields(
+                &job,
+                [
+                    &b"error"[..],
+                    e.as_bytes(),
+                    b"priority",
+                    job.class.as_str().as_bytes(),
+                    b"entry",
+                    job.entry.as_bytes(),
+                    b"payload",
+                    &job.payload,
+                ],
+            ),
+            error: Some(e),
+        },
+        Verdict::Retry(e) => return requeue_until_written(ctx, &job, Some(e)).await,
+        Verdict::Release => return requeue_until_written(ctx, &job, None).await,
+    };
+    let outcome = Outcome {
+        class: job.class,
+        bucket: result_bucket(&job.job),
+        entry: job.entry,
+        job: job.job,
+        deliveries: job.deliveries,
+        kind,
+    };
+    // Not queued only when the worker is going away: the job stays pending
+    // and is reclaimed.
+    let _ = ctx.writer.write(outcome).await;
+    drop(slot);
+}
+
+/// Re-queues the job after a transient failure (`error`), or releases it
+/// (`None`: a job released at shutdown was not really tried, so its
+/// delivery is not counted), retrying while Redis is unreachable.
+async fn requeue_until_written(ctx: &Ctx, job: &Delivery, error: Option<String>) {
     let start = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(20);
-    let mut slot = Some(slot);
     loop {
-        match write(ctx, job, &verdict, &mut slot).await {
+        let r = match &error {
+            Some(e) => {
+                let delay = ctx.config.requeue_delay(job.deliveries);
+                requeue(ctx, job, job.deliveries, delay, e, true).await
+            }
+            None => {
+                let prior = job.deliveries.saturating_sub(1);
+                requeue(ctx, job, prior, Duration::ZERO, &job.last_error, false).await
+            }
+        };
+        match r {
             Ok(written) => {
-                emit(ctx, job, &verdict, written);
+                let j = job.job.as_str();
+                ctx.events.emit(match &error {
+                    _ if !written => WorkerEvent::Duplicate { job: j },
+                    Some(error) => WorkerEvent::Retried {
+                        job: j,
+                        deliveries: job.deliveries,
+                        delay: ctx.config.requeue_delay(job.deliveries),
+                        error,
+                    },
+                    None => WorkerEvent::Released { job: j },
+                });
                 return;
             }
             Err(e) => {
@@ -179,88 +246,6 @@ async fn record(ctx: &Ctx, job: &Delivery, verdict: Verdict, slot: OwnedSemaphor
             }
         }
     }
-}
-
-fn emit(ctx: &Ctx, job: &Delivery, verdict: &Verdict, written: bool) {
-    let j = job.job.as_str();
-    let event = match verdict {
-        _ if !written => WorkerEvent::Duplicate { job: j },
-        Verdict::Ok(_) => WorkerEvent::Completed {
-            job: j,
-            deliveries: job.deliveries,
-        },
-        Verdict::Expired => WorkerEvent::Expired { job: j },
-        Verdict::Dead(error) => WorkerEvent::DeadLettered {
-            job: j,
-            deliveries: job.deliveries,
-            error,
-        },
-        Verdict::Retry(error) => WorkerEvent::Retried {
-            job: j,
-            deliveries: job.deliveries,
-            delay: ctx.config.requeue_delay(job.deliveries),
-            error,
-        },
-        Verdict::Release => WorkerEvent::Released { job: j },
-    };
-    ctx.events.emit(event);
-}
-
-async fn write(
-    ctx: &Ctx,
-    job: &Delivery,
-    verdict: &Verdict,
-    slot: &mut Option<OwnedSemaphorePermit>,
-) -> Result<bool, RedisQueueError> {
-    let kind = match verdict {
-        Verdict::Retry(e) => {
-            let delay = ctx.config.requeue_delay(job.deliveries);
-            return requeue(ctx, job, job.deliveries, delay, e, true).await;
-        }
-        // A released job was not really tried: its delivery is not counted.
-        Verdict::Release => {
-            let prior = job.deliveries.saturating_sub(1);
-            return requeue(ctx, job, prior, Duration::ZERO, &job.last_error, false).await;
-        }
-        Verdict::Ok(json) => Kind::Completed {
-            deliveries: job.deliveries,
-            answer: json.clone(),
-        },
-        Verdict::Expired => Kind::Other {
-            dead: false,
-            stored: b"!expired".to_vec(),
-            fields: entry_fields(job, [&b"status"[..], b"expired"]),
-        },
-        Verdict::Dead(e) => Kind::Other {
-            dead: true,
-            stored: format!("!dead:{}:{e}", job.deliveries).into_bytes(),
-            fields: entry_fields(
-                job,
-                [
-                    &b"error"[..],
-                    e.as_bytes(),
-                    b"priority",
-                    job.class.as_str().as_bytes(),
-                    b"entry",
-                    job.entry.as_bytes(),
-                    b"payload",
-                    &job.payload,
-                ],
-            ),
-        },
-    };
-    ctx.writer
-        .write(
-            Outcome {
-                class: job.class,
-                bucket: result_bucket(&job.job),
-                entry: job.entry.clone(),
-                job: job.job.clone(),
-                kind,
-            },
-            || drop(slot.take()),
-        )
-        .await
 }
 
 /// An output or dead-letter entry's fields: `job`, `deliveries`, then

@@ -21,7 +21,7 @@ use super::job::Keys;
 use super::process::{process, Failure};
 use super::producer::{connect, ensure_groups, JobQueue};
 use super::take::{wait_for_new, Taker};
-use super::writer::Writer;
+use super::writer::{Writer, WriterConfig};
 use crate::error::BoxError;
 
 /// Decides whether a service error is worth another delivery.
@@ -116,11 +116,16 @@ where
             .consumer
             .clone()
             .unwrap_or_else(|| format!("worker-{:016x}", rand::random::<u64>()));
+        let events = Arc::new(Events::new(&self.queue.config.name, self.hook));
         let (writer, writer_task) = Writer::spawn(
             conn.clone(),
-            &self.queue.keys,
-            ms(self.queue.config.result_ttl),
-            self.queue.config.output_max_len,
+            WriterConfig {
+                keys: self.queue.keys.clone(),
+                result_ttl_ms: ms(self.queue.config.result_ttl),
+                max_len: self.queue.config.output_max_len,
+                give_up_after: self.config.visibility_timeout,
+                events: events.clone(),
+            },
             self.config.max_in_flight,
         );
         let ctx = Arc::new(Ctx {
@@ -128,7 +133,7 @@ where
             conn,
             keys: self.queue.keys.clone(),
             queue: self.queue.config.clone(),
-            events: Events::new(&self.queue.config.name, self.hook),
+            events,
             classify: self.classify,
             consumer: consumer.clone(),
             config: self.config,
@@ -197,7 +202,7 @@ pub(crate) struct Ctx {
     pub(crate) keys: Keys,
     pub(crate) queue: super::config::QueueConfig,
     pub(crate) config: WorkerConfig,
-    pub(crate) events: Events,
+    pub(crate) events: Arc<Events>,
     pub(crate) classify: Classifier,
     pub(crate) consumer: String,
     /// Set when a job of this worker went to the delayed set, so the next
@@ -216,7 +221,7 @@ impl Drop for AbortOnDrop {
 
 async fn run<S, T>(
     ctx: Arc<Ctx>,
-    _writer: AbortOnDrop,
+    mut writer: AbortOnDrop,
     service: S,
     mut block_conn: ConnectionManager,
     mut stop: watch::Receiver<bool>,
@@ -297,12 +302,20 @@ async fn run<S, T>(
     tokio::pin!(grace);
     loop {
         tokio::select! {
-            next = jobs.join_next() => if next.is_none() { return },
-            _ = &mut grace => break,
+            next = jobs.join_next() => if next.is_none() { break },
+            _ = &mut grace => {
+                let _ = release_tx.send(true);
+                while jobs.join_next().await.is_some() {}
+                break;
+            }
         }
     }
-    let _ = release_tx.send(true);
-    while jobs.join_next().await.is_some() {}
+    // Every job has handed its outcome over: with the last `Writer` gone
+    // the writer writes what it holds and ends (within the visibility
+    // timeout, after which it gives outcomes up).
+    let wait = ctx.config.visibility_timeout + Duration::from_secs(1);
+    drop(ctx);
+    let _ = tokio::time::timeout(wait, &mut writer.0).await;
 }
 
 /// Sleeps `d` unless told to stop first; returns whether to stop.

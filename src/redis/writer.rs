@@ -1,11 +1,22 @@
 //! A worker's outcome writer: the outcomes of jobs that finish while a
 //! write is on its way are written together, in one script call, each still
 //! atomic (output entry, done marker, acknowledgement).
+//!
+//! A job hands its outcome over and is done: the writer reports what became
+//! of it ([`WorkerEvent`]) and, while Redis cannot be reached, retries the
+//! batch (backing off) until the outcomes are older than the visibility
+//! timeout, after which other workers reclaim those jobs anyway. So no job
+//! task waits for its write, and nothing is allocated per job for a reply.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::error::RedisQueueError;
+use super::event::{Events, WorkerEvent};
 use super::job::{Keys, Priority, GROUP};
 use super::scripts;
 
@@ -19,143 +30,182 @@ pub(crate) struct Outcome {
     pub(crate) bucket: u64,
     pub(crate) entry: String,
     pub(crate) job: String,
+    pub(crate) deliveries: u32,
     pub(crate) kind: Kind,
 }
 
 /// What an outcome writes.
 pub(crate) enum Kind {
     /// A completed job: the script builds the output entry and the stored
-    /// outcome from these.
-    Completed { deliveries: u32, answer: Vec<u8> },
-    /// Any other outcome, to the output stream or (`dead`) the dead-letter
-    /// stream: the stored outcome and the entry's fields and values.
+    /// outcome from its answer (JSON).
+    Completed(Vec<u8>),
+    /// Any other outcome, to the output stream (expired) or, with an
+    /// `error`, the dead-letter stream: the stored outcome and the entry's
+    /// fields and values.
     Other {
-        dead: bool,
+        error: Option<String>,
         stored: Vec<u8>,
         fields: Vec<Vec<u8>>,
     },
 }
 
-type Reply = oneshot::Sender<Result<bool, RedisQueueError>>;
+/// What the writer needs besides its connection.
+pub(crate) struct WriterConfig {
+    pub(crate) keys: Keys,
+    pub(crate) result_ttl_ms: u64,
+    pub(crate) max_len: u64,
+    /// Outcomes older than this are given up (their jobs get reclaimed).
+    pub(crate) give_up_after: Duration,
+    pub(crate) events: Arc<Events>,
+}
 
 /// The sending side, held by the worker's jobs.
 #[derive(Debug, Clone)]
-pub(crate) struct Writer(mpsc::Sender<(Outcome, Reply)>);
+pub(crate) struct Writer(mpsc::Sender<(Outcome, Instant)>);
 
 impl Writer {
-    /// Starts the writer task; it ends when every `Writer` clone is gone.
-    /// Returns the task's handle so a crash (abort) can stop it too.
+    /// Starts the writer task; it ends, after writing what it holds, when
+    /// every `Writer` clone is gone. Returns the task's handle so a crash
+    /// (abort) can stop it too. The queue holds at most `capacity`
+    /// outcomes.
     pub(crate) fn spawn(
         conn: ConnectionManager,
-        keys: &Keys,
-        result_ttl_ms: u64,
-        max_len: u64,
+        config: WriterConfig,
         capacity: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let fixed = [
-            keys.stream(Priority::High),
-            keys.stream(Priority::Normal),
-            keys.stream(Priority::Low),
-            keys.output(),
-            keys.dead(),
-        ];
-        let results = keys.clone();
-        let task = tokio::spawn(run(conn, rx, fixed, results, result_ttl_ms, max_len));
+        let task = tokio::spawn(run(conn, rx, config));
         (Self(tx), task)
     }
 
-    /// Records one outcome; `Ok(false)` when the job already had one.
-    ///
-    /// `handed_off` runs once the outcome is in the writer's queue (bounded
-    /// by the capacity given to [`spawn`](Self::spawn)), before the write
-    /// itself: the worker frees the job's slot there, so the next take
-    /// overlaps with this write.
-    pub(crate) async fn write(
-        &self,
-        outcome: Outcome,
-        handed_off: impl FnOnce(),
-    ) -> Result<bool, RedisQueueError> {
-        let (tx, rx) = oneshot::channel();
-        let gone = || RedisQueueError::Redis {
-            source: redis::RedisError::from((redis::ErrorKind::Client, "worker stopped")),
-        };
-        self.0.send((outcome, tx)).await.map_err(|_| gone())?;
-        handed_off();
-        rx.await.map_err(|_| gone())?
+    /// Queues one outcome for writing; waits while the queue is full.
+    /// Returns `false` only when the writer has stopped (the worker is
+    /// going away; the job stays pending and gets reclaimed).
+    pub(crate) async fn write(&self, outcome: Outcome) -> bool {
+        self.0.send((outcome, Instant::now())).await.is_ok()
     }
 }
 
 async fn run(
     mut conn: ConnectionManager,
-    mut rx: mpsc::Receiver<(Outcome, Reply)>,
-    fixed: [String; 5],
-    keys: Keys,
-    ttl_ms: u64,
-    max_len: u64,
+    mut rx: mpsc::Receiver<(Outcome, Instant)>,
+    config: WriterConfig,
 ) {
+    let fixed = [
+        config.keys.stream(Priority::High),
+        config.keys.stream(Priority::Normal),
+        config.keys.stream(Priority::Low),
+        config.keys.output(),
+        config.keys.dead(),
+    ];
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // The results hashes of one batch: nearly always one (the jobs of one
     // minute of enqueues), so a list.
     let mut buckets: Vec<u64> = Vec::new();
+    let mut backoff = Duration::from_millis(20);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut inv = scripts::FINISH_MANY.prepare_invoke();
-        for k in &fixed {
-            inv.key(k);
-        }
-        inv.arg(GROUP).arg(ttl_ms).arg(max_len);
-        buckets.clear();
-        for (o, _) in &batch {
-            let hash = match buckets.iter().position(|&b| b == o.bucket) {
-                Some(i) => i + 1,
-                None => {
-                    buckets.push(o.bucket);
-                    inv.key(keys.results(o.bucket));
-                    buckets.len()
+        loop {
+            let inv = invocation(&batch, &fixed, &config, &mut buckets);
+            let written: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
+            let error = match written {
+                Ok(w) if w.len() == batch.len() => {
+                    for ((o, _), w) in batch.drain(..).zip(w) {
+                        report(&config.events, &o, w == 1);
+                    }
+                    backoff = Duration::from_millis(20);
+                    break;
+                }
+                Ok(_) => RedisQueueError::malformed("finish", "reply length"),
+                Err(e) => {
+                    config
+                        .events
+                        .emit(WorkerEvent::RedisError { error: &e });
+                    e.into()
                 }
             };
-            inv.arg(o.class.index() + 1).arg(hash);
-            match &o.kind {
-                Kind::Completed { deliveries, answer } => {
-                    inv.arg("o")
-                        .arg(&o.entry)
-                        .arg(&o.job)
-                        .arg(deliveries)
-                        .arg(answer.as_slice());
+            // Not written: try again later, but not for outcomes whose jobs
+            // other workers may already have reclaimed.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            batch.retain(|(o, at)| {
+                let keep = at.elapsed() < config.give_up_after;
+                if !keep {
+                    tracing::warn!(job = %o.job, error = %error, "redis queue: outcome not recorded; the job will be reclaimed");
                 }
-                Kind::Other {
-                    dead,
-                    stored,
-                    fields,
-                } => {
-                    inv.arg(if *dead { "d" } else { "x" })
-                        .arg(&o.entry)
-                        .arg(&o.job)
-                        .arg(stored.as_slice())
-                        .arg(fields.len());
-                    for f in fields {
-                        inv.arg(f.as_slice());
-                    }
-                }
+                keep
+            });
+            if batch.is_empty() {
+                break;
             }
         }
-        let written: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
-        match written {
-            Ok(w) if w.len() == batch.len() => {
-                for ((_, reply), w) in batch.drain(..).zip(w) {
-                    let _ = reply.send(Ok(w == 1));
-                }
+    }
+}
+
+/// The finish script's call for `batch` (see `scripts::FINISH_MANY`).
+fn invocation<'a>(
+    batch: &'a [(Outcome, Instant)],
+    fixed: &'a [String; 5],
+    config: &WriterConfig,
+    buckets: &mut Vec<u64>,
+) -> redis::ScriptInvocation<'static> {
+    let mut inv = scripts::FINISH_MANY.prepare_invoke();
+    for k in fixed {
+        inv.key(k);
+    }
+    inv.arg(GROUP).arg(config.result_ttl_ms).arg(config.max_len);
+    buckets.clear();
+    for (o, _) in batch {
+        let hash = match buckets.iter().position(|&b| b == o.bucket) {
+            Some(i) => i + 1,
+            None => {
+                buckets.push(o.bucket);
+                inv.key(config.keys.results(o.bucket));
+                buckets.len()
             }
-            Ok(_) => {
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(RedisQueueError::malformed("finish", "reply length")));
-                }
+        };
+        inv.arg(o.class.index() + 1).arg(hash);
+        match &o.kind {
+            Kind::Completed(answer) => {
+                inv.arg("o")
+                    .arg(&o.entry)
+                    .arg(&o.job)
+                    .arg(o.deliveries)
+                    .arg(answer.as_slice());
             }
-            Err(e) => {
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(e.clone().into()));
+            Kind::Other {
+                error,
+                stored,
+                fields,
+            } => {
+                inv.arg(if error.is_some() { "d" } else { "x" })
+                    .arg(&o.entry)
+                    .arg(&o.job)
+                    .arg(stored.as_slice())
+                    .arg(fields.len());
+                for f in fields {
+                    inv.arg(f.as_slice());
                 }
             }
         }
     }
+    inv
+}
+
+fn report(events: &Events, o: &Outcome, written: bool) {
+    let job = o.job.as_str();
+    events.emit(match &o.kind {
+        _ if !written => WorkerEvent::Duplicate { job },
+        Kind::Completed(_) => WorkerEvent::Completed {
+            job,
+            deliveries: o.deliveries,
+        },
+        Kind::Other { error: None, .. } => WorkerEvent::Expired { job },
+        Kind::Other {
+            error: Some(error), ..
+        } => WorkerEvent::DeadLettered {
+            job,
+            deliveries: o.deliveries,
+            error,
+        },
+    });
 }
