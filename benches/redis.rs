@@ -134,7 +134,23 @@ enum Back {
     /// The least a queue with an output can do: per batch one pipeline of
     /// an output `XADD` per job and one `XACK` of the batch (not atomic).
     OutputBatch,
+    /// As `OutputBatch`, but atomic and without a duplicate output: per
+    /// batch one Lua script that acknowledges each job (`XACK`) and writes
+    /// its output entry only if the ack counted (the least a queue with
+    /// "one output per job" can do; no result stored by id).
+    OutputLua,
 }
+
+/// The `OutputLua` floor's script: `KEYS` = stream, output; `ARGV` =
+/// group, entry ids.
+const FLOOR_LUA: &str = r"
+for i = 2, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'r', '1')
+  end
+end
+return 0
+";
 
 async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
     let mut admin = conn(url).await;
@@ -201,6 +217,21 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
                 let Some(Value::Array(entries)) = s.get(1) else {
                     continue;
                 };
+                if back == Back::OutputLua {
+                    let script = redis::Script::new(FLOOR_LUA);
+                    let mut inv = script.prepare_invoke();
+                    inv.key(&stream).key(&out).arg("g");
+                    for e in entries {
+                        let Value::Array(e) = e else { panic!("entry") };
+                        let Value::BulkString(id) = &e[0] else {
+                            panic!("id")
+                        };
+                        inv.arg(id.as_slice());
+                    }
+                    let _: i64 = inv.invoke_async(&mut c).await.unwrap();
+                    done.fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    continue;
+                }
                 if back == Back::OutputBatch {
                     let mut pipe = redis::pipe();
                     let mut ack = redis::cmd("XACK");
@@ -267,6 +298,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
         // Per batch one pipeline (counted by its XACK) after the read; the
         // enqueues are one XADD each.
         Back::OutputBatch => jobs + delta(&before, &after, &["xreadgroup", "xack"]),
+        Back::OutputLua => jobs + delta(&before, &after, &["xreadgroup", "evalsha", "eval"]),
     } as f64
         / jobs as f64;
     let cpu = delta(&before, &after, &["cpu"]) as f64 / jobs as f64;
@@ -403,7 +435,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let sides = ["floor", "floor+output", "floor+out-batch", "ours"];
+    let sides = [
+        "floor",
+        "floor+output",
+        "floor+out-batch",
+        "floor+out-lua",
+        "ours",
+    ];
     let mut results: HashMap<(usize, &str), Vec<Figures>> = HashMap::new();
     for _ in 0..rounds {
         for workers in [1, 4] {
@@ -420,6 +458,7 @@ fn main() {
                         "floor" => floor(&url, jobs, workers, Back::Ack).await,
                         "floor+output" => floor(&url, jobs, workers, Back::OutputPerJob).await,
                         "floor+out-batch" => floor(&url, jobs, workers, Back::OutputBatch).await,
+                        "floor+out-lua" => floor(&url, jobs, workers, Back::OutputLua).await,
                         _ => ours(&url, jobs, workers).await,
                     }
                 });

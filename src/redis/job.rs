@@ -261,6 +261,11 @@ pub(crate) struct Delivery {
     pub(crate) last_error: String,
     /// Why the entry is not a valid job, if it is not.
     pub(crate) malformed: Option<String>,
+    /// The entry names its job in a `job` field (a re-queued job, or a
+    /// foreign entry), so the job may have had other entries before: its
+    /// outcome is checked against the results hash, not only its entry's
+    /// acknowledgement.
+    pub(crate) named: bool,
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {
@@ -328,6 +333,7 @@ pub(crate) fn parse_entry(
         deliveries,
         last_error: String::new(),
         malformed: None,
+        named: false,
     };
     let Value::Array(fields) = fields else {
         d.malformed = Some("fields are not an array".into());
@@ -358,7 +364,10 @@ pub(crate) fn parse_entry(
     // A first enqueue is a bare entry (its id names the job); a re-queued
     // one carries its job id and earlier deliveries.
     match job {
-        Some(job) if !job.is_empty() => d.job = job,
+        Some(job) if !job.is_empty() => {
+            d.job = job;
+            d.named = true;
+        }
         Some(_) => d.malformed = Some("field `job` is empty".into()),
         None => {}
     }

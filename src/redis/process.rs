@@ -193,6 +193,7 @@ async fn record(ctx: &Ctx, job: Delivery, verdict: Verdict, slot: OwnedSemaphore
         entry: job.entry,
         job: job.job,
         deliveries: job.deliveries,
+        named: job.named,
         kind,
     };
     // Not queued only when the worker is going away: the job stays pending

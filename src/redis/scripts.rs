@@ -140,90 +140,77 @@ return {now, next_due, out}
 ///
 /// `KEYS` = high, normal, low streams, output stream, dead-letter stream,
 /// then the results hashes the batch's jobs belong to; `ARGV` = group,
-/// result TTL (ms), target max length, then for each job its class (1 to
-/// 3), its results hash (1 = the first after the dead-letter stream), its
-/// kind, entry id and job id, and
+/// result TTL (ms), target max length, then for each job a header of
+/// three or four bytes: its kind (`o`, `x` or `d`), its class (`1` to `3`),
+/// its results hash (`'0' + i` for the `i`-th after the dead-letter
+/// stream), and `r` if the entry named its job; then its entry id and job
+/// id, and
 /// - kind `o` (a completed job): deliveries, the answer (JSON): the output
 ///   entry is `job`, `deliveries`, `status ok`, `result`, and the stored
 ///   outcome the answer itself;
 /// - kind `x` (to the output stream) or `d` (to dead letters): the stored
 ///   outcome, the number of entry fields, and those fields.
 ///
-/// The job's field in its results hash is its "done" marker: a job whose
-/// field exists already has an outcome (another worker finished a
-/// reclaimed copy first, or the same job came twice in the batch), and
-/// then nothing is written for it. The marker is checked and set for the
-/// whole batch with one `HMGET` and one `HSET` per results hash, so per job
-/// the script runs one command, the output `XADD` (a command called from
-/// Lua costs the server several times what the same command costs
-/// directly). A results hash lives at least the result TTL after its last
-/// write. The streams are trimmed (`MAXLEN ~`) once per batch, and the
-/// batch's entries are acknowledged with one `XACK` per stream. Returns 1
-/// (written) or 0 (a duplicate) per job.
+/// A job's outcome is written only if its entry's `XACK` counts (the entry
+/// was still pending): an entry is delivered to one worker at a time until
+/// it is acknowledged, and a job has at most one pending entry (a re-queue
+/// acknowledges the old one before the job comes back), so a second
+/// finisher of a reclaimed entry finds it acknowledged and writes nothing.
+/// An entry that named its job (a re-queued job, or a foreign entry) is
+/// also checked against the job's field in its results hash (`HSETNX`), so
+/// no second outcome is recorded for one job id whatever the entries say.
+/// The outcomes go to the results hashes with one `HSET` per hash; a
+/// results hash lives at least the result TTL after its last write. The
+/// streams are trimmed (`MAXLEN ~`) once per batch. Returns 1 (written) or
+/// 0 (a duplicate) per job.
 pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local starts = {}
-local a = 4
-while a <= #ARGV do
-  starts[#starts + 1] = a
-  if ARGV[a + 2] == 'o' then a = a + 7 else a = a + 7 + tonumber(ARGV[a + 6]) end
-end
-local n = #starts
-local byhash = {}
-for i = 1, n do
-  local h = tonumber(ARGV[starts[i] + 1])
-  local l = byhash[h]
-  if not l then l = {}; byhash[h] = l end
-  l[#l + 1] = i
-end
-local dup = {}
-local ttl = tonumber(ARGV[2])
-for h, l in pairs(byhash) do
-  local names = {}
-  for k = 1, #l do names[k] = ARGV[starts[l[k]] + 4] end
-  local got = redis.call('HMGET', KEYS[5 + h], unpack(names))
-  local seen, sets = {}, {}
-  for k = 1, #l do
-    local job, b = names[k], starts[l[k]]
-    if got[k] or seen[job] then
-      dup[l[k]] = true
-    else
-      seen[job] = true
-      sets[#sets + 1] = job
-      if ARGV[b + 2] == 'o' then sets[#sets + 1] = ARGV[b + 6] else sets[#sets + 1] = ARGV[b + 5] end
-    end
-  end
-  if #sets > 0 then redis.call('HSET', KEYS[5 + h], unpack(sets)) end
-  if redis.call('PTTL', KEYS[5 + h]) < ttl then redis.call('PEXPIRE', KEYS[5 + h], ttl) end
-end
 local out = {}
-local acks = {{}, {}, {}}
+local sets = {}
 local wrote = {false, false}
-for i = 1, n do
-  local b = starts[i]
-  local l = acks[tonumber(ARGV[b])]
-  l[#l + 1] = ARGV[b + 3]
-  local kind = ARGV[b + 2]
-  if dup[i] then
-    out[i] = 0
-  elseif kind == 'o' then
-    redis.call('XADD', KEYS[4], '*', 'job', ARGV[b + 4], 'deliveries', ARGV[b + 5], 'status', 'ok', 'result', ARGV[b + 6])
+local a = 4
+local n = 0
+while a <= #ARGV do
+  local kind, c, h, named = string.byte(ARGV[a], 1, 4)
+  c = c - 48
+  h = h - 48
+  local entry, job = ARGV[a + 1], ARGV[a + 2]
+  local stored, nf
+  if kind == 111 then stored, nf = ARGV[a + 4], 0 else stored, nf = ARGV[a + 3], tonumber(ARGV[a + 4]) end
+  local ok = redis.call('XACK', KEYS[c], ARGV[1], entry) == 1
+  if ok and named == 114 then
+    ok = redis.call('HSETNX', KEYS[5 + h], job, stored) == 1
+  elseif ok then
+    local s = sets[h]
+    if not s then s = {}; sets[h] = s end
+    s[#s + 1] = job
+    s[#s + 1] = stored
+  end
+  n = n + 1
+  if not ok then
+    out[n] = 0
+  elseif kind == 111 then
+    redis.call('XADD', KEYS[4], '*', 'job', job, 'deliveries', ARGV[a + 3], 'status', 'ok', 'result', stored)
     wrote[1] = true
-    out[i] = 1
+    out[n] = 1
   else
     local t = 1
-    if kind == 'd' then t = 2 end
-    redis.call('XADD', KEYS[3 + t], '*', unpack(ARGV, b + 7, b + 6 + tonumber(ARGV[b + 6])))
+    if kind == 100 then t = 2 end
+    redis.call('XADD', KEYS[3 + t], '*', unpack(ARGV, a + 5, a + 4 + nf))
     wrote[t] = true
-    out[i] = 1
+    out[n] = 1
   end
+  a = a + 5 + nf
+end
+local ttl = tonumber(ARGV[2])
+for i = 6, #KEYS do
+  local s = sets[i - 5]
+  if s then redis.call('HSET', KEYS[i], unpack(s)) end
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 for t = 1, 2 do
   if wrote[t] then redis.call('XTRIM', KEYS[3 + t], 'MAXLEN', '~', ARGV[3]) end
-end
-for c = 1, 3 do
-  if #acks[c] > 0 then redis.call('XACK', KEYS[c], ARGV[1], unpack(acks[c])) end
 end
 return out
 "#,
@@ -236,12 +223,13 @@ return out
 /// ...]]` as JSON), `1` to count a retry (`0` for a job released at
 /// shutdown), job id.
 ///
-/// Nothing is re-queued when the job already has an outcome. Returns 1 if
-/// re-queued, 0 if not.
+/// Nothing is re-queued when the entry was no longer pending (another
+/// worker finished or re-queued a reclaimed copy first) or the job already
+/// has an outcome. Returns 1 if re-queued, 0 if not.
 pub(crate) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -116,9 +116,13 @@ where
             .consumer
             .clone()
             .unwrap_or_else(|| format!("worker-{:016x}", rand::random::<u64>()));
+        // The outcomes get a connection of their own too: a take is not
+        // queued behind a batch of outcomes being written (the server runs
+        // the finish script while the worker starts the next jobs).
+        let write_conn = connect(&self.queue.url, qc, qc.response_timeout).await?;
         let events = Arc::new(Events::new(&self.queue.config.name, self.hook));
         let (writer, writer_task) = Writer::spawn(
-            conn.clone(),
+            write_conn,
             WriterConfig {
                 keys: self.queue.keys.clone(),
                 result_ttl_ms: ms(self.queue.config.result_ttl),

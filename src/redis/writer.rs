@@ -31,6 +31,8 @@ pub(crate) struct Outcome {
     pub(crate) entry: String,
     pub(crate) job: String,
     pub(crate) deliveries: u32,
+    /// The entry named its job (see `Delivery::named`).
+    pub(crate) named: bool,
     pub(crate) kind: Kind,
 }
 
@@ -163,25 +165,23 @@ fn invocation<'a>(
                 buckets.len()
             }
         };
-        inv.arg(o.class.index() + 1).arg(hash);
+        // Kind, class, results hash, named: one argument (see the script).
+        let kind = match &o.kind {
+            Kind::Completed(_) => b'o',
+            Kind::Other { error: None, .. } => b'x',
+            Kind::Other { error: Some(_), .. } => b'd',
+        };
+        let hash = u8::try_from(hash).unwrap_or(u8::MAX - b'0');
+        let header = [kind, b'1' + o.class.index() as u8, b'0' + hash, b'r'];
+        inv.arg(&header[..if o.named { 4 } else { 3 }])
+            .arg(&o.entry)
+            .arg(&o.job);
         match &o.kind {
             Kind::Completed(answer) => {
-                inv.arg("o")
-                    .arg(&o.entry)
-                    .arg(&o.job)
-                    .arg(o.deliveries)
-                    .arg(answer.as_slice());
+                inv.arg(o.deliveries).arg(answer.as_slice());
             }
-            Kind::Other {
-                error,
-                stored,
-                fields,
-            } => {
-                inv.arg(if error.is_some() { "d" } else { "x" })
-                    .arg(&o.entry)
-                    .arg(&o.job)
-                    .arg(stored.as_slice())
-                    .arg(fields.len());
+            Kind::Other { stored, fields, .. } => {
+                inv.arg(stored.as_slice()).arg(fields.len());
                 for f in fields {
                     inv.arg(f.as_slice());
                 }
