@@ -2,9 +2,13 @@
 //! tower `Service`, a bounded number at a time.
 
 use std::fmt;
+use std::future::{poll_fn, Future};
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -266,7 +270,11 @@ async fn run<S, T>(
                 let idle = taken.jobs.is_empty();
                 for (job, permit) in taken.jobs.into_iter().zip(permits.drain(..)) {
                     let (ctx, svc, rel) = (ctx.clone(), service.clone(), release_rx.clone());
-                    jobs.spawn(async move { process::<S, T>(&ctx, job, svc, rel, permit).await });
+                    let job =
+                        Box::pin(async move { process::<S, T>(&ctx, job, svc, rel, permit).await });
+                    if let Some(pending) = first_poll(job).await {
+                        jobs.spawn(pending);
+                    }
                 }
                 drop(permits);
                 if idle {
@@ -320,6 +328,27 @@ async fn run<S, T>(
     let wait = ctx.config.visibility_timeout + Duration::from_secs(1);
     drop(ctx);
     let _ = tokio::time::timeout(wait, &mut writer.0).await;
+}
+
+/// Polls a job once, here: a job whose service answers at once (and whose
+/// outcome fits in the writer's queue) ends on this poll, with no task of
+/// its own (no task to allocate, schedule and wake per job). Returns the
+/// job if it is not done, to run as a task. A job that panics is dropped,
+/// as a job task that panics is: its entry stays pending and is reclaimed.
+async fn first_poll<F: Future<Output = ()>>(mut job: Pin<Box<F>>) -> Option<Pin<Box<F>>> {
+    let done = poll_fn(|cx| {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().poll(cx)));
+        Poll::Ready(match r {
+            Ok(Poll::Pending) => false,
+            Ok(Poll::Ready(())) => true,
+            Err(_) => {
+                tracing::warn!("redis queue: a job panicked; it will be reclaimed");
+                true
+            }
+        })
+    })
+    .await;
+    (!done).then_some(job)
 }
 
 /// Sleeps `d` unless told to stop first; returns whether to stop.
