@@ -530,3 +530,56 @@ async fn a_job_another_worker_delayed_comes_back_while_this_one_is_busy() {
     eprintln!("the delayed job ran after {before} of {FILLERS} other jobs");
     a.abort();
 }
+
+/// An entry that names a job which already has an outcome (as a forged or
+/// replayed entry would) is run, but its outcome is refused: one output
+/// per job id, and the recorded outcome stays the first one.
+#[tokio::test]
+async fn an_entry_naming_a_finished_job_writes_no_second_output() {
+    let Some(url) = url() else { return };
+    let q = fresh_queue(&url, "named").await;
+    let dups = Arc::new(AtomicU32::new(0));
+    let d = dups.clone();
+    let svc = tower::service_fn(|j: Job| async move { Ok::<_, Transient>(j.n) });
+    let w = Worker::new(&q, svc, fast().build().unwrap())
+        .on_event(move |e| {
+            if let WorkerEvent::Duplicate { .. } = e {
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let id = q.enqueue(&Job { n: 1 }).await.unwrap();
+    assert_eq!(
+        q.wait_for::<u32>(&id, WAIT).await.unwrap(),
+        JobOutcome::Completed(1)
+    );
+    let name = q.config().name().to_owned();
+    let mut c = raw(&url).await;
+    let _: String = redis::cmd("XADD")
+        .arg(format!("llmq:{{{name}}}:jobs:normal"))
+        .arg("*")
+        .arg("job")
+        .arg(id.as_str())
+        .arg("payload")
+        .arg(r#"{"n":2}"#)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while dups.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < WAIT, "the second entry was not refused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = read_stream(&url, &format!("llmq:{{{name}}}:output")).await;
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0]["job"].as_str(), out[0]["result"].as_str()), (id.as_str(), "1"));
+    assert_eq!(
+        q.outcome::<u32>(&id).await.unwrap(),
+        Some(JobOutcome::Completed(1))
+    );
+    // Refused, but acknowledged: nothing is left pending.
+    assert_eq!(q.stats().await.unwrap().pending, [0; 3]);
+    w.shutdown().await;
+}

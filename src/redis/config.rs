@@ -65,9 +65,10 @@ impl QueueConfig {
 pub struct QueueConfigBuilder(QueueConfig);
 
 impl QueueConfigBuilder {
-    /// How long a job's outcome stays readable by id, and how long its
-    /// "done" marker prevents a second output for the same job (default 24
-    /// h). Must exceed the longest time a job can spend queued and running.
+    /// How long a job's outcome stays readable by id at least (default 24
+    /// h): outcomes are kept in one hash per minute of job ids, which
+    /// expires this long after its last write. A re-queued job's entry is
+    /// checked against its recorded outcome for as long.
     pub fn result_ttl(mut self, ttl: Duration) -> Self {
         self.0.result_ttl = ttl;
         self

@@ -40,14 +40,19 @@
 //!
 //! A job is delivered **at least once**: a worker acknowledges it only in
 //! the same Lua script that writes its outcome (output or dead-letter
-//! stream entry, the per-job result key, `XACK`), so a worker that
-//! dies at any point leaves the job pending in the group, and after the
-//! worker's `visibility_timeout` another worker reclaims it (`XAUTOCLAIM`)
-//! and runs it again. The service may therefore see a job more than once
-//! (make side effects idempotent, e.g. with the job id); the **output is
-//! written once per job id**: the result key is the job's "done" marker,
-//! set with `SET NX` in that script, and a second finisher finds it and
-//! writes nothing. The marker lives `result_ttl` (default 24 h).
+//! stream entry, the job's field in a results hash, `XACK`), so a worker
+//! that dies at any point leaves the job pending in the group, and after
+//! the worker's `visibility_timeout` another worker reclaims it
+//! (`XAUTOCLAIM`) and runs it again. The service may therefore see a job
+//! more than once (make side effects idempotent, e.g. with the job id); the
+//! **output is written once per job id**: the script writes an outcome
+//! only if its entry's `XACK` counts, i.e. the entry was still pending, so
+//! of two workers that ran a reclaimed entry only the first to finish
+//! writes, and the second writes nothing. A job has one pending entry at a
+//! time (a re-queue acknowledges the old entry before the job comes back
+//! as a new one); an entry that names its job (a re-queued job) is also
+//! checked against the job's recorded outcome. Outcomes stay readable by id
+//! for at least `result_ttl` (default 24 h).
 //!
 //! With `appendonly yes` and `appendfsync always`, an enqueue or an outcome
 //! that was answered `Ok` survives a Redis crash; with the default
@@ -86,8 +91,14 @@
 //! writing (that queue holds at most `max_in_flight` outcomes, and one
 //! script call writes up to 64 of them), so taking the next jobs overlaps
 //! with writing the last ones' outcomes: a worker holds at most
-//! `2 × max_in_flight + 64` jobs not yet acknowledged. An idle worker blocks on `XREAD` (a connection of its own) and
-//! wakes on a new entry, on a due delayed job, or after `idle_wait`.
+//! `2 × max_in_flight + 64` jobs not yet acknowledged. The outcomes are
+//! written on a connection of their own, so a take is not queued behind
+//! them. A job is polled once in the worker's loop before it gets a task
+//! of its own: a job whose service answers at once ends there, without a
+//! task (CPU-heavy work in a service's first poll therefore delays the
+//! worker's next take; spawn it if it is long). An idle worker blocks on
+//! `XREAD` (a connection of its own too) and wakes on a new entry, on a due
+//! delayed job, or after `idle_wait`.
 //! [`WorkerHandle::shutdown`] stops taking, lets in-flight jobs finish
 //! within `shutdown_grace`, and releases the rest to the queue without
 //! counting their delivery.
@@ -96,8 +107,11 @@
 //!
 //! For a queue named `q`: streams `llmq:{q}:jobs:high|normal|low` (group
 //! `llm-resilience`), `llmq:{q}:output`, `llmq:{q}:dead`; sorted set
-//! `llmq:{q}:delayed`; strings `llmq:{q}:result:<id>`, `llmq:{q}:idem:<key>`,
-//! `llmq:{q}:retried`. The hash tag `{q}`
+//! `llmq:{q}:delayed`; hashes `llmq:{q}:results:<n>` (the outcomes of the
+//! jobs whose ids were made in minute `n` since the Unix epoch, one field
+//! per job id: one hash per minute instead of one key per job, which costs
+//! Redis less per job, and the hash expires `result_ttl` after its last
+//! write); strings `llmq:{q}:idem:<key>`, `llmq:{q}:retried`. The hash tag `{q}`
 //! keeps a queue in one Redis Cluster slot. Output entries have fields
 //! `job`, `deliveries`, `status` (`ok` or `expired`) and `result` (the
 //! answer as JSON); dead letters `job`, `deliveries`, `error`, `priority`,

@@ -110,10 +110,10 @@ where
             job.deliveries
         ));
     }
-    let now = unix_ms(SystemTime::now());
-    let left = match job.deadline_ms {
-        Some(d) if d <= now => return Verdict::Expired,
-        Some(d) => Some(Duration::from_millis(d - now)),
+    // The clock is read only for a job with a deadline.
+    let left = match job.deadline_ms.map(|d| (d, unix_ms(SystemTime::now()))) {
+        Some((d, now)) if d <= now => return Verdict::Expired,
+        Some((d, now)) => Some(Duration::from_millis(d - now)),
         None => None,
     };
     let request: T = match serde_json::from_slice(&job.payload) {

@@ -4,8 +4,8 @@
 //!
 //! A job hands its outcome over and is done: the writer reports what became
 //! of it ([`WorkerEvent`]) and, while Redis cannot be reached, retries the
-//! batch (backing off) until the outcomes are older than the visibility
-//! timeout, after which other workers reclaim those jobs anyway. So no job
+//! batch (backing off) for up to the visibility timeout, after which other
+//! workers reclaim those jobs anyway. So no job
 //! task waits for its write, and nothing is allocated per job for a reply.
 
 use std::sync::Arc;
@@ -56,14 +56,15 @@ pub(crate) struct WriterConfig {
     pub(crate) keys: Keys,
     pub(crate) result_ttl_ms: u64,
     pub(crate) max_len: u64,
-    /// Outcomes older than this are given up (their jobs get reclaimed).
+    /// A batch not written within this is given up (its jobs get
+    /// reclaimed).
     pub(crate) give_up_after: Duration,
     pub(crate) events: Arc<Events>,
 }
 
 /// The sending side, held by the worker's jobs.
 #[derive(Debug, Clone)]
-pub(crate) struct Writer(mpsc::Sender<(Outcome, Instant)>);
+pub(crate) struct Writer(mpsc::Sender<Outcome>);
 
 impl Writer {
     /// Starts the writer task; it ends, after writing what it holds, when
@@ -84,13 +85,13 @@ impl Writer {
     /// Returns `false` only when the writer has stopped (the worker is
     /// going away; the job stays pending and gets reclaimed).
     pub(crate) async fn write(&self, outcome: Outcome) -> bool {
-        self.0.send((outcome, Instant::now())).await.is_ok()
+        self.0.send(outcome).await.is_ok()
     }
 }
 
 async fn run(
     mut conn: ConnectionManager,
-    mut rx: mpsc::Receiver<(Outcome, Instant)>,
+    mut rx: mpsc::Receiver<Outcome>,
     config: WriterConfig,
 ) {
     let fixed = [
@@ -106,12 +107,13 @@ async fn run(
     let mut buckets: Vec<u64> = Vec::new();
     let mut backoff = Duration::from_millis(20);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let first_try = Instant::now();
         loop {
             let inv = invocation(&batch, &fixed, &config, &mut buckets);
             let written: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
             let error = match written {
                 Ok(w) if w.len() == batch.len() => {
-                    for ((o, _), w) in batch.drain(..).zip(w) {
+                    for (o, w) in batch.drain(..).zip(w) {
                         report(&config.events, &o, w == 1);
                     }
                     backoff = Duration::from_millis(20);
@@ -125,27 +127,24 @@ async fn run(
                     e.into()
                 }
             };
-            // Not written: try again later, but not for outcomes whose jobs
-            // other workers may already have reclaimed.
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-            batch.retain(|(o, at)| {
-                let keep = at.elapsed() < config.give_up_after;
-                if !keep {
+            // Not written: try again later, but not once other workers may
+            // have reclaimed the jobs (the outcomes were queued before the
+            // first try, so this gives up a little early, never late).
+            if first_try.elapsed() + backoff >= config.give_up_after {
+                for o in batch.drain(..) {
                     tracing::warn!(job = %o.job, error = %error, "redis queue: outcome not recorded; the job will be reclaimed");
                 }
-                keep
-            });
-            if batch.is_empty() {
                 break;
             }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 }
 
 /// The finish script's call for `batch` (see `scripts::FINISH_MANY`).
 fn invocation<'a>(
-    batch: &'a [(Outcome, Instant)],
+    batch: &'a [Outcome],
     fixed: &'a [String; 5],
     config: &WriterConfig,
     buckets: &mut Vec<u64>,
@@ -156,7 +155,7 @@ fn invocation<'a>(
     }
     inv.arg(GROUP).arg(config.result_ttl_ms).arg(config.max_len);
     buckets.clear();
-    for (o, _) in batch {
+    for o in batch {
         let hash = match buckets.iter().position(|&b| b == o.bucket) {
             Some(i) => i + 1,
             None => {
