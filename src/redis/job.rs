@@ -287,28 +287,28 @@ fn int(v: &Value) -> Option<i64> {
 /// tuple as returned by the take script. An entry whose id or class cannot be
 /// read is an error (it cannot even be acknowledged); anything else wrong is
 /// reported in [`Delivery::malformed`] so the worker dead-letters it.
-pub(crate) fn parse_delivery(v: &Value) -> Result<Delivery, RedisQueueError> {
+pub(crate) fn parse_delivery(v: Value) -> Result<Delivery, RedisQueueError> {
     let Value::Array(parts) = v else {
         return Err(RedisQueueError::malformed(
             "?",
             "take reply is not an array",
         ));
     };
-    let [class, entry, fields, pel] = parts.as_slice() else {
+    let Ok([class, entry, fields, pel]) = <[Value; 4]>::try_from(parts) else {
         return Err(RedisQueueError::malformed(
             "?",
             "take reply has the wrong arity",
         ));
     };
-    let class = int(class).and_then(Priority::from_index).ok_or_else(|| {
+    let class = int(&class).and_then(Priority::from_index).ok_or_else(|| {
         RedisQueueError::malformed(
-            bytes(entry)
+            bytes(&entry)
                 .and_then(|b| std::str::from_utf8(b).ok())
                 .unwrap_or("?"),
             "unknown class",
         )
     })?;
-    let deliveries = int(pel).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
+    let deliveries = int(&pel).and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
     parse_entry(class, entry, fields, deliveries)
 }
 
@@ -316,14 +316,17 @@ pub(crate) fn parse_delivery(v: &Value) -> Result<Delivery, RedisQueueError> {
 /// delivered `deliveries` times by the group so far (this one included).
 pub(crate) fn parse_entry(
     class: Priority,
-    entry: &Value,
-    fields: &Value,
+    entry: Value,
+    fields: Value,
     deliveries: u32,
 ) -> Result<Delivery, RedisQueueError> {
-    let entry = bytes(entry)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .ok_or_else(|| RedisQueueError::malformed("?", "entry id is not text"))?
-        .to_owned();
+    // The reply's strings are moved into the delivery, not copied.
+    let entry = match entry {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+    .ok_or_else(|| RedisQueueError::malformed("?", "entry id is not text"))?;
     let mut d = Delivery {
         class,
         job: format!("{}-{entry}", class.as_str()),
@@ -340,21 +343,28 @@ pub(crate) fn parse_entry(
         return Ok(d);
     };
     let (mut job, mut payload, mut prior) = (None, None, None);
-    for kv in fields.chunks(2) {
-        let [k, v] = kv else { break };
-        let (Some(k), Some(v)) = (bytes(k), bytes(v)) else {
+    let mut fields = fields.into_iter();
+    while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+        let (Some(k), Some(vb)) = (bytes(&k), bytes(&v)) else {
             continue;
         };
         match k {
-            b"job" => job = std::str::from_utf8(v).ok().map(str::to_owned),
-            b"payload" => payload = Some(v.to_vec()),
-            b"deadline" => d.deadline_ms = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()),
+            b"job" => job = std::str::from_utf8(vb).ok().map(str::to_owned),
+            b"payload" => {
+                payload = Some(match v {
+                    Value::BulkString(b) => b,
+                    other => bytes(&other).map(<[u8]>::to_vec).unwrap_or_default(),
+                })
+            }
+            b"deadline" => {
+                d.deadline_ms = std::str::from_utf8(vb).ok().and_then(|s| s.parse().ok())
+            }
             b"n" => {
-                prior = std::str::from_utf8(v)
+                prior = std::str::from_utf8(vb)
                     .ok()
                     .and_then(|s| s.parse::<u32>().ok())
             }
-            b"err" => d.last_error = String::from_utf8_lossy(v).into_owned(),
+            b"err" => d.last_error = String::from_utf8_lossy(vb).into_owned(),
             _ => {}
         }
     }
@@ -408,7 +418,7 @@ mod tests {
             ]),
             Value::Int(1),
         ]);
-        let d = parse_delivery(&v).unwrap();
+        let d = parse_delivery(v).unwrap();
         assert_eq!(
             (d.class, d.job.as_str(), d.deliveries),
             (Priority::Low, "7", 3)
@@ -425,7 +435,7 @@ mod tests {
             Value::Array(vec![b("payload"), b("{}")]),
             Value::Int(2),
         ]);
-        let d = parse_delivery(&v).unwrap();
+        let d = parse_delivery(v).unwrap();
         assert_eq!((d.job.as_str(), d.deliveries), ("normal-9-0", 2));
         assert!(d.malformed.is_none());
     }
@@ -438,10 +448,10 @@ mod tests {
             Value::Array(vec![b("hello"), b("world")]),
             Value::Int(1),
         ]);
-        let d = parse_delivery(&v).unwrap();
+        let d = parse_delivery(v).unwrap();
         assert_eq!(d.job, "high-5-1");
         assert!(d.malformed.is_some());
-        assert!(parse_delivery(&Value::Int(3)).is_err());
+        assert!(parse_delivery(Value::Int(3)).is_err());
     }
 
     #[test]

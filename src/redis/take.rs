@@ -151,7 +151,9 @@ impl Taker {
         let Value::Array(parts) = v else {
             return Err(RedisQueueError::malformed("take", "reply is not an array"));
         };
-        let [Value::Int(now), Value::Int(next), Value::Array(entries)] = parts.as_slice() else {
+        let Ok([Value::Int(now), Value::Int(next), Value::Array(entries)]) =
+            <[Value; 3]>::try_from(parts)
+        else {
             return Err(RedisQueueError::malformed(
                 "take",
                 "reply has the wrong shape",
@@ -162,8 +164,8 @@ impl Taker {
             jobs.push(parse_delivery(e)?);
         }
         Ok(Taken {
-            now_ms: u64::try_from(*now).unwrap_or(0),
-            next_due_ms: u64::try_from(*next).ok(),
+            now_ms: u64::try_from(now).unwrap_or(0),
+            next_due_ms: u64::try_from(next).ok(),
             jobs,
         })
     }
@@ -265,7 +267,7 @@ fn entries(p: Priority, reply: Value, jobs: &mut Vec<Delivery>) -> Result<usize,
                 "stream entry is not an array",
             ));
         };
-        let [id, fields] = e.as_slice() else {
+        let Ok([id, fields]) = <[Value; 2]>::try_from(e) else {
             return Err(RedisQueueError::malformed(
                 "take",
                 "stream entry has the wrong arity",
