@@ -7,18 +7,28 @@
 //!   cargo bench --features redis --bench redis -- [JOBS] [ROUNDS]
 //! ```
 //!
-//! What each side does per job:
+//! (`BENCH_SIDE=floor,ours` runs only the sides named.) What each side does
+//! per job:
 //! - floor: enqueue = one `XADD`; worker = `XREADGROUP COUNT 16` per batch,
 //!   one `XACK` per job, nothing written back.
-//! - floor + output: as the floor, but the ack is a `MULTI` of `XADD` to an
-//!   output stream and `XACK` (the least a queue with results must do).
+//! - floor+output: as the floor, but the ack is a `MULTI` of `XADD` to an
+//!   output stream and `XACK`, per job.
+//! - floor+out-batch: the least a queue with an output can do: per batch
+//!   one pipeline of an output `XADD` per job and one `XACK` (not atomic,
+//!   and a reclaimed job could be output twice).
+//! - floor+out-lua: the least a queue with "one output per job" can do: per
+//!   batch one Lua script that acknowledges each job and writes its output
+//!   entry (one field) only if the `XACK` counted; no result kept by id.
 //! - ours: enqueue = one `XADD` (a script with an idempotency key, not
 //!   measured here); worker = per batch of free slots, pipelined
 //!   `XREADGROUP`s by weighted round robin over three class streams (the
 //!   take script instead every `idle_wait`, when a delayed job is due and
 //!   when idle), JSON decode of the job, a tower service call, JSON encode
-//!   of the answer; per batch of finished jobs one finish script (per job
-//!   `SET NX` result marker and `XADD` output; one `XACK` per stream).
+//!   of the answer; per batch of finished jobs one finish script, on a
+//!   connection of its own: per job an `XACK` and, if it counted, an output
+//!   `XADD` (fields `job`, `deliveries`, `status`, `result`); per batch one
+//!   `HSET` of the outcomes into the results hash (for awaiting a job by
+//!   id), its TTL and one `XTRIM` of the output.
 //!
 //! Round trips per job are counted by the server (`INFO commandstats`,
 //! top-level commands; scripts' inner commands are not round trips, but the
@@ -195,6 +205,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
         let (mut c, stream, out, done) =
             (conn(url).await, stream.clone(), out.clone(), done.clone());
         tasks.spawn(async move {
+            let script = redis::Script::new(FLOOR_LUA);
             while done.load(Ordering::Relaxed) < jobs {
                 let r: Value = redis::cmd("XREADGROUP")
                     .arg("GROUP")
@@ -218,7 +229,6 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
                     continue;
                 };
                 if back == Back::OutputLua {
-                    let script = redis::Script::new(FLOOR_LUA);
                     let mut inv = script.prepare_invoke();
                     inv.key(&stream).key(&out).arg("g");
                     for e in entries {
@@ -382,11 +392,8 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
         del.arg(format!("llmq:{{{name}}}:{k}"));
     }
     let _: Value = del.query_async(&mut admin).await.unwrap();
-    // The per-job result keys too, so that every run starts from the same
-    // keyspace: left to their TTL, they pile up over the rounds (40 000 a
-    // round) and slow every command of the runs after, the floor's
-    // included (ours alone: 52 500 jobs/s on a fresh server, 40 400 with
-    // 80 000 keys left, 35 800 with 120 000).
+    // The results hashes too, so that every run starts from the same
+    // keyspace (left to their TTL, what the rounds wrote piles up).
     let pattern = format!("llmq:{{{name}}}:results:*");
     let mut cursor = 0u64;
     loop {
