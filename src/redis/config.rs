@@ -66,7 +66,7 @@ pub struct QueueConfigBuilder(QueueConfig);
 
 impl QueueConfigBuilder {
     /// How long a job's outcome stays readable by id at least (default 24
-    /// h): outcomes are kept in one hash per minute of job ids, which
+    /// h): outcomes are kept in one hash per 10 ms of job ids, which
     /// expires this long after its last write. A re-queued job's entry is
     /// checked against its recorded outcome for as long.
     pub fn result_ttl(mut self, ttl: Duration) -> Self {

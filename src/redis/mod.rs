@@ -108,10 +108,11 @@
 //! For a queue named `q`: streams `llmq:{q}:jobs:high|normal|low` (group
 //! `llm-resilience`), `llmq:{q}:output`, `llmq:{q}:dead`; sorted set
 //! `llmq:{q}:delayed`; hashes `llmq:{q}:results:<n>` (the outcomes of the
-//! jobs whose ids were made in minute `n` since the Unix epoch, one field
-//! per job id: one hash per minute instead of one key per job, which costs
-//! Redis less per job, and the hash expires `result_ttl` after its last
-//! write); strings `llmq:{q}:idem:<key>`, `llmq:{q}:retried`. The hash tag `{q}`
+//! jobs whose ids were made in the `n`-th 10 ms since the Unix epoch, one
+//! field per job id: at high rates a hash per few hundred or thousand jobs
+//! instead of a key per job, which costs Redis less per job; a hash expires
+//! `result_ttl` after its last write); strings `llmq:{q}:idem:<key>`,
+//! `llmq:{q}:retried`. The hash tag `{q}`
 //! keeps a queue in one Redis Cluster slot. Output entries have fields
 //! `job`, `deliveries`, `status` (`ok` or `expired`) and `result` (the
 //! answer as JSON); dead letters `job`, `deliveries`, `error`, `priority`,

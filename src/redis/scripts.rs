@@ -160,7 +160,9 @@ return {now, next_due, out}
 /// also checked against the job's field in its results hash (`HSETNX`), so
 /// no second outcome is recorded for one job id whatever the entries say.
 /// The outcomes go to the results hashes with one `HSET` per hash; a
-/// results hash lives at least the result TTL after its last write. The
+/// results hash lives at least the result TTL after its last write (its
+/// TTL is set to a second more whenever it is below, so at most once a
+/// second). The
 /// streams are trimmed (`MAXLEN ~`) once per batch. Returns 1 (written) or
 /// 0 (a duplicate) per job.
 pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
@@ -207,7 +209,7 @@ local ttl = tonumber(ARGV[2])
 for i = 6, #KEYS do
   local s = sets[i - 5]
   if s then redis.call('HSET', KEYS[i], unpack(s)) end
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl + 1000) end
 end
 for t = 1, 2 do
   if wrote[t] then redis.call('XTRIM', KEYS[3 + t], 'MAXLEN', '~', ARGV[3]) end

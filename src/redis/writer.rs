@@ -102,8 +102,8 @@ async fn run(
         config.keys.dead(),
     ];
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    // The results hashes of one batch: nearly always one (the jobs of one
-    // minute of enqueues), so a list.
+    // The results hashes of one batch: a few at most (jobs enqueued close
+    // together), so a list.
     let mut buckets: Vec<u64> = Vec::new();
     let mut backoff = Duration::from_millis(20);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
