@@ -248,7 +248,12 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
                     ack.arg(&stream).arg("g");
                     for e in entries {
                         let Value::Array(e) = e else { panic!("entry") };
-                        pipe.cmd("XADD").arg(&out).arg("*").arg("r").arg("1").ignore();
+                        pipe.cmd("XADD")
+                            .arg(&out)
+                            .arg("*")
+                            .arg("r")
+                            .arg("1")
+                            .ignore();
                         let Value::BulkString(id) = &e[0] else {
                             panic!("id")
                         };
@@ -453,7 +458,8 @@ fn main() {
     for _ in 0..rounds {
         for workers in [1, 4] {
             for side in sides {
-                if std::env::var("BENCH_SIDE").is_ok_and(|only| !only.split(',').any(|s| s == side)) {
+                if std::env::var("BENCH_SIDE").is_ok_and(|only| !only.split(',').any(|s| s == side))
+                {
                     results
                         .entry((workers, side))
                         .or_default()

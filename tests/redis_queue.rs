@@ -574,7 +574,10 @@ async fn an_entry_naming_a_finished_job_writes_no_second_output() {
     }
     let out = read_stream(&url, &format!("llmq:{{{name}}}:output")).await;
     assert_eq!(out.len(), 1);
-    assert_eq!((out[0]["job"].as_str(), out[0]["result"].as_str()), (id.as_str(), "1"));
+    assert_eq!(
+        (out[0]["job"].as_str(), out[0]["result"].as_str()),
+        (id.as_str(), "1")
+    );
     assert_eq!(
         q.outcome::<u32>(&id).await.unwrap(),
         Some(JobOutcome::Completed(1))

@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use super::config::{ms, QueueConfig};
 use super::error::RedisQueueError;
-use super::job::{decode_outcome, result_bucket, Enqueue, JobId, JobOutcome, Keys, Priority, GROUP};
+use super::job::{
+    decode_outcome, result_bucket, Enqueue, JobId, JobOutcome, Keys, Priority, GROUP,
+};
 use super::scripts;
 
 /// Opens a self-reconnecting connection. `response_timeout` bounds every

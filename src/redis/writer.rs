@@ -89,11 +89,7 @@ impl Writer {
     }
 }
 
-async fn run(
-    mut conn: ConnectionManager,
-    mut rx: mpsc::Receiver<Outcome>,
-    config: WriterConfig,
-) {
+async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, config: WriterConfig) {
     let fixed = [
         config.keys.stream(Priority::High),
         config.keys.stream(Priority::Normal),
@@ -121,9 +117,7 @@ async fn run(
                 }
                 Ok(_) => RedisQueueError::malformed("finish", "reply length"),
                 Err(e) => {
-                    config
-                        .events
-                        .emit(WorkerEvent::RedisError { error: &e });
+                    config.events.emit(WorkerEvent::RedisError { error: &e });
                     e.into()
                 }
             };
