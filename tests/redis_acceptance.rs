@@ -251,7 +251,7 @@ fn ten_thousand_jobs_through_four_workers_killed_at_random_end_exactly_once() {
     let dups = dups.load(Ordering::Relaxed);
     eprintln!(
         "{kills} worker kills, {freezes} stalls; {repeated} jobs processed more than once \
-         (at-least-once), {dups} second outcomes refused by the done marker; one output each"
+         (at-least-once), {dups} second outcomes refused (entry already acknowledged); one output each"
     );
     assert!(
         kills >= 5 && freezes >= 1,
