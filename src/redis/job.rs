@@ -168,19 +168,23 @@ pub enum JobOutcome<R> {
     },
 }
 
-/// The stored form of an outcome in a results hash (which also serves as
-/// the job's "done" marker): a completed job's answer as it is (JSON, which
-/// never starts with `!`), `!expired`, `!dead:<n>:<error>`.
+/// The stored form of an outcome in a results hash: a completed job's
+/// answer as it is (JSON, which never starts with `!`), `!expired`,
+/// `!dead:<n>:<error>`; `None` for `!requeued:<entry>` (the job was
+/// re-queued and has no outcome yet).
 pub(crate) fn decode_outcome<'a>(
     job: &str,
     raw: &'a [u8],
-) -> Result<JobOutcome<&'a [u8]>, RedisQueueError> {
+) -> Result<Option<JobOutcome<&'a [u8]>>, RedisQueueError> {
     let bad = || RedisQueueError::malformed(format!("result of job {job}"), "unknown status");
     let Some(rest) = raw.strip_prefix(b"!") else {
-        return Ok(JobOutcome::Completed(raw));
+        return Ok(Some(JobOutcome::Completed(raw)));
     };
+    if rest.starts_with(b"requeued:") {
+        return Ok(None);
+    }
     if rest == b"expired" {
-        return Ok(JobOutcome::Expired);
+        return Ok(Some(JobOutcome::Expired));
     }
     let rest = rest.strip_prefix(b"dead:").ok_or_else(bad)?;
     let c = rest.iter().position(|&b| b == b':').ok_or_else(bad)?;
@@ -188,10 +192,10 @@ pub(crate) fn decode_outcome<'a>(
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
-    Ok(JobOutcome::DeadLettered {
+    Ok(Some(JobOutcome::DeadLettered {
         error: String::from_utf8_lossy(&rest[c + 1..]).into_owned(),
         deliveries,
-    })
+    }))
 }
 
 /// How much enqueue time one results hash covers: a job's outcome is a
@@ -463,19 +467,20 @@ mod tests {
     fn outcomes_round_trip_their_stored_form() {
         assert_eq!(
             decode_outcome("1", b"{\"a\":1}").unwrap(),
-            JobOutcome::Completed(&b"{\"a\":1}"[..])
+            Some(JobOutcome::Completed(&b"{\"a\":1}"[..]))
         );
         assert_eq!(
             decode_outcome("1", b"!expired").unwrap(),
-            JobOutcome::Expired
+            Some(JobOutcome::Expired)
         );
         assert_eq!(
             decode_outcome("1", b"!dead:3:bad: thing").unwrap(),
-            JobOutcome::DeadLettered {
+            Some(JobOutcome::DeadLettered {
                 error: "bad: thing".into(),
                 deliveries: 3
-            }
+            })
         );
+        assert_eq!(decode_outcome("1", b"!requeued:5-0").unwrap(), None);
         assert!(decode_outcome("1", b"!nonsense").is_err());
         assert!(decode_outcome("1", b"!dead:x:e").is_err());
     }

@@ -300,7 +300,8 @@ async fn requeue(
         .arg(ms(delay))
         .arg(member)
         .arg(if count_retry { "1" } else { "0" })
-        .arg(&job.job);
+        .arg(&job.job)
+        .arg(ms(ctx.queue.result_ttl));
     let n: i64 = inv.invoke_async(&mut ctx.conn.clone()).await?;
     ctx.requeued
         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -171,7 +171,11 @@ impl JobQueue {
         let hash = self.keys.results(result_bucket(id.as_str()));
         let raw: Option<Vec<u8>> = self.conn.clone().hget(hash, id.as_str()).await?;
         let Some(raw) = raw else { return Ok(None) };
-        let outcome = match decode_outcome(id.as_str(), &raw)? {
+        let Some(outcome) = decode_outcome(id.as_str(), &raw)? else {
+            // Re-queued: no outcome yet.
+            return Ok(None);
+        };
+        let outcome = match outcome {
             JobOutcome::Completed(bytes) => {
                 JobOutcome::Completed(serde_json::from_slice(bytes).map_err(|source| {
                     RedisQueueError::Deserialize {

@@ -151,64 +151,87 @@ return {now, next_due, out}
 /// - kind `x` (to the output stream) or `d` (to dead letters): the stored
 ///   outcome, the number of entry fields, and those fields.
 ///
-/// A job's outcome is written only if its entry's `XACK` counts (the entry
-/// was still pending): an entry is delivered to one worker at a time until
-/// it is acknowledged, and a job has at most one pending entry (a re-queue
-/// acknowledges the old one before the job comes back), so a second
-/// finisher of a reclaimed entry finds it acknowledged and writes nothing.
-/// An entry that named its job (a re-queued job, or a foreign entry) is
-/// also checked against the job's field in its results hash (`HSETNX`), so
-/// no second outcome is recorded for one job id whatever the entries say.
-/// The outcomes go to the results hashes with one `HSET` per hash; a
-/// results hash lives at least the result TTL after its last write (its
-/// TTL is set to a second more whenever it is below, so at most once a
-/// second). The
-/// streams are trimmed (`MAXLEN ~`) once per batch. Returns 1 (written) or
-/// 0 (a duplicate) per job.
+/// A job's outcome is written only if its entry was still pending: an
+/// entry is delivered to one worker at a time until it is acknowledged,
+/// and a job has at most one pending entry (a re-queue acknowledges the old
+/// one before the job comes back), so a second finisher of a reclaimed
+/// entry finds it acknowledged and writes nothing. The batch is
+/// acknowledged first, with one `XACK` per stream: if the count is the
+/// batch's size, every entry was pending (the usual case, no more checks).
+/// If not, each job is decided by what is recorded for it: an outcome, or
+/// a re-queue of this very entry (`!requeued:<entry>`, written by the
+/// re-queue script) means the entry was finished already, and so does the
+/// same entry or job id earlier in the batch; otherwise it was pending. An
+/// entry that names its job (a re-queued job, or a foreign entry) is always
+/// checked that way, so no second outcome is recorded for one job id
+/// whatever the entries say. The outcomes go to the results hashes with one
+/// `HSET` per hash; a results hash lives at least the result TTL after its
+/// last write (its TTL is set to a second more whenever it is below, so at
+/// most once a second). The streams are trimmed (`MAXLEN ~`) once per
+/// batch. Returns 1 (written) or 0 (a duplicate) per job.
 pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local out = {}
-local sets = {}
-local wrote = {false, false}
+local starts = {}
+local ids = {{}, {}, {}}
 local a = 4
-local n = 0
 while a <= #ARGV do
-  local kind, c, h, named = string.byte(ARGV[a], 1, 4)
+  starts[#starts + 1] = a
+  local kind, c = string.byte(ARGV[a], 1, 2)
+  local l = ids[c - 48]
+  l[#l + 1] = ARGV[a + 1]
+  if kind == 111 then a = a + 5 else a = a + 5 + tonumber(ARGV[a + 4]) end
+end
+local n = #starts
+local acked = 0
+for c = 1, 3 do
+  if #ids[c] > 0 then acked = acked + redis.call('XACK', KEYS[c], ARGV[1], unpack(ids[c])) end
+end
+local all = acked == n
+local out, sets, wrote = {}, {}, {false, false}
+local seen, seenjob = {{}, {}, {}}, {}
+for i = 1, n do
+  local b = starts[i]
+  local kind, c, h, named = string.byte(ARGV[b], 1, 4)
   c = c - 48
   h = h - 48
-  local entry, job = ARGV[a + 1], ARGV[a + 2]
+  local entry, job = ARGV[b + 1], ARGV[b + 2]
   local stored, nf
-  if kind == 111 then stored, nf = ARGV[a + 4], 0 else stored, nf = ARGV[a + 3], tonumber(ARGV[a + 4]) end
-  local ok = redis.call('XACK', KEYS[c], ARGV[1], entry) == 1
-  if ok and named == 114 then
-    ok = redis.call('HSETNX', KEYS[5 + h], job, stored) == 1
-  elseif ok then
-    local s = sets[h]
-    if not s then s = {}; sets[h] = s end
-    s[#s + 1] = job
-    s[#s + 1] = stored
+  if kind == 111 then stored, nf = ARGV[b + 4], 0 else stored, nf = ARGV[b + 3], tonumber(ARGV[b + 4]) end
+  local ok = true
+  if not all or named == 114 then
+    if seen[c][entry] or seenjob[job] then
+      ok = false
+    else
+      local v = redis.call('HGET', KEYS[5 + h], job)
+      if v then ok = string.sub(v, 1, 10) == '!requeued:' and string.sub(v, 11) ~= entry end
+    end
   end
-  n = n + 1
+  seen[c][entry] = true
+  seenjob[job] = true
   if not ok then
-    out[n] = 0
-  elseif kind == 111 then
-    redis.call('XADD', KEYS[4], '*', 'job', job, 'deliveries', ARGV[a + 3], 'status', 'ok', 'result', stored)
-    wrote[1] = true
-    out[n] = 1
+    out[i] = 0
   else
-    local t = 1
-    if kind == 100 then t = 2 end
-    redis.call('XADD', KEYS[3 + t], '*', unpack(ARGV, a + 5, a + 4 + nf))
-    wrote[t] = true
-    out[n] = 1
+    local l = sets[h]
+    if not l then l = {}; sets[h] = l end
+    l[#l + 1] = job
+    l[#l + 1] = stored
+    if kind == 111 then
+      redis.call('XADD', KEYS[4], '*', 'job', job, 'deliveries', ARGV[b + 3], 'status', 'ok', 'result', stored)
+      wrote[1] = true
+    else
+      local t = 1
+      if kind == 100 then t = 2 end
+      redis.call('XADD', KEYS[3 + t], '*', unpack(ARGV, b + 5, b + 4 + nf))
+      wrote[t] = true
+    end
+    out[i] = 1
   end
-  a = a + 5 + nf
 end
 local ttl = tonumber(ARGV[2])
 for i = 6, #KEYS do
-  local s = sets[i - 5]
-  if s then redis.call('HSET', KEYS[i], unpack(s)) end
+  local l = sets[i - 5]
+  if l then redis.call('HSET', KEYS[i], unpack(l)) end
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl + 1000) end
 end
 for t = 1, 2 do
@@ -223,16 +246,23 @@ return out
 /// delayed set, the job's results hash, re-queue counter; `ARGV` = group,
 /// entry id, delay (ms), the delayed member (`[class + 1, [field, value,
 /// ...]]` as JSON), `1` to count a retry (`0` for a job released at
-/// shutdown), job id.
+/// shutdown), job id, result TTL (ms).
 ///
 /// Nothing is re-queued when the entry was no longer pending (another
 /// worker finished or re-queued a reclaimed copy first) or the job already
-/// has an outcome. Returns 1 if re-queued, 0 if not.
+/// has an outcome. A re-queue is recorded in the job's field of its
+/// results hash (`!requeued:<entry>`, read as "no outcome yet"), so that a
+/// late finisher of the same entry sees it was finished (see
+/// [`FINISH_MANY`]). Returns 1 if re-queued, 0 if not.
 pub(crate) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-if redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return 0 end
+local v = redis.call('HGET', KEYS[3], ARGV[6])
+if v and string.sub(v, 1, 10) ~= '!requeued:' then return 0 end
+redis.call('HSET', KEYS[3], ARGV[6], '!requeued:' .. ARGV[2])
+local ttl = tonumber(ARGV[7])
+if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl + 1000) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
