@@ -164,7 +164,8 @@ return {now, next_due, out}
 /// same entry or job id earlier in the batch; otherwise it was pending. An
 /// entry that names its job (a re-queued job, or a foreign entry) is always
 /// checked that way, so no second outcome is recorded for one job id
-/// whatever the entries say. The outcomes go to the results hashes with one
+/// whatever the entries say (the batch's entries and job ids are tracked
+/// only when some entry is checked). The outcomes go to the results hashes with one
 /// `HSET` per hash; a results hash lives at least the result TTL after its
 /// last write (its TTL is set to a second more whenever it is below, so at
 /// most once a second). The streams are trimmed (`MAXLEN ~`) once per
@@ -174,12 +175,14 @@ pub(crate) static FINISH_MANY: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local starts = {}
 local ids = {{}, {}, {}}
+local anynamed = false
 local a = 4
 while a <= #ARGV do
   starts[#starts + 1] = a
-  local kind, c = string.byte(ARGV[a], 1, 2)
+  local kind, c, _, named = string.byte(ARGV[a], 1, 4)
   local l = ids[c - 48]
   l[#l + 1] = ARGV[a + 1]
+  if named then anynamed = true end
   if kind == 111 then a = a + 5 else a = a + 5 + tonumber(ARGV[a + 4]) end
 end
 local n = #starts
@@ -187,7 +190,8 @@ local acked = 0
 for c = 1, 3 do
   if #ids[c] > 0 then acked = acked + redis.call('XACK', KEYS[c], ARGV[1], unpack(ids[c])) end
 end
-local all = acked == n
+local check = acked ~= n
+local track = check or anynamed
 local out, sets, wrote = {}, {}, {false, false}
 local seen, seenjob = {{}, {}, {}}, {}
 for i = 1, n do
@@ -199,7 +203,7 @@ for i = 1, n do
   local stored, nf
   if kind == 111 then stored, nf = ARGV[b + 4], 0 else stored, nf = ARGV[b + 3], tonumber(ARGV[b + 4]) end
   local ok = true
-  if not all or named == 114 then
+  if check or named == 114 then
     if seen[c][entry] or seenjob[job] then
       ok = false
     else
@@ -207,8 +211,10 @@ for i = 1, n do
       if v then ok = string.sub(v, 1, 10) == '!requeued:' and string.sub(v, 11) ~= entry end
     end
   end
-  seen[c][entry] = true
-  seenjob[job] = true
+  if track then
+    seen[c][entry] = true
+    seenjob[job] = true
+  end
   if not ok then
     out[i] = 0
   else
