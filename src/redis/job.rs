@@ -221,16 +221,20 @@ pub(crate) fn result_bucket(job: &str) -> u64 {
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     prefix: String,
+    /// The class streams' names, made once (read on every take).
+    streams: [String; 3],
 }
 
 impl Keys {
     pub(crate) fn new(name: &str) -> Self {
+        let prefix = format!("llmq:{{{name}}}");
         Self {
-            prefix: format!("llmq:{{{name}}}"),
+            streams: Priority::ALL.map(|p| format!("{prefix}:jobs:{}", p.as_str())),
+            prefix,
         }
     }
-    pub(crate) fn stream(&self, p: Priority) -> String {
-        format!("{}:jobs:{}", self.prefix, p.as_str())
+    pub(crate) fn stream(&self, p: Priority) -> &str {
+        &self.streams[p.index()]
     }
     pub(crate) fn delayed(&self) -> String {
         format!("{}:delayed", self.prefix)

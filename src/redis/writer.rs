@@ -91,9 +91,9 @@ impl Writer {
 
 async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, config: WriterConfig) {
     let fixed = [
-        config.keys.stream(Priority::High),
-        config.keys.stream(Priority::Normal),
-        config.keys.stream(Priority::Low),
+        config.keys.stream(Priority::High).to_owned(),
+        config.keys.stream(Priority::Normal).to_owned(),
+        config.keys.stream(Priority::Low).to_owned(),
         config.keys.output(),
         config.keys.dead(),
     ];
@@ -105,8 +105,15 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, confi
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let first_try = Instant::now();
         loop {
-            let inv = invocation(&batch, &fixed, &config, &mut buckets);
-            let written: Result<Vec<i64>, redis::RedisError> = inv.invoke_async(&mut conn).await;
+            let cmd = finish_cmd(&batch, &fixed, &config, &mut buckets);
+            let mut written: Result<Vec<i64>, redis::RedisError> = cmd.query_async(&mut conn).await;
+            if matches!(&written, Err(e) if e.code() == Some("NOSCRIPT")) {
+                // The server lost its scripts (a restart): load it, once.
+                written = match scripts::FINISH_MANY.load_async(&mut conn).await {
+                    Ok(_) => cmd.query_async(&mut conn).await,
+                    Err(e) => Err(e),
+                };
+            }
             let error = match written {
                 Ok(w) if w.len() == batch.len() => {
                     for (o, w) in batch.drain(..).zip(w) {
@@ -136,28 +143,37 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, confi
     }
 }
 
-/// The finish script's call for `batch` (see `scripts::FINISH_MANY`).
-fn invocation<'a>(
-    batch: &'a [Outcome],
-    fixed: &'a [String; 5],
+/// The finish script's call for `batch` (see `scripts::FINISH_MANY`), as
+/// one `EVALSHA` built in one buffer (a `ScriptInvocation` would allocate
+/// every argument apart and copy them again).
+fn finish_cmd(
+    batch: &[Outcome],
+    fixed: &[String; 5],
     config: &WriterConfig,
     buckets: &mut Vec<u64>,
-) -> redis::ScriptInvocation<'static> {
-    let mut inv = scripts::FINISH_MANY.prepare_invoke();
-    for k in fixed {
-        inv.key(k);
-    }
-    inv.arg(GROUP).arg(config.result_ttl_ms).arg(config.max_len);
+) -> redis::Cmd {
     buckets.clear();
     for o in batch {
-        let hash = match buckets.iter().position(|&b| b == o.bucket) {
-            Some(i) => i + 1,
-            None => {
-                buckets.push(o.bucket);
-                inv.key(config.keys.results(o.bucket));
-                buckets.len()
-            }
-        };
+        if !buckets.contains(&o.bucket) {
+            buckets.push(o.bucket);
+        }
+    }
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(scripts::FINISH_MANY.get_hash())
+        .arg(fixed.len() + buckets.len());
+    for k in fixed {
+        cmd.arg(k);
+    }
+    for &b in buckets.iter() {
+        cmd.arg(config.keys.results(b));
+    }
+    cmd.arg(GROUP).arg(config.result_ttl_ms).arg(config.max_len);
+    for o in batch {
+        // At most MAX_BATCH hashes: `b'0' + hash` stays one byte.
+        let hash = buckets
+            .iter()
+            .position(|&b| b == o.bucket)
+            .map_or(0, |i| i + 1);
         // Kind, class, results hash, named: one argument (see the script).
         let kind = match &o.kind {
             Kind::Completed(_) => b'o',
@@ -166,22 +182,22 @@ fn invocation<'a>(
         };
         let hash = u8::try_from(hash).unwrap_or(u8::MAX - b'0');
         let header = [kind, b'1' + o.class.index() as u8, b'0' + hash, b'r'];
-        inv.arg(&header[..if o.named { 4 } else { 3 }])
+        cmd.arg(&header[..if o.named { 4 } else { 3 }])
             .arg(&o.entry)
             .arg(&o.job);
         match &o.kind {
             Kind::Completed(answer) => {
-                inv.arg(o.deliveries).arg(answer.as_slice());
+                cmd.arg(o.deliveries).arg(answer.as_slice());
             }
             Kind::Other { stored, fields, .. } => {
-                inv.arg(stored.as_slice()).arg(fields.len());
+                cmd.arg(stored.as_slice()).arg(fields.len());
                 for f in fields {
-                    inv.arg(f.as_slice());
+                    cmd.arg(f.as_slice());
                 }
             }
         }
     }
-    inv
+    cmd
 }
 
 fn report(events: &Events, o: &Outcome, written: bool) {
