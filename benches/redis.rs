@@ -25,10 +25,11 @@
 //!   take script instead every `idle_wait`, when a delayed job is due and
 //!   when idle), JSON decode of the job, a tower service call, JSON encode
 //!   of the answer; per batch of finished jobs one finish script, on a
-//!   connection of its own: per job an `XACK` and, if it counted, an output
-//!   `XADD` (fields `job`, `deliveries`, `status`, `result`); per batch one
-//!   `HSET` of the outcomes into the results hash (for awaiting a job by
-//!   id), its TTL and one `XTRIM` of the output.
+//!   connection of its own: one `XACK` per stream for the batch (per job
+//!   checks only if it counted fewer), per job an output `XADD` (fields
+//!   `job`, `deliveries`, `status`, `result`), one `HSET` of the outcomes
+//!   into the results hash (for awaiting a job by id), its TTL and one
+//!   `XTRIM` of the output.
 //!
 //! Round trips per job are counted by the server (`INFO commandstats`,
 //! top-level commands; scripts' inner commands are not round trips, but the

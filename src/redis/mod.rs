@@ -46,13 +46,15 @@
 //! (`XAUTOCLAIM`) and runs it again. The service may therefore see a job
 //! more than once (make side effects idempotent, e.g. with the job id); the
 //! **output is written once per job id**: the script writes an outcome
-//! only if its entry's `XACK` counts, i.e. the entry was still pending, so
-//! of two workers that ran a reclaimed entry only the first to finish
-//! writes, and the second writes nothing. A job has one pending entry at a
-//! time (a re-queue acknowledges the old entry before the job comes back
-//! as a new one); an entry that names its job (a re-queued job) is also
-//! checked against the job's recorded outcome. Outcomes stay readable by id
-//! for at least `result_ttl` (default 24 h).
+//! only if the job's entry was still pending, so of two workers that ran a
+//! reclaimed entry only the first to finish writes, and the second writes
+//! nothing. (The script acknowledges a batch with one `XACK` per stream; if
+//! the count falls short of the batch, each job is decided by what is
+//! recorded for it: its outcome, or the re-queue of that very entry.) A job
+//! has one pending entry at a time (a re-queue acknowledges the old entry
+//! before the job comes back as a new one); an entry that names its job (a
+//! re-queued job) is always checked against the job's recorded outcome.
+//! Outcomes stay readable by id for at least `result_ttl` (default 24 h).
 //!
 //! With `appendonly yes` and `appendfsync always`, an enqueue or an outcome
 //! that was answered `Ok` survives a Redis crash; with the default
