@@ -1,6 +1,6 @@
 //! The rate limiter on a paused clock: a 429 pauses its key only, a
 //! dropped waiter's place is reused, waiters go in order at the pace,
-//! rejection and sharing. (The model test against a reference is in
+//! rejection and sharing, the burst. (The model test against a reference is in
 //! `ratelimit_model.rs`.)
 
 use std::sync::{Arc, Mutex};
@@ -378,4 +378,52 @@ fn bad_settings_are_typed_errors() {
         .build()
         .unwrap_err();
     assert_eq!(e.field, "max_keys");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_burst_is_the_share_of_each_limit_that_goes_at_once() {
+    let calls: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    // 100 requests a minute, a tenth at once: 10 go, the 11th is refused
+    // with the pace's spacing (60 s / 100) at most, and goes after it.
+    let svc = RateLimitLayer::builder()
+        .requests(100)
+        .no_token_limit()
+        .burst(0.1)
+        .reject()
+        .estimate_tokens(|_: &u32| 0)
+        .ignore_usage()
+        .build()
+        .unwrap()
+        .layer(recorder(Arc::clone(&calls)));
+    for i in 0..10 {
+        svc.clone().oneshot(i).await.unwrap();
+    }
+    match svc.clone().oneshot(10).await {
+        Err(Error::RateLimited { retry_after, .. }) => assert!(
+            retry_after > Duration::ZERO && retry_after <= Duration::from_millis(600),
+            "{retry_after:?}"
+        ),
+        other => panic!("the 11th went at once: {other:?}"),
+    }
+    tokio::time::advance(Duration::from_millis(600)).await;
+    svc.clone().oneshot(11).await.unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 11);
+
+    // 1,000 tokens a minute, a tenth at once: a call of 60 goes, a second
+    // one (120 in all) does not.
+    let svc = RateLimitLayer::builder()
+        .no_request_limit()
+        .tokens(1_000)
+        .burst(0.1)
+        .reject()
+        .estimate_tokens(|_: &u32| 60)
+        .ignore_usage()
+        .build()
+        .unwrap()
+        .layer(recorder(Arc::clone(&calls)));
+    svc.clone().oneshot(1).await.unwrap();
+    assert!(
+        matches!(svc.clone().oneshot(2).await, Err(Error::RateLimited { .. })),
+        "120 tokens went at once with a burst of 100"
+    );
 }
