@@ -151,21 +151,12 @@ impl Core {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
             let w = Word(s);
-            let at = self.now_ms().saturating_add(ms_ceil(d));
+            let now = self.now_ms();
             match w.mode() {
-                CLOSED | HALF_OPEN => {
-                    let gen = w.next_gen();
-                    if let Err(actual) = self.cas(s, Word::new(OPEN, gen, 0, 0).0) {
-                        s = actual;
-                        continue;
-                    }
-                    self.window.clear();
-                    self.consecutive.store(0, Ordering::Release);
-                    let _ = self.trips.fetch_add(1, Ordering::AcqRel);
-                    self.set_deadline(gen, at);
-                    self.transitioned(w.mode(), OPEN, Some(d));
-                    return Some(gen);
-                }
+                CLOSED | HALF_OPEN => match self.open(s, now, |_, _| d) {
+                    Ok(gen) => return Some(gen),
+                    Err(actual) => s = actual,
+                },
                 OPEN => {
                     // A probe permit taken for this period is void: the
                     // trip freed it for everyone.
@@ -176,7 +167,7 @@ impl Core {
                         Ordering::Acquire,
                     );
                     self.want.store(NO_GRANT, Ordering::Release);
-                    self.set_deadline(w.gen(), at);
+                    self.set_deadline(w.gen(), now.saturating_add(ms_ceil(d)));
                     return Some(w.gen());
                 }
                 _ => return None,

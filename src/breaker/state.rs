@@ -542,19 +542,37 @@ impl Core {
         now_ms: u64,
         hint: &mut Option<H>,
     ) -> Result<(), u64> {
+        self.open(s, now_ms, |n, gen| {
+            let open_for = self.open_duration(n, gen);
+            let hint = hint.take().and_then(|h| h());
+            match (self.settings.hint_cap, hint) {
+                (Some(cap), Some(h)) => open_for.max(h.min(cap)),
+                _ => open_for,
+            }
+        })
+        .map(|_| ())
+    }
+
+    /// Moves the state word `s` to a new open period (one compare-and-swap),
+    /// clears the window and the consecutive count, counts the trip, and
+    /// ends the period `open_for(n, gen)` after `now_ms` (`n`: the trips
+    /// since the breaker last closed, this one included). Returns the open
+    /// generation, or the word found instead of `s`.
+    pub(super) fn open(
+        &self,
+        s: u64,
+        now_ms: u64,
+        open_for: impl FnOnce(u32, u64) -> Duration,
+    ) -> Result<u64, u64> {
         let w = Word(s);
         let gen = w.next_gen();
         self.cas(s, Word::new(OPEN, gen, 0, 0).0)?;
         self.window.clear();
         self.consecutive.store(0, Ordering::Release);
         let n = self.trips.fetch_add(1, Ordering::AcqRel).saturating_add(1);
-        let mut open_for = self.open_duration(n, gen);
-        let hint = hint.take().and_then(|h| h());
-        if let (Some(cap), Some(h)) = (self.settings.hint_cap, hint) {
-            open_for = open_for.max(h.min(cap));
-        }
+        let open_for = open_for(n, gen);
         self.set_deadline(gen, now_ms.saturating_add(ms_ceil(open_for)));
         self.transitioned(w.mode(), OPEN, Some(open_for));
-        Ok(())
+        Ok(gen)
     }
 }

@@ -10,11 +10,44 @@ use crate::error::ConfigError;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn check_duration(field: &'static str, d: Duration, min: Duration) -> Result<(), ConfigError> {
-    if d < min {
-        return Err(ConfigError::new(field, "must be at least 1 ms"));
+    let rule = if min.is_zero() {
+        "must be at most one year"
+    } else {
+        "must be from 1 ms to one year"
+    };
+    check_duration_in(field, d, min, MAX_DURATION, rule)
+}
+
+/// Checks that `d` is from `min` to `max`; `rule` is the error's message.
+pub(crate) fn check_duration_in(
+    field: &'static str,
+    d: Duration,
+    min: Duration,
+    max: Duration,
+    rule: &'static str,
+) -> Result<(), ConfigError> {
+    if d < min || d > max {
+        return Err(ConfigError::new(field, rule));
     }
-    if d > MAX_DURATION {
-        return Err(ConfigError::new(field, "must be at most one year"));
+    Ok(())
+}
+
+/// Checks a name that goes into Redis keys or channels: 1 to `max` bytes,
+/// no control characters and none of `banned` (a brace would move a key
+/// out of its hash-tag slot); `rule` is the error's message.
+pub(crate) fn check_name(
+    field: &'static str,
+    name: &str,
+    max: usize,
+    banned: &[char],
+    rule: &'static str,
+) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && !name.contains(banned)
+        && !name.chars().any(char::is_control);
+    if !ok {
+        return Err(ConfigError::new(field, rule));
     }
     Ok(())
 }
@@ -113,16 +146,13 @@ impl QueueConfigBuilder {
     /// Checks every field.
     pub fn build(self) -> Result<QueueConfig, ConfigError> {
         let c = self.0;
-        let name_ok = !c.name.is_empty()
-            && c.name.len() <= 128
-            && !c.name.contains(['{', '}'])
-            && !c.name.chars().any(char::is_control);
-        if !name_ok {
-            return Err(ConfigError::new(
-                "name",
-                "must be 1 to 128 characters without braces or control characters",
-            ));
-        }
+        check_name(
+            "name",
+            &c.name,
+            128,
+            &['{', '}'],
+            "must be 1 to 128 bytes without braces or control characters",
+        )?;
         check_duration("result_ttl", c.result_ttl, Duration::from_millis(1))?;
         check_duration(
             "idempotency_ttl",
@@ -305,12 +335,13 @@ impl WorkerConfigBuilder {
             ));
         }
         if let Some(name) = &c.consumer {
-            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-                return Err(ConfigError::new(
-                    "consumer",
-                    "must be 1 to 128 printable characters",
-                ));
-            }
+            check_name(
+                "consumer",
+                name,
+                128,
+                &[],
+                "must be 1 to 128 bytes without control characters",
+            )?;
         }
         let one_ms = Duration::from_millis(1);
         check_duration("visibility_timeout", c.visibility_timeout, one_ms)?;

@@ -123,6 +123,7 @@ pub use self::event::SharedBreakerEvent;
 use self::task::{Ctx, Source};
 use crate::breaker::{BreakerHandle, KeyedBreakerHandle, Link};
 use crate::error::ConfigError;
+use crate::redis::config::{check_duration_in, check_name};
 
 type Listener = Arc<dyn Fn(&SharedBreakerEvent) + Send + Sync>;
 
@@ -203,26 +204,19 @@ impl SharedBreakerConfigBuilder {
     /// Checks every field.
     pub fn build(self) -> Result<SharedBreakerConfig, ConfigError> {
         let c = self.0;
-        let ns_ok = !c.namespace.is_empty()
-            && c.namespace.len() <= 128
-            && !c.namespace.contains(['{', '}', ' '])
-            && !c.namespace.chars().any(char::is_control);
-        if !ns_ok {
-            return Err(ConfigError::new(
-                "namespace",
-                "must be 1 to 128 characters without braces, spaces or control characters",
-            ));
-        }
+        check_name(
+            "namespace",
+            &c.namespace,
+            128,
+            &['{', '}', ' '],
+            "must be 1 to 128 bytes without braces, spaces or control characters",
+        )?;
         for (field, d) in [
             ("connect_timeout", c.connect_timeout),
             ("response_timeout", c.response_timeout),
         ] {
-            if d < Duration::from_millis(1) {
-                return Err(ConfigError::new(field, "must be at least 1 ms"));
-            }
-            if d > MAX_TIMEOUT {
-                return Err(ConfigError::new(field, "must be at most 60 s"));
-            }
+            let one_ms = Duration::from_millis(1);
+            check_duration_in(field, d, one_ms, MAX_TIMEOUT, "must be from 1 ms to 60 s")?;
         }
         Ok(c)
     }
@@ -306,12 +300,13 @@ impl SharedBreaker {
         name: &str,
         breaker: &BreakerHandle,
     ) -> Result<Self, ConfigError> {
-        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
-            return Err(ConfigError::new(
-                "name",
-                "must be 1 to 256 bytes without control characters",
-            ));
-        }
+        check_name(
+            "name",
+            name,
+            256,
+            &[],
+            "must be 1 to 256 bytes without control characters",
+        )?;
         let link = Arc::new(Link::default());
         let (client, runtime) = prepare(url)?;
         if !breaker.core().attach(Arc::clone(&link)) {

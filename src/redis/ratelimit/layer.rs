@@ -13,6 +13,7 @@ use crate::error::ConfigError;
 use crate::ratelimit::{
     knob_setters, ChatEstimate, IgnoreUsage, Knobs, RateLimitLayerBuilder, Reported,
 };
+use crate::redis::config::{check_duration_in, check_name};
 
 /// The longest window and server window: one day.
 const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
@@ -214,16 +215,13 @@ impl<E, U> FleetRateLimitLayerBuilder<E, U> {
     /// Checks the values and creates the layer. Does not connect: the first
     /// call does (and falls back if Redis cannot be reached).
     pub fn build(self) -> Result<FleetRateLimitLayer<E, U>, ConfigError> {
-        let key_ok = !self.key.is_empty()
-            && self.key.len() <= 256
-            && !self.key.contains(['{', '}'])
-            && !self.key.chars().any(char::is_control);
-        if !key_ok {
-            return Err(ConfigError::new(
-                "key",
-                "must be 1 to 256 characters without braces or control characters",
-            ));
-        }
+        check_name(
+            "key",
+            &self.key,
+            256,
+            &['{', '}'],
+            "must be 1 to 256 bytes without braces or control characters",
+        )?;
         let client = redis::Client::open(self.url.as_str())
             .map_err(|_| ConfigError::new("url", "must be a redis:// or rediss:// URL"))?;
         // What the local builder checks too (limits, burst, windows, the
@@ -253,18 +251,20 @@ impl<E, U> FleetRateLimitLayerBuilder<E, U> {
             ));
         }
         let ms = Duration::from_millis(1);
-        if self.redis_timeout < ms || self.redis_timeout > Duration::from_secs(60) {
-            return Err(ConfigError::new(
-                "redis_timeout",
-                "must be from 1 ms to 60 s",
-            ));
-        }
-        if self.probe_interval < ms || self.probe_interval > Duration::from_secs(3600) {
-            return Err(ConfigError::new(
-                "probe_interval",
-                "must be from 1 ms to one hour",
-            ));
-        }
+        check_duration_in(
+            "redis_timeout",
+            self.redis_timeout,
+            ms,
+            Duration::from_secs(60),
+            "must be from 1 ms to 60 s",
+        )?;
+        check_duration_in(
+            "probe_interval",
+            self.probe_interval,
+            ms,
+            Duration::from_secs(3600),
+            "must be from 1 ms to one hour",
+        )?;
         let estimate = Arc::new(self.estimate);
         let usage = Arc::new(self.usage);
         // The fallback: the in-process limiter with the fleet's share.
