@@ -60,7 +60,7 @@ fn main() {
     let ours = |tokens: bool| {
         let b = RateLimitLayer::builder()
             .requests(1_000_000_000_000)
-            .window(Duration::from_secs(1))
+            .window(Duration::from_secs(60))
             .estimate_tokens(|_: &u64| 100)
             .ignore_usage();
         if tokens {

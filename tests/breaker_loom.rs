@@ -14,13 +14,15 @@ mod classify {
 }
 
 mod util {
-    pub(crate) use super::{listener, rng};
+    pub(crate) use super::{clock, listener, rng, time};
 }
 
 // `state.rs` reaches its siblings as `super::sync`, `super::window`,
 // `super::event` and `super::settings`.
 #[path = "../src/breaker/event.rs"]
 mod event;
+#[path = "../src/util/clock.rs"]
+mod clock;
 #[path = "../src/util/listener.rs"]
 mod listener;
 #[path = "../src/util/rng.rs"]
@@ -31,6 +33,8 @@ mod settings;
 mod state;
 #[path = "../src/util/sync.rs"]
 mod sync;
+#[path = "../src/util/time.rs"]
+mod time;
 #[path = "../src/breaker/window.rs"]
 mod window;
 

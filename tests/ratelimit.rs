@@ -31,6 +31,8 @@ impl ReportsUsage for Resp {
 
 type Log = Arc<Mutex<Vec<(&'static str, Instant)>>>;
 
+type BoxInner = tower::util::BoxCloneSyncService<&'static str, Resp, HttpError>;
+
 fn ok(used: Option<u64>) -> Resp {
     Resp {
         used,
@@ -40,20 +42,44 @@ fn ok(used: Option<u64>) -> Resp {
 
 #[tokio::test(start_paused = true)]
 async fn a_429_with_retry_after_pauses_its_key_once_and_leaves_others_alone() {
-    let calls: Log = Arc::default();
-    let throttled = Arc::new(Mutex::new(3));
+    a_429_pauses_its_key_once(false).await;
+}
+
+/// The same when the layer reads nothing from responses: an admitted
+/// call's future then holds no reference to its limiter, and the 429 finds
+/// the limiter by its number.
+#[tokio::test(start_paused = true)]
+async fn a_429_pauses_its_key_once_when_responses_are_read_for_nothing() {
+    a_429_pauses_its_key_once(true).await;
+}
+
+async fn a_429_pauses_its_key_once(ignore_usage: bool) {
     let events: Arc<Mutex<Vec<RateLimitEvent>>> = Arc::default();
-    let layer = {
+    let builder = {
         let events = Arc::clone(&events);
         RateLimitLayer::builder()
             .requests(100)
             .no_token_limit()
             .estimate_tokens(|_: &&'static str| 0)
             .on_event(move |e| events.lock().unwrap().push(*e))
-            .key_by(|k: &&'static str| *k)
-            .build()
-            .unwrap()
     };
+    let key = |k: &&'static str| *k;
+    if ignore_usage {
+        let layer = builder.ignore_usage().key_by(key).build().unwrap();
+        pauses_once(layer, events).await;
+    } else {
+        pauses_once(builder.key_by(key).build().unwrap(), events).await;
+    }
+}
+
+async fn pauses_once<L>(layer: L, events: Arc<Mutex<Vec<RateLimitEvent>>>)
+where
+    L: Layer<BoxInner>,
+    L::Service: Service<&'static str, Response = Resp, Error = Error> + Clone + Send + 'static,
+    <L::Service as Service<&'static str>>::Future: Send,
+{
+    let calls: Log = Arc::default();
+    let throttled = Arc::new(Mutex::new(3));
     let inner = {
         let calls = Arc::clone(&calls);
         service_fn(move |k: &'static str| {
@@ -77,7 +103,7 @@ async fn a_429_with_retry_after_pauses_its_key_once_and_leaves_others_alone() {
             }
         })
     };
-    let svc = layer.layer(inner);
+    let svc = layer.layer(tower::util::BoxCloneSyncService::new(inner));
     // Three callers on key A are in flight together; all get the 429.
     let first: Vec<_> = (0..3)
         .map(|_| tokio::spawn(svc.clone().oneshot("a")))

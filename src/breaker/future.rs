@@ -105,8 +105,9 @@ impl<C> Guard<C> {
         core.complete(
             self.ticket,
             verdict,
-            // Inside an agent pipeline's poll, the reading its layers share.
-            || core.ms_at(crate::util::time::now()),
+            // The per-call clock (inside an agent pipeline's poll, with
+            // `test-util`, the reading its layers share).
+            || core.now_ms(),
             || outcome.retry_after(),
         );
     }

@@ -309,8 +309,8 @@ where
     S: Service<Req> + Clone,
 {
     let core = &shared.core;
-    // Inside an agent pipeline's poll, the reading its layers share.
-    let ticket = match core.acquire(|| core.ms_at(crate::util::time::now())) {
+    // The per-call clock (see `Core::now_ms`).
+    let ticket = match core.acquire(|| core.now_ms()) {
         Ok(ticket) => ticket,
         // Refused: the readied inner service (if any) stays ready for the
         // next call.

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::sync::{AtomicU32, AtomicU64, Ordering, Padded};
 use super::window::{Window, WindowCounts};
 use crate::classify::Reason;
+use crate::util::clock::Origin;
 
 pub(crate) use super::event::{BreakerEvent, State};
 #[cfg_attr(loom, allow(unused_imports))] // the loom model has no listener
@@ -125,7 +126,8 @@ pub(crate) struct Core {
     trips: AtomicU32,
     window: Window,
     settings: Arc<Settings>,
-    origin: Instant,
+    /// Where the breaker's milliseconds count from, and the per-call clock.
+    clock: Origin,
     // The shared coordination, if one is attached (`remote.rs`): read only
     // on transitions and when an open period ends, never when closed.
     link: std::sync::OnceLock<std::sync::Arc<Link>>,
@@ -155,25 +157,22 @@ impl Core {
             trips: AtomicU32::new(0),
             window,
             settings,
-            origin,
+            clock: Origin::new(origin),
             link: std::sync::OnceLock::new(),
             grant: AtomicU64::new(NO_GRANT),
             want: AtomicU64::new(NO_GRANT),
         }
     }
 
-    /// Milliseconds since the breaker's origin on the tokio clock.
+    /// Milliseconds since the breaker's origin on the per-call clock
+    /// (`util::clock`: without `test-util`, on Linux, the kernel's coarse
+    /// monotonic clock, behind the true time by at most one kernel tick;
+    /// the time window counts whole seconds and an open period is then at
+    /// most a tick longer; with it, tokio's clock, and inside an agent
+    /// pipeline's poll the reading its layers share).
     #[inline]
     pub(crate) fn now_ms(&self) -> u64 {
-        self.ms_at(Instant::now())
-    }
-
-    /// Milliseconds from the breaker's origin to `at`.
-    #[inline]
-    pub(crate) fn ms_at(&self, at: Instant) -> u64 {
-        let d = at.saturating_duration_since(self.origin);
-        // Not `as_millis()`: that divides a `u128`.
-        d.as_secs() * 1_000 + u64::from(d.subsec_millis())
+        self.clock.elapsed_millis()
     }
 
     /// The current state.

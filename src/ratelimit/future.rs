@@ -75,7 +75,10 @@ where
 
 /// What the call holds of its limiter: its place in line or its charges.
 struct Guard<U> {
+    /// `None` with a ticket: a call sent at once whose response is read for
+    /// nothing, which finds its limiter by `id` if it fails (`registry.rs`).
     limiter: Option<Arc<Limiter>>,
+    id: u64,
     ticket: Option<Ticket>,
     waiting: Option<u64>,
     sent: bool,
@@ -106,6 +109,7 @@ where
             state: State::Rejected { retry_after },
             guard: Guard {
                 limiter: None,
+                id: 0,
                 ticket: None,
                 waiting: None,
                 sent: false,
@@ -114,11 +118,21 @@ where
         }
     }
 
-    pub(crate) fn calling(fut: S::Future, limiter: Arc<Limiter>, ticket: Ticket, usage: U) -> Self {
+    /// Sent at once. With `detach`, the future holds no reference to the
+    /// limiter (see `Guard::limiter`).
+    #[inline]
+    pub(crate) fn calling(
+        fut: S::Future,
+        limiter: &Arc<Limiter>,
+        detach: bool,
+        ticket: Ticket,
+        usage: U,
+    ) -> Self {
         Self {
             state: State::Calling { fut },
             guard: Guard {
-                limiter: Some(limiter),
+                limiter: (!detach).then(|| Arc::clone(limiter)),
+                id: limiter.id,
                 ticket: Some(ticket),
                 waiting: None,
                 sent: true,
@@ -140,6 +154,7 @@ where
                 req: Some(req),
             },
             guard: Guard {
+                id: limiter.id,
                 limiter: Some(limiter),
                 ticket: Some(ticket),
                 waiting: None,
@@ -178,6 +193,7 @@ where
                 }),
             },
             guard: Guard {
+                id: limiter.id,
                 limiter: Some(limiter),
                 ticket: None,
                 waiting: Some(id),
@@ -193,8 +209,22 @@ impl<U> Guard<U> {
     where
         U: ReadUsage<Res>,
     {
-        let (Some(limiter), Some(ticket)) = (&self.limiter, self.ticket.take()) else {
+        let Some(ticket) = self.ticket.take() else {
             return;
+        };
+        let found;
+        let limiter = match &self.limiter {
+            Some(limiter) => limiter,
+            // Detached: a success has nothing to settle; a failure finds
+            // its limiter, unless it is gone.
+            None if result.is_ok() => return,
+            None => match super::registry::find(self.id) {
+                Some(limiter) => {
+                    found = limiter;
+                    &found
+                }
+                None => return,
+            },
         };
         match Outcome::of(&self.usage, &limiter.settings.classifier, result) {
             // Nothing reported (always, with `IgnoreUsage`): nothing to

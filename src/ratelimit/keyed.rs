@@ -83,7 +83,7 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
                 map.remove(&victim);
             }
         }
-        let limiter = Arc::new(Limiter::new(Arc::clone(&self.settings), self.origin));
+        let limiter = super::registry::new_limiter(Arc::clone(&self.settings), self.origin);
         map.insert(key, Arc::clone(&limiter));
         limiter
     }

@@ -14,6 +14,7 @@ use super::event::{Listener, RateLimitEvent};
 use super::handle::{KeyedAccess, KeyedRateLimitHandle, RateLimitHandle};
 use super::keyed::Keyed;
 use super::limiter::{Limiter, Settings, WhenLimited};
+use super::registry;
 use super::usage::{ChatEstimate, IgnoreUsage, Reported};
 use super::{KeyedRateLimit, RateLimit, Shared};
 use crate::classify::LlmClassifier;
@@ -436,7 +437,7 @@ impl<E, U> RateLimitLayerBuilder<E, U> {
         }
     }
 
-    fn settings(&self) -> Result<Settings, ConfigError> {
+    pub(super) fn settings(&self) -> Result<Settings, ConfigError> {
         let (requests, tokens) = self.knobs.check()?;
         let k = &self.knobs;
         Ok(Settings {
@@ -457,7 +458,7 @@ impl<E, U> RateLimitLayerBuilder<E, U> {
         let settings = Arc::new(self.settings()?);
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
-                part: Arc::new(Limiter::new(settings, Instant::now())),
+                part: registry::new_limiter(settings, Instant::now()),
                 estimate: self.estimate,
                 usage: self.usage,
             }),

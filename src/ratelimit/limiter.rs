@@ -16,6 +16,7 @@ use super::gcra::Dimension;
 use super::lease::{Grant, Lease, REQ_MAX, TOK_MAX};
 use super::usage::ServerLimits;
 use crate::classify::LlmClassifier;
+use crate::util::clock::Origin;
 use crate::util::sync::Padded;
 
 /// What to do when a call cannot go at once.
@@ -155,7 +156,11 @@ pub(crate) struct Limiter {
     /// No call waiting and no pause set: `poll_ready` may ready the inner
     /// service. A hint only (read without the lock).
     clear: AtomicBool,
-    origin: Instant,
+    /// Where the limiter's time (nanoseconds) counts from, and the
+    /// per-call clock.
+    clock: Origin,
+    /// Its number in the registry (`registry.rs`).
+    pub(crate) id: u64,
     pub(crate) settings: Arc<Settings>,
 }
 
@@ -172,7 +177,8 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Limiter {
-    pub(crate) fn new(settings: Arc<Settings>, origin: Instant) -> Self {
+    /// Made by `registry::new_limiter`, which numbers it.
+    pub(crate) fn new(settings: Arc<Settings>, origin: Instant, id: u64) -> Self {
         let dim = |c: Option<(u64, u64)>| c.map(|(l, b)| Dimension::new(l, b, settings.window));
         Self {
             state: Mutex::new(State {
@@ -189,7 +195,8 @@ impl Limiter {
             req_cost: u64::from(settings.requests.is_some()),
             tok_on: settings.tokens.is_some(),
             clear: AtomicBool::new(true),
-            origin,
+            clock: Origin::new(origin),
+            id,
             settings,
         }
     }
@@ -257,19 +264,11 @@ impl Limiter {
     /// in tests), read now.
     #[inline]
     fn now(&self) -> u64 {
-        self.since_origin(Instant::now())
-    }
-
-    #[inline]
-    fn since_origin(&self, at: Instant) -> u64 {
-        let d = at.saturating_duration_since(self.origin);
-        d.as_secs()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(d.subsec_nanos()))
+        self.clock.nanos_at(Instant::now())
     }
 
     fn instant(&self, at: u64) -> Instant {
-        self.origin + Duration::from_nanos(at)
+        self.clock.instant() + Duration::from_nanos(at)
     }
 
     fn update_clear(&self, st: &State, now: u64) {
@@ -289,11 +288,13 @@ impl Limiter {
     #[inline]
     pub(crate) fn arrive(&self, tokens: u64) -> Arrival {
         let tok_cost = if self.tok_on { tokens } else { 0 };
-        // Inside an agent pipeline's poll, the reading its layers share (a
-        // reading that is a little behind is one taken just before a
-        // preemption: the lease's end is checked against it all the same);
-        // the locked path reads afresh.
-        let now = self.since_origin(crate::util::time::now());
+        // The per-call clock, read so that it is never behind the true
+        // time: the lease ends, if anything, a kernel tick early (with
+        // `test-util`, tokio's clock, and inside an agent pipeline's poll
+        // the reading its layers share: a reading a little behind is one
+        // taken just before a preemption, checked against the lease's end
+        // all the same). The locked path reads afresh.
+        let now = self.clock.elapsed_nanos_late();
         if let Some((req_seq, tok_seq)) = self.lease.take(now, self.req_cost, tok_cost) {
             return Arrival::Admitted(Ticket {
                 req_seq,

@@ -188,6 +188,7 @@ mod keyed;
 mod layer;
 mod lease;
 mod limiter;
+mod registry;
 mod usage;
 
 use crate::util::sync;
@@ -339,7 +340,7 @@ where
 /// Admits, queues or refuses one call on `limiter` and starts it.
 #[inline]
 fn start<S, Req, E, U>(
-    limiter: Arc<Limiter>,
+    limiter: &Arc<Limiter>,
     estimate: &E,
     usage: &U,
     inner: &mut S,
@@ -349,15 +350,19 @@ fn start<S, Req, E, U>(
 where
     S: Service<Req> + Clone,
     E: EstimateTokens<Req>,
-    U: Clone,
+    U: ReadUsage<S::Response> + Clone,
 {
     let tokens = u64::from(estimate.estimate(&req));
     match limiter.arrive(tokens) {
         Arrival::Admitted(ticket) => {
             if std::mem::take(ready) {
                 let fut = inner.call(req);
-                ResponseFuture::calling(fut, limiter, ticket, usage.clone())
+                // A response read for nothing: the future holds no
+                // reference to the limiter (`registry.rs`).
+                let detach = usage.reads_nothing();
+                ResponseFuture::calling(fut, limiter, detach, ticket, usage.clone())
             } else {
+                let limiter = Arc::clone(limiter);
                 ResponseFuture::readying(inner.clone(), req, limiter, ticket, usage.clone())
             }
         }
@@ -366,6 +371,7 @@ where
                 WhenLimited::Wait { max_wait } => max_wait,
                 WhenLimited::Reject => Duration::ZERO,
             };
+            let limiter = Arc::clone(limiter);
             ResponseFuture::waiting(inner.clone(), req, limiter, id, max_wait, usage.clone())
         }
         Arrival::Rejected(retry_after) => ResponseFuture::rejected(retry_after, usage.clone()),
@@ -397,7 +403,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
         start(
-            Arc::clone(&shared.part),
+            &shared.part,
             &shared.estimate,
             &shared.usage,
             &mut self.inner,
@@ -433,7 +439,7 @@ where
         let shared = &*self.shared;
         let limiter = shared.part.pick(&req);
         start(
-            limiter,
+            &limiter,
             &shared.estimate,
             &shared.usage,
             &mut self.inner,

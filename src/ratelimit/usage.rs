@@ -192,6 +192,14 @@ pub trait ReadUsage<Res>: Send + Sync + 'static {
     fn tokens_used(&self, res: &Res) -> Option<u64>;
     /// The server's rate-limit state, if reported.
     fn server_limits(&self, res: &Res) -> ServerLimits;
+    /// Whether every response reads as nothing (no usage, no server
+    /// state), as with [`IgnoreUsage`]: a call that succeeds then has
+    /// nothing to settle, and its future keeps no reference to the limiter
+    /// (a failed call still settles: a 429 pauses the key). The default is
+    /// `false`; override it only for a reader that never reports.
+    fn reads_nothing(&self) -> bool {
+        false
+    }
 }
 
 /// The default [`ReadUsage`]: the response's own [`ReportsUsage`].
@@ -210,6 +218,10 @@ impl<Res: ReportsUsage> ReadUsage<Res> for Reported {
 }
 
 impl<Res> ReadUsage<Res> for IgnoreUsage {
+    #[inline]
+    fn reads_nothing(&self) -> bool {
+        true
+    }
     #[inline]
     fn tokens_used(&self, _: &Res) -> Option<u64> {
         None

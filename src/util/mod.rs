@@ -6,8 +6,10 @@
 //!   draws use (a pure function of a seed, so seeded runs reproduce);
 //! - [`listener`]: the event hook every layer offers (`on_event`);
 //! - [`ready`]: readying the inner service once per `call`;
-//! - [`time`]: advancing an `Instant` without overflow.
+//! - [`time`]: advancing an `Instant` without overflow;
+//! - [`clock`]: the cheap clock of the per-call paths.
 
+pub(crate) mod clock;
 pub(crate) mod listener;
 pub(crate) mod ready;
 pub(crate) mod rng;
