@@ -86,7 +86,7 @@ pub(crate) fn now() -> Instant {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
