@@ -19,10 +19,10 @@ mod util {
 
 // `state.rs` reaches its siblings as `super::sync`, `super::window`,
 // `super::event` and `super::settings`.
-#[path = "../src/breaker/event.rs"]
-mod event;
 #[path = "../src/util/clock.rs"]
 mod clock;
+#[path = "../src/breaker/event.rs"]
+mod event;
 #[path = "../src/util/listener.rs"]
 mod listener;
 #[path = "../src/util/rng.rs"]
@@ -288,5 +288,31 @@ fn concurrent_failures_trip_once() {
         // Open for exactly the base period from the trip.
         assert!(core.acquire(|| 5).is_err());
         assert!(core.acquire(|| 6).is_ok());
+    });
+}
+
+/// The time window: a record racing a roll (another thread moves the
+/// window to the next second, sealing the current one) counts once, in the
+/// second it reached; a reader during the roll never counts a call twice.
+#[test]
+fn time_window_records_racing_a_roll_count_once() {
+    model(|| {
+        let w = Arc::new(window::Window::time(3));
+        let w1 = w.clone();
+        let a = thread::spawn(move || {
+            w1.record(false, false, 1_000, 1);
+            w1.record(false, false, 2_000, 1);
+        });
+        let w2 = w.clone();
+        let b = thread::spawn(move || {
+            w2.record(false, false, 1_000, 1);
+            let seen = w2.counts(2_000).calls;
+            assert!((1..=3).contains(&seen), "{seen} calls seen");
+        });
+        a.join().unwrap();
+        b.join().unwrap();
+        assert_eq!(w.counts(2_000).calls, 3);
+        // Second 3 keeps seconds 1 and 2: still all three.
+        assert_eq!(w.counts(3_000).calls, 3);
     });
 }

@@ -22,6 +22,11 @@ const SLOW: u32 = 4;
 const EPOCH_SHIFT: u32 = 40;
 const COUNT_MASK: u64 = (1 << EPOCH_SHIFT) - 1;
 const EPOCH_MASK: u64 = (1 << 24) - 1;
+/// A time window's calls cell of a second the window has rolled past: its
+/// count has moved to the totals (a record that finds it sealed records
+/// again in the new second). Below it, the cell's count.
+const SEALED: u64 = 1 << 31;
+const CELL_COUNT: u64 = SEALED - 1;
 /// The count window's head is folded back into `[size, 2 size)` past this,
 /// so it never carries into the epoch.
 const FOLD_AT: u64 = 1 << 39;
@@ -97,13 +102,15 @@ impl Window {
     }
 
     /// Records one call finished at `now_ms` (ignored by count windows).
-    /// Returns whether this record brought the window to exactly
-    /// `min_calls` calls (the one moment a success can make a rate count).
-    #[inline]
+    /// Returns whether a success may have brought the window to a trip
+    /// (the caller then checks the rates): a count window, when this record
+    /// brought it to exactly `min_calls` calls; a time window, when it holds
+    /// at least `min_calls` calls and some failure or slow call (its calls
+    /// are counted without a shared running total, see [`TimeWindow`]).
     pub(crate) fn record(&self, failed: bool, slow: bool, now_ms: u64, min_calls: u64) -> bool {
         match self {
             Window::Count(w) => w.record(failed, slow) == min_calls,
-            Window::Time(w) => w.record(failed, slow, now_ms / 1000) == min_calls,
+            Window::Time(w) => w.record(failed, slow, now_ms / 1000, min_calls),
         }
     }
 
@@ -256,12 +263,16 @@ fn tag(sec: u64) -> u64 {
 /// Adds one to the bucket cell for second `sec`. A cell of an older second
 /// is dead (its second was passed over by a reset, never drained) and is
 /// claimed; a cell of a newer second means the window moved on meanwhile:
-/// returns `false` and the caller records again in the new second.
+/// returns `false` and the caller records again in the new second, as for
+/// a calls cell of this second that a roll has sealed.
 fn bump(cell: &AtomicU64, sec: u64) -> bool {
     let mut cur = cell.load(Ordering::Acquire);
     loop {
         let held = cur >> 32;
         let next = if held == tag(sec) {
+            if cur & SEALED != 0 {
+                return false;
+            }
             cur + 1
         } else if held.wrapping_sub(tag(sec)) & 0xffff_ffff < 1 << 31 {
             return false;
@@ -278,11 +289,17 @@ fn bump(cell: &AtomicU64, sec: u64) -> bool {
 /// The last `size` seconds: a ring of one-second buckets, each cell tagged
 /// with its second, and running totals.
 ///
-/// Recording adds to the current second's bucket and to the totals (no
-/// lock). The first recorder that sees a new second takes a short lock and
-/// rolls the ring forward: each bucket passed over is swapped to the new
-/// second with nothing in it, and what it held of the second it evicts is
-/// subtracted from the totals. A gap of a whole window or more, and a clear,
+/// Recording adds to the current second's bucket (no lock); a failure or
+/// a slow call adds to its running total too. The calls of the current
+/// second join their total only when the window rolls past it, so a
+/// success writes one shared word, not two. The first recorder that sees a
+/// new second takes a short lock and rolls the ring forward: the current
+/// second's calls cell is sealed and its count added to the calls total,
+/// each bucket passed over is swapped to the new second with nothing in
+/// it, and what it held of the second it evicts is subtracted from the
+/// totals. A roll runs between two increments of `rolls`, so a reader of
+/// the calls (the total plus the current cell) retries when a roll ran
+/// meanwhile, and waits on the lock while one runs. A gap of a whole window or more, and a clear,
 /// instead start a new epoch in O(1): the totals restart at zero, and every
 /// bucket holds a second outside the window (a clear moves the window's own
 /// seconds a window ahead of the clock to make it so). Because every count
@@ -295,6 +312,8 @@ pub(crate) struct TimeWindow {
     // window's seconds: the clock's plus `shift`.
     current: Padded<AtomicU64>,
     shift: AtomicU64,
+    // Odd while a roll or a clear runs (a sequence lock for the calls).
+    rolls: AtomicU64,
     // Epoch | count.
     calls: Padded<AtomicU64>,
     failures: AtomicU64,
@@ -310,6 +329,7 @@ impl TimeWindow {
         Self {
             current: Padded(AtomicU64::new(0)),
             shift: AtomicU64::new(0),
+            rolls: AtomicU64::new(0),
             calls: Padded(AtomicU64::new(0)),
             failures: AtomicU64::new(0),
             slow: AtomicU64::new(0),
@@ -345,16 +365,26 @@ impl TimeWindow {
         if sec <= at {
             return (epoch, at);
         }
-        if sec - at >= self.size {
+        self.rolls.fetch_add(1, Ordering::AcqRel);
+        // The second the window leaves: its calls join the total.
+        let cell = &self.buckets[(at % self.size) as usize].calls;
+        let old = cell.fetch_or(SEALED, Ordering::AcqRel);
+        if old >> 32 == tag(at) && old & SEALED == 0 {
+            add_in(&self.calls, epoch, (old & CELL_COUNT) as i64);
+        }
+        let now = if sec - at >= self.size {
             // Everything recorded has left the window.
-            return self.new_epoch(epoch, sec);
-        }
-        for s in at + 1..=sec {
-            self.pass(s, epoch);
-        }
-        self.current
-            .store(epoch << EPOCH_SHIFT | sec, Ordering::Release);
-        (epoch, sec)
+            self.new_epoch(epoch, sec)
+        } else {
+            for s in at + 1..=sec {
+                self.pass(s, epoch);
+            }
+            self.current
+                .store(epoch << EPOCH_SHIFT | sec, Ordering::Release);
+            (epoch, sec)
+        };
+        self.rolls.fetch_add(1, Ordering::Release);
+        now
     }
 
     /// Moves bucket `s % size` to second `s`, taking what it held of second
@@ -368,8 +398,11 @@ impl TimeWindow {
             (&b.slow, &self.slow),
         ] {
             let old = cell.swap(tag(s) << 32, Ordering::AcqRel);
-            let n = old & 0xffff_ffff;
-            if n != 0 && s >= self.size && old >> 32 == tag(s - self.size) {
+            let n = old & CELL_COUNT;
+            // A calls cell's count is in the total once sealed; a failures
+            // or slow cell's, always.
+            let counted = !std::ptr::eq(cell, &b.calls) || old & SEALED != 0;
+            if n != 0 && counted && s >= self.size && old >> 32 == tag(s - self.size) {
                 add_in(total, epoch, -(n as i64));
             }
         }
@@ -387,10 +420,11 @@ impl TimeWindow {
         (next, sec)
     }
 
-    /// Returns the calls in the window after this one.
+    /// Records one call; returns whether the window now holds at least
+    /// `min_calls` calls and some failure or slow call.
     #[inline]
-    fn record(&self, failed: bool, slow: bool, sec: u64) -> u64 {
-        let epoch = loop {
+    fn record(&self, failed: bool, slow: bool, sec: u64, min_calls: u64) -> bool {
+        let (epoch, at) = loop {
             let (epoch, at) = self.advance(sec);
             let b = &self.buckets[(at % self.size) as usize];
             if bump(&b.calls, at) {
@@ -400,22 +434,50 @@ impl TimeWindow {
                 if slow {
                     bump(&b.slow, at);
                 }
-                break epoch;
+                break (epoch, at);
             }
+            // The window moved on, or a roll is sealing this second: wait
+            // for the roll to end, then record in the new second.
+            drop(self.roll.lock().unwrap_or_else(|p| p.into_inner()));
         };
-        let calls = add_in(&self.calls, epoch, 1);
         if failed {
             add_in(&self.failures, epoch, 1);
         }
         if slow {
             add_in(&self.slow, epoch, 1);
         }
-        calls.map_or(0, clamp)
+        (count_in(&self.failures, epoch) != 0 || count_in(&self.slow, epoch) != 0)
+            && self.calls(epoch, at) >= min_calls
+    }
+
+    /// The calls in the window: the total of the seconds rolled past and
+    /// the current second's cell, read between two equal, even values of
+    /// `rolls`.
+    fn calls(&self, epoch: u64, at: u64) -> u64 {
+        let cell = &self.buckets[(at % self.size) as usize].calls;
+        loop {
+            let r = self.rolls.load(Ordering::Acquire);
+            if r & 1 == 1 {
+                // A roll runs: wait for it.
+                drop(self.roll.lock().unwrap_or_else(|p| p.into_inner()));
+                continue;
+            }
+            let total = count_in(&self.calls, epoch);
+            let c = cell.load(Ordering::Acquire);
+            let live = if c >> 32 == tag(at) && c & SEALED == 0 {
+                c & CELL_COUNT
+            } else {
+                0
+            };
+            if self.rolls.load(Ordering::Acquire) == r {
+                return total + live;
+            }
+        }
     }
 
     fn counts(&self, sec: u64) -> WindowCounts {
-        let (epoch, _) = self.advance(sec);
-        let calls = count_in(&self.calls, epoch);
+        let (epoch, at) = self.advance(sec);
+        let calls = self.calls(epoch, at);
         WindowCounts {
             calls,
             failures: count_in(&self.failures, epoch).min(calls),
@@ -427,9 +489,11 @@ impl TimeWindow {
     /// window ahead of the clock's, so every bucket is outside it.
     fn clear(&self) {
         let _guard = self.roll.lock().unwrap_or_else(|p| p.into_inner());
+        self.rolls.fetch_add(1, Ordering::AcqRel);
         let cur = self.current.load(Ordering::Acquire);
         self.shift.fetch_add(self.size, Ordering::AcqRel);
         self.new_epoch(epoch_of(cur), (cur & COUNT_MASK) + self.size);
+        self.rolls.fetch_add(1, Ordering::Release);
     }
 }
 

@@ -105,14 +105,52 @@ fn only_time_windows_need_the_clock() {
     assert!(Window::time(3).needs_clock());
 }
 
-/// `record` says whether this call brought the window to exactly
-/// `min_calls` calls, in both kinds of window.
+/// `record` says when a success may have brought the window to a trip: a
+/// count window, the record that brought it to exactly `min_calls` calls;
+/// a time window, every record while it holds at least `min_calls` calls
+/// and some failure or slow call.
 #[test]
 fn the_record_that_reaches_min_calls_says_so() {
-    for w in [Window::count(5), Window::time(5)] {
-        let reached: Vec<bool> = (0..5).map(|i| w.record(i % 2 == 0, false, 0, 3)).collect();
-        assert_eq!(reached, [false, false, true, false, false], "{w:?}");
+    let w = Window::count(5);
+    let reached: Vec<bool> = (0..5).map(|i| w.record(i % 2 == 0, false, 0, 3)).collect();
+    assert_eq!(reached, [false, false, true, false, false]);
+    let w = Window::time(5);
+    let reached: Vec<bool> = (0..5).map(|i| w.record(i % 2 == 0, false, 0, 3)).collect();
+    assert_eq!(reached, [false, false, true, true, true]);
+    // Only successes: never.
+    let w = Window::time(5);
+    assert!((0..5).all(|_| !w.record(false, false, 0, 3)));
+    // The failure leaves the window (5 s later): no longer.
+    let w = Window::time(5);
+    w.record(true, false, 0, 1);
+    assert!(w.record(false, false, 4_999, 1));
+    assert!(!w.record(false, false, 5_000, 1));
+}
+
+/// The calls of the current second join the total when the window rolls
+/// past it, once: a cell sealed by the roll refuses a late record, which
+/// counts in the new second instead.
+#[test]
+fn a_roll_seals_the_current_second_and_counts_it_once() {
+    let w = TimeWindow::new(3);
+    for _ in 0..4 {
+        w.record(false, false, 1, 1);
     }
+    let (epoch, at) = w.advance(1);
+    assert_eq!(w.calls(epoch, at), 4);
+    let cell = &w.buckets[1].calls;
+    // Second 2: second 1 is sealed, its calls in the total.
+    assert_eq!(w.advance(2), (epoch, 2));
+    assert_eq!(cell.load(Ordering::Relaxed), tag(1) << 32 | SEALED | 4);
+    assert_eq!(count_in(&w.calls, epoch), 4);
+    // A record still on second 1 is refused, and counts in second 2.
+    assert!(!bump(cell, 1));
+    w.record(false, false, 1, 1);
+    assert_eq!(w.counts(2_000 / 1_000).calls, 5);
+    // Second 4 evicts second 1 (sealed: its 4 leave the total), second 2's
+    // one call joins it.
+    assert_eq!(w.counts(4).calls, 1);
+    assert_eq!(w.counts(5).calls, 0);
 }
 
 /// Over a full window of successes another success writes nothing (it
@@ -222,13 +260,13 @@ fn a_bucket_cell_claims_older_seconds_and_refuses_newer_ones() {
 #[test]
 fn a_record_that_races_a_clear_is_forgotten() {
     let w = TimeWindow::new(3);
-    w.record(true, false, 1);
+    w.record(true, false, 1, 1);
     let (epoch, _) = w.advance(1);
     w.clear();
     assert_eq!(add_in(&w.calls, epoch, 1), None);
     assert_eq!(add_in(&w.failures, epoch, 1), None);
     assert_eq!(w.counts(1), WindowCounts::default());
-    w.record(false, true, 1);
+    w.record(false, true, 1, 1);
     let want = WindowCounts {
         calls: 1,
         failures: 0,
@@ -251,7 +289,7 @@ fn the_epoch_wraps_around() {
         cell.store(last, Ordering::Relaxed);
     }
     c.record(true, false);
-    t.record(true, false, 0);
+    t.record(true, false, 0, 1);
     let failed = WindowCounts {
         calls: 1,
         failures: 1,
@@ -263,7 +301,7 @@ fn the_epoch_wraps_around() {
     assert_eq!(epoch_of(c.head.load(Ordering::Relaxed)), 0);
     assert_eq!(epoch_of(t.current.load(Ordering::Relaxed)), 0);
     c.record(false, true);
-    t.record(false, true, 0);
+    t.record(false, true, 0, 1);
     let slow = WindowCounts {
         calls: 1,
         failures: 0,
