@@ -205,7 +205,21 @@ where
 }
 
 impl<U> Guard<U> {
+    #[inline]
     fn finish<Res>(&mut self, result: Result<&Res, &Error>)
+    where
+        U: ReadUsage<Res>,
+    {
+        if self.limiter.is_none() && result.is_ok() {
+            // Detached: a success has nothing to settle.
+            self.ticket = None;
+            return;
+        }
+        self.settle(result);
+    }
+
+    #[inline(never)]
+    fn settle<Res>(&mut self, result: Result<&Res, &Error>)
     where
         U: ReadUsage<Res>,
     {
@@ -215,9 +229,7 @@ impl<U> Guard<U> {
         let found;
         let limiter = match &self.limiter {
             Some(limiter) => limiter,
-            // Detached: a success has nothing to settle; a failure finds
-            // its limiter, unless it is gone.
-            None if result.is_ok() => return,
+            // Detached and failed: it finds its limiter, unless it is gone.
             None => match super::registry::find(self.id) {
                 Some(limiter) => {
                     found = limiter;
@@ -253,8 +265,10 @@ where
             match this.state.as_mut().project() {
                 KindProj::Calling { fut } => {
                     let result = ready!(fut.poll(cx)).map_err(Error::from_inner);
+                    // Settled once (the ticket is taken). The inner future
+                    // stays until this one is dropped: polled again, it
+                    // answers as its own contract says.
                     this.guard.finish(result.as_ref());
-                    this.state.set(State::Done);
                     return Poll::Ready(result);
                 }
                 KindProj::Readying { svc, req } => match ready!(svc.poll_ready(cx)) {

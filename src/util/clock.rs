@@ -33,6 +33,8 @@ pub(crate) struct Origin {
         not(feature = "test-util")
     ))]
     raw: u64,
+    /// [`lag`] in nanoseconds.
+    lag: u64,
 }
 
 impl Origin {
@@ -52,6 +54,7 @@ impl Origin {
             Self {
                 at,
                 raw: raw.saturating_sub(nanos(since)),
+                lag: nanos(lag()),
             }
         }
         #[cfg(not(all(
@@ -59,7 +62,10 @@ impl Origin {
             not(feature = "test-util")
         )))]
         {
-            Self { at }
+            Self {
+                at,
+                lag: nanos(lag()),
+            }
         }
     }
 
@@ -100,7 +106,7 @@ impl Origin {
     /// checked against.
     #[inline]
     pub(crate) fn elapsed_nanos_late(&self) -> u64 {
-        self.elapsed_nanos().saturating_add(nanos(lag()))
+        self.elapsed_nanos().saturating_add(self.lag)
     }
 
     /// Milliseconds since the origin, read cheaply (see
@@ -151,11 +157,11 @@ mod coarse {
 
     #[inline]
     fn nanos(t: Timespec) -> u64 {
-        // Monotonic readings are never negative.
-        u64::try_from(t.tv_sec)
-            .unwrap_or(0)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+        // A monotonic reading: seconds since boot, never negative, so
+        // neither cast changes the value nor the product overflows.
+        (t.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(t.tv_nsec as u64)
     }
 
     /// `CLOCK_MONOTONIC_COARSE`.
