@@ -158,7 +158,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Samples every variant round-robin, `rounds` times `n` calls each (after
-/// one round of warm-up), and prints medians and the per-round ratios of
+/// one round of warm-up; each variant first in turn), and prints medians and the per-round ratios of
 /// each `(ours, theirs)` pair of indices.
 pub fn round_robin(
     title: &str,
@@ -171,9 +171,13 @@ pub fn round_robin(
         (v.run)(n);
     }
     let mut samples = vec![Vec::with_capacity(rounds); variants.len()];
-    for _ in 0..rounds {
-        for (i, v) in variants.iter_mut().enumerate() {
-            samples[i].push((v.run)(n));
+    let len = variants.len();
+    for round in 0..rounds {
+        // Each variant goes first in turn: the first sample of a round also
+        // pays for waking the idle workers of the two-worker runtime.
+        for k in 0..len {
+            let i = (round + k) % len;
+            samples[i].push((variants[i].run)(n));
         }
     }
     println!("\n## {title} ({rounds} rounds of {n} calls, round-robin)");
