@@ -27,11 +27,7 @@ use tokio::time::Instant;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Origin {
     at: Instant,
-    /// `at` on the coarse clock's timeline, in nanoseconds.
-    #[cfg(all(
-        any(target_os = "linux", target_os = "android"),
-        not(feature = "test-util")
-    ))]
+    /// `at` on the per-call clock's own timeline, in nanoseconds.
     raw: u64,
     /// [`lag`] in nanoseconds.
     lag: u64,
@@ -40,32 +36,10 @@ pub(crate) struct Origin {
 impl Origin {
     /// The origin `at`, an instant at or before now on tokio's clock.
     pub(crate) fn new(at: Instant) -> Self {
-        #[cfg(all(
-            any(target_os = "linux", target_os = "android"),
-            not(feature = "test-util")
-        ))]
-        {
-            // The raw reading first: mapped back to `at`, it is then at or
-            // before `at`'s true position, so readings measured from it are
-            // never short of the true time since `at` by more than the
-            // coarse clock's own lag.
-            let raw = coarse::exact();
-            let since = Instant::now().saturating_duration_since(at);
-            Self {
-                at,
-                raw: raw.saturating_sub(nanos(since)),
-                lag: nanos(lag()),
-            }
-        }
-        #[cfg(not(all(
-            any(target_os = "linux", target_os = "android"),
-            not(feature = "test-util")
-        )))]
-        {
-            Self {
-                at,
-                lag: nanos(lag()),
-            }
+        Self {
+            at,
+            raw: imp::origin(at),
+            lag: nanos(lag()),
         }
     }
 
@@ -82,28 +56,16 @@ impl Origin {
     }
 
     /// Nanoseconds since the origin, read cheaply: behind the true time by
-    /// at most [`lag`].
+    /// up to [`lag`].
     #[inline]
     pub(crate) fn elapsed_nanos(&self) -> u64 {
-        #[cfg(all(
-            any(target_os = "linux", target_os = "android"),
-            not(feature = "test-util")
-        ))]
-        {
-            coarse::now().saturating_sub(self.raw)
-        }
-        #[cfg(not(all(
-            any(target_os = "linux", target_os = "android"),
-            not(feature = "test-util")
-        )))]
-        {
-            self.nanos_at(super::time::now())
-        }
+        imp::since(self.raw, self.at)
     }
 
-    /// Nanoseconds since the origin, never behind the true time (ahead of
-    /// it by at most [`lag`]): what a deadline that must not be overrun is
-    /// checked against.
+    /// Nanoseconds since the origin, never behind the true time while the
+    /// coarse clock lags by no more than [`lag`] (ahead of it by up to
+    /// that much): what a deadline that must not be overrun is checked
+    /// against.
     #[inline]
     pub(crate) fn elapsed_nanos_late(&self) -> u64 {
         self.elapsed_nanos().saturating_add(self.lag)
@@ -119,22 +81,8 @@ impl Origin {
 
 /// How far behind the true time a cheap reading is taken to be: two ticks
 /// of the coarse clock on Linux (without `test-util`), zero elsewhere.
-#[inline]
 pub(crate) fn lag() -> Duration {
-    #[cfg(all(
-        any(target_os = "linux", target_os = "android"),
-        not(feature = "test-util")
-    ))]
-    {
-        coarse::tick().saturating_mul(2)
-    }
-    #[cfg(not(all(
-        any(target_os = "linux", target_os = "android"),
-        not(feature = "test-util")
-    )))]
-    {
-        Duration::ZERO
-    }
+    imp::lag()
 }
 
 /// A duration in nanoseconds, saturating (at about 584 years).
@@ -145,15 +93,17 @@ fn nanos(d: Duration) -> u64 {
         .saturating_add(u64::from(d.subsec_nanos()))
 }
 
+/// Linux, without `test-util`: the kernel's coarse clock.
 #[cfg(all(
     any(target_os = "linux", target_os = "android"),
     not(feature = "test-util")
 ))]
-mod coarse {
+mod imp {
     use std::sync::OnceLock;
     use std::time::Duration;
 
     use rustix::time::{clock_getres, clock_gettime, ClockId, Timespec};
+    use tokio::time::Instant;
 
     #[inline]
     fn nanos(t: Timespec) -> u64 {
@@ -164,24 +114,28 @@ mod coarse {
             .wrapping_add(t.tv_nsec as u64)
     }
 
-    /// `CLOCK_MONOTONIC_COARSE`.
-    #[inline]
-    pub(super) fn now() -> u64 {
-        nanos(clock_gettime(ClockId::MonotonicCoarse))
+    /// `at` on the coarse clock's timeline (`CLOCK_MONOTONIC`'s, which
+    /// `Instant::now` reads). The precise reading is taken first: mapped
+    /// back to `at`, it is then at or before `at`'s true position, so a
+    /// reading measured from it is never short of the true time since `at`
+    /// by more than the coarse clock's own lag.
+    pub(super) fn origin(at: Instant) -> u64 {
+        let raw = nanos(clock_gettime(ClockId::Monotonic));
+        raw.saturating_sub(super::nanos(Instant::now().saturating_duration_since(at)))
     }
 
-    /// `CLOCK_MONOTONIC` (what `Instant::now` reads).
-    pub(super) fn exact() -> u64 {
-        nanos(clock_gettime(ClockId::Monotonic))
+    /// `CLOCK_MONOTONIC_COARSE` since `raw`.
+    #[inline]
+    pub(super) fn since(raw: u64, _at: Instant) -> u64 {
+        nanos(clock_gettime(ClockId::MonotonicCoarse)).saturating_sub(raw)
     }
 
-    /// The coarse clock's tick, read once per process. A kernel that
-    /// reports no resolution (or one above 10 ms, the tick of the slowest
-    /// common setting, 100 Hz) is taken as 10 ms.
-    #[inline]
-    pub(super) fn tick() -> Duration {
+    /// Two ticks of the coarse clock, the tick read once per process. A
+    /// kernel that reports no resolution (or one above 10 ms, the tick of
+    /// the slowest common setting, 100 Hz) is taken as 10 ms.
+    pub(super) fn lag() -> Duration {
         static TICK: OnceLock<Duration> = OnceLock::new();
-        *TICK.get_or_init(|| {
+        let tick = *TICK.get_or_init(|| {
             let res = nanos(clock_getres(ClockId::MonotonicCoarse));
             let res = if res == 0 || res > 10_000_000 {
                 10_000_000
@@ -189,7 +143,33 @@ mod coarse {
                 res
             };
             Duration::from_nanos(res)
-        })
+        });
+        tick * 2
+    }
+}
+
+/// With `test-util`, or off Linux: tokio's clock (inside an agent
+/// pipeline's poll, the reading its layers share).
+#[cfg(not(all(
+    any(target_os = "linux", target_os = "android"),
+    not(feature = "test-util")
+)))]
+mod imp {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    pub(super) fn origin(_at: Instant) -> u64 {
+        0
+    }
+
+    #[inline]
+    pub(super) fn since(_raw: u64, at: Instant) -> u64 {
+        super::nanos(super::super::time::now().saturating_duration_since(at))
+    }
+
+    pub(super) fn lag() -> Duration {
+        Duration::ZERO
     }
 }
 
