@@ -268,6 +268,11 @@ impl<Res: 'static> ReadUsage<Res> for Usage<Res> {
             .as_ref()
             .map_or_else(ServerLimits::default, |u| u.server_limits(res))
     }
+
+    #[inline]
+    fn reads_nothing(&self) -> bool {
+        self.0.as_ref().is_none_or(|u| u.reads_nothing())
+    }
 }
 
 #[cfg(test)]

@@ -214,6 +214,10 @@ impl<Res, U: ReadUsage<Res>> ReadUsage<Res> for ArcUsage<U> {
     fn server_limits(&self, res: &Res) -> ServerLimits {
         self.0.server_limits(res)
     }
+    #[inline]
+    fn reads_nothing(&self) -> bool {
+        self.0.reads_nothing()
+    }
 }
 
 /// The validated settings the fleet side uses.
