@@ -398,11 +398,12 @@ impl TimeWindow {
             (&b.slow, &self.slow),
         ] {
             let old = cell.swap(tag(s) << 32, Ordering::AcqRel);
+            // Every count here is in its total: a failures or slow cell's
+            // from its record, a calls cell's from the roll that left its
+            // second (and sealed it; a second left by a new epoch is never
+            // evicted in that epoch).
             let n = old & CELL_COUNT;
-            // A calls cell's count is in the total once sealed; a failures
-            // or slow cell's, always.
-            let counted = !std::ptr::eq(cell, &b.calls) || old & SEALED != 0;
-            if n != 0 && counted && s >= self.size && old >> 32 == tag(s - self.size) {
+            if n != 0 && s >= self.size && old >> 32 == tag(s - self.size) {
                 add_in(total, epoch, -(n as i64));
             }
         }

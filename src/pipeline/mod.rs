@@ -336,8 +336,10 @@ impl<F: Future> Future for PipelineFuture<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         // Every layer below runs inside this poll without waiting: they
-        // share one clock reading (the deadline check before sending, the
-        // rate limiter's admission, the breaker's time window).
+        // share one reading of tokio's clock (the deadline check before
+        // sending; with `test-util` or off Linux also the rate limiter's
+        // admission and the breaker's window, which on Linux otherwise read
+        // the kernel's coarse clock, `util::clock`).
         time::one_reading(|| {
             if !*this.started {
                 *this.started = true;

@@ -177,8 +177,9 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Limiter {
-    /// Made by `registry::new_limiter`, which numbers it.
-    pub(crate) fn new(settings: Arc<Settings>, origin: Instant, id: u64) -> Self {
+    /// Made by `registry::new_limiter` only, which numbers and registers
+    /// it (a detached call finds its limiter there).
+    pub(super) fn new(settings: Arc<Settings>, origin: Instant, id: u64) -> Self {
         let dim = |c: Option<(u64, u64)>| c.map(|(l, b)| Dimension::new(l, b, settings.window));
         Self {
             state: Mutex::new(State {
