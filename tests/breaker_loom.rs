@@ -91,7 +91,7 @@ fn settings() -> Settings {
 fn fresh() -> Arc<Core> {
     Arc::new(Core::new(
         StdArc::new(settings()),
-        tokio::time::Instant::now(),
+        clock::Origin::new(tokio::time::Instant::now()),
     ))
 }
 

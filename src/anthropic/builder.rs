@@ -23,10 +23,10 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// largest legitimate message (a few hundred thousand output tokens as
 /// JSON) stays well below it; anything larger is a broken or hostile
 /// upstream.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
+pub const DEFAULT_MAX_BODY_BYTES: usize = crate::client::DEFAULT_MAX_BODY_BYTES;
 /// The default cap on one server-sent event: 4 MiB (an Anthropic event is a
 /// delta, usually well under a kilobyte).
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 << 20;
+pub const DEFAULT_MAX_EVENT_BYTES: usize = crate::client::DEFAULT_MAX_EVENT_BYTES;
 
 /// Builds a validated [`AnthropicClient`]; from
 /// [`AnthropicClient::builder`] or [`AnthropicClient::builder_from_env`].
@@ -140,6 +140,7 @@ impl AnthropicClientBuilder {
 
     transport_setters!(
         idle: "The longest a stream may go without a complete event (`ping` included), and a non-streamed body may take once its headers arrived; default 60 s. Bytes that do not complete an event do not count, so a server dripping one byte at a time cannot hold a stream open.",
+        body: "The largest 2xx body, or whole stream, accepted, in bytes.",
         too_large: "[`AnthropicErrorKind::TooLarge`](super::AnthropicErrorKind::TooLarge)",
         own_key: "([`MessagesRequest::idempotency_key`](super::MessagesRequest::idempotency_key)).",
     );
@@ -156,7 +157,6 @@ impl AnthropicClientBuilder {
         if self.max_tokens == 0 {
             return Err(ConfigError::new("max_tokens", "must be greater than zero"));
         }
-        let attempt_headers = self.transport.attempt_headers;
         let t = self.transport.check()?;
         let limits = Limits {
             idle_timeout: t.idle_timeout,
@@ -187,7 +187,7 @@ impl AnthropicClientBuilder {
         }
         // A default header of the same name is the caller's choice.
         let attempt_headers =
-            transport::attempt_headers(attempt_headers, |n| headers.iter().any(|(h, _)| h == n));
+            transport::attempt_headers(t.attempt_headers, |n| headers.iter().any(|(h, _)| h == n));
         let endpoint = if base.ends_with("/v1") {
             format!("{base}/messages")
         } else {

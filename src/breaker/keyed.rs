@@ -8,6 +8,8 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
+
+use crate::util::clock::Origin;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -33,7 +35,8 @@ pub(crate) struct KeyedShared<K, F, C> {
     key_fn: F,
     settings: Arc<Settings>,
     classifier: Arc<C>,
-    origin: Instant,
+    /// Shared by every key's breaker: made once, not per key.
+    origin: Origin,
     max_keys: usize,
     map: RwLock<Map<K, C>>,
     // A shared coordination's link, given to every breaker the map makes.
@@ -51,7 +54,7 @@ impl<K, F, C> KeyedShared<K, F, C> {
             key_fn,
             settings,
             classifier,
-            origin: Instant::now(),
+            origin: Origin::new(Instant::now()),
             max_keys,
             map: RwLock::new(Map {
                 entries: HashMap::new(),

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::util::clock::Origin;
 use tower_layer::Layer;
 
 use super::event::Metrics;
@@ -475,7 +477,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         let settings = Arc::new(self.settings(false)?);
         Ok(CircuitBreakerLayer {
             shared: Arc::new(Shared {
-                core: Core::new(settings, Instant::now()),
+                core: Core::new(settings, Origin::new(Instant::now())),
                 classifier: Arc::new(self.classifier),
             }),
         })

@@ -134,8 +134,8 @@ impl Core {
     pub(crate) fn trip_now(&self) -> bool {
         let mut s = self.state.load(Ordering::Acquire);
         while matches!(Word(s).mode(), CLOSED | HALF_OPEN) {
-            match self.trip(s, self.now_ms(), &mut None::<fn() -> Option<Duration>>) {
-                Ok(()) => return true,
+            match self.open(s, self.now_ms(), |n, gen| self.open_duration(n, gen)) {
+                Ok(_) => return true,
                 Err(actual) => s = actual,
             }
         }

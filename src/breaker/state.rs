@@ -6,7 +6,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 
 use super::sync::{AtomicU32, AtomicU64, Ordering, Padded};
 use super::window::{Window, WindowCounts};
@@ -145,7 +144,7 @@ impl fmt::Debug for Core {
 }
 
 impl Core {
-    pub(crate) fn new(settings: Arc<Settings>, origin: Instant) -> Self {
+    pub(crate) fn new(settings: Arc<Settings>, origin: Origin) -> Self {
         let window = match settings.window {
             WindowSpec::Count(n) => Window::count(n),
             WindowSpec::Time(secs) => Window::time(secs),
@@ -157,7 +156,7 @@ impl Core {
             trips: AtomicU32::new(0),
             window,
             settings,
-            clock: Origin::new(origin),
+            clock: origin,
             link: std::sync::OnceLock::new(),
             grant: AtomicU64::new(NO_GRANT),
             want: AtomicU64::new(NO_GRANT),

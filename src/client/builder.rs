@@ -206,6 +206,7 @@ impl OpenAiClientBuilder {
 
     transport_setters!(
         idle: "The longest a stream may go without a complete event (a chunk, or a keep-alive comment); default 60 s. Bytes that do not complete an event do not count, so a server dripping one byte at a time cannot hold the stream open.",
+        body: "The largest non-streamed 2xx body accepted, in bytes (a stream is bounded per event, [`max_event_bytes`](Self::max_event_bytes), and in time).",
         too_large: "[`ClientErrorKind::BodyTooLarge`](crate::client::ClientErrorKind::BodyTooLarge)",
         own_key: "([`ChatRequest::idempotency_key`](crate::client::ChatRequest::idempotency_key)).",
     );
@@ -262,11 +263,11 @@ impl OpenAiClientBuilder {
             return Err(ConfigError::new("model", "must not be empty"));
         }
         let headers = self.header_map()?;
-        // A default header of the same name is the caller's choice.
-        let attempt_headers =
-            transport::attempt_headers(self.transport.attempt_headers, |n| headers.contains_key(n));
         let url = self.url(base)?;
         let t = self.transport.check()?;
+        // A default header of the same name is the caller's choice.
+        let attempt_headers =
+            transport::attempt_headers(t.attempt_headers, |n| headers.contains_key(n));
         Ok(OpenAiClient {
             config: Arc::new(Config {
                 http: t.http,

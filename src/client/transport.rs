@@ -167,6 +167,7 @@ pub(crate) struct Checked {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_event_bytes: usize,
     pub(crate) http: reqwest::Client,
+    pub(crate) attempt_headers: AttemptHeaders,
 }
 
 impl Knobs {
@@ -194,6 +195,7 @@ impl Knobs {
             max_body_bytes,
             max_event_bytes,
             http,
+            attempt_headers: self.attempt_headers,
         })
     }
 }
@@ -201,7 +203,7 @@ impl Knobs {
 /// The setters of the [`Knobs`] both clients' builders share, on a builder
 /// with a `transport` field; the docs that differ are arguments.
 macro_rules! transport_setters {
-    (idle: $idle:literal, too_large: $too_large:literal, own_key: $own_key:literal $(,)?) => {
+    (idle: $idle:literal, body: $body:literal, too_large: $too_large:literal, own_key: $own_key:literal $(,)?) => {
         /// Time to establish a connection; default 5 s (the official
         /// SDKs').
         pub fn connect_timeout(mut self, t: ::std::time::Duration) -> Self {
@@ -250,8 +252,8 @@ macro_rules! transport_setters {
             self
         }
 
-        /// The largest 2xx body, or whole stream, accepted, in bytes;
-        /// default [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). Past it the call
+        #[doc = $body]
+        /// Default [`DEFAULT_MAX_BODY_BYTES`] (32 MiB). Past it the call
         /// fails with
         #[doc = $too_large]
         /// (permanent: the same request would get the same answer), found

@@ -7,6 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use tokio::time::Instant;
 
+use crate::util::clock::Origin;
+
 use super::limiter::{Limiter, Settings};
 
 /// One limiter per key that a function extracts from the request, in a map
@@ -16,7 +18,8 @@ pub(crate) struct Keyed<K, F> {
     map: RwLock<HashMap<K, Arc<Limiter>>>,
     max_keys: usize,
     settings: Arc<Settings>,
-    origin: Instant,
+    /// Shared by every key's limiter: made once, not per key.
+    origin: Origin,
 }
 
 impl<K, F> fmt::Debug for Keyed<K, F> {
@@ -34,7 +37,7 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
             map: RwLock::new(HashMap::new()),
             max_keys,
             settings,
-            origin: Instant::now(),
+            origin: Origin::new(Instant::now()),
         }
     }
 

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::util::clock::Origin;
 use tower_layer::Layer;
 
 use super::event::{Listener, RateLimitEvent};
@@ -458,7 +460,7 @@ impl<E, U> RateLimitLayerBuilder<E, U> {
         let settings = Arc::new(self.settings()?);
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
-                part: registry::new_limiter(settings, Instant::now()),
+                part: registry::new_limiter(settings, Origin::new(Instant::now())),
                 estimate: self.estimate,
                 usage: self.usage,
             }),

@@ -179,7 +179,7 @@ fn nanos(d: Duration) -> u64 {
 impl Limiter {
     /// Made by `registry::new_limiter` only, which numbers and registers
     /// it (a detached call finds its limiter there).
-    pub(super) fn new(settings: Arc<Settings>, origin: Instant, id: u64) -> Self {
+    pub(super) fn new(settings: Arc<Settings>, origin: Origin, id: u64) -> Self {
         let dim = |c: Option<(u64, u64)>| c.map(|(l, b)| Dimension::new(l, b, settings.window));
         Self {
             state: Mutex::new(State {
@@ -196,7 +196,7 @@ impl Limiter {
             req_cost: u64::from(settings.requests.is_some()),
             tok_on: settings.tokens.is_some(),
             clear: AtomicBool::new(true),
-            clock: Origin::new(origin),
+            clock: origin,
             id,
             settings,
         }

@@ -18,9 +18,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use tokio::time::Instant;
-
 use super::limiter::{Limiter, Settings};
+use crate::util::clock::Origin;
 
 struct Registry {
     live: BTreeMap<u64, Weak<Limiter>>,
@@ -36,7 +35,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 });
 
 /// A new limiter, registered under a number of its own.
-pub(crate) fn new_limiter(settings: Arc<Settings>, origin: Instant) -> Arc<Limiter> {
+pub(crate) fn new_limiter(settings: Arc<Settings>, origin: Origin) -> Arc<Limiter> {
     let mut r = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
     let id = r.next;
     r.next += 1;
@@ -64,6 +63,8 @@ pub(crate) fn find(id: u64) -> Option<Arc<Limiter>> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
     use crate::ratelimit::RateLimitLayer;
 
@@ -79,8 +80,8 @@ mod tests {
 
     #[test]
     fn found_while_held_not_after_and_swept() {
-        let a = new_limiter(settings(), Instant::now());
-        let b = new_limiter(settings(), Instant::now());
+        let a = new_limiter(settings(), Origin::new(Instant::now()));
+        let b = new_limiter(settings(), Origin::new(Instant::now()));
         assert_ne!(a.id, b.id);
         assert!(Arc::ptr_eq(&find(a.id).unwrap(), &a));
         assert!(Arc::ptr_eq(&find(b.id).unwrap(), &b));
@@ -90,7 +91,7 @@ mod tests {
         // Many limiters made and dropped: the entries are swept, so the
         // registry stays bounded by what is alive.
         for _ in 0..10_000 {
-            drop(new_limiter(settings(), Instant::now()));
+            drop(new_limiter(settings(), Origin::new(Instant::now())));
         }
         let len = REGISTRY.lock().unwrap().live.len();
         assert!(len < 1_000, "{len} entries kept");
