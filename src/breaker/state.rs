@@ -6,7 +6,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use super::sync::{AtomicU32, AtomicU64, Ordering, Padded};
 use super::window::{Window, WindowCounts};
 use crate::classify::Reason;

@@ -316,10 +316,7 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
         if self.max_wait.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait", "must be more than zero"));
         }
-        let stamp = self.classes
-            || self.max_wait.is_some()
-            || self.listener.is_some()
-            || cfg!(feature = "metrics");
+        let (classes, max_wait) = (self.classes, self.max_wait.is_some());
         let shared = Shared::named(
             self.concurrency,
             self.capacity,
@@ -328,6 +325,8 @@ impl<P, D, H> QueueLayerBuilder<P, D, H> {
             self.listener,
             self.name,
         );
+        // A queued request reads the clock only for what needs its start.
+        let stamp = classes || max_wait || shared.observed();
         Ok(QueueLayer {
             shared: Arc::new(shared),
             policy: Arc::new(Policy {

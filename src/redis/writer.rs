@@ -22,6 +22,8 @@ use super::scripts;
 
 /// Most outcomes written by one script call.
 const MAX_BATCH: usize = 64;
+// A job's results-hash number is written as the byte `b'0' + n`, n <= MAX_BATCH.
+const _: () = assert!(MAX_BATCH + b'0' as usize <= u8::MAX as usize);
 
 /// One outcome to record.
 pub(crate) struct Outcome {
@@ -101,9 +103,11 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, confi
     // The results hashes of one batch: a few at most (jobs enqueued close
     // together), so a list.
     let mut buckets: Vec<u64> = Vec::new();
-    let mut backoff = Duration::from_millis(20);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Each batch retries on its own schedule: one given up does not
+        // leave the next one a long first wait.
         let first_try = Instant::now();
+        let mut backoff = Duration::from_millis(20);
         loop {
             let cmd = finish_cmd(&batch, &fixed, &config, &mut buckets);
             let mut written: Result<Vec<i64>, redis::RedisError> = cmd.query_async(&mut conn).await;
@@ -119,7 +123,6 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, confi
                     for (o, w) in batch.drain(..).zip(w) {
                         report(&config.events, &o, w == 1);
                     }
-                    backoff = Duration::from_millis(20);
                     break;
                 }
                 Ok(_) => RedisQueueError::malformed("finish", "reply length"),
@@ -169,19 +172,20 @@ fn finish_cmd(
     }
     cmd.arg(GROUP).arg(config.result_ttl_ms).arg(config.max_len);
     for o in batch {
-        // At most MAX_BATCH hashes: `b'0' + hash` stays one byte.
-        let hash = buckets
+        // The hash's key number: `buckets` was collected from this batch,
+        // so it is there, and with at most MAX_BATCH (64) hashes `b'0' +
+        // hash` stays one byte.
+        let hash = 1 + buckets
             .iter()
             .position(|&b| b == o.bucket)
-            .map_or(0, |i| i + 1);
+            .expect("every job's results hash is among the batch's");
         // Kind, class, results hash, named: one argument (see the script).
         let kind = match &o.kind {
             Kind::Completed(_) => b'o',
             Kind::Other { error: None, .. } => b'x',
             Kind::Other { error: Some(_), .. } => b'd',
         };
-        let hash = u8::try_from(hash).unwrap_or(u8::MAX - b'0');
-        let header = [kind, b'1' + o.class.index() as u8, b'0' + hash, b'r'];
+        let header = [kind, b'1' + o.class.index() as u8, b'0' + hash as u8, b'r'];
         cmd.arg(&header[..if o.named { 4 } else { 3 }])
             .arg(&o.entry)
             .arg(&o.job);
