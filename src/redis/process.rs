@@ -14,7 +14,7 @@ use super::event::WorkerEvent;
 use super::job::{result_bucket, unix_ms, Delivery, GROUP};
 use super::scripts;
 use super::worker::Ctx;
-use super::writer::{Kind, Outcome};
+use super::writer::{Kind, Outcome, Retrying};
 use crate::error::BoxError;
 
 /// Whether a failed job is worth another delivery.
@@ -196,9 +196,7 @@ async fn record(ctx: &Ctx, job: Delivery, verdict: Verdict, slot: OwnedSemaphore
         named: job.named,
         kind,
     };
-    // Not queued only when the worker is going away: the job stays pending
-    // and is reclaimed.
-    let _ = ctx.writer.write(outcome).await;
+    ctx.writer.write(outcome).await;
     drop(slot);
 }
 
@@ -206,14 +204,11 @@ async fn record(ctx: &Ctx, job: Delivery, verdict: Verdict, slot: OwnedSemaphore
 /// (`None`: a job released at shutdown was not really tried, so its
 /// delivery is not counted), retrying while Redis is unreachable.
 async fn requeue_until_written(ctx: &Ctx, job: &Delivery, error: Option<String>) {
-    let start = tokio::time::Instant::now();
-    let mut backoff = Duration::from_millis(20);
+    let mut retry = Retrying::new(ctx.config.visibility_timeout);
+    let delay = ctx.config.requeue_delay(job.deliveries);
     loop {
         let r = match &error {
-            Some(e) => {
-                let delay = ctx.config.requeue_delay(job.deliveries);
-                requeue(ctx, job, job.deliveries, delay, e, true).await
-            }
+            Some(e) => requeue(ctx, job, job.deliveries, delay, e, true).await,
             None => {
                 let prior = job.deliveries.saturating_sub(1);
                 requeue(ctx, job, prior, Duration::ZERO, &job.last_error, false).await
@@ -227,7 +222,7 @@ async fn requeue_until_written(ctx: &Ctx, job: &Delivery, error: Option<String>)
                     Some(error) => WorkerEvent::Retried {
                         job: j,
                         deliveries: job.deliveries,
-                        delay: ctx.config.requeue_delay(job.deliveries),
+                        delay,
                         error,
                     },
                     None => WorkerEvent::Released { job: j },
@@ -238,12 +233,10 @@ async fn requeue_until_written(ctx: &Ctx, job: &Delivery, error: Option<String>)
                 if let RedisQueueError::Redis { source } = &e {
                     ctx.events.emit(WorkerEvent::RedisError { error: source });
                 }
-                if start.elapsed() + backoff >= ctx.config.visibility_timeout {
+                if !retry.wait().await {
                     tracing::warn!(job = %job.job, error = %e, "redis queue: outcome not recorded; the job will be reclaimed");
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -25,6 +25,35 @@ const MAX_BATCH: usize = 64;
 // A job's results-hash number is written as the byte `b'0' + n`, n <= MAX_BATCH.
 const _: () = assert!(MAX_BATCH + b'0' as usize <= u8::MAX as usize);
 
+/// Retrying a write of outcomes while Redis does not answer: waits 20 ms,
+/// doubling up to 1 s, and gives up once the next try would come `limit`
+/// or more after the first (other workers may reclaim the job by then).
+pub(crate) struct Retrying {
+    first_try: Instant,
+    backoff: Duration,
+    limit: Duration,
+}
+
+impl Retrying {
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self {
+            first_try: Instant::now(),
+            backoff: Duration::from_millis(20),
+            limit,
+        }
+    }
+
+    /// Waits before the next try; `false`: give up instead.
+    pub(crate) async fn wait(&mut self) -> bool {
+        if self.first_try.elapsed() + self.backoff >= self.limit {
+            return false;
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+        true
+    }
+}
+
 /// One outcome to record.
 pub(crate) struct Outcome {
     pub(crate) class: Priority,
@@ -83,11 +112,11 @@ impl Writer {
         (Self(tx), task)
     }
 
-    /// Queues one outcome for writing; waits while the queue is full.
-    /// Returns `false` only when the writer has stopped (the worker is
-    /// going away; the job stays pending and gets reclaimed).
-    pub(crate) async fn write(&self, outcome: Outcome) -> bool {
-        self.0.send(outcome).await.is_ok()
+    /// Queues one outcome for writing; waits while the queue is full. When
+    /// the writer has stopped (the worker is going away) the outcome is
+    /// dropped: the job stays pending and gets reclaimed.
+    pub(crate) async fn write(&self, outcome: Outcome) {
+        let _ = self.0.send(outcome).await;
     }
 }
 
@@ -106,8 +135,7 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, confi
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Each batch retries on its own schedule: one given up does not
         // leave the next one a long first wait.
-        let first_try = Instant::now();
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = Retrying::new(config.give_up_after);
         loop {
             let cmd = finish_cmd(&batch, &fixed, &config, &mut buckets);
             let mut written: Result<Vec<i64>, redis::RedisError> = cmd.query_async(&mut conn).await;
@@ -134,14 +162,12 @@ async fn run(mut conn: ConnectionManager, mut rx: mpsc::Receiver<Outcome>, confi
             // Not written: try again later, but not once other workers may
             // have reclaimed the jobs (the outcomes were queued before the
             // first try, so this gives up a little early, never late).
-            if first_try.elapsed() + backoff >= config.give_up_after {
+            if !retry.wait().await {
                 for o in batch.drain(..) {
                     tracing::warn!(job = %o.job, error = %error, "redis queue: outcome not recorded; the job will be reclaimed");
                 }
                 break;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 }
