@@ -13,7 +13,7 @@ use llm_resilience::redis::{
     Enqueue, JobOutcome, JobQueue, Priority, QueueConfig, RedisQueueError, Worker, WorkerConfig,
     WorkerEvent,
 };
-use redis_support::{fresh_queue, raw, read_stream, url};
+use redis_support::{fresh_queue, raw, read_stream, until, url};
 use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -316,9 +316,11 @@ async fn a_worker_reads_no_more_than_it_can_start() {
     for n in 0..5 {
         ids.push(q.enqueue(&Job { n }).await.unwrap());
     }
-    while running.load(Ordering::SeqCst) < 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(
+        || "two jobs never ran".into(),
+        || running.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
     for _ in 0..5 {
         let s = q.stats().await.unwrap();
         assert_eq!((s.pending[1], s.depth[1]), (2, 3));
@@ -351,9 +353,11 @@ async fn a_crashed_workers_job_is_reclaimed_after_the_visibility_timeout() {
         .unwrap();
     let a = Worker::new(&q, hang, config.clone()).spawn().await.unwrap();
     let id = q.enqueue(&Job { n: 3 }).await.unwrap();
-    while started.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(
+        || "the job never started".into(),
+        || started.load(Ordering::SeqCst) > 0,
+    )
+    .await;
     a.abort();
     let ok = tower::service_fn(|j: Job| async move { Ok::<_, Transient>(j.n) });
     let b = Worker::new(&q, ok, config).spawn().await.unwrap();
@@ -390,9 +394,11 @@ async fn shutdown_finishes_in_flight_jobs_within_the_grace_and_releases_the_rest
     let w = Worker::new(&q, svc, config).spawn().await.unwrap();
     let quick = q.enqueue(&Job { n: 0 }).await.unwrap();
     let stuck = q.enqueue(&Job { n: 1 }).await.unwrap();
-    while started.load(Ordering::SeqCst) < 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(
+        || "two jobs never started".into(),
+        || started.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
     w.shutdown().await;
     assert_eq!(
         q.outcome::<u32>(&quick).await.unwrap(),
@@ -567,11 +573,11 @@ async fn an_entry_naming_a_finished_job_writes_no_second_output() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let start = std::time::Instant::now();
-    while dups.load(Ordering::Relaxed) == 0 {
-        assert!(start.elapsed() < WAIT, "the second entry was not refused");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        || "the second entry was not refused".into(),
+        || dups.load(Ordering::Relaxed) > 0,
+    )
+    .await;
     let out = read_stream(&url, &format!("llmq:{{{name}}}:output")).await;
     assert_eq!(out.len(), 1);
     assert_eq!(
@@ -626,12 +632,13 @@ async fn a_stale_finisher_of_a_re_queued_entry_writes_nothing() {
         .await
         .unwrap();
     let id = q.enqueue(&Job { n: 7 }).await.unwrap();
-    while calls.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(
+        || "the job never reached the first worker".into(),
+        || calls.load(Ordering::SeqCst) > 0,
+    )
+    .await;
     // The reclaimer: its first call fails (transient), re-queued for later.
-    let failed = Arc::new(AtomicU32::new(0));
-    let f = failed.clone();
+    let f = Arc::new(AtomicU32::new(0));
     let flaky = tower::service_fn(move |j: Job| {
         let first = f.fetch_add(1, Ordering::SeqCst) == 0;
         async move {
@@ -656,25 +663,19 @@ async fn a_stale_finisher_of_a_re_queued_entry_writes_nothing() {
         .await
         .unwrap();
     let seen = |what: &str| events.lock().unwrap().iter().any(|e| e == what);
-    let start = std::time::Instant::now();
-    while !seen("w2 retried") {
-        assert!(
-            start.elapsed() < WAIT,
-            "not reclaimed: {:?}",
-            events.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let log = || format!("{:?}", events.lock().unwrap());
+    until(
+        || format!("not reclaimed: {}", log()),
+        || seen("w2 retried"),
+    )
+    .await;
     // The stalled worker wakes and finishes the entry it no longer owns.
     release.notify_one();
-    while !seen("w1 duplicate") {
-        assert!(
-            start.elapsed() < WAIT,
-            "stale outcome not refused: {:?}",
-            events.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        || format!("stale outcome not refused: {}", log()),
+        || seen("w1 duplicate"),
+    )
+    .await;
     assert_eq!(q.outcome::<u32>(&id).await.unwrap(), None);
     assert_eq!(
         q.wait_for::<u32>(&id, WAIT).await.unwrap(),
