@@ -275,6 +275,15 @@ fn timer_at(at: Option<Instant>) -> Option<Pin<Box<Sleep>>> {
     at.map(|at| Box::pin(sleep_until(at)))
 }
 
+/// Points the timer at `at` (`None`: no timer), reusing its box if it has
+/// one.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, at: Option<Instant>) {
+    match (timer.as_mut(), at) {
+        (Some(t), Some(at)) => t.as_mut().reset(at),
+        (_, at) => *timer = timer_at(at),
+    }
+}
+
 /// The timer fired (`true`), or is not armed or still pending (`false`).
 fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
     timer
@@ -315,7 +324,7 @@ where
             return;
         };
         if self.deadline.is_none_or(|d| end < d) {
-            self.timer = timer_at(Some(end));
+            set_timer(&mut self.timer, Some(end));
             self.expiry = Expiry::MaxWait;
         }
     }
@@ -323,7 +332,7 @@ where
     /// The wait is over: only the deadline applies from here on.
     fn arm_deadline(&mut self) {
         if self.expiry == Expiry::MaxWait {
-            self.timer = timer_at(self.deadline);
+            set_timer(&mut self.timer, self.deadline);
             self.expiry = Expiry::Deadline;
         }
     }
