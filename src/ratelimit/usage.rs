@@ -326,6 +326,46 @@ mod tests {
     use super::*;
     use crate::classify::HttpError;
 
+    /// How each way a call can end is settled, by both limiters.
+    #[test]
+    fn a_call_ends_in_the_outcome_it_settles_by() {
+        struct Resp(Option<u64>);
+        impl ReportsUsage for Resp {
+            fn tokens_used(&self) -> Option<u64> {
+                self.0
+            }
+            fn server_limits(&self) -> ServerLimits {
+                ServerLimits::default()
+            }
+        }
+        let c = LlmClassifier::new();
+        let of = |r: Result<&Resp, &Error>| Outcome::of(&Reported, &c, r);
+        assert!(matches!(of(Ok(&Resp(None))), Outcome::Nothing));
+        assert!(matches!(
+            of(Ok(&Resp(Some(7)))),
+            Outcome::Reported { used: Some(7), .. }
+        ));
+        assert!(matches!(
+            Outcome::of(&IgnoreUsage, &c, Ok(&Resp(Some(7)))),
+            Outcome::Nothing
+        ));
+        let throttled = Error::from_inner(
+            HttpError::new(429)
+                .with_error_code("rate_limit_exceeded")
+                .with_header("retry-after", "20"),
+        );
+        assert!(matches!(
+            of(Err(&throttled)),
+            Outcome::Throttled { hint: Some(d), .. } if d == std::time::Duration::from_secs(20)
+        ));
+        // A 429 that means "quota exhausted" is not a rate limit.
+        let quota = Error::from_inner(HttpError::new(429).with_error_code("insufficient_quota"));
+        assert!(matches!(of(Err(&quota)), Outcome::Failed { .. }));
+        let failed = Error::from_inner(HttpError::new(500));
+        assert!(matches!(of(Err(&failed)), Outcome::Failed { .. }));
+        assert!(matches!(of(Err(&Error::Shutdown)), Outcome::NotSent));
+    }
+
     #[test]
     fn reads_openai_and_anthropic_headers() {
         let e = HttpError::new(200)
