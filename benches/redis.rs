@@ -233,11 +233,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
                     let mut inv = script.prepare_invoke();
                     inv.key(&stream).key(&out).arg("g");
                     for e in entries {
-                        let Value::Array(e) = e else { panic!("entry") };
-                        let Value::BulkString(id) = &e[0] else {
-                            panic!("id")
-                        };
-                        inv.arg(id.as_slice());
+                        inv.arg(entry_id(e));
                     }
                     let _: i64 = inv.invoke_async(&mut c).await.unwrap();
                     done.fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -248,17 +244,13 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
                     let mut ack = redis::cmd("XACK");
                     ack.arg(&stream).arg("g");
                     for e in entries {
-                        let Value::Array(e) = e else { panic!("entry") };
                         pipe.cmd("XADD")
                             .arg(&out)
                             .arg("*")
                             .arg("r")
                             .arg("1")
                             .ignore();
-                        let Value::BulkString(id) = &e[0] else {
-                            panic!("id")
-                        };
-                        ack.arg(id.as_slice());
+                        ack.arg(entry_id(e));
                     }
                     pipe.add_command(ack).ignore();
                     let () = pipe.query_async(&mut c).await.unwrap();
@@ -266,12 +258,8 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
                     continue;
                 }
                 let acks = entries.iter().map(|e| {
-                    let Value::Array(e) = e else { panic!("entry") };
-                    let Value::BulkString(id) = &e[0] else {
-                        panic!("id")
-                    };
                     let (mut c, stream, out, id) =
-                        (c.clone(), stream.clone(), out.clone(), id.clone());
+                        (c.clone(), stream.clone(), out.clone(), entry_id(e).to_vec());
                     async move {
                         if back == Back::OutputPerJob {
                             let _: Value = redis::pipe()
@@ -510,4 +498,15 @@ fn main() {
             );
         }
     }
+}
+
+/// The id of a stream entry as `XREADGROUP` returns it.
+fn entry_id(entry: &Value) -> &[u8] {
+    let Value::Array(e) = entry else {
+        panic!("entry")
+    };
+    let Value::BulkString(id) = &e[0] else {
+        panic!("id")
+    };
+    id
 }
