@@ -8,9 +8,10 @@
 //! source file, where `src/util/sync.rs` picks loom's atomics
 //! (`cfg(all(loom, test))`): loom checks the real code. What must hold:
 //! a lease never gives more than it was granted; what its close reports as
-//! left is exactly the grant less what calls took; and every call that
-//! took something was told the log entries of the lease it took from (so
-//! that its settlement refunds the right entry), never a later lease's.
+//! left is exactly the grant less what calls took, summed over the words
+//! the lease is split into; and every call that took something was told
+//! the log entries of the lease it took from (so that its settlement
+//! refunds the right entry), never a later lease's.
 #![cfg(loom)]
 #![allow(dead_code, unreachable_pub)]
 
@@ -50,8 +51,8 @@ fn lease_of(seqs: (u64, u64)) -> u64 {
 #[test]
 fn concurrent_takes_never_exceed_the_grant() {
     model(|| {
-        let lease = Arc::new(Lease::new());
-        lease.open(1, &grant(1, 1, 10));
+        let lease = Arc::new(Lease::new(1));
+        lease.open(1, &grant(1, 1, 10), 0);
         let takers: Vec<_> = (0..2)
             .map(|_| {
                 let lease = Arc::clone(&lease);
@@ -74,8 +75,8 @@ fn concurrent_takes_never_exceed_the_grant() {
 #[test]
 fn a_close_racing_takes_accounts_for_each_exactly_once() {
     model(|| {
-        let lease = Arc::new(Lease::new());
-        lease.open(1, &grant(1, 5, 100));
+        let lease = Arc::new(Lease::new(1));
+        lease.open(1, &grant(1, 5, 100), 0);
         let takers: Vec<_> = (0..2)
             .map(|i| {
                 let lease = Arc::clone(&lease);
@@ -85,7 +86,7 @@ fn a_close_racing_takes_accounts_for_each_exactly_once() {
         // The locked side: close lease 1, then open lease 2 with its own
         // end and entries.
         let left1 = lease.close().expect("lease 1 was open");
-        lease.open(2, &grant(2, 5, 100));
+        lease.open(2, &grant(2, 5, 100), 0);
         let results: Vec<_> = takers.into_iter().map(|t| t.join().unwrap()).collect();
         let left2 = lease.close().expect("lease 2 was open");
         let mut used = [(0u64, 0u64); 3];
@@ -112,20 +113,67 @@ fn a_close_racing_takes_accounts_for_each_exactly_once() {
 #[test]
 fn a_call_past_the_end_takes_nothing_from_any_lease() {
     model(|| {
-        let lease = Arc::new(Lease::new());
-        lease.open(1, &grant(1, 5, 100));
+        let lease = Arc::new(Lease::new(1));
+        lease.open(1, &grant(1, 5, 100), 0);
         let taker = {
             let lease = Arc::clone(&lease);
             // At 150: past lease 1's end (100), before lease 2's (200).
             thread::spawn(move || lease.take(150, 1, 1))
         };
         let left1 = lease.close().expect("open");
-        lease.open(2, &grant(2, 5, 100));
+        lease.open(2, &grant(2, 5, 100), 0);
         let got = taker.join().unwrap();
         assert_eq!(left1.requests, 5, "nothing taken from lease 1 at 150");
         if let Some(seqs) = got {
             assert_eq!(lease_of(seqs), 2);
             assert_eq!(lease.close().unwrap().requests, 4);
         }
+    });
+}
+
+/// Two threads on two words of one lease while the locked side closes it
+/// and opens the next (split the same way): each close reports exactly
+/// what is left on both words, and a call's entries are those of the lease
+/// whose word it took from.
+#[test]
+fn takes_on_two_words_racing_a_close_account_for_each_exactly_once() {
+    model(|| {
+        let lease = Arc::new(Lease::new(2));
+        lease.split();
+        // Two words: 3 + 2 requests, 50 + 50 tokens.
+        lease.open(1, &grant(1, 5, 100), 10);
+        let takers: Vec<_> = (0..2)
+            .map(|i| {
+                let lease = Arc::clone(&lease);
+                thread::spawn(move || {
+                    (
+                        lease.take_split(move || i, 50, 1, 10 + i as u64),
+                        10 + i as u64,
+                    )
+                })
+            })
+            .collect();
+        let left1 = lease.close().expect("lease 1 was open");
+        lease.open(2, &grant(2, 5, 100), 10);
+        let results: Vec<_> = takers.into_iter().map(|t| t.join().unwrap()).collect();
+        let left2 = lease.close().expect("lease 2 was open");
+        let mut used = [(0u64, 0u64); 3];
+        for (got, tokens) in results {
+            if let Some(seqs) = got {
+                let n = lease_of(seqs) as usize;
+                used[n].0 += 1;
+                used[n].1 += tokens;
+            }
+        }
+        assert_eq!(
+            (5 - left1.requests, 100 - left1.tokens),
+            used[1],
+            "lease 1's close"
+        );
+        assert_eq!(
+            (5 - left2.requests, 100 - left2.tokens),
+            used[2],
+            "lease 2's close"
+        );
     });
 }

@@ -18,6 +18,7 @@ use crate::error::{BoxError, Error};
 
 pin_project! {
     #[project = KindProj]
+    #[project_replace = KindReplace]
     enum State<S, Req, F> {
         // Refused: the answer is ready.
         Rejected { retry_after: Duration },
@@ -86,7 +87,18 @@ struct Guard<U> {
 }
 
 impl<U> Drop for Guard<U> {
+    #[inline]
     fn drop(&mut self) {
+        if self.limiter.is_some() {
+            self.release();
+        }
+    }
+}
+
+impl<U> Guard<U> {
+    /// What a dropped call still holds of its limiter goes back.
+    #[inline(never)]
+    fn release(&mut self) {
         let Some(limiter) = &self.limiter else { return };
         if let Some(id) = self.waiting.take() {
             // Dropped in line: the next caller takes the place at once.
@@ -133,6 +145,23 @@ where
             guard: Guard {
                 limiter: (!detach).then(|| Arc::clone(limiter)),
                 id: limiter.id,
+                ticket: Some(ticket),
+                waiting: None,
+                sent: true,
+                usage,
+            },
+        }
+    }
+
+    /// Sent at once, its response read for nothing: the future keeps only
+    /// its limiter's number (see `Guard::limiter`).
+    #[inline]
+    pub(crate) fn detached(fut: S::Future, id: u64, ticket: Ticket, usage: U) -> Self {
+        Self {
+            state: State::Calling { fut },
+            guard: Guard {
+                limiter: None,
+                id,
                 ticket: Some(ticket),
                 waiting: None,
                 sent: true,
@@ -270,8 +299,10 @@ where
                     // this one: what it holds (a connection, a timer, a
                     // permit) goes back at once. (Keeping it saved 15
                     // instructions a call, and the storm test then lost
-                    // an answer in some runs under load.)
-                    this.state.set(State::Done);
+                    // an answer in some runs under load.) Replaced, not
+                    // set: the state is known, so only the future's own
+                    // drop runs.
+                    this.state.project_replace(State::Done);
                     return Poll::Ready(result);
                 }
                 KindProj::Readying { svc, req } => match ready!(svc.poll_ready(cx)) {

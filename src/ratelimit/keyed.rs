@@ -51,12 +51,26 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
         map.keys().cloned().collect()
     }
 
+    /// The request's key.
     #[inline]
-    pub(crate) fn pick<Req>(&self, req: &Req) -> Arc<Limiter>
+    pub(crate) fn key<Req>(&self, req: &Req) -> K
     where
         F: Fn(&Req) -> K,
     {
-        self.get_or_insert((self.key_fn)(req))
+        (self.key_fn)(req)
+    }
+
+    /// `f` on the key's limiter under the map's read lock, if the key has
+    /// one (no reference count touched). `f` must not call back into the
+    /// map.
+    #[inline]
+    pub(crate) fn with_existing<T>(
+        &self,
+        key: &K,
+        f: impl FnOnce(&Arc<Limiter>) -> T,
+    ) -> Option<T> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.get(key).map(f)
     }
 
     pub(crate) fn get_or_insert(&self, key: K) -> Arc<Limiter> {

@@ -2,7 +2,6 @@
 //! under one short lock, and the lease that calls admitted at once take
 //! from without it.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,61 +10,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::event::{emit, Listener, RateLimitEventKind as Kind};
+use super::event::RateLimitEventKind as Kind;
 use super::gcra::Dimension;
-use super::lease::{Grant, Lease, REQ_MAX, TOK_MAX};
+use super::lease::{shards, thread_number, Grant, Lease, REQ_MAX, TOK_MAX};
+pub(crate) use super::settings::{Settings, WhenLimited};
 use super::usage::ServerLimits;
-use crate::classify::LlmClassifier;
 use crate::util::clock::Origin;
-use crate::util::sync::Padded;
-
-/// What to do when a call cannot go at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum WhenLimited {
-    /// Wait in line (first come, first served) for at most this long; a call
-    /// that would wait longer fails with
-    /// [`Error::RateLimited`](crate::Error::RateLimited).
-    Wait {
-        /// The longest a call waits.
-        max_wait: Duration,
-    },
-    /// Fail at once with [`Error::RateLimited`](crate::Error::RateLimited),
-    /// carrying the wait the call would have had.
-    Reject,
-}
-
-/// The validated configuration, shared by every key's limiter.
-pub(crate) struct Settings {
-    pub(crate) window: u64,
-    pub(crate) requests: Option<(u64, u64)>,
-    pub(crate) tokens: Option<(u64, u64)>,
-    pub(crate) when_limited: WhenLimited,
-    pub(crate) hint_cap: Duration,
-    pub(crate) server_window: Option<u64>,
-    pub(crate) name: Cow<'static, str>,
-    pub(crate) listener: Option<Listener>,
-    pub(crate) classifier: LlmClassifier,
-}
-
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("window", &Duration::from_nanos(self.window))
-            .field("requests", &self.requests)
-            .field("tokens", &self.tokens)
-            .field("when_limited", &self.when_limited)
-            .field("hint_cap", &self.hint_cap)
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Settings {
-    pub(crate) fn emit(&self, kind: Kind, waited: Option<Duration>, retry: Option<Duration>) {
-        emit(&self.name, self.listener.as_ref(), kind, waited, retry);
-    }
-}
 
 struct Waiter {
     id: u64,
@@ -84,6 +34,9 @@ struct State {
     /// and the number of the last lease opened.
     lease: Option<Grant>,
     epoch: u64,
+    /// The tokens of the last call that came to the lock: the lease gives
+    /// each of its words at least that many.
+    cost: u64,
 }
 
 impl State {
@@ -145,9 +98,9 @@ pub(crate) enum WaitPoll {
 
 /// One key's limiter.
 pub(crate) struct Limiter {
-    /// The fast path (written on every admitted call: on a cache line of
-    /// its own, away from what every call only reads).
-    lease: Padded<Lease>,
+    /// The fast path (its words, written on every admitted call, each on a
+    /// cache line of its own, away from what every call only reads).
+    lease: Lease,
     /// A call's request cost (0 without a request limit), and whether
     /// tokens are limited.
     req_cost: u64,
@@ -191,8 +144,9 @@ impl Limiter {
                 last_used: 0,
                 lease: None,
                 epoch: 0,
+                cost: 0,
             }),
-            lease: Padded(Lease::new()),
+            lease: Lease::new(shards()),
             req_cost: u64::from(settings.requests.is_some()),
             tok_on: settings.tokens.is_some(),
             clear: AtomicBool::new(true),
@@ -257,7 +211,7 @@ impl Limiter {
             grant.end = grant.end.min(end);
         }
         st.epoch += 1;
-        self.lease.open(st.epoch, &grant);
+        self.lease.open(st.epoch, &grant, st.cost);
         st.lease = Some(grant);
     }
 
@@ -288,6 +242,16 @@ impl Limiter {
     /// Admitted from the lease without the lock when it can be.
     #[inline]
     pub(crate) fn arrive(&self, tokens: u64) -> Arrival {
+        match self.arrive_fast(tokens) {
+            Some(ticket) => Arrival::Admitted(ticket),
+            None => self.arrive_locked(tokens),
+        }
+    }
+
+    /// A call of `tokens` admitted from the lease's one word (no lock, no
+    /// event), if it can be.
+    #[inline]
+    pub(crate) fn arrive_fast(&self, tokens: u64) -> Option<Ticket> {
         let tok_cost = if self.tok_on { tokens } else { 0 };
         // The per-call clock, read so that it is never behind the true
         // time: the lease ends, if anything, a kernel tick early (with
@@ -296,19 +260,37 @@ impl Limiter {
         // taken just before a preemption, checked against the lease's end
         // all the same). The locked path reads afresh.
         let now = self.clock.elapsed_nanos_late();
-        if let Some((req_seq, tok_seq)) = self.lease.take(now, self.req_cost, tok_cost) {
-            return Arrival::Admitted(Ticket {
-                req_seq,
-                tok_seq,
-                tokens,
-            });
-        }
-        self.arrive_locked(tokens)
+        let (req_seq, tok_seq) = self.lease.take(now, self.req_cost, tok_cost)?;
+        Some(Ticket {
+            req_seq,
+            tok_seq,
+            tokens,
+        })
+    }
+
+    /// The same from this thread's word of a split lease (no lock, no
+    /// event), if the lease is split and the call can be.
+    #[inline(never)]
+    pub(crate) fn arrive_split(&self, tokens: u64) -> Option<Ticket> {
+        let tok_cost = if self.tok_on { tokens } else { 0 };
+        let now = self.clock.elapsed_nanos_late();
+        let (req_seq, tok_seq) =
+            self.lease
+                .take_split(thread_number, now, self.req_cost, tok_cost)?;
+        Some(Ticket {
+            req_seq,
+            tok_seq,
+            tokens,
+        })
     }
 
     #[inline(never)]
     fn arrive_locked(&self, tokens: u64) -> Arrival {
+        if let Some(ticket) = self.arrive_split(tokens) {
+            return Arrival::Admitted(ticket);
+        }
         let (mut st, now) = self.lock();
+        st.cost = if self.tok_on { tokens } else { 0 };
         if st.waiters.is_empty() && st.paused_until <= now && st.fits(tokens, now) {
             let ticket = st.admit(tokens, now);
             self.reopen(&mut st, now);

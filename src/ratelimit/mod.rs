@@ -79,6 +79,17 @@
 //! exact bucket alone would make it (when the bucket was full during a
 //! lease and is needed right after it).
 //!
+//! **Per core under contention.** A lease is one word until calls from two
+//! threads race for it; from then on each lease is split between one word
+//! per core (up to 8, each on a cache line of its own), and a call takes
+//! from its thread's word. On one word, every call of every worker writes
+//! the same cache line, which moves between cores on each call; split,
+//! a worker's calls stay on its own core's line (64 tasks on 2 workers:
+//! about twice the throughput). A word that runs dry sends its call to
+//! the lock, which folds every word back and splits the rest afresh, so a
+//! split never refuses what the limit allows. A split lease costs 128
+//! bytes per core per key.
+//!
 //! # Token cost: estimated, then settled
 //!
 //! Before the call, the estimator ([`EstimateTokens`]: [`ChatEstimate`] by
@@ -199,6 +210,7 @@ mod layer;
 mod lease;
 mod limiter;
 mod registry;
+mod settings;
 mod usage;
 
 use crate::util::sync;
@@ -220,8 +232,9 @@ pub(crate) use self::layer::{knob_setters, Knobs};
 pub use self::layer::{
     KeyedRateLimitLayer, KeyedRateLimitLayerBuilder, RateLimitLayer, RateLimitLayerBuilder,
 };
+pub use self::limiter::Snapshot;
 use self::limiter::{Arrival, Limiter};
-pub use self::limiter::{Snapshot, WhenLimited};
+pub use self::settings::WhenLimited;
 pub(crate) use self::usage::scale_limit;
 #[cfg(feature = "redis")]
 pub(crate) use self::usage::Outcome;
@@ -349,9 +362,9 @@ where
 
 /// Admits, queues or refuses one call on `limiter` and starts it.
 #[inline]
-fn start<S, Req, E, U>(
+fn start<S, Req, U>(
     limiter: &Arc<Limiter>,
-    estimate: &E,
+    tokens: u64,
     usage: &U,
     inner: &mut S,
     ready: &mut bool,
@@ -359,10 +372,8 @@ fn start<S, Req, E, U>(
 ) -> ResponseFuture<S, Req, U>
 where
     S: Service<Req> + Clone,
-    E: EstimateTokens<Req>,
     U: ReadUsage<S::Response> + Clone,
 {
-    let tokens = u64::from(estimate.estimate(&req));
     match limiter.arrive(tokens) {
         Arrival::Admitted(ticket) => {
             if std::mem::take(ready) {
@@ -412,9 +423,10 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
+        let tokens = u64::from(shared.estimate.estimate(&req));
         start(
             &shared.part,
-            &shared.estimate,
+            tokens,
             &shared.usage,
             &mut self.inner,
             &mut self.ready,
@@ -447,10 +459,30 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
-        let limiter = shared.part.pick(&req);
+        let tokens = u64::from(shared.estimate.estimate(&req));
+        let key = shared.part.key(&req);
+        if self.ready && shared.usage.reads_nothing() {
+            // A known key admitted from its lease, under the map's read
+            // lock, and sent at once with its response read for nothing:
+            // no reference to its limiter is taken. Anything else (a new
+            // key, the limiter's lock, its line, events) runs after the
+            // map's lock is released.
+            let fast = shared.part.with_existing(&key, |limiter| {
+                let ticket = limiter
+                    .arrive_fast(tokens)
+                    .or_else(|| limiter.arrive_split(tokens))?;
+                Some((ticket, limiter.id))
+            });
+            if let Some((ticket, id)) = fast.flatten() {
+                self.ready = false;
+                let fut = self.inner.call(req);
+                return ResponseFuture::detached(fut, id, ticket, shared.usage.clone());
+            }
+        }
+        let limiter = shared.part.get_or_insert(key);
         start(
             &limiter,
-            &shared.estimate,
+            tokens,
             &shared.usage,
             &mut self.inner,
             &mut self.ready,
