@@ -18,7 +18,6 @@ use crate::error::{BoxError, Error};
 
 pin_project! {
     #[project = KindProj]
-    #[project_replace = KindReplace]
     enum State<S, Req, F> {
         // Refused: the answer is ready.
         Rejected { retry_after: Duration },
@@ -87,18 +86,7 @@ struct Guard<U> {
 }
 
 impl<U> Drop for Guard<U> {
-    #[inline]
     fn drop(&mut self) {
-        if self.limiter.is_some() {
-            self.release();
-        }
-    }
-}
-
-impl<U> Guard<U> {
-    /// What a dropped call still holds of its limiter goes back.
-    #[inline(never)]
-    fn release(&mut self) {
         let Some(limiter) = &self.limiter else { return };
         if let Some(id) = self.waiting.take() {
             // Dropped in line: the next caller takes the place at once.
@@ -299,10 +287,8 @@ where
                     // this one: what it holds (a connection, a timer, a
                     // permit) goes back at once. (Keeping it saved 15
                     // instructions a call, and the storm test then lost
-                    // an answer in some runs under load.) Replaced, not
-                    // set: the state is known, so only the future's own
-                    // drop runs.
-                    this.state.project_replace(State::Done);
+                    // an answer in some runs under load.)
+                    this.state.set(State::Done);
                     return Poll::Ready(result);
                 }
                 KindProj::Readying { svc, req } => match ready!(svc.poll_ready(cx)) {
