@@ -87,8 +87,9 @@
 //! a worker's calls stay on its own core's line (64 tasks on 2 workers:
 //! about twice the throughput). A word that runs dry sends its call to
 //! the lock, which folds every word back and splits the rest afresh, so a
-//! split never refuses what the limit allows. A split lease costs 128
-//! bytes per core per key.
+//! split never refuses what the limit allows. The words take 128 bytes
+//! per core (up to 8, none on one core) per key, allocated with the key's
+//! limiter.
 //!
 //! # Token cost: estimated, then settled
 //!
