@@ -75,39 +75,49 @@ fn concurrent_takes_never_exceed_the_grant() {
 #[test]
 fn a_close_racing_takes_accounts_for_each_exactly_once() {
     model(|| {
-        let lease = Arc::new(Lease::new(1));
-        lease.open(1, &grant(1, 5, 100), 0);
-        let takers: Vec<_> = (0..2)
-            .map(|i| {
-                let lease = Arc::clone(&lease);
-                thread::spawn(move || (lease.take(50, 1, 10 + i), 10 + i))
-            })
-            .collect();
-        // The locked side: close lease 1, then open lease 2 with its own
-        // end and entries.
-        let left1 = lease.close().expect("lease 1 was open");
-        lease.open(2, &grant(2, 5, 100), 0);
-        let results: Vec<_> = takers.into_iter().map(|t| t.join().unwrap()).collect();
-        let left2 = lease.close().expect("lease 2 was open");
-        let mut used = [(0u64, 0u64); 3];
-        for (got, tokens) in results {
-            if let Some(seqs) = got {
-                let n = lease_of(seqs) as usize;
-                used[n].0 += 1;
-                used[n].1 += tokens;
-            }
-        }
-        assert_eq!(
-            (5 - left1.requests, 100 - left1.tokens),
-            used[1],
-            "lease 1's close"
-        );
-        assert_eq!(
-            (5 - left2.requests, 100 - left2.tokens),
-            used[2],
-            "lease 2's close"
-        );
+        let lease = Lease::new(1);
+        race_a_close(lease, |lease, i| lease.take(50, 1, 10 + i as u64));
     });
+}
+
+/// Two threads take (thread `i` takes 1 request and `10 + i` tokens with
+/// `take`) while the locked side closes lease 1 and opens lease 2 (each of
+/// 5 requests and 100 tokens, split as the lease splits them): each close
+/// reports exactly what is left, and a call's entries are those of the
+/// lease it took from.
+fn race_a_close(lease: Lease, take: fn(&Lease, usize) -> Option<(u64, u64)>) {
+    let lease = Arc::new(lease);
+    lease.open(1, &grant(1, 5, 100), 10);
+    let takers: Vec<_> = (0..2)
+        .map(|i| {
+            let lease = Arc::clone(&lease);
+            thread::spawn(move || (take(&lease, i), 10 + i as u64))
+        })
+        .collect();
+    // The locked side: close lease 1, then open lease 2 with its own end
+    // and entries.
+    let left1 = lease.close().expect("lease 1 was open");
+    lease.open(2, &grant(2, 5, 100), 10);
+    let results: Vec<_> = takers.into_iter().map(|t| t.join().unwrap()).collect();
+    let left2 = lease.close().expect("lease 2 was open");
+    let mut used = [(0u64, 0u64); 3];
+    for (got, tokens) in results {
+        if let Some(seqs) = got {
+            let n = lease_of(seqs) as usize;
+            used[n].0 += 1;
+            used[n].1 += tokens;
+        }
+    }
+    assert_eq!(
+        (5 - left1.requests, 100 - left1.tokens),
+        used[1],
+        "lease 1's close"
+    );
+    assert_eq!(
+        (5 - left2.requests, 100 - left2.tokens),
+        used[2],
+        "lease 2's close"
+    );
 }
 
 #[test]
@@ -131,49 +141,15 @@ fn a_call_past_the_end_takes_nothing_from_any_lease() {
     });
 }
 
-/// Two threads on two words of one lease while the locked side closes it
-/// and opens the next (split the same way): each close reports exactly
-/// what is left on both words, and a call's entries are those of the lease
-/// whose word it took from.
+/// The same on two words of a split lease (3 + 2 requests, 50 + 50
+/// tokens), one thread on each: each close sums both words exactly.
 #[test]
 fn takes_on_two_words_racing_a_close_account_for_each_exactly_once() {
     model(|| {
-        let lease = Arc::new(Lease::new(2));
+        let lease = Lease::new(2);
         lease.split();
-        // Two words: 3 + 2 requests, 50 + 50 tokens.
-        lease.open(1, &grant(1, 5, 100), 10);
-        let takers: Vec<_> = (0..2)
-            .map(|i| {
-                let lease = Arc::clone(&lease);
-                thread::spawn(move || {
-                    (
-                        lease.take_split(move || i, 50, 1, 10 + i as u64),
-                        10 + i as u64,
-                    )
-                })
-            })
-            .collect();
-        let left1 = lease.close().expect("lease 1 was open");
-        lease.open(2, &grant(2, 5, 100), 10);
-        let results: Vec<_> = takers.into_iter().map(|t| t.join().unwrap()).collect();
-        let left2 = lease.close().expect("lease 2 was open");
-        let mut used = [(0u64, 0u64); 3];
-        for (got, tokens) in results {
-            if let Some(seqs) = got {
-                let n = lease_of(seqs) as usize;
-                used[n].0 += 1;
-                used[n].1 += tokens;
-            }
-        }
-        assert_eq!(
-            (5 - left1.requests, 100 - left1.tokens),
-            used[1],
-            "lease 1's close"
-        );
-        assert_eq!(
-            (5 - left2.requests, 100 - left2.tokens),
-            used[2],
-            "lease 2's close"
-        );
+        race_a_close(lease, |lease, i| {
+            lease.take_split(move || i, 50, 1, 10 + i as u64)
+        });
     });
 }

@@ -64,14 +64,19 @@ fn echo() -> impl Service<u64, Response = u64, Error = Infallible, Future: Send>
     service_fn(|x: u64| async move { Ok::<_, Infallible>(x) })
 }
 
-#[test]
-fn threads_get_exactly_the_request_limit() {
-    let layer = RateLimitLayer::builder()
-        .requests(2_000)
-        .no_token_limit()
+/// An hour-long window, its whole limit at once, refusal when over.
+fn hourly() -> llm_resilience::ratelimit::RateLimitLayerBuilder {
+    RateLimitLayer::builder()
         .window(Duration::from_secs(3600))
         .burst(1.0)
         .reject()
+}
+
+#[test]
+fn threads_get_exactly_the_request_limit() {
+    let layer = hourly()
+        .requests(2_000)
+        .no_token_limit()
         .estimate_tokens(|_: &u64| 0)
         .ignore_usage()
         .build()
@@ -83,12 +88,9 @@ fn threads_get_exactly_the_request_limit() {
 
 #[test]
 fn threads_get_exactly_the_token_limit() {
-    let layer = RateLimitLayer::builder()
+    let layer = hourly()
         .requests(1_000_000)
         .tokens(150_000)
-        .window(Duration::from_secs(3600))
-        .burst(1.0)
-        .reject()
         .estimate_tokens(|_: &u64| 100)
         .ignore_usage()
         .build()
@@ -99,12 +101,9 @@ fn threads_get_exactly_the_token_limit() {
 
 #[test]
 fn threads_get_exactly_the_limit_of_each_key() {
-    let layer = RateLimitLayer::builder()
+    let layer = hourly()
         .requests(1_000)
         .no_token_limit()
-        .window(Duration::from_secs(3600))
-        .burst(1.0)
-        .reject()
         .estimate_tokens(|_: &u64| 0)
         .ignore_usage()
         .key_by(|x: &u64| x % 3)
