@@ -88,8 +88,9 @@
 //! about twice the throughput). A word that runs dry sends its call to
 //! the lock, which folds every word back and splits the rest afresh, so a
 //! split never refuses what the limit allows. The words take 128 bytes
-//! per core (up to 8, none on one core) per key, allocated with the key's
-//! limiter.
+//! each per key, one per core rounded up to a power of two (up to 8; none
+//! on one core), allocated with the key's limiter whether or not its lease
+//! ever splits.
 //!
 //! # Token cost: estimated, then settled
 //!
