@@ -453,3 +453,47 @@ async fn the_burst_is_the_share_of_each_limit_that_goes_at_once() {
         "120 tokens went at once with a burst of 100"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_keyed_map_keeps_at_most_max_keys_and_evicts_a_quiet_key_first() {
+    let layer = RateLimitLayer::builder()
+        .requests(10)
+        .burst(1.0)
+        .no_token_limit()
+        .window(Duration::from_secs(60))
+        .reject()
+        .estimate_tokens(|_: &u32| 0)
+        .ignore_usage()
+        .key_by(|x: &u32| *x)
+        .max_keys(2)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, Error>(x) }));
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    // Key 1's call leaves the window: key 1 is quiet.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    svc.ready().await.unwrap().call(2).await.unwrap();
+    svc.ready().await.unwrap().call(3).await.unwrap();
+    let mut keys = handle.keys();
+    keys.sort_unstable();
+    assert_eq!(keys, [2, 3], "the quiet key went");
+    // No quiet key: the least recently used goes.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    svc.ready().await.unwrap().call(2).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    svc.ready().await.unwrap().call(4).await.unwrap();
+    let mut keys = handle.keys();
+    keys.sort_unstable();
+    assert_eq!(keys, [2, 4], "the least recently used went");
+    // Every thread's copy of the map agrees.
+    let seen = std::thread::scope(|s| {
+        (0..8)
+            .map(|_| s.spawn(|| handle.keys().len()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(seen, [2; 8]);
+}

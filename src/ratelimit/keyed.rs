@@ -3,19 +3,31 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use tokio::time::Instant;
 
 use crate::util::clock::Origin;
 
+use super::lease::{shards, thread_number};
 use super::limiter::{Limiter, Settings};
+use crate::util::sync::Padded;
+
+/// A map from keys to their limiters.
+type Map<K> = HashMap<K, Arc<Limiter>>;
 
 /// One limiter per key that a function extracts from the request, in a map
 /// bounded by `max_keys`.
+///
+/// The map is kept in one copy per core (up to 8, a power of two), each
+/// behind a lock on a cache line of its own. A call reads its thread's
+/// copy: taking a read lock writes the lock's word, and with one lock
+/// every call of every core wrote the same line. A new key or an eviction
+/// changes every copy under every copy's write lock (taken in order), so
+/// the copies never differ while anyone reads them.
 pub(crate) struct Keyed<K, F> {
     key_fn: F,
-    map: RwLock<HashMap<K, Arc<Limiter>>>,
+    maps: Box<[Padded<RwLock<Map<K>>>]>,
     max_keys: usize,
     settings: Arc<Settings>,
     /// Shared by every key's limiter: made once, not per key.
@@ -34,21 +46,29 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
     pub(crate) fn new(key_fn: F, max_keys: usize, settings: Arc<Settings>) -> Self {
         Self {
             key_fn,
-            map: RwLock::new(HashMap::new()),
+            maps: (0..shards())
+                .map(|_| Padded(RwLock::new(HashMap::new())))
+                .collect(),
             max_keys,
             settings,
             origin: Origin::new(Instant::now()),
         }
     }
 
+    /// This thread's copy of the map, read-locked.
+    #[inline]
+    fn read(&self) -> RwLockReadGuard<'_, Map<K>> {
+        let i = thread_number() & (self.maps.len() - 1);
+        let lock = &self.maps[i].0;
+        lock.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn get(&self, key: &K) -> Option<Arc<Limiter>> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.get(key).cloned()
+        self.read().get(key).cloned()
     }
 
     pub(crate) fn keys(&self) -> Vec<K> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.keys().cloned().collect()
+        self.read().keys().cloned().collect()
     }
 
     /// The request's key.
@@ -69,26 +89,30 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
         key: &K,
         f: impl FnOnce(&Arc<Limiter>) -> T,
     ) -> Option<T> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.get(key).map(f)
+        self.read().get(key).map(f)
     }
 
     pub(crate) fn get_or_insert(&self, key: K) -> Arc<Limiter> {
         if let Some(found) = self.get(&key) {
             return found;
         }
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = map.get(&key) {
+        let mut maps: Vec<_> = self
+            .maps
+            .iter()
+            .map(|m| m.0.write().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        if let Some(found) = maps[0].get(&key) {
             return Arc::clone(found);
         }
-        if map.len() >= self.max_keys {
+        if maps[0].len() >= self.max_keys {
             // Evict a key whose history has left the window and that nobody
-            // holds (nothing is lost); failing that, the least recently used.
+            // holds but the copies (nothing is lost); failing that, the
+            // least recently used.
             let mut quiet = None;
             let mut oldest: Option<(&K, u64)> = None;
-            for (k, l) in map.iter() {
+            for (k, l) in maps[0].iter() {
                 let (idle, last) = l.idle();
-                if idle && Arc::strong_count(l) == 1 {
+                if idle && Arc::strong_count(l) == self.maps.len() {
                     quiet = Some(k);
                     break;
                 }
@@ -97,11 +121,15 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
                 }
             }
             if let Some(victim) = quiet.or(oldest.map(|(k, _)| k)).cloned() {
-                map.remove(&victim);
+                for map in &mut maps {
+                    map.remove(&victim);
+                }
             }
         }
         let limiter = super::registry::new_limiter(Arc::clone(&self.settings), self.origin);
-        map.insert(key, Arc::clone(&limiter));
+        for map in &mut maps {
+            map.insert(key.clone(), Arc::clone(&limiter));
+        }
         limiter
     }
 }
