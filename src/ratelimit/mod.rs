@@ -156,7 +156,10 @@
 //! (provider, model, credential) in a map bounded by `max_keys`: a new key
 //! at the bound evicts a key that nobody holds and whose history has left
 //! the window (nothing is lost), or else the least recently used. Keys are
-//! never logged or exported.
+//! never logged or exported. The map is kept in one copy per core (up to
+//! 8), each behind its own lock: a call read-locks its thread's copy, so
+//! calls on different cores do not write one lock's cache line; a new key
+//! or an eviction changes every copy.
 //!
 //! # Observability
 //!
@@ -198,7 +201,9 @@
 //! fails finds its limiter by number in a registry (one global lock) to
 //! settle. A response that reports no usage and no headers takes no lock;
 //! one that does takes it once to settle. A keyed limiter adds a read lock
-//! on its map and a hash of the key. See `BENCHMARKS.md` for the figures
+//! on its thread's copy of the key map and a hash of the key; a call to a
+//! known key admitted from its lease and read for nothing takes no `Arc`
+//! either. See `BENCHMARKS.md` for the figures
 //! against `governor` and tower-resilience.
 //!
 //! [`Error::RateLimited`]: crate::Error::RateLimited
