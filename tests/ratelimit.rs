@@ -470,30 +470,100 @@ async fn the_keyed_map_keeps_at_most_max_keys_and_evicts_a_quiet_key_first() {
         .unwrap();
     let handle = layer.handle();
     let mut svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, Error>(x) }));
+    let sorted = |mut keys: Vec<u32>| {
+        keys.sort_unstable();
+        keys
+    };
     svc.ready().await.unwrap().call(1).await.unwrap();
-    // Key 1's call leaves the window: key 1 is quiet.
-    tokio::time::advance(Duration::from_secs(61)).await;
-    svc.ready().await.unwrap().call(2).await.unwrap();
-    svc.ready().await.unwrap().call(3).await.unwrap();
-    let mut keys = handle.keys();
-    keys.sort_unstable();
-    assert_eq!(keys, [2, 3], "the quiet key went");
-    // No quiet key: the least recently used goes.
+    // Key 1 is held (a handle to its limiter), so it is not quiet.
+    let held = handle.get(&1).expect("key 1 is known");
     tokio::time::advance(Duration::from_secs(1)).await;
     svc.ready().await.unwrap().call(2).await.unwrap();
+    // Both calls leave the window: key 2 is quiet, key 1 is held (and the
+    // least recently used).
+    tokio::time::advance(Duration::from_secs(61)).await;
+    svc.ready().await.unwrap().call(3).await.unwrap();
+    assert_eq!(sorted(handle.keys()), [1, 3], "the quiet key went first");
+    // No quiet key (3 is recent, 1 held): the least recently used goes.
     tokio::time::advance(Duration::from_secs(1)).await;
     svc.ready().await.unwrap().call(4).await.unwrap();
-    let mut keys = handle.keys();
-    keys.sort_unstable();
-    assert_eq!(keys, [2, 4], "the least recently used went");
-    // Every thread's copy of the map agrees.
+    assert_eq!(
+        sorted(handle.keys()),
+        [3, 4],
+        "then the least recently used"
+    );
+    drop(held);
+    // Every thread's copy of the map holds the same keys.
     let seen = std::thread::scope(|s| {
-        (0..8)
-            .map(|_| s.spawn(|| handle.keys().len()))
-            .collect::<Vec<_>>()
+        let threads: Vec<_> = (0..8).map(|_| s.spawn(|| sorted(handle.keys()))).collect();
+        threads
             .into_iter()
             .map(|t| t.join().unwrap())
             .collect::<Vec<_>>()
     });
-    assert_eq!(seen, [2; 8]);
+    assert!(seen.iter().all(|k| k == &[3, 4]), "{seen:?}");
+}
+
+/// A key whose clone panics when armed, after a given number of clones.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Touchy(u32);
+
+static CLONES_LEFT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = CLONES_LEFT.load(SeqCst);
+        if left == 0 {
+            CLONES_LEFT.store(-1, SeqCst);
+            panic!("a key's clone panics");
+        }
+        if left > 0 {
+            CLONES_LEFT.store(left - 1, SeqCst);
+        }
+        Touchy(self.0)
+    }
+}
+
+#[tokio::test]
+async fn a_key_that_panics_while_the_map_changes_leaves_no_copy_apart() {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let layer = RateLimitLayer::builder()
+        .requests(10)
+        .no_token_limit()
+        .reject()
+        .estimate_tokens(|_: &u32| 0)
+        .ignore_usage()
+        .key_by(|x: &u32| Touchy(*x))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, Error>(x) }));
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    // The second clone of key 2 (its insertion into the second copy of
+    // the map, on a machine with two or more cores) panics.
+    svc.ready().await.unwrap();
+    CLONES_LEFT.store(1, std::sync::atomic::Ordering::SeqCst);
+    let panicked = catch_unwind(AssertUnwindSafe(|| drop(svc.call(2))));
+    CLONES_LEFT.store(-1, std::sync::atomic::Ordering::SeqCst);
+    // The next new key mends the copies.
+    svc.ready().await.unwrap().call(3).await.unwrap();
+    let keys = |_| {
+        let mut k: Vec<u32> = handle.keys().into_iter().map(|t| t.0).collect();
+        k.sort_unstable();
+        k
+    };
+    let seen = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8).map(|i| s.spawn(move || keys(i))).collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let first = seen[0].clone();
+    assert!(seen.iter().all(|k| k == &first), "copies apart: {seen:?}");
+    assert!(first.contains(&1) && first.contains(&3), "{first:?}");
+    // With one copy (one core) the clone that panics is never made.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(panicked.is_err(), cores > 1);
 }

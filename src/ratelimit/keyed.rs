@@ -24,7 +24,9 @@ type Map<K> = HashMap<K, Arc<Limiter>>;
 /// copy: taking a read lock writes the lock's word, and with one lock
 /// every call of every core wrote the same line. A new key or an eviction
 /// changes every copy under every copy's write lock (taken in order), so
-/// the copies never differ while anyone reads them.
+/// the copies never differ while anyone reads them (unless the key's own
+/// `Hash`, `Eq` or `Clone` panics midway: the next writer then makes every
+/// copy a copy of the first again).
 pub(crate) struct Keyed<K, F> {
     key_fn: F,
     maps: Box<[Padded<RwLock<Map<K>>>]>,
@@ -96,11 +98,27 @@ impl<K: Hash + Eq + Clone, F> Keyed<K, F> {
         if let Some(found) = self.get(&key) {
             return found;
         }
-        let mut maps: Vec<_> = self
-            .maps
-            .iter()
-            .map(|m| m.0.write().unwrap_or_else(|p| p.into_inner()))
-            .collect();
+        let mut poisoned = false;
+        let mut maps = Vec::with_capacity(self.maps.len());
+        for m in self.maps.iter() {
+            maps.push(m.0.write().unwrap_or_else(|p| {
+                poisoned = true;
+                p.into_inner()
+            }));
+        }
+        if poisoned {
+            // A panic under these locks (in the key's `Hash`, `Eq` or
+            // `Clone`, while the copies were being changed one by one) may
+            // have left them apart. Copy 0 is changed first, so it is
+            // whole: the others become copies of it again.
+            let whole = maps[0].clone();
+            for map in &mut maps[1..] {
+                **map = whole.clone();
+            }
+            for m in self.maps.iter() {
+                m.0.clear_poison();
+            }
+        }
         if let Some(found) = maps[0].get(&key) {
             return Arc::clone(found);
         }
