@@ -548,13 +548,13 @@ async fn a_key_that_panics_while_the_map_changes_leaves_no_copy_apart() {
     CLONES_LEFT.store(-1, std::sync::atomic::Ordering::SeqCst);
     // The next new key mends the copies.
     svc.ready().await.unwrap().call(3).await.unwrap();
-    let keys = |_| {
+    let keys = || {
         let mut k: Vec<u32> = handle.keys().into_iter().map(|t| t.0).collect();
         k.sort_unstable();
         k
     };
     let seen = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..8).map(|i| s.spawn(move || keys(i))).collect();
+        let threads: Vec<_> = (0..8).map(|_| s.spawn(keys)).collect();
         threads
             .into_iter()
             .map(|t| t.join().unwrap())

@@ -128,27 +128,29 @@ where
         ticket: Ticket,
         usage: U,
     ) -> Self {
-        Self {
-            state: State::Calling { fut },
-            guard: Guard {
-                limiter: (!detach).then(|| Arc::clone(limiter)),
-                id: limiter.id,
-                ticket: Some(ticket),
-                waiting: None,
-                sent: true,
-                usage,
-            },
-        }
+        let held = (!detach).then(|| Arc::clone(limiter));
+        Self::sent(fut, held, limiter.id, ticket, usage)
     }
 
     /// Sent at once, its response read for nothing: the future keeps only
     /// its limiter's number (see `Guard::limiter`).
     #[inline]
     pub(crate) fn detached(fut: S::Future, id: u64, ticket: Ticket, usage: U) -> Self {
+        Self::sent(fut, None, id, ticket, usage)
+    }
+
+    #[inline]
+    fn sent(
+        fut: S::Future,
+        limiter: Option<Arc<Limiter>>,
+        id: u64,
+        ticket: Ticket,
+        usage: U,
+    ) -> Self {
         Self {
             state: State::Calling { fut },
             guard: Guard {
-                limiter: None,
+                limiter,
                 id,
                 ticket: Some(ticket),
                 waiting: None,

@@ -242,42 +242,63 @@ impl Limiter {
     /// Admitted from the lease without the lock when it can be.
     #[inline]
     pub(crate) fn arrive(&self, tokens: u64) -> Arrival {
-        match self.arrive_fast(tokens) {
+        let now = self.now_late();
+        match self.take(tokens, now) {
             Some(ticket) => Arrival::Admitted(ticket),
-            None => self.arrive_locked(tokens),
+            None => self.arrive_locked(tokens, now),
         }
     }
 
-    /// A call of `tokens` admitted from the lease's one word (no lock, no
-    /// event), if it can be.
+    /// A call of `tokens` admitted from the lease (its one word, or this
+    /// thread's word of a split lease; no lock, no event), if it can be.
     #[inline]
-    pub(crate) fn arrive_fast(&self, tokens: u64) -> Option<Ticket> {
-        let tok_cost = if self.tok_on { tokens } else { 0 };
-        // The per-call clock, read so that it is never behind the true
-        // time: the lease ends, if anything, a kernel tick early (with
-        // `test-util`, tokio's clock, and inside an agent pipeline's poll
-        // the reading its layers share: a reading a little behind is one
-        // taken just before a preemption, checked against the lease's end
-        // all the same). The locked path reads afresh.
-        let now = self.clock.elapsed_nanos_late();
-        let (req_seq, tok_seq) = self.lease.take(now, self.req_cost, tok_cost)?;
-        Some(Ticket {
+    pub(crate) fn arrive_unlocked(&self, tokens: u64) -> Option<Ticket> {
+        let now = self.now_late();
+        self.take(tokens, now)
+            .or_else(|| self.take_split(tokens, now))
+    }
+
+    /// The per-call clock, read so that it is never behind the true time:
+    /// the lease ends, if anything, a kernel tick early (with `test-util`,
+    /// tokio's clock, and inside an agent pipeline's poll the reading its
+    /// layers share: a reading a little behind is one taken just before a
+    /// preemption, checked against the lease's end all the same). The
+    /// locked path reads afresh.
+    #[inline]
+    fn now_late(&self) -> u64 {
+        self.clock.elapsed_nanos_late()
+    }
+
+    /// What a call of `tokens` costs in the token dimension.
+    #[inline]
+    fn tok_cost(&self, tokens: u64) -> u64 {
+        if self.tok_on {
+            tokens
+        } else {
+            0
+        }
+    }
+
+    /// From the lease's one word.
+    #[inline]
+    fn take(&self, tokens: u64, now: u64) -> Option<Ticket> {
+        let taken = self.lease.take(now, self.req_cost, self.tok_cost(tokens));
+        taken.map(|(req_seq, tok_seq)| Ticket {
             req_seq,
             tok_seq,
             tokens,
         })
     }
 
-    /// The same from this thread's word of a split lease (no lock, no
-    /// event), if the lease is split and the call can be.
+    /// From this thread's word of a split lease (out of line: a call to it
+    /// on the one-word path, even one never made, slowed every call).
     #[inline(never)]
-    pub(crate) fn arrive_split(&self, tokens: u64) -> Option<Ticket> {
-        let tok_cost = if self.tok_on { tokens } else { 0 };
-        let now = self.clock.elapsed_nanos_late();
-        let (req_seq, tok_seq) =
-            self.lease
-                .take_split(thread_number, now, self.req_cost, tok_cost)?;
-        Some(Ticket {
+    fn take_split(&self, tokens: u64, now: u64) -> Option<Ticket> {
+        let cost = self.tok_cost(tokens);
+        let taken = self
+            .lease
+            .take_split(thread_number, now, self.req_cost, cost);
+        taken.map(|(req_seq, tok_seq)| Ticket {
             req_seq,
             tok_seq,
             tokens,
@@ -285,12 +306,12 @@ impl Limiter {
     }
 
     #[inline(never)]
-    fn arrive_locked(&self, tokens: u64) -> Arrival {
-        if let Some(ticket) = self.arrive_split(tokens) {
+    fn arrive_locked(&self, tokens: u64, now: u64) -> Arrival {
+        if let Some(ticket) = self.take_split(tokens, now) {
             return Arrival::Admitted(ticket);
         }
         let (mut st, now) = self.lock();
-        st.cost = if self.tok_on { tokens } else { 0 };
+        st.cost = self.tok_cost(tokens);
         if st.waiters.is_empty() && st.paused_until <= now && st.fits(tokens, now) {
             let ticket = st.admit(tokens, now);
             self.reopen(&mut st, now);

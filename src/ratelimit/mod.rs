@@ -475,10 +475,7 @@ where
             // key, the limiter's lock, its line, events) runs after the
             // map's lock is released.
             let fast = shared.part.with_existing(&key, |limiter| {
-                let ticket = limiter
-                    .arrive_fast(tokens)
-                    .or_else(|| limiter.arrive_split(tokens))?;
-                Some((ticket, limiter.id))
+                Some((limiter.arrive_unlocked(tokens)?, limiter.id))
             });
             if let Some((ticket, id)) = fast.flatten() {
                 self.ready = false;
