@@ -347,7 +347,6 @@ fn print_ratio(what: &str, ratios: Vec<f64>) {
     println!("{what} = {med:.2} (median of {ROUNDS}; min {lo:.2}, max {hi:.2})");
 }
 
-/// `tasks` tasks, each `per_task` round trips on its own clone of `svc`.
 /// Runs two batches one after the other, `a` first in even rounds and `b`
 /// first in odd ones (the first batch of a round also pays for waking the
 /// idle workers); their times in seconds, `(a, b)`.
@@ -366,6 +365,7 @@ async fn in_turn(
     (ta.as_secs_f64(), tb.as_secs_f64())
 }
 
+/// `tasks` tasks, each `per_task` round trips on its own clone of `svc`.
 async fn batch<S>(svc: &S, tasks: u64, per_task: u64) -> Duration
 where
     S: Service<u64, Response = u64> + Clone + Send + 'static,
