@@ -190,6 +190,38 @@ async fn a_request_that_gets_a_permit_in_time_is_not_timed_out() {
     assert_eq!(seen(&seen_ids), vec![0, 1]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_max_wait_before_the_deadline_ends_the_wait_at_the_max_wait() {
+    let (up, seen_ids) = upstream();
+    let l = QueueLayer::builder()
+        .concurrency(1)
+        .capacity(4)
+        .max_wait(Duration::from_secs(2))
+        .deadline_by(|j: &Job| j.deadline)
+        .build()
+        .unwrap();
+    let svc = l.layer(up);
+    let start = Instant::now();
+    let first = tokio::spawn(svc.clone().oneshot(Job {
+        work: Duration::from_secs(5),
+        ..job(0)
+    }));
+    settle().await;
+    // Queued with a deadline at 10 s: its one timer, armed for the
+    // deadline, is pointed at the end of the 2 s wait instead.
+    let queued = svc.clone().oneshot(Job {
+        deadline: Some(start + Duration::from_secs(10)),
+        ..job(1)
+    });
+    match queued.await {
+        Err(Error::QueueTimeout { waited, .. }) => assert_eq!(waited, Duration::from_secs(2)),
+        other => panic!("expected QueueTimeout, got {other:?}"),
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(first.await.unwrap().unwrap(), 0);
+    assert_eq!(seen(&seen_ids), vec![0]);
+}
+
 // ---------------------------------------------------------------- deadlines
 
 #[tokio::test(start_paused = true)]

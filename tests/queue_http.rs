@@ -115,25 +115,26 @@ async fn reject_mode_answers_what_does_not_fit_and_never_sends_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_and_expired_requests_never_reach_the_server() {
-    let server = server(Duration::from_millis(1000)).await;
+    let server = server(Duration::from_millis(600)).await;
     let (agent, handle) = agent(&server, 1, 10, WhenFull::Wait);
 
-    // One call holds the only permit for a second: long enough that both
-    // calls below are queued before the first one's deadline passes, even
-    // on a loaded machine (with 300 ms and a 30 ms deadline, a run in CI
-    // missed that window and waited for a depth of 2 that never came).
+    // One call holds the only permit for 600 ms.
     let running = tokio::spawn(agent.clone().oneshot(ask(0)));
     until(|| server.total() == 1).await;
-    // Behind it: one whose deadline passes while it waits, and one whose
-    // caller gives up.
+    // Behind it: one whose caller gives up (no deadline: it stays queued
+    // until then), and one whose deadline passes while it waits. The
+    // second may expire before it is seen queued, so either is waited for
+    // (a wait for a depth of 2 alone hung when a loaded machine missed the
+    // 30 ms).
+    let abandoned = tokio::spawn(agent.clone().oneshot(ask(2)));
+    until(|| handle.depth() == 1).await;
     let (req, _) = ask(1);
     let expiring = tokio::spawn(
         agent
             .clone()
-            .oneshot((req, Some(Instant::now() + Duration::from_millis(300)))),
+            .oneshot((req, Some(Instant::now() + Duration::from_millis(30)))),
     );
-    let abandoned = tokio::spawn(agent.clone().oneshot(ask(2)));
-    until(|| handle.depth() == 2).await;
+    until(|| handle.depth() == 2 || handle.stats().expired == 1).await;
     abandoned.abort();
     assert!(abandoned.await.unwrap_err().is_cancelled());
 

@@ -13,10 +13,8 @@ use llm_resilience::redis::{
     Enqueue, JobOutcome, JobQueue, Priority, QueueConfig, RedisQueueError, Worker, WorkerConfig,
     WorkerEvent,
 };
-use redis_support::{fresh_queue, raw, read_stream, until, url};
+use redis_support::{fresh_queue, raw, read_stream, until, url, WAIT};
 use serde::{Deserialize, Serialize};
-
-const WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Job {

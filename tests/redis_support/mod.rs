@@ -76,12 +76,15 @@ pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// How long a test waits for what it expects before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
 /// Waits until `done` holds, checking every 10 ms; fails with `what()` after
-/// 10 s instead of hanging the test run.
+/// [`WAIT`] instead of hanging the test run.
 pub async fn until(what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(10), "{}", what());
+        assert!(start.elapsed() < WAIT, "{}", what());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
