@@ -7,10 +7,10 @@
 //! instead of 20 to 45 ns on the machines that run this crate's benchmarks
 //! (their floor prints both). It is never ahead of the true time, and is
 //! behind it by up to about two kernel ticks (`clock_getres` gives the
-//! tick: 1 to 10 ms, 4 ms at the common 250 Hz; on a 250 Hz virtual
-//! machine, 4 to 5 ms on average and 7.1 to 7.4 ms at most, printed by
-//! `cargo test --lib util::clock -- --nocapture`). [`lag`] is taken as two
-//! ticks. A reading further behind than that (a stalled virtual CPU) is
+//! tick: 1 to 10 ms, 4 ms at the common 250 Hz; `cargo test --lib
+//! util::clock -- --nocapture` prints the lag seen on the machine at hand:
+//! 3.9 to 5.0 ms on average and 6.5 to 7.4 ms at most over runs on this
+//! project's 250 Hz development VM). [`lag`] is taken as two ticks. A reading further behind than that (a stalled virtual CPU) is
 //! like a precise reading taken just before a preemption: what it decides
 //! is decided as of its time. Elsewhere it is `Instant::now`, exact.
 //!

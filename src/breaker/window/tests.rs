@@ -110,7 +110,7 @@ fn only_time_windows_need_the_clock() {
 /// a time window, every record while it holds at least `min_calls` calls
 /// and some failure or slow call.
 #[test]
-fn the_record_that_reaches_min_calls_says_so() {
+fn a_record_says_when_the_window_needs_its_rates_checked() {
     let w = Window::count(5);
     let reached: Vec<bool> = (0..5).map(|i| w.record(i % 2 == 0, false, 0, 3)).collect();
     assert_eq!(reached, [false, false, true, false, false]);
