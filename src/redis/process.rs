@@ -195,6 +195,7 @@ async fn record(ctx: &Ctx, job: Delivery, verdict: Verdict, slot: OwnedSemaphore
         deliveries: job.deliveries,
         named: job.named,
         kind,
+        takes: ctx.takes.count(),
     };
     ctx.writer.write(outcome).await;
     drop(slot);

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::{poll_fn, Future};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::Poll;
@@ -25,7 +25,7 @@ use super::job::Keys;
 use super::process::{process, Failure};
 use super::producer::{connect, ensure_groups, JobQueue};
 use super::take::{wait_for_new, Taker};
-use super::writer::{Writer, WriterConfig};
+use super::writer::{Takes, Writer, WriterConfig};
 use crate::error::BoxError;
 
 /// Decides whether a service error is worth another delivery.
@@ -125,6 +125,7 @@ where
         // the finish script while the worker starts the next jobs).
         let write_conn = connect(&self.queue.url, qc, qc.response_timeout).await?;
         let events = Arc::new(Events::new(&self.queue.config.name, self.hook));
+        let takes = Arc::new(Takes::default());
         let (writer, writer_task) = Writer::spawn(
             write_conn,
             WriterConfig {
@@ -133,6 +134,7 @@ where
                 max_len: self.queue.config.output_max_len,
                 give_up_after: self.config.visibility_timeout,
                 events: events.clone(),
+                takes: takes.clone(),
             },
             self.config.max_in_flight,
         );
@@ -146,6 +148,7 @@ where
             consumer: consumer.clone(),
             config: self.config,
             requeued: AtomicBool::new(false),
+            takes,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (release_tx, release_rx) = watch::channel(false);
@@ -216,6 +219,8 @@ pub(crate) struct Ctx {
     /// Set when a job of this worker went to the delayed set, so the next
     /// take runs the script (which knows when it is due).
     pub(crate) requeued: AtomicBool,
+    /// Counts the answered takes, for the writer (see `writer.rs`).
+    pub(crate) takes: Arc<Takes>,
 }
 
 /// Stops the outcome writer when the worker's task ends or is aborted.
@@ -264,7 +269,16 @@ async fn run<S, T>(
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
         }
-        match taker.take(&ctx, permits.len()).await {
+        // The first poll sends the take; then the writer may send the
+        // outcomes handed over before it (see `writer.rs`).
+        let mut take = pin!(taker.take(&ctx, permits.len()));
+        let first = poll_fn(|cx| Poll::Ready(take.as_mut().poll(cx))).await;
+        ctx.takes.sent();
+        let taken = match first {
+            Poll::Ready(taken) => taken,
+            Poll::Pending => take.await,
+        };
+        match taken {
             Ok(taken) => {
                 backoff = Duration::from_millis(50);
                 let idle = taken.jobs.is_empty();
