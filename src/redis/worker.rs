@@ -219,7 +219,7 @@ pub(crate) struct Ctx {
     /// Set when a job of this worker went to the delayed set, so the next
     /// take runs the script (which knows when it is due).
     pub(crate) requeued: AtomicBool,
-    /// Counts the answered takes, for the writer (see `writer.rs`).
+    /// Counts the takes sent, for the writer (see `writer.rs`).
     pub(crate) takes: Arc<Takes>,
 }
 
