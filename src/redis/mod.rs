@@ -94,8 +94,10 @@
 //! script call writes up to 64 of them), so taking the next jobs overlaps
 //! with writing the last ones' outcomes: a worker holds at most
 //! `2 × max_in_flight + 64` jobs not yet acknowledged. The outcomes are
-//! written on a connection of their own, so a take is not queued behind
-//! them. A job is polled once in the worker's loop before it gets a task
+//! written on a connection of their own, and a batch of them is sent once
+//! the worker has sent its next take (1 ms after the hand-off at most), so
+//! the take is not queued behind them and Redis writes them while the
+//! worker starts the jobs it took. A job is polled once in the worker's loop before it gets a task
 //! of its own: a job whose service answers at once ends there, without a
 //! task (CPU-heavy work in a service's first poll therefore delays the
 //! worker's next take; spawn it if it is long). An idle worker blocks on
