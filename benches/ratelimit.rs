@@ -407,9 +407,9 @@ fn main() {
                 1 => c[1].push(contended_once(&mt, &gd, per_task)),
                 2 => c[2].push(contended_once(&mt, &ok, per_task)),
                 3 => c[3].push(contended_once(&mt, &gk, per_task)),
-                4 => c[5].push(contended_apart(&mt, ours, per_task)),
-                5 => c[6].push(contended_apart(&mt, governor_direct, per_task)),
-                _ => c[4].push(contended_once(&mt, &tr, per_task / 10)),
+                4 => c[4].push(contended_once(&mt, &tr, per_task / 10)),
+                5 => c[5].push(contended_apart(&mt, ours, per_task)),
+                _ => c[6].push(contended_apart(&mt, governor_direct, per_task)),
             }
         }
     }

@@ -109,9 +109,9 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// A closed lease that opens at most `shards` words (between 1 and
-    /// [`MAX_SHARDS`]; [`shards`] gives a power of two, and anything else
-    /// is rounded down to one). One word needs no split words.
+    /// A closed lease that opens at most `shards` words (clamped to 1 to
+    /// [`MAX_SHARDS`] and rounded down to a power of two; [`shards`] gives
+    /// one). One word needs no split words.
     pub(crate) fn new(shards: usize) -> Self {
         let shards = shards.clamp(1, MAX_SHARDS);
         let shards = if shards == 1 {
@@ -268,13 +268,8 @@ impl Lease {
         let requests = grant.requests.min(REQ_MAX);
         let tokens = grant.tokens.min(TOK_MAX);
         let n = if head.split.load(Ordering::Relaxed) {
-            let fit = requests.min(tokens / cost.max(1)).max(1);
-            let n = (self.words.len() as u64).min(fit);
-            if n > 1 {
-                1u64 << n.ilog2()
-            } else {
-                1
-            }
+            let fit = requests.min(tokens / cost.max(1));
+            1u64 << (self.words.len() as u64).min(fit).max(1).ilog2()
         } else {
             1
         };

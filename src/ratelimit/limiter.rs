@@ -81,6 +81,18 @@ pub(crate) struct Ticket {
     tokens: u64,
 }
 
+impl Ticket {
+    /// A call of `tokens` taken from a lease, booked into its log entries.
+    #[inline]
+    fn booked(entries: Option<(u64, u64)>, tokens: u64) -> Option<Self> {
+        entries.map(|(req_seq, tok_seq)| Self {
+            req_seq,
+            tok_seq,
+            tokens,
+        })
+    }
+}
+
 /// The answer to a call's arrival.
 pub(crate) enum Arrival {
     Admitted(Ticket),
@@ -283,11 +295,7 @@ impl Limiter {
     #[inline]
     fn take(&self, tokens: u64, now: u64) -> Option<Ticket> {
         let taken = self.lease.take(now, self.req_cost, self.tok_cost(tokens));
-        taken.map(|(req_seq, tok_seq)| Ticket {
-            req_seq,
-            tok_seq,
-            tokens,
-        })
+        Ticket::booked(taken, tokens)
     }
 
     /// From this thread's word of a split lease (out of line: a call to it
@@ -298,11 +306,7 @@ impl Limiter {
         let taken = self
             .lease
             .take_split(thread_number, now, self.req_cost, cost);
-        taken.map(|(req_seq, tok_seq)| Ticket {
-            req_seq,
-            tok_seq,
-            tokens,
-        })
+        Ticket::booked(taken, tokens)
     }
 
     #[inline(never)]

@@ -10,9 +10,10 @@
 //! tick: 1 to 10 ms, 4 ms at the common 250 Hz; `cargo test --lib
 //! util::clock -- --nocapture` prints the lag seen on the machine at hand:
 //! 3.9 to 5.0 ms on average and 6.5 to 7.4 ms at most over runs on this
-//! project's 250 Hz development VM). [`lag`] is taken as two ticks. A reading further behind than that (a stalled virtual CPU) is
-//! like a precise reading taken just before a preemption: what it decides
-//! is decided as of its time. Elsewhere it is `Instant::now`, exact.
+//! project's 250 Hz development VM). [`lag`] is taken as two ticks. A
+//! reading further behind than that (a stalled virtual CPU) is like a
+//! precise reading taken just before a preemption: what it decides is
+//! decided as of its time. Elsewhere it is `Instant::now`, exact.
 //!
 //! With the `test-util` feature it is tokio's clock (as every other
 //! reading in the crate is), which follows a paused clock in tests
