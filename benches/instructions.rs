@@ -54,6 +54,8 @@ fn main() {
         "retry_ours" => run(retry_ours(), cloned, n),
         "retry_ours_no_budget" => run(retry_ours_no_budget(), cloned, n),
         "retry_tower" => run(retry_tower(), cloned, n),
+        "retry_least_shared" => run(retry_least_shared(), cloned, n),
+        "retry_least_inline" => run(retry_least_inline(), cloned, n),
         "retry_tower_resilience" => run(retry_tower_resilience(), cloned, n),
         "breaker_count" => run(breaker_count(), cloned, n),
         "breaker_time" => run(breaker_time(), cloned, n),

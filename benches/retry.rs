@@ -65,6 +65,8 @@ fn main() {
                 &rts,
             ),
             Variant::new("bare inner service", bare(), mode, &rts),
+            Variant::new("least retry, Arc", retry_least_shared(), mode, &rts),
+            Variant::new("least retry, inline", retry_least_inline(), mode, &rts),
         ];
         drive::round_robin(
             &format!("retry, first-try success, {}", mode.name()),

@@ -62,3 +62,81 @@ impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
         Some(req.clone())
     }
 }
+
+/// The least a retry layer can be, a yardstick rather than a peer: its
+/// future owns a readied clone of the inner service, the request (to send
+/// again) and the configuration, polls the inner future and, on an error,
+/// calls again up to `attempts` times. No classification, budget, backoff,
+/// timer, event or tracing. `SHARED` holds the configuration in an `Arc`
+/// (as every retry layer whose future must reach shared state, such as a
+/// budget, does: one clone and one drop per call); without it, the
+/// configuration is copied into the future.
+#[derive(Clone, Debug)]
+pub struct LeastRetry<S, const SHARED: bool> {
+    pub inner: S,
+    pub attempts: Arc<u32>,
+}
+
+pin_project_lite::pin_project! {
+    pub struct LeastRetryFuture<S: Service<u64>> {
+        #[pin]
+        future: S::Future,
+        service: S,
+        request: u64,
+        attempts: Option<Arc<u32>>,
+        attempts_inline: u32,
+        attempt: u32,
+    }
+}
+
+impl<S, const SHARED: bool> Service<u64> for LeastRetry<S, SHARED>
+where
+    S: Service<u64> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = LeastRetryFuture<S>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: u64) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, clone);
+        LeastRetryFuture {
+            future: service.call(request),
+            service,
+            request,
+            attempts: SHARED.then(|| Arc::clone(&self.attempts)),
+            attempts_inline: *self.attempts,
+            attempt: 1,
+        }
+    }
+}
+
+impl<S: Service<u64>> std::future::Future for LeastRetryFuture<S> {
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match std::task::ready!(this.future.as_mut().poll(cx)) {
+                Ok(r) => return Poll::Ready(Ok(r)),
+                Err(e) => {
+                    let limit = this
+                        .attempts
+                        .as_deref()
+                        .copied()
+                        .unwrap_or(*this.attempts_inline);
+                    if *this.attempt >= limit {
+                        return Poll::Ready(Err(e));
+                    }
+                    *this.attempt += 1;
+                    let next = this.service.call(*this.request);
+                    this.future.set(next);
+                }
+            }
+        }
+    }
+}

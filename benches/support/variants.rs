@@ -72,6 +72,23 @@ pub fn retry_tower_resilience() -> impl Bench {
         .layer(Always)
 }
 
+/// The least a retry layer can be (see [`LeastRetry`]), its configuration
+/// shared through an `Arc`.
+pub fn retry_least_shared() -> impl Bench {
+    super::peers::LeastRetry::<_, true> {
+        inner: Always,
+        attempts: Arc::new(3),
+    }
+}
+
+/// The same with the configuration copied into each future.
+pub fn retry_least_inline() -> impl Bench {
+    super::peers::LeastRetry::<_, false> {
+        inner: Always,
+        attempts: Arc::new(3),
+    }
+}
+
 // ---- breaker -------------------------------------------------------------
 
 /// Ours, count window of 100 calls, 100 calls minimum, otherwise the
