@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use super::future::Stop;
 use super::layer::Config;
+use super::stop::Stop;
 use crate::classify::Reason;
 
 /// What the retry layer decided, for the [event hook](super::RetryLayerBuilder::on_event).

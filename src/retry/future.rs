@@ -15,6 +15,7 @@ use tower_service::Service;
 use super::attempt::{self, KeySlot};
 use super::event::{emit, stop_kind};
 use super::layer::Config;
+use super::stop::Stop;
 use super::{CloneRequest, RetryEventKind};
 use crate::backoff::BackoffIter;
 use crate::classify::{Classify, Outcome, Reason};
@@ -127,18 +128,6 @@ where
 enum Decision {
     Retry(Duration),
     Stop(Stop),
-}
-
-#[derive(Clone, Copy)]
-pub(super) enum Stop {
-    Exhausted,
-    Permanent,
-    BadRequest,
-    Budget,
-    Deadline,
-    HintTooLong { hint: Duration, limit: Duration },
-    NotCloneable,
-    Accept,
 }
 
 impl<S, Req, C, K> ResponseFuture<S, Req, C, K>
@@ -426,51 +415,6 @@ where
         }
         Decision::Retry(delay)
     }
-
-    fn stop_error(&self, stop: Stop, outcome: Outcome, err: Error) -> Error {
-        let attempts = self.attempts;
-        let reason = outcome.reason();
-        // A typed error from a layer below already says what happened.
-        let foreign = matches!(err, Error::Upstream { .. });
-        match stop {
-            Stop::Accept => err,
-            Stop::Permanent if foreign => Error::Permanent {
-                reason,
-                attempts,
-                source: err.into_cause(),
-            },
-            Stop::BadRequest if foreign => Error::BadRequest {
-                reason,
-                attempts,
-                source: err.into_cause(),
-            },
-            Stop::Permanent | Stop::BadRequest => err,
-            Stop::Exhausted => Error::RetriesExhausted {
-                attempts,
-                reason,
-                source: err.into_cause(),
-            },
-            Stop::Budget => Error::BudgetExhausted {
-                attempts,
-                reason,
-                source: err.into_cause(),
-            },
-            Stop::Deadline => Error::DeadlineExceeded {
-                attempts,
-                source: Some(err.into_cause()),
-            },
-            Stop::HintTooLong { hint, limit } => Error::RetryAfterTooLong {
-                retry_after: hint,
-                limit,
-                attempts,
-                source: err.into_cause(),
-            },
-            Stop::NotCloneable => Error::NotCloneable {
-                reason,
-                source: err.into_cause(),
-            },
-        }
-    }
 }
 
 impl<S, Req, C, K> Future for ResponseFuture<S, Req, C, K>
@@ -600,7 +544,7 @@ where
                             }
                             return Poll::Ready(match result {
                                 Ok(response) => Ok(response),
-                                Err(err) => Err(core.stop_error(stop, outcome, err)),
+                                Err(err) => Err(stop.error(core.attempts, outcome, err)),
                             });
                         }
                     }

@@ -115,6 +115,7 @@ pub mod attempt;
 mod event;
 mod future;
 mod layer;
+mod stop;
 #[cfg(test)]
 mod tests;
 
