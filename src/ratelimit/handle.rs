@@ -3,8 +3,9 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::limiter::{Limiter, Snapshot};
+use super::limiter::Limiter;
 
 /// A cheap, cloneable handle to one limiter: what it would admit now, its
 /// pause, its line. Every method is a plain function.
@@ -112,4 +113,24 @@ impl<K> KeyedRateLimitHandle<K> {
             }
         }
     }
+}
+
+/// A limiter's state at one instant; see
+/// [`RateLimitHandle::snapshot`](super::RateLimitHandle::snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Requests that could go at once (`None`: no request limit).
+    pub requests: Option<u64>,
+    /// Tokens that could go at once (`None`: no token limit).
+    pub tokens: Option<u64>,
+    /// The request limit in force per window (the configured one, or lower
+    /// when the server's headers said so).
+    pub request_limit: Option<u64>,
+    /// The token limit in force per window.
+    pub token_limit: Option<u64>,
+    /// How long calls on this key are paused by a server's 429.
+    pub paused_for: Duration,
+    /// Calls waiting in line.
+    pub waiting: usize,
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::event::RateLimitEventKind as Kind;
 use super::gcra::Dimension;
+use super::handle::Snapshot;
 use super::lease::{shards, thread_number, Grant, Lease, REQ_MAX, TOK_MAX};
 pub(crate) use super::settings::{Settings, WhenLimited};
 use super::usage::ServerLimits;
@@ -580,24 +581,4 @@ impl Limiter {
         self.reopen(&mut st, now);
         (quiet, last_used)
     }
-}
-
-/// A limiter's state at one instant; see
-/// [`RateLimitHandle::snapshot`](super::RateLimitHandle::snapshot).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Snapshot {
-    /// Requests that could go at once (`None`: no request limit).
-    pub requests: Option<u64>,
-    /// Tokens that could go at once (`None`: no token limit).
-    pub tokens: Option<u64>,
-    /// The request limit in force per window (the configured one, or lower
-    /// when the server's headers said so).
-    pub request_limit: Option<u64>,
-    /// The token limit in force per window.
-    pub token_limit: Option<u64>,
-    /// How long calls on this key are paused by a server's 429.
-    pub paused_for: Duration,
-    /// Calls waiting in line.
-    pub waiting: usize,
 }

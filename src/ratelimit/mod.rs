@@ -232,6 +232,7 @@ use tower_service::Service;
 
 pub use self::event::{RateLimitEvent, RateLimitEventKind};
 pub use self::future::ResponseFuture;
+pub use self::handle::Snapshot;
 pub use self::handle::{KeyedRateLimitHandle, RateLimitHandle};
 use self::keyed::Keyed;
 #[cfg(feature = "redis")]
@@ -239,7 +240,6 @@ pub(crate) use self::layer::{knob_setters, Knobs};
 pub use self::layer::{
     KeyedRateLimitLayer, KeyedRateLimitLayerBuilder, RateLimitLayer, RateLimitLayerBuilder,
 };
-pub use self::limiter::Snapshot;
 use self::limiter::{Arrival, Limiter};
 pub use self::settings::WhenLimited;
 pub(crate) use self::usage::scale_limit;
