@@ -17,7 +17,7 @@ use llm_resilience::redis::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redis_support::{read_stream, unique, url};
+use redis_support::{fast, fresh_queue, raw, read_stream, unique, until, url, WAIT};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -426,4 +426,158 @@ async fn a_killed_and_restarted_redis_loses_no_acknowledged_job_and_workers_reco
     for w in workers {
         w.shutdown().await;
     }
+}
+
+/// An entry that names a job which already has an outcome (as a forged or
+/// replayed entry would) is run, but its outcome is refused: one output
+/// per job id, and the recorded outcome stays the first one.
+#[tokio::test]
+async fn an_entry_naming_a_finished_job_writes_no_second_output() {
+    let Some(url) = url() else { return };
+    let q = fresh_queue(&url, "named").await;
+    let dups = Arc::new(AtomicU32::new(0));
+    let d = dups.clone();
+    let svc = tower::service_fn(|j: Job| async move { Ok::<_, Flaky>(j.n) });
+    let w = Worker::new(&q, svc, fast().build().unwrap())
+        .on_event(move |e| {
+            if let WorkerEvent::Duplicate { .. } = e {
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let id = q.enqueue(&Job { n: 1 }).await.unwrap();
+    assert_eq!(
+        q.wait_for::<u32>(&id, WAIT).await.unwrap(),
+        JobOutcome::Completed(1)
+    );
+    let name = q.config().name().to_owned();
+    let mut c = raw(&url).await;
+    let _: String = redis::cmd("XADD")
+        .arg(format!("llmq:{{{name}}}:jobs:normal"))
+        .arg("*")
+        .arg("job")
+        .arg(id.as_str())
+        .arg("payload")
+        .arg(r#"{"n":2}"#)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    until(
+        || "the second entry was not refused".into(),
+        || dups.load(Ordering::Relaxed) > 0,
+    )
+    .await;
+    let out = read_stream(&url, &format!("llmq:{{{name}}}:output")).await;
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0]["job"].as_str(), out[0]["result"].as_str()),
+        (id.as_str(), "1")
+    );
+    assert_eq!(
+        q.outcome::<u32>(&id).await.unwrap(),
+        Some(JobOutcome::Completed(1))
+    );
+    // Refused, but acknowledged: nothing is left pending.
+    assert_eq!(q.stats().await.unwrap().pending, [0; 3]);
+    w.shutdown().await;
+}
+
+/// A worker that stalls past the visibility timeout finishes its job after
+/// another worker reclaimed it and re-queued it (a transient failure): the
+/// stale outcome is refused, and the job's only output is that of its
+/// later delivery.
+#[tokio::test]
+async fn a_stale_finisher_of_a_re_queued_entry_writes_nothing() {
+    let Some(url) = url() else { return };
+    let q = fresh_queue(&url, "stale").await;
+    let (calls, release) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let (c, r) = (calls.clone(), release.clone());
+    // The stalled worker: its first call waits to be released, then answers
+    // 1000 + n (a stale answer); later calls answer n.
+    let stalled = tower::service_fn(move |j: Job| {
+        let (first, r) = (c.fetch_add(1, Ordering::SeqCst) == 0, r.clone());
+        async move {
+            if first {
+                r.notified().await;
+                return Ok::<_, Flaky>(1000 + j.n);
+            }
+            Ok(j.n)
+        }
+    });
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e1 = events.clone();
+    let slow = fast()
+        .max_in_flight(1)
+        .visibility_timeout(Duration::from_secs(10))
+        .job_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let w1 = Worker::new(&q, stalled, slow)
+        .on_event(move |e| e1.lock().unwrap().push(format!("w1 {}", e.kind())))
+        .spawn()
+        .await
+        .unwrap();
+    let id = q.enqueue(&Job { n: 7 }).await.unwrap();
+    until(
+        || "the job never reached the first worker".into(),
+        || calls.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    // The reclaimer: its first call fails (transient), re-queued for later.
+    let f = Arc::new(AtomicU32::new(0));
+    let flaky = tower::service_fn(move |j: Job| {
+        let first = f.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                Err(Flaky)
+            } else {
+                Ok(j.n)
+            }
+        }
+    });
+    let e2 = events.clone();
+    let quick = fast()
+        .visibility_timeout(Duration::from_millis(300))
+        .job_timeout(Duration::from_millis(200))
+        .retry_delay(Duration::from_millis(1500))
+        .max_retry_delay(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let w2 = Worker::new(&q, flaky, quick)
+        .on_event(move |e| e2.lock().unwrap().push(format!("w2 {}", e.kind())))
+        .spawn()
+        .await
+        .unwrap();
+    let seen = |what: &str| events.lock().unwrap().iter().any(|e| e == what);
+    let log = || format!("{:?}", events.lock().unwrap());
+    until(
+        || format!("not reclaimed: {}", log()),
+        || seen("w2 retried"),
+    )
+    .await;
+    // The stalled worker wakes and finishes the entry it no longer owns.
+    release.notify_one();
+    until(
+        || format!("stale outcome not refused: {}", log()),
+        || seen("w1 duplicate"),
+    )
+    .await;
+    assert_eq!(q.outcome::<u32>(&id).await.unwrap(), None);
+    assert_eq!(
+        q.wait_for::<u32>(&id, WAIT).await.unwrap(),
+        JobOutcome::Completed(7)
+    );
+    let out = read_stream(&url, &format!("llmq:{{{}}}:output", q.config().name())).await;
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0]["job"].as_str(), out[0]["result"].as_str()),
+        (id.as_str(), "7")
+    );
+    w1.shutdown().await;
+    w2.shutdown().await;
 }

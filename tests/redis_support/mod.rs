@@ -88,3 +88,15 @@ pub async fn until(what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Worker settings short enough for tests: retries, reclaims and
+/// shutdowns within a few seconds.
+pub fn fast() -> llm_resilience::redis::WorkerConfigBuilder {
+    llm_resilience::redis::WorkerConfig::builder()
+        .idle_wait(Duration::from_millis(50))
+        .retry_delay(Duration::from_millis(10))
+        .max_retry_delay(Duration::from_millis(50))
+        .visibility_timeout(Duration::from_secs(2))
+        .job_timeout(Duration::from_secs(1))
+        .shutdown_grace(Duration::from_secs(2))
+}
