@@ -64,22 +64,13 @@ struct Core<S, Req, C, K> {
     request: Option<Req>,
     config: Arc<Config<C, K>>,
     attempts: u32,
-    // Fixed at the first moment the deadline matters (the first attempt
-    // that does not answer at once, or the first failure): in effect the
-    // first poll, without a clock read for a request that never needs it.
-    deadline: Option<Instant>,
-    deadline_fixed: bool,
-    // One timer, reused: the attempt's cut-off while calling, the wake-up
-    // while sleeping, the deadline while readying. Created the first time
-    // an attempt does not answer at once (or a backoff starts), so a call
-    // that answers at once never creates, arms or polls a timer and never
-    // reads the clock for it; boxed, so the future stays small.
-    timer: Option<Pin<Box<Sleep>>>,
     // Whether the timer was set for the current state.
     armed: Armed,
-    // The backoff state (created on the first retry) and the spans (only
-    // when someone listens), behind one pointer.
-    extra: Option<Box<Extra>>,
+    // The timer, the deadline, the backoff state and the spans, behind one
+    // pointer: allocated the first time one of them is needed, so a call
+    // that answers at once (without a debug subscriber) never allocates,
+    // and the future stays small.
+    extra: Option<Pin<Box<Extra>>>,
     single_shot: bool,
     // The key a service drew through `Attempt::current`.
     key: KeySlot,
@@ -96,11 +87,38 @@ enum Armed {
     On,
 }
 
-/// What a silent first-attempt success never needs.
-#[derive(Default)]
-struct Extra {
-    spans: Option<Spans>,
-    retrying: Option<Retrying>,
+pin_project! {
+    /// What a silent first-attempt success never needs.
+    struct Extra {
+        // One timer, reused: the attempt's cut-off while calling, the
+        // wake-up while sleeping, the deadline while readying. Created the
+        // first time an attempt does not answer at once (or a backoff
+        // starts), so a call that answers at once never creates, arms or
+        // polls a timer and never reads the clock for it.
+        #[pin]
+        timer: Option<Sleep>,
+        // Fixed at the first moment the deadline matters (the first attempt
+        // that does not answer at once, or the first failure): in effect the
+        // first poll, without a clock read for a request that never needs it.
+        deadline: Option<Instant>,
+        deadline_fixed: bool,
+        // Only when a subscriber takes debug spans.
+        spans: Option<Spans>,
+        // Created on the first retry.
+        retrying: Option<Retrying>,
+    }
+}
+
+impl Extra {
+    fn new(spans: Option<Spans>) -> Pin<Box<Self>> {
+        Box::pin(Self {
+            timer: None,
+            deadline: None,
+            deadline_fixed: false,
+            spans,
+            retrying: None,
+        })
+    }
 }
 
 struct Spans {
@@ -108,7 +126,7 @@ struct Spans {
     attempt: tracing::Span,
 }
 
-fn spans_of(extra: &Option<Box<Extra>>) -> Option<&Spans> {
+fn spans_of(extra: &Option<Pin<Box<Extra>>>) -> Option<&Spans> {
     extra.as_ref()?.spans.as_ref()
 }
 
@@ -119,7 +137,10 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.core.attempts)
-            .field("deadline", &self.core.deadline)
+            .field(
+                "deadline",
+                &self.core.extra.as_ref().and_then(|e| e.deadline),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -144,9 +165,6 @@ where
             request: Some(request),
             config,
             attempts: 0,
-            deadline: None,
-            deadline_fixed: false,
-            timer: None,
             armed: Armed::Unset,
             single_shot: false,
             key: KeySlot::default(),
@@ -180,20 +198,17 @@ where
 /// The spans of a call, if a subscriber takes them.
 #[cold]
 #[inline(never)]
-fn traced() -> Option<Box<Extra>> {
+fn traced() -> Option<Pin<Box<Extra>>> {
     let call = tracing::debug_span!(
         "llm_resilience.retry",
         attempts = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
     (!call.is_disabled()).then(|| {
-        Box::new(Extra {
-            spans: Some(Spans {
-                call,
-                attempt: tracing::Span::none(),
-            }),
-            retrying: None,
-        })
+        Extra::new(Some(Spans {
+            call,
+            attempt: tracing::Span::none(),
+        }))
     })
 }
 
@@ -204,7 +219,7 @@ where
     /// Whether a timer was ever created (for the tests).
     #[cfg(test)]
     pub(super) fn has_timer(&self) -> bool {
-        self.core.timer.is_some()
+        self.core.extra.as_ref().is_some_and(|e| e.timer.is_some())
     }
 }
 
@@ -247,7 +262,11 @@ where
             }
         };
         let req = req.expect("a request is kept until its last attempt");
-        if let Some(spans) = self.extra.as_mut().and_then(|e| e.spans.as_mut()) {
+        if let Some(spans) = self
+            .extra
+            .as_mut()
+            .and_then(|e| e.as_mut().project().spans.as_mut())
+        {
             spans.attempt = tracing::debug_span!(
                 parent: &spans.call,
                 "attempt",
@@ -273,15 +292,19 @@ where
 
     /// The request's deadline, fixed the first time it is asked for.
     fn deadline(&mut self) -> Option<Instant> {
-        if !self.deadline_fixed {
-            self.deadline_fixed = true;
+        let limit = self.config.deadline?;
+        let e = self.extra().project();
+        if !*e.deadline_fixed {
+            *e.deadline_fixed = true;
             // A deadline too far to represent is no deadline.
-            self.deadline = self
-                .config
-                .deadline
-                .and_then(|d| Instant::now().checked_add(d));
+            *e.deadline = Instant::now().checked_add(limit);
         }
-        self.deadline
+        *e.deadline
+    }
+
+    /// The state behind the one pointer, created the first time.
+    fn extra(&mut self) -> Pin<&mut Extra> {
+        self.extra.get_or_insert_with(|| Extra::new(None)).as_mut()
     }
 
     /// When the attempt in flight must end: the attempt timeout (counted
@@ -302,14 +325,14 @@ where
     /// Sets the timer for `at` (creating it the first time), or notes that
     /// there is nothing to wait for.
     fn arm(&mut self, at: Option<Instant>) {
-        self.armed = match (at, self.timer.as_mut()) {
-            (None, _) => Armed::Off,
-            (Some(at), Some(timer)) => {
-                timer.as_mut().reset(at);
-                Armed::On
-            }
-            (Some(at), None) => {
-                self.timer = Some(Box::pin(sleep_until(at)));
+        self.armed = match at {
+            None => Armed::Off,
+            Some(at) => {
+                let mut timer = self.extra().project().timer;
+                match timer.as_mut().as_pin_mut() {
+                    Some(t) => t.reset(at),
+                    None => timer.set(Some(sleep_until(at))),
+                }
                 Armed::On
             }
         };
@@ -318,9 +341,16 @@ where
     /// Polls the timer set for the current state; `Pending` when there is
     /// none (nothing to wait for but the service).
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self.timer.as_mut() {
-            Some(timer) if self.armed == Armed::On => timer.as_mut().poll(cx),
-            _ => Poll::Pending,
+        if self.armed != Armed::On {
+            return Poll::Pending;
+        }
+        match self
+            .extra
+            .as_mut()
+            .and_then(|e| e.as_mut().project().timer.as_pin_mut())
+        {
+            Some(timer) => timer.poll(cx),
+            None => Poll::Pending,
         }
     }
 
@@ -328,8 +358,8 @@ where
     /// request draws its own seeded streams, numbered in creation order.
     fn retrying(&mut self) -> &mut Retrying {
         let config = &self.config;
-        let extra = self.extra.get_or_insert_with(Box::default);
-        extra.retrying.get_or_insert_with(|| {
+        let extra = self.extra.get_or_insert_with(|| Extra::new(None));
+        extra.as_mut().project().retrying.get_or_insert_with(|| {
             let n = config.sequence.fetch_add(1, Ordering::Relaxed);
             let seed = splitmix(config.seed ^ splitmix(n));
             Retrying {
@@ -343,7 +373,7 @@ where
     fn last_error(&mut self) -> Option<BoxError> {
         self.extra
             .as_mut()
-            .and_then(|e| e.retrying.as_mut())
+            .and_then(|e| e.as_mut().project().retrying.as_mut())
             .and_then(|r| r.last_error.take())
     }
 

@@ -99,7 +99,11 @@
 //! `llm_resilience_retry_decisions_total{retry, decision, reason}` (`retry`: the layer's [`name`](RetryLayerBuilder::name)) (the names of
 //! [`RetryEventKind::as_str`] and [`Reason::as_str`](crate::classify::Reason::as_str)) and sets the gauge
 //! `llm_resilience_retry_budget_balance{retry}`. Nothing is formatted, timestamped,
-//! recorded or allocated on a first-attempt success.
+//! recorded or allocated on a first-attempt success, unless a subscriber
+//! takes debug spans (then the spans and one allocation per call). A
+//! logical request allocates once (a timer, the deadline, the backoff state
+//! and the spans share it) the first time it needs any of them: an attempt
+//! that waits with an attempt timeout or a deadline set, or a retry.
 //!
 //! [`LlmClassifier`]: crate::classify::LlmClassifier
 //! [`Classify`]: crate::classify::Classify
