@@ -12,6 +12,11 @@
 //! 64 tasks on 2 workers. All variants are sampled round-robin in the same
 //! run; the ratios are taken per round. Heap allocations per call and the
 //! machine's floor (bare call, atomic, clock read) are printed first.
+//!
+//! Beside the peers runs a yardstick, "least retry"
+//! (`support/peers.rs`): the least any retry layer can do, its
+//! configuration in an `Arc` (as a layer whose future reaches shared
+//! state, such as a budget, must) or copied into the future.
 
 use std::rc::Rc;
 
@@ -73,7 +78,11 @@ fn main() {
             &mut variants,
             ROUNDS,
             n,
-            &[(0, 2), (0, 3), (1, 2)],
+            // Ours against tower and tower-resilience, ours without a
+            // budget against tower, and the yardstick against
+            // tower-resilience (what any retry holding shared state costs
+            // at least, as a share of it).
+            &[(0, 2), (0, 3), (1, 2), (5, 3), (6, 3)],
         );
     }
 }
