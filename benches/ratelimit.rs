@@ -357,7 +357,7 @@ fn main() {
         start.elapsed().as_nanos() as f64 / n as f64
     });
     // Ours reads this one per call (Linux, no `test-util`).
-    let coarse = drive::coarse_read_ns(1_000_000);
+    let coarse = drive::coarse_read(1_000_000);
     let m = t.clone().map(|mut v| median(&mut v));
     println!(
         "clock read (ns): tokio::time::Instant::now inside the runtime {clock:.1}, \

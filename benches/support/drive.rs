@@ -246,35 +246,14 @@ pub fn allocations<S: Bench>(
 pub fn floor<S: Bench>(bare: S, cur: &Runtime, mt: &Runtime) {
     const N: u64 = 1_000_000;
     let mut bare = bare;
-    let best = |f: &mut dyn FnMut() -> f64| (0..5).map(|_| f()).fold(f64::MAX, f64::min);
-    let reused = best(&mut || sample(&mut bare, Mode::Reused, N, cur, mt));
-    let cloned = best(&mut || sample(&mut bare, Mode::Cloned, N, cur, mt));
-    let contended = best(&mut || sample(&mut bare, Mode::Contended, N, cur, mt));
+    let reused = best_of_5(|| sample(&mut bare, Mode::Reused, N, cur, mt));
+    let cloned = best_of_5(|| sample(&mut bare, Mode::Cloned, N, cur, mt));
+    let contended = best_of_5(|| sample(&mut bare, Mode::Contended, N, cur, mt));
     let counter = AtomicU64::new(0);
-    let rmw = best(&mut || {
-        let start = Instant::now();
-        for _ in 0..N {
-            black_box(&counter).fetch_add(1, Ordering::AcqRel);
-        }
-        start.elapsed().as_nanos() as f64 / N as f64
-    });
-    let std_now = best(&mut || {
-        let start = Instant::now();
-        for _ in 0..N {
-            black_box(Instant::now());
-        }
-        start.elapsed().as_nanos() as f64 / N as f64
-    });
-    let tokio_now = best(&mut || {
-        cur.block_on(async {
-            let start = Instant::now();
-            for _ in 0..N {
-                black_box(tokio::time::Instant::now());
-            }
-            start.elapsed().as_nanos() as f64 / N as f64
-        })
-    });
-    let coarse = coarse_read_ns(N);
+    let rmw = best_of_5(|| per_call_ns(N, || black_box(&counter).fetch_add(1, Ordering::AcqRel)));
+    let std_now = best_of_5(|| per_call_ns(N, Instant::now));
+    let tokio_now = best_of_5(|| cur.block_on(async { per_call_ns(N, tokio::time::Instant::now) }));
+    let coarse = coarse_read(N);
     println!(
         "floor (best of 5 x {N}): bare service {reused:.1} ns reused, {cloned:.1} ns cloned, \
          {contended:.1} ns contended; atomic fetch_add {rmw:.1} ns; clock read \
@@ -283,25 +262,32 @@ pub fn floor<S: Bench>(bare: S, cur: &Runtime, mt: &Runtime) {
     );
 }
 
+/// The least of five runs of `f` (each a time per call).
+fn best_of_5(mut f: impl FnMut() -> f64) -> f64 {
+    (0..5).map(|_| f()).fold(f64::MAX, f64::min)
+}
+
+/// Nanoseconds per call of `n` calls of `f` (each result kept from the
+/// optimiser).
+fn per_call_ns<T>(n: u64, mut f: impl FnMut() -> T) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(f());
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
 /// The rate limiter's and the breaker's per-call clock on Linux
 /// (`CLOCK_MONOTONIC_COARSE`): the best of 5 runs of `n` reads, as printed.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-pub fn coarse_read_ns(n: u64) -> String {
+pub fn coarse_read(n: u64) -> String {
     use rustix::time::{clock_gettime, ClockId};
-    let best = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..n {
-                black_box(clock_gettime(ClockId::MonotonicCoarse));
-            }
-            start.elapsed().as_nanos() as f64 / n as f64
-        })
-        .fold(f64::MAX, f64::min);
+    let best = best_of_5(|| per_call_ns(n, || clock_gettime(ClockId::MonotonicCoarse)));
     format!("CLOCK_MONOTONIC_COARSE {best:.1} ns")
 }
 
 /// Elsewhere the per-call clock is tokio's (above).
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub fn coarse_read_ns(_n: u64) -> String {
+pub fn coarse_read(_n: u64) -> String {
     "no coarse clock on this platform".into()
 }
