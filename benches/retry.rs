@@ -16,7 +16,7 @@
 //! Beside the peers runs a yardstick, "least retry"
 //! (`support/peers.rs`): the least any retry layer can do, its
 //! configuration in an `Arc` (as a layer whose future reaches shared
-//! state, such as a budget, must) or copied into the future.
+//! state, such as a budget, must) or copied (nothing shared).
 
 use std::rc::Rc;
 

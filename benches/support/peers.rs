@@ -65,37 +65,55 @@ impl<Req: Clone, Res, E> Policy<Req, Res, E> for TowerPolicy {
 
 /// The least a retry layer can be, a yardstick rather than a peer: its
 /// future owns a readied clone of the inner service, the request (to send
-/// again) and the configuration, polls the inner future and, on an error,
-/// calls again up to `attempts` times. No classification, budget, backoff,
-/// timer, event or tracing. `SHARED` holds the configuration in an `Arc`
-/// (as every retry layer whose future must reach shared state, such as a
-/// budget, does: one clone and one drop per call); without it, the
-/// configuration is copied into the future.
+/// again) and the configuration `A`, polls the inner future and, on an
+/// error, calls again up to the configured attempts. No classification,
+/// budget, backoff, timer, event or tracing. With `A = Arc<u32>` the
+/// configuration is shared, as in every retry layer whose future must reach
+/// shared state such as a budget: the service and each future hold a
+/// reference (a clone and a drop per call, and per service clone). With
+/// `A = u32` it is copied: nothing is shared at all.
 #[derive(Clone, Debug)]
-pub struct LeastRetry<S, const SHARED: bool> {
+pub struct LeastRetry<S, A> {
     pub inner: S,
-    pub attempts: Arc<u32>,
+    pub attempts: A,
+}
+
+/// The yardstick's configuration: how many attempts, shared or copied.
+pub trait Attempts: Clone {
+    fn limit(&self) -> u32;
+}
+
+impl Attempts for u32 {
+    fn limit(&self) -> u32 {
+        *self
+    }
+}
+
+impl Attempts for Arc<u32> {
+    fn limit(&self) -> u32 {
+        **self
+    }
 }
 
 pin_project_lite::pin_project! {
-    pub struct LeastRetryFuture<S: Service<u64>> {
+    pub struct LeastRetryFuture<S: Service<u64>, A> {
         #[pin]
         future: S::Future,
         service: S,
         request: u64,
-        attempts: Option<Arc<u32>>,
-        attempts_inline: u32,
+        attempts: A,
         attempt: u32,
     }
 }
 
-impl<S, const SHARED: bool> Service<u64> for LeastRetry<S, SHARED>
+impl<S, A> Service<u64> for LeastRetry<S, A>
 where
     S: Service<u64> + Clone,
+    A: Attempts,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = LeastRetryFuture<S>;
+    type Future = LeastRetryFuture<S, A>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -108,14 +126,13 @@ where
             future: service.call(request),
             service,
             request,
-            attempts: SHARED.then(|| Arc::clone(&self.attempts)),
-            attempts_inline: *self.attempts,
+            attempts: self.attempts.clone(),
             attempt: 1,
         }
     }
 }
 
-impl<S: Service<u64>> std::future::Future for LeastRetryFuture<S> {
+impl<S: Service<u64>, A: Attempts> std::future::Future for LeastRetryFuture<S, A> {
     type Output = Result<S::Response, S::Error>;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -124,12 +141,7 @@ impl<S: Service<u64>> std::future::Future for LeastRetryFuture<S> {
             match std::task::ready!(this.future.as_mut().poll(cx)) {
                 Ok(r) => return Poll::Ready(Ok(r)),
                 Err(e) => {
-                    let limit = this
-                        .attempts
-                        .as_deref()
-                        .copied()
-                        .unwrap_or(*this.attempts_inline);
-                    if *this.attempt >= limit {
+                    if *this.attempt >= this.attempts.limit() {
                         return Poll::Ready(Err(e));
                     }
                     *this.attempt += 1;

@@ -75,17 +75,18 @@ pub fn retry_tower_resilience() -> impl Bench {
 /// The least a retry layer can be (see [`LeastRetry`]), its configuration
 /// shared through an `Arc`.
 pub fn retry_least_shared() -> impl Bench {
-    super::peers::LeastRetry::<_, true> {
+    super::peers::LeastRetry {
         inner: Always,
-        attempts: Arc::new(3),
+        attempts: Arc::new(3u32),
     }
 }
 
-/// The same with the configuration copied into each future.
+/// The same with the configuration copied, into the service and each
+/// future: nothing shared.
 pub fn retry_least_inline() -> impl Bench {
-    super::peers::LeastRetry::<_, false> {
+    super::peers::LeastRetry {
         inner: Always,
-        attempts: Arc::new(3),
+        attempts: 3u32,
     }
 }
 
