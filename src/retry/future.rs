@@ -99,9 +99,9 @@ pin_project! {
         timer: Option<Sleep>,
         // Fixed at the first moment the deadline matters (the first attempt
         // that does not answer at once, or the first failure): in effect the
-        // first poll, without a clock read for a request that never needs it.
-        deadline: Option<Instant>,
-        deadline_fixed: bool,
+        // first poll, without a clock read for a request that never needs
+        // it. `Some(None)`: fixed, but too far to represent.
+        deadline: Option<Option<Instant>>,
         // Only when a subscriber takes debug spans.
         spans: Option<Spans>,
         // Created on the first retry.
@@ -114,7 +114,6 @@ impl Extra {
         Box::pin(Self {
             timer: None,
             deadline: None,
-            deadline_fixed: false,
             spans,
             retrying: None,
         })
@@ -130,6 +129,11 @@ fn spans_of(extra: &Option<Pin<Box<Extra>>>) -> Option<&Spans> {
     extra.as_ref()?.spans.as_ref()
 }
 
+/// The state behind the one pointer, created the first time.
+fn extra(extra: &mut Option<Pin<Box<Extra>>>) -> Pin<&mut Extra> {
+    extra.get_or_insert_with(|| Extra::new(None)).as_mut()
+}
+
 impl<S, Req, C, K> fmt::Debug for ResponseFuture<S, Req, C, K>
 where
     S: Service<Req>,
@@ -139,7 +143,7 @@ where
             .field("attempts", &self.core.attempts)
             .field(
                 "deadline",
-                &self.core.extra.as_ref().and_then(|e| e.deadline),
+                &self.core.extra.as_ref().and_then(|e| e.deadline.flatten()),
             )
             .finish_non_exhaustive()
     }
@@ -293,18 +297,11 @@ where
     /// The request's deadline, fixed the first time it is asked for.
     fn deadline(&mut self) -> Option<Instant> {
         let limit = self.config.deadline?;
-        let e = self.extra().project();
-        if !*e.deadline_fixed {
-            *e.deadline_fixed = true;
-            // A deadline too far to represent is no deadline.
-            *e.deadline = Instant::now().checked_add(limit);
-        }
-        *e.deadline
-    }
-
-    /// The state behind the one pointer, created the first time.
-    fn extra(&mut self) -> Pin<&mut Extra> {
-        self.extra.get_or_insert_with(|| Extra::new(None)).as_mut()
+        // A deadline too far to represent is no deadline.
+        *extra(&mut self.extra)
+            .project()
+            .deadline
+            .get_or_insert_with(|| Instant::now().checked_add(limit))
     }
 
     /// When the attempt in flight must end: the attempt timeout (counted
@@ -328,7 +325,7 @@ where
         self.armed = match at {
             None => Armed::Off,
             Some(at) => {
-                let mut timer = self.extra().project().timer;
+                let mut timer = extra(&mut self.extra).project().timer;
                 match timer.as_mut().as_pin_mut() {
                     Some(t) => t.reset(at),
                     None => timer.set(Some(sleep_until(at))),
@@ -358,16 +355,18 @@ where
     /// request draws its own seeded streams, numbered in creation order.
     fn retrying(&mut self) -> &mut Retrying {
         let config = &self.config;
-        let extra = self.extra.get_or_insert_with(|| Extra::new(None));
-        extra.as_mut().project().retrying.get_or_insert_with(|| {
-            let n = config.sequence.fetch_add(1, Ordering::Relaxed);
-            let seed = splitmix(config.seed ^ splitmix(n));
-            Retrying {
-                backoff: config.backoff.iter(seed),
-                throttle: config.throttle_backoff.iter(splitmix(seed)),
-                last_error: None,
-            }
-        })
+        extra(&mut self.extra)
+            .project()
+            .retrying
+            .get_or_insert_with(|| {
+                let n = config.sequence.fetch_add(1, Ordering::Relaxed);
+                let seed = splitmix(config.seed ^ splitmix(n));
+                Retrying {
+                    backoff: config.backoff.iter(seed),
+                    throttle: config.throttle_backoff.iter(splitmix(seed)),
+                    last_error: None,
+                }
+            })
     }
 
     fn last_error(&mut self) -> Option<BoxError> {
