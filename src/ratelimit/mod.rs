@@ -232,8 +232,7 @@ use tower_service::Service;
 
 pub use self::event::{RateLimitEvent, RateLimitEventKind};
 pub use self::future::ResponseFuture;
-pub use self::handle::Snapshot;
-pub use self::handle::{KeyedRateLimitHandle, RateLimitHandle};
+pub use self::handle::{KeyedRateLimitHandle, RateLimitHandle, Snapshot};
 use self::keyed::Keyed;
 #[cfg(feature = "redis")]
 pub(crate) use self::layer::{knob_setters, Knobs};

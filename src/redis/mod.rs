@@ -97,10 +97,10 @@
 //! written on a connection of their own, and a batch of them is sent once
 //! the worker has sent its next take (1 ms after the hand-off at most), so
 //! the take is not queued behind them and Redis writes them while the
-//! worker starts the jobs it took. A job is polled once in the worker's loop before it gets a task
-//! of its own: a job whose service answers at once ends there, without a
-//! task (CPU-heavy work in a service's first poll therefore delays the
-//! worker's next take; spawn it if it is long). An idle worker blocks on
+//! worker starts the jobs it took. A job is polled once in the worker's
+//! loop before it gets a task of its own: a job whose service answers at
+//! once ends there, without a task (CPU-heavy work in a service's first
+//! poll therefore delays the worker's next take; spawn it if it is long). An idle worker blocks on
 //! `XREAD` (a connection of its own too) and wakes on a new entry, on a due
 //! delayed job, or after `idle_wait`.
 //! [`WorkerHandle::shutdown`] stops taking, lets in-flight jobs finish
