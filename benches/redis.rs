@@ -7,7 +7,9 @@
 //!   cargo bench --features redis --bench redis -- [JOBS] [ROUNDS]
 //! ```
 //!
-//! (`BENCH_SIDE=floor,ours` runs only the sides named.) What each side does
+//! (`BENCH_SIDE=floor,ours` runs only the sides named; `BENCH_VERBOSE=1`
+//! prints every round.) Every other round runs the sides in reverse order.
+//! What each side does
 //! per job:
 //! - floor: enqueue = one `XADD`; worker = `XREADGROUP COUNT 16` per batch,
 //!   one `XACK` per job, nothing written back.
@@ -444,9 +446,16 @@ fn main() {
         "ours",
     ];
     let mut results: HashMap<(usize, &str), Vec<Figures>> = HashMap::new();
-    for _ in 0..rounds {
+    for round in 0..rounds {
         for workers in [1, 4] {
-            for side in sides {
+            // Every other round runs the sides in reverse, so that no side
+            // always follows the same one (what a side leaves behind, an
+            // AOF rewrite or freed memory, lands on the next).
+            let mut order = sides;
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
                 if std::env::var("BENCH_SIDE").is_ok_and(|only| !only.split(',').any(|s| s == side))
                 {
                     results
@@ -464,6 +473,12 @@ fn main() {
                         _ => ours(&url, jobs, workers).await,
                     }
                 });
+                if std::env::var("BENCH_VERBOSE").is_ok() {
+                    eprintln!(
+                        "round {round}, {workers} worker(s), {side}: enqueue {:.0}/s, end to end {:.0}/s",
+                        f.0, f.1
+                    );
+                }
                 results.entry((workers, side)).or_default().push(f);
             }
         }
@@ -497,6 +512,33 @@ fn main() {
                 "{workers:<8} {side:<16} {enq:>10.0} {e2e:>12.0} {rts:>7.2} {cpu:>9.1} {client:>10.1}{vs}"
             );
         }
+    }
+    // The rates swing between runs with the machine, and the medians above
+    // come from different rounds; a side's rate over the floor's in the
+    // same round and worker count pairs runs made seconds apart.
+    if std::env::var("BENCH_SIDE").is_ok_and(|only| !only.split(',').any(|s| s == "floor")) {
+        return;
+    }
+    println!("throughput / the floor's in the same round: median (least to most) of the rounds");
+    for side in &sides[1..] {
+        let (mut enq, mut e2e) = (Vec::new(), [Vec::new(), Vec::new()]);
+        for (w, workers) in [1, 4].into_iter().enumerate() {
+            let (f, s) = (&results[&(workers, "floor")], &results[&(workers, *side)]);
+            for (f, s) in f.iter().zip(s) {
+                enq.push(s.0 / f.0);
+                e2e[w].push(s.1 / f.1);
+            }
+        }
+        let spread = |v: &mut Vec<f64>| {
+            let m = median(v);
+            format!("{m:.2} ({:.2} to {:.2})", v[0], v[v.len() - 1])
+        };
+        println!(
+            "  {side:<16} enqueue {}, end to end 1 worker {}, 4 workers {}",
+            spread(&mut enq),
+            spread(&mut e2e[0]),
+            spread(&mut e2e[1])
+        );
     }
 }
 

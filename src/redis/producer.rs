@@ -149,7 +149,11 @@ impl JobQueue {
                 cmd.arg("deadline").arg(d);
             }
             let entry: String = cmd.query_async(&mut self.conn.clone()).await?;
-            return Ok((JobId(format!("{}-{entry}", class.as_str())), true));
+            let mut id = String::with_capacity(class.as_str().len() + 1 + entry.len());
+            id.push_str(class.as_str());
+            id.push('-');
+            id.push_str(&entry);
+            return Ok((JobId(id), true));
         };
         let mut inv = scripts::ENQUEUE.prepare_invoke();
         inv.key(self.keys.stream(class))

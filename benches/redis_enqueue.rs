@@ -1,0 +1,170 @@
+//! What an enqueue costs the client: `JobQueue::enqueue` against the same
+//! `XADD` sent on a plain multiplexed connection and on a
+//! `ConnectionManager` (the self-reconnecting connection the queue uses),
+//! alternating, 64 producer tasks on a 2-worker runtime.
+//!
+//! ```sh
+//! LLM_RESILIENCE_REDIS_URL=redis://127.0.0.1:6391/ \
+//!   cargo bench --features redis --bench redis_enqueue
+//! ```
+//!
+//! `PROBE=plain|manager|ours` runs one side, `JOBS` and `ROUNDS` set the
+//! size (40 000 and 7). Rates and the client's CPU per job (every thread's
+//! `schedstat`) swing with the machine; instructions per enqueue do not:
+//! run one side under `valgrind --tool=callgrind` with `JOBS=4000` and
+//! `JOBS=8000`, `ROUNDS=1`, and divide the difference by 4 000.
+
+use std::time::{Duration, Instant};
+
+use llm_resilience::redis::{JobQueue, QueueConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Job {
+    n: u64,
+}
+
+const PRODUCERS: u64 = 64;
+
+/// Enqueues `jobs` with one `XADD` each on clones of `conn` (one per task),
+/// as the floor of `benches/redis.rs` does; jobs/s.
+async fn xadd<C: ConnectionLike + Clone + Send + 'static>(conn: C, stream: &str, jobs: u64) -> f64 {
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let (mut c, s) = (conn.clone(), stream.to_owned());
+        tasks.spawn(async move {
+            for n in (p..jobs).step_by(PRODUCERS as usize) {
+                let payload = serde_json::to_vec(&Job { n }).unwrap();
+                let _: String = redis::cmd("XADD")
+                    .arg(&s)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(payload)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
+    jobs as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Enqueues `jobs` with `JobQueue::enqueue`; jobs/s.
+async fn ours(queue: &JobQueue, jobs: u64) -> f64 {
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let q = queue.clone();
+        tasks.spawn(async move {
+            for n in (p..jobs).step_by(PRODUCERS as usize) {
+                q.enqueue(&Job { n }).await.unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
+    jobs as f64 / t.elapsed().as_secs_f64()
+}
+
+/// CPU time of every thread of this process so far, in µs (Linux).
+fn client_cpu_us() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>()
+        / 1000
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let Ok(url) = std::env::var("LLM_RESILIENCE_REDIS_URL") else {
+        eprintln!("skipping: set LLM_RESILIENCE_REDIS_URL=redis://127.0.0.1:PORT/ to run the enqueue benchmark");
+        return;
+    };
+    let (jobs, rounds) = (env("JOBS", 40_000), env("ROUNDS", 7));
+    let only = std::env::var("PROBE").ok();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let plain = client.get_multiplexed_async_connection().await.unwrap();
+        // The queue's own settings: a response timeout bounds every command.
+        let manager = ConnectionManager::new_with_config(
+            client.clone(),
+            ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .unwrap();
+        let name = format!("bench-enqueue-{:x}", rand::random::<u64>());
+        let queue = JobQueue::connect(&url, QueueConfig::builder(name.clone()).build().unwrap())
+            .await
+            .unwrap();
+        let ours_stream = format!("llmq:{{{name}}}:jobs:normal");
+        let sides = ["plain", "manager", "ours"];
+        let mut rates = vec![Vec::new(); sides.len()];
+        let mut cpu = vec![Vec::new(); sides.len()];
+        for round in 0..rounds {
+            for i in 0..sides.len() {
+                // Every other round in reverse, so no side always follows
+                // the same one.
+                let i = if round % 2 == 1 {
+                    sides.len() - 1 - i
+                } else {
+                    i
+                };
+                if only.as_deref().is_some_and(|o| o != sides[i]) {
+                    continue;
+                }
+                let stream = format!("bench-enqueue-{:x}", rand::random::<u64>());
+                let before = client_cpu_us();
+                let rate = match sides[i] {
+                    "plain" => xadd(plain.clone(), &stream, jobs).await,
+                    "manager" => xadd(manager.clone(), &stream, jobs).await,
+                    _ => ours(&queue, jobs).await,
+                };
+                rates[i].push(rate);
+                cpu[i].push((client_cpu_us() - before) as f64 / jobs as f64);
+                let _: () = redis::cmd("DEL")
+                    .arg(&stream)
+                    .arg(&ours_stream)
+                    .query_async(&mut plain.clone())
+                    .await
+                    .unwrap();
+            }
+        }
+        let _: () = redis::cmd("DEL")
+            .arg(format!("llmq:{{{name}}}:jobs:high"))
+            .arg(format!("llmq:{{{name}}}:jobs:low"))
+            .query_async(&mut plain.clone())
+            .await
+            .unwrap();
+        println!(
+            "{jobs} enqueues per round, {rounds} rounds (medians), {PRODUCERS} producer tasks"
+        );
+        println!("{:<8} {:>10} {:>14}", "side", "enqueue/s", "client µs/job");
+        for (i, side) in sides.iter().enumerate() {
+            if rates[i].is_empty() {
+                continue;
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            let (r, c) = (median(&mut rates[i]), median(&mut cpu[i]));
+            println!("{side:<8} {r:>10.0} {c:>14.2}");
+        }
+    });
+}
