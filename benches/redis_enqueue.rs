@@ -155,16 +155,27 @@ fn main() {
             "{jobs} enqueues per round, {rounds} rounds (medians), {PRODUCERS} producer tasks"
         );
         println!("{:<8} {:>10} {:>14}", "side", "enqueue/s", "client µs/job");
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
         for (i, side) in sides.iter().enumerate() {
             if rates[i].is_empty() {
                 continue;
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(|a, b| a.total_cmp(b));
-                v[v.len() / 2]
-            };
-            let (r, c) = (median(&mut rates[i]), median(&mut cpu[i]));
+            let (r, c) = (median(&mut rates[i].clone()), median(&mut cpu[i]));
             println!("{side:<8} {r:>10.0} {c:>14.2}");
+        }
+        // Rates swing between rounds for every side alike; a side over
+        // plain in the same round pairs runs made a moment apart.
+        if rates[0].len() == rates[2].len() && !rates[0].is_empty() {
+            let mut ratio: Vec<f64> = rates[2].iter().zip(&rates[0]).map(|(o, p)| o / p).collect();
+            let m = median(&mut ratio);
+            println!(
+                "ours / plain in the same round: median {m:.2} ({:.2} to {:.2})",
+                ratio[0],
+                ratio[ratio.len() - 1]
+            );
         }
     });
 }
