@@ -53,14 +53,11 @@ use std::time::{Duration, Instant};
 use llm_resilience::redis::{JobQueue, QueueConfig, Worker, WorkerConfig, WorkerEvent};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
-use serde::{Deserialize, Serialize};
 
-#[derive(Serialize, Deserialize)]
-struct Job {
-    n: u64,
-}
+mod redis_common;
 
-const PRODUCERS: u64 = 64;
+use redis_common::{client_cpu_us, enqueue, xadd, Job, PRODUCERS};
+
 const IN_FLIGHT: usize = 16;
 
 async fn conn(url: &str) -> MultiplexedConnection {
@@ -128,18 +125,6 @@ const OUR_CMDS: &[&str] = &[
 /// whole run: enqueue and end to end).
 type Figures = (f64, f64, f64, f64, f64);
 
-/// CPU time of every thread of this process so far, in µs (the first field
-/// of each thread's `schedstat`, in ns; Linux).
-fn client_cpu_us() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum::<u64>()
-        / 1000
-}
-
 /// How the floor writes back per batch of jobs read.
 #[derive(Clone, Copy, PartialEq)]
 enum Back {
@@ -183,27 +168,7 @@ async fn floor(url: &str, jobs: u64, workers: usize, back: Back) -> Figures {
         .unwrap();
     let before = command_counts(&mut admin).await;
     let client_before = client_cpu_us();
-    let producer = conn(url).await;
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..PRODUCERS {
-        let (mut c, stream) = (producer.clone(), stream.clone());
-        tasks.spawn(async move {
-            for n in (p..jobs).step_by(PRODUCERS as usize) {
-                let payload = serde_json::to_vec(&Job { n }).unwrap();
-                let _: String = redis::cmd("XADD")
-                    .arg(&stream)
-                    .arg("*")
-                    .arg("payload")
-                    .arg(payload)
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-            }
-        });
-    }
-    tasks.join_all().await;
-    let enqueue = jobs as f64 / t.elapsed().as_secs_f64();
+    let enqueue = xadd(conn(url).await, &stream, jobs).await;
     let done = Arc::new(AtomicU64::new(0));
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -330,18 +295,7 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
     let queue = JobQueue::connect(url, config).await.unwrap();
     let before = command_counts(&mut admin).await;
     let client_before = client_cpu_us();
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..PRODUCERS {
-        let q = queue.clone();
-        tasks.spawn(async move {
-            for n in (p..jobs).step_by(PRODUCERS as usize) {
-                q.enqueue(&Job { n }).await.unwrap();
-            }
-        });
-    }
-    tasks.join_all().await;
-    let enqueue = jobs as f64 / t.elapsed().as_secs_f64();
+    let enqueue = enqueue(&queue, jobs).await;
     let done = Arc::new(AtomicU64::new(0));
     let t = Instant::now();
     let mut handles = Vec::new();
@@ -420,9 +374,16 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
     (enqueue, e2e, rt, cpu, client)
 }
 
+/// The median (of an even count, the mean of the two middle values); sorts
+/// `v`.
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 fn main() {

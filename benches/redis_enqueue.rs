@@ -14,70 +14,14 @@
 //! run one side under `valgrind --tool=callgrind` with `JOBS=4000` and
 //! `JOBS=8000`, `ROUNDS=1`, and divide the difference by 4 000.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llm_resilience::redis::{JobQueue, QueueConfig};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use serde::Serialize;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-#[derive(Serialize)]
-struct Job {
-    n: u64,
-}
+mod redis_common;
 
-const PRODUCERS: u64 = 64;
-
-/// Enqueues `jobs` with one `XADD` each on clones of `conn` (one per task),
-/// as the floor of `benches/redis.rs` does; jobs/s.
-async fn xadd<C: ConnectionLike + Clone + Send + 'static>(conn: C, stream: &str, jobs: u64) -> f64 {
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..PRODUCERS {
-        let (mut c, s) = (conn.clone(), stream.to_owned());
-        tasks.spawn(async move {
-            for n in (p..jobs).step_by(PRODUCERS as usize) {
-                let payload = serde_json::to_vec(&Job { n }).unwrap();
-                let _: String = redis::cmd("XADD")
-                    .arg(&s)
-                    .arg("*")
-                    .arg("payload")
-                    .arg(payload)
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-            }
-        });
-    }
-    tasks.join_all().await;
-    jobs as f64 / t.elapsed().as_secs_f64()
-}
-
-/// Enqueues `jobs` with `JobQueue::enqueue`; jobs/s.
-async fn ours(queue: &JobQueue, jobs: u64) -> f64 {
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..PRODUCERS {
-        let q = queue.clone();
-        tasks.spawn(async move {
-            for n in (p..jobs).step_by(PRODUCERS as usize) {
-                q.enqueue(&Job { n }).await.unwrap();
-            }
-        });
-    }
-    tasks.join_all().await;
-    jobs as f64 / t.elapsed().as_secs_f64()
-}
-
-/// CPU time of every thread of this process so far, in µs (Linux).
-fn client_cpu_us() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum::<u64>()
-        / 1000
-}
+use redis_common::{client_cpu_us, enqueue, xadd, PRODUCERS};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -133,7 +77,7 @@ fn main() {
                 let rate = match sides[i] {
                     "plain" => xadd(plain.clone(), &stream, jobs).await,
                     "manager" => xadd(manager.clone(), &stream, jobs).await,
-                    _ => ours(&queue, jobs).await,
+                    _ => enqueue(&queue, jobs).await,
                 };
                 rates[i].push(rate);
                 cpu[i].push((client_cpu_us() - before) as f64 / jobs as f64);
@@ -155,9 +99,11 @@ fn main() {
             "{jobs} enqueues per round, {rounds} rounds (medians), {PRODUCERS} producer tasks"
         );
         println!("{:<8} {:>10} {:>14}", "side", "enqueue/s", "client µs/job");
+        // Of an even count, the mean of the two middle values.
         let median = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
+            let n = v.len();
+            (v[(n - 1) / 2] + v[n / 2]) / 2.0
         };
         for (i, side) in sides.iter().enumerate() {
             if rates[i].is_empty() {
