@@ -379,11 +379,7 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 0 {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    } else {
-        v[n / 2]
-    }
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
 }
 
 fn main() {
