@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::config::{ms, QueueConfig};
 use super::error::RedisQueueError;
 use super::job::{
-    decode_outcome, result_bucket, Enqueue, JobId, JobOutcome, Keys, Priority, GROUP,
+    decode_outcome, job_id, result_bucket, Enqueue, JobId, JobOutcome, Keys, Priority, GROUP,
 };
 use super::scripts;
 
@@ -149,11 +149,7 @@ impl JobQueue {
                 cmd.arg("deadline").arg(d);
             }
             let entry: String = cmd.query_async(&mut self.conn.clone()).await?;
-            let mut id = String::with_capacity(class.as_str().len() + 1 + entry.len());
-            id.push_str(class.as_str());
-            id.push('-');
-            id.push_str(&entry);
-            return Ok((JobId(id), true));
+            return Ok((JobId(job_id(class, &entry)), true));
         };
         let mut inv = scripts::ENQUEUE.prepare_invoke();
         inv.key(self.keys.stream(class))
