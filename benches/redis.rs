@@ -56,7 +56,7 @@ use redis::Value;
 
 mod redis_common;
 
-use redis_common::{client_cpu_us, enqueue, xadd, Job, PRODUCERS};
+use redis_common::{client_cpu_us, enqueue, median, spread, xadd, Job, PRODUCERS};
 
 const IN_FLIGHT: usize = 16;
 
@@ -374,14 +374,6 @@ async fn ours(url: &str, jobs: u64, workers: usize) -> Figures {
     (enqueue, e2e, rt, cpu, client)
 }
 
-/// The median (of an even count, the mean of the two middle values); sorts
-/// `v`.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    (v[(n - 1) / 2] + v[n / 2]) / 2.0
-}
-
 fn main() {
     let Ok(url) = std::env::var("LLM_RESILIENCE_REDIS_URL") else {
         eprintln!("skipping: set LLM_RESILIENCE_REDIS_URL=redis://127.0.0.1:PORT/ to run the Redis benchmark");
@@ -489,10 +481,6 @@ fn main() {
                 e2e[w].push(s.1 / f.1);
             }
         }
-        let spread = |v: &mut Vec<f64>| {
-            let m = median(v);
-            format!("{m:.2} ({:.2} to {:.2})", v[0], v[v.len() - 1])
-        };
         println!(
             "  {side:<16} enqueue {}, end to end 1 worker {}, 4 workers {}",
             spread(&mut enq),

@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 mod redis_common;
 
-use redis_common::{client_cpu_us, enqueue, xadd, PRODUCERS};
+use redis_common::{client_cpu_us, enqueue, median, spread, xadd, PRODUCERS};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -99,12 +99,6 @@ fn main() {
             "{jobs} enqueues per round, {rounds} rounds (medians), {PRODUCERS} producer tasks"
         );
         println!("{:<8} {:>10} {:>14}", "side", "enqueue/s", "client µs/job");
-        // Of an even count, the mean of the two middle values.
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            let n = v.len();
-            (v[(n - 1) / 2] + v[n / 2]) / 2.0
-        };
         for (i, side) in sides.iter().enumerate() {
             if rates[i].is_empty() {
                 continue;
@@ -116,11 +110,9 @@ fn main() {
         // plain in the same round pairs runs made a moment apart.
         if rates[0].len() == rates[2].len() && !rates[0].is_empty() {
             let mut ratio: Vec<f64> = rates[2].iter().zip(&rates[0]).map(|(o, p)| o / p).collect();
-            let m = median(&mut ratio);
             println!(
-                "ours / plain in the same round: median {m:.2} ({:.2} to {:.2})",
-                ratio[0],
-                ratio[ratio.len() - 1]
+                "ours / plain in the same round: median {}",
+                spread(&mut ratio)
             );
         }
     });

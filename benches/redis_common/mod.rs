@@ -1,6 +1,6 @@
 //! What the Redis benches share: the job, the producers' enqueue loops
-//! (the floor's plain `XADD` and `JobQueue::enqueue`) and the process's CPU
-//! time.
+//! (the floor's plain `XADD` and `JobQueue::enqueue`), the process's CPU
+//! time and the medians.
 
 use std::time::Instant;
 
@@ -72,4 +72,18 @@ pub fn client_cpu_us() -> u64 {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum::<u64>()
         / 1000
+}
+
+/// The median (of an even count, the mean of the two middle values); sorts
+/// `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
+}
+
+/// `median (least to most)` of `v`, two decimals; sorts `v`.
+pub fn spread(v: &mut [f64]) -> String {
+    let m = median(v);
+    format!("{m:.2} ({:.2} to {:.2})", v[0], v[v.len() - 1])
 }
